@@ -1,0 +1,19 @@
+# Two entry points; each builds .venv from requirements.txt on first use.
+#   make app    start the web app on the shipped checkpoint (http://127.0.0.1:7860)
+#   make test   run the whole test suite (browser tests skip without Chromium, except in CI)
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: app test
+app: $(VENV)/.installed
+	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py $(ARGS)
+
+test: $(VENV)/.installed
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest $(ARGS)
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@

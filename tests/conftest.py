@@ -1,0 +1,41 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vggattn  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "imagenette2-224"
+
+
+def tiny_model(num_classes: int = 10, seed: int = 0, **kw) -> vggattn.VGG16WithAttention:
+    """A small random model with non-zero gammas (so attention changes the output)."""
+    torch.manual_seed(seed)
+    kw = {"width": 0.125, "hidden": 32, **kw}
+    model = vggattn.vgg16_with_attention(num_classes, **kw)
+    for m in model.modules():
+        if isinstance(m, vggattn.GlobalAttention):
+            m.gamma.data.fill_(0.5)
+    return model.eval()
+
+
+def tiny_meta(input_size: int = 64, num_classes: int = 10) -> dict:
+    return {"class_names": [f"c{i}" for i in range(num_classes)], "input_size": input_size,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "training": {}}
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The shared Imagenette copy; skips with a reason when absent (never in CI)."""
+    if not DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DATA} is missing in CI")
+        pytest.skip(f"{DATA} not present (../shared is not beside the checkout)")
+    return DATA

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import article_reference as article
+import vggattn
+from conftest import tiny_model
+from vggattn.model import fold_batchnorm
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The article's full model and ours with the same (random, gamma != 0) weights."""
+    torch.manual_seed(0)
+    ref = article.vgg16_with_attention(num_classes=10).eval()
+    for m in ref.modules():
+        if isinstance(m, article.GlobalAttention):
+            m.gamma.data.normal_()
+    ours = vggattn.vgg16_with_attention(num_classes=10).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def test_state_dict_layout_equals_article(pair):
+    ref, ours = pair
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert vggattn.attention_layer_names(ours) == ["features.14", "features.22", "features.30"]
+    for name in ("features.14", "features.22", "features.30"):
+        assert {f"{name}.{p}" for p in ("gamma", "conv_query.weight", "conv_key.bias", "conv_value.weight")} <= set(b)
+    assert {"classifier.0.weight", "classifier.3.weight", "classifier.6.weight"} <= set(b)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_same_weights_same_logits(pair, size):
+    ref, ours = pair
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,hw,batch", [(256, (56, 56), 1), (64, (20, 13), 3), (512, (7, 7), 2)])
+def test_fast_attention_matches_article_math(channels, hw, batch):
+    torch.manual_seed(1)
+    ref = article.GlobalAttention(channels)
+    ref.gamma.data.fill_(0.7)
+    ours = vggattn.GlobalAttention(channels)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, channels, *hw)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gamma_starts_at_zero_and_block_is_identity():
+    block = vggattn.GlobalAttention(64)
+    assert block.gamma.item() == 0.0
+    x = torch.randn(1, 64, 5, 5)
+    assert torch.equal(block(x), x)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": False}, {"batch_norm": True}])
+def test_tiny_variants_forward_backward(kw):
+    model = tiny_model(**kw).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    has_attention = bool(vggattn.attention_layer_names(model))
+    assert has_attention == kw.get("attention", True)
+
+
+def test_width_and_hidden_shape_the_model():
+    model = vggattn.vgg16_with_attention(7, width=0.25, hidden=64)
+    sd = model.state_dict()
+    assert sd["features.0.weight"].shape == (16, 3, 3, 3)
+    assert sd["features.14.conv_query.weight"].shape == (8, 64, 1, 1)
+    assert sd["classifier.0.weight"].shape == (64, 128 * 49)
+    assert sd["classifier.6.weight"].shape == (7, 64)
+    with pytest.raises(TypeError):
+        vggattn.vgg16_with_attention(7, 0.25)  # extras are keyword-only
+
+
+def test_fold_batchnorm_is_exact_in_eval():
+    model = tiny_model(batch_norm=True).train()
+    with torch.no_grad():  # give the BatchNorms non-trivial statistics and affine params
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    folded = fold_batchnorm(model).eval()
+    assert not folded.config.batch_norm
+    assert list(folded.state_dict()) == list(tiny_model().state_dict())
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_from_torchvision_equals_torchvision_with_zero_gamma():
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    tv = vgg16(weights=None, num_classes=10).eval()
+    ours = vggattn.from_torchvision(tv).eval()
+    assert [b.gamma.item() for b in ours.modules() if isinstance(b, vggattn.GlobalAttention)] == [0.0, 0.0, 0.0]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), tv(x))
+    from_sd = vggattn.from_torchvision(tv.state_dict()).eval()
+    with torch.no_grad():
+        assert torch.equal(from_sd(x), tv(x))
+
+
+def test_from_torchvision_rejects_other_architectures():
+    from torchvision.models import vgg11, vgg16_bn
+
+    with pytest.raises(ValueError, match="13 convs"):
+        vggattn.from_torchvision(vgg11(weights=None))
+    with pytest.raises(ValueError, match="vgg16_bn"):
+        vggattn.from_torchvision(vgg16_bn(weights=None))

@@ -1,0 +1,7 @@
+"""vggattn: see what the self-attention inside an attention-VGG16 looks at."""
+
+from .capture import AttentionCapture, LayerCapture
+from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from .data import cell_box, preprocess, query_index
+from .model import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
+                    from_torchvision, gammas, vgg16_with_attention)

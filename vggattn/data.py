@@ -1,0 +1,93 @@
+"""Images in, tensors out: `preprocess`, dataset transforms, and pixel <-> query mapping.
+
+The model sees the WHOLE image resized to its square input size (no crop), so every pixel of
+the original image maps to a query position of every attention layer:
+
+    x = preprocess(pil_image, meta)                    # (1, 3, S, S)
+    q = query_index((x_px, y_px), pil_image.size, grid_hw)
+    (x0, y0, x1, y1) = cell_box(q, pil_image.size, grid_hw)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2 as T
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, any mode converted to RGB (transparency composited on white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bit
+        import numpy as np
+
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def eval_transform(meta: dict) -> T.Compose:
+    """Whole image -> (3, S, S) normalised tensor; the same resize the app and evaluation use."""
+    size = int(meta["input_size"])
+    return T.Compose([
+        T.PILToTensor(),
+        T.Resize((size, size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(meta["mean"], meta["std"]),
+    ])
+
+
+def train_transform(input_size: int, mean: list[float], std: list[float]) -> T.Compose:
+    return T.Compose([
+        T.PILToTensor(),
+        T.RandomResizedCrop(input_size, scale=(0.25, 1.0), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def preprocess(image: Image.Image, meta: dict) -> torch.Tensor:
+    """PIL image (any mode, size, EXIF orientation) -> (1, 3, S, S) model input."""
+    return eval_transform(meta)(to_rgb(image)).unsqueeze(0)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB with EXIF orientation applied (dataset loader)."""
+    with Image.open(path) as im:
+        return to_rgb(im)
+
+
+def query_index(xy: tuple[float, float], image_wh: tuple[int, int], grid_hw: tuple[int, int]) -> int:
+    """Pixel (x, y) of the original image -> flat query index (row * W + col) in a layer's grid.
+
+    The image is resized whole to the square input, and a layer's grid of H x W cells tiles that
+    input evenly (exact when the input size is a multiple of the layer's stride, as 128 and 224
+    are for strides 4, 8, 16). Pixel centres are used; out-of-range pixels are clamped.
+    """
+    x, y = xy
+    (img_w, img_h), (grid_h, grid_w) = image_wh, grid_hw
+    col = min(max(int(math.floor((x + 0.5) / img_w * grid_w)), 0), grid_w - 1)
+    row = min(max(int(math.floor((y + 0.5) / img_h * grid_h)), 0), grid_h - 1)
+    return row * grid_w + col
+
+
+def cell_box(query: int, image_wh: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Flat query index -> its cell (x0, y0, x1, y1) in original-image pixel coordinates."""
+    (img_w, img_h), (grid_h, grid_w) = image_wh, grid_hw
+    if not 0 <= query < grid_h * grid_w:
+        raise IndexError(f"query index {query} out of range for a {grid_h}x{grid_w} grid")
+    row, col = divmod(query, grid_w)
+    cw, ch = img_w / grid_w, img_h / grid_h
+    return (col * cw, row * ch, (col + 1) * cw, (row + 1) * ch)

@@ -1,0 +1,222 @@
+"""The article's attention-VGG16: `GlobalAttention` and `VGG16WithAttention`.
+
+The state_dict layout is exactly the article's (attention blocks at `features.14`,
+`features.22`, `features.30`; `classifier.0/.3/.6`), so a `model.state_dict()` saved with the
+article's code loads unchanged. Beyond the article, all keyword-only and defaulting to it:
+
+- `width`: channel multiplier for the 13 convs (the shipped checkpoint is a small model);
+- `hidden`: size of the two hidden classifier layers (4096 in the article);
+- `attention=False`: the same network without the three blocks (the A/B baseline);
+- `batch_norm=True`: BatchNorm after each conv, for training only; `fold_batchnorm` turns such a
+  model into the article's layout exactly (eval mode).
+
+    model = vgg16_with_attention(num_classes=10, width=0.25, hidden=256)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# VGG16 ("D" in torchvision) with the article's three attention blocks: ints are 3x3 convs
+# (output channels before `width`), "M" a 2x2 max-pool, "A" a GlobalAttention block.
+VGG16_ATTENTION_CFG: list[int | str] = [
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, "A", 256, "M",
+    512, 512, "A", 512, "M",
+    512, 512, "A", 512, "M",
+]  # fmt: skip
+AVGPOOL_SIZE = 7  # the article's AdaptiveAvgPool2d((7, 7))
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 1000  # classifier outputs
+    width: float = 1.0  # multiplier on every conv's channels (1.0 = the article)
+    hidden: int = 4096  # the two hidden classifier layers (4096 = the article)
+    dropout: float = 0.5  # classifier dropout (nn.Dropout() default, as in the article)
+    attention: bool = True  # False: same network without the three GlobalAttention blocks
+    batch_norm: bool = False  # BatchNorm after each conv (training aid; fold before export)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channels of a conv after the width multiplier (at least 8, so C/8 >= 1)."""
+    return max(8, int(round(channels * width)))
+
+
+class GlobalAttention(nn.Module):
+    """SAGAN-style non-local block: y = gamma * softmax(Q K^T) V + x, gamma initialised to 0.
+
+    Computes exactly the article's `forward` (up to fp32 rounding) through
+    `F.scaled_dot_product_attention(..., scale=1.0)`, which never materialises the N x N map
+    where a fused kernel exists. To see the map, use `vggattn.AttentionCapture`, which hooks
+    `conv_query` and `conv_key` and so keeps the very Q and K this forward used.
+    """
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv_query = nn.Conv2d(in_channels, in_channels // 8, kernel_size=1)
+        self.conv_key = nn.Conv2d(in_channels, in_channels // 8, kernel_size=1)
+        self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        # The article also holds an nn.Softmax(dim=-1); it has no state, so the layout is equal.
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        query = self.conv_query(x).flatten(2).transpose(1, 2)  # (B, N, C')
+        key = self.conv_key(x).flatten(2).transpose(1, 2)  # (B, N, C')
+        value = self.conv_value(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        out = F.scaled_dot_product_attention(query, key, value, scale=1.0)  # (B, N, C)
+        out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W), a channels_last view
+        # x first: the sum takes x's memory format, so the next conv sees the layout it was given
+        return x + self.gamma * out
+
+
+def make_features(cfg: list[int | str], width: float, attention: bool, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        elif v == "A":
+            if attention:
+                layers.append(GlobalAttention(in_channels))
+        else:
+            out_channels = scaled_channels(int(v), width)
+            layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+            in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+class VGG16WithAttention(nn.Module):
+    """VGG16 with a GlobalAttention block in conv blocks 3, 4 and 5 (the article's model)."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        *,
+        width: float = 1.0,
+        hidden: int = 4096,
+        dropout: float = 0.5,
+        attention: bool = True,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        self.config = ModelConfig(num_classes, width, hidden, dropout, attention, batch_norm)
+        self.features = make_features(VGG16_ATTENTION_CFG, width, attention, batch_norm)
+        last_channels = scaled_channels(512, width)
+        self.avgpool = nn.AdaptiveAvgPool2d((AVGPOOL_SIZE, AVGPOOL_SIZE))
+        self.classifier = nn.Sequential(
+            nn.Linear(last_channels * AVGPOOL_SIZE * AVGPOOL_SIZE, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VGG16WithAttention":
+        c = config
+        return cls(c.num_classes, width=c.width, hidden=c.hidden, dropout=c.dropout,
+                   attention=c.attention, batch_norm=c.batch_norm)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, C5, H/32, W/32)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(x)  # (B, C5, 7, 7)
+        x = torch.flatten(x, 1)  # (B, C5*49)
+        return self.classifier(x)  # (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def vgg16_with_attention(num_classes: int = 1000, **kwargs) -> VGG16WithAttention:
+    """The article's builder; keyword-only extras (width, hidden, ...) go to the model."""
+    return VGG16WithAttention(num_classes=num_classes, **kwargs)
+
+
+def attention_layer_names(model: nn.Module) -> list[str]:
+    """Names of the GlobalAttention blocks in forward order (e.g. ['features.14', ...])."""
+    return [name for name, m in model.named_modules() if isinstance(m, GlobalAttention)]
+
+
+def gammas(model: nn.Module) -> dict[str, float]:
+    """The learned gamma of each attention layer, by module name."""
+    return {name: float(m.gamma.detach().float().reshape(-1)[0])
+            for name, m in model.named_modules() if isinstance(m, GlobalAttention)}
+
+
+@torch.no_grad()
+def fold_batchnorm(model: VGG16WithAttention) -> VGG16WithAttention:
+    """Return an equivalent model (in eval mode) with every BatchNorm folded into its conv.
+
+    The result has batch_norm=False, i.e. exactly the article's state_dict layout.
+    """
+    if not model.config.batch_norm:
+        return model
+    cfg = ModelConfig.from_dict({**model.config.to_dict(), "batch_norm": False})
+    folded = VGG16WithAttention.from_config(cfg).to(next(model.parameters()).device)
+    src = [m for m in model.features if not isinstance(m, (nn.ReLU, nn.BatchNorm2d))]
+    dst = [m for m in folded.features if not isinstance(m, nn.ReLU)]
+    bns = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    assert len(src) == len(dst)
+    bn_iter = iter(bns)
+    for s, d in zip(src, dst):
+        if isinstance(s, nn.Conv2d):
+            bn = next(bn_iter)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+            d.weight.copy_(s.weight * scale[:, None, None, None])
+            d.bias.copy_((s.bias - bn.running_mean) * scale + bn.bias)
+        else:
+            d.load_state_dict(s.state_dict())
+    folded.classifier.load_state_dict(model.classifier.state_dict())
+    folded.train(model.training)
+    return folded
+
+
+def from_torchvision(vgg16: nn.Module | dict[str, torch.Tensor]) -> VGG16WithAttention:
+    """Build the attention model from a torchvision VGG16 (module or state_dict).
+
+    Convs and classifier are copied (torchvision's feature indices shift by the three
+    insertions); the attention blocks keep their fresh init with gamma = 0, so the result's
+    logits equal torchvision's exactly until gamma is trained.
+    """
+    state = vgg16 if isinstance(vgg16, dict) else vgg16.state_dict()
+    state = {k: v for k, v in state.items()}
+    if any(".running_mean" in k for k in state):
+        raise ValueError("from_torchvision: this looks like vgg16_bn; only plain VGG16 is supported")
+    tv_conv_idx = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")})
+    num_classes, hidden = state["classifier.6.weight"].shape[0], state["classifier.0.weight"].shape[0]
+    width = state["features.0.weight"].shape[0] / 64
+    model = VGG16WithAttention(num_classes, width=width, hidden=hidden)
+    our_conv_idx = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    if len(tv_conv_idx) != len(our_conv_idx):
+        raise ValueError(f"from_torchvision: expected {len(our_conv_idx)} convs (VGG16), found {len(tv_conv_idx)}")
+    mapped = {}
+    for tv_i, our_i in zip(tv_conv_idx, our_conv_idx):
+        for p in ("weight", "bias"):
+            mapped[f"features.{our_i}.{p}"] = state[f"features.{tv_i}.{p}"]
+    mapped.update({k: v for k, v in state.items() if k.startswith("classifier.")})
+    own = model.state_dict()
+    mapped.update({k: v for k, v in own.items() if k not in mapped})  # fresh attention blocks
+    model.load_state_dict(mapped, strict=True)
+    return model
