@@ -27,7 +27,7 @@ def tiny_model(num_classes: int = 10, seed: int = 0, **kw) -> vggattn.VGG16WithA
 
 
 def tiny_meta(input_size: int = 64, num_classes: int = 10) -> dict:
-    return {"class_names": [f"c{i}" for i in range(num_classes)], "input_size": input_size,
+    return {"config": {"num_classes": num_classes, "width": 0.125, "hidden": 32}, "class_names": [f"c{i}" for i in range(num_classes)], "input_size": input_size,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "training": {}}
 
 

@@ -2,6 +2,7 @@
 
 from .capture import AttentionCapture, LayerCapture
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from .data import cell_box, preprocess, query_index
+from .data import ImageLoadError, cell_box, open_image, preprocess, query_index
 from .model import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
                     from_torchvision, gammas, vgg16_with_attention)
+from .analysis import Analysis, analyze, render_attention

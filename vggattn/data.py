@@ -11,11 +11,50 @@ the original image maps to a query position of every attention layer:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
+
+# Deliberate limits: a 8000 x 6000 photo (48 MP) is fine; anything declaring more is refused
+# before it is decoded (Pillow's own bomb check, as an error instead of a warning).
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+
+class ImageLoadError(ValueError):
+    """An upload that is not a usable image; the message is one plain sentence for the user."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file safely -> RGB PIL image with EXIF orientation applied.
+
+    Only ALLOWED_FORMATS are decoded (SVG, EPS, PDF and the rest are refused unopened), images
+    over MAX_IMAGE_PIXELS are refused, and animated images give their first frame.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ImageLoadError("The image file could not be found or read.") from None
+    if size == 0:
+        raise ImageLoadError("The file is empty (0 bytes).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=ALLOWED_FORMATS) as im:
+                im.seek(0)
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(f"The image is too large to process safely (limit: {MAX_IMAGE_PIXELS:,} pixels).") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"The file is not an image in a supported format ({', '.join(ALLOWED_FORMATS)}).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"The image could not be decoded; it may be truncated or corrupt ({e}).") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,249 @@
+"""vggattn web app: upload an image, click a pixel, see where that position attends in each layer.
+
+    python app.py                                  # shipped checkpoint, http://127.0.0.1:7860
+    python app.py --checkpoint my.safetensors --device cuda --port 8000
+
+The model runs once per image (`analyze`); a click only re-renders from the per-session
+`gr.State` (the layers' Q and K), so it never runs the model again. This file wires the UI to the
+`vggattn` library and holds no model maths of its own. Scripts use the two stateless endpoints:
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    labels, gammas = client.predict(handle_file("photo.jpg"), api_name="/analyze")
+    o14, o22, o30, info = client.predict(handle_file("photo.jpg"), 120, 80, api_name="/attention_at")
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import vggattn  # noqa: E402
+from vggattn.analysis import Analysis, analyze, model_view, render_attention  # noqa: E402
+from vggattn.data import ImageLoadError, open_image, preprocess  # noqa: E402
+from vggattn.render import COLORMAPS, UPSAMPLING  # noqa: E402
+
+log = logging.getLogger("vggattn.app")
+HERE = Path(__file__).resolve().parent
+EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+NUM_PANELS = 3
+GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
+              "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
+PENDING = "pending"  # state value while a new upload is being analysed
+
+from gradio.events import Dependency
+
+class UploadedImage(gr.Image):
+    """gr.Image that hands handlers the uploaded file's path untouched, so vggattn.open_image (format
+    allowlist, size limit, clear errors) is the only code that decodes what a user sent."""
+
+    is_template = True  # render with gr.Image's frontend
+
+    def preprocess(self, payload):
+        return None if payload is None else str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+# -- handlers (plain functions: tests call them without a server) ---------------------------------
+def load_upload(path: str | None) -> "Image":  # noqa: F821
+    if not path:
+        raise gr.Error("Please upload an image first.")
+    try:
+        return open_image(path)
+    except ImageLoadError as e:
+        raise gr.Error(str(e)) from None
+
+
+def gamma_table(result: Analysis) -> tuple[str, pd.DataFrame]:
+    rows = [f"| `{l.name}` | {l.grid[0]}×{l.grid[1]} | {l.gamma:+.4f} | {float(l.contribution.mean()):.3f} |"
+            for l in result.layers]
+    md = ("| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}")
+    df = pd.DataFrame({"layer": [l.name for l in result.layers], "gamma": [l.gamma for l in result.layers]})
+    return md, df
+
+
+def panel_updates(panels=None) -> list:
+    if panels is None:
+        return [gr.Image(value=None, label=f"attention layer {i + 1}") for i in range(NUM_PANELS)]
+    return [gr.Image(value=p.image, label=p.title) for p in panels]
+
+
+def on_image(model, meta, path):
+    """New upload (or example): run the model once and show predictions, gammas, model input."""
+    if not path:  # cleared
+        return [None, None, "", None, None, "Upload an image to begin.", *panel_updates()]
+    image = load_upload(path)
+    result = analyze(model, meta, image)
+    md, df = gamma_table(result)
+    w, h = result.size
+    status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
+    return [result, result.top_k(5), md, df, model_view(preprocess(image, meta), meta), status, *panel_updates()]
+
+
+def mark_pending():
+    """First step of an upload: drop the old analysis so a click meanwhile cannot show stale maps."""
+    return PENDING
+
+
+def click_problem(state) -> str | None:
+    if state is None:
+        return "Upload an image (or pick an example) before clicking."
+    if isinstance(state, str):
+        return "The new image is still being analysed; click again in a moment."
+    return None
+
+
+def on_click(state, opacity, colormap, mode, evt: gr.SelectData):
+    """A click on the image: render its attention in every layer (no model run)."""
+    problem = click_problem(state)
+    if problem:
+        gr.Warning(problem)
+        return [None, problem, *[gr.skip()] * NUM_PANELS]
+    x, y = (int(v) for v in evt.index)
+    w, h = state.size
+    x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+    panels = render_attention(state, (x, y), opacity, colormap, mode)
+    idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
+    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels)]
+
+
+def on_controls(state, point, opacity, colormap, mode):
+    """Opacity / colormap / upsampling changed: re-render the current point (no model run)."""
+    if click_problem(state) or point is None:
+        return [gr.skip()] * NUM_PANELS
+    return panel_updates(render_attention(state, tuple(point), opacity, colormap, mode))
+
+
+def api_analyze(model, meta, path):
+    """Stateless: image -> (top-5 label dict, {layer: gamma})."""
+    result = analyze(model, meta, load_upload(path))
+    return result.top_k(5), result.gammas()
+
+
+def api_attention_at(model, meta, path, x, y, opacity=0.5, colormap="jet", mode="smooth"):
+    """Stateless: image, pixel (x, y) in original-image pixels -> three overlays + their facts."""
+    result = analyze(model, meta, load_upload(path))
+    w, h = result.size
+    if x is None or y is None or not (0 <= x < w and 0 <= y < h):
+        raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
+    panels = render_attention(result, (float(x), float(y)), opacity, colormap, mode)
+    info = [{"layer": p.layer, "grid": list(p.grid), "gamma": p.gamma, "query_index": p.query_index, "title": p.title}
+            for p in panels]
+    return (*[p.image for p in panels], info)
+
+
+# -- UI ---------------------------------------------------------------------------------------------
+def describe(model, meta) -> str:
+    device = next(model.parameters()).device
+    where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "CPU"
+    t = meta.get("training", {})
+    acc = f", val top-1 {t['val_top1']:.1%} on {t.get('dataset', '?')}" if "val_top1" in t else ""
+    c = meta["config"]
+    return (f"# vggattn · where does self-attention look?\n"
+            f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
+            f"{meta['input_size']} px input{acc}) running on **{where}**. "
+            "Upload an image, then click a pixel: each panel shows where that position attends "
+            "in one of the three attention layers.")
+
+
+def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
+    bind = functools.partial
+    with gr.Blocks(title="vggattn") as demo:
+        gr.Markdown(describe(model, meta))
+        state = gr.State(None)  # this session's Analysis (never shared between users)
+        point = gr.State(None)  # last clicked (x, y)
+        with gr.Row():
+            with gr.Column(scale=3):
+                image = UploadedImage(type="filepath", sources=["upload", "clipboard"],
+                                 label="Your image: click any pixel", elem_id="input-image")
+                if EXAMPLES:
+                    gr.Examples(EXAMPLES, inputs=image, label="Example photos")
+                with gr.Row():
+                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
+                    colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
+                    mode = gr.Radio(list(UPSAMPLING), value="smooth", label="Upsampling")
+            with gr.Column(scale=2):
+                labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
+                gammas_md = gr.Markdown(elem_id="gammas")
+                gammas_plot = gr.BarPlot(x="layer", y="gamma", label="Learned γ per layer", height=200)
+                seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
+                                interactive=False, height=200)
+        status = gr.Markdown("Upload an image to begin.", elem_id="status")
+        with gr.Row():
+            panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg",
+                               elem_id=f"panel-{i}") for i in range(NUM_PANELS)]
+
+        image.change(mark_pending, None, state, queue=False, api_name=False).then(
+            bind(on_image, model, meta), image, [state, labels, gammas_md, gammas_plot, seen, status, *panels],
+            api_name="upload")
+        image.select(on_click, [state, opacity, colormap, mode], [point, status, *panels], api_name="click")
+        for control in (opacity, colormap, mode):
+            control.change(on_controls, [state, point, opacity, colormap, mode], panels, api_name=False)
+
+        with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
+            api_image = UploadedImage(type="filepath")
+            api_x, api_y = gr.Number(label="x"), gr.Number(label="y")
+            api_labels, api_gammas = gr.Label(), gr.JSON()
+            api_panels = [gr.Image() for _ in range(NUM_PANELS)]
+            api_info = gr.JSON()
+            analyze_button, attention_button = gr.Button(), gr.Button()
+        analyze_button.click(bind(api_analyze, model, meta), api_image, [api_labels, api_gammas], api_name="analyze")
+        attention_button.click(bind(api_attention_at, model, meta), [api_image, api_x, api_y],
+                               [*api_panels, api_info], api_name="attention_at")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
+                       enable_monitoring=False, show_error=True, **kw)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every layer.")
+    p.add_argument("--checkpoint", default=str(vggattn.DEFAULT_CHECKPOINT), help="checkpoint (.safetensors or the article's .pth)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
+    except (vggattn.CheckpointError, OSError) as e:
+        print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
+        return 2
+    log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
+    launch(build_demo(model, meta), args.host, args.port, args.share)
+    return 0
+
+
+def __getattr__(name: str):
+    """`from app import demo` builds the demo on the shipped checkpoint (lazily, once)."""
+    if name == "demo":
+        model, meta = vggattn.load_checkpoint()
+        globals()["demo"] = build_demo(model, meta)
+        return globals()["demo"]
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""A real browser: Chromium (Debian's) driven by Playwright, against the app on 127.0.0.1.
+
+Runs in CI (CI=true: .ci/run installs chromium; a missing browser fails there). Elsewhere, without
+/usr/bin/chromium, it skips with a one-line reason. Leaves a screenshot in artifacts/.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import app
+from server import running_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
+    pytest.skip("Chromium not installed (apt-get install -y chromium); CI always runs this test", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with running_app(real=True) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def panel_sources(page) -> list[str]:
+    return [page.locator(f"#panel-{i} img").first.get_attribute("src") or "" for i in range(3)]
+
+
+def test_upload_click_and_see_three_overlays(page):
+    page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+    page.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
+    page.wait_for_function("document.querySelector('#predictions') && "
+                           "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
+    assert "features.30" in page.locator("#gammas").inner_text()
+
+    img = page.locator("#input-image img").first
+    img.wait_for(state="visible", timeout=30_000)
+    box = img.bounding_box()
+    img.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
+    page.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+    first = panel_sources(page)
+    assert all(first) and len(set(first)) == 3
+    assert "query index" in page.locator("#status").inner_text()
+    for i, layer in enumerate(["features.14", "features.22", "features.30"]):
+        assert layer in page.locator(f"#panel-{i}").inner_text()
+
+    img.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.85})
+    page.wait_for_function("(prev) => [0,1,2].every(i => { const im = document.querySelector(`#panel-${i} img`);"
+                           " return im && im.getAttribute('src') !== prev[i]; })", arg=first, timeout=30_000)
+    assert all(a != b for a, b in zip(first, panel_sources(page)))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
