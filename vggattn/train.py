@@ -239,7 +239,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
 
     sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
     g = torch.Generator().manual_seed(args.seed)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")  # fresh workers each epoch: seeded from g
     train_loader = DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) >= args.batch_size * world * 2,
                               generator=g, **loader_kw)
     val_loader = DataLoader(val_shard, args.batch_size * 2, shuffle=False, **loader_kw)
@@ -271,6 +271,9 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
                  f"autocast {amp_dtype}" if use_amp else "fp32")
 
     for epoch in range(start_epoch, args.epochs):
+        # Seed per epoch (shuffle, augmentation, dropout), so a resumed run repeats an uninterrupted one
+        torch.manual_seed(args.seed * 100_003 + epoch)
+        g.manual_seed(args.seed * 100_003 + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
@@ -319,6 +322,16 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
             write_log(out / "log.jsonl", history)
         if world > 1:
             dist.barrier()
+    if world > 1:  # DDP must leave every rank with the same weights; check rather than trust
+        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1).cpu()
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        if rank == 0:
+            agree = all(torch.equal(t, gathered[0]) for t in gathered)
+            log.info("DDP: parameters of all %d ranks %s (checksums %s)", world, "agree" if agree else "DIFFER",
+                     [f"{t.item():.10g}" for t in gathered])
+            if not agree:
+                raise TrainingError("DDP ranks ended with different weights")
     return {"best": best, "history": history}
 
 
