@@ -125,3 +125,9 @@ def test_from_torchvision_rejects_other_architectures():
         vggattn.from_torchvision(vgg11(weights=None))
     with pytest.raises(ValueError, match="vgg16_bn"):
         vggattn.from_torchvision(vgg16_bn(weights=None))
+
+
+def test_article_attention_names_follow_from_the_config():
+    from vggattn.model import ARTICLE_ATTENTION_NAMES
+
+    assert tuple(vggattn.attention_layer_names(tiny_model())) == ARTICLE_ATTENTION_NAMES

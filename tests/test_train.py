@@ -47,6 +47,7 @@ def test_loss_falls_and_checkpoint_loads(toy_data, tmp_path):
     assert len(result["history"]) == 6 and all(len(h["gammas"]) == 3 for h in result["history"])
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert list(log[-1]["gammas"]) == ["features.14", "features.22", "features.30"]  # article names, not BN-shifted
     model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
     assert meta["class_names"] == ["Blue thing", "Green thing", "Red thing"]  # folder order: blue, green, red
     assert not meta["config"]["batch_norm"]  # folded on export: the article's layout

@@ -31,6 +31,7 @@ VGG16_ATTENTION_CFG: list[int | str] = [
     512, 512, "A", 512, "M",
 ]  # fmt: skip
 AVGPOOL_SIZE = 7  # the article's AdaptiveAvgPool2d((7, 7))
+ARTICLE_ATTENTION_NAMES = ("features.14", "features.22", "features.30")  # where the cfg's "A"s land
 
 
 @dataclass

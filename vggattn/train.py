@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, atomic_write, resolve_device, save_checkpoint
 from .data import eval_transform, load_rgb, train_transform
-from .model import VGG16WithAttention, fold_batchnorm, from_torchvision, gammas
+from .model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas
 
 log = logging.getLogger("vggattn.train")
 
@@ -159,6 +159,13 @@ def evaluate_split(model: nn.Module, loader: DataLoader, device: torch.device, a
     n = max(sums[3].item(), 1)
     return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n, "n": int(sums[3].item()),
             "per_class": (per_class[0] / per_class[1].clamp(min=1)).tolist()}
+
+
+def article_named_gammas(model: VGG16WithAttention) -> dict[str, float]:
+    """Gammas keyed by the article's layer names (BatchNorm shifts the indices while training)."""
+    if not model.config.attention:
+        return {}
+    return dict(zip(ARTICLE_ATTENTION_NAMES, gammas(model).values()))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -311,7 +318,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
                   "train_top1": train_stats[1].item() / train_stats[2].item(),
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                   "lr": opt.param_groups[0]["lr"], "images_per_s": train_stats[2].item() / train_s,
-                  "epoch_s": time.perf_counter() - t0, "gammas": gammas(raw_model)}
+                  "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(raw_model)}
         history.append(record)
         if rank == 0:
             log.info(json.dumps(record))

@@ -1,0 +1,63 @@
+"""Figures from a training run: each layer's gamma against epoch.
+
+    python -m vggattn.plots ~/runs/w025-att/log.jsonl --out gamma.png [--label attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ARTICLE_ORDER = ("features.14", "features.22", "features.30")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The JSON lines train.py writes, one per epoch."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def gamma_series(history: list[dict]) -> dict[str, list[float]]:
+    """{layer: [gamma per epoch]}; logs keyed by BatchNorm-shifted names are mapped by order."""
+    series: dict[str, list[float]] = {}
+    for record in history:
+        values = list(record.get("gammas", {}).values())
+        names = list(record.get("gammas", {}))
+        if names and names != list(ARTICLE_ORDER) and len(names) == len(ARTICLE_ORDER):
+            names = list(ARTICLE_ORDER)
+        for name, value in zip(names, values):
+            series.setdefault(name, []).append(value)
+    return series
+
+
+def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ per attention layer") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in gamma_series(history).items():
+        ax.plot(epochs, values, marker="o", ms=3, label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("γ")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vggattn.plots", description="Plot each layer's gamma against epoch.")
+    p.add_argument("log", help="log.jsonl written by python -m vggattn.train")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--title", default="γ per attention layer", help="figure title")
+    args = p.parse_args(argv)
+    plot_gamma_history(read_log(args.log), args.out, args.title)
+
+
+if __name__ == "__main__":
+    main()
