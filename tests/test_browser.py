@@ -38,6 +38,15 @@ def panel_sources(page) -> list[str]:
     return [page.locator(f"#panel-{i} img").first.get_attribute("src") or "" for i in range(3)]
 
 
+def click_image_at(img, fx: float, fy: float) -> None:
+    """Click the picture at fractions (fx, fy) of its size (the <img> box letterboxes it: object-fit)."""
+    bw, bh, nw, nh, fit = img.evaluate(
+        "e => [e.clientWidth, e.clientHeight, e.naturalWidth, e.naturalHeight, getComputedStyle(e).objectFit]")
+    scale = min(bw / nw, bh / nh, 1.0 if fit == "scale-down" else float("inf"))
+    x0, y0 = (bw - nw * scale) / 2, (bh - nh * scale) / 2
+    img.click(position={"x": x0 + fx * nw * scale, "y": y0 + fy * nh * scale})
+
+
 def test_upload_click_and_see_three_overlays(page):
     page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
     page.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
@@ -47,16 +56,16 @@ def test_upload_click_and_see_three_overlays(page):
 
     img = page.locator("#input-image img").first
     img.wait_for(state="visible", timeout=30_000)
-    box = img.bounding_box()
-    img.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
+    click_image_at(img, 0.3, 0.4)
     page.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
     first = panel_sources(page)
     assert all(first) and len(set(first)) == 3
-    assert "query index" in page.locator("#status").inner_text()
+    status = page.locator("#status").inner_text()
+    assert "Pixel (67, 89)" in status, status  # 0.3 and 0.4 of the 224 px photo
     for i, layer in enumerate(["features.14", "features.22", "features.30"]):
         assert layer in page.locator(f"#panel-{i}").inner_text()
 
-    img.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.85})
+    click_image_at(img, 0.8, 0.85)
     page.wait_for_function("(prev) => [0,1,2].every(i => { const im = document.querySelector(`#panel-${i} img`);"
                            " return im && im.getAttribute('src') !== prev[i]; })", arg=first, timeout=30_000)
     assert all(a != b for a, b in zip(first, panel_sources(page)))
