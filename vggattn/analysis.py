@@ -4,13 +4,13 @@
     result.top_k(5)                                 # {"church": 0.93, ...}
     panels = render_attention(result, (x, y))       # three overlays, no model run
 
-`Analysis` holds only the image, the probabilities and each layer's Q and K (linear in N), so an
-app can keep one per session and answer clicks without running the model again.
+`Analysis` holds only a display-sized copy of the image, the probabilities and each layer's Q and K
+(linear in N), so an app can keep one per session and answer clicks without running the model again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,26 +41,23 @@ class Panel:
         return f"{self.layer} · {h}×{w} grid · γ = {self.gamma:+.4f} · query {self.query_index}"
 
 
+def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """(h, w, 3) uint8 copy of an RGB image, downscaled so its longest side is at most max_side."""
+    scale = max_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
 @dataclass
 class Analysis:
-    image: Image.Image  # the original image, RGB, EXIF orientation applied
+    size: tuple[int, int]  # (width, height) of the original image (EXIF orientation applied)
+    display: np.ndarray  # (h, w, 3) uint8 copy for drawing, longest side <= DISPLAY_MAX_SIDE
     probs: torch.Tensor  # (num_classes,)
     layers: list[LayerCapture]  # batch of one, tensors on the CPU
     class_names: list[str]
     input_size: int
-    display: np.ndarray = field(init=False)  # (h, w, 3) uint8, longest side <= DISPLAY_MAX_SIDE
-
-    def __post_init__(self):
-        im = self.image
-        scale = DISPLAY_MAX_SIDE / max(im.size)
-        if scale < 1:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
-        self.display = np.asarray(im, dtype=np.uint8)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the original image."""
-        return self.image.size
 
     def top_k(self, k: int = 5) -> dict[str, float]:
         p, i = self.probs.topk(min(k, len(self.probs)))
@@ -83,7 +80,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image) -> Analysis:
         logits = model(x)  # (1, num_classes)
     layers = [LayerCapture(l.name, l.gamma, l.grid, l.query.cpu(), l.key.cpu(), l.contribution.cpu()) for l in cap.layers]
     probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
-    return Analysis(image, probs, layers, list(meta["class_names"]), int(meta["input_size"]))
+    return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]))
 
 
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
