@@ -181,12 +181,13 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
             panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg",
                                elem_id=f"panel-{i}") for i in range(NUM_PANELS)]
 
-        image.change(mark_pending, None, state, queue=False, api_name=False).then(
+        image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
             bind(on_image, model, meta), image, [state, labels, gammas_md, gammas_plot, seen, status, *panels],
             api_name="upload")
         image.select(on_click, [state, opacity, colormap, mode], [point, status, *panels], api_name="click")
         for control in (opacity, colormap, mode):
-            control.change(on_controls, [state, point, opacity, colormap, mode], panels, api_name=False)
+            control.change(on_controls, [state, point, opacity, colormap, mode], panels,
+                           api_name=f"rerender_{control.label.lower()}")
 
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")

@@ -145,3 +145,18 @@ def test_flops_comparison_counts_attention():
     assert r["attention_vgg16_gflops"] > r["vgg16_gflops"]
     assert r["attention_vgg16_params"] - r["vgg16_params"] == 3 * 1 + 2 * (256 * 32 + 32) + (256 * 256 + 256) \
         + 2 * 2 * (512 * 64 + 64) + 2 * (512 * 512 + 512)
+
+
+def test_init_imagenet_offline_is_a_clear_error(toy_data, tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.models
+
+    def offline(**kw):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    out = tmp_path / "never"
+    with pytest.raises(train.TrainingError, match="could not get torchvision's VGG16 weights"):
+        run(toy_data, out, "--init", "imagenet", "--width", "1", "--no-batch-norm")
+    assert not out.exists()
