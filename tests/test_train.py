@@ -160,3 +160,28 @@ def test_init_imagenet_offline_is_a_clear_error(toy_data, tmp_path, monkeypatch)
     with pytest.raises(train.TrainingError, match="could not get torchvision's VGG16 weights"):
         run(toy_data, out, "--init", "imagenet", "--width", "1", "--no-batch-norm")
     assert not out.exists()
+
+
+def test_recalibrate_bn_after_training(toy_data, tmp_path):
+    run(toy_data, tmp_path, "--epochs", "2", "--input-size", "48", "--train-size", "32")
+    before = torch.load(tmp_path / "last.pt", weights_only=True)
+    result = run(toy_data, tmp_path, "--epochs", "2", "--input-size", "48", "--train-size", "32", "--resume", "--recalibrate-bn", "30")
+    assert [h["epoch"] for h in result["history"]] == [1, 2]  # nothing retrained
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert last["bn_recalibration_images"] == 30 and 0 <= last["val_top1_bn_recalibrated"] <= 1
+    model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
+    if result["best"].get("bn_recalibrated"):
+        assert meta["training"]["bn_recalibration_images"] == 30
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == before["epoch"]
+
+
+def test_recalibrate_batchnorm_computes_plain_statistics():
+    model = vggattn.vgg16_with_attention(3, width=0.125, hidden=8, batch_norm=True)
+    xs = [torch.randn(4, 3, 32, 32) * 3 + 1 for _ in range(3)]
+    ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.zeros(12, dtype=torch.long))
+    train.recalibrate_batchnorm(model, ds, torch.device("cpu"), train.contextlib.nullcontext, 4, 0)
+    first_bn = model.features[1]
+    with torch.no_grad():
+        conv_out = model.features[0](torch.cat(xs))  # (12, C, 32, 32)
+    torch.testing.assert_close(first_bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert first_bn.momentum == 0.1 and not model.training
