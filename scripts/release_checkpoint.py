@@ -28,10 +28,6 @@ from vggattn.plots import gamma_series, plot_gamma_history, read_log  # noqa: E4
 log = logging.getLogger("release")
 
 
-def best_record(history: list[dict]) -> dict:
-    return max(history, key=lambda r: r["val_top1"])
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="training run directory (best.safetensors, log.jsonl)")
@@ -48,12 +44,15 @@ def main(argv=None) -> None:
     model, meta = load_checkpoint(run / "best.safetensors", device="cpu")
     targets, top5 = predict_folder(model, meta, args.data)
     m = metrics(targets, top5, meta["class_names"])
-    best = best_record(history)
-    gammas = {k: v[best["epoch"] - 1] for k, v in gamma_series(history).items()}
+    trained = meta["training"]  # written by train.py's export from the unfolded BatchNorm model
+    best_epoch = trained["best_epoch"]
+    gammas = {k: v[best_epoch - 1] for k, v in gamma_series(history).items()}
     card = {
         "val": {k: m[k] for k in ("n", "top1", "top5", "per_class")},
-        "val_top1_unfolded_batchnorm_model": best["val_top1"],
-        "best_epoch": best["epoch"], "epochs": len(history),
+        "val_top1_unfolded_batchnorm_model": trained["val_top1"],
+        "bn_recalibration_images": trained.get("bn_recalibration_images", 0),
+        "val_top1_per_epoch_before_recalibration": [r["val_top1"] for r in history],
+        "best_epoch": best_epoch, "epochs": len(history),
         "wall_s": sum(r["epoch_s"] for r in history),
         "train_images_per_s_mean": float(np.mean([r["images_per_s"] for r in history])),
         "gammas": gammas, "params": count_params(model),
@@ -61,18 +60,19 @@ def main(argv=None) -> None:
         "article_vs_vgg16_224": article_flops_comparison(224),
         "recipe": meta["training"].get("recipe"),
     }
-    log.info("folded model top-1 %.4f vs unfolded (training log) %.4f", m["top1"], best["val_top1"])
+    log.info("folded model top-1 %.4f vs unfolded (training) %.4f", m["top1"], trained["val_top1"])
     if args.baseline:
         base = read_log(Path(args.baseline).expanduser() / "log.jsonl")
-        b = best_record(base)
-        card["baseline_no_attention"] = {"epochs_done": len(base), "best_epoch": b["epoch"], "val_top1": b["val_top1"],
-                                         "val_top5": b["val_top5"], "wall_s": sum(r["epoch_s"] for r in base),
-                                         "per_epoch_val_top1": [r["val_top1"] for r in base]}
-        card["attention_per_epoch_val_top1"] = [r["val_top1"] for r in history]
+        _, base_meta = load_checkpoint(Path(args.baseline).expanduser() / "best.safetensors", device="cpu")
+        bt = base_meta["training"]
+        card["baseline_no_attention"] = {"epochs_done": len(base), "best_epoch": bt["best_epoch"],
+                                         "val_top1": bt["val_top1"], "val_top5": bt["val_top5"],
+                                         "bn_recalibration_images": bt.get("bn_recalibration_images", 0),
+                                         "wall_s": sum(r["epoch_s"] for r in base),
+                                         "val_top1_per_epoch_before_recalibration": [r["val_top1"] for r in base]}
 
-    meta["training"] = {**meta["training"], "gammas": gammas, "val_top1": m["top1"], "val_top5": m["top5"],
-                        "val_per_class": m["per_class"], "epochs": len(history), "best_epoch": best["epoch"],
-                        "wall_s": card["wall_s"]}
+    meta["training"] = {**trained, "gammas": gammas, "val_top1": m["top1"], "val_top5": m["top5"],
+                        "val_per_class": m["per_class"], "wall_s": card["wall_s"]}
     save_checkpoint(model, meta, out / args.name)
     plot_gamma_history(history, out / "gamma.png", "γ per attention layer over training")
     plot_confusion(np.array(m["confusion"]), meta["class_names"], out / "confusion.png",
