@@ -202,8 +202,10 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
-    demo.queue(default_concurrency_limit=2, max_size=64)
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
+           concurrency: int = 2, queue_size: int = 64, **kw):
+    """Serve with a bounded queue: `concurrency` events run at once, at most `queue_size` wait."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
                        enable_monitoring=False, show_error=True, **kw)
 

@@ -185,3 +185,45 @@ def test_recalibrate_batchnorm_computes_plain_statistics():
         conv_out = model.features[0](torch.cat(xs))  # (12, C, 32, 32)
     torch.testing.assert_close(first_bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert first_bn.momentum == 0.1 and not model.training
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
+    real_forward = torch.nn.CrossEntropyLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = real_forward(self, logits, target)
+        return loss * float("nan") if calls["n"] > 6 else loss  # 6 steps = epoch 1 (48 images / 8)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(train.TrainingError, match=r"loss became nan at epoch 2.*last good checkpoint is kept"):
+        run(toy_data, tmp_path, "--epochs", "3")
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
+    vggattn.load_checkpoint(tmp_path / "best.safetensors")
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_kill_9_mid_run_then_resume(toy_data, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "vggattn.train", "--data", str(toy_data), "--out", str(tmp_path),
+           "--names", str(toy_data / "names.md"), "--epochs", "8", *TINY]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into a later epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] + 1  # whole file: loads
+    assert 1 <= done < 8
+    vggattn.load_checkpoint(tmp_path / "best.safetensors")
+    result = run(toy_data, tmp_path, "--epochs", "8", "--resume")
+    assert [h["epoch"] for h in result["history"]] == list(range(1, 9))
+    assert not list(tmp_path.glob(".*.tmp"))
+    model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
+    assert meta["training"]["epochs"] >= done

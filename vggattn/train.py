@@ -278,6 +278,8 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
             log.info("resumed from %s at epoch %d (best top-1 %.4f at epoch %d)", out / "last.pt", start_epoch, best["top1"], best["epoch"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # a run killed mid-write leaves its temp file; the real files are whole
+            stale.unlink()
         log.info("model %s, %d train / %d val images, %d classes, device %s, world %d, %s",
                  raw_model.config, len(train_ds), len(val_ds), args.num_classes, device, world,
                  f"autocast {amp_dtype}" if use_amp else "fp32")
