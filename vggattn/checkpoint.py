@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,11 +117,20 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol chatter
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name} could not be read as a weights-only torch checkpoint "
-                              f"(refused or corrupt: {first})") from None
+        text = str(e).strip()
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            detail = f"it references {found.group(1)}, which is not a tensor type" if found else \
+                "it is not a plain tensor checkpoint (or it is corrupt)"
+            reason = f"{detail}; it was refused without running any of its code"
+        else:
+            reason = f"the file is truncated or corrupt ({lines[0] if lines else type(e).__name__})"
+        raise CheckpointError(f"{path.name} could not be read as a weights-only torch checkpoint: {reason}") from None
     meta = None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         meta = obj.get("meta")  # our training state (train.py's last.pt)
