@@ -227,3 +227,9 @@ def test_kill_9_mid_run_then_resume(toy_data, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
     assert meta["training"]["epochs"] >= done
+
+
+def test_resume_refuses_a_different_recipe(toy_data, tmp_path):
+    run(toy_data, tmp_path, "--epochs", "1")
+    with pytest.raises(train.TrainingError, match=r"different recipe.*--epochs 1 -> 5.*--lr 0.003 -> 0.01"):
+        run(toy_data, tmp_path, "--epochs", "5", "--resume", "--lr", "1e-2")

@@ -35,6 +35,12 @@ from .model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, 
 log = logging.getLogger("vggattn.train")
 
 
+# What a resumed run must share with the run it continues (the schedule and model depend on them)
+RECIPE_KEYS = ("width", "hidden", "dropout", "input_size", "train_size", "no_attention", "no_batch_norm", "init",
+               "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_epochs",
+               "label_smoothing", "seed", "limit_per_class")
+
+
 class TrainingError(RuntimeError):
     """A run that cannot start or must stop (bad flags, offline --init imagenet, NaN loss)."""
 
@@ -267,6 +273,11 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
     start_epoch, best, history = 0, {"top1": -1.0, "epoch": -1}, []
     if args.resume:
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in RECIPE_KEYS
+                   if k in state["args"] and state["args"][k] != getattr(args, k)]
+        if changed:
+            raise TrainingError(f"--resume with a different recipe than {out / 'last.pt'} was trained with: "
+                                f"{', '.join(changed)}")
         raw_model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
