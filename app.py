@@ -40,6 +40,7 @@ NUM_PANELS = 3
 GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
               "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
 PENDING = "pending"  # state value while a new upload is being analysed
+STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 
 
 class UploadedImage(gr.Image):
@@ -158,8 +159,10 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
         gr.Markdown(describe(model, meta))
-        state = gr.State(None)  # this session's Analysis (never shared between users)
-        point = gr.State(None)  # last clicked (x, y)
+        # This session's Analysis (~2 MB: a display-sized image and each layer's Q and K), never shared
+        # between users; dropped after an idle hour, and at most STATE_SESSIONS are kept (launch()).
+        state = gr.State(None, time_to_live=3600)
+        point = gr.State(None, time_to_live=3600)  # last clicked (x, y)
         with gr.Row():
             with gr.Column(scale=3):
                 image = UploadedImage(type="filepath", sources=["upload", "clipboard"],
@@ -207,7 +210,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     """Serve with a bounded queue: `concurrency` events run at once, at most `queue_size` wait."""
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
-                       enable_monitoring=False, show_error=True, **kw)
+                       enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
