@@ -29,8 +29,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import vggattn  # noqa: E402
-from vggattn.analysis import Analysis, analyze, model_view, render_attention  # noqa: E402
-from vggattn.data import ImageLoadError, open_image, preprocess  # noqa: E402
+from vggattn.analysis import Analysis, analyze, render_attention  # noqa: E402
+from vggattn.data import ImageLoadError, open_image  # noqa: E402
 from vggattn.render import COLORMAPS, UPSAMPLING  # noqa: E402
 
 log = logging.getLogger("vggattn.app")
@@ -86,7 +86,7 @@ def on_image(model, meta, path):
     md, df = gamma_table(result)
     w, h = result.size
     status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
-    return [result, result.top_k(5), md, df, model_view(preprocess(image, meta), meta), status, *panel_updates()]
+    return [result, result.top_k(5), md, df, result.model_view, status, *panel_updates()]
 
 
 def mark_pending():

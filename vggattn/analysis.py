@@ -58,6 +58,7 @@ class Analysis:
     layers: list[LayerCapture]  # batch of one, tensors on the CPU
     class_names: list[str]
     input_size: int
+    model_view: np.ndarray  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
 
     def top_k(self, k: int = 5) -> dict[str, float]:
         p, i = self.probs.topk(min(k, len(self.probs)))
@@ -80,7 +81,8 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image) -> Analysis:
         logits = model(x)  # (1, num_classes)
     layers = [LayerCapture(l.name, l.gamma, l.grid, l.query.cpu(), l.key.cpu(), l.contribution.cpu()) for l in cap.layers]
     probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
-    return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]))
+    return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
+                    model_view(x, meta))
 
 
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
