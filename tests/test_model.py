@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import article_reference as article
 import vggattn
 from conftest import tiny_model
-from vggattn.model import fold_batchnorm
+from vggattn.model import fold_batchnorm, unfold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,22 @@ def test_fold_batchnorm_is_exact_in_eval():
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unfold_batchnorm_inverts_folding():
+    """A warm start re-inserts BatchNorm: the same function in eval mode, and on its batch in train mode."""
+    torch.manual_seed(0)
+    plain = tiny_model(dropout=0.0).eval()
+    batch = torch.randn(16, 3, 64, 64) * 2 + 0.5
+    bn = unfold_batchnorm(plain, batch)
+    assert bn.config.batch_norm and not bn.training
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x), plain(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.train()(batch), plain(batch), rtol=1e-4, atol=1e-4)  # batch statistics
+        torch.testing.assert_close(fold_batchnorm(bn.eval()).eval()(x), plain(x), rtol=1e-4, atol=1e-5)
+    scales = [m.weight for m in bn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(scales) == 13 and all(not torch.allclose(s, torch.ones_like(s)) for s in scales)  # set from data
 
 
 def test_from_torchvision_equals_torchvision_with_zero_gamma():

@@ -229,6 +229,27 @@ def test_kill_9_mid_run_then_resume(toy_data, tmp_path):
     assert meta["training"]["epochs"] >= done
 
 
+def test_init_from_a_checkpoint_warm_starts_the_same_function(toy_data, tmp_path):
+    run(toy_data, tmp_path / "first", "--epochs", "2")
+    first = tmp_path / "first" / "best.safetensors"
+    source, meta = vggattn.load_checkpoint(first)
+    args = train.parse_args(["--data", str(toy_data), "--out", str(tmp_path), *TINY, "--init", str(first)])
+    args.num_classes = 3
+    torch.manual_seed(0)
+    started = train.build_model(args, torch.randn(32, 3, 32, 32)).eval()
+    assert started.config.batch_norm  # BatchNorm back for training, set to the identity
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(started(x), source(x), rtol=1e-4, atol=1e-5)
+    # the run itself starts where the first left off: its first epoch is not back at chance
+    second = run(toy_data, tmp_path / "second", "--epochs", "1", "--lr", "1e-4", "--init", str(first))
+    assert second["history"][0]["val_top1"] >= meta["training"]["val_top1"] - 0.2
+    with pytest.raises(train.TrainingError, match="width"):
+        run(toy_data, tmp_path / "third", "--epochs", "1", "--init", str(first), "--width", "0.25")
+    with pytest.raises(train.TrainingError, match="no such file"):
+        run(toy_data, tmp_path / "fourth", "--epochs", "1", "--init", str(tmp_path / "missing.safetensors"))
+
+
 def test_resume_refuses_a_different_recipe(toy_data, tmp_path):
     run(toy_data, tmp_path, "--epochs", "1")
     with pytest.raises(train.TrainingError, match=r"different recipe.*--epochs 1 -> 5.*--lr 0.003 -> 0.01"):

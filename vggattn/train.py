@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, atomic_write, resolve_device, save_checkpoint
+from .checkpoint import (IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
+                         save_checkpoint)
 from .data import eval_transform, load_rgb, train_transform
-from .model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas
+from .model import (ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
+                    unfold_batchnorm)
 
 log = logging.getLogger("vggattn.train")
 
@@ -57,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=0, help="random-resized-crop size for training (0 = input size; smaller is faster, FixRes-style)")
     p.add_argument("--no-attention", action="store_true", help="same network without the three attention blocks (A/B baseline)")
     p.add_argument("--no-batch-norm", action="store_true", help="train without BatchNorm (the article's plain network)")
-    p.add_argument("--init", choices=["random", "imagenet"], default="random", help="imagenet: torchvision VGG16 weights (needs the network)")
+    p.add_argument("--init", default="random", metavar="random|imagenet|PATH",
+                   help="imagenet: torchvision VGG16 weights (needs the network); PATH: warm start from a vggattn "
+                        "checkpoint of the same width/hidden (e.g. a shipped one; BatchNorm is re-inserted as the identity)")
     p.add_argument("--epochs", type=int, default=30, help="number of epochs")
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
@@ -111,7 +115,7 @@ def limit_per_class(ds: ImageFolder, n: int) -> ImageFolder | Subset:
     return Subset(ds, keep)
 
 
-def build_model(args) -> VGG16WithAttention:
+def build_model(args, init_batch: torch.Tensor | None = None) -> VGG16WithAttention:
     if args.init == "imagenet":
         from torchvision.models import VGG16_Weights, vgg16
 
@@ -123,8 +127,32 @@ def build_model(args) -> VGG16WithAttention:
         model.classifier[6] = nn.Linear(model.config.hidden, args.num_classes)
         model.config.num_classes = args.num_classes
         return model
-    return VGG16WithAttention(args.num_classes, width=args.width, hidden=args.hidden, dropout=args.dropout,
-                              attention=not args.no_attention, batch_norm=not args.no_batch_norm)
+    model = VGG16WithAttention(args.num_classes, width=args.width, hidden=args.hidden, dropout=args.dropout,
+                               attention=not args.no_attention, batch_norm=not args.no_batch_norm)
+    if args.init != "random" and init_batch is not None:  # a resumed run loads last.pt instead
+        model = warm_start(model, args.init, init_batch)
+    return model
+
+
+def warm_start(model: VGG16WithAttention, path: str, batch: torch.Tensor) -> VGG16WithAttention:
+    """Load a vggattn checkpoint (--init PATH) into the freshly built model of the same shape.
+
+    `batch`: training images that set the statistics of BatchNorms the checkpoint has folded away.
+    """
+    try:
+        source, _ = load_checkpoint(path, device="cpu")
+    except (CheckpointError, OSError) as e:
+        raise TrainingError(f"--init {path}: {e}") from None
+    want = {k: getattr(model.config, k) for k in ("num_classes", "width", "hidden", "attention")}
+    have = {k: getattr(source.config, k) for k in want}
+    if want != have:
+        raise TrainingError(f"--init {path} is a model with {have}; these flags build {want}")
+    if model.config.batch_norm and not source.config.batch_norm:
+        source = unfold_batchnorm(source, batch)
+    elif source.config.batch_norm != model.config.batch_norm:
+        source = fold_batchnorm(source.eval())
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 def make_optimizer(args, model: nn.Module, steps_per_epoch: int):
@@ -227,6 +255,8 @@ def main(argv=None) -> dict:
 
 def train(args, device: torch.device, rank: int, world: int) -> dict:
     out = Path(args.out).expanduser()
+    if args.init not in ("random", "imagenet") and not Path(args.init).is_file():
+        raise TrainingError(f"--init {args.init}: no such file (use random, imagenet or a checkpoint path)")
     if args.init == "imagenet" and (args.width != 1.0 or not args.no_batch_norm or args.no_attention):
         raise TrainingError("--init imagenet needs --width 1 --no-batch-norm (torchvision's VGG16 layout) and attention on")
     root = Path(args.data)
@@ -248,7 +278,10 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
     train_ds, val_ds = limit_per_class(train_ds, args.limit_per_class), limit_per_class(val_ds, args.limit_per_class)
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))  # exact split, no padding
 
-    model = build_model(args).to(device)
+    init_batch = None
+    if args.init not in ("random", "imagenet") and not args.resume:  # BatchNorm statistics for a warm start
+        init_batch = torch.stack([train_ds[i][0] for i in torch.randperm(len(train_ds))[:256].tolist()])
+    model = build_model(args, init_batch).to(device)
     use_amp = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
     model = model.to(memory_format=torch.channels_last)
     raw_model = model
