@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -29,7 +33,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import vggattn  # noqa: E402
-from vggattn.analysis import Analysis, analyze, render_attention  # noqa: E402
+from vggattn.analysis import Analysis, ablate, analyze, render_attention, render_map  # noqa: E402
+from vggattn.explain import write_result  # noqa: E402
 from vggattn.data import ImageLoadError, open_image  # noqa: E402
 from vggattn.render import COLORMAPS, UPSAMPLING  # noqa: E402
 
@@ -39,7 +44,11 @@ EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower(
 NUM_PANELS = 3
 GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
               "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
+CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
+                     "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
 PENDING = "pending"  # state value while a new upload is being analysed
+EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
+NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 
 
@@ -77,16 +86,53 @@ def panel_updates(panels=None) -> list:
     return [gr.Image(value=p.image, label=p.title) for p in panels]
 
 
+def readouts_table(panels) -> str:
+    """Per layer, the clicked query's entropy, mean attention distance and top-5 cells."""
+    rows = []
+    for p in panels:
+        r = p.readouts
+        cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
+        rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
+                    f"{r['mean_distance_input_px']:.1f} | {cells} |")
+    return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) +
+            "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
+            "Top-5 cells are numbered on the maps.")
+
+
+def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> list:
+    """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
+    if result is None:
+        return [gr.Image(value=None) for _ in range(NUM_MAPS)]
+    draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
+    contrib = [gr.Image(value=draw(c), label=f"{l.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
+               for l, c in zip(result.layers, result.contributions())]
+    mean_maps = [gr.Image(value=draw(m), label=f"{l.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
+                 for l, (m, jsd) in zip(result.layers, result.query_dependence())]
+    top = result.class_names[int(result.probs.argmax())]
+    cam = gr.Image(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
+                   label=f"Grad-CAM of '{top}' at the last conv layer")
+    return [*contrib, *mean_maps, cam]
+
+
+def dependence_table(result: Analysis) -> str:
+    rows = [f"| `{l.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for l, (_, jsd) in zip(result.layers, result.query_dependence())]
+    return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
+            "\n\n0 means every position attends to the same place (the map does not depend on the query); "
+            "the images show where attention goes on average.")
+
+
 def on_image(model, meta, path):
     """New upload (or example): run the model once and show predictions, gammas, model input."""
     if not path:  # cleared
-        return [None, None, "", None, None, "Upload an image to begin.", *panel_updates()]
+        return [None, None, "", None, None, "Upload an image to begin.", *panel_updates(), "", *map_updates(None), "", None, ""]
     image = load_upload(path)
     result = analyze(model, meta, image)
     md, df = gamma_table(result)
     w, h = result.size
     status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
-    return [result, result.top_k(5), md, df, result.model_view, status, *panel_updates()]
+    return [result, result.top_k(5), md, df, result.model_view, status, *panel_updates(), "", *map_updates(result),
+            dependence_table(result), None, ""]
 
 
 def mark_pending():
@@ -102,25 +148,64 @@ def click_problem(state) -> str | None:
     return None
 
 
-def on_click(state, opacity, colormap, mode, evt: gr.SelectData):
-    """A click on the image: render its attention in every layer (no model run)."""
+def on_click(state, opacity, colormap, mode, mark, evt: gr.SelectData):
+    """A click on the image: render its attention in every layer, with readouts (no model run)."""
     problem = click_problem(state)
     if problem:
         gr.Warning(problem)
-        return [None, problem, *[gr.skip()] * NUM_PANELS]
+        return [None, problem, *[gr.skip()] * (NUM_PANELS + 1)]
     x, y = (int(v) for v in evt.index)
     w, h = state.size
     x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
-    panels = render_attention(state, (x, y), opacity, colormap, mode)
+    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels)]
+    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels), readouts_table(panels)]
 
 
-def on_controls(state, point, opacity, colormap, mode):
-    """Opacity / colormap / upsampling changed: re-render the current point (no model run)."""
-    if click_problem(state) or point is None:
-        return [gr.skip()] * NUM_PANELS
-    return panel_updates(render_attention(state, tuple(point), opacity, colormap, mode))
+def on_controls(state, point, opacity, colormap, mode, mark):
+    """Opacity / colormap / upsampling / marking changed: re-render every map (no model run)."""
+    if click_problem(state):
+        return [gr.skip()] * (NUM_PANELS + NUM_MAPS)
+    panels = [gr.skip()] * NUM_PANELS if point is None else \
+        panel_updates(render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
+    return [*panels, *map_updates(state, opacity, colormap, mode)]
+
+
+def on_ablate(model, state, layers):
+    """Switch the chosen layers' attention off (gamma = 0) for one forward and compare the top-5."""
+    problem = click_problem(state)
+    if problem:
+        raise gr.Error(problem)
+    if not layers:
+        raise gr.Error("Tick at least one layer to switch off.")
+    off = ablate(model, state, layers)
+    order = off.topk(min(5, len(off))).indices.tolist()
+    df = pd.DataFrame({"class": [state.class_names[i] for i in order],
+                       "all layers on": [round(float(state.probs[i]), 4) for i in order],
+                       f"{', '.join(layers)} off": [round(float(off[i]), 4) for i in order],
+                       "change": [round(float(off[i] - state.probs[i]), 4) for i in order]})
+    before, after = int(state.probs.argmax()), int(off.argmax())
+    verdict = (f"Top-1 stays **{state.class_names[before]}** ({state.probs[before]:.1%} → {off[before]:.1%})."
+               if before == after else
+               f"Top-1 changes: **{state.class_names[before]}** → **{state.class_names[after]}**.")
+    return df, verdict
+
+
+def on_export(model, state, point, opacity, colormap, mode):
+    """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download."""
+    problem = click_problem(state)
+    if problem:
+        raise gr.Error(problem)
+    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in EXPORT_DIR.iterdir():  # keep the folder small: exports are fetched right away
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
+    points = [tuple(point)] if point is not None else []
+    write_result(state, points, work / "vggattn", model, opacity=opacity, colormap=colormap, mode=mode)
+    name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
+    archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
+    return [archive, str(work / "vggattn" / "figure.png")]
 
 
 def api_analyze(model, meta, path):
@@ -173,6 +258,7 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
                     opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
                     colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
                     mode = gr.Radio(list(UPSAMPLING), value="smooth", label="Upsampling")
+                    mark = gr.Checkbox(value=True, label="Number the top-5 attended cells")
             with gr.Column(scale=2):
                 labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
                 gammas_md = gr.Markdown(elem_id="gammas")
@@ -183,14 +269,49 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
         with gr.Row():
             panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg",
                                elem_id=f"panel-{i}") for i in range(NUM_PANELS)]
+        readouts = gr.Markdown(elem_id="readouts")
+        with gr.Tabs():
+            with gr.Tab("Effective contribution"):
+                gr.Markdown(CONTRIBUTION_HINT)
+                with gr.Row():
+                    contrib = [gr.Image(interactive=False, format="jpeg", elem_id=f"contribution-{i}")
+                               for i in range(NUM_PANELS)]
+            with gr.Tab("Query dependence"):
+                dependence_md = gr.Markdown(elem_id="dependence")
+                with gr.Row():
+                    mean_maps = [gr.Image(interactive=False, format="jpeg", elem_id=f"mean-map-{i}")
+                                 for i in range(NUM_PANELS)]
+            with gr.Tab("Ablation"):
+                gr.Markdown("Switch attention layers off (γ = 0 for one forward) and see how the top-5 changes.")
+                with gr.Row():
+                    layers_off = gr.CheckboxGroup(vggattn.attention_layer_names(model), label="Switch off",
+                                                  elem_id="layers-off")
+                    ablate_button = gr.Button("Run with these layers off", elem_id="ablate")
+                ablation_verdict = gr.Markdown(elem_id="ablation-verdict")
+                ablation = gr.Dataframe(interactive=False, elem_id="ablation")
+            with gr.Tab("Grad-CAM"):
+                gr.Markdown("Grad-CAM of the top class at the last conv layer: where the *class evidence* is, "
+                            "beside where positions *look*.")
+                cam = gr.Image(interactive=False, format="jpeg", elem_id="gradcam", height=420)
+            with gr.Tab("Export"):
+                export_button = gr.Button("Export the current view", elem_id="export-button")
+                with gr.Row():
+                    export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
+                    export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
+        maps = [*contrib, *mean_maps, cam]
 
         image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
-            bind(on_image, model, meta), image, [state, labels, gammas_md, gammas_plot, seen, status, *panels],
+            bind(on_image, model, meta), image, [state, labels, gammas_md, gammas_plot, seen, status, *panels,
+                                                readouts, *maps, dependence_md, ablation, ablation_verdict],
             api_name="upload")
-        image.select(on_click, [state, opacity, colormap, mode], [point, status, *panels], api_name="click")
-        for control in (opacity, colormap, mode):
-            control.change(on_controls, [state, point, opacity, colormap, mode], panels,
-                           api_name=f"rerender_{control.label.lower()}")
+        image.select(on_click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts],
+                     api_name="click")
+        for control in (opacity, colormap, mode, mark):
+            control.change(on_controls, [state, point, opacity, colormap, mode, mark], [*panels, *maps],
+                           api_name=f"rerender_{control.label.split()[0].lower()}")
+        ablate_button.click(bind(on_ablate, model), [state, layers_off], [ablation, ablation_verdict], api_name="ablate")
+        export_button.click(bind(on_export, model), [state, point, opacity, colormap, mode], [export_file, export_png],
+                            api_name="export")
 
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")

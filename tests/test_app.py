@@ -23,13 +23,17 @@ def select(x, y):
 def test_upload_runs_the_model_once_and_fills_the_page(mm):
     model, meta = mm
     state, labels, md, df, seen, status, *panels = app.on_image(model, meta, str(ASSET))
+    panels, readouts, maps, dependence = panels[:3], panels[3], panels[4:11], panels[11]
     assert isinstance(state, Analysis) and state.size == (224, 224)
     assert len(labels) == 5 and abs(sum(labels.values()) - 1) < 1 and all(0 <= p <= 1 for p in labels.values())
     assert list(df["layer"]) == ["features.14", "features.22", "features.30"]
     assert "features.22" in md and "γ" in md
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
     assert "Click" in status
-    assert all(p.value is None for p in panels)
+    assert all(p.value is None for p in panels) and readouts == ""
+    assert all(m.value is not None for m in maps)  # contribution x3, query-averaged x3, Grad-CAM
+    assert "‖γ·attn‖/‖x‖ mean" in maps[0].label
+    assert "JSD" in maps[3].label and "Grad-CAM" in maps[6].label and "features.30" in dependence
 
 
 def test_cleared_image_resets(mm):
@@ -41,14 +45,15 @@ def test_click_renders_three_titled_overlays_without_the_model(mm, monkeypatch):
     model, meta = mm
     state = app.on_image(model, meta, str(ASSET))[0]
     monkeypatch.setattr(model, "forward", lambda *a: pytest.fail("a click ran the model"))
-    point, status, *panels = app.on_click(state, 0.5, "jet", "smooth", select(10, 200))
+    point, status, *panels, readouts = app.on_click(state, 0.5, "jet", "smooth", True, select(10, 200))
     assert point == (10, 200) and "query index" in status
+    assert readouts.count("| `features.") == 3 and "entropy" in readouts
     titles = [p.label for p in panels]
     assert [t.split(" ")[0] for t in titles] == ["features.14", "features.22", "features.30"]
     assert "16×16" in titles[0] and "γ = +0.5000" in titles[0]
     for p in panels:
         assert p.value is not None
-    _, _, *elsewhere = app.on_click(state, 0.5, "jet", "smooth", select(200, 20))
+    _, _, *elsewhere, _ = app.on_click(state, 0.5, "jet", "smooth", True, select(200, 20))
     assert not np.array_equal(np.asarray(panels[0].value["path"] if isinstance(panels[0].value, dict) else panels[0].value),
                               np.asarray(elsewhere[0].value["path"] if isinstance(elsewhere[0].value, dict) else elsewhere[0].value))
 
@@ -57,22 +62,24 @@ def test_controls_rerender_without_the_model(mm, monkeypatch):
     model, meta = mm
     state = app.on_image(model, meta, str(ASSET))[0]
     monkeypatch.setattr(model, "forward", lambda *a: pytest.fail("a control change ran the model"))
-    a = app.on_controls(state, (100, 100), 0.2, "jet", "smooth")
-    b = app.on_controls(state, (100, 100), 0.9, "viridis", "blocky")
-    assert len(a) == len(b) == 3
-    assert a[0].label == b[0].label
-    assert app.on_controls(state, None, 0.5, "jet", "smooth") == [app.gr.skip()] * 3  # nothing clicked yet
+    a = app.on_controls(state, (100, 100), 0.2, "jet", "smooth", True)
+    b = app.on_controls(state, (100, 100), 0.9, "viridis", "blocky", False)
+    assert len(a) == len(b) == 3 + app.NUM_MAPS
+    assert a[0].label == b[0].label and a[3].label == b[3].label
+    assert not np.array_equal(a[3].value, b[3].value)  # the tabs' maps follow the controls too
+    unclicked = app.on_controls(state, None, 0.5, "jet", "smooth", True)
+    assert unclicked[:3] == [app.gr.skip()] * 3 and unclicked[3].value is not None  # nothing clicked yet
 
 
 @pytest.mark.parametrize("state,words", [(None, "before clicking"), (app.PENDING, "still being analysed")])
 def test_click_before_upload_or_mid_upload_is_a_message(state, words):
-    point, status, *panels = app.on_click(state, 0.5, "jet", "smooth", select(1, 1))
+    point, status, *panels = app.on_click(state, 0.5, "jet", "smooth", True, select(1, 1))
     assert point is None and words in status
 
 
 def test_click_outside_is_clamped(mm):
     state = app.on_image(*mm, str(ASSET))[0]
-    point, *_ = app.on_click(state, 0.5, "jet", "smooth", select(5000, -3))
+    point, *_ = app.on_click(state, 0.5, "jet", "smooth", True, select(5000, -3))
     assert point == (223, 0)
 
 
@@ -106,3 +113,38 @@ def test_bad_checkpoint_exits_with_one_sentence(tmp_path, capsys):
 
 def test_device_note_in_page(mm):
     assert "running on **CPU**" in app.describe(*mm) or torch.cuda.is_available()
+
+
+def test_ablation_compares_top5_with_one_forward(mm):
+    model, meta = mm
+    state = app.on_image(model, meta, str(ASSET))[0]
+    calls = []
+    real = model.forward
+    model.forward = lambda *a: calls.append(1) or real(*a)
+    try:
+        df, verdict = app.on_ablate(model, state, ["features.14", "features.22", "features.30"])
+    finally:
+        del model.forward
+    assert calls == [1]
+    assert list(df.columns)[1:] == ["all layers on", "features.14, features.22, features.30 off", "change"]
+    assert len(df) == 5 and "Top-1" in verdict
+    assert (df["change"].abs() > 0).any()  # gammas are 0.5: switching attention off changes the output
+    with pytest.raises(app.gr.Error, match="at least one layer"):
+        app.on_ablate(model, state, [])
+    with pytest.raises(app.gr.Error, match="before clicking"):
+        app.on_ablate(model, None, ["features.14"])
+
+
+def test_export_writes_a_zip_with_figure_maps_and_numbers(mm):
+    import json
+    import zipfile
+
+    model, meta = mm
+    state = app.on_image(model, meta, str(ASSET))[0]
+    archive, figure = app.on_export(model, state, (30, 40), 0.5, "jet", "smooth")
+    names = set(zipfile.ZipFile(archive).namelist())
+    assert {"figure.png", "result.json", "gradcam.npy", "features.14_attention.npy", "features.30_mean_attention.npy"} <= names
+    result = json.loads(zipfile.ZipFile(archive).read("result.json"))
+    assert result["points"][0]["xy"] == [30, 40] and result["points"][0]["layers"]["features.14"]["query_index"] == \
+        state.query_indices((30, 40))["features.14"]
+    assert figure.endswith("figure.png")

@@ -2,7 +2,9 @@
 
     result = analyze(model, meta, pil_image)        # one forward, with AttentionCapture
     result.top_k(5)                                 # {"church": 0.93, ...}
-    panels = render_attention(result, (x, y))       # three overlays, no model run
+    panels = render_attention(result, (x, y))       # three overlays + readouts, no model run
+    result.query_dependence()                       # per layer: query-averaged map and mean JSD
+    ablate(model, result, ["features.22"])          # probabilities with that layer's attention off
 
 `Analysis` holds only a display-sized copy of the image, the probabilities and each layer's Q and K
 (linear in N), so an app can keep one per session and answer clicks without running the model again.
@@ -10,7 +12,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +22,9 @@ from PIL import Image
 
 from .capture import AttentionCapture, LayerCapture
 from .data import cell_box, preprocess, query_index, to_rgb
-from .render import mark_query, overlay, upsample_map
+from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
+from .readouts import query_dependence, row_readouts
+from .render import mark_cells, mark_query, overlay, upsample_map
 
 DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy of the image at most this large
 
@@ -34,6 +39,7 @@ class Panel:
     query_index: int
     image: np.ndarray  # (H, W, 3) uint8 overlay
     attention_row: np.ndarray  # (h, w) float32 weights of the query, sums to 1
+    readouts: dict  # entropy, mean distance, top cells of the row (vggattn.readouts.row_readouts)
 
     @property
     def title(self) -> str:
@@ -59,6 +65,9 @@ class Analysis:
     class_names: list[str]
     input_size: int
     model_view: np.ndarray  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
+    input: torch.Tensor | None = None  # (1, 3, S, S) the model's input, for ablation forwards
+    gradcam: torch.Tensor | None = None  # (h, w) Grad-CAM of the top class at the last conv layer
+    _dependence: list | None = field(default=None, repr=False)
 
     def top_k(self, k: int = 5) -> dict[str, float]:
         p, i = self.probs.topk(min(k, len(self.probs)))
@@ -70,24 +79,65 @@ class Analysis:
     def query_indices(self, xy: tuple[float, float]) -> dict[str, int]:
         return {layer.name: query_index(xy, self.size, layer.grid) for layer in self.layers}
 
+    def contributions(self) -> list[np.ndarray]:
+        """Per layer, the (h, w) map of ||gamma * attention_out|| / ||x|| at each position."""
+        return [layer.contribution[0].numpy() for layer in self.layers]
+
+    def query_dependence(self) -> list[tuple[np.ndarray, float]]:
+        """Per layer: (query-averaged attention map (h, w), mean JS divergence of the rows from it, nats).
+        Computed once, on first use (linear memory; O(N^2) time)."""
+        if self._dependence is None:
+            self._dependence = []
+            for layer in self.layers:
+                mean_row, jsd = query_dependence(layer)
+                self._dependence.append((mean_row[0].reshape(layer.grid).numpy(), float(jsd[0])))
+        return self._dependence
+
 
 @torch.no_grad()
-def analyze(model: nn.Module, meta: dict, image: Image.Image) -> Analysis:
-    """Run the model once on the whole image and keep what clicks need."""
+def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool = True) -> Analysis:
+    """Run the model once on the whole image and keep what clicks need.
+
+    gradcam: also keep the last conv activation and compute the top class's Grad-CAM from it
+    (a backward through the layers after it only, no second forward).
+    """
     image = to_rgb(image)
     device = next(model.parameters()).device
     x = preprocess(image, meta).to(device)  # (1, 3, S, S)
-    with AttentionCapture(model) as cap:
+    index = gradcam_layer(model) if gradcam else None
+    with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
+        kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None
         logits = model(x)  # (1, num_classes)
     layers = [LayerCapture(l.name, l.gamma, l.grid, l.query.cpu(), l.key.cpu(), l.contribution.cpu()) for l in cap.layers]
     probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+    cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None
     return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
-                    model_view(x, meta))
+                    model_view(x, meta), x.cpu(), cam)
+
+
+@torch.no_grad()
+def ablate(model: nn.Module, result: Analysis, layers: list[str]) -> torch.Tensor:
+    """Class probabilities (num_classes,) for the analysed input with the named layers' attention
+    switched off (gamma = 0 for this forward only). One forward; other users of the model unaffected."""
+    if result.input is None:
+        raise ValueError("this Analysis keeps no model input (made by an older vggattn?)")
+    device = next(model.parameters()).device
+    with AttentionOff(model, list(layers)):
+        logits = model(result.input.to(device))
+    return torch.softmax(logits.float(), dim=-1)[0].cpu()
+
+
+def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.5, colormap: str = "jet",
+               mode: str = "smooth") -> np.ndarray:
+    """Any (h, w) map over the image (min-max scaled) on the display copy -> (H, W, 3) uint8."""
+    disp_h, disp_w = result.display.shape[:2]
+    return overlay(result.display, upsample_map(grid_map, (disp_w, disp_h), mode=mode), colormap, opacity)
 
 
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
-                     mode: str = "smooth") -> list[Panel]:
-    """Each layer's attention row for original-image pixel `xy`, overlaid on the display image."""
+                     mode: str = "smooth", top_k: int = 5) -> list[Panel]:
+    """Each layer's attention row for original-image pixel `xy`, overlaid on the display image, with
+    the `top_k` most attended cells outlined and numbered (0: none) and the row's readouts."""
     w, h = result.size
     x, y = xy
     if not (0 <= x < w and 0 <= y < h):
@@ -97,13 +147,22 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
     panels = []
     for layer in result.layers:
         q = query_index(xy, result.size, layer.grid)
-        row = layer.row(q)[0].reshape(layer.grid).numpy()  # (gh, gw)
+        flat = layer.row(q)[0]  # (N,)
+        row = flat.reshape(layer.grid).numpy()  # (gh, gw)
+        readouts = row_readouts(flat, q, layer.grid, result.input_size, result.size, k=max(top_k, 5))
         heat = upsample_map(row, (disp_w, disp_h), mode=mode)
-        x0, y0, x1, y1 = cell_box(q, result.size, layer.grid)
-        rgb = mark_query(overlay(result.display, heat, colormap, opacity), ((x + 0.5) * sx, (y + 0.5) * sy),
-                         (x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-        panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row))
+        rgb = overlay(result.display, heat, colormap, opacity)
+        if top_k:
+            rgb = mark_cells(rgb, [scale_box(cell_box(c["index"], result.size, layer.grid), sx, sy)
+                                   for c in readouts["top_cells"][:top_k]], color=(255, 255, 0))
+        rgb = mark_query(rgb, ((x + 0.5) * sx, (y + 0.5) * sy), scale_box(cell_box(q, result.size, layer.grid), sx, sy))
+        panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts))
     return panels
+
+
+def scale_box(box, sx: float, sy: float) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
 def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:

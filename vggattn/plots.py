@@ -1,6 +1,10 @@
 """Figures from a training run: each layer's gamma against epoch.
 
-    python -m vggattn.plots ~/runs/w025-att/log.jsonl --out gamma.png [--label attention]
+    python -m vggattn.plots ~/runs/w025-att --out gamma.png             # the run's log.jsonl
+    python -m vggattn.plots ~/runs/w025-att/log.jsonl --out gamma.png
+    python -m vggattn.plots epoch*.safetensors --out gamma.png          # gammas read from checkpoints
+
+From checkpoints, the epoch is the one their meta records (training.epochs), else their order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ ARTICLE_ORDER = ("features.14", "features.22", "features.30")
 def read_log(path: str | Path) -> list[dict]:
     """The JSON lines train.py writes, one per epoch."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def history_from_checkpoints(paths: list[str | Path]) -> list[dict]:
+    """One record per checkpoint: its epoch and its model's gammas (read from the weights)."""
+    from .checkpoint import load_checkpoint
+    from .model import gammas
+
+    records = []
+    for i, path in enumerate(paths, start=1):
+        model, meta = load_checkpoint(path, device="cpu")
+        records.append({"epoch": meta.get("training", {}).get("epochs", i), "gammas": gammas(model)})
+    return sorted(records, key=lambda r: r["epoch"])
+
+
+def read_history(sources: list[str | Path]) -> list[dict]:
+    """A log.jsonl, a run folder holding one, or checkpoint files."""
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        sources = [Path(sources[0]) / "log.jsonl"]
+    if len(sources) == 1 and Path(sources[0]).suffix == ".jsonl":
+        return read_log(sources[0])
+    return history_from_checkpoints(sources)
 
 
 def gamma_series(history: list[dict]) -> dict[str, list[float]]:
@@ -52,11 +77,11 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m vggattn.plots", description="Plot each layer's gamma against epoch.")
-    p.add_argument("log", help="log.jsonl written by python -m vggattn.train")
+    p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.train, its run folder, or checkpoints")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="γ per attention layer", help="figure title")
     args = p.parse_args(argv)
-    plot_gamma_history(read_log(args.log), args.out, args.title)
+    plot_gamma_history(read_history(args.sources), args.out, args.title)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     heat = upsample_map(row.reshape(grid), (width, height), mode="smooth")   # (H, W) in [0, 1]
     rgb = overlay(image, heat, colormap="jet", opacity=0.5)                  # (H, W, 3) uint8
     rgb = mark_query(rgb, (x, y), cell_box)                                  # point + cell drawn
+    rgb = mark_cells(rgb, boxes)                                             # numbered boxes (top-k cells)
 """
 
 from __future__ import annotations
@@ -71,4 +72,17 @@ def mark_query(image: np.ndarray, xy: tuple[float, float], box: tuple[float, flo
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=max(1, r // 2))
     draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], fill=(0, 0, 0))
     draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    return np.asarray(im)
+
+
+def mark_cells(image: np.ndarray, boxes: list[tuple[float, float, float, float]],
+               color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Outline each box (x0, y0, x1, y1) on a copy of `image` and number them 1, 2, ... in order."""
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    draw = ImageDraw.Draw(im)
+    line = max(1, round(min(im.size) / 300))
+    for rank, (x0, y0, x1, y1) in enumerate(boxes, start=1):
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(0, 0, 0), width=line + 2)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=line)
+        draw.text((x0 + 2 * line, y0 + line), str(rank), fill=color, stroke_width=2, stroke_fill=(0, 0, 0))
     return np.asarray(im)

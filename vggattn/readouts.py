@@ -1,0 +1,85 @@
+"""Numbers that say what an attention layer does, beyond its maps.
+
+    layer = result.layers[0]                       # a LayerCapture (batch of one)
+    row = layer.row(q)[0]                          # (N,) where query q looks
+    entropy(row), entropy(row) / math.log(N)       # nats; 1.0 = uniform, 0 = one cell
+    mean_distance(row, q, layer.grid, (128, 128))  # pixels between the query and what it attends to
+    top_cells(row, 5)                              # [(index, weight), ...]
+    mean_row, jsd = query_dependence(layer)        # (B, N) map, (B,) mean JS divergence from it
+
+All functions take attention rows (non-negative, summing to 1 over the last dimension) as tensors.
+`query_dependence` builds the N x N map a chunk of rows at a time, so memory stays linear in N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .capture import LayerCapture
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last dimension (0 log 0 = 0)."""
+    p = p.double()
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def cell_centers(grid: tuple[int, int], size_wh: tuple[float, float]) -> torch.Tensor:
+    """(N, 2) (x, y) centres of a grid's cells in pixels of an image of size (width, height)."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    return torch.stack([(xs.flatten() + 0.5) * size_wh[0] / w, (ys.flatten() + 0.5) * size_wh[1] / h], dim=1)
+
+
+def mean_distance(row: torch.Tensor, query: int, grid: tuple[int, int], size_wh: tuple[float, float]) -> float:
+    """Expected distance in pixels, in an image of size_wh, from query cell's centre to the attended cells'."""
+    centers = cell_centers(grid, size_wh)  # (N, 2)
+    d = (centers - centers[int(query)]).norm(dim=1)  # (N,)
+    return float((row.double().reshape(-1) * d).sum())
+
+
+def top_cells(row: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
+    """The k most attended cells of one row: [(flat index, weight)], largest first."""
+    w, i = row.reshape(-1).topk(min(k, row.numel()))
+    return [(int(a), float(b)) for a, b in zip(i.tolist(), w.tolist())]
+
+
+def js_divergence(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in nats (0 .. ln 2) between distributions on the last dim."""
+    p, m = p.double(), m.double()
+    a = 0.5 * (p + m)
+
+    def kl(u, v):  # sum u log(u / v), with 0 log 0 = 0
+        return (u * (torch.log(u.clamp_min(1e-300)) - torch.log(v.clamp_min(1e-300)))).sum(-1)
+
+    return 0.5 * kl(p, a) + 0.5 * kl(m, a)
+
+
+@torch.no_grad()
+def query_dependence(layer: LayerCapture, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_row (B, N), jsd (B,)): the query-averaged map, and the mean JS divergence (nats) of the N
+    rows from it. jsd = 0 when every query looks at the same place; up to ln 2 when the rows are
+    disjoint one-hots. Two passes over the rows in chunks (never the whole N x N map at once)."""
+    n = layer.num_positions
+    starts = range(0, n, chunk)
+    mean_row = sum(layer.rows(list(range(s, min(n, s + chunk)))).double().sum(1) for s in starts) / n  # (B, N)
+    jsd = sum(js_divergence(layer.rows(list(range(s, min(n, s + chunk)))), mean_row[:, None]).sum(1)
+              for s in starts) / n  # (B,)
+    return mean_row.float(), jsd.float()
+
+
+def row_readouts(row: torch.Tensor, query: int, grid: tuple[int, int], input_size: int,
+                 image_size: tuple[int, int], k: int = 5) -> dict:
+    """Entropy, mean distance and top-k cells of one (N,) row, as plain numbers for tables and JSON."""
+    n = grid[0] * grid[1]
+    h = float(entropy(row))
+    return {
+        "query_index": int(query),
+        "entropy_nats": h,
+        "entropy_fraction": h / math.log(n) if n > 1 else 0.0,
+        "mean_distance_input_px": mean_distance(row, query, grid, (input_size, input_size)),
+        "mean_distance_image_px": mean_distance(row, query, grid, image_size),
+        "top_cells": [{"index": i, "row": i // grid[1], "col": i % grid[1], "weight": w} for i, w in top_cells(row, k)],
+    }
