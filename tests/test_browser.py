@@ -71,3 +71,30 @@ def test_upload_click_and_see_three_overlays(page):
     assert all(a != b for a, b in zip(first, panel_sources(page)))
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+
+def test_tabs_contribution_ablation_and_export(page):
+    """Runs after the click test on the same page: the readouts and every tab work in a browser."""
+    readouts = page.locator("#readouts").inner_text()
+    assert all(layer in readouts for layer in ("features.14", "features.22", "features.30")), readouts
+    assert "entropy" in readouts
+    assert page.locator("#contribution-0 img").first.get_attribute("src")  # first tab, filled at upload
+
+    page.get_by_role("tab", name="Query dependence").click()
+    page.wait_for_function("document.querySelector('#mean-map-2 img')", timeout=30_000)
+    assert "JSD" in page.locator("#dependence").inner_text()
+
+    page.get_by_role("tab", name="Ablation").click()
+    page.locator("#layers-off").get_by_label("features.14").check()
+    page.locator("#ablate").click()
+    page.wait_for_function("document.querySelector('#ablation-verdict').innerText.includes('Top-1')", timeout=30_000)
+    assert "features.14 off" in page.locator("#ablation").inner_text()
+
+    page.get_by_role("tab", name="Grad-CAM").click()
+    page.wait_for_function("document.querySelector('#gradcam img')", timeout=30_000)
+
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-button").click()
+    page.wait_for_function("document.querySelector('#export') && document.querySelector('#export').innerText.includes('.zip')",
+                           timeout=60_000)
+    assert "vggattn-export-x179-y190" in page.locator("#export").inner_text()  # the last click of the test above
