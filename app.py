@@ -81,9 +81,10 @@ def gamma_table(result: Analysis) -> tuple[str, pd.DataFrame]:
 
 
 def panel_updates(panels=None) -> list:
+    """Updates of the three panels (plain updates: the panels encode them as JPEG, once)."""
     if panels is None:
-        return [gr.Image(value=None, label=f"attention layer {i + 1}") for i in range(NUM_PANELS)]
-    return [gr.Image(value=p.image, label=p.title) for p in panels]
+        return [gr.update(value=None, label=f"attention layer {i + 1}") for i in range(NUM_PANELS)]
+    return [gr.update(value=p.image, label=p.title) for p in panels]
 
 
 def readouts_table(panels) -> str:
@@ -103,14 +104,14 @@ def readouts_table(panels) -> str:
 def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> list:
     """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
     if result is None:
-        return [gr.Image(value=None) for _ in range(NUM_MAPS)]
+        return [gr.update(value=None) for _ in range(NUM_MAPS)]
     draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
-    contrib = [gr.Image(value=draw(c), label=f"{l.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
+    contrib = [gr.update(value=draw(c), label=f"{l.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
                for l, c in zip(result.layers, result.contributions())]
-    mean_maps = [gr.Image(value=draw(m), label=f"{l.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
+    mean_maps = [gr.update(value=draw(m), label=f"{l.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
                  for l, (m, jsd) in zip(result.layers, result.query_dependence())]
     top = result.class_names[int(result.probs.argmax())]
-    cam = gr.Image(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
+    cam = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
                    label=f"Grad-CAM of '{top}' at the last conv layer")
     return [*contrib, *mean_maps, cam]
 

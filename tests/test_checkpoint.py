@@ -19,8 +19,9 @@ def test_roundtrip_keeps_weights_and_meta(tmp_path):
     assert got["training"]["epochs"] == 3 and got["config"]["width"] == 0.125
     assert not loaded.training
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():  # loaded models run channels_last: the same function, other rounding
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
 
 
@@ -49,9 +50,7 @@ def test_prefixed_state_dicts_load(tmp_path, prefix):
     loaded, meta = load_checkpoint(path)
     assert meta["config"]["num_classes"] == 3 and meta["config"]["width"] == 0.125 and meta["config"]["hidden"] == 32
     assert meta["class_names"] == ["class 0", "class 1", "class 2"]
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_strict_errors_name_the_keys(tmp_path):

@@ -103,7 +103,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     """
     image = to_rgb(image)
     device = next(model.parameters()).device
-    x = preprocess(image, meta).to(device)  # (1, 3, S, S)
+    x = preprocess(image, meta).to(device, memory_format=torch.channels_last)  # (1, 3, S, S)
     index = gradcam_layer(model) if gradcam else None
     with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
         kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None

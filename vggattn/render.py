@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,15 +37,26 @@ def upsample_map(grid_map: np.ndarray, size_wh: tuple[int, int], mode: str = "sm
     return np.clip(out, 0.0, 1.0) if normalize else out
 
 
+@functools.lru_cache(maxsize=None)
+def _palette(colormap: str) -> bytes:
+    """A matplotlib colormap as a 256-entry RGB palette."""
+    return (matplotlib.colormaps[colormap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8).tobytes()
+
+
 def colorize(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 through a matplotlib colormap."""
     if colormap not in COLORMAPS:
         raise ValueError(f"colormap must be one of {COLORMAPS}, got {colormap!r}")
+    return np.asarray(_colorize(heat, colormap))
+
+
+def _colorize(heat: np.ndarray, colormap: str) -> Image.Image:
     heat = np.asarray(heat, dtype=np.float32)
     if heat.size and (heat.min() < -1e-6 or heat.max() > 1 + 1e-6):
         raise ValueError("heat must lie in [0, 1]")
-    lut = (matplotlib.colormaps[colormap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
-    return lut[np.clip((heat * 255 + 0.5).astype(np.int32), 0, 255)]
+    index = Image.fromarray((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
+    index.putpalette(_palette(colormap))  # L -> P: the palette lookup and RGB conversion run in C
+    return index.convert("RGB")
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", opacity: float = 0.5) -> np.ndarray:
@@ -55,9 +68,9 @@ def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", opacity:
         raise ValueError(f"heat {heat.shape} and image {image.shape[:2]} differ in size")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    color = colorize(heat, colormap).astype(np.float32)
-    out = (1.0 - opacity) * image.astype(np.float32) + opacity * color
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if colormap not in COLORMAPS:
+        raise ValueError(f"colormap must be one of {COLORMAPS}, got {colormap!r}")
+    return np.asarray(Image.blend(Image.fromarray(image), _colorize(heat, colormap), opacity))
 
 
 def mark_query(image: np.ndarray, xy: tuple[float, float], box: tuple[float, float, float, float] | None = None,

@@ -1,0 +1,62 @@
+"""The model's own speed: vggattn's VGG16WithAttention forward vs the article's code, same weights.
+
+    python bench/model_speed.py [--repeats 7]
+
+Full width, 224 px, fp32, CPU, batch 1 and 16, no capture. vggattn runs channels_last with the fused
+attention path (never materialising the N x N map); the article's code runs as written (contiguous,
+bmm + softmax). Outputs are compared (max abs difference of the logits). Target: at least 1.3x.
+bf16 autocast is reported separately with its accuracy cost (max logit difference, top-1 agreement).
+"""
+
+import argparse
+
+import torch
+
+from common import interleaved, median, report
+from tests_util import article_twin, full_width_model
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batches", default="1,16")
+    args = p.parse_args()
+    ours = full_width_model()
+    ref = article_twin(ours)
+    ours_cl = full_width_model().to(memory_format=torch.channels_last)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        torch.manual_seed(1)
+        x = torch.randn(batch, 3, 224, 224)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out_ref = ref(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out_bf16 = ours_cl(x_cl).float()
+            diffs = {"article": 0.0, "vggattn": (ours(x) - out_ref).abs().max().item(),
+                     "vggattn channels_last": (ours_cl(x_cl) - out_ref).abs().max().item(),
+                     "vggattn channels_last bf16": (out_bf16 - out_ref).abs().max().item()}
+        variants = {
+            "article": lambda: ref(x),
+            "vggattn": lambda: ours(x),
+            "vggattn channels_last": lambda: ours_cl(x_cl),
+        }
+
+        def bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours_cl(x_cl)
+        variants["vggattn channels_last bf16"] = bf16
+        with torch.no_grad():
+            t = interleaved(variants, args.repeats if batch == 1 else max(3, args.repeats // 2))
+        base = median(t["article"])
+        agree = (out_bf16.argmax(1) == out_ref.argmax(1)).float().mean().item()
+        for name, ts in t.items():
+            rows.append([batch, name, round(median(ts) * 1e3, 1), round(base / median(ts), 2), f"{diffs[name]:.2e}",
+                         f"{agree:.0%}" if "bf16" in name else "100%"])
+    report("Forward, full width, 224 px, fp32 unless named (medians of interleaved rounds)",
+           ["batch", "variant", "ms", "speed-up vs article (target >= 1.3)", "max |logit diff| vs article",
+            "top-1 agrees"], rows, [f"logits' scale: std {out_ref.std().item():.3g}"])
+
+
+if __name__ == "__main__":
+    main()
