@@ -212,3 +212,19 @@ def test_attention_off_only_affects_its_thread():
         off = model(x)
     t.join()
     assert torch.equal(seen["other"], normal) and not torch.equal(off, normal)
+
+
+def test_any_module_with_attention_blocks_is_analysed_without_grad_cam(church):
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = Wrapper().eval()
+    result = analyze(model, tiny_meta(input_size=64), church)
+    assert result.gradcam is None and [l.name for l in result.layers] == ["inner.features.14", "inner.features.22",
+                                                                          "inner.features.30"]
+    assert not torch.equal(ablate(model, result, ["inner.features.14"]), result.probs)

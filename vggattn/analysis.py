@@ -23,6 +23,7 @@ from PIL import Image
 from .capture import AttentionCapture, LayerCapture
 from .data import cell_box, preprocess, query_index, to_rgb
 from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
+from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
 from .render import mark_cells, mark_query, overlay, upsample_map
 
@@ -99,8 +100,10 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     """Run the model once on the whole image and keep what clicks need.
 
     gradcam: also keep the last conv activation and compute the top class's Grad-CAM from it
-    (a backward through the layers after it only, no second forward).
+    (a backward through the layers after it only, no second forward); VGG16WithAttention only,
+    other modules holding GlobalAttention blocks are analysed without it.
     """
+    gradcam = gradcam and isinstance(model, VGG16WithAttention)
     image = to_rgb(image)
     device = next(model.parameters()).device
     x = preprocess(image, meta).to(device, memory_format=torch.channels_last)  # (1, 3, S, S)
