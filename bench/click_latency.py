@@ -6,7 +6,7 @@ What the server does on a click: the app's `on_click` handler (attention rows fr
 Q and K, three overlays, readouts, top-5 cells) and Gradio's postprocessing of the three images
 (JPEG-encoded into its cache). The model never runs on a click. p50 and p95 over --clicks random
 points, for the shipped checkpoint and for the full-width model at 224 px, on a 224 px photo and on
-a 1024 x 768 one (overlays are drawn at most 768 px wide). Target: p50 at most 30 ms.
+a 1024 x 768 one (overlays are drawn at most 512 px wide). Target: p50 at most 30 ms.
 """
 
 import argparse

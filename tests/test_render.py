@@ -65,6 +65,6 @@ def test_render_attention_panels_follow_the_click():
 def test_large_image_is_drawn_on_a_small_copy():
     model, meta = tiny_model(), tiny_meta(input_size=64)
     result = analyze(model, meta, Image.new("RGB", (3000, 1000), (10, 20, 30)))
-    assert result.size == (3000, 1000) and result.display.shape == (256, 768, 3)
-    assert render_attention(result, (2999, 999))[0].image.shape == (256, 768, 3)
+    assert result.size == (3000, 1000) and result.display.shape == (171, 512, 3)
+    assert render_attention(result, (2999, 999))[0].image.shape == (171, 512, 3)
     assert torch.isfinite(result.probs).all()

@@ -142,9 +142,21 @@ def test_evaluate_matches_a_hand_count(data_root):
 def test_flops_comparison_counts_attention():
     r = evaluate.article_flops_comparison(224)
     assert r["vgg16_gflops"] == pytest.approx(30.94, rel=0.01)  # torchvision's VGG16: 15.47 GMACs
-    assert r["attention_vgg16_gflops"] > r["vgg16_gflops"]
+    # the three blocks by hand: 1x1 convs to Q, K (C/8) and V (C), Q K^T and the map times V
+    def block(c, hw):
+        n = hw * hw
+        return 2 * n * c * (c // 8) * 2 + 2 * n * c * c + 2 * n * n * (c // 8) + 2 * n * n * c
+    added = block(256, 56) + block(512, 28) + block(512, 14)
+    assert r["attention_vgg16_gflops"] - r["vgg16_gflops"] == pytest.approx(added / 1e9, rel=1e-6)
     assert r["attention_vgg16_params"] - r["vgg16_params"] == 3 * 1 + 2 * (256 * 32 + 32) + (256 * 256 + 256) \
         + 2 * 2 * (512 * 64 + 64) + 2 * (512 * 512 + 512)
+
+
+def test_flops_of_a_model_on_cpu_count_its_attention():
+    with_attention = evaluate.count_flops(vggattn.vgg16_with_attention(10, width=0.125, hidden=32), 64)
+    without = evaluate.count_flops(vggattn.vgg16_with_attention(10, width=0.125, hidden=32, attention=False), 64)
+    n, c = 16 * 16, 32  # the first block at 64 px and width 1/8
+    assert with_attention - without > 2 * n * n * (c + c // 8)
 
 
 def test_init_imagenet_offline_is_a_clear_error(toy_data, tmp_path, monkeypatch):

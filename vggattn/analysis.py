@@ -27,7 +27,7 @@ from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
 from .render import mark_cells, mark_query, overlay, upsample_map
 
-DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy of the image at most this large
+DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 
 
 @dataclass

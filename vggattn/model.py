@@ -82,10 +82,23 @@ class GlobalAttention(nn.Module):
         # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused CPU
         # kernel (with C' != C it falls back to the N x N math path): a training step of the shipped
         # model ran 1.4x faster at 96 and 128 px (bench/README.md)
+        # (contiguous: with a contiguous-format x these are strided views, and SDPA would fall back to
+        # materialising the N x N map: 7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
         pad = value.shape[-1] - query.shape[-1]
-        out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value, scale=1.0)
+        out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value.contiguous(),
+                                             scale=1.0)
         out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W), a channels_last view
         # x first: the sum takes x's memory format, so the next conv sees the layout it was given
+        return x + self.gamma * out
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The article's math step by step (the N x N map materialised); for FLOP counts and checks."""
+        B, C, H, W = x.shape
+        query = self.conv_query(x).flatten(2).transpose(1, 2)  # (B, N, C')
+        key = self.conv_key(x).flatten(2)  # (B, C', N)
+        value = self.conv_value(x).flatten(2)  # (B, C, N)
+        attention = torch.softmax(torch.bmm(query, key), dim=-1)  # (B, N, N)
+        out = torch.bmm(value, attention.transpose(1, 2)).reshape(B, C, H, W)
         return x + self.gamma * out
 
 
