@@ -137,6 +137,16 @@ def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.5, col
     return overlay(result.display, upsample_map(grid_map, (disp_w, disp_h), mode=mode), colormap, opacity)
 
 
+def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[tuple[np.ndarray, dict]]:
+    """Per layer, the (h, w) attention row of original-image pixel `xy` and its readouts (no drawing)."""
+    out = []
+    for layer in result.layers:
+        q = query_index(xy, result.size, layer.grid)
+        flat = layer.row(q)[0]  # (N,)
+        out.append((flat.reshape(layer.grid).numpy(), row_readouts(flat, q, layer.grid, result.input_size, result.size, k)))
+    return out
+
+
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
                      mode: str = "smooth", top_k: int = 5) -> list[Panel]:
     """Each layer's attention row for original-image pixel `xy`, overlaid on the display image, with
@@ -148,11 +158,8 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
     disp_h, disp_w = result.display.shape[:2]
     sx, sy = disp_w / w, disp_h / h
     panels = []
-    for layer in result.layers:
-        q = query_index(xy, result.size, layer.grid)
-        flat = layer.row(q)[0]  # (N,)
-        row = flat.reshape(layer.grid).numpy()  # (gh, gw)
-        readouts = row_readouts(flat, q, layer.grid, result.input_size, result.size, k=max(top_k, 5))
+    for layer, (row, readouts) in zip(result.layers, attention_at(result, xy, k=max(top_k, 5))):
+        q = readouts["query_index"]
         heat = upsample_map(row, (disp_w, disp_h), mode=mode)
         rgb = overlay(result.display, heat, colormap, opacity)
         if top_k:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .analysis import Analysis, ablate, analyze, render_attention, render_map
+from .analysis import Analysis, ablate, analyze, attention_at, render_attention, render_map
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_checkpoint
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 
@@ -51,7 +51,7 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
         layers.append(entry)
     out = {"image_size": list(result.size), "input_size": result.input_size,
            "predictions": top_k(result.probs, result.class_names), "gammas": result.gammas(), "layers": layers,
-           "points": [{"xy": list(xy), "layers": {p.layer: p.readouts for p in render_attention(result, xy, top_k=0)}}
+           "points": [{"xy": list(xy), "layers": {l.name: r for l, (_, r) in zip(result.layers, attention_at(result, xy))}}
                       for xy in points]}
     if model is not None:
         out["top5_all_attention_off"] = top_k(ablate(model, result, [l.name for l in result.layers]), result.class_names)
@@ -114,8 +114,8 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
     summary = {"source": source, **summarize(result, points, model)}
     files = ["figure.png", "result.json"]
     for i, layer in enumerate(result.layers):
-        rows = np.stack([p.attention_row for p in (render_attention(result, xy, top_k=0)[i] for xy in points)]) \
-            if points else np.zeros((0, *layer.grid), np.float32)
+        rows = np.stack([attention_at(result, xy)[i][0] for xy in points]) if points \
+            else np.zeros((0, *layer.grid), np.float32)
         arrays = {"attention": rows, "contribution": result.contributions()[i],
                   "mean_attention": result.query_dependence()[i][0]}
         for what, array in arrays.items():
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
         try:
             image = open_image(image_path)
             w, h = image.size
-            points = [(x * w, y * h) if args.relative else (x, y) for x, y in args.point] or [(w / 2, h / 2)]
-            points = [(min(x, w - 1), min(y, h - 1)) if args.relative else (x, y) for x, y in points]
+            points = [(min(x * w, w - 1), min(y * h, h - 1)) if args.relative else (x, y)
+                      for x, y in args.point] or [(w / 2, h / 2)]
             bad = [xy for xy in points if not (0 <= xy[0] < w and 0 <= xy[1] < h)]
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
