@@ -5,15 +5,18 @@
 Same model size (the article's layout at --width), input and batch. "article": the article's
 GlobalAttention (bmm + softmax over the N x N map) in an fp32, contiguous-memory loop with AdamW.
 "vggattn": what `python -m vggattn.train` runs: BatchNorm after each conv, channels_last, the fused
-attention path, precision auto (fp32 on CPUs without native bf16). Also reported: vggattn's step
-without BatchNorm (the article's exact network, only our code paths), to separate the effects.
+attention path, precision auto (fp32 on CPUs without native bf16). Also reported, to separate the
+effects: vggattn's step with SDPA held to its math backend (the N x N map, as before the fused path),
+and without BatchNorm (the article's exact network, only our code paths).
 """
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import interleaved, median, report
 
@@ -33,7 +36,8 @@ def article_network(width: float) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool, autocast: bool):
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool, autocast: bool,
+              math_attention: bool = False):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -44,7 +48,8 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        held = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), held:
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -67,6 +72,9 @@ def main():
         "article (fp32 loop)": make_step(article_network(args.width), x, y, channels_last=False, autocast=False),
         "vggattn train step": make_step(VGG16WithAttention(10, width=args.width, hidden=256, dropout=0.0, batch_norm=True),
                                         x, y, channels_last=True, autocast=bf16),
+        "vggattn, SDPA math backend (N x N)": make_step(
+            VGG16WithAttention(10, width=args.width, hidden=256, dropout=0.0, batch_norm=True), x, y,
+            channels_last=True, autocast=bf16, math_attention=True),
         "vggattn, no BatchNorm": make_step(VGG16WithAttention(10, width=args.width, hidden=256, dropout=0.0), x, y,
                                            channels_last=True, autocast=bf16),
     }

@@ -160,8 +160,7 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
     panels = []
     for layer, (row, readouts) in zip(result.layers, attention_at(result, xy, k=max(top_k, 5))):
         q = readouts["query_index"]
-        heat = upsample_map(row, (disp_w, disp_h), mode=mode)
-        rgb = overlay(result.display, heat, colormap, opacity)
+        rgb = render_map(result, row, opacity, colormap, mode)
         if top_k:
             rgb = mark_cells(rgb, [scale_box(cell_box(c["index"], result.size, layer.grid), sx, sy)
                                    for c in readouts["top_cells"][:top_k]], color=(255, 255, 0))

@@ -38,8 +38,10 @@ def top_k(probs, class_names: list[str], k: int = 5) -> list[dict]:
     return [{"class": class_names[j], "index": j, "prob": float(v)} for v, j in zip(p.tolist(), i.tolist())]
 
 
-def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -> dict:
-    """Everything result.json holds, as plain numbers (model: for the ablation forwards; None skips them)."""
+def summarize(result: Analysis, points: list[tuple[float, float]], model=None, per_point: list | None = None) -> dict:
+    """Everything result.json holds, as plain numbers (model: for the ablation forwards; None skips them;
+    per_point: `attention_at(result, xy)` of each point, when the caller has them already)."""
+    per_point = per_point if per_point is not None else [attention_at(result, xy) for xy in points]
     dependence = result.query_dependence()
     layers = []
     for layer, contribution, (_, jsd) in zip(result.layers, result.contributions(), dependence):
@@ -51,8 +53,8 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
         layers.append(entry)
     out = {"image_size": list(result.size), "input_size": result.input_size,
            "predictions": top_k(result.probs, result.class_names), "gammas": result.gammas(), "layers": layers,
-           "points": [{"xy": list(xy), "layers": {l.name: r for l, (_, r) in zip(result.layers, attention_at(result, xy))}}
-                      for xy in points]}
+           "points": [{"xy": list(xy), "layers": {l.name: r for l, (_, r) in zip(result.layers, at)}}
+                      for xy, at in zip(points, per_point)]}
     if model is not None:
         out["top5_all_attention_off"] = top_k(ablate(model, result, [l.name for l in result.layers]), result.class_names)
     if result.gradcam is not None:
@@ -111,11 +113,11 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
     """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"source": source, **summarize(result, points, model)}
+    per_point = [attention_at(result, xy) for xy in points]  # per point, per layer: (row, readouts)
+    summary = {"source": source, **summarize(result, points, model, per_point)}
     files = ["figure.png", "result.json"]
     for i, layer in enumerate(result.layers):
-        rows = np.stack([attention_at(result, xy)[i][0] for xy in points]) if points \
-            else np.zeros((0, *layer.grid), np.float32)
+        rows = np.stack([at[i][0] for at in per_point]) if points else np.zeros((0, *layer.grid), np.float32)
         arrays = {"attention": rows, "contribution": result.contributions()[i],
                   "mean_attention": result.query_dependence()[i][0]}
         for what, array in arrays.items():

@@ -81,9 +81,9 @@ class GlobalAttention(nn.Module):
         value = self.conv_value(x).flatten(2).transpose(1, 2)  # (B, N, C)
         # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused CPU
         # kernel (with C' != C it falls back to the N x N math path): a training step of the shipped
-        # model ran 1.4x faster at 96 and 128 px (bench/README.md)
-        # (contiguous: with a contiguous-format x these are strided views, and SDPA would fall back to
-        # materialising the N x N map: 7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
+        # model ran 1.5-2x faster than on the math path (bench/train_throughput.py). V is made
+        # contiguous: from a contiguous-format x it is a strided view, and SDPA fell back to the N x N
+        # map (7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
         pad = value.shape[-1] - query.shape[-1]
         out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value.contiguous(),
                                              scale=1.0)
