@@ -1,6 +1,6 @@
 """Capture overhead: a forward with AttentionCapture vs the same forward without, batch 1, CPU.
 
-    python bench/capture_overhead.py [--repeats 30]
+    python bench/capture_overhead.py [--repeats 300]
 
 Two models: the shipped checkpoint at its input size, and the article's full-width model (random
 weights: the cost does not depend on them) at 224 px. Target: at most 1.05x.
@@ -18,12 +18,12 @@ from tests_util import full_width_model
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=300)
     args = p.parse_args()
     shipped, meta = vggattn.load_checkpoint(device="cpu")
     rows = []
     for name, model, size, repeats in (("shipped checkpoint", shipped, meta["input_size"], args.repeats),
-                                       ("article full width", full_width_model(), 224, max(5, args.repeats // 3))):
+                                       ("article full width", full_width_model(), 224, max(5, args.repeats // 30))):
         x = torch.randn(1, 3, size, size)
 
         @torch.no_grad()
@@ -40,7 +40,7 @@ def main():
         t = interleaved({"plain": plain, "capture": captured}, repeats)
         rows.append([name, size, round(median(t["plain"]) * 1e3, 2), round(median(t["capture"]) * 1e3, 2),
                      round(median(t["capture"]) / median(t["plain"]), 3), f"{kept / 1e6:.2f} MB"])
-    report(f"Capture overhead, batch 1 (medians of {args.repeats} / {max(5, args.repeats // 3)} interleaved rounds)",
+    report(f"Capture overhead, batch 1 (medians of {args.repeats} / {max(5, args.repeats // 30)} interleaved rounds)",
            ["model", "px", "forward ms", "forward + capture ms", "ratio (target <= 1.05)", "capture stores"], rows)
 
 

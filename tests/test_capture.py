@@ -156,3 +156,38 @@ def test_row_index_out_of_range():
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(IndexError, match="16x16"):
         cap.layers[0].row(16 * 16)
+
+
+def test_query_and_key_are_the_forwards_own_bitwise():
+    """The capture computes Q and K on read from the block's input; they equal, bit for bit, the
+    outputs conv_query and conv_key gave inside the forward (recorded here by separate hooks)."""
+    model = tiny_model().to(memory_format=torch.channels_last)
+    seen, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, vggattn.GlobalAttention):
+            for what in ("query", "key"):
+                conv = getattr(m, f"conv_{what}")
+                handles.append(conv.register_forward_hook(
+                    lambda mod, a, o, key=(name, what): seen.__setitem__(key, o.flatten(2).transpose(1, 2).clone())))
+    x = torch.randn(2, 3, 64, 48).contiguous(memory_format=torch.channels_last)
+    with AttentionCapture(model) as cap, torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    for layer in cap.layers:
+        assert torch.equal(layer.query, seen[layer.name, "query"])
+        assert torch.equal(layer.key, seen[layer.name, "key"])
+
+
+def test_reading_after_an_in_place_weight_update_raises():
+    model = tiny_model()
+    with AttentionCapture(model) as cap, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    first, second = cap.layers[0], cap.layers[1]
+    _ = first.query  # read before the update: kept as computed
+    with torch.no_grad():
+        model.features[14].conv_query.weight.add_(1.0)
+        model.features[22].conv_key.weight.add_(1.0)
+    assert first.row(0).shape == (1, 16 * 16)
+    with pytest.raises(RuntimeError, match="read the capture before updating the model"):
+        _ = second.key

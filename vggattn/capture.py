@@ -7,35 +7,82 @@
         layer.row(q)                          # (B, N): where query position q looks; sums to 1
         layer.attention                       # (B, N, N), built only when asked
 
-Hooks on each block's `conv_query` and `conv_key` keep the very Q and K of that forward (no
-recomputation), so `row(q) = softmax(q_i . K)` is the softmax the model used, up to rounding, and
-storage is linear in N (B * N * C/4 per layer) instead of the N x N map. Captures belong to the
-capture object and to the thread that entered it: two threads capturing on one model at once
-never see each other's maps. Every hook is removed on exit, also when the forward raises, and
-exceptions are never swallowed.
+One forward hook per block keeps references to the block's input x and output y: the forward
+under capture runs no extra op and copies nothing. On first read, Q and K are computed from that x
+with the block's own `conv_query` / `conv_key` weights (the same ops on the same tensors as in the
+forward, so the very Q and K the model used: bitwise equal on CPU), and then x and y are let go;
+storage is linear in N (B * N * C/4 per layer) instead of the N x N map. Reading a capture after
+the weights or those activations were changed in place (e.g. an optimizer step) raises instead of
+answering wrongly: read it first. Captures belong to the capture object and to the thread that
+entered it: two threads capturing on one model at once never see each other's maps. Every hook is
+removed on exit, also when the forward raises, and exceptions are never swallowed.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .model import GlobalAttention
 
 
-@dataclass
 class LayerCapture:
     """One attention layer's capture from one forward (tensors detached, on the model's device)."""
 
-    name: str  # module name, e.g. "features.14"
-    gamma: float  # the learned residual scale
-    grid: tuple[int, int]  # (H, W) of the layer's feature map; N = H * W query positions
-    query: torch.Tensor  # (B, N, C') the block's Q
-    key: torch.Tensor  # (B, N, C') the block's K
-    contribution: torch.Tensor  # (B, H, W) ||gamma * attention_out|| / ||x|| per position
+    def __init__(self, name: str, gamma: float, grid: tuple[int, int], query: torch.Tensor, key: torch.Tensor,
+                 contribution: torch.Tensor):
+        self.name = name  # module name, e.g. "features.14"
+        self.gamma = gamma  # the learned residual scale
+        self.grid = grid  # (H, W) of the layer's feature map; N = H * W query positions
+        self._query, self._key, self._contribution = query, key, contribution
+        self._forward: tuple | None = None  # (block, x, y, their tensors' versions) until first read
+
+    @classmethod
+    def from_forward(cls, name: str, block: GlobalAttention, x: torch.Tensor, y: torch.Tensor) -> "LayerCapture":
+        """A capture that holds the block's input x and output y and computes the rest when read."""
+        layer = cls(name, float(block.gamma.detach().item()), tuple(x.shape[-2:]), None, None, None)
+        tensors = (x, y, *[p for c in (block.conv_query, block.conv_key) for p in (c.weight, c.bias)])
+        layer._forward = (block, tensors, [t._version for t in tensors])
+        return layer
+
+    def _read(self) -> None:
+        if self._forward is None:
+            return
+        block, tensors, versions = self._forward
+        if [t._version for t in tensors] != versions:
+            raise RuntimeError(f"{self.name}: the block's activations or conv_query/conv_key weights were changed "
+                               "in place after the captured forward; read the capture before updating the model")
+        x, y, wq, bq, wk, bk = tensors
+        with torch.no_grad():
+            qk = [F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups).flatten(2).transpose(1, 2)
+                  for c, w, b in ((block.conv_query, wq, bq), (block.conv_key, wk, bk))]  # (B, N, C') each
+            delta = (y - x).float()  # gamma * attention_out, (B, C, H, W)
+            contribution = delta.norm(dim=1) / x.float().norm(dim=1).clamp_min(1e-12)  # (B, H, W)
+        self._query, self._key, self._contribution = *qk, contribution
+        self._forward = None  # x and y are not needed any more
+
+    @property
+    def query(self) -> torch.Tensor:
+        """(B, N, C'): the block's Q."""
+        self._read()
+        return self._query
+
+    @property
+    def key(self) -> torch.Tensor:
+        """(B, N, C'): the block's K."""
+        self._read()
+        return self._key
+
+    @property
+    def contribution(self) -> torch.Tensor:
+        """(B, H, W): ||gamma * attention_out|| / ||x|| per position, how much the block changes x."""
+        self._read()
+        return self._contribution
+
+    def __repr__(self) -> str:
+        return f"LayerCapture(name={self.name!r}, gamma={self.gamma:+.4f}, grid={self.grid})"
 
     @property
     def num_positions(self) -> int:
@@ -63,7 +110,7 @@ class LayerCapture:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this capture stores (Q, K and the contribution map)."""
+        """Bytes this capture stores once read: Q, K and the contribution map."""
         return sum(t.numel() * t.element_size() for t in (self.query, self.key, self.contribution))
 
 
@@ -78,23 +125,20 @@ class AttentionCapture:
         self.module = module
         self.layers: list[LayerCapture] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._owner: int | None = None
 
     def __enter__(self) -> "AttentionCapture":
         if self._handles:
             raise RuntimeError("AttentionCapture is already active")
         self._owner = threading.get_ident()
-        self.layers, self._pending = [], {}
+        self.layers = []
         blocks = [(n, m) for n, m in self.module.named_modules() if isinstance(m, GlobalAttention)]
         if not blocks:
             raise ValueError("AttentionCapture: the module has no GlobalAttention block")
         try:
             self._handles.append(self.module.register_forward_pre_hook(self._on_root_forward))
             for name, block in blocks:
-                self._handles.append(block.conv_query.register_forward_hook(self._keep(name, "query")))
-                self._handles.append(block.conv_key.register_forward_hook(self._keep(name, "key")))
-                self._handles.append(block.register_forward_hook(self._finish(name)))
+                self._handles.append(block.register_forward_hook(self._keep(name)))
         except BaseException:
             self.release()
             raise
@@ -109,7 +153,6 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._pending.clear()
 
     def __getitem__(self, name: str) -> LayerCapture:
         for layer in self.layers:
@@ -123,29 +166,10 @@ class AttentionCapture:
 
     def _on_root_forward(self, module, args) -> None:
         if self._mine():
-            self.layers, self._pending = [], {}
+            self.layers = []
 
-    def _keep(self, name: str, what: str):
-        def hook(module, args, output: torch.Tensor) -> None:
-            if self._mine():
-                self._pending.setdefault(name, {})[what] = output.detach()  # (B, C', H, W)
-        return hook
-
-    def _finish(self, name: str):
+    def _keep(self, name: str):
         def hook(block: GlobalAttention, args, output: torch.Tensor) -> None:
-            if not self._mine():
-                return
-            pending = self._pending.pop(name, {})
-            x = args[0].detach()
-            B, C, H, W = x.shape
-            delta = (output.detach() - x).float()  # gamma * attention_out, (B, C, H, W)
-            contribution = delta.norm(dim=1) / x.float().norm(dim=1).clamp_min(1e-12)  # (B, H, W)
-            self.layers.append(LayerCapture(
-                name=name,
-                gamma=float(block.gamma.detach().float().reshape(-1)[0]),
-                grid=(H, W),
-                query=pending["query"].flatten(2).transpose(1, 2),  # (B, N, C')
-                key=pending["key"].flatten(2).transpose(1, 2),  # (B, N, C')
-                contribution=contribution,
-            ))
+            if self._mine():
+                self.layers.append(LayerCapture.from_forward(name, block, args[0].detach(), output.detach()))
         return hook
