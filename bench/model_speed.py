@@ -2,18 +2,49 @@
 
     python bench/model_speed.py [--repeats 7]
 
-Full width, 224 px, fp32, CPU, batch 1 and 16, no capture. vggattn runs channels_last with the fused
-attention path (never materialising the N x N map); the article's code runs as written (contiguous,
-bmm + softmax). Outputs are compared (max abs difference of the logits). Target: at least 1.3x.
-bf16 autocast is reported separately with its accuracy cost (max logit difference, top-1 agreement).
+Full width, 224 px, fp32, CPU, batch 1 and 16, no capture. vggattn runs channels_last and, in
+inference on CPU, attention a block of query rows at a time (never the N x N map); the article's
+code runs as written (contiguous, bmm + softmax). Outputs are compared (max abs difference of the
+logits). Target: at least 1.3x. bf16 autocast is reported separately with its accuracy cost (max
+logit difference, top-1 agreement). A second table times the attention kernels alone on the three
+blocks' shapes: the article's bmm + softmax, SDPA's fused kernel with Q and K zero-padded to V's
+width (vggattn's training path), and the row blocks (vggattn's CPU inference path).
 """
 
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from common import interleaved, median, report
 from tests_util import article_twin, full_width_model
+
+from vggattn.model import attend_in_row_blocks
+
+
+def attention_kernels(batches: list[int], repeats: int) -> None:
+    rows = []
+    for batch in batches:
+        for n, c in ((56 * 56, 256), (28 * 28, 512), (14 * 14, 512)):  # the three blocks at 224 px
+            torch.manual_seed(0)
+            q, k = torch.randn(2, batch, n, c // 8).div(4).unbind(0)
+            v = torch.randn(batch, n, c)
+            pad = c - c // 8
+            variants = {
+                "article bmm + softmax": lambda: torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), -1), v),
+                "SDPA fused, Q/K padded": lambda: F.scaled_dot_product_attention(F.pad(q, (0, pad)), F.pad(k, (0, pad)),
+                                                                                 v, scale=1.0),
+                "row blocks": lambda: attend_in_row_blocks(q, k, v),
+            }
+            with torch.no_grad():
+                ref = variants["article bmm + softmax"]()
+                diffs = {name: (fn() - ref).abs().max().item() for name, fn in variants.items()}
+                t = interleaved(variants, repeats if batch == 1 else max(3, repeats // 2))
+            base = median(t["article bmm + softmax"])
+            rows += [[batch, f"{n} x {c}", name, round(median(ts) * 1e3, 2), round(base / median(ts), 2),
+                      f"{diffs[name]:.1e}"] for name, ts in t.items()]
+    report("Attention alone, softmax(Q K^T) V, fp32 (medians of interleaved rounds)",
+           ["batch", "N x C", "kernel", "ms", "speed-up vs article", "max |diff|"], rows)
 
 
 def main():
@@ -21,6 +52,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batches", default="1,16")
     args = p.parse_args()
+    attention_kernels([int(b) for b in args.batches.split(",")], args.repeats)
     ours = full_width_model()
     ref = article_twin(ours)
     ours_cl = full_width_model().to(memory_format=torch.channels_last)

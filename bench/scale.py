@@ -4,8 +4,9 @@
     python bench/scale.py [--sizes 224,448,640]
 
 Each (size, variant) runs in a fresh process so its peak RSS is its own. "forward": the model alone
-on the preprocessed image; "analyze": vggattn.analyze (forward with AttentionCapture, Q/K kept per
-layer, no Grad-CAM). Capture storage is compared with the fp32 N x N maps it replaces.
+on the preprocessed image (channels_last, like analyze); "analyze": vggattn.analyze (forward with
+AttentionCapture, Q/K kept per layer, no Grad-CAM). Capture storage is compared with the fp32
+N x N maps it replaces.
 Target: at 448 px, capture storage at most a tenth of the N x N maps.
 """
 
@@ -26,7 +27,7 @@ def child(size: int, variant: str) -> dict:
     import vggattn
     from tests_util import full_width_meta, full_width_model
 
-    model, meta = full_width_model(), full_width_meta(size)
+    model, meta = full_width_model().to(memory_format=torch.channels_last), full_width_meta(size)  # as load_checkpoint
     image = Image.open(ROOT / "assets" / "church.jpg").convert("RGB")
     x = vggattn.preprocess(image, meta)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -35,7 +36,7 @@ def child(size: int, variant: str) -> dict:
         t0 = time.perf_counter()
         if variant == "forward":
             with torch.no_grad():
-                model(vggattn.preprocess(image, meta))
+                model(vggattn.preprocess(image, meta).contiguous(memory_format=torch.channels_last))  # as analyze
         else:
             result = vggattn.analyze(model, meta, image, gradcam=False)
         times.append(time.perf_counter() - t0)

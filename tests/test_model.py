@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import article_reference as article
 import vggattn
 from conftest import tiny_model
-from vggattn.model import fold_batchnorm, unfold_batchnorm
+from vggattn.model import attend_in_row_blocks, fold_batchnorm, unfold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,31 @@ def test_fast_attention_matches_article_math(channels, hw, batch):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(batch, channels, *hw)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-4, atol=1e-4)
+        expected = ref(x)
+    for grad in (False, True):  # CPU inference runs row blocks; with autograd on, SDPA's fused kernel
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), expected,
+                                       rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_elements", [1, 7 * 50, 50 * 50, 1 << 21])  # 1 row, 7 rows (50 = 7*7+1), all
+def test_row_blocks_equal_the_full_map(block_elements):
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 50, 4), torch.randn(2, 50, 4), torch.randn(2, 50, 16)
+    expected = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    torch.testing.assert_close(attend_in_row_blocks(q, k, v, block_elements), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_forward():
+    block = vggattn.GlobalAttention(64)
+    block.gamma.data.fill_(1.0)
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        expected = block.forward_reference(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = block(x)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_gamma_starts_at_zero_and_block_is_identity():

@@ -57,13 +57,33 @@ def scaled_channels(channels: int, width: float) -> int:
     return max(8, int(round(channels * width)))
 
 
+def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         block_elements: int = 1 << 21) -> torch.Tensor:
+    """softmax(Q K^T) V for (B, N, C') Q, K and (B, N, C) V -> (B, N, C), a block of query rows at a time.
+
+    The CPU inference path of GlobalAttention: exactly the article's math (Q K^T at Q's own width,
+    where SDPA's fused kernel needs Q and K zero-padded to V's), holding one block of at most
+    `block_elements` attention weights (8 MB) instead of the N x N map. At 224 px it ran the full-width
+    model's two big blocks 1.5x and 2x faster than the padded fused kernel (bench/model_speed.py).
+    """
+    B, N, _ = query.shape
+    out = value.new_empty(B, N, value.shape[-1])
+    rows = max(1, block_elements // N)
+    for b in range(B):
+        key_t, v = key[b].transpose(0, 1), value[b]  # (C', N), (N, C)
+        for start in range(0, N, rows):
+            weights = torch.softmax(query[b, start:start + rows] @ key_t, dim=-1)  # (rows, N)
+            out[b, start:start + rows] = weights @ v  # (no out=: autocast skips out= calls)
+    return out
+
+
 class GlobalAttention(nn.Module):
     """SAGAN-style non-local block: y = gamma * softmax(Q K^T) V + x, gamma initialised to 0.
 
-    Computes exactly the article's `forward` (up to fp32 rounding) through
-    `F.scaled_dot_product_attention(..., scale=1.0)`, which never materialises the N x N map
-    where a fused kernel exists. To see the map, use `vggattn.AttentionCapture`, which hooks
-    `conv_query` and `conv_key` and so keeps the very Q and K this forward used.
+    Computes exactly the article's `forward` (up to fp32 rounding) without materialising the N x N
+    map: in CPU inference (autograd and autocast off) a block of query rows at a time
+    (`attend_in_row_blocks`), otherwise (training, Grad-CAM, autocast, GPU) through `F.scaled_dot_product_attention(..., scale=1.0)`.
+    To see the map, use `vggattn.AttentionCapture`, which keeps this forward's Q and K.
     """
 
     def __init__(self, in_channels: int):
@@ -79,14 +99,17 @@ class GlobalAttention(nn.Module):
         query = self.conv_query(x).flatten(2).transpose(1, 2)  # (B, N, C')
         key = self.conv_key(x).flatten(2).transpose(1, 2)  # (B, N, C')
         value = self.conv_value(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused CPU
-        # kernel (with C' != C it falls back to the N x N math path): a training step of the shipped
-        # model ran 1.5-2x faster than on the math path (bench/train_throughput.py). V is made
-        # contiguous: from a contiguous-format x it is a strided view, and SDPA fell back to the N x N
-        # map (7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
-        pad = value.shape[-1] - query.shape[-1]
-        out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value.contiguous(),
-                                             scale=1.0)
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            out = attend_in_row_blocks(query, key, value)
+        else:
+            # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused
+            # kernel (with C' != C it falls back to the N x N math path): a training step of the shipped
+            # model ran 1.5-2x faster than on the math path (bench/train_throughput.py). V is made
+            # contiguous: from a contiguous-format x it is a strided view, and SDPA fell back to the
+            # N x N map (7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
+            pad = value.shape[-1] - query.shape[-1]
+            out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value.contiguous(),
+                                                 scale=1.0)
         out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W), a channels_last view
         # x first: the sum takes x's memory format, so the next conv sees the layout it was given
         return x + self.gamma * out
