@@ -7,7 +7,8 @@ GlobalAttention (bmm + softmax over the N x N map) in an fp32, contiguous-memory
 "vggattn": what `python -m vggattn.train` runs: BatchNorm after each conv, channels_last, the fused
 attention path, precision auto (fp32 on CPUs without native bf16). Also reported, to separate the
 effects: vggattn's step with SDPA held to its math backend (the N x N map, as before the fused path),
-and without BatchNorm (the article's exact network, only our code paths).
+and without BatchNorm (the article's exact network, only our code paths). "bound": the same network
+without the three blocks, the speed-up no attention code can pass.
 """
 
 import argparse
@@ -77,6 +78,9 @@ def main():
             channels_last=True, autocast=bf16, math_attention=True),
         "vggattn, no BatchNorm": make_step(VGG16WithAttention(10, width=args.width, hidden=256, dropout=0.0), x, y,
                                            channels_last=True, autocast=bf16),
+        "bound: no attention blocks, no BatchNorm": make_step(
+            VGG16WithAttention(10, width=args.width, hidden=256, dropout=0.0, attention=False), x, y,
+            channels_last=True, autocast=bf16),
     }
     times = interleaved(steps, args.repeats)
     base = median(times["article (fp32 loop)"])
