@@ -23,7 +23,7 @@ def main():
     shipped, meta = vggattn.load_checkpoint(device="cpu")
     rows = []
     for name, model, size, repeats in (("shipped checkpoint", shipped, meta["input_size"], args.repeats),
-                                       ("article full width", full_width_model(), 224, max(5, args.repeats // 30))):
+                                       ("article full width", full_width_model(), 224, max(5, args.repeats // 15))):
         x = torch.randn(1, 3, size, size)
 
         @torch.no_grad()
@@ -39,9 +39,12 @@ def main():
         kept = sum(l.nbytes for l in captured().layers)
         t = interleaved({"plain": plain, "capture": captured}, repeats)
         rows.append([name, size, round(median(t["plain"]) * 1e3, 2), round(median(t["capture"]) * 1e3, 2),
-                     round(median(t["capture"]) / median(t["plain"]), 3), f"{kept / 1e6:.2f} MB"])
-    report(f"Capture overhead, batch 1 (medians of {args.repeats} / {max(5, args.repeats // 30)} interleaved rounds)",
-           ["model", "px", "forward ms", "forward + capture ms", "ratio (target <= 1.05)", "capture stores"], rows)
+                     round(median(t["capture"]) / median(t["plain"]), 3), round(min(t["capture"]) / min(t["plain"]), 3),
+                     f"{kept / 1e6:.2f} MB"])
+    report(f"Capture overhead, batch 1 (medians of {args.repeats} / {max(5, args.repeats // 15)} interleaved rounds)",
+           ["model", "px", "forward ms", "forward + capture ms", "ratio (target <= 1.05)", "ratio of fastest rounds",
+            "capture stores"], rows,
+           ["Medians are the figures; the ratio of the fastest rounds is less exposed to a noisy machine."])
 
 
 if __name__ == "__main__":

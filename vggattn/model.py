@@ -63,8 +63,8 @@ def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
     The CPU inference path of GlobalAttention: exactly the article's math (Q K^T at Q's own width,
     where SDPA's fused kernel needs Q and K zero-padded to V's), holding one block of at most
-    `block_elements` attention weights (8 MB) instead of the N x N map. At 224 px it ran the full-width
-    model's two big blocks 1.5x and 2x faster than the padded fused kernel (bench/model_speed.py).
+    `block_elements` attention weights (8 MB) instead of the N x N map. At 224 px, batch 1, it ran the
+    full-width model's two big blocks 1.5x and 2x faster than the padded fused kernel (bench/README.md).
     """
     B, N, _ = query.shape
     out = value.new_empty(B, N, value.shape[-1])
@@ -82,7 +82,8 @@ class GlobalAttention(nn.Module):
 
     Computes exactly the article's `forward` (up to fp32 rounding) without materialising the N x N
     map: in CPU inference (autograd and autocast off) a block of query rows at a time
-    (`attend_in_row_blocks`), otherwise (training, Grad-CAM, autocast, GPU) through `F.scaled_dot_product_attention(..., scale=1.0)`.
+    (`attend_in_row_blocks`), otherwise (training, Grad-CAM, autocast, GPU) through
+    `F.scaled_dot_product_attention(..., scale=1.0)`.
     To see the map, use `vggattn.AttentionCapture`, which keeps this forward's Q and K.
     """
 
