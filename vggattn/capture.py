@@ -21,6 +21,7 @@ removed on exit, also when the forward raises, and exceptions are never swallowe
 from __future__ import annotations
 
 import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class LayerCapture:
         self.gamma = gamma  # the learned residual scale
         self.grid = grid  # (H, W) of the layer's feature map; N = H * W query positions
         self._query, self._key, self._contribution = query, key, contribution
-        self._forward: tuple | None = None  # (block, x, y, their tensors' versions) until first read
+        self._forward: tuple | None = None  # (block, (x, y, Q/K weights), their versions) until first read
 
     @classmethod
     def from_forward(cls, name: str, block: GlobalAttention, x: torch.Tensor, y: torch.Tensor) -> "LayerCapture":
