@@ -163,13 +163,18 @@ def on_click(state, opacity, colormap, mode, mark, evt: gr.SelectData):
     return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels), readouts_table(panels)]
 
 
+def on_mark(state, point, opacity, colormap, mode, mark):
+    """The top-5 numbering toggled: re-render the three panels of the current point (no model run)."""
+    if click_problem(state) or point is None:
+        return [gr.skip()] * NUM_PANELS
+    return panel_updates(render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
+
+
 def on_controls(state, point, opacity, colormap, mode, mark):
-    """Opacity / colormap / upsampling / marking changed: re-render every map (no model run)."""
+    """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
     if click_problem(state):
         return [gr.skip()] * (NUM_PANELS + NUM_MAPS)
-    panels = [gr.skip()] * NUM_PANELS if point is None else \
-        panel_updates(render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
-    return [*panels, *map_updates(state, opacity, colormap, mode)]
+    return [*on_mark(state, point, opacity, colormap, mode, mark), *map_updates(state, opacity, colormap, mode)]
 
 
 def on_ablate(model, state, layers):
@@ -307,9 +312,10 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
             api_name="upload")
         image.select(on_click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts],
                      api_name="click")
-        for control in (opacity, colormap, mode, mark):
-            control.change(on_controls, [state, point, opacity, colormap, mode, mark], [*panels, *maps],
-                           api_name=f"rerender_{control.label.split()[0].lower()}")
+        controls = [state, point, opacity, colormap, mode, mark]
+        for control in (opacity, colormap, mode):
+            control.change(on_controls, controls, [*panels, *maps], api_name=f"rerender_{control.label.lower()}")
+        mark.change(on_mark, controls, panels, api_name="rerender_number")
         ablate_button.click(bind(on_ablate, model), [state, layers_off], [ablation, ablation_verdict], api_name="ablate")
         export_button.click(bind(on_export, model), [state, point, opacity, colormap, mode], [export_file, export_png],
                             api_name="export")

@@ -68,6 +68,9 @@ def test_controls_rerender_without_the_model(mm, monkeypatch):
     assert not np.array_equal(a[3]["value"], b[3]["value"])  # the tabs' maps follow the controls too
     unclicked = app.on_controls(state, None, 0.5, "jet", "smooth", True)
     assert unclicked[:3] == [app.gr.skip()] * 3 and unclicked[3]["value"] is not None  # nothing clicked yet
+    marked, plain = (app.on_mark(state, (100, 100), 0.5, "jet", "smooth", m) for m in (True, False))
+    assert len(marked) == len(plain) == 3  # the numbering touches the panels only, not the tabs' maps
+    assert not np.array_equal(marked[0]["value"], plain[0]["value"])
 
 
 @pytest.mark.parametrize("state,words", [(None, "before clicking"), (app.PENDING, "still being analysed")])
