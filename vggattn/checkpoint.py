@@ -3,7 +3,7 @@
 Our format is one `.safetensors` file: the weights (article layout) and, in its metadata under
 the key "vggattn", a JSON `meta` that describes the model fully:
 
-    {"format": 1, "config": ModelConfig, "class_names": [...], "input_size": 128,
+    {"format": 1, "config": ModelConfig, "class_names": [...], "class_ids": [wnids...], "input_size": 128,
      "mean": [...], "std": [...], "training": {dataset, epochs, val_top1, ...}}
 
 A `.pth` saved by the article's code (`torch.save(model.state_dict(), path)`), with or without

@@ -300,7 +300,7 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    meta = {"class_names": class_names, "input_size": args.input_size, "mean": mean, "std": std,
+    meta = {"class_names": class_names, "class_ids": list(train_ds.classes), "input_size": args.input_size, "mean": mean, "std": std,
             "config": raw_model.config.to_dict(),
             "training": {"dataset": root.name, "data": str(root), "recipe": {k: v for k, v in vars(args).items() if k not in ("resume",)}}}
     start_epoch, best, history = 0, {"top1": -1.0, "epoch": -1}, []

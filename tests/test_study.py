@@ -1,0 +1,224 @@
+"""vggattn.study: statistics on hand-made attention with known answers, interventions against a
+direct computation, the bootstrap CI on known cases, and the CLI end to end on a tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vggattn
+from conftest import tiny_meta, tiny_model
+from vggattn import study
+from vggattn.readouts import js_divergence
+
+
+def stats_of(a: torch.Tensor, grid, input_size=64, **kw):
+    return study.attention_statistics(lambda s, e: a[s:e], grid, input_size, **kw)
+
+
+def test_one_hot_rows_to_one_cell_are_a_total_sink():
+    n, grid = 16, (4, 4)
+    a = torch.zeros(n, n)
+    a[:, 5] = 1
+    s = stats_of(a, grid)
+    assert s["sink_mass"] == pytest.approx(1) and s["sink_index"] == 5
+    assert s["cosine_distance"] == pytest.approx(0, abs=1e-9)
+    assert s["top1_weight"] == pytest.approx(1) and s["jsd"] == pytest.approx(0, abs=1e-9)
+    assert s["entropy_frac"] == pytest.approx(0, abs=1e-9)
+
+
+def test_uniform_rows_have_full_entropy_and_no_sink():
+    n, grid = 16, (4, 4)
+    s = stats_of(torch.full((n, n), 1 / n), grid)
+    assert s["entropy_frac"] == pytest.approx(1)
+    assert s["sink_mass"] == pytest.approx(1 / n) and s["top1_weight"] == pytest.approx(1 / n)
+    assert s["cosine_distance"] == pytest.approx(0, abs=1e-9) and s["jsd"] == pytest.approx(0, abs=1e-9)
+
+
+def test_identity_rows_are_orthogonal_and_local():
+    n, grid = 16, (4, 4)
+    eye = torch.eye(n)
+    s = stats_of(eye, grid)
+    assert s["cosine_distance"] == pytest.approx(1)
+    assert s["mean_distance_px"] == pytest.approx(0)
+    assert s["entropy_frac"] == pytest.approx(0, abs=1e-9) and s["top1_weight"] == pytest.approx(1)
+    expected_jsd = float(js_divergence(eye, torch.full((n,), 1 / n)).mean())  # the app's JSD, row by row
+    assert s["jsd"] == pytest.approx(expected_jsd)
+
+
+def test_mean_distance_on_two_cells():
+    # a 1x2 grid at 8 px: cell centres 4 px apart; query 0 looks at cell 1, query 1 at itself
+    a = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert stats_of(a, (1, 2), input_size=8)["mean_distance_px"] == pytest.approx(2.0)
+
+
+def test_statistics_match_brute_force_and_do_not_depend_on_row_blocks():
+    torch.manual_seed(0)
+    grid, n = (5, 6), 30
+    q, k = torch.randn(n, 4), torch.randn(n, 4)
+    x, v = torch.randn(n, 12), torch.randn(n, 12)
+    rows = study.softmax_rows(q, k)
+    big = study.attention_statistics(rows, grid, 96, x=x, value=v, gamma=0.3)
+    small = study.attention_statistics(rows, grid, 96, x=x, value=v, gamma=0.3, block_elements=7)
+    for key in big:
+        assert big[key] == pytest.approx(small[key], rel=1e-5, abs=1e-9), key
+    a = torch.softmax(q @ k.t(), -1).double()
+    u = a / a.norm(dim=1, keepdim=True)
+    cos = u @ u.t()
+    off_diag = ~torch.eye(n, dtype=torch.bool)
+    assert big["cosine_distance"] == pytest.approx(float((1 - cos[off_diag]).mean()), rel=1e-6)
+    out = a @ v.double()
+    uo = out / out.norm(dim=1, keepdim=True)
+    assert big["cosine_distance_output"] == pytest.approx(float((1 - (uo @ uo.t())[off_diag]).mean()), rel=1e-5)
+    ux = x.double() / x.double().norm(dim=1, keepdim=True)
+    assert big["cosine_distance_input"] == pytest.approx(float((1 - (ux @ ux.t())[off_diag]).mean()), rel=1e-5)
+    assert big["contribution"] == pytest.approx(float((0.3 * out.norm(dim=1) / x.double().norm(dim=1)).mean()), rel=1e-5)
+    assert big["sink_mass"] == pytest.approx(float(a.mean(0).max()), rel=1e-6)
+
+
+def test_spearman_of_rows():
+    torch.manual_seed(1)
+    a = torch.softmax(torch.randn(8, 8), -1)
+    assert study.spearman_rows(lambda s, e: a[s:e], lambda s, e: a[s:e], 8) == pytest.approx(1)
+    assert study.spearman_rows(lambda s, e: a[s:e], lambda s, e: -a[s:e], 8) == pytest.approx(-1)
+
+
+def reference_block(m: vggattn.GlobalAttention, h: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """The article's math written out, with the N x N map replaced as `mode` says."""
+    B, C, H, W = h.shape
+    qq = m.conv_query(h).flatten(2).transpose(1, 2)  # (B, N, C')
+    kk = m.conv_key(h).flatten(2)  # (B, C', N)
+    vv = m.conv_value(h).flatten(2)  # (B, C, N)
+    a = torch.softmax(torch.bmm(qq, kk), dim=-1)  # (B, N, N)
+    if mode == "mean":
+        a = a.mean(1, keepdim=True).expand_as(a)
+    elif mode == "uniform":
+        a = torch.full_like(a, 1 / a.shape[-1])
+    out = torch.bmm(vv, a.transpose(1, 2)).reshape(B, C, H, W)
+    return h if mode == "off" else h + m.gamma * out
+
+
+@pytest.mark.parametrize("mode", ["off", "mean", "uniform"])
+def test_intervention_equals_the_direct_computation_of_one_block(mode):
+    torch.manual_seed(0)
+    block = vggattn.GlobalAttention(16)
+    block.gamma.data.fill_(1.0)
+    x = 3 * torch.randn(2, 16, 5, 4)  # sharp, query-dependent rows
+    with torch.no_grad():
+        got, want, plain = study.intervene(block, x, mode), reference_block(block, x, mode), block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 0.1  # the replacement is a real change here
+
+
+@pytest.mark.parametrize("modes", [{"features.22": "mean"}, {"features.30": "uniform"},
+                                   {"features.14": "mean", "features.22": "mean", "features.30": "mean"},
+                                   {"features.14": "uniform", "features.22": "off", "features.30": "mean"}])
+def test_interventions_through_the_model_equal_the_direct_computation(modes):
+    model = tiny_model()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        h = x
+        for i, m in enumerate(model.features):
+            mode = modes.get(f"features.{i}")
+            h = reference_block(m, h, mode) if mode else m(h)
+        by_index = {int(n.split(".")[1]): m for n, m in modes.items()}
+        first = min(by_index)
+        got = study.run_from(model, model.features[:first](x), first, by_index)
+    torch.testing.assert_close(got, model.forward_head(h), rtol=1e-5, atol=1e-6)
+
+
+def test_bootstrap_ci_on_known_cases():
+    same = np.array([1, 0, 1, 1, 0] * 100)
+    assert study.paired_bootstrap_ci(same, same) == (0.0, 0.0)
+    assert study.paired_bootstrap_ci(np.ones(50), np.zeros(50)) == (1.0, 1.0)
+    # n paired images where the intervention flips 10% right -> wrong and nothing else: the difference
+    # is -0.1 with standard error sqrt(0.1 * 0.9 / n); the 95% percentile interval is about +-1.96 se
+    n = 4000
+    base = np.ones(n)
+    after = base.copy()
+    after[: n // 10] = 0
+    lo, hi = study.paired_bootstrap_ci(after, base, n_boot=4000, seed=3)
+    se = math.sqrt(0.1 * 0.9 / n)
+    assert lo < -0.1 < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.12)
+
+
+def test_evenly_spaced_subset():
+    assert study.evenly_spaced(10, 0) == list(range(10))
+    assert study.evenly_spaced(100, 5) == [0, 25, 50, 74, 99]
+
+
+def make_split(root, folders, per_class=3, size=48):
+    rng = np.random.default_rng(0)
+    for f in folders:
+        (root / f).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / f / f"{i}.png")
+    return root
+
+
+def test_class_folders_match_by_wnid_or_name_and_a_mismatch_is_one_sentence(tmp_path):
+    meta = {**tiny_meta(num_classes=3), "class_names": ["tench", "church", "golf ball"],
+            "class_ids": ["n01", "n02", "n03"]}
+    assert study.class_mapping(["n03", "n01"], meta) == [2, 0]
+    assert study.class_mapping(["church", "tench"], meta) == [1, 0]
+    with pytest.raises(study.StudyError, match=r"class folders \['violin'\] match none") as e:
+        study.class_mapping(["tench", "violin"], meta)
+    assert "\n" not in str(e.value)
+
+
+def test_study_end_to_end_on_a_tiny_model(tmp_path, caplog):
+    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
+    meta["class_names"] = ["a", "b", "c"]
+    ckpt = tmp_path / "tiny.safetensors"
+    vggattn.save_checkpoint(model, meta, ckpt)
+    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=3)
+    out = tmp_path / "study"
+    assert study.main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--workers", "0",
+                       "--batch-size", "4", "--sanity-images", "3", "--bootstrap", "200", "--device", "cpu",
+                       "--ship"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    assert s["images"] == 9 and s["checkpoint"] == "tiny.safetensors"
+    assert list(s["layers"]) == ["features.14", "features.22", "features.30"]
+    for layer in s["layers"].values():
+        for key in ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px",
+                    "contribution", "cosine_distance_input", "cosine_distance_output"):
+            assert math.isfinite(layer[key]), key
+        assert 0 < layer["sink_mass"] <= 1 and 0 <= layer["entropy_frac"] <= 1
+        assert sum(map(sum, layer["sink_heatmap"])) == 9 and set(layer["per_class"]) == {"a", "b", "c"}
+    expected = {"baseline"} | {f"{l}:{m}" for l in [*s["layers"], "all"] for m in ("off", "mean", "uniform")}
+    assert set(s["interventions"]) == expected and len(expected) == 13
+    # baseline and all:off against the model run directly on the same images
+    ds, targets = study.load_split(data, meta)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        base = (model(x).argmax(1).numpy() == targets).mean()
+        with vggattn.gradcam.AttentionOff(model, list(s["layers"])):
+            off = (model(x).argmax(1).numpy() == targets).mean()
+    assert s["interventions"]["baseline"]["top1"] == pytest.approx(base)
+    assert s["interventions"]["all:off"]["top1"] == pytest.approx(off)
+    r = s["interventions"]["all:off"]
+    assert r["top1_delta"] == pytest.approx(off - base) and r["top1_delta_ci95"][0] <= r["top1_delta"] <= r["top1_delta_ci95"][1]
+    assert s["sanity"]["images"] == 3 and set(s["sanity"]["layers"]) == set(s["layers"])
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "http://" not in page and "https://" not in page
+    for name in ("sink_heatmaps.png", "distributions.png", "interventions.png", "cosine_distance.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert json.loads(study.study_path(ckpt).read_text())["images"] == 9  # --ship: beside the checkpoint
+
+
+def test_limit_and_mismatch_through_the_cli(tmp_path, caplog):
+    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
+    meta["class_names"] = ["a", "b", "c"]
+    ckpt = tmp_path / "tiny.safetensors"
+    vggattn.save_checkpoint(model, meta, ckpt)
+    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=4)
+    args = ["--checkpoint", str(ckpt), "--workers", "0", "--sanity-images", "0", "--bootstrap", "50", "--device", "cpu"]
+    assert study.main([*args, "--data", str(data), "--out", str(tmp_path / "o"), "--limit", "5"]) == 0
+    assert json.loads((tmp_path / "o" / "study.json").read_text())["images"] == 5
+    bad = make_split(tmp_path / "other", ["a", "violin"], per_class=1)
+    assert study.main([*args, "--data", str(bad), "--out", str(tmp_path / "o2")]) == 2
+    assert "match none of the checkpoint's classes" in caplog.text

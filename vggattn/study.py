@@ -1,0 +1,683 @@
+"""What each attention layer does over a whole dataset, and whether it matters.
+
+    python -m vggattn.study --checkpoint checkpoints/vgg16att-imagenette-w025-128.safetensors \
+        --data ../shared/data/imagenette2-224/val --out study/        # any ImageFolder split
+    python -m vggattn.study --data .../val --out study/ --limit 300   # an evenly spaced subset
+
+Writes `study.json` (the contract below), `report.html` (self-contained: figures embedded) and the
+figures as PNG. Per layer and image, with A the N x N attention (rows sum to 1):
+
+- sink_mass: max_j (1/N) sum_q A[q, j], the share of all attention the most attended cell gets;
+- top1_weight: (1/N) sum_q max_j A[q, j];
+- cosine_distance: mean over pairs q != q' of 1 - cos(A[q], A[q']) (GCNet, Cao et al. 2019), and
+  the same between the block's input features (`cosine_distance_input`) and attention outputs
+  (`cosine_distance_output`) at different positions;
+- jsd: mean Jensen-Shannon divergence (nats) of the rows from the image's mean row;
+- entropy_frac: (1/N) sum_q H(A[q]) / ln N;
+- mean_distance_px: (1/N) sum_q sum_j A[q, j] |c_q - c_j| in model-input pixels;
+- contribution: mean over positions of ||gamma * attention output|| / ||x||.
+
+Interventions (top-1/top-5 over the split; paired bootstrap 95% CI of the top-1 change): each layer
+and all three `off` (the block returns x), `mean` (every row replaced by the image's mean row:
+GCNet's query-independent block, no retraining), `uniform` (every row 1/N: average pooling of V).
+Sanity check (Adebayo et al. 2018): the rows' Spearman correlation with the same layer's rows after
+re-initialising its conv_query/conv_key, and in a fully re-initialised model.
+
+Memory: one image's attention is built a block of query rows at a time (at most `BLOCK_ELEMENTS`
+weights), so a 448 px full-width study runs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import html
+import io
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import eval_transform, load_rgb
+from .model import GlobalAttention, VGG16WithAttention
+from .readouts import cell_centers
+
+log = logging.getLogger("vggattn.study")
+
+BLOCK_ELEMENTS = 1 << 22  # attention weights alive at once (16 MB in fp32)
+STATS = ("sink_mass", "top1_weight", "cosine_distance", "cosine_distance_input", "cosine_distance_output", "jsd",
+         "entropy_frac", "mean_distance_px", "contribution")
+MODES = ("off", "mean", "uniform")
+SINK_DOMINATED = 0.5  # an image's layer is sink-dominated when one cell takes >= half of all attention
+SANITY_SPEARMAN_MAX = 0.5  # a layer passes when its rows correlate less than this with randomised ones
+
+
+class StudyError(ValueError):
+    """A study that cannot run (classes that do not match, an empty folder); one sentence."""
+
+
+# -- statistics of one image's attention ----------------------------------------------------------
+
+RowFn = Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, N) attention rows
+
+
+def softmax_rows(query: torch.Tensor, key: torch.Tensor) -> RowFn:
+    """Rows of softmax(Q K^T) for one image's (N, C') Q and K, built on demand."""
+    key_t = key.float().t()  # (C', N)
+    return lambda start, stop: torch.softmax(query[start:stop].float() @ key_t, dim=-1)  # (R, N)
+
+
+def row_blocks(n: int, block_elements: int = BLOCK_ELEMENTS):
+    step = max(1, block_elements // max(n, 1))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def mean_cosine_distance(unit_sum: torch.Tensor, n: int) -> float:
+    """Mean of 1 - cos over ordered pairs q != q', from s = sum_q u_q of the unit vectors u_q:
+    sum over all pairs of cos = |s|^2, of which the diagonal is n."""
+    if n < 2:
+        return 0.0
+    return float(1.0 - (unit_sum.double().square().sum() - n) / (n * (n - 1)))
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *, x: torch.Tensor | None = None,
+                         value: torch.Tensor | None = None, gamma: float = 0.0,
+                         block_elements: int = BLOCK_ELEMENTS) -> dict:
+    """Every per-image statistic of one layer's attention, from its rows (two passes, row blocks).
+
+    x: (N, C) the block's input features, value: (N, C) its V, both position-major (optional: give
+    them for cosine_distance_input / _output and contribution).
+    """
+    n = grid[0] * grid[1]
+    blocks = row_blocks(n, block_elements)
+    centers = cell_centers(grid, (input_size, input_size)).float()  # (N, 2)
+    col_sum = torch.zeros(n, dtype=torch.float64)
+    unit_sum = torch.zeros(n, dtype=torch.float64)
+    top1 = entropy = distance = 0.0
+    out_unit_sum, contribution = None, 0.0
+    for start, stop in blocks:
+        a = rows(start, stop).float()  # (R, N)
+        col_sum += a.sum(0).double()
+        unit_sum += unit(a).sum(0).double()
+        top1 += float(a.max(1).values.double().sum())
+        entropy += float(-(a * torch.log(a.clamp_min(1e-30))).double().sum())
+        distance += float((a * torch.cdist(centers[start:stop], centers)).double().sum())  # (R, N) distances
+        if value is not None:
+            out = a @ value.float()  # (R, C): the attention output of these positions
+            out_unit_sum = unit(out).sum(0).double() if out_unit_sum is None else out_unit_sum + unit(out).sum(0).double()
+            if x is not None:
+                contribution += float((abs(gamma) * out.norm(dim=1) / x[start:stop].float().norm(dim=1).clamp_min(1e-12)).double().sum())
+    mean_row = col_sum / n  # (N,)
+    jsd = 0.0
+    for start, stop in blocks:  # second pass: divergence from the mean row
+        p = rows(start, stop).double()
+        log_m = torch.log((0.5 * (p + mean_row)).clamp_min(1e-300))  # 0 log 0 = 0 below
+        kl_p = (p * (torch.log(p.clamp_min(1e-300)) - log_m)).sum(1)
+        kl_mean = (mean_row * (torch.log(mean_row.clamp_min(1e-300)) - log_m)).sum(1)
+        jsd += float((0.5 * kl_p + 0.5 * kl_mean).sum())
+    sink = int(col_sum.argmax())
+    stats = {"sink_mass": float(col_sum[sink]) / n, "sink_index": sink, "top1_weight": top1 / n,
+             "cosine_distance": mean_cosine_distance(unit_sum, n), "jsd": jsd / n,
+             "entropy_frac": entropy / n / math.log(n) if n > 1 else 0.0, "mean_distance_px": distance / n}
+    if x is not None:
+        stats["cosine_distance_input"] = mean_cosine_distance(unit(x.float()).sum(0), n)
+    if out_unit_sum is not None:
+        stats["cosine_distance_output"] = mean_cosine_distance(out_unit_sum, n)
+        if x is not None:
+            stats["contribution"] = contribution / n
+    return stats
+
+
+@torch.no_grad()
+def spearman_rows(rows_a: RowFn, rows_b: RowFn, n: int, block_elements: int = BLOCK_ELEMENTS) -> float:
+    """Mean over query rows of the Spearman rank correlation between two maps' rows."""
+    def ranks(a: torch.Tensor) -> torch.Tensor:  # (R, N) -> centred, unit-norm ranks per row
+        r = a.argsort(1).argsort(1).double()
+        r = r - r.mean(1, keepdim=True)
+        return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    total = 0.0
+    for start, stop in row_blocks(n, block_elements):
+        total += float((ranks(rows_a(start, stop)) * ranks(rows_b(start, stop))).sum())
+    return total / n
+
+
+# -- the model run a block at a time, with interventions -------------------------------------------
+
+@torch.no_grad()
+def qkv(block: GlobalAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's Q, K (B, N, C') and V (B, N, C) for input x (B, C, H, W)."""
+    return tuple(conv(x).flatten(2).transpose(1, 2) for conv in (block.conv_query, block.conv_key, block.conv_value))
+
+
+@torch.no_grad()
+def mean_row(query: torch.Tensor, key: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """(N,) the query-averaged attention row of one image's (N, C') Q and K, in row blocks."""
+    rows = softmax_rows(query, key)
+    n = query.shape[0]
+    return sum(rows(s, e).sum(0) for s, e in row_blocks(n, block_elements)) / n
+
+
+@torch.no_grad()
+def intervene(block: GlobalAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The block's output for x (B, C, H, W) with its attention rows replaced as `mode` says:
+    "off" -> x (gamma = 0); "mean" -> every row the image's mean row; "uniform" -> every row 1/N.
+    Both replacements give every position the same context vector c = row @ V."""
+    if mode == "off":
+        return x
+    q, k, v = qkv(block, x)  # (B, N, C'), (B, N, C'), (B, N, C)
+    if mode == "uniform":
+        context = v.float().mean(1)  # (B, C)
+    elif mode == "mean":
+        context = torch.stack([mean_row(q[b], k[b]) @ v[b].float() for b in range(x.shape[0])])  # (B, C)
+    else:
+        raise ValueError(f"unknown intervention {mode!r}; use one of {MODES}")
+    return x + block.gamma * context.to(x.dtype)[:, :, None, None]
+
+
+@torch.no_grad()
+def features_from(model: VGG16WithAttention, h: torch.Tensor, start: int, modes: dict[int, str]) -> torch.Tensor:
+    """model.features from activation h entering features[start] on, with the blocks at the indices in
+    `modes` replaced by `intervene`."""
+    for i in range(start, len(model.features)):
+        m = model.features[i]
+        h = intervene(m, h, modes[i]) if i in modes else m(h)
+    return h
+
+
+def run_from(model: VGG16WithAttention, h: torch.Tensor, start: int, modes: dict[int, str]) -> torch.Tensor:
+    """Logits of `features_from`."""
+    return model.forward_head(features_from(model, h, start, modes))
+
+
+def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(a - b) for paired per-image values (resampling images)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for s in range(0, n_boot, 200):  # bounded memory: 200 resamples at a time
+        idx = rng.integers(0, len(d), size=(min(200, n_boot - s), len(d)))
+        means[s:s + len(idx)] = d[idx].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+# -- the dataset -----------------------------------------------------------------------------------
+
+def class_mapping(folders: list[str], meta: dict) -> list[int]:
+    """Checkpoint class index of each ImageFolder folder, matched by wnid (meta class_ids) or name."""
+    names = list(meta["class_names"])
+    ids = list(meta.get("class_ids") or [])
+    lookup = {**{n: i for i, n in enumerate(names)}, **{w: i for i, w in enumerate(ids)}}
+    unknown = [f for f in folders if f not in lookup]
+    if unknown:
+        known = f"wnids {ids} or names {names}" if ids else f"names {names}"
+        raise StudyError(f"the data's class folders {unknown} match none of the checkpoint's classes ({known})")
+    return [lookup[f] for f in folders]
+
+
+def evenly_spaced(n: int, limit: int) -> list[int]:
+    if limit <= 0 or limit >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, limit).round().astype(int).tolist()))
+
+
+def load_split(root: str | Path, meta: dict, limit: int = 0) -> tuple[Subset, np.ndarray]:
+    """(dataset of (image, checkpoint class) pairs, targets) of an ImageFolder split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StudyError(f"{root} is not a directory (give an ImageFolder split: one folder per class)")
+    try:
+        ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise StudyError(f"{root} is not an ImageFolder split ({e})") from None
+    mapping = class_mapping(ds.classes, meta)
+    ds.target_transform = mapping.__getitem__
+    keep = evenly_spaced(len(ds), limit)
+    targets = np.array([mapping[ds.targets[i]] for i in keep])
+    return Subset(ds, keep), targets
+
+
+# -- the study -------------------------------------------------------------------------------------
+
+def attention_indices(model: VGG16WithAttention) -> dict[str, int]:
+    return {f"features.{i}": i for i, m in enumerate(model.features) if isinstance(m, GlobalAttention)}
+
+
+def fresh_copy(model: VGG16WithAttention, seed: int) -> VGG16WithAttention:
+    torch.manual_seed(seed)
+    return VGG16WithAttention.from_config(model.config).to(next(model.parameters()).device).eval()
+
+
+def reinit_qk(model: VGG16WithAttention, index: int, seed: int) -> GlobalAttention:
+    """A copy of the block at features[index] with conv_query and conv_key re-initialised."""
+    block = copy.deepcopy(model.features[index])
+    torch.manual_seed(seed)
+    block.conv_query.reset_parameters()
+    block.conv_key.reset_parameters()
+    return block
+
+
+@torch.no_grad()
+def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit: int = 0, batch_size: int = 32,
+              workers: int = 2, sanity_images: int = 256, n_boot: int = 2000, seed: int = 0,
+              progress: bool = True) -> dict:
+    """The whole study as the JSON-ready dict `study.json` holds."""
+    if not isinstance(model, VGG16WithAttention):
+        raise StudyError("the study needs a VGG16WithAttention (its features are run block by block)")
+    model = model.eval()
+    device = next(model.parameters()).device
+    layers = attention_indices(model)
+    if not layers:
+        raise StudyError("this model has no attention blocks (trained with --no-attention?)")
+    names, idx = list(layers), list(layers.values())
+    first = idx[0]
+    ds, targets = load_split(data, meta, limit)
+    n_images = len(ds)
+    if n_images == 0:
+        raise StudyError(f"{data} holds no images")
+    input_size = int(meta["input_size"])
+    sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
+    runs = {"baseline": {}} | {f"{name}:{mode}": {layers[name]: mode} for name in names for mode in MODES} \
+        | {f"all:{mode}": {i: mode for i in idx} for mode in MODES}
+    top1 = {k: np.zeros(n_images, dtype=bool) for k in runs}
+    top5 = {k: np.zeros(n_images, dtype=bool) for k in runs}
+    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in names}
+    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in names}
+    grids: dict[str, tuple[int, int]] = {}
+    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in names}
+    random_model = fresh_copy(model, seed + 1) if sanity_set else None
+    random_blocks = {name: reinit_qk(model, i, seed + 2 + j) for j, (name, i) in enumerate(layers.items())}
+    loader = DataLoader(ds, batch_size, num_workers=workers)
+    done = 0
+    t0 = time.perf_counter()
+    for x, y in tqdm(loader, desc="study", unit="batch", disable=not progress):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
+        b = len(y)
+        h = model.features[:first](x)
+        entering = {}  # activation entering each attention block, baseline run
+        hh = h
+        for i in range(first, len(model.features)):
+            if i in layers.values():
+                entering[i] = hh
+            hh = model.features[i](hh)
+        logits = {"baseline": model.forward_head(hh)}
+        for key, modes in runs.items():
+            if modes:
+                start = min(modes)
+                logits[key] = run_from(model, entering[start], start, modes)
+        for key, out in logits.items():
+            k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
+            top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
+            top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
+        if sanity_set & set(range(done, done + b)):
+            random_entering = {}
+            hr = x
+            for i, m in enumerate(random_model.features):
+                if i in layers.values():
+                    random_entering[i] = hr
+                hr = m(hr)
+        for name, i in layers.items():
+            block = model.features[i]
+            grids[name] = tuple(entering[i].shape[-2:])
+            q, k, v = qkv(block, entering[i])
+            xs = entering[i].flatten(2).transpose(1, 2)  # (B, N, C)
+            gamma = float(block.gamma)
+            for j in range(b):
+                rows = softmax_rows(q[j], k[j])
+                s = attention_statistics(rows, grids[name], input_size, x=xs[j], value=v[j], gamma=gamma)
+                for stat in STATS:
+                    per_image[name][stat][done + j] = s[stat]
+                sinks[name][done + j] = s["sink_index"]
+                if done + j in sanity_set:
+                    qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
+                    rows_qk = softmax_rows(qa[0], ka[0])
+                    rblock = random_model.features[i]
+                    qr, kr, _ = qkv(rblock, random_entering[i][j:j + 1])
+                    rows_full = softmax_rows(qr[0], kr[0])
+                    n = grids[name][0] * grids[name][1]
+                    sanity[name]["qk"].append(spearman_rows(rows, rows_qk, n))
+                    sanity[name]["full"].append(spearman_rows(rows, rows_full, n))
+                    sanity[name]["qk_stats"].append(attention_statistics(rows_qk, grids[name], input_size))
+                    sanity[name]["full_stats"].append(attention_statistics(rows_full, grids[name], input_size))
+        done += b
+    wall = time.perf_counter() - t0
+    class_names = list(meta["class_names"])
+    result = {"checkpoint": None, "data": str(data), "images": n_images, "input_size": input_size,
+              "class_names": class_names, "wall_s": wall,
+              "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
+                              "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
+                              "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations"},
+              "layers": {}, "interventions": {}, "sanity": {}}
+    for name, i in layers.items():
+        grid = grids[name]
+        vals = per_image[name]
+        heat = np.bincount(sinks[name], minlength=grid[0] * grid[1]).reshape(grid)
+        rows_, cols_ = np.divmod(sinks[name], grid[1])
+        border = (rows_ == 0) | (cols_ == 0) | (rows_ == grid[0] - 1) | (cols_ == grid[1] - 1)
+        entry = {s: float(np.nanmean(vals[s])) for s in STATS}
+        entry.update({
+            "grid": list(grid), "gamma": float(model.features[i].gamma),
+            "sink_dominated_share": float(np.mean(vals["sink_mass"] >= SINK_DOMINATED)),
+            "sink_border_share": float(border.mean()),
+            "sink_top_cell": {"index": int(heat.argmax()), "row": int(heat.argmax() // grid[1]),
+                              "col": int(heat.argmax() % grid[1]), "share": float(heat.max() / n_images)},
+            "sink_heatmap": heat.tolist(),
+            "distribution": {s: distribution(vals[s]) for s in STATS},
+            "per_class": {class_names[c]: {s: float(np.nanmean(vals[s][targets == c])) for s in STATS}
+                          for c in sorted(set(targets.tolist()))},
+        })
+        result["layers"][name] = entry
+    base1, base5 = top1["baseline"], top5["baseline"]
+    result["interventions"]["baseline"] = {"top1": float(base1.mean()), "top5": float(base5.mean())}
+    for key in runs:
+        if key == "baseline":
+            continue
+        lo, hi = paired_bootstrap_ci(top1[key], base1, n_boot, seed)
+        result["interventions"][key] = {
+            "top1": float(top1[key].mean()), "top5": float(top5[key].mean()),
+            "top1_delta": float(top1[key].mean() - base1.mean()), "top1_delta_ci95": [lo, hi],
+            "top5_delta": float(top5[key].mean() - base5.mean())}
+    n_sanity = len(sanity[names[0]]["qk"])
+    result["sanity"] = {"images": n_sanity, "threshold": SANITY_SPEARMAN_MAX, "layers": {}}
+    for name in names:
+        s = sanity[name]
+        if not n_sanity:
+            continue
+        qk, full = float(np.mean(s["qk"])), float(np.mean(s["full"]))
+        result["sanity"]["layers"][name] = {
+            "spearman_qk_reinit": qk, "spearman_full_reinit": full,
+            "passes": bool(qk < SANITY_SPEARMAN_MAX and full < SANITY_SPEARMAN_MAX),
+            "qk_reinit": mean_stats(s["qk_stats"]), "full_reinit": mean_stats(s["full_stats"])}
+    return result
+
+
+def distribution(v: np.ndarray) -> dict:
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return {}
+    q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+    hist, edges = np.histogram(v, bins=20)
+    return {"std": float(v.std()), "p05": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]),
+            "p95": float(q[4]), "min": float(v.min()), "max": float(v.max()),
+            "histogram": {"counts": hist.tolist(), "edges": edges.tolist()}}
+
+
+def mean_stats(records: list[dict]) -> dict:
+    keys = [k for k in records[0] if k != "sink_index"] if records else []
+    return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+# -- what a person reads ---------------------------------------------------------------------------
+
+def headline(study: dict) -> list[str]:
+    """One sentence per layer and per finding, from the numbers."""
+    lines = []
+    base = study["interventions"]["baseline"]["top1"]
+    for name, s in study["layers"].items():
+        h, w = s["grid"]
+        text = (f"{name} ({h}x{w}): the most attended cell takes {100 * s['sink_mass']:.0f}% of all attention on "
+                f"average (sink-dominated in {100 * s['sink_dominated_share']:.0f}% of images, "
+                f"{100 * s['sink_border_share']:.0f}% of sinks on the border); rows differ by cosine distance "
+                f"{s['cosine_distance']:.2f} (input features {s['cosine_distance_input']:.2f}).")
+        iv = study["interventions"]
+        parts = []
+        for mode in MODES:
+            r = iv.get(f"{name}:{mode}")
+            if r:
+                lo, hi = r["top1_delta_ci95"]
+                parts.append(f"{mode} {100 * r['top1_delta']:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+        if parts:
+            text += f" Top-1 change (baseline {100 * base:.2f}%): " + ", ".join(parts) + "."
+        lines.append(text)
+    return lines
+
+
+def layer_table(study: dict) -> list[list]:
+    """Rows for a per-layer table (header first)."""
+    header = ["layer", "grid", "γ", "sink mass", "sink-dominated", "sinks on border", "top-1 weight", "cos dist (attn)",
+              "cos dist (input)", "cos dist (output)", "JSD", "entropy / ln N", "mean dist px", "contribution"]
+    rows = [header]
+    for name, s in study["layers"].items():
+        rows.append([name, "{}x{}".format(*s["grid"]), f"{s['gamma']:+.4f}", f"{s['sink_mass']:.3f}",
+                     f"{100 * s['sink_dominated_share']:.0f}%", f"{100 * s['sink_border_share']:.0f}%",
+                     f"{s['top1_weight']:.3f}", f"{s['cosine_distance']:.3f}", f"{s['cosine_distance_input']:.3f}",
+                     f"{s['cosine_distance_output']:.3f}", f"{s['jsd']:.3f}", f"{s['entropy_frac']:.3f}",
+                     f"{s['mean_distance_px']:.1f}", f"{s['contribution']:.4f}"])
+    return rows
+
+
+def intervention_table(study: dict) -> list[list]:
+    rows = [["intervention", "top-1", "top-5", "Δ top-1 (pts)", "95% CI (pts)"]]
+    for key, r in study["interventions"].items():
+        if key == "baseline":
+            rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", "", ""])
+        else:
+            lo, hi = r["top1_delta_ci95"]
+            rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", f"{100 * r['top1_delta']:+.2f}",
+                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"])
+    return rows
+
+
+def sanity_table(study: dict) -> list[list]:
+    rows = [["layer", "Spearman vs Q/K re-init", "Spearman vs full re-init", "passes",
+             "sink mass (Q/K re-init)", "cos dist (Q/K re-init)"]]
+    for name, s in study["sanity"].get("layers", {}).items():
+        rows.append([name, f"{s['spearman_qk_reinit']:.3f}", f"{s['spearman_full_reinit']:.3f}",
+                     "yes" if s["passes"] else "NO", f"{s['qk_reinit'].get('sink_mass', float('nan')):.3f}",
+                     f"{s['qk_reinit'].get('cosine_distance', float('nan')):.3f}"])
+    return rows
+
+
+def markdown_table(rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + " --- |" * len(rows[0])]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def figures(study: dict) -> dict[str, bytes]:
+    """PNG bytes of the study's figures, by file name."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    del plt  # only Figure is used (no global backend state)
+    out = {}
+    names = list(study["layers"])
+
+    def png(fig: Figure) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+    fig = Figure(figsize=(4 * len(names), 3.6))
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        heat = np.array(study["layers"][name]["sink_heatmap"], dtype=float) / max(study["images"], 1)
+        im = ax.imshow(heat, cmap="magma")
+        ax.set_title(f"{name}: where the sink is\n(share of images)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    out["sink_heatmaps.png"] = png(fig)
+
+    shown = ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px", "contribution")
+    fig = Figure(figsize=(14, 6.5))
+    for ax, stat in zip(fig.subplots(2, 4).flat, shown):
+        for name in names:
+            d = study["layers"][name]["distribution"].get(stat)
+            if d:
+                counts, edges = np.array(d["histogram"]["counts"]), np.array(d["histogram"]["edges"])
+                ax.stairs(counts / max(counts.sum(), 1), edges, label=name, linewidth=1.5)
+        ax.set_title(stat, fontsize=9)
+    fig.axes[0].legend(fontsize=8)
+    fig.axes[-1].set_visible(False)
+    fig.suptitle("Per-image distributions (share of images)", fontsize=10)
+    out["distributions.png"] = png(fig)
+
+    keys = [k for k in study["interventions"] if k != "baseline"]
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subplots()
+    deltas = [100 * study["interventions"][k]["top1_delta"] for k in keys]
+    err = np.array([[100 * (study["interventions"][k]["top1_delta"] - study["interventions"][k]["top1_delta_ci95"][0]),
+                     100 * (study["interventions"][k]["top1_delta_ci95"][1] - study["interventions"][k]["top1_delta"])]
+                    for k in keys]).T
+    colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}[k.split(":")[1]] for k in keys]
+    ax.bar(range(len(keys)), deltas, yerr=err, color=colors, capsize=3)
+    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("Δ top-1 vs baseline (points, 95% CI)")
+    out["interventions.png"] = png(fig)
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    width = 0.25
+    for j, (stat, label) in enumerate((("cosine_distance_input", "input features"),
+                                       ("cosine_distance", "attention maps"),
+                                       ("cosine_distance_output", "attention output"))):
+        ax.bar(np.arange(len(names)) + (j - 1) * width, [study["layers"][n][stat] for n in names], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("mean cosine distance between positions")
+    ax.legend(fontsize=8)
+    ax.set_title("GCNet's measure: do positions differ?", fontsize=9)
+    out["cosine_distance.png"] = png(fig)
+    return out
+
+
+def report_html(study: dict, images: dict[str, bytes]) -> str:
+    """One self-contained page (figures as data URIs)."""
+    def table(rows: list[list]) -> str:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode(images[name]).decode()
+        return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+    stats = ("sink_mass", "jsd", "cosine_distance", "entropy_frac")
+    class_rows = [["class"] + [f"{n} {s}" for n in study["layers"] for s in stats]]
+    for c in next(iter(study["layers"].values()))["per_class"]:
+        class_rows.append([c] + [f"{study['layers'][n]['per_class'][c][s]:.3f}" for n in study["layers"] for s in stats])
+    defs = study["definitions"]
+    sanity = study["sanity"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vggattn study: {html.escape(str(study['checkpoint']))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }} figcaption {{ font-size: 12px; color: #555; }}
+li {{ margin: 0.4em 0; }}
+</style></head><body>
+<h1>Attention at dataset scale</h1>
+<p>Checkpoint <code>{html.escape(str(study['checkpoint']))}</code> on <code>{html.escape(str(study['data']))}</code>:
+{study['images']} images at {study['input_size']} px ({study['wall_s']:.0f} s).</p>
+<h2>What it says</h2><ul>{''.join(f'<li>{html.escape(t)}</li>' for t in headline(study))}</ul>
+<h2>Per layer (mean over images)</h2>{table(layer_table(study))}
+<p>Sink-dominated: {html.escape(defs['sink_dominated'])}. Cosine distances are GCNet's measure (0: every position the same).</p>
+{img('cosine_distance.png', 'Mean cosine distance between positions: input features, attention maps, attention outputs')}
+{img('sink_heatmaps.png', 'Where the sink (the most attended cell) of each image is, over the grid')}
+{img('distributions.png', 'Per-image distributions of each statistic')}
+<h2>Interventions</h2>
+<p>off: the block returns x; mean: every row replaced by the image's query-averaged row (GCNet's query-independent
+block, no retraining); uniform: every row 1/N (global average pooling of V). CI: {html.escape(defs['ci'])}.</p>
+{table(intervention_table(study))}
+{img('interventions.png', 'Top-1 change against the baseline, with 95% CI')}
+<h2>Sanity check (Adebayo et al. 2018)</h2>
+<p>Mean Spearman rank correlation of attention rows with the same layer after re-initialising its conv_query/conv_key,
+and in a fully re-initialised model, over {sanity['images']} evenly spaced images. A layer passes when
+{html.escape(defs['sanity_pass'])}: maps that survive randomisation are not evidence of anything learned.</p>
+{table(sanity_table(study))}
+<h2>Per class (mean over the class's images)</h2>{table(class_rows)}
+</body></html>
+"""
+
+
+def write_study(study: dict, out: str | Path) -> list[Path]:
+    """study.json, report.html and the figures into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = figures(study)
+    paths = []
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+        paths.append(out / name)
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    (out / "report.html").write_text(report_html(study, images), encoding="utf-8")
+    return paths + [out / "study.json", out / "report.html"]
+
+
+def study_path(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's shipped study lives: `<stem>.study.json` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".study.json")
+
+
+def load_study(checkpoint: str | Path) -> dict | None:
+    path = study_path(checkpoint)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vggattn.study", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint to study (default: the shipped one)")
+    p.add_argument("--data", required=True, help="ImageFolder split (one folder per class, by wnid or class name)")
+    p.add_argument("--out", required=True, help="output folder (study.json, report.html, PNG figures)")
+    p.add_argument("--limit", type=int, default=0, help="study an evenly spaced subset of N images (0 = all)")
+    p.add_argument("--sanity-images", type=int, default=256, help="images for the randomisation check (0 = skip)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
+    p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model, meta = load_checkpoint(args.checkpoint, device=args.device)
+        study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
+                          sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed)
+    except (StudyError, CheckpointError) as e:
+        log.error("error: %s", e)
+        return 2
+    from .checkpoint import DEFAULT_CHECKPOINT
+
+    study["checkpoint"] = Path(args.checkpoint or DEFAULT_CHECKPOINT).name
+    paths = write_study(study, args.out)
+    if args.ship:
+        target = study_path(args.checkpoint or DEFAULT_CHECKPOINT)
+        target.write_text(json.dumps(study, indent=1))
+        paths.append(target)
+    for line in headline(study):
+        log.info("%s", line)
+    log.info("%d images in %.0f s; wrote %s", study["images"], study["wall_s"], ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
