@@ -37,6 +37,7 @@ from vggattn.analysis import Analysis, ablate, analyze, render_attention, render
 from vggattn.explain import write_result  # noqa: E402
 from vggattn.data import ImageLoadError, open_image  # noqa: E402
 from vggattn.render import COLORMAPS, UPSAMPLING  # noqa: E402
+from vggattn.study import figures as study_figures, load_study, missing_study_markdown, summary_markdown  # noqa: E402
 
 log = logging.getLogger("vggattn.app")
 HERE = Path(__file__).resolve().parent
@@ -95,10 +96,11 @@ def readouts_table(panels) -> str:
         cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
         rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
                     f"{r['mean_distance_input_px']:.1f} | {cells} |")
+    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
     return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) +
             "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
-            "Top-5 cells are numbered on the maps.")
+            "Top-5 cells are numbered on the maps." + notes)
 
 
 def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> list:
@@ -246,7 +248,21 @@ def describe(model, meta) -> str:
             "in one of the three attention layers.")
 
 
-def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
+def study_view(study: dict | None, checkpoint: str | None):
+    """The Dataset tab's markdown and figures (uint8 arrays), from a checkpoint's shipped study."""
+    if study is None:
+        return missing_study_markdown(checkpoint), {}
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = {name: np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for name, png in study_figures(study).items()}
+    return summary_markdown(study), images
+
+
+def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None) -> gr.Blocks:
+    """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one."""
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
         gr.Markdown(describe(model, meta))
@@ -304,6 +320,15 @@ def build_demo(model: torch.nn.Module, meta: dict) -> gr.Blocks:
                 with gr.Row():
                     export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
                     export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
+            with gr.Tab("Dataset"):
+                study_md, study_images = study_view(study, checkpoint)
+                gr.Markdown(study_md, elem_id="study")
+                for name, label in (("interventions.png", "Top-1 change per intervention, 95% CI"),
+                                    ("sink_heatmaps.png", "Where each image's sink is"),
+                                    ("cosine_distance.png", "Do positions differ? (GCNet's cosine distance)"),
+                                    ("distributions.png", "Per-image distributions")):
+                    if name in study_images:
+                        gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
         maps = [*contrib, *mean_maps, cam]
 
         image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
@@ -360,7 +385,7 @@ def main(argv=None) -> int:
         print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
         return 2
     log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
-    launch(build_demo(model, meta), args.host, args.port, args.share)
+    launch(build_demo(model, meta, load_study(args.checkpoint), args.checkpoint), args.host, args.port, args.share)
     return 0
 
 
@@ -368,7 +393,8 @@ def __getattr__(name: str):
     """`from app import demo` builds the demo on the shipped checkpoint (lazily, once)."""
     if name == "demo":
         model, meta = vggattn.load_checkpoint()
-        globals()["demo"] = build_demo(model, meta)
+        checkpoint = str(vggattn.DEFAULT_CHECKPOINT)
+        globals()["demo"] = build_demo(model, meta, load_study(checkpoint), checkpoint)
         return globals()["demo"]
     raise AttributeError(name)
 

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 import app
 import vggattn
+from vggattn.study import load_study
 from conftest import tiny_meta, tiny_model
 
 
@@ -23,7 +24,9 @@ def model_and_meta(real: bool):
 
 @contextmanager
 def running_app(real: bool = False):
-    demo = app.build_demo(*model_and_meta(real))
+    checkpoint = str(vggattn.DEFAULT_CHECKPOINT) if real else None
+    study = load_study(checkpoint) if real else None
+    demo = app.build_demo(*model_and_meta(real), study, checkpoint)
     port = free_port()
     app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -150,3 +150,32 @@ def test_export_writes_a_zip_with_figure_maps_and_numbers(mm):
     assert result["points"][0]["xy"] == [30, 40] and result["points"][0]["layers"]["features.14"]["query_index"] == \
         state.query_indices((30, 40))["features.14"]
     assert figure.endswith("figure.png")
+
+
+def dataset_markdown(demo) -> str:
+    return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "study")
+
+
+def test_dataset_tab_shows_the_shipped_study_or_says_how_to_make_one(mm, tmp_path):
+    from vggattn import study as study_mod
+
+    model, meta = mm
+    demo = app.build_demo(model, meta, None, "my.safetensors")
+    assert "python -m vggattn.study --checkpoint my.safetensors" in dataset_markdown(demo)
+    fake = {"checkpoint": "x.safetensors", "data": "val", "images": 4, "input_size": 64, "wall_s": 1.0,
+            "definitions": {"sink_dominated": "sink_mass >= 0.5", "ci": "bootstrap", "sanity_pass": "rho < 0.5"},
+            "layers": {}, "interventions": {"baseline": {"top1": 0.5, "top5": 1.0}}, "sanity": {"images": 0, "layers": {}}}
+    for name in ("features.14", "features.22", "features.30"):
+        stats = {s: 0.25 for s in study_mod.STATS}
+        dist = {"histogram": {"counts": [1, 3], "edges": [0.0, 0.5, 1.0]}}
+        fake["layers"][name] = {**stats, "grid": [2, 2], "gamma": 0.1, "sink_dominated_share": 0.75,
+                                "sink_border_share": 1.0, "sink_heatmap": [[3, 1], [0, 0]],
+                                "distribution": {s: dist for s in study_mod.STATS}, "per_class": {}}
+        for mode in study_mod.MODES:
+            fake["interventions"][f"{name}:{mode}"] = {"top1": 0.25, "top5": 1.0, "top1_delta": -0.25,
+                                                      "top1_delta_ci95": [-0.5, 0.0]}
+    demo = app.build_demo(model, meta, fake, "x.safetensors")
+    md = dataset_markdown(demo)
+    assert "sink-dominated in 75% of images" in md and "| features.22:mean | 25.00% |" in md
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"study-interventions", "study-sink_heatmaps", "study-distributions"} <= ids

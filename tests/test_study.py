@@ -3,6 +3,7 @@ direct computation, the bootstrap CI on known cases, and the CLI end to end on a
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,32 @@ def test_limit_and_mismatch_through_the_cli(tmp_path, caplog):
     bad = make_split(tmp_path / "other", ["a", "violin"], per_class=1)
     assert study.main([*args, "--data", str(bad), "--out", str(tmp_path / "o2")]) == 2
     assert "match none of the checkpoint's classes" in caplog.text
+
+
+def test_sink_note_flags_a_sink_dominated_layer_only():
+    from vggattn.analysis import sink_note
+
+    row = np.full((4, 4), 0.06 / 15)
+    row[1, 2] = 0.94
+    note = sink_note(row, (6, 0.8))
+    assert note.startswith("query-independent here: 94% of this row on cell (1, 2)") and "80% of all attention" in note
+    assert sink_note(row, (6, 0.3)) == ""  # the image's layer is not sink-dominated
+    other = sink_note(np.roll(row, 1, axis=1), (6, 0.7))  # this row looks elsewhere
+    assert other.startswith("sink-dominated image: cell (1, 2) takes 70%")
+
+
+def test_shipped_model_flags_its_sink_layers_on_a_click():
+    """The real checkpoint (its weights matter here): the flag names each image's own sink cell."""
+    from vggattn.analysis import analyze, render_attention
+
+    if not vggattn.DEFAULT_CHECKPOINT.is_file():
+        pytest.skip("shipped checkpoint missing")
+    model, meta = vggattn.load_checkpoint(device="cpu")
+    result = analyze(model, meta, Image.open(Path(__file__).resolve().parent.parent / "assets" / "church.jpg"))
+    panels = render_attention(result, (30, 40))
+    flagged = [(p, sink) for p, sink in zip(panels, result.sinks()) if p.sink_note]
+    assert flagged, [p.title for p in panels]
+    for p, (index, share) in flagged:
+        assert share >= 0.5 and f"({index // p.grid[1]}, {index % p.grid[1]})" in p.sink_note and "⚠" in p.title
+    for p, (index, share) in zip(panels, result.sinks()):
+        assert bool(p.sink_note) == (share >= 0.5)

@@ -27,6 +27,7 @@ from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
 from .render import mark_cells, mark_query, overlay, upsample_map
 
+SINK_DOMINATED = 0.5  # vggattn.study's rule: one cell takes at least half of all attention in the image
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 
 
@@ -41,11 +42,29 @@ class Panel:
     image: np.ndarray  # (H, W, 3) uint8 overlay
     attention_row: np.ndarray  # (h, w) float32 weights of the query, sums to 1
     readouts: dict  # entropy, mean distance, top cells of the row (vggattn.readouts.row_readouts)
+    sink_note: str = ""  # one line when this layer is sink-dominated on this image (see `sink_note`)
 
     @property
     def title(self) -> str:
         h, w = self.grid
-        return f"{self.layer} · {h}×{w} grid · γ = {self.gamma:+.4f} · query {self.query_index}"
+        title = f"{self.layer} · {h}×{w} grid · γ = {self.gamma:+.4f} · query {self.query_index}"
+        return f"{title} · ⚠ {self.sink_note}" if self.sink_note else title
+
+
+def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_DOMINATED) -> str:
+    """One line saying that a layer is sink-dominated on this image (its most attended cell takes at
+    least `threshold` of all attention), so a map is not read as a finding about the clicked pixel.
+    row: the clicked query's (h, w) attention; sink: (flat index, share) from `Analysis.sinks`."""
+    index, share = sink
+    if share < threshold:
+        return ""
+    w = row.shape[1]
+    cell = f"({index // w}, {index % w})"
+    on_sink = float(row.reshape(-1)[index])
+    if int(row.argmax()) == index:
+        return (f"query-independent here: {on_sink:.0%} of this row on cell {cell}, the cell most queries pick "
+                f"({share:.0%} of all attention in this image)")
+    return f"sink-dominated image: cell {cell} takes {share:.0%} of all attention; this row puts {on_sink:.0%} there"
 
 
 def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
@@ -83,6 +102,11 @@ class Analysis:
     def contributions(self) -> list[np.ndarray]:
         """Per layer, the (h, w) map of ||gamma * attention_out|| / ||x|| at each position."""
         return [layer.contribution[0].numpy() for layer in self.layers]
+
+    def sinks(self) -> list[tuple[int, float]]:
+        """Per layer, this image's sink: (flat index of the most attended cell, its share of all
+        attention, i.e. max_j of the query-averaged row) (vggattn.study's sink_mass for one image)."""
+        return [(int(m.argmax()), float(m.max())) for m, _ in self.query_dependence()]
 
     def query_dependence(self) -> list[tuple[np.ndarray, float]]:
         """Per layer: (query-averaged attention map (h, w), mean JS divergence of the rows from it, nats).
@@ -158,14 +182,14 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
     disp_h, disp_w = result.display.shape[:2]
     sx, sy = disp_w / w, disp_h / h
     panels = []
-    for layer, (row, readouts) in zip(result.layers, attention_at(result, xy, k=max(top_k, 5))):
+    for layer, (row, readouts), sink in zip(result.layers, attention_at(result, xy, k=max(top_k, 5)), result.sinks()):
         q = readouts["query_index"]
         rgb = render_map(result, row, opacity, colormap, mode)
         if top_k:
             rgb = mark_cells(rgb, [scale_box(cell_box(c["index"], result.size, layer.grid), sx, sy)
                                    for c in readouts["top_cells"][:top_k]], color=(255, 255, 0))
         rgb = mark_query(rgb, ((x + 0.5) * sx, (y + 0.5) * sy), scale_box(cell_box(q, result.size, layer.grid), sx, sy))
-        panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts))
+        panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts, sink_note(row, sink)))
     return panels
 
 

@@ -7,6 +7,8 @@ article's code loads unchanged. Beyond the article, all keyword-only and default
 - `width`: channel multiplier for the 13 convs (the shipped checkpoint is a small model);
 - `hidden`: size of the two hidden classifier layers (4096 in the article);
 - `attention=False`: the same network without the three blocks (the A/B baseline);
+  `attention="global"`: every attention row replaced by the image's query-averaged row, in training
+  too (GCNet's query-independent block; the same state_dict);
 - `batch_norm=True`: BatchNorm after each conv, for training only; `fold_batchnorm` turns such a
   model into the article's layout exactly (eval mode).
 
@@ -40,7 +42,7 @@ class ModelConfig:
     width: float = 1.0  # multiplier on every conv's channels (1.0 = the article)
     hidden: int = 4096  # the two hidden classifier layers (4096 = the article)
     dropout: float = 0.5  # classifier dropout (nn.Dropout() default, as in the article)
-    attention: bool = True  # False: same network without the three GlobalAttention blocks
+    attention: bool | str = True  # False: no GlobalAttention blocks; "global": query-averaged rows (GCNet)
     batch_norm: bool = False  # BatchNorm after each conv (training aid; fold before export)
 
     def to_dict(self) -> dict:
@@ -88,8 +90,11 @@ class GlobalAttention(nn.Module):
     To see the map, use `vggattn.AttentionCapture`, which keeps this forward's Q and K.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, *, query_averaged: bool = False):
         super().__init__()
+        # query_averaged: every row replaced by the image's query-averaged row, in training too (GCNet's
+        # query-independent block, Cao et al. 2019); a plain attribute, so the state_dict is unchanged
+        self.query_averaged = query_averaged
         self.conv_query = nn.Conv2d(in_channels, in_channels // 8, kernel_size=1)
         self.conv_key = nn.Conv2d(in_channels, in_channels // 8, kernel_size=1)
         self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -101,6 +106,10 @@ class GlobalAttention(nn.Module):
         query = self.conv_query(x).flatten(2).transpose(1, 2)  # (B, N, C')
         key = self.conv_key(x).flatten(2).transpose(1, 2)  # (B, N, C')
         value = self.conv_value(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.query_averaged:
+            mean_row = torch.softmax(query @ key.transpose(1, 2), dim=-1).mean(1, keepdim=True)  # (B, 1, N)
+            context = (mean_row @ value).transpose(1, 2)  # (B, C, 1): the same for every position
+            return x + self.gamma * context.reshape(B, C, 1, 1)
         if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             out = attend_in_row_blocks(query, key, value)
         else:
@@ -135,7 +144,7 @@ def make_features(cfg: list[int | str], width: float, attention: bool, batch_nor
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         elif v == "A":
             if attention:
-                layers.append(GlobalAttention(in_channels))
+                layers.append(GlobalAttention(in_channels, query_averaged=attention == "global"))
         else:
             out_channels = scaled_channels(int(v), width)
             layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
@@ -156,7 +165,7 @@ class VGG16WithAttention(nn.Module):
         width: float = 1.0,
         hidden: int = 4096,
         dropout: float = 0.5,
-        attention: bool = True,
+        attention: bool | str = True,
         batch_norm: bool = False,
     ):
         super().__init__()

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from .analysis import SINK_DOMINATED
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb
 from .model import GlobalAttention, VGG16WithAttention
@@ -60,7 +61,6 @@ BLOCK_ELEMENTS = 1 << 22  # attention weights alive at once (16 MB in fp32)
 STATS = ("sink_mass", "top1_weight", "cosine_distance", "cosine_distance_input", "cosine_distance_output", "jsd",
          "entropy_frac", "mean_distance_px", "contribution")
 MODES = ("off", "mean", "uniform")
-SINK_DOMINATED = 0.5  # an image's layer is sink-dominated when one cell takes >= half of all attention
 SANITY_SPEARMAN_MAX = 0.5  # a layer passes when its rows correlate less than this with randomised ones
 
 
@@ -494,6 +494,32 @@ def markdown_table(rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + " --- |" * len(rows[0])]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
     return "\n".join(lines)
+
+
+def summary_markdown(study: dict) -> str:
+    """The study as markdown: what it says, the per-layer, intervention and sanity tables."""
+    defs = study["definitions"]
+    return "\n\n".join([
+        f"**{study['images']} images** of `{study['data']}` at {study['input_size']} px, checkpoint "
+        f"`{study['checkpoint']}` (`python -m vggattn.study`).",
+        "\n".join(f"- {line}" for line in headline(study)),
+        "#### Per layer (mean over images)", markdown_table(layer_table(study)),
+        f"Sink-dominated: {defs['sink_dominated']}. Cosine distances are GCNet's measure between positions "
+        "(0: every position the same).",
+        "#### Interventions", markdown_table(intervention_table(study)),
+        f"off: the block returns x; mean: every row replaced by the image's mean row (GCNet's query-independent "
+        f"block); uniform: every row 1/N. CI: {defs['ci']}.",
+        f"#### Sanity check ({study['sanity']['images']} images)", markdown_table(sanity_table(study)),
+        f"Passes: {defs['sanity_pass']}.",
+    ])
+
+
+def missing_study_markdown(checkpoint: str | Path | None) -> str:
+    name = Path(checkpoint).name if checkpoint else "this checkpoint"
+    return (f"No dataset study ships with `{name}`. Make one (it writes `<checkpoint stem>.study.json` beside "
+            "the checkpoint, which the app shows here on its next start):\n\n"
+            f"```bash\npython -m vggattn.study --checkpoint {checkpoint or 'PATH'} --data <ImageFolder split> "
+            "--out study/ --ship\n```")
 
 
 def figures(study: dict) -> dict[str, bytes]:

@@ -38,7 +38,7 @@ log = logging.getLogger("vggattn.train")
 
 
 # What a resumed run must share with the run it continues (the schedule and model depend on them)
-RECIPE_KEYS = ("width", "hidden", "dropout", "input_size", "train_size", "no_attention", "no_batch_norm", "init",
+RECIPE_KEYS = ("width", "hidden", "dropout", "input_size", "train_size", "no_attention", "global_attention", "no_batch_norm", "init",
                "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_epochs",
                "label_smoothing", "seed", "limit_per_class")
 
@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=128, help="square input size of the model (val and inference)")
     p.add_argument("--train-size", type=int, default=0, help="random-resized-crop size for training (0 = input size; smaller is faster, FixRes-style)")
     p.add_argument("--no-attention", action="store_true", help="same network without the three attention blocks (A/B baseline)")
+    p.add_argument("--global-attention", action="store_true",
+                   help="every attention row replaced by the image's query-averaged row (GCNet's query-independent block)")
     p.add_argument("--no-batch-norm", action="store_true", help="train without BatchNorm (the article's plain network)")
     p.add_argument("--init", default="random", metavar="random|imagenet|PATH",
                    help="imagenet: torchvision VGG16 weights (needs the network); PATH: warm start from a vggattn "
@@ -128,10 +130,16 @@ def build_model(args, init_batch: torch.Tensor | None = None) -> VGG16WithAttent
         model.config.num_classes = args.num_classes
         return model
     model = VGG16WithAttention(args.num_classes, width=args.width, hidden=args.hidden, dropout=args.dropout,
-                               attention=not args.no_attention, batch_norm=not args.no_batch_norm)
+                               attention=model_attention(args), batch_norm=not args.no_batch_norm)
     if args.init != "random" and init_batch is not None:  # a resumed run loads last.pt instead
         model = warm_start(model, args.init, init_batch)
     return model
+
+
+def model_attention(args) -> bool | str:
+    if args.no_attention and args.global_attention:
+        raise TrainingError("--no-attention and --global-attention exclude each other")
+    return "global" if args.global_attention else not args.no_attention
 
 
 def warm_start(model: VGG16WithAttention, path: str, batch: torch.Tensor) -> VGG16WithAttention:
