@@ -5,12 +5,17 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: app test
+.PHONY: app test gpu-check
 app: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py $(ARGS)
 
 test: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest $(ARGS)
+
+# On a machine with a CUDA GPU: the CUDA-marked tests, then GPU timings (PY=python3 to use the machine's torch)
+gpu-check:
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -m cuda -q tests/test_cuda.py
+	$(PY) bench/gpu_timings.py $(ARGS)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

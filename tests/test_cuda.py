@@ -1,0 +1,104 @@
+"""CUDA paths (marked `cuda`; skipped without a GPU): capture, the fused SDPA path against the
+article's math, a training step with fp16 AMP, `--device auto`, the app's analysis and the study.
+
+    make gpu-check        # these tests, then bench/gpu_timings.py
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vggattn
+from conftest import tiny_meta, tiny_model
+from test_train import run, toy_data  # noqa: F401  (fixture)
+from vggattn import study
+from vggattn.analysis import analyze, attention_at
+from vggattn.checkpoint import resolve_device
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (make gpu-check runs these on one)")]
+
+
+def shipped_or_tiny():
+    if vggattn.DEFAULT_CHECKPOINT.is_file():
+        return vggattn.load_checkpoint(device="cpu")
+    return tiny_model(), tiny_meta(input_size=64)
+
+
+def test_device_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+    model, _ = vggattn.load_checkpoint(device="auto")
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_capture_on_cuda_equals_cpu():
+    model, meta = shipped_or_tiny()
+    x = torch.randn(2, 3, meta["input_size"], meta["input_size"])
+    with torch.no_grad(), vggattn.AttentionCapture(model) as cpu:
+        logits_cpu = model(x)
+    gpu_model = model.to("cuda")
+    with torch.no_grad(), vggattn.AttentionCapture(gpu_model) as gpu:
+        logits_gpu = gpu_model(x.cuda())
+    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-3, atol=1e-4)
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert a.name == b.name and a.grid == b.grid
+        q = [0, a.num_positions // 2, a.num_positions - 1]
+        torch.testing.assert_close(b.rows(q).cpu(), a.rows(q), rtol=1e-3, atol=1e-4)
+    model.to("cpu")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sdpa_path_on_cuda_matches_the_articles_math(autocast):
+    torch.manual_seed(0)
+    block = vggattn.GlobalAttention(64).cuda()
+    block.gamma.data.fill_(0.7)
+    x = torch.randn(2, 64, 28, 20, device="cuda")
+    with torch.no_grad():
+        want = block.forward_reference(x)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            got = block(x)
+    tol = 3e-2 if autocast else 1e-4
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_training_step_with_fp16_amp(toy_data, tmp_path, caplog):  # noqa: F811
+    caplog.set_level("INFO")
+    result = run(toy_data, tmp_path / "run", "--epochs", "2", "--device", "cuda", "--precision", "auto")
+    assert "autocast torch.float16" in caplog.text
+    losses = [h["train_loss"] for h in result["history"]]
+    assert all(np.isfinite(losses))
+    model, _ = vggattn.load_checkpoint(tmp_path / "run" / "best.safetensors", device="cuda")
+    assert all(abs(g) > 0 for g in vggattn.gammas(model).values())  # gamma received gradients
+
+
+def test_analysis_on_cuda_equals_cpu():
+    model, meta = shipped_or_tiny()
+    image = Image.open(vggattn.DEFAULT_CHECKPOINT.parent.parent / "assets" / "church.jpg")
+    cpu = analyze(model, meta, image)
+    gpu = analyze(model.to("cuda"), meta, image)
+    model.to("cpu")
+    assert list(cpu.top_k(5)) == list(gpu.top_k(5))
+    torch.testing.assert_close(gpu.probs, cpu.probs, rtol=1e-3, atol=1e-4)
+    for (row_c, r_c), (row_g, r_g) in zip(attention_at(cpu, (60, 80)), attention_at(gpu, (60, 80))):
+        np.testing.assert_allclose(row_g, row_c, rtol=1e-3, atol=1e-4)
+        assert r_c["query_index"] == r_g["query_index"]
+
+
+def test_study_on_cuda_equals_cpu(tmp_path):
+    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
+    meta["class_names"] = ["a", "b", "c"]
+    rng = np.random.default_rng(0)
+    for c in meta["class_names"]:
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    kw = dict(workers=0, sanity_images=2, n_boot=100, progress=False)
+    cpu = study.run_study(model, meta, tmp_path, **kw)
+    gpu = study.run_study(model.to("cuda"), meta, tmp_path, **kw)
+    for name, layer in cpu["layers"].items():
+        for stat in study.STATS:
+            assert gpu["layers"][name][stat] == pytest.approx(layer[stat], rel=1e-3, abs=1e-5), (name, stat)
+    assert json.dumps(gpu["interventions"]) == json.dumps(cpu["interventions"])
