@@ -98,3 +98,43 @@ def test_tabs_contribution_ablation_and_export(page):
     page.wait_for_function("document.querySelector('#export') && document.querySelector('#export').innerText.includes('.zip')",
                            timeout=60_000)
     assert "vggattn-export-x179-y190" in page.locator("#export").inner_text()  # the last click of the test above
+
+
+def test_dataset_tab_shows_the_shipped_study(page):
+    """The shipped study in the app: headline, tables and figures."""
+    page.get_by_role("tab", name="Dataset").click()
+    page.wait_for_function("document.querySelector('#study') && document.querySelector('#study').innerText.includes('Interventions')",
+                           timeout=30_000)
+    text = page.locator("#study").inner_text()
+    assert "features.22" in text and "sink-dominated" in text and "all:mean" in text, text[:500]
+    for name in ("interventions", "sink_heatmaps", "distributions"):
+        assert page.locator(f"#study-{name} img").first.get_attribute("src")
+
+
+def test_study_report_opens_offline_with_its_figures(page, tmp_path):
+    """The HTML report of a (tiny) study in Chromium from file://: tables there, every figure decoded."""
+    from test_study import make_split
+    from conftest import tiny_meta, tiny_model
+    import vggattn
+    from vggattn import study
+
+    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
+    meta["class_names"] = ["a", "b", "c"]
+    vggattn.save_checkpoint(model, meta, tmp_path / "tiny.safetensors")
+    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=2)
+    assert study.main(["--checkpoint", str(tmp_path / "tiny.safetensors"), "--data", str(data), "--out",
+                       str(tmp_path / "study"), "--workers", "0", "--sanity-images", "2", "--bootstrap", "100",
+                       "--device", "cpu"]) == 0
+    report = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})  # the module's Chromium
+    requests = []
+    report.on("request", lambda r: requests.append(r.url))
+    report.goto((tmp_path / "study" / "report.html").as_uri())
+    report.wait_for_load_state("load")
+    assert report.locator("table").count() >= 4
+    widths = report.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == 4 and all(w > 100 for w in widths), widths
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing fetched from a network
+    assert "features.30:uniform" in report.inner_text("body")
+    ARTIFACTS.mkdir(exist_ok=True)
+    report.screenshot(path=str(ARTIFACTS / "study-report.png"), full_page=True)
+    report.close()

@@ -89,7 +89,7 @@ def mean_cosine_distance(unit_sum: torch.Tensor, n: int) -> float:
     sum over all pairs of cos = |s|^2, of which the diagonal is n."""
     if n < 2:
         return 0.0
-    return float(1.0 - (unit_sum.double().square().sum() - n) / (n * (n - 1)))
+    return max(0.0, float(1.0 - (unit_sum.double().square().sum() - n) / (n * (n - 1))))  # >= 0; clamp rounding
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
