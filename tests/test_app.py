@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import app
+import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import Analysis
 
@@ -179,3 +180,18 @@ def test_dataset_tab_shows_the_shipped_study_or_says_how_to_make_one(mm, tmp_pat
     assert "sink-dominated in 75% of images" in md and "| features.22:mean | 25.00% |" in md
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"study-interventions", "study-sink_heatmaps", "study-distributions"} <= ids
+
+
+def test_probabilities_use_the_checkpoints_temperature(mm):
+    from vggattn.analysis import ablate, analyze
+    from vggattn.data import preprocess
+
+    model, meta = mm
+    image = vggattn.open_image(ASSET)
+    with torch.no_grad():
+        logits = model(preprocess(image, meta))[0]
+    plain = analyze(model, meta, image)
+    hot = analyze(model, {**meta, "temperature": 0.5}, image)
+    torch.testing.assert_close(plain.probs, logits.softmax(-1))
+    torch.testing.assert_close(hot.probs, (logits / 0.5).softmax(-1))
+    torch.testing.assert_close(ablate(model, hot, []), hot.probs)  # the same calibration with nothing switched off

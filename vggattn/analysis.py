@@ -87,6 +87,7 @@ class Analysis:
     model_view: np.ndarray  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
     input: torch.Tensor | None = None  # (1, 3, S, S) the model's input, for ablation forwards
     gradcam: torch.Tensor | None = None  # (h, w) Grad-CAM of the top class at the last conv layer
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature) (the checkpoint's calibration)
     _dependence: list | None = field(default=None, repr=False)
 
     def top_k(self, k: int = 5) -> dict[str, float]:
@@ -136,10 +137,11 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
         kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None
         logits = model(x)  # (1, num_classes)
     layers = [LayerCapture(l.name, l.gamma, l.grid, l.query.cpu(), l.key.cpu(), l.contribution.cpu()) for l in cap.layers]
-    probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+    temperature = float(meta.get("temperature", 1.0))  # fitted on held-out training images (scripts/calibrate.py)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)[0].cpu()
     cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None
     return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
-                    model_view(x, meta), x.cpu(), cam)
+                    model_view(x, meta), x.cpu(), cam, temperature)
 
 
 @torch.no_grad()
@@ -151,7 +153,7 @@ def ablate(model: nn.Module, result: Analysis, layers: list[str]) -> torch.Tenso
     device = next(model.parameters()).device
     with AttentionOff(model, list(layers)):
         logits = model(result.input.to(device))
-    return torch.softmax(logits.float(), dim=-1)[0].cpu()
+    return torch.softmax(logits.float() / result.temperature, dim=-1)[0].cpu()
 
 
 def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.5, colormap: str = "jet",

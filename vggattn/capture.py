@@ -56,8 +56,8 @@ class LayerCapture:
             raise RuntimeError(f"{self.name}: the block's activations or conv_query/conv_key weights were changed "
                                "in place after the captured forward; read the capture before updating the model")
         x, y, wq, bq, wk, bk = tensors
-        with torch.no_grad():
-            qk = [F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups).flatten(2).transpose(1, 2)
+        with torch.no_grad():  # .to(x.device): the model may have been moved since the forward (same values)
+            qk = [F.conv2d(x, w.to(x.device), b.to(x.device), c.stride, c.padding, c.dilation, c.groups).flatten(2).transpose(1, 2)
                   for c, w, b in ((block.conv_query, wq, bq), (block.conv_key, wk, bk))]  # (B, N, C') each
             delta = (y - x).float()  # gamma * attention_out, (B, C, H, W)
             contribution = delta.norm(dim=1) / x.float().norm(dim=1).clamp_min(1e-12)  # (B, H, W)

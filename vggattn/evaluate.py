@@ -36,6 +36,33 @@ log = logging.getLogger("vggattn.evaluate")
 def predict_folder(model: nn.Module, meta: dict, root: str | Path, batch_size: int = 64, workers: int = 2,
                    limit_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """-> (targets (n,), top-5 predictions (n, k)) over an ImageFolder root, in file order."""
+    targets, logits = predict_logits(model, meta, root, batch_size, workers, limit_per_class)
+    return targets, logits.topk(min(5, logits.shape[1]), dim=1).indices.numpy()
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 probability: sum over equal-width confidence bins of |accuracy - confidence|
+    weighted by the bin's share of images."""
+    conf, pred = probs.max(1)
+    correct = (pred == torch.as_tensor(targets)).double()
+    ece = 0.0
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += float(m.double().mean() * (conf[m].double().mean() - correct[m].mean()).abs())
+    return ece
+
+
+def calibration(logits: torch.Tensor, targets: np.ndarray, temperature: float = 1.0) -> dict:
+    """ECE before and after the checkpoint's temperature (meta["temperature"]; 1 = none)."""
+    return {"temperature": temperature, "ece": expected_calibration_error(logits.softmax(1), targets),
+            "ece_with_temperature": expected_calibration_error((logits / temperature).softmax(1), targets)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, meta: dict, root: str | Path, batch_size: int = 64, workers: int = 2,
+                   limit_per_class: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """-> (targets (n,), logits (n, num_classes) float32 on the CPU) over an ImageFolder root, in file order."""
     from .train import limit_per_class as limit
 
     ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
@@ -44,12 +71,11 @@ def predict_folder(model: nn.Module, meta: dict, root: str | Path, batch_size: i
                          f"{len(meta['class_names'])} classes")
     ds = limit(ds, limit_per_class)
     device = next(model.parameters()).device
-    targets, top5 = [], []
+    targets, logits = [], []
     for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="evaluate", leave=False):
-        logits = model(x.to(device))  # (B, num_classes)
-        top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+        logits.append(model(x.to(device)).float().cpu())  # (B, num_classes)
         targets.append(y)
-    return torch.cat(targets).numpy(), torch.cat(top5).numpy()
+    return torch.cat(targets).numpy(), torch.cat(logits)
 
 
 def metrics(targets: np.ndarray, top5: np.ndarray, class_names: list[str]) -> dict:
@@ -91,11 +117,17 @@ def count_flops(model: nn.Module, input_size: int) -> int:
 
     Attention is counted as the article's math (`GlobalAttention.forward_reference`): the fused
     kernel the model runs pads Q and K with zeros and is not seen by the counter on every device.
+    Query-averaged blocks (attention="global") are counted as they run.
     """
     model = model.eval()
     x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
-    with counter, mock.patch.object(GlobalAttention, "forward", GlobalAttention.forward_reference):
+    fused = GlobalAttention.forward
+
+    def article_math(block, h):  # query-averaged blocks ("global") are counted as they run
+        return fused(block, h) if block.query_averaged else block.forward_reference(h)
+
+    with counter, mock.patch.object(GlobalAttention, "forward", article_math):
         model(x)
     return counter.get_total_flops()
 
@@ -145,10 +177,13 @@ def main(argv=None) -> dict:
     c = report["checkpoint"]
     log.info("checkpoint: %.3f GFLOPs at %d px, %.2f M params", c["gflops"], c["input_size"], c["params"] / 1e6)
     if args.data:
-        targets, top5 = predict_folder(model, meta, args.data, args.batch_size, args.workers, args.limit_per_class)
-        m = metrics(targets, top5, meta["class_names"])
+        targets, logits = predict_logits(model, meta, args.data, args.batch_size, args.workers, args.limit_per_class)
+        m = metrics(targets, logits.topk(min(5, logits.shape[1]), dim=1).indices.numpy(), meta["class_names"])
+        m["calibration"] = calibration(logits, targets, float(meta.get("temperature", 1.0)))
         report["metrics"] = m
-        log.info("%d images: top-1 %.2f%%, top-5 %.2f%%", m["n"], 100 * m["top1"], 100 * m["top5"])
+        log.info("%d images: top-1 %.2f%%, top-5 %.2f%%; ECE %.4f, with temperature %.3f: %.4f", m["n"], 100 * m["top1"],
+                 100 * m["top5"], m["calibration"]["ece"], m["calibration"]["temperature"],
+                 m["calibration"]["ece_with_temperature"])
         for name, acc in m["per_class"].items():
             log.info("  %-20s %.2f%%", name, 100 * acc)
         if args.out:

@@ -107,9 +107,10 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
     """
     n = grid[0] * grid[1]
     blocks = row_blocks(n, block_elements)
-    centers = cell_centers(grid, (input_size, input_size)).float()  # (N, 2)
-    col_sum = torch.zeros(n, dtype=torch.float64)
-    unit_sum = torch.zeros(n, dtype=torch.float64)
+    device = rows(0, 1).device  # accumulate where the rows are (CPU or GPU)
+    centers = cell_centers(grid, (input_size, input_size)).float().to(device)  # (N, 2)
+    col_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    unit_sum = torch.zeros(n, dtype=torch.float64, device=device)
     top1 = entropy = distance = 0.0
     out_unit_sum, contribution = None, 0.0
     for start, stop in blocks:
@@ -133,13 +134,14 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
         kl_mean = (mean_row * (torch.log(mean_row.clamp_min(1e-300)) - log_m)).sum(1)
         jsd += float((0.5 * kl_p + 0.5 * kl_mean).sum())
     sink = int(col_sum.argmax())
+    col_sum, unit_sum = col_sum.cpu(), unit_sum.cpu()
     stats = {"sink_mass": float(col_sum[sink]) / n, "sink_index": sink, "top1_weight": top1 / n,
              "cosine_distance": mean_cosine_distance(unit_sum, n), "jsd": jsd / n,
              "entropy_frac": entropy / n / math.log(n) if n > 1 else 0.0, "mean_distance_px": distance / n}
     if x is not None:
-        stats["cosine_distance_input"] = mean_cosine_distance(unit(x.float()).sum(0), n)
+        stats["cosine_distance_input"] = mean_cosine_distance(unit(x.float()).sum(0).cpu(), n)
     if out_unit_sum is not None:
-        stats["cosine_distance_output"] = mean_cosine_distance(out_unit_sum, n)
+        stats["cosine_distance_output"] = mean_cosine_distance(out_unit_sum.cpu(), n)
         if x is not None:
             stats["contribution"] = contribution / n
     return stats
