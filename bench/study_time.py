@@ -1,10 +1,10 @@
 """How long `vggattn.study` takes, and whether its memory stays bounded when N is large.
 
-    python bench/study_time.py                        # shipped model, full val split (target <= 10 min)
+    python bench/study_time.py                        # quarter-width model, full val split (target <= 10 min)
     python bench/study_time.py --limit 400            # a quicker look
     python bench/study_time.py --full-width-448 4     # + the full-width model at 448 px on 4 images
 
-Row 1: the shipped checkpoint over the split with every statistic, the 13 intervention passes and the
+Row 1: a checkpoint (default: the quarter-width 128 px one, as the target is stated for) over the split with every statistic, the 13 intervention passes and the
 sanity check (as `python -m vggattn.study` runs it). Row 2 (optional): the article's full-width model
 (random weights) at 448 px, where one image's N x N map of features.14 (N = 112 x 112) would be
 629 MB in fp32; the study builds it a block of rows at a time, so peak RSS must stay far below
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 from common import ROOT, report
+
+from vggattn.checkpoint import SMALL_CHECKPOINT
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"
 
@@ -39,7 +42,7 @@ if cfg["full_width"]:
     _, meta = vggattn.load_checkpoint(device="cpu")
     meta = {{**meta, "input_size": 448}}
 else:
-    model, meta = vggattn.load_checkpoint(device="cpu")
+    model, meta = vggattn.load_checkpoint(cfg["checkpoint"], device="cpu")
 t0 = time.perf_counter()
 s = study.run_study(model, meta, cfg["data"], limit=cfg["limit"], batch_size=cfg["batch"], progress=False,
                     sanity_images=cfg["sanity"])
@@ -58,13 +61,15 @@ def run(cfg: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DATA), help="ImageFolder split")
-    p.add_argument("--limit", type=int, default=0, help="images of the shipped-model row (0 = all)")
+    p.add_argument("--checkpoint", default=str(SMALL_CHECKPOINT), help="checkpoint of row 1")
+    p.add_argument("--limit", type=int, default=0, help="images of row 1 (0 = all)")
     p.add_argument("--full-width-448", type=int, default=0, metavar="N", help="also run the 448 px full-width row on N images")
     args = p.parse_args(argv)
     rows = []
-    r = run({"full_width": False, "data": args.data, "limit": args.limit, "batch": 32, "sanity": 256})
-    rows.append(["shipped checkpoint, 128 px", r["images"], r["wall_s"], r["images"] / r["wall_s"], r["peak_rss_mb"],
-                 "4 MB (N = 1,024)", f"top-1 {100 * r['baseline_top1']:.2f}%"])
+    r = run({"full_width": False, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit, "batch": 32,
+             "sanity": 256})
+    rows.append([Path(args.checkpoint).name, r["images"], r["wall_s"], r["images"] / r["wall_s"], r["peak_rss_mb"],
+                 "", f"top-1 {100 * r['baseline_top1']:.2f}%"])
     if args.full_width_448:
         r = run({"full_width": True, "data": args.data, "limit": args.full_width_448, "batch": 1,
                  "sanity": args.full_width_448})

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from vggattn.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from vggattn.data import eval_transform, load_rgb  # noqa: E402
+from vggattn.evaluate import fit_temperature  # noqa: E402
 
 
 @torch.no_grad()
@@ -38,20 +39,6 @@ def held_out_logits(model, meta, root: Path, every: int, size: int) -> tuple[tor
         logits.append(model(x.contiguous(memory_format=torch.channels_last)).float())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp())
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vggattn.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint  # noqa: E402
+from vggattn.evaluate import expected_calibration_error, fit_temperature  # noqa: E402
 from vggattn.model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas  # noqa: E402
 
 NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn", "garbage truck",
@@ -143,34 +144,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     per_class = [float((top5[labels == c, 0] == c).float().mean()) for c in range(logits.shape[1])]
     return {"top1": float((top5[:, 0] == labels).float().mean()), "top5": float((top5 == labels[:, None]).any(1).float().mean()),
             "per_class": per_class}
-
-
-def ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error of the top-1 probability (equal-width bins)."""
-    p = logits.softmax(1)
-    conf, pred = p.max(1)
-    correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1, device=logits.device)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += float(m.float().mean() * (conf[m].mean() - correct[m].mean()).abs())
-    return total
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    log_t = torch.zeros(1, device=logits.device, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp())
 
 
 def train(cfg: dict, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -364,7 +337,8 @@ def main(argv=None) -> int:
     val_logits = logits_of(model, vx, cfg["input_size"])
     val = accuracy(val_logits, vy)
     calib = {"temperature": temperature, "heldout_images": int(hold.sum()),
-             "val_ece": ece(val_logits, vy), "val_ece_scaled": ece(val_logits / temperature, vy)}
+             "val_ece": expected_calibration_error(val_logits.softmax(1), vy),
+             "val_ece_scaled": expected_calibration_error((val_logits / temperature).softmax(1), vy)}
     log(f"main: val (WebP copy) top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}; {calib}")
     meta = {"class_names": NAMES, "class_ids": classes, "input_size": cfg["input_size"], "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD, "temperature": temperature,

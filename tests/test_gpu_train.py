@@ -1,5 +1,5 @@
-"""scripts/gpu_train.py's pieces on the CPU: GPU-side crops, temperature fitting, calibration error,
-and the two-file export that travels back from the GPU machine."""
+"""scripts/gpu_train.py's pieces on the CPU (GPU-side crops, the two-file export that travels back
+from the GPU machine), and the temperature fit and calibration error they use."""
 
 import importlib.util
 from pathlib import Path
@@ -28,13 +28,15 @@ def test_random_resized_crop_shapes_and_the_identity_crop():
 
 
 def test_fit_temperature_recovers_a_known_temperature_and_lowers_ece():
+    from vggattn.evaluate import expected_calibration_error as ece, fit_temperature
+
     torch.manual_seed(0)
     z = torch.randn(20000, 10) * 3
     labels = torch.distributions.Categorical(logits=z).sample()  # calibrated at T = 1 for logits z
     overconfident = z * 2.5  # the same model, overconfident: the right temperature is 2.5
-    t = gpu_train.fit_temperature(overconfident, labels)
+    t = fit_temperature(overconfident, labels)
     assert t == pytest.approx(2.5, rel=0.05)
-    assert gpu_train.ece(overconfident / t, labels) < 0.02 < gpu_train.ece(overconfident, labels)
+    assert ece((overconfident / t).softmax(1), labels) < 0.02 < ece(overconfident.softmax(1), labels)
 
 
 def test_exported_halves_join_into_the_same_checkpoint(tmp_path):

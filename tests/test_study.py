@@ -238,12 +238,12 @@ def test_sink_note_flags_a_sink_dominated_layer_only():
 
 
 def test_shipped_model_flags_its_sink_layers_on_a_click():
-    """The real checkpoint (its weights matter here): the flag names each image's own sink cell."""
+    """A real checkpoint (its weights matter here): the flag names each image's own sink cell."""
     from vggattn.analysis import analyze, render_attention
 
-    if not vggattn.DEFAULT_CHECKPOINT.is_file():
-        pytest.skip("shipped checkpoint missing")
-    model, meta = vggattn.load_checkpoint(device="cpu")
+    from vggattn.checkpoint import SMALL_CHECKPOINT
+
+    model, meta = vggattn.load_checkpoint(SMALL_CHECKPOINT, device="cpu")  # its study: two sink-dominated layers
     result = analyze(model, meta, Image.open(Path(__file__).resolve().parent.parent / "assets" / "church.jpg"))
     panels = render_attention(result, (30, 40))
     flagged = [(p, sink) for p, sink in zip(panels, result.sinks()) if p.sink_note]

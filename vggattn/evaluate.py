@@ -40,17 +40,35 @@ def predict_folder(model: nn.Module, meta: dict, root: str | Path, batch_size: i
     return targets, logits.topk(min(5, logits.shape[1]), dim=1).indices.numpy()
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(probs: torch.Tensor, targets, bins: int = 15) -> float:
     """ECE of the top-1 probability: sum over equal-width confidence bins of |accuracy - confidence|
-    weighted by the bin's share of images."""
+    weighted by the bin's share of images. targets: (n,) array or tensor."""
     conf, pred = probs.max(1)
-    correct = (pred == torch.as_tensor(targets)).double()
+    correct = (pred == torch.as_tensor(targets, device=probs.device)).double()
     ece = 0.0
     for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += float(m.double().mean() * (conf[m].double().mean() - correct[m].mean()).abs())
     return ece
+
+
+def fit_temperature(logits: torch.Tensor, targets) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017), by L-BFGS on log T."""
+    targets = torch.as_tensor(targets, device=logits.device)
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, device=logits.device, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().exp())
 
 
 def calibration(logits: torch.Tensor, targets: np.ndarray, temperature: float = 1.0) -> dict:

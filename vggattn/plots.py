@@ -1,4 +1,4 @@
-"""Figures from a training run: each layer's gamma against epoch.
+"""Figures from a training run: each layer's gamma against epoch (and val top-1, where logged).
 
     python -m vggattn.plots ~/runs/w025-att --out gamma.png             # the run's log.jsonl
     python -m vggattn.plots ~/runs/w025-att/log.jsonl --out gamma.png
@@ -62,7 +62,16 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    evaluated = [(r["epoch"], r["val_top1"]) for r in history if "val_top1" in r]
+    if evaluated:  # a second panel: the learning curve
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 3.5))
+        acc.plot(*zip(*[(e, 100 * v) for e, v in evaluated]), marker="o", ms=3, color="black")
+        acc.set_xlabel("epoch")
+        acc.set_ylabel("val top-1 (%)")
+        acc.set_title(f"val top-1 (last {100 * evaluated[-1][1]:.2f}%)")
+        acc.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in gamma_series(history).items():
         ax.plot(epochs, values, marker="o", ms=3, label=name)
     ax.axhline(0, color="grey", lw=0.8)
