@@ -368,7 +368,10 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every layer.")
-    p.add_argument("--checkpoint", default=str(vggattn.DEFAULT_CHECKPOINT), help="checkpoint (.safetensors or the article's .pth)")
+    p.add_argument("--checkpoint", default=str(vggattn.DEFAULT_CHECKPOINT),
+                   help="checkpoint (.safetensors or the article's .pth); shipped: checkpoints/vgg16att-imagenette-w05-256"
+                        ".safetensors (default, 90.0%%, 256 px) and checkpoints/vgg16att-imagenette-w025-128.safetensors "
+                        "(85.7%%, 128 px, 1/19 of the FLOPs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")

@@ -170,3 +170,23 @@ def test_article_attention_names_follow_from_the_config():
     from vggattn.model import ARTICLE_ATTENTION_NAMES
 
     assert tuple(vggattn.attention_layer_names(tiny_model())) == ARTICLE_ATTENTION_NAMES
+
+
+def test_global_attention_is_the_query_averaged_block_with_the_articles_state_dict():
+    """attention="global": every row replaced by the image's mean row, in training and inference alike."""
+    from vggattn import study
+
+    torch.manual_seed(0)
+    full = vggattn.vgg16_with_attention(10, width=0.125, hidden=32)
+    averaged = vggattn.vgg16_with_attention(10, width=0.125, hidden=32, attention="global")
+    assert list(full.state_dict()) == list(averaged.state_dict())
+    averaged.load_state_dict(full.state_dict())
+    block = averaged.features[14]
+    assert block.query_averaged and not full.features[14].query_averaged
+    block.gamma.data.fill_(1.0)
+    x = 3 * torch.randn(2, block.conv_value.in_channels, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), study.intervene(block, x, "mean"), rtol=1e-5, atol=1e-5)
+    y = block(x.requires_grad_())  # and it trains: gradients reach Q, K, V and gamma
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
