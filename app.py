@@ -33,9 +33,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import vggattn  # noqa: E402
-from vggattn.analysis import Analysis, ablate, analyze, render_attention, render_map  # noqa: E402
-from vggattn.explain import write_result  # noqa: E402
+from vggattn.analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, render_attention,  # noqa: E402
+                              render_map, unsure_note)
+from vggattn.export import write_result  # noqa: E402
 from vggattn.data import ImageLoadError, open_image  # noqa: E402
+from vggattn.readouts import dependence_markdown, readouts_markdown  # noqa: E402
 from vggattn.render import COLORMAPS, UPSAMPLING  # noqa: E402
 from vggattn.study import figures as study_figures, load_study, missing_study_markdown, summary_markdown  # noqa: E402
 
@@ -43,8 +45,6 @@ log = logging.getLogger("vggattn.app")
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 NUM_PANELS = 3
-GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
-              "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
 CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
                      "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
 PENDING = "pending"  # state value while a new upload is being analysed
@@ -73,34 +73,11 @@ def load_upload(path: str | None) -> "Image":  # noqa: F821
         raise gr.Error(str(e)) from None
 
 
-def gamma_table(result: Analysis) -> tuple[str, pd.DataFrame]:
-    rows = [f"| `{l.name}` | {l.grid[0]}×{l.grid[1]} | {l.gamma:+.4f} | {float(l.contribution.mean()):.3f} |"
-            for l in result.layers]
-    md = ("| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}")
-    df = pd.DataFrame({"layer": [l.name for l in result.layers], "gamma": [l.gamma for l in result.layers]})
-    return md, df
-
-
 def panel_updates(panels=None) -> list:
     """Updates of the three panels (plain updates: the panels encode them as JPEG, once)."""
     if panels is None:
         return [gr.update(value=None, label=f"attention layer {i + 1}") for i in range(NUM_PANELS)]
     return [gr.update(value=p.image, label=p.title) for p in panels]
-
-
-def readouts_table(panels) -> str:
-    """Per layer, the clicked query's entropy, mean attention distance and top-5 cells."""
-    rows = []
-    for p in panels:
-        r = p.readouts
-        cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
-        rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
-                    f"{r['mean_distance_input_px']:.1f} | {cells} |")
-    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
-    return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) +
-            "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
-            "Top-5 cells are numbered on the maps." + notes)
 
 
 def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> list:
@@ -118,24 +95,20 @@ def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smoo
     return [*contrib, *mean_maps, cam]
 
 
-def dependence_table(result: Analysis) -> str:
-    rows = [f"| `{l.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for l, (_, jsd) in zip(result.layers, result.query_dependence())]
-    return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
-            "\n\n0 means every position attends to the same place (the map does not depend on the query); "
-            "the images show where attention goes on average.")
-
-
 def on_image(model, meta, path):
     """New upload (or example): run the model once and show predictions, gammas, model input."""
     if not path:  # cleared
         return [None, None, "", None, None, "Upload an image to begin.", *panel_updates(), "", *map_updates(None), "", None, ""]
     image = load_upload(path)
     result = analyze(model, meta, image)
-    md, df = gamma_table(result)
+    md = gamma_markdown(result)
+    df = pd.DataFrame({"layer": [l.name for l in result.layers], "gamma": [l.gamma for l in result.layers]})
     w, h = result.size
     status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
+    note = unsure_note(result, meta)
+    status = f"**{note}** {status}" if note else status
     return [result, result.top_k(5), md, df, result.model_view, status, *panel_updates(), "", *map_updates(result),
-            dependence_table(result), None, ""]
+            dependence_markdown(result.layers, result.query_dependence()), None, ""]
 
 
 def mark_pending():
@@ -162,7 +135,7 @@ def on_click(state, opacity, colormap, mode, mark, evt: gr.SelectData):
     x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels), readouts_table(panels)]
+    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels), readouts_markdown(panels)]
 
 
 def on_mark(state, point, opacity, colormap, mode, mark):
@@ -245,7 +218,7 @@ def describe(model, meta) -> str:
             f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
             f"{meta['input_size']} px input{acc}) running on **{where}**. "
             "Upload an image, then click a pixel: each panel shows where that position attends "
-            "in one of the three attention layers.")
+            "in one of the three attention layers.\n\n" + "\n\n".join(model_notes(model, meta)))
 
 
 def study_view(study: dict | None, checkpoint: str | None):

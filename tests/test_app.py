@@ -195,3 +195,27 @@ def test_probabilities_use_the_checkpoints_temperature(mm):
     torch.testing.assert_close(plain.probs, logits.softmax(-1))
     torch.testing.assert_close(hot.probs, (logits / 0.5).softmax(-1))
     torch.testing.assert_close(ablate(model, hot, []), hot.probs)  # the same calibration with nothing switched off
+
+
+def test_unsure_threshold_rule_on_known_predictions():
+    from vggattn.analysis import unsure_threshold
+
+    # the 3 least confident are right 1 time in 3 (< 50%), the 4 least confident 2 in 4 (not under 50%)
+    assert unsure_threshold(np.array([0.9, 0.1, 0.4, 0.2, 0.3]), np.array([1, 0, 1, 0, 1])) == pytest.approx(0.3)
+    assert unsure_threshold(np.array([0.2, 0.6]), np.array([1, 0])) == 0.0  # never under 50%
+
+
+def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm):
+    model, meta = mm
+    header = app.describe(model, meta)
+    assert "knows 10 classes (c0, c1" in header and "any image you give it gets one of them" in header
+    assert "Every γ is 0" not in header
+    sure = app.on_image(model, {**meta, "unsure_below": 0.0}, str(ASSET))[5]
+    unsure = app.on_image(model, {**meta, "unsure_below": 0.999}, str(ASSET))[5]
+    assert "Unsure" not in sure and "⚠ Unsure: the top-1 probability" in unsure and "below 100%" in unsure
+
+
+def test_a_model_whose_gammas_are_all_zero_is_flagged():
+    fresh = vggattn.vgg16_with_attention(10, width=0.125, hidden=32).eval()  # gamma = 0, as initialised
+    header = app.describe(fresh, tiny_meta(input_size=64))
+    assert "Every γ is 0: attention does not affect this model's predictions" in header

@@ -67,6 +67,53 @@ def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_
     return f"sink-dominated image: cell {cell} takes {share:.0%} of all attention; this row puts {on_sink:.0%} there"
 
 
+def unsure_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """The top-1 probability below which predictions are right less than half the time: the largest
+    confidence c such that the predictions with confidence <= c have top-1 precision under 50% (0 if
+    even the least confident prediction alone is right). Fitted on a val split; stored as
+    meta["unsure_below"]."""
+    order = np.argsort(confidence, kind="stable")
+    conf, hits = np.asarray(confidence, dtype=np.float64)[order], np.asarray(correct, dtype=np.float64)[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)  # of the k least confident predictions
+    below = np.nonzero(precision < 0.5)[0]
+    return float(conf[below[-1]]) if len(below) else 0.0
+
+
+def unsure_note(result: "Analysis", meta: dict) -> str:
+    """One line when the top-1 probability is below the checkpoint's `unsure_below` threshold."""
+    threshold = float(meta.get("unsure_below", 0.0))
+    top = float(result.probs.max())
+    if top >= threshold:
+        return ""
+    return (f"⚠ Unsure: the top-1 probability {top:.0%} is below {threshold:.0%}, where this model's val top-1 "
+            "precision falls under 50%.")
+
+
+def model_notes(model: nn.Module, meta: dict) -> list[str]:
+    """What a user must know about the model before reading its output: the only classes it can answer,
+    and whether attention plays any part in its predictions."""
+    from .model import gammas
+
+    names = list(meta["class_names"])
+    notes = [f"This model knows {len(names)} classes ({', '.join(names)}); any image you give it gets one of them, "
+             "whatever it shows."]
+    if all(g == 0.0 for g in gammas(model).values()):
+        notes.append("⚠ Every γ is 0: attention does not affect this model's predictions, and the maps come from "
+                     "untrained Q and K (a fresh or untrained model).")
+    return notes
+
+
+GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
+              "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
+
+
+def gamma_markdown(result: "Analysis") -> str:
+    """Per layer: grid, γ and the mean effective contribution ‖γ·attn‖/‖x‖, as a markdown table."""
+    rows = [f"| `{l.name}` | {l.grid[0]}×{l.grid[1]} | {l.gamma:+.4f} | {float(l.contribution.mean()):.3f} |"
+            for l in result.layers]
+    return "| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
+
+
 def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     """(h, w, 3) uint8 copy of an RGB image, downscaled so its longest side is at most max_side."""
     scale = max_side / max(image.size)

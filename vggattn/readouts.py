@@ -83,3 +83,27 @@ def row_readouts(row: torch.Tensor, query: int, grid: tuple[int, int], input_siz
         "mean_distance_image_px": mean_distance(row, query, grid, image_size),
         "top_cells": [{"index": i, "row": i // grid[1], "col": i % grid[1], "weight": w} for i, w in top_cells(row, k)],
     }
+
+
+def readouts_markdown(panels) -> str:
+    """Per layer, a clicked query's entropy, mean attention distance and top-5 cells, as a markdown
+    table, with each layer's sink note (panels: `vggattn.analysis.Panel`s of one click)."""
+    rows = []
+    for p in panels:
+        r = p.readouts
+        cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
+        rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
+                    f"{r['mean_distance_input_px']:.1f} | {cells} |")
+    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
+    return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) +
+            "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
+            "Top-5 cells are numbered on the maps." + notes)
+
+
+def dependence_markdown(layers: list[LayerCapture], dependence: list[tuple]) -> str:
+    """Per layer, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
+    rows = [f"| `{l.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for l, (_, jsd) in zip(layers, dependence)]
+    return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
+            "\n\n0 means every position attends to the same place (the map does not depend on the query); "
+            "the images show where attention goes on average.")
