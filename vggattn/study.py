@@ -280,10 +280,26 @@ def reinit_qk(model: VGG16WithAttention, index: int, seed: int) -> GlobalAttenti
 
 
 @torch.no_grad()
+def entering_blocks(model: VGG16WithAttention, h: torch.Tensor, start: int, indices) -> tuple[torch.Tensor, dict]:
+    """Run model.features from `start` on h -> (features output, {index: activation entering that block})."""
+    entering = {}
+    for i in range(start, len(model.features)):
+        if i in indices:
+            entering[i] = h
+        h = model.features[i](h)
+    return h, entering
+
+
+@torch.no_grad()
 def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit: int = 0, batch_size: int = 32,
               workers: int = 2, sanity_images: int = 256, n_boot: int = 2000, seed: int = 0,
               progress: bool = True) -> dict:
-    """The whole study as the JSON-ready dict `study.json` holds."""
+    """The whole study as the JSON-ready dict `study.json` holds.
+
+    Per batch: one forward keeping the activation entering each attention block; the intervention
+    runs restart from the activation entering their first replaced block (the layers before it are
+    the baseline's); the statistics are computed image by image from the block's Q, K, V.
+    """
     if not isinstance(model, VGG16WithAttention):
         raise StudyError("the study needs a VGG16WithAttention (its features are run block by block)")
     model = model.eval()
@@ -291,127 +307,109 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     layers = attention_indices(model)
     if not layers:
         raise StudyError("this model has no attention blocks (trained with --no-attention?)")
-    names, idx = list(layers), list(layers.values())
-    first = idx[0]
     ds, targets = load_split(data, meta, limit)
-    n_images = len(ds)
+    n_images, input_size = len(ds), int(meta["input_size"])
     if n_images == 0:
         raise StudyError(f"{data} holds no images")
-    input_size = int(meta["input_size"])
+    first = min(layers.values())
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
-    runs = {"baseline": {}} | {f"{name}:{mode}": {layers[name]: mode} for name in names for mode in MODES} \
-        | {f"all:{mode}": {i: mode for i in idx} for mode in MODES}
-    top1 = {k: np.zeros(n_images, dtype=bool) for k in runs}
-    top5 = {k: np.zeros(n_images, dtype=bool) for k in runs}
-    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in names}
-    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in names}
+    runs = {f"{name}:{mode}": {i: mode} for name, i in layers.items() for mode in MODES} \
+        | {f"all:{mode}": {i: mode for i in layers.values()} for mode in MODES}
+    top1 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
+    top5 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
+    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in layers}
+    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in layers}
     grids: dict[str, tuple[int, int]] = {}
-    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in names}
+    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in layers}
     random_model = fresh_copy(model, seed + 1) if sanity_set else None
     random_blocks = {name: reinit_qk(model, i, seed + 2 + j) for j, (name, i) in enumerate(layers.items())}
-    loader = DataLoader(ds, batch_size, num_workers=workers)
     done = 0
     t0 = time.perf_counter()
-    for x, y in tqdm(loader, desc="study", unit="batch", disable=not progress):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
-        b = len(y)
-        h = model.features[:first](x)
-        entering = {}  # activation entering each attention block, baseline run
-        hh = h
-        for i in range(first, len(model.features)):
-            if i in layers.values():
-                entering[i] = hh
-            hh = model.features[i](hh)
-        logits = {"baseline": model.forward_head(hh)}
-        for key, modes in runs.items():
-            if modes:
-                start = min(modes)
-                logits[key] = run_from(model, entering[start], start, modes)
+    for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="study", unit="batch", disable=not progress):
+        x, y, b = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device), len(y)
+        out, entering = entering_blocks(model, model.features[:first](x), first, layers.values())
+        logits = {"baseline": model.forward_head(out)}
+        logits |= {key: run_from(model, entering[min(modes)], min(modes), modes) for key, modes in runs.items()}
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
             top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
-        if sanity_set & set(range(done, done + b)):
-            random_entering = {}
-            hr = x
-            for i, m in enumerate(random_model.features):
-                if i in layers.values():
-                    random_entering[i] = hr
-                hr = m(hr)
+        in_sanity = [j for j in range(b) if done + j in sanity_set]
+        random_entering = entering_blocks(random_model, x[in_sanity], 0, layers.values())[1] if in_sanity else {}
         for name, i in layers.items():
             block = model.features[i]
-            grids[name] = tuple(entering[i].shape[-2:])
-            q, k, v = qkv(block, entering[i])
+            grids[name] = grid = tuple(entering[i].shape[-2:])
+            q, k, v = qkv(block, entering[i])  # (B, N, C'), (B, N, C'), (B, N, C)
             xs = entering[i].flatten(2).transpose(1, 2)  # (B, N, C)
-            gamma = float(block.gamma)
             for j in range(b):
                 rows = softmax_rows(q[j], k[j])
-                s = attention_statistics(rows, grids[name], input_size, x=xs[j], value=v[j], gamma=gamma)
+                s = attention_statistics(rows, grid, input_size, x=xs[j], value=v[j], gamma=float(block.gamma))
                 for stat in STATS:
                     per_image[name][stat][done + j] = s[stat]
                 sinks[name][done + j] = s["sink_index"]
-                if done + j in sanity_set:
+                if j in in_sanity:
                     qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
-                    rows_qk = softmax_rows(qa[0], ka[0])
-                    rblock = random_model.features[i]
-                    qr, kr, _ = qkv(rblock, random_entering[i][j:j + 1])
-                    rows_full = softmax_rows(qr[0], kr[0])
-                    n = grids[name][0] * grids[name][1]
-                    sanity[name]["qk"].append(spearman_rows(rows, rows_qk, n))
-                    sanity[name]["full"].append(spearman_rows(rows, rows_full, n))
-                    sanity[name]["qk_stats"].append(attention_statistics(rows_qk, grids[name], input_size))
-                    sanity[name]["full_stats"].append(attention_statistics(rows_full, grids[name], input_size))
+                    r = in_sanity.index(j)
+                    qr, kr, _ = qkv(random_model.features[i], random_entering[i][r:r + 1])
+                    for kind, other in (("qk", softmax_rows(qa[0], ka[0])), ("full", softmax_rows(qr[0], kr[0]))):
+                        sanity[name][kind].append(spearman_rows(rows, other, grid[0] * grid[1]))
+                        sanity[name][f"{kind}_stats"].append(attention_statistics(other, grid, input_size))
         done += b
-    wall = time.perf_counter() - t0
-    class_names = list(meta["class_names"])
-    result = {"checkpoint": None, "data": str(data), "images": n_images, "input_size": input_size,
-              "class_names": class_names, "wall_s": wall,
-              "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
-                              "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
-                              "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations"},
-              "layers": {}, "interventions": {}, "sanity": {}}
-    for name, i in layers.items():
-        grid = grids[name]
-        vals = per_image[name]
-        heat = np.bincount(sinks[name], minlength=grid[0] * grid[1]).reshape(grid)
-        rows_, cols_ = np.divmod(sinks[name], grid[1])
-        border = (rows_ == 0) | (cols_ == 0) | (rows_ == grid[0] - 1) | (cols_ == grid[1] - 1)
-        entry = {s: float(np.nanmean(vals[s])) for s in STATS}
-        entry.update({
-            "grid": list(grid), "gamma": float(model.features[i].gamma),
+    return {"checkpoint": None, "data": str(data), "images": n_images, "input_size": input_size,
+            "class_names": list(meta["class_names"]), "wall_s": time.perf_counter() - t0,
+            "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
+                            "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
+                            "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations"},
+            "layers": {name: layer_summary(per_image[name], sinks[name], grids[name], float(model.features[i].gamma),
+                                           targets, list(meta["class_names"]))
+                       for name, i in layers.items()},
+            "interventions": intervention_summary(top1, top5, n_boot, seed),
+            "sanity": sanity_summary(sanity)}
+
+
+def layer_summary(vals: dict[str, np.ndarray], sinks: np.ndarray, grid: tuple[int, int], gamma: float,
+                  targets: np.ndarray, class_names: list[str]) -> dict:
+    """One layer's entry of study.json from its per-image statistics and sink cells."""
+    heat = np.bincount(sinks, minlength=grid[0] * grid[1]).reshape(grid)
+    rows, cols = np.divmod(sinks, grid[1])
+    border = (rows == 0) | (cols == 0) | (rows == grid[0] - 1) | (cols == grid[1] - 1)
+    top = int(heat.argmax())
+    return {**{s: float(np.nanmean(vals[s])) for s in STATS},
+            "grid": list(grid), "gamma": gamma,
             "sink_dominated_share": float(np.mean(vals["sink_mass"] >= SINK_DOMINATED)),
             "sink_border_share": float(border.mean()),
-            "sink_top_cell": {"index": int(heat.argmax()), "row": int(heat.argmax() // grid[1]),
-                              "col": int(heat.argmax() % grid[1]), "share": float(heat.max() / n_images)},
+            "sink_top_cell": {"index": top, "row": top // grid[1], "col": top % grid[1],
+                              "share": float(heat.max() / len(sinks))},
             "sink_heatmap": heat.tolist(),
             "distribution": {s: distribution(vals[s]) for s in STATS},
             "per_class": {class_names[c]: {s: float(np.nanmean(vals[s][targets == c])) for s in STATS}
-                          for c in sorted(set(targets.tolist()))},
-        })
-        result["layers"][name] = entry
+                          for c in sorted(set(targets.tolist()))}}
+
+
+def intervention_summary(top1: dict[str, np.ndarray], top5: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
+    """Accuracy of every run, and each intervention's change against the baseline with its paired CI."""
     base1, base5 = top1["baseline"], top5["baseline"]
-    result["interventions"]["baseline"] = {"top1": float(base1.mean()), "top5": float(base5.mean())}
-    for key in runs:
-        if key == "baseline":
-            continue
-        lo, hi = paired_bootstrap_ci(top1[key], base1, n_boot, seed)
-        result["interventions"][key] = {
-            "top1": float(top1[key].mean()), "top5": float(top5[key].mean()),
-            "top1_delta": float(top1[key].mean() - base1.mean()), "top1_delta_ci95": [lo, hi],
-            "top5_delta": float(top5[key].mean() - base5.mean())}
-    n_sanity = len(sanity[names[0]]["qk"])
-    result["sanity"] = {"images": n_sanity, "threshold": SANITY_SPEARMAN_MAX, "layers": {}}
-    for name in names:
-        s = sanity[name]
-        if not n_sanity:
-            continue
-        qk, full = float(np.mean(s["qk"])), float(np.mean(s["full"]))
-        result["sanity"]["layers"][name] = {
-            "spearman_qk_reinit": qk, "spearman_full_reinit": full,
-            "passes": bool(qk < SANITY_SPEARMAN_MAX and full < SANITY_SPEARMAN_MAX),
-            "qk_reinit": mean_stats(s["qk_stats"]), "full_reinit": mean_stats(s["full_stats"])}
-    return result
+    out = {"baseline": {"top1": float(base1.mean()), "top5": float(base5.mean())}}
+    for key in top1:
+        if key != "baseline":
+            lo, hi = paired_bootstrap_ci(top1[key], base1, n_boot, seed)
+            out[key] = {"top1": float(top1[key].mean()), "top5": float(top5[key].mean()),
+                        "top1_delta": float(top1[key].mean() - base1.mean()), "top1_delta_ci95": [lo, hi],
+                        "top5_delta": float(top5[key].mean() - base5.mean())}
+    return out
+
+
+def sanity_summary(sanity: dict[str, dict[str, list]]) -> dict:
+    """Mean row Spearman with each randomisation, pass/fail, and the randomised maps' statistics."""
+    n = len(next(iter(sanity.values()))["qk"])
+    out = {"images": n, "threshold": SANITY_SPEARMAN_MAX, "layers": {}}
+    for name, s in sanity.items():
+        if n:
+            qk, full = float(np.mean(s["qk"])), float(np.mean(s["full"]))
+            out["layers"][name] = {"spearman_qk_reinit": qk, "spearman_full_reinit": full,
+                                   "passes": bool(qk < SANITY_SPEARMAN_MAX and full < SANITY_SPEARMAN_MAX),
+                                   "qk_reinit": mean_stats(s["qk_stats"]), "full_reinit": mean_stats(s["full_stats"])}
+    return out
 
 
 def distribution(v: np.ndarray) -> dict:
