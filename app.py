@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -73,17 +74,38 @@ def load_upload(path: str | None) -> "Image":  # noqa: F821
         raise gr.Error(str(e)) from None
 
 
-def panel_updates(panels=None) -> list:
+@dataclass
+class UI:
+    """The components handlers write to; handlers return {component: value} dicts keyed by these."""
+
+    state: gr.State
+    point: gr.State
+    labels: gr.Label
+    gammas_md: gr.Markdown
+    gammas_plot: gr.BarPlot
+    seen: gr.Image
+    status: gr.Markdown
+    panels: list  # NUM_PANELS gr.Image, one per layer
+    readouts: gr.Markdown
+    maps: list  # NUM_MAPS gr.Image: contribution x3, query-averaged x3, Grad-CAM
+    dependence_md: gr.Markdown
+    ablation: gr.Dataframe
+    ablation_verdict: gr.Markdown
+    export_file: gr.File
+    export_png: gr.Image
+
+
+def panel_updates(ui: UI, panels=None) -> dict:
     """Updates of the three panels (plain updates: the panels encode them as JPEG, once)."""
     if panels is None:
-        return [gr.update(value=None, label=f"attention layer {i + 1}") for i in range(NUM_PANELS)]
-    return [gr.update(value=p.image, label=p.title) for p in panels]
+        return {c: gr.update(value=None, label=f"attention layer {i + 1}") for i, c in enumerate(ui.panels)}
+    return {c: gr.update(value=p.image, label=p.title) for c, p in zip(ui.panels, panels)}
 
 
-def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> list:
+def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> dict:
     """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
     if result is None:
-        return [gr.update(value=None) for _ in range(NUM_MAPS)]
+        return {c: gr.update(value=None) for c in ui.maps}
     draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
     contrib = [gr.update(value=draw(c), label=f"{l.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
                for l, c in zip(result.layers, result.contributions())]
@@ -91,24 +113,26 @@ def map_updates(result: Analysis | None, opacity=0.5, colormap="jet", mode="smoo
                  for l, (m, jsd) in zip(result.layers, result.query_dependence())]
     top = result.class_names[int(result.probs.argmax())]
     cam = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
-                   label=f"Grad-CAM of '{top}' at the last conv layer")
-    return [*contrib, *mean_maps, cam]
+                    label=f"Grad-CAM of '{top}' at the last conv layer")
+    return dict(zip(ui.maps, [*contrib, *mean_maps, cam]))
 
 
-def on_image(model, meta, path):
+def on_image(ui: UI, model, meta, path) -> dict:
     """New upload (or example): run the model once and show predictions, gammas, model input."""
-    if not path:  # cleared
-        return [None, None, "", None, None, "Upload an image to begin.", *panel_updates(), "", *map_updates(None), "", None, ""]
-    image = load_upload(path)
-    result = analyze(model, meta, image)
-    md = gamma_markdown(result)
-    df = pd.DataFrame({"layer": [l.name for l in result.layers], "gamma": [l.gamma for l in result.layers]})
+    cleared = {ui.readouts: "", ui.ablation: None, ui.ablation_verdict: "", **panel_updates(ui)}
+    if not path:
+        return {ui.state: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
+                ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
+    result = analyze(model, meta, load_upload(path))
     w, h = result.size
     status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
     note = unsure_note(result, meta)
-    status = f"**{note}** {status}" if note else status
-    return [result, result.top_k(5), md, df, result.model_view, status, *panel_updates(), "", *map_updates(result),
-            dependence_markdown(result.layers, result.query_dependence()), None, ""]
+    return {ui.state: result, ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
+            ui.gammas_plot: pd.DataFrame({"layer": [l.name for l in result.layers],
+                                          "gamma": [l.gamma for l in result.layers]}),
+            ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
+            ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
+            **map_updates(ui, result), **cleared}
 
 
 def mark_pending():
@@ -124,35 +148,36 @@ def click_problem(state) -> str | None:
     return None
 
 
-def on_click(state, opacity, colormap, mode, mark, evt: gr.SelectData):
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData) -> dict:
     """A click on the image: render its attention in every layer, with readouts (no model run)."""
     problem = click_problem(state)
     if problem:
         gr.Warning(problem)
-        return [None, problem, *[gr.skip()] * (NUM_PANELS + 1)]
+        return {ui.point: None, ui.status: problem}
     x, y = (int(v) for v in evt.index)
     w, h = state.size
     x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    return [(x, y), f"Pixel ({x}, {y}) → query index per layer: {idx}.", *panel_updates(panels), readouts_markdown(panels)]
+    return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.",
+            **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
 
 
-def on_mark(state, point, opacity, colormap, mode, mark):
+def on_mark(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
     """The top-5 numbering toggled: re-render the three panels of the current point (no model run)."""
     if click_problem(state) or point is None:
-        return [gr.skip()] * NUM_PANELS
-    return panel_updates(render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
+        return {}
+    return panel_updates(ui, render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
 
 
-def on_controls(state, point, opacity, colormap, mode, mark):
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
     """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
     if click_problem(state):
-        return [gr.skip()] * (NUM_PANELS + NUM_MAPS)
-    return [*on_mark(state, point, opacity, colormap, mode, mark), *map_updates(state, opacity, colormap, mode)]
+        return {}
+    return {**on_mark(ui, state, point, opacity, colormap, mode, mark), **map_updates(ui, state, opacity, colormap, mode)}
 
 
-def on_ablate(model, state, layers):
+def on_ablate(ui: UI, model, state, layers) -> dict:
     """Switch the chosen layers' attention off (gamma = 0) for one forward and compare the top-5."""
     problem = click_problem(state)
     if problem:
@@ -169,10 +194,10 @@ def on_ablate(model, state, layers):
     verdict = (f"Top-1 stays **{state.class_names[before]}** ({state.probs[before]:.1%} → {off[before]:.1%})."
                if before == after else
                f"Top-1 changes: **{state.class_names[before]}** → **{state.class_names[after]}**.")
-    return df, verdict
+    return {ui.ablation: df, ui.ablation_verdict: verdict}
 
 
-def on_export(model, state, point, opacity, colormap, mode):
+def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
     """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download."""
     problem = click_problem(state)
     if problem:
@@ -186,7 +211,7 @@ def on_export(model, state, point, opacity, colormap, mode):
     write_result(state, points, work / "vggattn", model, opacity=opacity, colormap=colormap, mode=mode)
     name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
     archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
-    return [archive, str(work / "vggattn" / "figure.png")]
+    return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png")}
 
 
 def api_analyze(model, meta, path):
@@ -302,21 +327,27 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                     ("distributions.png", "Per-image distributions")):
                     if name in study_images:
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
-        maps = [*contrib, *mean_maps, cam]
+        ui = UI(state, point, labels, gammas_md, gammas_plot, seen, status, panels, readouts,
+                [*contrib, *mean_maps, cam], dependence_md, ablation, ablation_verdict, export_file, export_png)
+        demo.ui = ui  # for tests: handlers are called with it, no server needed
 
         image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
-            bind(on_image, model, meta), image, [state, labels, gammas_md, gammas_plot, seen, status, *panels,
-                                                readouts, *maps, dependence_md, ablation, ablation_verdict],
-            api_name="upload")
-        image.select(on_click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts],
-                     api_name="click")
+            bind(on_image, ui, model, meta), image,
+            [state, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
+             ablation_verdict], api_name="upload")
+        def click(state, opacity, colormap, mode, mark, evt: gr.SelectData):  # Gradio finds evt by annotation,
+            return on_click(ui, state, opacity, colormap, mode, mark, evt)      # which a partial would hide
+
+        image.select(click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts], api_name="click")
         controls = [state, point, opacity, colormap, mode, mark]
         for control in (opacity, colormap, mode):
-            control.change(on_controls, controls, [*panels, *maps], api_name=f"rerender_{control.label.lower()}")
-        mark.change(on_mark, controls, panels, api_name="rerender_number")
-        ablate_button.click(bind(on_ablate, model), [state, layers_off], [ablation, ablation_verdict], api_name="ablate")
-        export_button.click(bind(on_export, model), [state, point, opacity, colormap, mode], [export_file, export_png],
-                            api_name="export")
+            control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
+                           api_name=f"rerender_{control.label.lower()}")
+        mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
+        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ablation, ablation_verdict],
+                            api_name="ablate")
+        export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
+                            [export_file, export_png], api_name="export")
 
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")

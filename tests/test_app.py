@@ -17,80 +17,92 @@ def mm():
     return tiny_model(), tiny_meta(input_size=64)
 
 
+@pytest.fixture(scope="module")
+def ui(mm):
+    """The components the handlers write to (a built demo; no server)."""
+    return app.build_demo(*mm).ui
+
+
 def select(x, y):
     return app.gr.SelectData(target=None, data={"index": [x, y], "value": None})
 
 
-def test_upload_runs_the_model_once_and_fills_the_page(mm):
-    model, meta = mm
-    state, labels, md, df, seen, status, *panels = app.on_image(model, meta, str(ASSET))
-    panels, readouts, maps, dependence = panels[:3], panels[3], panels[4:11], panels[11]
+def upload(ui, mm, path=ASSET):
+    return app.on_image(ui, *mm, str(path))
+
+
+def test_upload_runs_the_model_once_and_fills_the_page(mm, ui):
+    out = upload(ui, mm)
+    state, labels, df, seen = out[ui.state], out[ui.labels], out[ui.gammas_plot], out[ui.seen]
     assert isinstance(state, Analysis) and state.size == (224, 224)
     assert len(labels) == 5 and abs(sum(labels.values()) - 1) < 1 and all(0 <= p <= 1 for p in labels.values())
     assert list(df["layer"]) == ["features.14", "features.22", "features.30"]
-    assert "features.22" in md and "γ" in md
+    assert "features.22" in out[ui.gammas_md] and "γ" in out[ui.gammas_md]
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
-    assert "Click" in status
-    assert all(p["value"] is None for p in panels) and readouts == ""
+    assert "Click" in out[ui.status]
+    assert all(out[p]["value"] is None for p in ui.panels) and out[ui.readouts] == ""
+    maps = [out[m] for m in ui.maps]
     assert all(m["value"] is not None for m in maps)  # contribution x3, query-averaged x3, Grad-CAM
     assert "‖γ·attn‖/‖x‖ mean" in maps[0]["label"]
-    assert "JSD" in maps[3]["label"] and "Grad-CAM" in maps[6]["label"] and "features.30" in dependence
+    assert "JSD" in maps[3]["label"] and "Grad-CAM" in maps[6]["label"] and "features.30" in out[ui.dependence_md]
 
 
-def test_cleared_image_resets(mm):
-    out = app.on_image(*mm, None)
-    assert out[0] is None and "Upload" in out[5]
+def test_cleared_image_resets(mm, ui):
+    out = app.on_image(ui, *mm, None)
+    assert out[ui.state] is None and "Upload" in out[ui.status]
+    assert all(out[p]["value"] is None for p in ui.panels) and all(out[m]["value"] is None for m in ui.maps)
 
 
-def test_click_renders_three_titled_overlays_without_the_model(mm, monkeypatch):
+def test_click_renders_three_titled_overlays_without_the_model(mm, ui, monkeypatch):
     model, meta = mm
-    state = app.on_image(model, meta, str(ASSET))[0]
+    state = upload(ui, mm)[ui.state]
     monkeypatch.setattr(model, "forward", lambda *a: pytest.fail("a click ran the model"))
-    point, status, *panels, readouts = app.on_click(state, 0.5, "jet", "smooth", True, select(10, 200))
-    assert point == (10, 200) and "query index" in status
-    assert readouts.count("| `features.") == 3 and "entropy" in readouts
+    out = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200))
+    assert out[ui.point] == (10, 200) and "query index" in out[ui.status]
+    assert out[ui.readouts].count("| `features.") == 3 and "entropy" in out[ui.readouts]
+    panels = [out[p] for p in ui.panels]
     titles = [p["label"] for p in panels]
     assert [t.split(" ")[0] for t in titles] == ["features.14", "features.22", "features.30"]
     assert "16×16" in titles[0] and "γ = +0.5000" in titles[0]
     for p in panels:
         assert p["value"] is not None
-    _, _, *elsewhere, _ = app.on_click(state, 0.5, "jet", "smooth", True, select(200, 20))
-    assert not np.array_equal(panels[0]["value"], elsewhere[0]["value"])
+    elsewhere = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(200, 20))
+    assert not np.array_equal(panels[0]["value"], elsewhere[ui.panels[0]]["value"])
 
 
-def test_controls_rerender_without_the_model(mm, monkeypatch):
+def test_controls_rerender_without_the_model(mm, ui, monkeypatch):
     model, meta = mm
-    state = app.on_image(model, meta, str(ASSET))[0]
+    state = upload(ui, mm)[ui.state]
     monkeypatch.setattr(model, "forward", lambda *a: pytest.fail("a control change ran the model"))
-    a = app.on_controls(state, (100, 100), 0.2, "jet", "smooth", True)
-    b = app.on_controls(state, (100, 100), 0.9, "viridis", "blocky", False)
-    assert len(a) == len(b) == 3 + app.NUM_MAPS
-    assert a[0]["label"] == b[0]["label"] and a[3]["label"] == b[3]["label"]
-    assert not np.array_equal(a[3]["value"], b[3]["value"])  # the tabs' maps follow the controls too
-    unclicked = app.on_controls(state, None, 0.5, "jet", "smooth", True)
-    assert unclicked[:3] == [app.gr.skip()] * 3 and unclicked[3]["value"] is not None  # nothing clicked yet
-    marked, plain = (app.on_mark(state, (100, 100), 0.5, "jet", "smooth", m) for m in (True, False))
-    assert len(marked) == len(plain) == 3  # the numbering touches the panels only, not the tabs' maps
-    assert not np.array_equal(marked[0]["value"], plain[0]["value"])
+    a = app.on_controls(ui, state, (100, 100), 0.2, "jet", "smooth", True)
+    b = app.on_controls(ui, state, (100, 100), 0.9, "viridis", "blocky", False)
+    assert set(a) == set(b) == {*ui.panels, *ui.maps}
+    first_map = ui.maps[0]
+    assert a[ui.panels[0]]["label"] == b[ui.panels[0]]["label"] and a[first_map]["label"] == b[first_map]["label"]
+    assert not np.array_equal(a[first_map]["value"], b[first_map]["value"])  # the tabs' maps follow the controls too
+    unclicked = app.on_controls(ui, state, None, 0.5, "jet", "smooth", True)
+    assert set(unclicked) == set(ui.maps)  # nothing clicked yet: the panels are left as they are
+    marked, plain = (app.on_mark(ui, state, (100, 100), 0.5, "jet", "smooth", m) for m in (True, False))
+    assert set(marked) == set(plain) == set(ui.panels)  # the numbering touches the panels only, not the tabs' maps
+    assert not np.array_equal(marked[ui.panels[0]]["value"], plain[ui.panels[0]]["value"])
 
 
 @pytest.mark.parametrize("state,words", [(None, "before clicking"), (app.PENDING, "still being analysed")])
-def test_click_before_upload_or_mid_upload_is_a_message(state, words):
-    point, status, *panels = app.on_click(state, 0.5, "jet", "smooth", True, select(1, 1))
-    assert point is None and words in status
+def test_click_before_upload_or_mid_upload_is_a_message(ui, state, words):
+    out = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(1, 1))
+    assert out[ui.point] is None and words in out[ui.status] and set(out) == {ui.point, ui.status}
 
 
-def test_click_outside_is_clamped(mm):
-    state = app.on_image(*mm, str(ASSET))[0]
-    point, *_ = app.on_click(state, 0.5, "jet", "smooth", True, select(5000, -3))
-    assert point == (223, 0)
+def test_click_outside_is_clamped(mm, ui):
+    state = upload(ui, mm)[ui.state]
+    assert app.on_click(ui, state, 0.5, "jet", "smooth", True, select(5000, -3))[ui.point] == (223, 0)
 
 
 def test_bad_uploads_are_plain_errors(mm, tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     with pytest.raises(app.gr.Error, match="not an image in a supported format"):
-        app.on_image(*mm, str(text))
+        app.on_image(app.build_demo(*mm).ui, *mm, str(text))
     with pytest.raises(app.gr.Error, match="upload an image"):
         app.api_analyze(*mm, None)
 
@@ -118,14 +130,15 @@ def test_device_note_in_page(mm):
     assert "running on **CPU**" in app.describe(*mm) or torch.cuda.is_available()
 
 
-def test_ablation_compares_top5_with_one_forward(mm):
+def test_ablation_compares_top5_with_one_forward(mm, ui):
     model, meta = mm
-    state = app.on_image(model, meta, str(ASSET))[0]
+    state = upload(ui, mm)[ui.state]
     calls = []
     real = model.forward
     model.forward = lambda *a: calls.append(1) or real(*a)
     try:
-        df, verdict = app.on_ablate(model, state, ["features.14", "features.22", "features.30"])
+        out = app.on_ablate(ui, model, state, ["features.14", "features.22", "features.30"])
+        df, verdict = out[ui.ablation], out[ui.ablation_verdict]
     finally:
         del model.forward
     assert calls == [1]
@@ -133,18 +146,19 @@ def test_ablation_compares_top5_with_one_forward(mm):
     assert len(df) == 5 and "Top-1" in verdict
     assert (df["change"].abs() > 0).any()  # gammas are 0.5: switching attention off changes the output
     with pytest.raises(app.gr.Error, match="at least one layer"):
-        app.on_ablate(model, state, [])
+        app.on_ablate(ui, model, state, [])
     with pytest.raises(app.gr.Error, match="before clicking"):
-        app.on_ablate(model, None, ["features.14"])
+        app.on_ablate(ui, model, None, ["features.14"])
 
 
-def test_export_writes_a_zip_with_figure_maps_and_numbers(mm):
+def test_export_writes_a_zip_with_figure_maps_and_numbers(mm, ui):
     import json
     import zipfile
 
     model, meta = mm
-    state = app.on_image(model, meta, str(ASSET))[0]
-    archive, figure = app.on_export(model, state, (30, 40), 0.5, "jet", "smooth")
+    state = upload(ui, mm)[ui.state]
+    out = app.on_export(ui, model, state, (30, 40), 0.5, "jet", "smooth")
+    archive, figure = out[ui.export_file], out[ui.export_png]
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"figure.png", "result.json", "gradcam.npy", "features.14_attention.npy", "features.30_mean_attention.npy"} <= names
     result = json.loads(zipfile.ZipFile(archive).read("result.json"))
@@ -205,13 +219,13 @@ def test_unsure_threshold_rule_on_known_predictions():
     assert unsure_threshold(np.array([0.2, 0.6]), np.array([1, 0])) == 0.0  # never under 50%
 
 
-def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm):
+def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm, ui):
     model, meta = mm
     header = app.describe(model, meta)
     assert "knows 10 classes (c0, c1" in header and "any image you give it gets one of them" in header
     assert "Every γ is 0" not in header
-    sure = app.on_image(model, {**meta, "unsure_below": 0.0}, str(ASSET))[5]
-    unsure = app.on_image(model, {**meta, "unsure_below": 0.999}, str(ASSET))[5]
+    sure = app.on_image(ui, model, {**meta, "unsure_below": 0.0}, str(ASSET))[ui.status]
+    unsure = app.on_image(ui, model, {**meta, "unsure_below": 0.999}, str(ASSET))[ui.status]
     assert "Unsure" not in sure and "⚠ Unsure: the top-1 probability" in unsure and "below 100%" in unsure
 
 
