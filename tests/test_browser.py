@@ -113,16 +113,11 @@ def test_dataset_tab_shows_the_shipped_study(page):
 
 def test_study_report_opens_offline_with_its_figures(page, tmp_path):
     """The HTML report of a (tiny) study in Chromium from file://: tables there, every figure decoded."""
-    from test_study import make_split
-    from conftest import tiny_meta, tiny_model
-    import vggattn
+    from test_study import tiny_checkpoint
     from vggattn import study
 
-    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
-    meta["class_names"] = ["a", "b", "c"]
-    vggattn.save_checkpoint(model, meta, tmp_path / "tiny.safetensors")
-    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=2)
-    assert study.main(["--checkpoint", str(tmp_path / "tiny.safetensors"), "--data", str(data), "--out",
+    _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=2)
+    assert study.main(["--checkpoint", str(ckpt), "--data", str(data), "--out",
                        str(tmp_path / "study"), "--workers", "0", "--sanity-images", "2", "--bootstrap", "100",
                        "--device", "cpu"]) == 0
     report = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})  # the module's Chromium

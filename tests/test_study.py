@@ -161,6 +161,15 @@ def make_split(root, folders, per_class=3, size=48):
     return root
 
 
+def tiny_checkpoint(tmp_path, per_class: int = 3):
+    """A tiny 3-class model saved as a checkpoint, and an ImageFolder split of random images for it."""
+    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
+    meta["class_names"] = ["a", "b", "c"]
+    ckpt = tmp_path / "tiny.safetensors"
+    vggattn.save_checkpoint(model, meta, ckpt)
+    return model, meta, ckpt, make_split(tmp_path / "val", meta["class_names"], per_class=per_class)
+
+
 def test_class_folders_match_by_wnid_or_name_and_a_mismatch_is_one_sentence(tmp_path):
     meta = {**tiny_meta(num_classes=3), "class_names": ["tench", "church", "golf ball"],
             "class_ids": ["n01", "n02", "n03"]}
@@ -171,12 +180,8 @@ def test_class_folders_match_by_wnid_or_name_and_a_mismatch_is_one_sentence(tmp_
     assert "\n" not in str(e.value)
 
 
-def test_study_end_to_end_on_a_tiny_model(tmp_path, caplog):
-    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
-    meta["class_names"] = ["a", "b", "c"]
-    ckpt = tmp_path / "tiny.safetensors"
-    vggattn.save_checkpoint(model, meta, ckpt)
-    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=3)
+def test_study_end_to_end_on_a_tiny_model(tmp_path):
+    model, meta, ckpt, data = tiny_checkpoint(tmp_path)
     out = tmp_path / "study"
     assert study.main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--workers", "0",
                        "--batch-size", "4", "--sanity-images", "3", "--bootstrap", "200", "--device", "cpu",
@@ -212,11 +217,7 @@ def test_study_end_to_end_on_a_tiny_model(tmp_path, caplog):
 
 
 def test_limit_and_mismatch_through_the_cli(tmp_path, caplog):
-    model, meta = tiny_model(num_classes=3), tiny_meta(input_size=64, num_classes=3)
-    meta["class_names"] = ["a", "b", "c"]
-    ckpt = tmp_path / "tiny.safetensors"
-    vggattn.save_checkpoint(model, meta, ckpt)
-    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=4)
+    _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=4)
     args = ["--checkpoint", str(ckpt), "--workers", "0", "--sanity-images", "0", "--bootstrap", "50", "--device", "cpu"]
     assert study.main([*args, "--data", str(data), "--out", str(tmp_path / "o"), "--limit", "5"]) == 0
     assert json.loads((tmp_path / "o" / "study.json").read_text())["images"] == 5
