@@ -46,6 +46,8 @@ log = logging.getLogger("vggattn.app")
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 NUM_PANELS = 3
+PANEL_HEIGHT = 340  # px: the image and the three panels fit above the fold at 1440x900
+PANEL_MIN_WIDTH = 240  # px: below this the row wraps (a phone shows them one under another)
 CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
                      "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
 PENDING = "pending"  # state value while a new upload is being analysed
@@ -268,10 +270,15 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         # between users; dropped after an idle hour, and at most STATE_SESSIONS are kept (launch()).
         state = gr.State(None, time_to_live=3600)
         point = gr.State(None, time_to_live=3600)  # last clicked (x, y)
+        # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
+        with gr.Row(equal_height=True):
+            image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: click any pixel",
+                                  elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
+            panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
+                               height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
+        status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
-                image = UploadedImage(type="filepath", sources=["upload", "clipboard"],
-                                 label="Your image: click any pixel", elem_id="input-image", height=420)
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
                 with gr.Row():
@@ -285,10 +292,6 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                 gammas_plot = gr.BarPlot(x="layer", y="gamma", label="Learned γ per layer", height=200)
                 seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
                                 interactive=False, height=200)
-        status = gr.Markdown("Upload an image to begin.", elem_id="status")
-        with gr.Row():
-            panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg",
-                               elem_id=f"panel-{i}") for i in range(NUM_PANELS)]
         readouts = gr.Markdown(elem_id="readouts")
         with gr.Tabs():
             with gr.Tab("Effective contribution"):

@@ -133,3 +133,36 @@ def test_study_report_opens_offline_with_its_figures(page, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     report.screenshot(path=str(ARTIFACTS / "study-report.png"), full_page=True)
     report.close()
+
+
+@pytest.mark.parametrize("width,height", [(1440, 900), (1366, 768), (390, 844)])
+def test_layout_image_and_panels(page, width, height):
+    """1440x900: the image and the three panels all above the fold, equally large; 1366x768: none of
+    them overlap; a 390 px phone: they stack. Screenshots go to artifacts/."""
+    view = page.context.browser.new_page(viewport={"width": width, "height": height})
+    try:
+        view.goto(page.url)
+        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        view.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
+        view.wait_for_function("document.querySelector('#predictions') && "
+                               "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
+        img = view.locator("#input-image img").first
+        img.wait_for(state="visible", timeout=30_000)
+        click_image_at(img, 0.5, 0.5)
+        view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+        boxes = [view.locator(s).bounding_box() for s in ("#input-image", "#panel-0", "#panel-1", "#panel-2")]
+        ARTIFACTS.mkdir(exist_ok=True)
+        view.screenshot(path=str(ARTIFACTS / f"app-{width}x{height}.png"))
+    finally:
+        view.close()
+    for i, a in enumerate(boxes):  # no two overlap, at any size
+        for b in boxes[i + 1:]:
+            apart = (a["x"] + a["width"] <= b["x"] + 1 or b["x"] + b["width"] <= a["x"] + 1 or
+                     a["y"] + a["height"] <= b["y"] + 1 or b["y"] + b["height"] <= a["y"] + 1)
+            assert apart, (a, b)
+    if width >= 1366:  # one row, as large as the image
+        assert all(abs(b["y"] - boxes[0]["y"]) < 2 and abs(b["width"] - boxes[0]["width"]) < 2 for b in boxes), boxes
+    if (width, height) == (1440, 900):
+        assert all(b["y"] >= 0 and b["y"] + b["height"] <= height for b in boxes), boxes  # no scrolling needed
+    if width < 500:  # a phone: one under another
+        assert all(abs(b["x"] - boxes[0]["x"]) < 2 for b in boxes) and [b["y"] for b in boxes] == sorted(b["y"] for b in boxes)
