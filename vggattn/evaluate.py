@@ -107,13 +107,11 @@ def metrics(targets: np.ndarray, top5: np.ndarray, class_names: list[str]) -> di
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     confusion = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -126,7 +124,6 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Pa
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @torch.no_grad()

@@ -48,16 +48,14 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
            colormap: str = "jet", mode: str = "smooth") -> None:
     """One PNG: a row per point (image + three overlays), then Grad-CAM + contributions, then
     predictions + query-averaged maps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     from .render import mark_query
 
     n_layers = len(result.layers)
     rows = len(points) + 2
-    fig, axes = plt.subplots(rows, n_layers + 1, figsize=(3.2 * (n_layers + 1), 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * (n_layers + 1), 3.2 * rows))
+    axes = fig.subplots(rows, n_layers + 1, squeeze=False)
     h, w = result.display.shape[:2]
     sx, sy = w / result.size[0], h / result.size[1]
     for r, xy in enumerate(points):
@@ -87,7 +85,6 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
         ax.axis("off")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,

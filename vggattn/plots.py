@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-ARTICLE_ORDER = ("features.14", "features.22", "features.30")
+from .model import ARTICLE_ATTENTION_NAMES
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -48,30 +48,29 @@ def gamma_series(history: list[dict]) -> dict[str, list[float]]:
     for record in history:
         values = list(record.get("gammas", {}).values())
         names = list(record.get("gammas", {}))
-        if names and names != list(ARTICLE_ORDER) and len(names) == len(ARTICLE_ORDER):
-            names = list(ARTICLE_ORDER)
+        if names and names != list(ARTICLE_ATTENTION_NAMES) and len(names) == len(ARTICLE_ATTENTION_NAMES):
+            names = list(ARTICLE_ATTENTION_NAMES)
         for name, value in zip(names, values):
             series.setdefault(name, []).append(value)
     return series
 
 
 def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ per attention layer") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     epochs = [r["epoch"] for r in history]
     evaluated = [(r["epoch"], r["val_top1"]) for r in history if "val_top1" in r]
     if evaluated:  # a second panel: the learning curve
-        fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 3.5))
+        fig = Figure(figsize=(11, 3.5))
+        ax, acc = fig.subplots(1, 2)
         acc.plot(*zip(*[(e, 100 * v) for e, v in evaluated]), marker="o", ms=3, color="black")
         acc.set_xlabel("epoch")
         acc.set_ylabel("val top-1 (%)")
         acc.set_title(f"val top-1 (last {100 * evaluated[-1][1]:.2f}%)")
         acc.grid(alpha=0.3)
     else:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
     for name, values in gamma_series(history).items():
         ax.plot(epochs, values, marker="o", ms=3, label=name)
     ax.axhline(0, color="grey", lw=0.8)
@@ -81,7 +80,6 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> None:
