@@ -15,7 +15,9 @@ from .analysis import Analysis, ablate, attention_at, render_attention, render_m
 from .checkpoint import atomic_write
 
 
-def top_k(probs, class_names: list[str], k: int = 5) -> list[dict]:
+def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
+    """The k most probable classes as JSON records, most probable first (Analysis.top_k is the app's
+    {name: probability} form of the same)."""
     p, i = probs.topk(min(k, len(probs)))
     return [{"class": class_names[j], "index": j, "prob": float(v)} for v, j in zip(p.tolist(), i.tolist())]
 
@@ -31,14 +33,14 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None, p
                  "mean_contribution": float(contribution.mean()), "max_contribution": float(contribution.max()),
                  "query_dependence_jsd_nats": jsd, "query_dependence_jsd_fraction": jsd / math.log(2)}
         if model is not None:
-            entry["top5_attention_off"] = top_k(ablate(model, result, [layer.name]), result.class_names)
+            entry["top5_attention_off"] = ranked_predictions(ablate(model, result, [layer.name]), result.class_names)
         layers.append(entry)
     out = {"image_size": list(result.size), "input_size": result.input_size,
-           "predictions": top_k(result.probs, result.class_names), "gammas": result.gammas(), "layers": layers,
+           "predictions": ranked_predictions(result.probs, result.class_names), "gammas": result.gammas(), "layers": layers,
            "points": [{"xy": list(xy), "layers": {l.name: r for l, (_, r) in zip(result.layers, at)}}
                       for xy, at in zip(points, per_point)]}
     if model is not None:
-        out["top5_all_attention_off"] = top_k(ablate(model, result, [l.name for l in result.layers]), result.class_names)
+        out["top5_all_attention_off"] = ranked_predictions(ablate(model, result, [l.name for l in result.layers]), result.class_names)
     if result.gradcam is not None:
         out["gradcam_class"] = result.class_names[int(result.probs.argmax())]
     return out
@@ -75,7 +77,7 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
         axes[r, c].imshow(render_map(result, contribution, opacity, colormap, mode))
         axes[r, c].set_title(f"{layer.name} ‖γ·attn‖/‖x‖, mean {contribution.mean():.3f}", fontsize=8)
     r += 1
-    text = "top-5\n" + "\n".join(f"{p['prob']:6.1%}  {p['class']}" for p in top_k(result.probs, result.class_names))
+    text = "top-5\n" + "\n".join(f"{p['prob']:6.1%}  {p['class']}" for p in ranked_predictions(result.probs, result.class_names))
     text += "\n\nγ\n" + "\n".join(f"{k}: {v:+.4f}" for k, v in result.gammas().items())
     axes[r, 0].text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=8)
     for c, (layer, (mean_map, jsd)) in enumerate(zip(result.layers, result.query_dependence()), start=1):
