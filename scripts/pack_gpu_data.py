@@ -2,10 +2,11 @@
 
     python scripts/pack_gpu_data.py --data ../shared/data/imagenette2-224 --out .gpu --quality 75
 
-Writes OUT/val.npz and OUT/train-<k>.npz (each: `blob` uint8 bytes, `offsets` int64 (n+1), `labels`
+Writes OUT/a/val.npz, OUT/a/train-0.npz and OUT/b/train-1.npz (each: `blob` uint8 bytes, `offsets` int64 (n+1), `labels`
 int16, `classes` the folder names, `files` the relative paths). The train split is cut in two so
-that val.npz + train-0.npz and train-1.npz are about the same size (the device tool carries at most
-64 MiB a call). WebP re-encoding is lossy: say so wherever a number comes from these files.
+that OUT/a (val + train-0) and OUT/b (train-1) are about the same size: the device tool carries at
+most 64 MiB a call, so each folder travels in its own call. WebP re-encoding is lossy: say so
+wherever a number comes from these files.
 """
 
 from __future__ import annotations
@@ -44,19 +45,20 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=int, default=75, help="WebP quality")
     args = p.parse_args(argv)
     root, out = Path(args.data), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for part in ("a", "b"):
+        (out / part).mkdir(parents=True, exist_ok=True)
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     val = sorted((root / "val").glob("*/*.JPEG"))
     train = sorted((root / "train").glob("*/*.JPEG"))
-    size_val = pack(root, val, classes, args.quality, out / "val.npz")
+    size_val = pack(root, val, classes, args.quality, out / "a" / "val.npz")
     # train-0 takes an evenly spread share of the images, so that val + train-0 is about train-1
     val_share = size_val / (size_val + sum(f.stat().st_size for f in train) * size_val / sum(f.stat().st_size for f in val))
     frac = max(0.0, (1 - 2 * val_share) / (2 * (1 - val_share)))  # of train, into train-0
     picked = [int((i + 1) * frac) > int(i * frac) for i in range(len(train))]
     first = [f for f, keep in zip(train, picked) if keep]
     rest = [f for f, keep in zip(train, picked) if not keep]
-    sizes = [pack(root, first, classes, args.quality, out / "train-0.npz"),
-             pack(root, rest, classes, args.quality, out / "train-1.npz")]
+    sizes = [pack(root, first, classes, args.quality, out / "a" / "train-0.npz"),
+             pack(root, rest, classes, args.quality, out / "b" / "train-1.npz")]
     print(f"val {len(val)} images {size_val / 2**20:.1f} MiB; train-0 {len(first)} images {sizes[0] / 2**20:.1f} MiB; "
           f"train-1 {len(rest)} images {sizes[1] / 2**20:.1f} MiB")
     return 0
