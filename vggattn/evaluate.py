@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb
 from .model import GlobalAttention, VGG16WithAttention
 
@@ -176,8 +176,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    """The command line: 0 on success, 2 when the checkpoint cannot be loaded."""
+    try:
+        run(parse_args(argv))
+    except CheckpointError as e:
+        log.error("error: %s", e)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """FLOPs, and with --data the metrics; written to --out when given. -> the report dict."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report: dict = {"article_vs_vgg16": article_flops_comparison(224)}
     a = report["article_vs_vgg16"]
@@ -212,4 +222,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -82,14 +82,15 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vggattn.plots", description="Plot each layer's gamma against epoch.")
     p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.train, its run folder, or checkpoints")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="γ per attention layer", help="figure title")
     args = p.parse_args(argv)
     plot_gamma_history(read_history(args.sources), args.out, args.title)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
