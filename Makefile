@@ -5,12 +5,15 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: app test gpu-check
+.PHONY: app test lint gpu-check
 app: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py $(ARGS)
 
 test: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # On a machine with a CUDA GPU: the CUDA-marked tests, then GPU timings (PY=python3 to use the machine's torch)
 gpu-check:

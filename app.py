@@ -109,10 +109,10 @@ def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mo
     if result is None:
         return {c: gr.update(value=None) for c in ui.maps}
     draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
-    contrib = [gr.update(value=draw(c), label=f"{l.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
-               for l, c in zip(result.layers, result.contributions())]
-    mean_maps = [gr.update(value=draw(m), label=f"{l.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
-                 for l, (m, jsd) in zip(result.layers, result.query_dependence())]
+    contrib = [gr.update(value=draw(c), label=f"{layer.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
+               for layer, c in zip(result.layers, result.contributions())]
+    mean_maps = [gr.update(value=draw(m), label=f"{layer.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
+                 for layer, (m, jsd) in zip(result.layers, result.query_dependence())]
     top = result.class_names[int(result.probs.argmax())]
     cam = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
                     label=f"Grad-CAM of '{top}' at the last conv layer")
@@ -130,8 +130,8 @@ def on_image(ui: UI, model, meta, path) -> dict:
     status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
     note = unsure_note(result, meta)
     return {ui.state: result, ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
-            ui.gammas_plot: pd.DataFrame({"layer": [l.name for l in result.layers],
-                                          "gamma": [l.gamma for l in result.layers]}),
+            ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
+                                          "gamma": [layer.gamma for layer in result.layers]}),
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
             ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
             **map_updates(ui, result), **cleared}

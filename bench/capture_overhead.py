@@ -36,7 +36,7 @@ def main():
                 model(x)
             return cap
 
-        kept = sum(l.nbytes for l in captured().layers)
+        kept = sum(layer.nbytes for layer in captured().layers)
         t = interleaved({"plain": plain, "capture": captured}, repeats)
         rows.append([name, size, round(median(t["plain"]) * 1e3, 2), round(median(t["capture"]) * 1e3, 2),
                      round(median(t["capture"]) / median(t["plain"]), 3), round(min(t["capture"]) / min(t["plain"]), 3),

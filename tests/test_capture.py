@@ -42,7 +42,7 @@ def test_rows_equal_independent_softmax(size, batch):
     inputs = block_inputs(model, x)
     with AttentionCapture(model) as cap, torch.no_grad():
         model(x)
-    assert [l.name for l in cap.layers] == ["features.14", "features.22", "features.30"]
+    assert [layer.name for layer in cap.layers] == ["features.14", "features.22", "features.30"]
     for layer in cap.layers:
         block, xin = inputs[layer.name]
         H, W = xin.shape[-2:]
@@ -86,7 +86,7 @@ def test_each_forward_replaces_the_capture():
     with AttentionCapture(model) as cap, torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
         model(torch.randn(1, 3, 96, 96))
-    assert [l.grid for l in cap.layers] == [(24, 24), (12, 12), (6, 6)]
+    assert [layer.grid for layer in cap.layers] == [(24, 24), (12, 12), (6, 6)]
     assert cap["features.30"].grid == (6, 6)
     with pytest.raises(KeyError):
         cap["features.0"]

@@ -38,8 +38,8 @@ def test_two_images_write_what_is_promised(tiny_checkpoint, tmp_path):
         result = json.loads((d / "result.json").read_text())
         assert result["image_size"] == list(size) and len(result["predictions"]) == 5
         assert list(result["gammas"]) == ["features.14", "features.22", "features.30"]
-        assert [l["grid"] for l in result["layers"]] == [[16, 16], [8, 8], [4, 4]]
-        assert all(len(l["top5_attention_off"]) == 5 for l in result["layers"])
+        assert [layer["grid"] for layer in result["layers"]] == [[16, 16], [8, 8], [4, 4]]
+        assert all(len(layer["top5_attention_off"]) == 5 for layer in result["layers"])
         for point in result["points"]:
             for layer in result["layers"]:
                 readout = point["layers"][layer["name"]]

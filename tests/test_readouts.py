@@ -225,6 +225,6 @@ def test_any_module_with_attention_blocks_is_analysed_without_grad_cam(church):
 
     model = Wrapper().eval()
     result = analyze(model, tiny_meta(input_size=64), church)
-    assert result.gradcam is None and [l.name for l in result.layers] == ["inner.features.14", "inner.features.22",
+    assert result.gradcam is None and [layer.name for layer in result.layers] == ["inner.features.14", "inner.features.22",
                                                                           "inner.features.30"]
     assert not torch.equal(ablate(model, result, ["inner.features.14"]), result.probs)

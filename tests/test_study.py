@@ -195,7 +195,7 @@ def test_study_end_to_end_on_a_tiny_model(tmp_path):
             assert math.isfinite(layer[key]), key
         assert 0 < layer["sink_mass"] <= 1 and 0 <= layer["entropy_frac"] <= 1
         assert sum(map(sum, layer["sink_heatmap"])) == 9 and set(layer["per_class"]) == {"a", "b", "c"}
-    expected = {"baseline"} | {f"{l}:{m}" for l in [*s["layers"], "all"] for m in ("off", "mean", "uniform")}
+    expected = {"baseline"} | {f"{name}:{m}" for name in [*s["layers"], "all"] for m in ("off", "mean", "uniform")}
     assert set(s["interventions"]) == expected and len(expected) == 13
     # baseline and all:off against the model run directly on the same images
     ds, targets = study.load_split(data, meta)

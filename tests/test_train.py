@@ -45,7 +45,7 @@ def test_loss_falls_and_checkpoint_loads(toy_data, tmp_path):
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0] * 0.8, losses
     assert len(result["history"]) == 6 and all(len(h["gammas"]) == 3 for h in result["history"])
-    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert list(log[-1]["gammas"]) == ["features.14", "features.22", "features.30"]  # article names, not BN-shifted
     model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
@@ -110,7 +110,7 @@ def test_ddp_two_cpu_processes(toy_data, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2" in proc.stderr and "parameters of all 2 ranks agree" in proc.stderr
-    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     model, meta = vggattn.load_checkpoint(tmp_path / "best.safetensors")
     # every rank saw half of each epoch: 48 images / (2 ranks x 8) = 3 steps per epoch

@@ -6,3 +6,10 @@ from .data import ImageLoadError, cell_box, open_image, preprocess, query_index
 from .model import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
                     from_torchvision, gammas, vgg16_with_attention)
 from .analysis import Analysis, analyze, render_attention
+
+__all__ = [
+    "AttentionCapture", "LayerCapture", "DEFAULT_CHECKPOINT", "CheckpointError", "load_checkpoint", "save_checkpoint",
+    "ImageLoadError", "cell_box", "open_image", "preprocess", "query_index", "GlobalAttention", "ModelConfig",
+    "VGG16WithAttention", "attention_layer_names", "fold_batchnorm", "from_torchvision", "gammas",
+    "vgg16_with_attention", "Analysis", "analyze", "render_attention",
+]

@@ -109,8 +109,8 @@ GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ
 
 def gamma_markdown(result: "Analysis") -> str:
     """Per layer: grid, γ and the mean effective contribution ‖γ·attn‖/‖x‖, as a markdown table."""
-    rows = [f"| `{l.name}` | {l.grid[0]}×{l.grid[1]} | {l.gamma:+.4f} | {float(l.contribution.mean()):.3f} |"
-            for l in result.layers]
+    rows = [f"| `{layer.name}` | {layer.grid[0]}×{layer.grid[1]} | {layer.gamma:+.4f} | {float(layer.contribution.mean()):.3f} |"
+            for layer in result.layers]
     return "| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
 
 
@@ -183,7 +183,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
         kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None
         logits = model(x)  # (1, num_classes)
-    layers = [LayerCapture(l.name, l.gamma, l.grid, l.query.cpu(), l.key.cpu(), l.contribution.cpu()) for l in cap.layers]
+    layers = [LayerCapture(layer.name, layer.gamma, layer.grid, layer.query.cpu(), layer.key.cpu(), layer.contribution.cpu()) for layer in cap.layers]
     temperature = float(meta.get("temperature", 1.0))  # fitted on held-out training images (scripts/calibrate.py)
     probs = torch.softmax(logits.float() / temperature, dim=-1)[0].cpu()
     cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None

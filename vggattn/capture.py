@@ -159,7 +159,7 @@ class AttentionCapture:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(f"no capture for layer {name!r}; captured: {[l.name for l in self.layers]}")
+        raise KeyError(f"no capture for layer {name!r}; captured: {[layer.name for layer in self.layers]}")
 
     # -- hooks -------------------------------------------------------------------------------
     def _mine(self) -> bool:

@@ -124,7 +124,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e).strip()
-        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if "Weights only load failed" in text:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             detail = f"it references {found.group(1)}, which is not a tensor type" if found else \

@@ -37,10 +37,10 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None, p
         layers.append(entry)
     out = {"image_size": list(result.size), "input_size": result.input_size,
            "predictions": ranked_predictions(result.probs, result.class_names), "gammas": result.gammas(), "layers": layers,
-           "points": [{"xy": list(xy), "layers": {l.name: r for l, (_, r) in zip(result.layers, at)}}
+           "points": [{"xy": list(xy), "layers": {layer.name: r for layer, (_, r) in zip(result.layers, at)}}
                       for xy, at in zip(points, per_point)]}
     if model is not None:
-        out["top5_all_attention_off"] = ranked_predictions(ablate(model, result, [l.name for l in result.layers]), result.class_names)
+        out["top5_all_attention_off"] = ranked_predictions(ablate(model, result, [layer.name for layer in result.layers]), result.class_names)
     if result.gradcam is not None:
         out["gradcam_class"] = result.class_names[int(result.probs.argmax())]
     return out

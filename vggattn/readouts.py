@@ -103,7 +103,7 @@ def readouts_markdown(panels) -> str:
 
 def dependence_markdown(layers: list[LayerCapture], dependence: list[tuple]) -> str:
     """Per layer, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
-    rows = [f"| `{l.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for l, (_, jsd) in zip(layers, dependence)]
+    rows = [f"| `{layer.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for layer, (_, jsd) in zip(layers, dependence)]
     return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
             "\n\n0 means every position attends to the same place (the map does not depend on the query); "
             "the images show where attention goes on average.")
