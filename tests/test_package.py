@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["vggattn-train", "vggattn-evaluate", "vggattn-explain", "vggattn-study", "vggattn-plots"]
+SCRIPTS = ["vggattn-app", "vggattn-train", "vggattn-evaluate", "vggattn-explain", "vggattn-study", "vggattn-plots"]
 
 
 @pytest.fixture(scope="module")

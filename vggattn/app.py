@@ -1,0 +1,413 @@
+"""vggattn web app: upload an image, click a pixel, see where that position attends in each layer.
+
+    python app.py                                  # in a checkout: shipped checkpoint, http://127.0.0.1:7860
+    vggattn-app --checkpoint my.safetensors --device cuda --port 8000    # installed: the console script
+
+The model runs once per image (`analyze`); a click only re-renders from the per-session
+`gr.State` (the layers' Q and K), so it never runs the model again. This file wires the UI to the
+`vggattn` library and holds no model maths of its own. Scripts use the two stateless endpoints:
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    labels, gammas = client.predict(handle_file("photo.jpg"), api_name="/analyze")
+    o14, o22, o30, info = client.predict(handle_file("photo.jpg"), 120, 80, api_name="/attention_at")
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import vggattn  # noqa: E402
+from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, render_attention,  # noqa: E402
+                       render_map, unsure_note)
+from .data import ImageLoadError, open_image  # noqa: E402
+from .export import write_result  # noqa: E402
+from .readouts import dependence_markdown, readouts_markdown  # noqa: E402
+from .render import COLORMAPS, UPSAMPLING  # noqa: E402
+from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown  # noqa: E402
+
+log = logging.getLogger("vggattn.app")
+HERE = Path(__file__).resolve().parent.parent  # the checkout (assets/); an installed package has no examples
+EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+NUM_PANELS = 3
+PANEL_HEIGHT = 340  # px: the image and the three panels fit above the fold at 1440x900
+PANEL_MIN_WIDTH = 240  # px: below this the row wraps (a phone shows them one under another)
+CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
+                     "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
+PENDING = "pending"  # state value while a new upload is being analysed
+EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
+NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
+STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
+
+
+class UploadedImage(gr.Image):
+    """gr.Image that hands handlers the uploaded file's path untouched, so vggattn.open_image (format
+    allowlist, size limit, clear errors) is the only code that decodes what a user sent."""
+
+    is_template = True  # render with gr.Image's frontend
+
+    def preprocess(self, payload):
+        return None if payload is None else str(payload.path)
+
+
+# -- handlers (plain functions: tests call them without a server) ---------------------------------
+def load_upload(path: str | None) -> "Image":  # noqa: F821
+    if not path:
+        raise gr.Error("Please upload an image first.")
+    try:
+        return open_image(path)
+    except ImageLoadError as e:
+        raise gr.Error(str(e)) from None
+
+
+@dataclass
+class UI:
+    """The components handlers write to; handlers return {component: value} dicts keyed by these."""
+
+    state: gr.State
+    point: gr.State
+    labels: gr.Label
+    gammas_md: gr.Markdown
+    gammas_plot: gr.BarPlot
+    seen: gr.Image
+    status: gr.Markdown
+    panels: list  # NUM_PANELS gr.Image, one per layer
+    readouts: gr.Markdown
+    maps: list  # NUM_MAPS gr.Image: contribution x3, query-averaged x3, Grad-CAM
+    dependence_md: gr.Markdown
+    ablation: gr.Dataframe
+    ablation_verdict: gr.Markdown
+    export_file: gr.File
+    export_png: gr.Image
+
+
+def panel_updates(ui: UI, panels=None) -> dict:
+    """Updates of the three panels (plain updates: the panels encode them as JPEG, once)."""
+    if panels is None:
+        return {c: gr.update(value=None, label=f"attention layer {i + 1}") for i, c in enumerate(ui.panels)}
+    return {c: gr.update(value=p.image, label=p.title) for c, p in zip(ui.panels, panels)}
+
+
+def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> dict:
+    """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
+    if result is None:
+        return {c: gr.update(value=None) for c in ui.maps}
+    draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
+    contrib = [gr.update(value=draw(c), label=f"{layer.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
+               for layer, c in zip(result.layers, result.contributions())]
+    mean_maps = [gr.update(value=draw(m), label=f"{layer.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
+                 for layer, (m, jsd) in zip(result.layers, result.query_dependence())]
+    top = result.class_names[int(result.probs.argmax())]
+    cam = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
+                    label=f"Grad-CAM of '{top}' at the last conv layer")
+    return dict(zip(ui.maps, [*contrib, *mean_maps, cam]))
+
+
+def on_image(ui: UI, model, meta, path) -> dict:
+    """New upload (or example): run the model once and show predictions, gammas, model input."""
+    cleared = {ui.readouts: "", ui.ablation: None, ui.ablation_verdict: "", **panel_updates(ui)}
+    if not path:
+        return {ui.state: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
+                ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
+    result = analyze(model, meta, load_upload(path))
+    w, h = result.size
+    status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
+    note = unsure_note(result, meta)
+    return {ui.state: result, ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
+            ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
+                                          "gamma": [layer.gamma for layer in result.layers]}),
+            ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
+            ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
+            **map_updates(ui, result), **cleared}
+
+
+def mark_pending():
+    """First step of an upload: drop the old analysis so a click meanwhile cannot show stale maps."""
+    return PENDING
+
+
+def click_problem(state) -> str | None:
+    if state is None:
+        return "Upload an image (or pick an example) before clicking."
+    if isinstance(state, str):
+        return "The new image is still being analysed; click again in a moment."
+    return None
+
+
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData) -> dict:
+    """A click on the image: render its attention in every layer, with readouts (no model run)."""
+    problem = click_problem(state)
+    if problem:
+        gr.Warning(problem)
+        return {ui.point: None, ui.status: problem}
+    x, y = (int(v) for v in evt.index)
+    w, h = state.size
+    x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
+    idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
+    return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.",
+            **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
+
+
+def on_mark(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
+    """The top-5 numbering toggled: re-render the three panels of the current point (no model run)."""
+    if click_problem(state) or point is None:
+        return {}
+    return panel_updates(ui, render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
+
+
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
+    """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
+    if click_problem(state):
+        return {}
+    return {**on_mark(ui, state, point, opacity, colormap, mode, mark), **map_updates(ui, state, opacity, colormap, mode)}
+
+
+def on_ablate(ui: UI, model, state, layers) -> dict:
+    """Switch the chosen layers' attention off (gamma = 0) for one forward and compare the top-5."""
+    problem = click_problem(state)
+    if problem:
+        raise gr.Error(problem)
+    if not layers:
+        raise gr.Error("Tick at least one layer to switch off.")
+    off = ablate(model, state, layers)
+    order = off.topk(min(5, len(off))).indices.tolist()
+    df = pd.DataFrame({"class": [state.class_names[i] for i in order],
+                       "all layers on": [round(float(state.probs[i]), 4) for i in order],
+                       f"{', '.join(layers)} off": [round(float(off[i]), 4) for i in order],
+                       "change": [round(float(off[i] - state.probs[i]), 4) for i in order]})
+    before, after = int(state.probs.argmax()), int(off.argmax())
+    verdict = (f"Top-1 stays **{state.class_names[before]}** ({state.probs[before]:.1%} → {off[before]:.1%})."
+               if before == after else
+               f"Top-1 changes: **{state.class_names[before]}** → **{state.class_names[after]}**.")
+    return {ui.ablation: df, ui.ablation_verdict: verdict}
+
+
+def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
+    """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download."""
+    problem = click_problem(state)
+    if problem:
+        raise gr.Error(problem)
+    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in EXPORT_DIR.iterdir():  # keep the folder small: exports are fetched right away
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
+    points = [tuple(point)] if point is not None else []
+    write_result(state, points, work / "vggattn", model, opacity=opacity, colormap=colormap, mode=mode)
+    name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
+    archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
+    return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png")}
+
+
+def api_analyze(model, meta, path):
+    """Stateless: image -> (top-5 label dict, {layer: gamma})."""
+    result = analyze(model, meta, load_upload(path))
+    return result.top_k(5), result.gammas()
+
+
+def api_attention_at(model, meta, path, x, y, opacity=0.5, colormap="jet", mode="smooth"):
+    """Stateless: image, pixel (x, y) in original-image pixels -> three overlays + their facts."""
+    result = analyze(model, meta, load_upload(path))
+    w, h = result.size
+    if x is None or y is None or not (0 <= x < w and 0 <= y < h):
+        raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
+    panels = render_attention(result, (float(x), float(y)), opacity, colormap, mode)
+    info = [{"layer": p.layer, "grid": list(p.grid), "gamma": p.gamma, "query_index": p.query_index, "title": p.title}
+            for p in panels]
+    return (*[p.image for p in panels], info)
+
+
+# -- UI ---------------------------------------------------------------------------------------------
+def describe(model, meta) -> str:
+    device = next(model.parameters()).device
+    where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "CPU"
+    t = meta.get("training", {})
+    acc = f", val top-1 {t['val_top1']:.1%} on {t.get('dataset', '?')}" if "val_top1" in t else ""
+    c = meta["config"]
+    return (f"# vggattn · where does self-attention look?\n"
+            f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
+            f"{meta['input_size']} px input{acc}) running on **{where}**. "
+            "Upload an image, then click a pixel: each panel shows where that position attends "
+            "in one of the three attention layers.\n\n" + "\n\n".join(model_notes(model, meta)))
+
+
+def study_view(study: dict | None, checkpoint: str | None):
+    """The Dataset tab's markdown and figures (uint8 arrays), from a checkpoint's shipped study."""
+    if study is None:
+        return missing_study_markdown(checkpoint), {}
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = {name: np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for name, png in study_figures(study).items()}
+    return summary_markdown(study), images
+
+
+def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None) -> gr.Blocks:
+    """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one."""
+    bind = functools.partial
+    with gr.Blocks(title="vggattn") as demo:
+        gr.Markdown(describe(model, meta))
+        # This session's Analysis (~2 MB: a display-sized image and each layer's Q and K), never shared
+        # between users; dropped after an idle hour, and at most STATE_SESSIONS are kept (launch()).
+        state = gr.State(None, time_to_live=3600)
+        point = gr.State(None, time_to_live=3600)  # last clicked (x, y)
+        # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
+        with gr.Row(equal_height=True):
+            image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: click any pixel",
+                                  elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
+            panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
+                               height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
+        status = gr.Markdown("Upload an image to begin.", elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                if EXAMPLES:
+                    gr.Examples(EXAMPLES, inputs=image, label="Example photos")
+                with gr.Row():
+                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
+                    colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
+                    mode = gr.Radio(list(UPSAMPLING), value="smooth", label="Upsampling")
+                    mark = gr.Checkbox(value=True, label="Number the top-5 attended cells")
+            with gr.Column(scale=2):
+                labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
+                gammas_md = gr.Markdown(elem_id="gammas")
+                gammas_plot = gr.BarPlot(x="layer", y="gamma", label="Learned γ per layer", height=200)
+                seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
+                                interactive=False, height=200)
+        readouts = gr.Markdown(elem_id="readouts")
+        with gr.Tabs():
+            with gr.Tab("Effective contribution"):
+                gr.Markdown(CONTRIBUTION_HINT)
+                with gr.Row():
+                    contrib = [gr.Image(interactive=False, format="jpeg", elem_id=f"contribution-{i}")
+                               for i in range(NUM_PANELS)]
+            with gr.Tab("Query dependence"):
+                dependence_md = gr.Markdown(elem_id="dependence")
+                with gr.Row():
+                    mean_maps = [gr.Image(interactive=False, format="jpeg", elem_id=f"mean-map-{i}")
+                                 for i in range(NUM_PANELS)]
+            with gr.Tab("Ablation"):
+                gr.Markdown("Switch attention layers off (γ = 0 for one forward) and see how the top-5 changes.")
+                with gr.Row():
+                    layers_off = gr.CheckboxGroup(vggattn.attention_layer_names(model), label="Switch off",
+                                                  elem_id="layers-off")
+                    ablate_button = gr.Button("Run with these layers off", elem_id="ablate")
+                ablation_verdict = gr.Markdown(elem_id="ablation-verdict")
+                ablation = gr.Dataframe(interactive=False, elem_id="ablation")
+            with gr.Tab("Grad-CAM"):
+                gr.Markdown("Grad-CAM of the top class at the last conv layer: where the *class evidence* is, "
+                            "beside where positions *look*.")
+                cam = gr.Image(interactive=False, format="jpeg", elem_id="gradcam", height=420)
+            with gr.Tab("Export"):
+                export_button = gr.Button("Export the current view", elem_id="export-button")
+                with gr.Row():
+                    export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
+                    export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
+            with gr.Tab("Dataset"):
+                study_md, study_images = study_view(study, checkpoint)
+                gr.Markdown(study_md, elem_id="study")
+                for name, label in (("interventions.png", "Top-1 change per intervention, 95% CI"),
+                                    ("sink_heatmaps.png", "Where each image's sink is"),
+                                    ("cosine_distance.png", "Do positions differ? (GCNet's cosine distance)"),
+                                    ("distributions.png", "Per-image distributions")):
+                    if name in study_images:
+                        gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
+        ui = UI(state, point, labels, gammas_md, gammas_plot, seen, status, panels, readouts,
+                [*contrib, *mean_maps, cam], dependence_md, ablation, ablation_verdict, export_file, export_png)
+        demo.ui = ui  # for tests: handlers are called with it, no server needed
+
+        image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
+            bind(on_image, ui, model, meta), image,
+            [state, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
+             ablation_verdict], api_name="upload")
+        def click(state, opacity, colormap, mode, mark, evt: gr.SelectData):  # Gradio finds evt by annotation,
+            return on_click(ui, state, opacity, colormap, mode, mark, evt)      # which a partial would hide
+
+        image.select(click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts], api_name="click")
+        controls = [state, point, opacity, colormap, mode, mark]
+        for control in (opacity, colormap, mode):
+            control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
+                           api_name=f"rerender_{control.label.lower()}")
+        mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
+        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ablation, ablation_verdict],
+                            api_name="ablate")
+        export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
+                            [export_file, export_png], api_name="export")
+
+        with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
+            api_image = UploadedImage(type="filepath")
+            api_x, api_y = gr.Number(label="x"), gr.Number(label="y")
+            api_labels, api_gammas = gr.Label(), gr.JSON()
+            api_panels = [gr.Image() for _ in range(NUM_PANELS)]
+            api_info = gr.JSON()
+            analyze_button, attention_button = gr.Button(), gr.Button()
+        analyze_button.click(bind(api_analyze, model, meta), api_image, [api_labels, api_gammas], api_name="analyze")
+        attention_button.click(bind(api_attention_at, model, meta), [api_image, api_x, api_y],
+                               [*api_panels, api_info], api_name="attention_at")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
+           concurrency: int = 2, queue_size: int = 64, **kw):
+    """Serve with a bounded queue: `concurrency` events run at once, at most `queue_size` wait."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
+                       enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every layer.")
+    p.add_argument("--checkpoint", default=str(vggattn.DEFAULT_CHECKPOINT),
+                   help="checkpoint (.safetensors or the article's .pth); shipped: checkpoints/vgg16att-imagenette-w05-256"
+                        ".safetensors (default, 90.0%%, 256 px) and checkpoints/vgg16att-imagenette-w025-128.safetensors "
+                        "(85.7%%, 128 px, 1/19 of the FLOPs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
+    except (vggattn.CheckpointError, OSError) as e:
+        print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
+        return 2
+    log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
+    launch(build_demo(model, meta, load_study(args.checkpoint), args.checkpoint), args.host, args.port, args.share)
+    return 0
+
+
+def __getattr__(name: str):
+    """`from app import demo` builds the demo on the shipped checkpoint (lazily, once)."""
+    if name == "demo":
+        model, meta = vggattn.load_checkpoint()
+        checkpoint = str(vggattn.DEFAULT_CHECKPOINT)
+        globals()["demo"] = build_demo(model, meta, load_study(checkpoint), checkpoint)
+        return globals()["demo"]
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
