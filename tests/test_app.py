@@ -233,3 +233,17 @@ def test_a_model_whose_gammas_are_all_zero_is_flagged():
     fresh = vggattn.vgg16_with_attention(10, width=0.125, hidden=32).eval()  # gamma = 0, as initialised
     header = app.describe(fresh, tiny_meta(input_size=64))
     assert "Every γ is 0: attention does not affect this model's predictions" in header
+
+
+def test_host_and_port_follow_the_hosting_environment(monkeypatch):
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)  # this machine only, by default
+    monkeypatch.setenv("PORT", "8080")
+    assert app.parse_args([]).port == 8080
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    args = app.parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7861)
+    assert app.parse_args(["--host", "127.0.0.1", "--port", "9000"]).port == 9000  # flags win

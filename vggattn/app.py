@@ -380,8 +380,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ".safetensors (default, 90.0%%, 256 px) and checkpoints/vgg16att-imagenette-w025-128.safetensors "
                         "(85.7%%, 128 px, 1/19 of the FLOPs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    # Hosts such as Hugging Face Spaces say where to listen through Gradio's variables (or PORT)
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1 = this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
+                   help="port to serve on (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
     return p.parse_args(argv)
 
