@@ -146,8 +146,15 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                     ) -> tuple[VGG16WithAttention, dict]:
-    """Load a checkpoint (ours or the article's `.pth`) -> (model in eval mode, meta)."""
-    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    """Load a checkpoint (ours or the article's `.pth`; a file, a folder saved by `vggattn.hub.save_pretrained`
+    or a Hugging Face Hub id) -> (model in eval mode, meta)."""
+    if path is None:
+        path = DEFAULT_CHECKPOINT
+    elif not Path(path).is_file():
+        from .hub import resolve
+
+        path = resolve(path)
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:

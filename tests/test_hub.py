@@ -1,0 +1,106 @@
+"""Checkpoints as folders and Hub ids: save_pretrained -> load, a Hub id through huggingface_hub (its
+download patched, and for real from a local cache with HF_HUB_OFFLINE=1), an unknown id offline."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+import vggattn
+from conftest import tiny_meta, tiny_model
+from vggattn import hub
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model()
+    meta = {**tiny_meta(input_size=64), "training": {"dataset": "imagenette2-224", "val_top1": 0.9001}}
+    return model, meta, hub.save_pretrained(model, meta, tmp_path / "vgg16att-tiny")
+
+
+def test_save_pretrained_then_load_gives_identical_logits_and_a_hub_card(saved):
+    model, meta, folder = saved
+    loaded, loaded_meta = vggattn.load_checkpoint(folder, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    x = torch.randn(2, 3, 64, 64)
+    model = model.to(memory_format=torch.channels_last)  # as load_checkpoint leaves it: the same kernels
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded_meta["class_names"] == meta["class_names"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: vggattn\n") and "- imagenette2-224" in card and "value: 0.9001" in card
+
+
+def test_a_hub_id_resolves_through_huggingface_hub(saved, monkeypatch):
+    model, _, folder = saved
+    calls = []
+
+    def download(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        return str(folder / filename)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    loaded, _ = vggattn.load_checkpoint("someone/vgg16att-birds", device="cpu")
+    assert calls == [("someone/vgg16att-birds", "model.safetensors")]
+    x = torch.randn(1, 3, 64, 64)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def load_offline(hf_home: Path, repo_id: str) -> subprocess.CompletedProcess:
+    code = ("import vggattn\n"
+            "try:\n"
+            f"    model, meta = vggattn.load_checkpoint({repo_id!r}, device='cpu')\n"
+            "    print('loaded', meta['class_names'][0])\n"
+            "except vggattn.CheckpointError as e:\n"
+            "    print('error:', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_offline_a_cached_id_loads_and_an_unknown_one_is_one_sentence(saved, tmp_path):
+    _, meta, folder = saved
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--vgg16att-birds" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.copy(folder / "model.safetensors", snapshot / "model.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    cached = load_offline(tmp_path / "hf", "someone/vgg16att-birds")
+    assert cached.stdout.strip() == f"loaded {meta['class_names'][0]}", cached.stderr
+    unknown = load_offline(tmp_path / "hf", "nobody/nothing")
+    assert unknown.returncode == 0, unknown.stderr
+    line = unknown.stdout.strip()
+    assert line.startswith("error: could not get nobody/nothing from the Hugging Face Hub") and "\n" not in line
+    assert "Traceback" not in unknown.stdout + unknown.stderr
+
+
+def test_the_app_starts_from_a_hub_style_folder(saved):
+    _, _, folder = saved
+    model, meta = vggattn.load_checkpoint(folder, device="cpu")
+    demo = app.build_demo(model, meta, None, str(folder))
+    assert demo.ui.panels and app.parse_args(["--checkpoint", str(folder)]).checkpoint == str(folder)
+
+
+def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(vggattn.CheckpointError, match="checkpoint not found"):
+        vggattn.load_checkpoint("runs/best.safetensors")
+
+
+def test_model_methods_round_trip(saved, tmp_path):
+    _, meta, folder = saved
+    model = vggattn.VGG16WithAttention.from_pretrained(folder)
+    assert model.meta["class_names"] == meta["class_names"]
+    again = vggattn.VGG16WithAttention.from_pretrained(model.save_pretrained(tmp_path / "again"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x)) and again.meta["class_names"] == meta["class_names"]

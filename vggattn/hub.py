@@ -1,0 +1,87 @@
+"""Checkpoints as folders and on the Hugging Face Hub, in the project's own format.
+
+    model, meta = vggattn.load_checkpoint("someone/vgg16att-birds")   # a Hub id, a folder or a file
+    save_pretrained(model, meta, "out/")          # out/model.safetensors (+ meta) and out/README.md
+    push_to_hub(model, meta, "me/vgg16att-birds") # the same folder, uploaded
+
+A folder holds `model.safetensors` (vggattn's safetensors with its `meta`) and a model card whose
+YAML header follows the Hub's conventions (library, tags, dataset, the measured val top-1). A Hub id
+is fetched with `huggingface_hub` (its cache, so a fetched id loads offline); anything that cannot be
+fetched is one sentence (a `CheckpointError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .checkpoint import CheckpointError, save_checkpoint
+from .model import VGG16WithAttention
+
+WEIGHTS_NAME = "model.safetensors"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint file, a folder holding `model.safetensors`, or a Hub id -> the local file."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder without {WEIGHTS_NAME}")
+        return path / WEIGHTS_NAME
+    if not HUB_ID.match(str(source)) or path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        raise CheckpointError(f"checkpoint not found: {source}")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(source), WEIGHTS_NAME))
+    except Exception as e:  # offline, unknown repo, no such file, network: all one sentence
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not get {source} from the Hugging Face Hub (nothing at that path here either): "
+                              f"{reason}") from None
+
+
+def model_card(meta: dict) -> str:
+    """README.md of a saved folder: the Hub's YAML header, then what the checkpoint is."""
+    t = meta.get("training", {})
+    c = meta["config"]
+    lines = ["---", "library_name: vggattn", "pipeline_tag: image-classification",
+             "tags:", "- attention", "- vgg16", "- non-local", "- vggattn"]
+    if t.get("dataset"):
+        lines += ["datasets:", f"- {t['dataset']}"]
+    if "val_top1" in t:
+        lines += ["model-index:", "- name: vggattn", "  results:", "  - task:", "      type: image-classification",
+                  "    dataset:", f"      name: {t.get('dataset', 'val')}", f"      type: {t.get('dataset', 'val')}",
+                  "    metrics:", "    - type: accuracy", f"      value: {t['val_top1']:.4f}",
+                  "      name: val top-1"]
+    lines += ["---", "", f"# Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes)", "",
+              f"The article's VGG16 with a self-attention block in conv blocks 3, 4 and 5, {meta['input_size']} px "
+              f"input. Classes: {', '.join(meta['class_names'])}.", "",
+              "```python\nimport vggattn\nmodel, meta = vggattn.load_checkpoint(\"<this repo id or folder>\")\n```", ""]
+    return "\n".join(lines)
+
+
+def save_pretrained(model: VGG16WithAttention, meta: dict, folder: str | os.PathLike) -> Path:
+    """Write `folder/model.safetensors` (weights + meta) and `folder/README.md` -> the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, meta, folder / WEIGHTS_NAME)
+    (folder / "README.md").write_text(model_card({**meta, "config": model.config.to_dict()}), encoding="utf-8")
+    return folder
+
+
+def push_to_hub(model: VGG16WithAttention, meta: dict, repo_id: str, *, private: bool = False,
+                token: str | None = None) -> str:
+    """save_pretrained into a temporary folder and upload it to `repo_id` (created if needed) -> its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, meta, tmp)
+        api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message="vggattn checkpoint")
+    return f"https://huggingface.co/{repo_id}"
