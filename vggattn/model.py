@@ -65,9 +65,8 @@ def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
     The CPU inference path of GlobalAttention: exactly the article's math (Q K^T at Q's own width,
     where SDPA's fused kernel needs Q and K zero-padded to V's), holding one block of at most
-    `block_elements` attention weights (8 MB) instead of the N x N map. At 224 px, batch 1, it ran the
-    full-width model's two big blocks 1.3-1.5x and 2x faster than the padded fused kernel; in the whole
-    forward that is 73 vs 94 ms of attention, ~4% (bench/README.md).
+    `block_elements` attention weights (8 MB) instead of the N x N map. Faster than the padded fused
+    kernel on the CPU; the measurements are in bench/README.md (model speed).
     """
     B, N, _ = query.shape
     out = value.new_empty(B, N, value.shape[-1])
@@ -114,10 +113,9 @@ class GlobalAttention(nn.Module):
             out = attend_in_row_blocks(query, key, value)
         else:
             # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused
-            # kernel (with C' != C it falls back to the N x N math path): a training step of the shipped
-            # model ran 1.5-2x faster than on the math path (bench/train_throughput.py). V is made
-            # contiguous: from a contiguous-format x it is a strided view, and SDPA fell back to the
-            # N x N map (7.1 GB peak at 640 px instead of 1.6, bench/scale.py)
+            # kernel (with C' != C it falls back to the N x N math path; bench/train_throughput.py).
+            # V is made contiguous: from a contiguous-format x it is a strided view, and SDPA would
+            # fall back to the N x N map (bench/scale.py)
             pad = value.shape[-1] - query.shape[-1]
             out = F.scaled_dot_product_attention(F.pad(query, (0, pad)), F.pad(key, (0, pad)), value.contiguous(),
                                                  scale=1.0)

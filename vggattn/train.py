@@ -217,7 +217,7 @@ def article_named_gammas(model: VGG16WithAttention) -> dict[str, float]:
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX; elsewhere bf16 autocast is emulated and slower than fp32
-    (measured here on an AVX2 EPYC: 4.2 vs 22.5 images/s, quarter-width model, 128 px, batch 64)."""
+    (measured on an AVX2 EPYC: checkpoints/README.md, the quarter-width card)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
