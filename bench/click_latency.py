@@ -33,7 +33,7 @@ def main():
     photo = Image.open(ROOT / "assets" / "church.jpg").convert("RGB")
     images = {"224x224": photo, "1024x768": photo.resize((1024, 768), Image.Resampling.BICUBIC)}
     shipped, meta = vggattn.load_checkpoint(device="cpu")
-    out_images = [gr.Image(format="jpeg", interactive=False) for _ in range(app.NUM_PANELS)]  # as the app's panels
+    ui = app.build_demo(shipped, meta).ui  # the handlers' components (the panels encode JPEG as in the app)
     rows = []
     for name, model, m in (("shipped checkpoint", shipped, meta), ("full width, 224 px", full_width_model(), full_width_meta())):
         for image_name, image in images.items():
@@ -44,10 +44,10 @@ def main():
                 xy = [rng.randrange(image.width), rng.randrange(image.height)]
                 evt = gr.SelectData(target=None, data={"index": xy, "value": None})
                 t0 = time.perf_counter()
-                _, _, *panels, _ = app.on_click(state, 0.5, "jet", "smooth", True, evt)
+                out = app.on_click(ui, state, 0.5, "jet", "smooth", True, evt)
                 t1 = time.perf_counter()
-                for component, update in zip(out_images, panels):
-                    component.postprocess(update["value"])
+                for component in ui.panels:
+                    component.postprocess(out[component]["value"])
                 t2 = time.perf_counter()
                 if i >= 3:  # warm-up clicks
                     handler.append(t1 - t0)
