@@ -146,35 +146,34 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "per_class": per_class}
 
 
-def train(cfg: dict, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-          log_file: Path, deadline: float | None = None) -> tuple[VGG16WithAttention, list[dict]]:
-    """One run of the recipe in `cfg`; one JSON line per epoch into log_file."""
+def build(cfg: dict) -> tuple[VGG16WithAttention, torch.optim.Optimizer]:
+    """The run's model (BatchNorm, channels_last, seeded) and its AdamW (no decay on biases, BatchNorm, gamma)."""
     torch.manual_seed(cfg["seed"])
     model = VGG16WithAttention(len(NAMES), width=cfg["width"], hidden=cfg["hidden"], dropout=cfg["dropout"],
                                attention=ARMS[cfg["arm"]], batch_norm=True).to(DEVICE).to(memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases, BatchNorm, gamma
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], fused=DEVICE == "cuda")
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=cfg["lr"], fused=DEVICE == "cuda")
+
+
+def train(cfg: dict, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+          log_file: Path, deadline: float | None = None) -> tuple[VGG16WithAttention, list[dict]]:
+    """One run of the recipe in `cfg`; one JSON line per epoch into log_file."""
     steps = max(1, len(train_x) // cfg["batch_size"])
     epochs = cfg["epochs"]
-    if epochs == "auto":  # measure a step, then fit the schedule into the time left
-        probe_model_step(model, opt, train_x, train_y, cfg, 5)
+    if epochs == "auto":  # measure a step on a throw-away model, then fit the schedule into the time left
+        probe, probe_opt = build(cfg)
+        probe_model_step(probe, probe_opt, train_x, train_y, cfg, 5)
         sync()
         t = time.perf_counter()
-        probe_model_step(model, opt, train_x, train_y, cfg, 20)
+        probe_model_step(probe, probe_opt, train_x, train_y, cfg, 20)
         sync()
         step_s = (time.perf_counter() - t) / 20
         budget = deadline - time.perf_counter()
         epochs = int(max(1, min(cfg["max_epochs"], budget / (step_s * steps * 1.08 + 0.6))))
         log(f"{cfg['name']}: {step_s * 1000:.1f} ms/step, {budget:.0f} s left -> {epochs} epochs")
-        torch.manual_seed(cfg["seed"])  # the probe's updates are thrown away
-        model = VGG16WithAttention(len(NAMES), width=cfg["width"], hidden=cfg["hidden"], dropout=cfg["dropout"],
-                                   attention=ARMS[cfg["arm"]], batch_norm=True).to(DEVICE).to(memory_format=torch.channels_last)
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], fused=DEVICE == "cuda")
+        del probe, probe_opt
+    model, opt = build(cfg)
     cfg["epochs_run"] = epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=epochs * steps, pct_start=0.25)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])

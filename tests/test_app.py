@@ -63,7 +63,7 @@ def test_click_renders_three_titled_overlays_without_the_model(mm, ui, monkeypat
     panels = [out[p] for p in ui.panels]
     titles = [p["label"] for p in panels]
     assert [t.split(" ")[0] for t in titles] == ["features.14", "features.22", "features.30"]
-    assert "16×16" in titles[0] and "γ = +0.5000" in titles[0]
+    assert "16×16" in titles[0] and "γ +0.5000" in titles[0] and all(len(t) < 50 for t in titles)  # fits a label
     for p in panels:
         assert p["value"] is not None
     elsewhere = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(200, 20))
@@ -247,3 +247,17 @@ def test_host_and_port_follow_the_hosting_environment(monkeypatch):
     args = app.parse_args([])
     assert (args.host, args.port) == ("0.0.0.0", 7861)
     assert app.parse_args(["--host", "127.0.0.1", "--port", "9000"]).port == 9000  # flags win
+
+
+def test_a_click_states_the_sink_notes_under_the_panels():
+    """The quarter-width checkpoint (two sink-dominated layers on most images): the notes are in the
+    status line right under the panels, where a label would cut them off."""
+    from vggattn.checkpoint import SMALL_CHECKPOINT
+
+    model, meta = vggattn.load_checkpoint(SMALL_CHECKPOINT, device="cpu")
+    ui = app.build_demo(model, meta).ui
+    state = app.on_image(ui, model, meta, str(ASSET))[ui.state]
+    out = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(30, 40))
+    flagged = [p for p in ui.panels if "⚠ sink" in out[p]["label"]]
+    assert flagged and out[ui.status].count("⚠ `features.") == len(flagged)
+    assert "query-independent here" in out[ui.status] or "sink-dominated image" in out[ui.status]

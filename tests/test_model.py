@@ -189,3 +189,13 @@ def test_global_attention_is_the_query_averaged_block_with_the_articles_state_di
     y = block(x.requires_grad_())  # and it trains: gradients reach Q, K, V and gamma
     y.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
+def test_mean_attention_row_does_not_depend_on_the_row_blocks():
+    from vggattn.model import mean_attention_row
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 30, 4), torch.randn(2, 30, 4)
+    want = torch.softmax(q @ k.transpose(1, 2), dim=-1).mean(1)  # (B, N), the whole map at once
+    for block_elements in (1, 7 * 2 * 30, 1 << 21):  # one row, 7 rows (not dividing N), all rows
+        torch.testing.assert_close(mean_attention_row(q, k, block_elements), want)

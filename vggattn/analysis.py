@@ -47,8 +47,8 @@ class Panel:
     @property
     def title(self) -> str:
         h, w = self.grid
-        title = f"{self.layer} · {h}×{w} grid · γ = {self.gamma:+.4f} · query {self.query_index}"
-        return f"{title} · ⚠ {self.sink_note}" if self.sink_note else title
+        title = f"{self.layer} · {h}×{w} · γ {self.gamma:+.4f} · query {self.query_index}"  # short: a panel's label
+        return f"{title} · ⚠ sink" if self.sink_note else title  # is one line; the note itself goes beside the panels
 
 
 def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_DOMINATED) -> str:

@@ -161,7 +161,8 @@ def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData) -
     x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.",
+    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)  # right under the panels
+    return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.{notes}",
             **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
 
 

@@ -79,6 +79,15 @@ def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out
 
 
+def mean_attention_row(query: torch.Tensor, key: torch.Tensor, block_elements: int = 1 << 21) -> torch.Tensor:
+    """(B, N): the query-averaged attention row (1/N) sum_q softmax(Q K^T)[q] of (B, N, C') Q and K,
+    a block of query rows at a time (the N x N map is never whole; autograd works through it)."""
+    B, N, _ = query.shape
+    rows = max(1, block_elements // (B * N))
+    key_t = key.transpose(1, 2)  # (B, C', N)
+    return sum(torch.softmax(query[:, s:s + rows] @ key_t, dim=-1).sum(1) for s in range(0, N, rows)) / N
+
+
 class GlobalAttention(nn.Module):
     """SAGAN-style non-local block: y = gamma * softmax(Q K^T) V + x, gamma initialised to 0.
 
@@ -106,8 +115,7 @@ class GlobalAttention(nn.Module):
         key = self.conv_key(x).flatten(2).transpose(1, 2)  # (B, N, C')
         value = self.conv_value(x).flatten(2).transpose(1, 2)  # (B, N, C)
         if self.query_averaged:
-            mean_row = torch.softmax(query @ key.transpose(1, 2), dim=-1).mean(1, keepdim=True)  # (B, 1, N)
-            context = (mean_row @ value).transpose(1, 2)  # (B, C, 1): the same for every position
+            context = (mean_attention_row(query, key)[:, None] @ value).transpose(1, 2)  # (B, C, 1): one for all positions
             return x + self.gamma * context.reshape(B, C, 1, 1)
         if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             out = attend_in_row_blocks(query, key, value)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from .analysis import SINK_DOMINATED
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb
-from .model import GlobalAttention, VGG16WithAttention
+from .model import GlobalAttention, VGG16WithAttention, mean_attention_row
 from .readouts import cell_centers
 
 log = logging.getLogger("vggattn.study")
@@ -169,25 +169,17 @@ def qkv(block: GlobalAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def mean_row(query: torch.Tensor, key: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
-    """(N,) the query-averaged attention row of one image's (N, C') Q and K, in row blocks."""
-    rows = softmax_rows(query, key)
-    n = query.shape[0]
-    return sum(rows(s, e).sum(0) for s, e in row_blocks(n, block_elements)) / n
-
-
-@torch.no_grad()
 def intervene(block: GlobalAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
     """The block's output for x (B, C, H, W) with its attention rows replaced as `mode` says:
-    "off" -> x (gamma = 0); "mean" -> every row the image's mean row; "uniform" -> every row 1/N.
-    Both replacements give every position the same context vector c = row @ V."""
+    "off" -> x (gamma = 0); "mean" -> every row the image's mean row (what `attention="global"` trains
+    with); "uniform" -> every row 1/N. Both give every position the same context vector c = row @ V."""
     if mode == "off":
         return x
     q, k, v = qkv(block, x)  # (B, N, C'), (B, N, C'), (B, N, C)
     if mode == "uniform":
         context = v.float().mean(1)  # (B, C)
     elif mode == "mean":
-        context = torch.stack([mean_row(q[b], k[b]) @ v[b].float() for b in range(x.shape[0])])  # (B, C)
+        context = (mean_attention_row(q.float(), k.float(), BLOCK_ELEMENTS)[:, None] @ v.float())[:, 0]  # (B, C)
     else:
         raise ValueError(f"unknown intervention {mode!r}; use one of {MODES}")
     return x + block.gamma * context.to(x.dtype)[:, :, None, None]
