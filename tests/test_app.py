@@ -63,7 +63,7 @@ def test_click_renders_three_titled_overlays_without_the_model(mm, ui, monkeypat
     panels = [out[p] for p in ui.panels]
     titles = [p["label"] for p in panels]
     assert [t.split(" ")[0] for t in titles] == ["features.14", "features.22", "features.30"]
-    assert "16×16" in titles[0] and "γ +0.5000" in titles[0] and all(len(t) < 50 for t in titles)  # fits a label
+    assert "16×16" in titles[0] and "γ +0.5000" in titles[0] and all(len(t) < 40 for t in titles)  # fits a label
     for p in panels:
         assert p["value"] is not None
     elsewhere = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(200, 20))

@@ -47,8 +47,10 @@ class Panel:
     @property
     def title(self) -> str:
         h, w = self.grid
-        title = f"{self.layer} · {h}×{w} · γ {self.gamma:+.4f} · query {self.query_index}"  # short: a panel's label
-        return f"{title} · ⚠ sink" if self.sink_note else title  # is one line; the note itself goes beside the panels
+        # Short: a panel's label is one line under its buttons; the query indexes and the sink note itself
+        # go in the line under the panels
+        title = f"{self.layer} · {h}×{w} · γ {self.gamma:+.4f}"
+        return f"{title} · ⚠ sink" if self.sink_note else title
 
 
 def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_DOMINATED) -> str:
