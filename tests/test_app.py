@@ -39,7 +39,7 @@ def test_upload_runs_the_model_once_and_fills_the_page(mm, ui):
     assert list(df["layer"]) == ["features.14", "features.22", "features.30"]
     assert "features.22" in out[ui.gammas_md] and "γ" in out[ui.gammas_md]
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
-    assert "Click" in out[ui.status]
+    assert "click" in out[ui.status] and "pointer" in out[ui.status]
     assert all(out[p]["value"] is None for p in ui.panels) and out[ui.readouts] == ""
     maps = [out[m] for m in ui.maps]
     assert all(m["value"] is not None for m in maps)  # contribution x3, query-averaged x3, Grad-CAM

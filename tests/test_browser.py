@@ -73,6 +73,126 @@ def test_upload_click_and_see_three_overlays(page):
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
 
 
+def move_to(page, img, fx: float, fy: float) -> None:
+    """Move the pointer to fractions (fx, fy) of the picture (letterboxed inside the <img> box)."""
+    box = img.bounding_box()
+    bw, bh, nw, nh, fit = img.evaluate(
+        "e => [e.clientWidth, e.clientHeight, e.naturalWidth, e.naturalHeight, getComputedStyle(e).objectFit]")
+    scale = min(bw / nw, bh / nh, 1.0 if fit == "scale-down" else float("inf"))
+    page.mouse.move(box["x"] + (bw - nw * scale) / 2 + fx * nw * scale, box["y"] + (bh - nh * scale) / 2 + fy * nh * scale)
+
+
+def hover_canvases(page) -> list:
+    """Per panel: [query index, view, display, PNG data URL] of its hover canvas."""
+    return page.evaluate("[0,1,2].map(i => { const c = document.querySelector(`#panel-${i} canvas.vggattn-hover`);"
+                         " return c ? [c.dataset.query, c.dataset.view, c.style.display, c.toDataURL()] : null; })")
+
+
+def test_hover_follows_the_pointer_with_no_request(page):
+    """Runs after the click test (the church is uploaded): three pointer moves redraw all three panels
+    in the page, no request reaches the server in between, and leaving the image shows the pinned point."""
+    page.wait_for_function("window.vggattnHover && window.vggattnHover.state().layers === 3", timeout=30_000)
+    img = page.locator("#input-image img").first
+    requests = []
+    record = lambda r: requests.append(r.url)  # noqa: E731
+    page.on("request", record)
+    seen = []
+    for fx, fy in [(0.2, 0.3), (0.55, 0.6), (0.85, 0.15)]:
+        move_to(page, img, fx, fy)
+        page.wait_for_function("(n) => window.vggattnHover.latencies.length > n", arg=len(page.evaluate(
+            "window.vggattnHover.latencies")) - 1, timeout=10_000)
+        seen.append(hover_canvases(page))
+    page.remove_listener("request", record)
+    assert requests == [], requests  # nothing asked of the server between moves
+    for before, after in zip(seen, seen[1:]):
+        for a, b in zip(before, after):
+            assert a[2] == b[2] == "block" and a[0] != b[0] and a[3] != b[3]  # every panel changed
+    line = page.locator("#hover").inner_text()
+    assert "Pixel (190, 33)" in line and "features.30" in line, line  # 0.85, 0.15 of the 224 px photo
+
+    page.mouse.move(2, 2)  # off the image: the canvases go, the server's panels (the pinned click) show
+    page.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} canvas.vggattn-hover`)"
+                           ".style.display === 'none')", timeout=10_000)
+
+
+def test_hover_pixel_is_the_click_pixel(page):
+    """The page maps the pointer to the same pixel as Gradio's click (.select), hence the same queries."""
+    img = page.locator("#input-image img").first
+    move_to(page, img, 0.37, 0.71)
+    page.wait_for_function("window.vggattnHover.state().current !== null", timeout=10_000)
+    x, y = page.evaluate("window.vggattnHover.state().current")
+    page.mouse.down()
+    page.mouse.up()
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes('Pixel ({x}, {y})')", timeout=30_000)
+    queries = [int(c[0]) for c in hover_canvases(page)]
+    assert f"features.14: {queries[0]}, features.22: {queries[1]}, features.30: {queries[2]}" in \
+        page.locator("#status").inner_text()
+    assert page.evaluate("window.vggattnHover.state().pinned") == [x, y]
+
+
+def test_browser_rows_and_columns_equal_the_servers(page):
+    """The page's row of a query equals LayerCapture.row(q) to 1e-4, its column A[:, j] the full map's."""
+    import numpy as np
+    from PIL import Image
+
+    import vggattn
+    from vggattn.analysis import analyze
+
+    result = analyze(*vggattn.load_checkpoint(device="cpu"), Image.open(app.HERE / "assets" / "church.jpg"))
+    for li, (layer, (sink, _)) in enumerate(zip(result.layers, result.sinks())):
+        n = layer.num_positions
+        for q in sorted({0, n // 3, n - 1, sink}):
+            js = np.array(page.evaluate("([l, q]) => window.vggattnHover.row(l, q)", [li, q]))
+            np.testing.assert_allclose(js, layer.row(q)[0].numpy(), atol=1e-4, rtol=0)
+        full = layer.attention[0]
+        for j in sorted({sink, n // 2}):
+            js = np.array(page.evaluate("([l, j]) => window.vggattnHover.column(l, j)", [li, j]))
+            np.testing.assert_allclose(js, full[:, j].numpy(), atol=1e-4, rtol=0)
+
+
+def test_column_view_of_a_sink_lights_every_query(page):
+    """A hand-made layer where every query puts all its attention on one cell: in the "who looks here"
+    view, that cell's column lights the whole image; another cell's column stays dark."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from vggattn.capture import LayerCapture
+    from vggattn.hover import hover_payload, palettes
+
+    grid, sink = (8, 8), 19
+    key = torch.zeros(1, 64, 4)
+    key[0, sink, 0] = 10.0
+    query = torch.zeros(1, 64, 4)
+    query[0, :, 0] = 10.0  # q_i . k_sink = 100, every other logit 0: one-hot rows
+    layers = [LayerCapture(f"l{i}", 0.1, grid, query, key, torch.zeros(1, *grid)) for i in range(3)]
+    fake = types.SimpleNamespace(display=np.full((64, 64, 3), 128, np.uint8), size=(64, 64), layers=layers)
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    try:
+        view.goto(page.url)
+        view.wait_for_function("window.vggattnHover && document.querySelector('#panel-2')", timeout=60_000)
+        view.evaluate("(p) => { window.vggattnHover.load(p); window.vggattnHover.setControls("
+                      "{opacity: 1, colormap: 'jet', mark: false}); window.vggattnHover.setView('column'); }",
+                      hover_payload(fake))
+        top = palettes()["jet"][-3:]
+        pick = """([x, y]) => { window.vggattnHover.draw(x, y);
+            return [0,1,2].map(i => { const c = document.querySelector(`#panel-${i} canvas.vggattn-hover`);
+              const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, top = %s;
+              let lit = 0, drawn = 0;
+              for (let o = 0; o < d.length; o += 4) { if (d[o + 3] === 0) continue; drawn++;
+                if (d[o] === top[0] && d[o + 1] === top[1] && d[o + 2] === top[2]) lit++; }
+              return lit / drawn; }); }""" % top
+        cell = 64 / 8
+        lit = view.evaluate(pick, [int((sink % 8 + 0.5) * cell), int((sink // 8 + 0.5) * cell)])
+        assert all(f > 0.95 for f in lit), lit  # every query's position lit (the marks cover the rest)
+        assert all(np.array(view.evaluate("window.vggattnHover.column(0, %d)" % sink)) > 0.99)
+        dark = view.evaluate(pick, [int(0.5 * cell), int(0.5 * cell)])  # cell 0: nobody looks there
+        assert all(f < 0.05 for f in dark), dark
+    finally:
+        view.close()
+
+
 def test_tabs_contribution_ablation_and_export(page):
     """Runs after the click test on the same page: the readouts and every tab work in a browser."""
     readouts = page.locator("#readouts").inner_text()
@@ -97,7 +217,8 @@ def test_tabs_contribution_ablation_and_export(page):
     page.locator("#export-button").click()
     page.wait_for_function("document.querySelector('#export') && document.querySelector('#export').innerText.includes('.zip')",
                            timeout=60_000)
-    assert "vggattn-export-x179-y190" in page.locator("#export").inner_text()  # the last click of the test above
+    x, y = page.evaluate("window.vggattnHover.state().pinned")  # the last click of the tests above
+    assert f"vggattn-export-x{x}-y{y}" in page.locator("#export").inner_text()
 
 
 def test_dataset_tab_shows_the_shipped_study(page):

@@ -46,6 +46,7 @@ def test_import_comes_from_the_installed_wheel(installed):
     out = run_outside(site, tmp, sys.executable, "-c", "import vggattn; print(vggattn.__file__)")
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).is_relative_to(site)
+    assert all((site / "vggattn" / "web" / name).is_file() for name in ("hover.js", "hover.css", "hover.html"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,10 +1,12 @@
-"""vggattn web app: upload an image, click a pixel, see where that position attends in each layer.
+"""vggattn web app: upload an image, point at a pixel, see where that position attends in each layer.
 
     python app.py                                  # in a checkout: shipped checkpoint, http://127.0.0.1:7860
     vggattn-app --checkpoint my.safetensors --device cuda --port 8000    # installed: the console script
 
-The model runs once per image (`analyze`); a click only re-renders from the per-session
-`gr.State` (the layers' Q and K), so it never runs the model again. This file wires the UI to the
+The model runs once per image (`analyze`). The page gets each layer's Q, K and row normalisers once
+(`vggattn.hover`) and draws the maps under the pointer itself (vggattn/web/hover.js), with no request per
+move; a click pins a point and renders it on the server from the per-session `gr.State` (the same Q and K)
+with its readouts, so it never runs the model again either. This file wires the UI to the
 `vggattn` library and holds no model maths of its own. Scripts use the two stateless endpoints:
 
     from gradio_client import Client, handle_file
@@ -38,6 +40,7 @@ from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, r
                        render_map, unsure_note)
 from .data import ImageLoadError, open_image  # noqa: E402
 from .export import write_result  # noqa: E402
+from .hover import hover_payload, palettes  # noqa: E402
 from .readouts import dependence_markdown, readouts_markdown  # noqa: E402
 from .render import COLORMAPS, UPSAMPLING  # noqa: E402
 from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown  # noqa: E402
@@ -54,6 +57,10 @@ PENDING = "pending"  # state value while a new upload is being analysed
 EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
 NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
+WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
+# Opacity, colormap, upsampling and numbering reach the page's script without a request
+CONTROLS_JS = ("(opacity, colormap, mode, mark) => { if (window.vggattnHover) "
+               "window.vggattnHover.setControls({opacity, colormap, mode, mark}); }")
 
 
 class UploadedImage(gr.Image):
@@ -82,6 +89,7 @@ class UI:
 
     state: gr.State
     point: gr.State
+    hover: gr.HTML  # the page's copy of Q, K and log Z (vggattn.hover), for maps under the pointer
     labels: gr.Label
     gammas_md: gr.Markdown
     gammas_plot: gr.BarPlot
@@ -119,17 +127,19 @@ def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mo
     return dict(zip(ui.maps, [*contrib, *mean_maps, cam]))
 
 
-def on_image(ui: UI, model, meta, path) -> dict:
-    """New upload (or example): run the model once and show predictions, gammas, model input."""
+def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
+    """New upload (or example): run the model once and show predictions, gammas, model input, and send
+    the page what it needs to draw the maps under the pointer."""
     cleared = {ui.readouts: "", ui.ablation: None, ui.ablation_verdict: "", **panel_updates(ui)}
     if not path:
-        return {ui.state: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
+        return {ui.state: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
                 ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
     result = analyze(model, meta, load_upload(path))
     w, h = result.size
-    status = f"Analysed a {w}×{h} image. **Click any pixel** of it to see where that position attends in each layer."
+    status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
+              "each layer; **click** to pin a point and read its numbers.")
     note = unsure_note(result, meta)
-    return {ui.state: result, ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
+    return {ui.state: result, ui.hover: hover_payload(result, hover_dtype), ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
             ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
                                           "gamma": [layer.gamma for layer in result.layers]}),
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
@@ -138,8 +148,9 @@ def on_image(ui: UI, model, meta, path) -> dict:
 
 
 def mark_pending():
-    """First step of an upload: drop the old analysis so a click meanwhile cannot show stale maps."""
-    return PENDING
+    """First step of an upload: drop the old analysis (and the page's copy of it) so a click or a
+    pointer move meanwhile cannot show stale maps."""
+    return PENDING, None
 
 
 def click_problem(state) -> str | None:
@@ -151,14 +162,21 @@ def click_problem(state) -> str | None:
 
 
 def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData) -> dict:
-    """A click on the image: render its attention in every layer, with readouts (no model run)."""
+    """A click on the image: pin that pixel (see `on_point`)."""
+    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark)
+
+
+def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", mark=True) -> dict:
+    """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
+    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py)."""
     problem = click_problem(state)
     if problem:
         gr.Warning(problem)
         return {ui.point: None, ui.status: problem}
-    x, y = (int(v) for v in evt.index)
+    if x is None or y is None:
+        raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
     w, h = state.size
-    x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+    x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
     notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)  # right under the panels
@@ -245,8 +263,8 @@ def describe(model, meta) -> str:
     return (f"# vggattn · where does self-attention look?\n"
             f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
             f"{meta['input_size']} px input{acc}) running on **{where}**. "
-            "Upload an image, then click a pixel: each panel shows where that position attends "
-            "in one of the three attention layers.\n\n" + "\n\n".join(model_notes(model, meta)))
+            "Upload an image, then move the pointer over it: each panel shows where the position under it "
+            "attends in one of the three attention layers (computed in your browser); click to pin a point.\n\n" + "\n\n".join(model_notes(model, meta)))
 
 
 def study_view(study: dict | None, checkpoint: str | None):
@@ -262,21 +280,27 @@ def study_view(study: dict | None, checkpoint: str | None):
     return summary_markdown(study), images
 
 
-def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None) -> gr.Blocks:
-    """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one."""
+def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
+               hover_dtype: str = "float32", session_ttl: int = 3600) -> gr.Blocks:
+    """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one;
+    hover_dtype: how Q and K travel to the page ("float16" halves the bytes; bench/README.md has the error);
+    session_ttl: seconds a session's analysis is kept after its last use."""
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
         gr.Markdown(describe(model, meta))
         # This session's Analysis (~2 MB: a display-sized image and each layer's Q and K), never shared
-        # between users; dropped after an idle hour, and at most STATE_SESSIONS are kept (launch()).
-        state = gr.State(None, time_to_live=3600)
-        point = gr.State(None, time_to_live=3600)  # last clicked (x, y)
+        # between users; dropped after session_ttl idle seconds, and at most STATE_SESSIONS are kept (launch()).
+        state = gr.State(None, time_to_live=session_ttl)
+        point = gr.State(None, time_to_live=session_ttl)  # last clicked (x, y)
         # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
         with gr.Row(equal_height=True):
-            image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: click any pixel",
+            image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: point at or click any pixel",
                                   elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
             panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
                                height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
+        hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
+                        js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", palettes=palettes(),
+                        opacity=0.5, colormap="jet", mode="smooth", mark=True)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
@@ -331,13 +355,13 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                     ("distributions.png", "Per-image distributions")):
                     if name in study_images:
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
-        ui = UI(state, point, labels, gammas_md, gammas_plot, seen, status, panels, readouts,
+        ui = UI(state, point, hover, labels, gammas_md, gammas_plot, seen, status, panels, readouts,
                 [*contrib, *mean_maps, cam], dependence_md, ablation, ablation_verdict, export_file, export_png)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
 
-        image.change(mark_pending, None, state, queue=False, api_name="mark_pending").then(
-            bind(on_image, ui, model, meta), image,
-            [state, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
+        image.change(mark_pending, None, [state, hover], queue=False, api_name="mark_pending").then(
+            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image,
+            [state, hover, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
              ablation_verdict], api_name="upload")
         def click(state, opacity, colormap, mode, mark, evt: gr.SelectData):  # Gradio finds evt by annotation,
             return on_click(ui, state, opacity, colormap, mode, mark, evt)      # which a partial would hide
@@ -348,11 +372,18 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
             control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
                            api_name=f"rerender_{control.label.lower()}")
         mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
+        for control in (opacity, colormap, mode, mark):  # the hover view redraws in the page
+            control.change(None, [opacity, colormap, mode, mark], None, js=CONTROLS_JS, queue=False, api_name=False)
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ablation, ablation_verdict],
                             api_name="ablate")
         export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
                             [export_file, export_png], api_name="export")
 
+        with gr.Row(visible=False):  # the click, for gradio_client: /upload, then /pin in the same session
+            pin_x, pin_y = gr.Number(label="x"), gr.Number(label="y")
+            pin_button = gr.Button()
+        pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, opacity, colormap, mode, mark],
+                         [point, status, *panels, readouts], api_name="pin")
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")
             api_x, api_y = gr.Number(label="x"), gr.Number(label="y")
@@ -387,6 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                    help="port to serve on (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    p.add_argument("--hover-dtype", default="float32", choices=["float32", "float16"],
+                   help="how Q and K travel to the page for the maps under the pointer (float16: half the bytes, "
+                        "rows differ by the error in bench/README.md)")
     return p.parse_args(argv)
 
 
@@ -399,7 +433,8 @@ def main(argv=None) -> int:
         print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
         return 2
     log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
-    launch(build_demo(model, meta, load_study(args.checkpoint), args.checkpoint), args.host, args.port, args.share)
+    demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype)
+    launch(demo, args.host, args.port, args.share)
     return 0
 
 

@@ -1,0 +1,96 @@
+"""The hover payload (vggattn.hover): what the page computes rows and columns from, against the
+server's LayerCapture; and the app's handlers that send it."""
+
+import numpy as np
+import pytest
+import torch
+
+import app
+from conftest import tiny_meta, tiny_model
+from vggattn.analysis import analyze
+from vggattn.hover import decode, hover_payload, log_normalisers, palettes, payload_bytes
+from vggattn.render import COLORMAPS
+
+ASSET = app.HERE / "assets" / "church.jpg"
+
+
+@pytest.fixture(scope="module")
+def result():
+    from PIL import Image
+    return analyze(tiny_model(), tiny_meta(input_size=64), Image.open(ASSET))
+
+
+def softmax_rows(q, k):
+    logits = q.astype(np.float64) @ k.astype(np.float64).T
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_float32_payload_is_the_captured_q_and_k(result):
+    payload = hover_payload(result)
+    assert payload["size"] == [224, 224] and payload["image"].startswith("data:image/jpeg;base64,")
+    assert [layer["name"] for layer in payload["layers"]] == ["features.14", "features.22", "features.30"]
+    for sent, layer in zip(payload["layers"], result.layers):
+        assert sent["grid"] == list(layer.grid) and sent["dim"] == layer.query.shape[-1]
+        assert np.array_equal(decode(sent, "q"), layer.query[0].numpy())  # bitwise: nothing lost on the way
+        assert np.array_equal(decode(sent, "k"), layer.key[0].numpy())
+        rows = softmax_rows(decode(sent, "q"), decode(sent, "k"))  # what the page computes
+        np.testing.assert_allclose(rows, layer.attention[0].numpy(), atol=1e-6)
+        # a column from the row normalisers: A[:, j] = exp(Q k_j - log Z)
+        q, k, logz = decode(sent, "q").astype(np.float64), decode(sent, "k").astype(np.float64), decode(sent, "logz")
+        for j in (0, layer.num_positions // 2, layer.num_positions - 1):
+            np.testing.assert_allclose(np.exp(q @ k[j] - logz), layer.attention[0, :, j].numpy(), atol=1e-5)
+
+
+def test_log_normalisers_in_blocks_equal_logsumexp():
+    torch.manual_seed(0)
+    q, k = torch.randn(300, 8) * 3, torch.randn(300, 8) * 3
+    expected = torch.logsumexp(q.double() @ k.double().T, dim=-1)
+    for chunk in (1, 7, 300, 1024):
+        torch.testing.assert_close(log_normalisers(q, k, chunk=chunk), expected)
+
+
+def test_float16_payload_halves_q_and_k_and_stays_close(result):
+    full, half = hover_payload(result, "float32"), hover_payload(result, "float16")
+    for a, b in zip(full["layers"], half["layers"]):
+        assert len(b["q"]) * 2 == pytest.approx(len(a["q"]), abs=4)  # base64 of half the bytes
+        rows32 = softmax_rows(decode(a, "q"), decode(a, "k"))
+        rows16 = softmax_rows(decode(b, "q", "float16"), decode(b, "k", "float16"))
+        diff = np.abs(rows16 - rows32).max()
+        assert 0 < diff < 1e-2, diff  # rounded, so not equal; the real model's error is in bench/README.md
+    assert payload_bytes(half) < 0.75 * payload_bytes(full)
+    with pytest.raises(ValueError, match="dtype"):
+        hover_payload(result, "int8")
+
+
+def test_palettes_are_the_servers_colormaps():
+    from vggattn.render import colorize
+
+    pal = palettes()
+    assert set(pal) == set(COLORMAPS)
+    for name, flat in pal.items():
+        ramp = colorize(np.linspace(0, 1, 256)[None, :], name)[0]  # what the server's overlays use
+        assert np.array_equal(np.asarray(flat, dtype=np.uint8).reshape(256, 3), ramp)
+
+
+def test_upload_sends_the_payload_and_a_new_upload_drops_it():
+    model, meta = tiny_model(), tiny_meta(input_size=64)
+    ui = app.build_demo(model, meta).ui
+    out = app.on_image(ui, model, meta, str(ASSET))
+    assert [layer["name"] for layer in out[ui.hover]["layers"]] == ["features.14", "features.22", "features.30"]
+    assert app.mark_pending() == (app.PENDING, None)  # the page's old copy goes before the new analysis
+    assert app.on_image(ui, model, meta, None)[ui.hover] is None
+    half = app.build_demo(model, meta, hover_dtype="float16").ui
+    assert half.hover is not None
+
+
+def test_pin_endpoint_equals_a_click():
+    model, meta = tiny_model(), tiny_meta(input_size=64)
+    ui = app.build_demo(model, meta).ui
+    state = app.on_image(ui, model, meta, str(ASSET))[ui.state]
+    by_click = app.on_click(ui, state, 0.5, "jet", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
+    by_pin = app.on_point(ui, state, 30, 40)
+    assert by_pin[ui.point] == by_click[ui.point] == (30, 40) and by_pin[ui.status] == by_click[ui.status]
+    assert all(np.array_equal(by_pin[p]["value"], by_click[p]["value"]) for p in ui.panels)
+    with pytest.raises(app.gr.Error, match="two numbers"):
+        app.on_point(ui, state, None, 4)

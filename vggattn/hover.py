@@ -1,0 +1,74 @@
+"""What a web page needs to compute any attention row or column itself, sent once per image.
+
+    payload = hover_payload(result)            # JSON-ready dict: per layer Q, K, log Z (base64)
+    row = decode(payload["layers"][0], "q")    # (N, C') float32, as the page decodes it
+
+A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
+log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
+no request. The app's script (vggattn/web/hover.js) reads this format; the server's rows
+(`LayerCapture.rows`) stay the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+
+from .render import COLORMAPS, _palette
+
+DTYPES = {"float32": "<f4", "float16": "<f2"}
+
+
+def _b64(array: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
+
+
+def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log Z_i = logsumexp_j (q_i . k_j) for every row i of (N, C') Q and K -> (N,), float64, a block
+    of rows at a time (never the N x N map)."""
+    q, k = query.double(), key.double()
+    return torch.cat([torch.logsumexp(q[s:s + chunk] @ k.T, dim=-1) for s in range(0, len(q), chunk)])
+
+
+def hover_payload(result, dtype: str = "float32", jpeg_quality: int = 90) -> dict:
+    """Per layer: name, grid, Q and K (N, C') and log Z (N,) as base64 little-endian arrays of `dtype`
+    (log Z always float32), and the image: its original size and the display copy as a JPEG data URL.
+    result: a `vggattn.analysis.Analysis` (batch of one)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.fromarray(result.display).save(jpeg, format="JPEG", quality=jpeg_quality)
+    layers = []
+    for layer in result.layers:
+        q, k = layer.query[0].float(), layer.key[0].float()  # (N, C')
+        layers.append({"name": layer.name, "grid": list(layer.grid), "dim": int(q.shape[1]), "gamma": layer.gamma,
+                       "q": _b64(q.numpy(), dtype), "k": _b64(k.numpy(), dtype),
+                       "logz": _b64(log_normalisers(q, k).numpy(), "float32")})
+    disp_h, disp_w = result.display.shape[:2]
+    return {"version": 1, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
+            "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii"), "layers": layers}
+
+
+def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
+    """One array of a payload layer back as float32: "q"/"k" -> (N, C'), "logz" -> (N,)."""
+    raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES["float32" if name == "logz" else dtype])
+    n = layer["grid"][0] * layer["grid"][1]
+    return raw.astype(np.float32).reshape(n, -1) if name != "logz" else raw.astype(np.float32)
+
+
+def payload_bytes(payload: dict) -> int:
+    """Size of the payload as JSON, in bytes (what one upload sends the page)."""
+    import json
+
+    return len(json.dumps(payload).encode())
+
+
+def palettes() -> dict[str, list[int]]:
+    """Every colormap the app offers as 256 RGB triplets (flat, 768 ints): the page colours with the
+    same palettes as the server's overlays."""
+    return {name: list(_palette(name)) for name in COLORMAPS}
