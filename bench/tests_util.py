@@ -25,4 +25,4 @@ def article_twin(model: vggattn.VGG16WithAttention) -> torch.nn.Module:
 
 def full_width_meta(size: int = 224) -> dict:
     return {"class_names": [f"class {i}" for i in range(1000)], "input_size": size,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "config": {}}
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "config": {"width": 1.0}}

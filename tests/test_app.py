@@ -224,6 +224,8 @@ def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm, ui):
     header = app.describe(model, meta)
     assert "knows 10 classes (c0, c1" in header and "any image you give it gets one of them" in header
     assert "Every γ is 0" not in header
+    many = app.describe(model, {**meta, "class_names": [f"k{i}" for i in range(1000)]})  # an ImageNet head
+    assert "knows 1000 classes (k0, k1" in many and "k19, and 980 more)" in many and "k20" not in many
     sure = app.on_image(ui, model, {**meta, "unsure_below": 0.0}, str(ASSET))[ui.status]
     unsure = app.on_image(ui, model, {**meta, "unsure_below": 0.999}, str(ASSET))[ui.status]
     assert "Unsure" not in sure and "⚠ Unsure: the top-1 probability" in unsure and "below 100%" in unsure

@@ -28,6 +28,7 @@ from .readouts import query_dependence, row_readouts
 from .render import mark_cells, mark_query, overlay, upsample_map
 
 SINK_DOMINATED = 0.5  # vggattn.study's rule: one cell takes at least half of all attention in the image
+LIST_CLASSES = 20  # the app's header names at most this many of the classes (an ImageNet model has 1000)
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 
 
@@ -97,7 +98,8 @@ def model_notes(model: nn.Module, meta: dict) -> list[str]:
     from .model import gammas
 
     names = list(meta["class_names"])
-    notes = [f"This model knows {len(names)} classes ({', '.join(names)}); any image you give it gets one of them, "
+    shown = ", ".join(names) if len(names) <= LIST_CLASSES else f"{', '.join(names[:LIST_CLASSES])}, and {len(names) - LIST_CLASSES} more"
+    notes = [f"This model knows {len(names)} classes ({shown}); any image you give it gets one of them, "
              "whatever it shows."]
     if all(g == 0.0 for g in gammas(model).values()):
         notes.append("⚠ Every γ is 0: attention does not affect this model's predictions, and the maps come from "

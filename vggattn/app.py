@@ -18,6 +18,7 @@ with its readouts, so it never runs the model again either. This file wires the 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import logging
 import math
@@ -135,6 +136,12 @@ def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
         return {ui.state: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
                 ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
     result = analyze(model, meta, load_upload(path))
+    out = upload_outputs(ui, meta, result, hover_dtype, cleared)
+    release_memory()
+    return out
+
+
+def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str, cleared: dict) -> dict:
     w, h = result.size
     status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
               "each layer; **click** to pin a point and read its numbers.")
@@ -145,6 +152,15 @@ def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
             ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
             **map_updates(ui, result), **cleared}
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after an analysis (glibc keeps them otherwise: under
+    concurrent uploads the server's RSS then stays at its peak; bench/README.md, load run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def mark_pending():
@@ -284,12 +300,12 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                hover_dtype: str = "float32", session_ttl: int = 3600) -> gr.Blocks:
     """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one;
     hover_dtype: how Q and K travel to the page ("float16" halves the bytes; bench/README.md has the error);
-    session_ttl: seconds a session's analysis is kept after its last use."""
+    session_ttl: seconds a session's analysis is kept after it was made (Gradio's State time_to_live)."""
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
         gr.Markdown(describe(model, meta))
         # This session's Analysis (~2 MB: a display-sized image and each layer's Q and K), never shared
-        # between users; dropped after session_ttl idle seconds, and at most STATE_SESSIONS are kept (launch()).
+        # between users; dropped session_ttl seconds after it was made, and at most STATE_SESSIONS are kept (launch()).
         state = gr.State(None, time_to_live=session_ttl)
         point = gr.State(None, time_to_live=session_ttl)  # last clicked (x, y)
         # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
@@ -418,6 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                    help="port to serve on (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    p.add_argument("--session-ttl", type=int, default=3600,
+                   help="seconds a session's analysis is kept after it was made (default: an hour)")
     p.add_argument("--hover-dtype", default="float32", choices=["float32", "float16"],
                    help="how Q and K travel to the page for the maps under the pointer (float16: half the bytes, "
                         "rows differ by the error in bench/README.md)")
@@ -433,7 +451,8 @@ def main(argv=None) -> int:
         print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
         return 2
     log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
-    demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype)
+    demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
+                      session_ttl=args.session_ttl)
     launch(demo, args.host, args.port, args.share)
     return 0
 

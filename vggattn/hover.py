@@ -27,9 +27,9 @@ def _b64(array: np.ndarray, dtype: str) -> str:
 
 
 def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log Z_i = logsumexp_j (q_i . k_j) for every row i of (N, C') Q and K -> (N,), float64, a block
-    of rows at a time (never the N x N map)."""
-    q, k = query.double(), key.double()
+    """log Z_i = logsumexp_j (q_i . k_j) for every row i of (N, C') Q and K -> (N,) float32, a block of
+    rows at a time (never the N x N map); the logits in float32, as `LayerCapture.rows` computes them."""
+    q, k = query.float(), key.float()
     return torch.cat([torch.logsumexp(q[s:s + chunk] @ k.T, dim=-1) for s in range(0, len(q), chunk)])
 
 

@@ -47,14 +47,13 @@ def top_cells(row: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
 
 
 def js_divergence(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence in nats (0 .. ln 2) between distributions on the last dim."""
-    p, m = p.double(), m.double()
-    a = 0.5 * (p + m)
-
-    def kl(u, v):  # sum u log(u / v), with 0 log 0 = 0
-        return (u * (torch.log(u.clamp_min(1e-300)) - torch.log(v.clamp_min(1e-300)))).sum(-1)
-
-    return 0.5 * kl(p, a) + 0.5 * kl(m, a)
+    """Jensen-Shannon divergence in nats (0 .. ln 2) between distributions on the last dim, as float64.
+    Terms in float32 (two logs per entry; what an upload costs in the app), sums in float64."""
+    p, m = p.float(), m.float()
+    log_a = torch.log((0.5 * (p + m)).clamp_min(1e-30))  # weights below 1e-30 add nothing: 0 log 0 = 0
+    kl_p = (torch.xlogy(p, p) - p * log_a).sum(-1, dtype=torch.float64)
+    kl_m = (torch.xlogy(m, m) - m * log_a).sum(-1, dtype=torch.float64)
+    return 0.5 * kl_p + 0.5 * kl_m
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ let view = "row";         // "row": where the position looks; "column": who look
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer event to the three panels drawn (last 1000)
+const frames = [];        // ms from a pointer event to the next animation frame after the drawing (last 1000)
 const baseCache = new Map();  // "w x h" -> ImageData of the display image at that size
 
 // -- payload -----------------------------------------------------------------------------------
@@ -228,6 +229,7 @@ function draw(x, y, since) {
   if (since !== undefined) {
     latencies.push(performance.now() - since);
     if (latencies.length > 1000) latencies.shift();
+    requestAnimationFrame(() => { frames.push(performance.now() - since); if (frames.length > 1000) frames.shift(); });
   }
 }
 
@@ -303,7 +305,7 @@ if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props
 Object.assign(api, {
   load, row: (li, i) => Array.from(row(li, i)), column: (li, j) => Array.from(column(li, j)), queryIndex,
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, leave, setView, setControls,
-  listeners, latencies, state: () => ({view, pinned, current, controls: {...controls},
+  listeners, latencies, frames, state: () => ({view, pinned, current, controls: {...controls},
                             bytes: payload ? payload.bytes : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;

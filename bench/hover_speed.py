@@ -1,0 +1,130 @@
+"""Hover speed: time from a pointer move to the three panels drawn, in Chromium, and the payload.
+
+    python bench/hover_speed.py [--moves 200] [--images 20]
+
+For the shipped checkpoint and the full-width model at 224 px (random weights: only speed is
+measured), the app runs on 127.0.0.1 and Chromium (Playwright, /usr/bin/chromium) uploads the church
+photo at 1440x900, then the pointer moves to --moves random pixels of it. The page records, per move,
+performance.now() minus the event's timeStamp when the three panels are drawn (the script's own
+work: rows, colouring, blending, marks) and at the next animation frame after that. Target: p50
+under 16 ms (shipped) and under 33 ms (full width). Also: the bytes one upload sends the page, as
+float32 and float16, and how far float16 Q and K move the rows from the float32 ones (every row of
+every layer, over --images val photos of ../shared for the shipped model).
+"""
+
+import argparse
+import os
+import random
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from common import ROOT, percentile, report  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import app  # noqa: E402
+import vggattn  # noqa: E402
+from tests_util import full_width_meta, full_width_model  # noqa: E402
+from vggattn.analysis import analyze  # noqa: E402
+from vggattn.hover import decode, hover_payload, payload_bytes  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+PHOTO = ROOT / "assets" / "church.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def moves_in_browser(model, meta, moves: int, browser) -> tuple[list[float], list[float]]:
+    demo = app.build_demo(model, meta)
+    port = free_port()
+    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(PHOTO))
+        page.wait_for_function("window.vggattnHover && window.vggattnHover.state().layers === 3", timeout=120_000)
+        img = page.locator("#input-image img").first
+        img.wait_for(state="visible")
+        img.scroll_into_view_if_needed()
+        box = img.bounding_box()  # the 224 px photo is shown at its size, centred in this box
+        w, h = Image.open(PHOTO).size
+        x0, y0 = box["x"] + (box["width"] - w) / 2, box["y"] + (box["height"] - h) / 2
+        rng = random.Random(0)
+        points = [(-1, -1)]
+        while len(points) <= moves + 5:  # 5 warm-up moves; each to another pixel (the page skips a repeat)
+            xy = (rng.randrange(w), rng.randrange(h))
+            if xy != points[-1]:
+                points.append(xy)
+        for i, (x, y) in enumerate(points[1:]):
+            page.mouse.move(x0 + x + 0.5, y0 + y + 0.5)
+            page.wait_for_function("(n) => window.vggattnHover.frames.length > n", arg=i, timeout=10_000)
+        drawn, framed = page.evaluate("[window.vggattnHover.latencies, window.vggattnHover.frames]")
+        page.close()
+        return drawn[5:], framed[5:]
+    finally:
+        demo.close()
+
+
+def float16_error(model, meta, images: list[Path]) -> tuple[float, float]:
+    """Largest and 99th-percentile |row(float16 Q, K) - row(float32 Q, K)| over every row of every layer."""
+    worst, p99 = 0.0, []
+    for path in images:
+        result = analyze(model, meta, Image.open(path), gradcam=False)
+        full, half = hover_payload(result, "float32"), hover_payload(result, "float16")
+        for a, b in zip(full["layers"], half["layers"]):
+            rows = []
+            for (q, k) in ((decode(a, "q"), decode(a, "k")), (decode(b, "q", "float16"), decode(b, "k", "float16"))):
+                logits = q.astype(np.float64) @ k.astype(np.float64).T
+                e = np.exp(logits - logits.max(1, keepdims=True))
+                rows.append(e / e.sum(1, keepdims=True))
+            diff = np.abs(rows[1] - rows[0]).max(1)  # per row
+            worst = max(worst, float(diff.max()))
+            p99.append(float(np.percentile(diff, 99)))
+    return worst, max(p99)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--moves", type=int, default=200)
+    p.add_argument("--images", type=int, default=20, help="val photos for the float16 error (shipped model)")
+    args = p.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    shipped, meta = vggattn.load_checkpoint(device="cpu")
+    models = {"shipped (w0.5, 256 px)": (shipped, meta), "full width, 224 px": (full_width_model(), full_width_meta())}
+    rows = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        for name, (model, m) in models.items():
+            drawn, framed = moves_in_browser(model, m, args.moves, browser)
+            result = analyze(model, m, Image.open(PHOTO), gradcam=False)
+            sizes = [payload_bytes(hover_payload(result, d)) for d in ("float32", "float16")]
+            grids = " / ".join(f"{layer.grid[0]}²×{layer.query.shape[-1]}" for layer in result.layers)
+            rows.append([name, grids, round(percentile(drawn, 50), 2), round(percentile(drawn, 95), 2),
+                         round(percentile(framed, 50), 2), round(percentile(framed, 95), 2),
+                         f"{sizes[0] / 1e6:.2f} MB", f"{sizes[1] / 1e6:.2f} MB"])
+        browser.close()
+    notes = []
+    val = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"
+    photos = sorted(val.glob("*/*.JPEG"))[:: max(1, len(list(val.glob("*/*.JPEG"))) // max(1, args.images))][:args.images]
+    if photos:
+        worst, p99 = float16_error(shipped, meta, photos)
+        notes.append(f"float16 Q and K vs float32, shipped model, every row of every layer of {len(photos)} val photos: "
+                     f"largest |Δ weight| {worst:.2e}, 99th percentile of the per-row largest {p99:.2e}.")
+    report(f"Hover: pointer move to three panels drawn, in Chromium at 1440x900, {args.moves} moves",
+           ["model", "grids (N = side², C')", "drawn p50 ms (target 16 / 33)", "drawn p95 ms", "next frame p50 ms",
+            "next frame p95 ms", "payload float32", "payload float16"], rows, notes)
+
+
+if __name__ == "__main__":
+    main()
