@@ -193,6 +193,52 @@ def test_column_view_of_a_sink_lights_every_query(page):
         view.close()
 
 
+def test_controls_reach_the_hover_view(page):
+    """Upsampling set to blocky: the page's controls follow, and the same point redraws blocky."""
+    img = page.locator("#input-image img").first
+    move_to(page, img, 0.4, 0.4)
+    page.wait_for_function("window.vggattnHover.state().current !== null", timeout=10_000)
+    smooth = hover_canvases(page)
+    page.get_by_label("blocky").check()  # the pointer leaves the image for the radio button
+    page.wait_for_function("window.vggattnHover.state().controls.mode === 'blocky'", timeout=10_000)
+    move_to(page, img, 0.4, 0.4)
+    page.wait_for_function("window.vggattnHover.state().current !== null", timeout=10_000)
+    blocky = hover_canvases(page)
+    assert all(a[0] == b[0] and a[3] != b[3] for a, b in zip(smooth, blocky))  # same queries, drawn anew
+    page.get_by_label("smooth").check()
+    page.wait_for_function("window.vggattnHover.state().controls.mode === 'smooth'", timeout=10_000)
+
+
+def test_clicks_render_through_the_server_when_the_hover_script_fails(page):
+    """The hover script made to throw on load: no canvases, and a click still fills the three panels."""
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    errors = []
+    view.on("pageerror", lambda e: errors.append(str(e)))
+
+    def broken(route):  # the page's config carries the script: make it throw at its first line
+        body = route.fetch().text()
+        assert "const NUM_PANELS = 3;" in body
+        route.fulfill(body=body.replace("const NUM_PANELS = 3;", "throw new Error('hover script blocked');"),
+                      headers={"content-type": "text/html; charset=utf-8"})
+
+    try:
+        view.route(page.url, broken)
+        view.goto(page.url)
+        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        view.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
+        view.wait_for_function("document.querySelector('#predictions') && "
+                               "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
+        img = view.locator("#input-image img").first
+        img.wait_for(state="visible", timeout=30_000)
+        click_image_at(img, 0.5, 0.5)
+        view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+        assert "Pixel (112, 112)" in view.locator("#status").inner_text()
+        assert view.evaluate("document.querySelectorAll('canvas.vggattn-hover').length") == 0
+        assert view.evaluate("typeof window.vggattnHover") == "undefined"
+    finally:
+        view.close()
+
+
 def test_tabs_contribution_ablation_and_export(page):
     """Runs after the click test on the same page: the readouts and every tab work in a browser."""
     readouts = page.locator("#readouts").inner_text()
