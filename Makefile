@@ -16,11 +16,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 # On a machine with a CUDA GPU: the CUDA-marked tests, then GPU timings (PY=python3 to use the machine's torch)
-gpu-check:
-	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -m cuda -q tests/test_cuda.py
-	$(PY) bench/gpu_timings.py $(ARGS)
+gpu-check:  # PYTHONPATH: a bare GPU machine's python has not installed this checkout
+	PYTHONPATH=$(CURDIR) GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -m cuda -q tests/test_cuda.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/gpu_timings.py $(ARGS)
 
-$(VENV)/.installed: requirements.txt
+# The pinned set, then this checkout as an editable package (vggattn importable anywhere, console scripts)
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@

@@ -14,16 +14,16 @@ import os
 import random
 import time
 
+from common import ROOT, median, percentile, report
+
+import gradio as gr
+from PIL import Image
+
+from vggattn import app
+import vggattn
+from tests_util import full_width_meta, full_width_model
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from common import ROOT, median, percentile, report  # noqa: E402
-
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import app  # noqa: E402
-import vggattn  # noqa: E402
-from tests_util import full_width_meta, full_width_model  # noqa: E402
 
 
 def main():

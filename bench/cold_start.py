@@ -23,8 +23,7 @@ from PIL import Image
 result = vggattn.analyze(model, meta, vggattn.open_image(sys.argv[1]))
 t3 = time.perf_counter()
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-sys.path.insert(0, sys.argv[2])
-import app
+from vggattn import app
 demo = app.build_demo(model, meta)
 t4 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first analyze": t3 - t2, "app import + page": t4 - t3}))

@@ -9,14 +9,22 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # vggattn, and the article's code (tests/article_reference.py)
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (make installs it: vggattn imports from anywhere)
+
+
+def article_reference():
+    """The article's code, re-typed for the tests (tests/article_reference.py), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("article_reference", ROOT / "tests" / "article_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine() -> str:

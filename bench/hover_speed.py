@@ -18,18 +18,18 @@ import random
 import socket
 from pathlib import Path
 
+from common import ROOT, percentile, report
+
+import numpy as np
+from PIL import Image
+
+from vggattn import app
+import vggattn
+from tests_util import full_width_meta, full_width_model
+from vggattn.analysis import analyze
+from vggattn.hover import decode, hover_payload, payload_bytes
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from common import ROOT, percentile, report  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import app  # noqa: E402
-import vggattn  # noqa: E402
-from tests_util import full_width_meta, full_width_model  # noqa: E402
-from vggattn.analysis import analyze  # noqa: E402
-from vggattn.hover import decode, hover_payload, payload_bytes  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -19,11 +19,11 @@ import sys
 import threading
 import time
 
+from common import ROOT, percentile, report
+
+from gradio_client import Client, handle_file
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from common import ROOT, percentile, report  # noqa: E402
-
-from gradio_client import Client, handle_file  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

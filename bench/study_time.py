@@ -29,7 +29,6 @@ DATA = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"
 
 CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 import torch, vggattn
 from vggattn import study
 cfg = json.loads(sys.argv[1])

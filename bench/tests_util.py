@@ -2,8 +2,10 @@
 
 import torch
 
-import article_reference as article
 import vggattn
+from common import article_reference
+
+article = article_reference()
 
 
 def full_width_model(seed: int = 0, gamma: float = 0.1) -> vggattn.VGG16WithAttention:

@@ -19,11 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import interleaved, median, report
+from common import article_reference, interleaved, median, report
 
-import article_reference as article
 from vggattn.model import GlobalAttention, VGG16WithAttention
 from vggattn.train import cpu_has_native_bf16
+
+article = article_reference()
 
 
 def article_network(width: float) -> nn.Module:

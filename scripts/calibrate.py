@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,12 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vggattn.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from vggattn.data import eval_transform, load_rgb  # noqa: E402
-from vggattn.evaluate import fit_temperature  # noqa: E402
+from vggattn.checkpoint import load_checkpoint, save_checkpoint
+from vggattn.data import eval_transform, load_rgb
+from vggattn.evaluate import fit_temperature
 
 
 @torch.no_grad()

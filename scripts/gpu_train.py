@@ -1,7 +1,7 @@
 """Train on one CUDA GPU with the whole dataset in GPU memory: the 224 px candidate and the A/B arms.
 
     python scripts/pack_gpu_data.py --data ../shared/data/imagenette2-224 --out .gpu     # here
-    python scripts/gpu_train.py --data .gpu --out OUT --deadline-s 480                  # there
+    PYTHONPATH=. python scripts/gpu_train.py --data .gpu --out OUT --deadline-s 480     # there (vggattn not installed)
 
 Decodes the packed WebP files once (scripts/pack_gpu_data.py), then
 1. `--ab`: the A/B arms (attention / none / query-averaged "global"), `--seeds` each, one process per
@@ -34,12 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vggattn.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint  # noqa: E402
-from vggattn.evaluate import expected_calibration_error, fit_temperature  # noqa: E402
-from vggattn.model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas  # noqa: E402
+from vggattn.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from vggattn.evaluate import expected_calibration_error, fit_temperature
+from vggattn.model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas
 
 NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn", "garbage truck",
          "gas pump", "golf ball", "parachute"]  # ../shared/data/README.md, in wnid order

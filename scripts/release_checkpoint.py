@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vggattn import load_checkpoint, save_checkpoint  # noqa: E402
-from vggattn.evaluate import article_flops_comparison, count_flops, count_params, metrics, plot_confusion, predict_folder  # noqa: E402
-from vggattn.plots import gamma_series, plot_gamma_history, read_log  # noqa: E402
+from vggattn import load_checkpoint, save_checkpoint
+from vggattn.evaluate import article_flops_comparison, count_flops, count_params, metrics, plot_confusion, predict_folder
+from vggattn.plots import gamma_series, plot_gamma_history, read_log
 
 log = logging.getLogger("release")
 

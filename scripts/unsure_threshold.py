@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vggattn.analysis import unsure_threshold  # noqa: E402
-from vggattn.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from vggattn.evaluate import predict_logits  # noqa: E402
+from vggattn.analysis import unsure_threshold
+from vggattn.checkpoint import load_checkpoint, save_checkpoint
+from vggattn.evaluate import predict_logits
 
 
 def main(argv=None) -> int:

@@ -1,16 +1,13 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import vggattn  # installed: make installs the checkout (pip install -e .); pytest puts tests/ on sys.path
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import vggattn  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette2-224"
 

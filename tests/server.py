@@ -3,7 +3,7 @@
 import socket
 from contextlib import contextmanager
 
-import app
+from vggattn import app
 import vggattn
 from vggattn.study import load_study
 from conftest import tiny_meta, tiny_model

@@ -5,7 +5,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import app
+from vggattn import app
 from server import running_app
 
 ASSET = str(app.HERE / "assets" / "church.jpg")

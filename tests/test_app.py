@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import app
+from vggattn import app
 import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import Analysis

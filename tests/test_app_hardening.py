@@ -14,7 +14,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import app
+from vggattn import app
 from conftest import ROOT, tiny_meta, tiny_model
 from server import running_app
 from test_images import png_declaring

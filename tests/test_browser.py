@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from vggattn import app
 from server import running_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import app
+from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
 from vggattn.hover import decode, hover_payload, log_normalisers, palettes, payload_bytes

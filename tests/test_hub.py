@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import app
+from vggattn import app
 import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn import hub

@@ -120,7 +120,7 @@ def test_effective_contribution_by_hand():
 def church():
     from PIL import Image
 
-    from app import HERE
+    from vggattn.app import HERE
     return Image.open(HERE / "assets" / "church.jpg").convert("RGB")
 
 

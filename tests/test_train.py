@@ -37,7 +37,7 @@ def toy_data(tmp_path_factory):
 
 
 def run(data, out, *extra):
-    return train.main(["--data", str(data), "--out", str(out), "--names", str(data / "names.md"), *TINY, *extra])
+    return train.run(["--data", str(data), "--out", str(out), "--names", str(data / "names.md"), *TINY, *extra])
 
 
 def test_loss_falls_and_checkpoint_loads(toy_data, tmp_path):
@@ -94,6 +94,9 @@ def test_bad_flags_fail_before_writing_anything(toy_data, tmp_path):
         run(toy_data, out, "--resume")
     with pytest.raises(train.TrainingError, match="ImageFolder root"):
         run(tmp_path, out)
+    assert not out.exists()
+    # the command (vggattn-train) says it in one line and exits 1
+    assert train.main(["--data", str(tmp_path), "--out", str(out), *TINY]) == 1
     assert not out.exists()
 
 
@@ -246,9 +249,8 @@ def test_init_from_a_checkpoint_warm_starts_the_same_function(toy_data, tmp_path
     first = tmp_path / "first" / "best.safetensors"
     source, meta = vggattn.load_checkpoint(first)
     args = train.parse_args(["--data", str(toy_data), "--out", str(tmp_path), *TINY, "--init", str(first)])
-    args.num_classes = 3
     torch.manual_seed(0)
-    started = train.build_model(args, torch.randn(32, 3, 32, 32)).eval()
+    started = train.build_model(train.model_config(args, 3), args.init, torch.randn(32, 3, 32, 32)).eval()
     assert started.config.batch_norm  # BatchNorm back for training, set to the identity
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

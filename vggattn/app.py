@@ -30,22 +30,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr
+import pandas as pd
+import torch
+from PIL import Image
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import vggattn  # noqa: E402
-from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, render_attention,  # noqa: E402
+import vggattn
+from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, render_attention,
                        render_map, unsure_note)
-from .data import ImageLoadError, open_image  # noqa: E402
-from .export import write_result  # noqa: E402
-from .hover import hover_payload, palettes  # noqa: E402
-from .readouts import dependence_markdown, readouts_markdown  # noqa: E402
-from .render import COLORMAPS, UPSAMPLING  # noqa: E402
-from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown  # noqa: E402
+from .data import ImageLoadError, open_image
+from .export import write_result
+from .hover import hover_payload, palettes
+from .readouts import dependence_markdown, readouts_markdown
+from .render import COLORMAPS, UPSAMPLING
+from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
 HERE = Path(__file__).resolve().parent.parent  # the checkout (assets/); an installed package has no examples
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -75,7 +75,7 @@ class UploadedImage(gr.Image):
 
 
 # -- handlers (plain functions: tests call them without a server) ---------------------------------
-def load_upload(path: str | None) -> "Image":  # noqa: F821
+def load_upload(path: str | None) -> Image.Image:
     if not path:
         raise gr.Error("Please upload an image first.")
     try:

@@ -131,3 +131,18 @@ def cell_box(query: int, image_wh: tuple[int, int], grid_hw: tuple[int, int]) ->
     row, col = divmod(query, grid_w)
     cw, ch = img_w / grid_w, img_h / grid_h
     return (col * cw, row * ch, (col + 1) * cw, (row + 1) * ch)
+
+
+def per_class_subset(ds, n: int):
+    """The first n images of each class of an ImageFolder (file order), as a Subset; n <= 0: all of ds."""
+    from torch.utils.data import Subset
+
+    if n <= 0:
+        return ds
+    seen: dict[int, int] = {}
+    keep = []
+    for i, (_, y) in enumerate(ds.samples):
+        if seen.get(y, 0) < n:
+            seen[y] = seen.get(y, 0) + 1
+            keep.append(i)
+    return Subset(ds, keep)

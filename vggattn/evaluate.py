@@ -26,7 +26,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import eval_transform, load_rgb
+from .data import eval_transform, load_rgb, per_class_subset
 from .model import GlobalAttention, VGG16WithAttention
 
 log = logging.getLogger("vggattn.evaluate")
@@ -81,13 +81,11 @@ def calibration(logits: torch.Tensor, targets: np.ndarray, temperature: float = 
 def predict_logits(model: nn.Module, meta: dict, root: str | Path, batch_size: int = 64, workers: int = 2,
                    limit_per_class: int = 0) -> tuple[np.ndarray, torch.Tensor]:
     """-> (targets (n,), logits (n, num_classes) float32 on the CPU) over an ImageFolder root, in file order."""
-    from .train import limit_per_class as limit
-
     ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
     if len(ds.classes) != len(meta["class_names"]):
         raise ValueError(f"{root} has {len(ds.classes)} class folders but the checkpoint has "
                          f"{len(meta['class_names'])} classes")
-    ds = limit(ds, limit_per_class)
+    ds = per_class_subset(ds, limit_per_class)
     device = next(model.parameters()).device
     targets, logits = [], []
     for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="evaluate", leave=False):

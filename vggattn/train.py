@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from .checkpoint import (IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
                          save_checkpoint)
-from .data import eval_transform, load_rgb, train_transform
-from .model import (ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
+from .data import eval_transform, load_rgb, per_class_subset, train_transform
+from .model import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
                     unfold_batchnorm)
 
 log = logging.getLogger("vggattn.train")
@@ -105,20 +106,20 @@ def read_class_names(path: str | None, folders: list[str]) -> list[str]:
     return [mapping[f] for f in folders]
 
 
-def limit_per_class(ds: ImageFolder, n: int) -> ImageFolder | Subset:
-    if n <= 0:
-        return ds
-    seen: dict[int, int] = {}
-    keep = []
-    for i, (_, y) in enumerate(ds.samples):
-        if seen.get(y, 0) < n:
-            seen[y] = seen.get(y, 0) + 1
-            keep.append(i)
-    return Subset(ds, keep)
+def model_config(args, num_classes: int) -> ModelConfig:
+    """The network the flags describe, built once per run (what `build_model` and the checkpoint use)."""
+    if args.no_attention and args.global_attention:
+        raise TrainingError("--no-attention and --global-attention exclude each other")
+    attention = "global" if args.global_attention else not args.no_attention
+    if args.init == "imagenet":  # torchvision's VGG16: full width, the article's classifier, no BatchNorm
+        return ModelConfig(num_classes, 1.0, 4096, 0.5, attention, batch_norm=False)
+    return ModelConfig(num_classes, args.width, args.hidden, args.dropout, attention, batch_norm=not args.no_batch_norm)
 
 
-def build_model(args, init_batch: torch.Tensor | None = None) -> VGG16WithAttention:
-    if args.init == "imagenet":
+def build_model(config: ModelConfig, init: str = "random", init_batch: torch.Tensor | None = None) -> VGG16WithAttention:
+    """A fresh model of `config`; init "imagenet": torchvision's VGG16 weights with a new head; a path:
+    warm-started from that checkpoint (`init_batch` sets BatchNorms it folded away; None on resume)."""
+    if init == "imagenet":
         from torchvision.models import VGG16_Weights, vgg16
 
         try:
@@ -126,20 +127,13 @@ def build_model(args, init_batch: torch.Tensor | None = None) -> VGG16WithAttent
         except Exception as e:
             raise TrainingError(f"--init imagenet could not get torchvision's VGG16 weights (offline?): {e}") from None
         model = from_torchvision(tv)
-        model.classifier[6] = nn.Linear(model.config.hidden, args.num_classes)
-        model.config.num_classes = args.num_classes
+        model.classifier[6] = nn.Linear(model.config.hidden, config.num_classes)
+        model.config.num_classes = config.num_classes
         return model
-    model = VGG16WithAttention(args.num_classes, width=args.width, hidden=args.hidden, dropout=args.dropout,
-                               attention=model_attention(args), batch_norm=not args.no_batch_norm)
-    if args.init != "random" and init_batch is not None:  # a resumed run loads last.pt instead
-        model = warm_start(model, args.init, init_batch)
+    model = VGG16WithAttention(**config.to_dict())
+    if init != "random" and init_batch is not None:  # a resumed run loads last.pt instead
+        model = warm_start(model, init, init_batch)
     return model
-
-
-def model_attention(args) -> bool | str:
-    if args.no_attention and args.global_attention:
-        raise TrainingError("--no-attention and --global-attention exclude each other")
-    return "global" if args.global_attention else not args.no_attention
 
 
 def warm_start(model: VGG16WithAttention, path: str, batch: torch.Tensor) -> VGG16WithAttention:
@@ -242,7 +236,8 @@ def write_log(path: Path, history: list[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """Parse the flags, join the DDP group when launched by torchrun, train -> {"best", "history"}."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -261,13 +256,79 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
+def main(argv=None) -> int:
+    """The `vggattn-train` command: 0 when training ends, 1 with one line when it cannot start or must stop."""
+    try:
+        run(argv)
+    except TrainingError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, made once by `setup` (timm's train script keeps these as locals)."""
+
+    args: argparse.Namespace
+    config: ModelConfig
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    root: Path
+    train_ds: object
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: object
+    generator: torch.Generator
+    model: nn.Module  # DDP-wrapped when world > 1
+    raw_model: VGG16WithAttention
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    autocast: object
+    meta: dict
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
+    history: list = field(default_factory=list)
+
+
 def train(args, device: torch.device, rank: int, world: int) -> dict:
-    out = Path(args.out).expanduser()
+    """Epochs from `setup`'s start to --epochs (train, validate, keep the best), then the final steps."""
+    r = setup(args, device, rank, world)
+    for epoch in range(r.start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        stats = train_one_epoch(r, epoch)
+        val = evaluate_split(r.model, r.val_loader, device, r.autocast, r.config.num_classes)
+        r.history.append({"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
+                          "val_top5": val["top5"], "lr": r.opt.param_groups[0]["lr"],
+                          "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(r.raw_model)})
+        if rank == 0:
+            log.info(json.dumps(r.history[-1]))
+            if val["top1"] > r.best["top1"]:
+                r.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1, "per_class": val["per_class"]}
+                export(r.raw_model, r.meta, r.history, r.best, r.out / "best.safetensors")
+            save_training_state(r.out / "last.pt", r.raw_model, r.opt, r.sched, r.scaler, epoch, r.best, r.history,
+                                r.meta, args)
+            write_log(r.out / "log.jsonl", r.history)
+        if world > 1:
+            dist.barrier()
+    if args.recalibrate_bn and r.raw_model.config.batch_norm and r.history:
+        recalibrate_and_export(r)
+    if world > 1:
+        check_ranks_agree(r.raw_model, rank, world)
+    return {"best": r.best, "history": r.history}
+
+
+def setup(args, device: torch.device, rank: int, world: int) -> Run:
+    """Check the flags and data, then build the datasets, loaders, model, optimizer and schedule, and
+    restore them from OUT/last.pt with --resume."""
+    out, root = Path(args.out).expanduser(), Path(args.data)
     if args.init not in ("random", "imagenet") and not Path(args.init).is_file():
         raise TrainingError(f"--init {args.init}: no such file (use random, imagenet or a checkpoint path)")
     if args.init == "imagenet" and (args.width != 1.0 or not args.no_batch_norm or args.no_attention):
         raise TrainingError("--init imagenet needs --width 1 --no-batch-norm (torchvision's VGG16 layout) and attention on")
-    root = Path(args.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise TrainingError(f"{root / split} is not a directory: --data needs an ImageFolder root with train/ and val/")
@@ -277,142 +338,142 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_ds = ImageFolder(root / "train", transform=train_transform(args.train_size or args.input_size, mean, std), loader=load_rgb)
-    class_names = read_class_names(args.names, train_ds.classes)
-    args.num_classes = len(class_names)
-    meta_eval = {"input_size": args.input_size, "mean": mean, "std": std}
-    val_ds = ImageFolder(root / "val", transform=eval_transform(meta_eval), loader=load_rgb)
+    class_names, class_ids = read_class_names(args.names, train_ds.classes), list(train_ds.classes)
+    config = model_config(args, len(class_names))
+    val_ds = ImageFolder(root / "val", transform=eval_transform({"input_size": args.input_size, "mean": mean, "std": std}),
+                         loader=load_rgb)
     if val_ds.classes != train_ds.classes:
         raise TrainingError("train/ and val/ have different class folders")
-    train_ds, val_ds = limit_per_class(train_ds, args.limit_per_class), limit_per_class(val_ds, args.limit_per_class)
+    train_ds, val_ds = per_class_subset(train_ds, args.limit_per_class), per_class_subset(val_ds, args.limit_per_class)
     val_shard = Subset(val_ds, list(range(rank, len(val_ds), world)))  # exact split, no padding
 
     init_batch = None
     if args.init not in ("random", "imagenet") and not args.resume:  # BatchNorm statistics for a warm start
         init_batch = torch.stack([train_ds[i][0] for i in torch.randperm(len(train_ds))[:256].tolist()])
-    model = build_model(args, init_batch).to(device)
-    use_amp = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
-    model = model.to(memory_format=torch.channels_last)
-    raw_model = model
+    raw_model = build_model(config, args.init, init_batch).to(device).to(memory_format=torch.channels_last)
+    model = raw_model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = args.precision == "bf16" or (args.precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
     sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
     g = torch.Generator().manual_seed(args.seed)
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")  # fresh workers each epoch: seeded from g
-    train_loader = DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) >= args.batch_size * world * 2,
-                              generator=g, **loader_kw)
+    train_loader = DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
+                              drop_last=len(train_ds) >= args.batch_size * world * 2, **loader_kw)
     val_loader = DataLoader(val_shard, args.batch_size * 2, shuffle=False, **loader_kw)
     opt, sched = make_optimizer(args, raw_model, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if (use_amp and device.type == "cuda") else None
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-
-    meta = {"class_names": class_names, "class_ids": list(train_ds.classes), "input_size": args.input_size, "mean": mean, "std": std,
-            "config": raw_model.config.to_dict(),
-            "training": {"dataset": root.name, "data": str(root), "recipe": {k: v for k, v in vars(args).items() if k not in ("resume",)}}}
-    start_epoch, best, history = 0, {"top1": -1.0, "epoch": -1}, []
+    meta = {"class_names": class_names, "class_ids": class_ids,
+            "input_size": args.input_size, "mean": mean, "std": std, "config": raw_model.config.to_dict(),
+            "training": {"dataset": root.name, "data": str(root), "recipe": {k: v for k, v in vars(args).items() if k != "resume"}}}
+    r = Run(args, config, device, rank, world, out, root, train_ds, train_loader, val_loader, sampler, g, model, raw_model,
+            opt, sched, torch.amp.GradScaler("cuda") if (use_amp and device.type == "cuda") else None,
+            (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext, meta)
     if args.resume:
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in RECIPE_KEYS
-                   if k in state["args"] and state["args"][k] != getattr(args, k)]
-        if changed:
-            raise TrainingError(f"--resume with a different recipe than {out / 'last.pt'} was trained with: "
-                                f"{', '.join(changed)}")
-        raw_model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        meta["training"]["wall_s_before_resume"] = sum(h["epoch_s"] for h in history)
-        if rank == 0:
-            log.info("resumed from %s at epoch %d (best top-1 %.4f at epoch %d)", out / "last.pt", start_epoch, best["top1"], best["epoch"])
+        resume(r)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # a run killed mid-write leaves its temp file; the real files are whole
             stale.unlink()
-        log.info("model %s, %d train / %d val images, %d classes, device %s, world %d, %s",
-                 raw_model.config, len(train_ds), len(val_ds), args.num_classes, device, world,
-                 f"autocast {amp_dtype}" if use_amp else "fp32")
+        log.info("model %s, %d train / %d val images, %d classes, device %s, world %d, %s", raw_model.config,
+                 len(train_ds), len(val_ds), config.num_classes, device, world, f"autocast {amp_dtype}" if use_amp else "fp32")
+    return r
 
-    for epoch in range(start_epoch, args.epochs):
-        # Seed per epoch (shuffle, augmentation, dropout), so a resumed run repeats an uninterrupted one
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        g.manual_seed(args.seed * 100_003 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, mininterval=2.0, leave=False)
-        for x, y in bar:
-            x, y = to_device(x, y, device)
-            with autocast():
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}; stopping. "
-                                    f"The last good checkpoint is kept in {out} (try a lower --lr)")
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
-        train_s = time.perf_counter() - t0
-        val = evaluate_split(model, val_loader, device, autocast, args.num_classes)
-        train_stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(train_stats)
-        record = {"epoch": epoch + 1, "train_loss": train_stats[0].item() / train_stats[2].item(),
-                  "train_top1": train_stats[1].item() / train_stats[2].item(),
-                  "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                  "lr": opt.param_groups[0]["lr"], "images_per_s": train_stats[2].item() / train_s,
-                  "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(raw_model)}
-        history.append(record)
-        if rank == 0:
-            log.info(json.dumps(record))
-            if val["top1"] > best["top1"]:
-                best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1, "per_class": val["per_class"]}
-                export(raw_model, meta, history, best, out / "best.safetensors")
-            save_training_state(out / "last.pt", raw_model, opt, sched, scaler, epoch, best, history, meta, args)
-            write_log(out / "log.jsonl", history)
-        if world > 1:
-            dist.barrier()
-    if args.recalibrate_bn and raw_model.config.batch_norm and history:
-        recalibrate_batchnorm(raw_model, limit_total(train_ds_plain(root, meta_eval, args), args.recalibrate_bn, args.seed),
-                              device, autocast, args.batch_size, args.workers)
-        val = evaluate_split(model, val_loader, device, autocast, args.num_classes)
-        history[-1].update({"val_top1_bn_recalibrated": val["top1"], "val_top5_bn_recalibrated": val["top5"],
-                            "bn_recalibration_images": args.recalibrate_bn})
-        if rank == 0:
-            log.info("BatchNorm recalibrated at %d px on %d train images: val top-1 %.4f (was %.4f at epoch %d)",
-                     args.input_size, args.recalibrate_bn, val["top1"], history[-1]["val_top1"], history[-1]["epoch"])
-            if val["top1"] > best["top1"]:
-                best = {"top1": val["top1"], "top5": val["top5"], "epoch": history[-1]["epoch"],
-                        "per_class": val["per_class"], "bn_recalibrated": args.recalibrate_bn}
-                export(raw_model, meta, history, best, out / "best.safetensors")
-            write_log(out / "log.jsonl", history)
-    if world > 1:  # DDP must leave every rank with the same weights; check rather than trust
-        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1).cpu()
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
-        if rank == 0:
-            agree = all(torch.equal(t, gathered[0]) for t in gathered)
-            log.info("DDP: parameters of all %d ranks %s (checksums %s)", world, "agree" if agree else "DIFFER",
-                     [f"{t.item():.10g}" for t in gathered])
-            if not agree:
-                raise TrainingError("DDP ranks ended with different weights")
-    return {"best": best, "history": history}
+
+def resume(r: Run) -> None:
+    """Restore model, optimizer, schedule, scaler, best and history from OUT/last.pt (same recipe only)."""
+    state = torch.load(r.out / "last.pt", map_location="cpu", weights_only=True)
+    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(r.args, k)}" for k in RECIPE_KEYS
+               if k in state["args"] and state["args"][k] != getattr(r.args, k)]
+    if changed:
+        raise TrainingError(f"--resume with a different recipe than {r.out / 'last.pt'} was trained with: "
+                            f"{', '.join(changed)}")
+    r.raw_model.load_state_dict(state["model"])
+    r.opt.load_state_dict(state["optimizer"])
+    r.sched.load_state_dict(state["scheduler"])
+    if r.scaler is not None and state["scaler"]:
+        r.scaler.load_state_dict(state["scaler"])
+    r.start_epoch, r.best, r.history = state["epoch"] + 1, state["best"], state["history"]
+    r.meta["training"]["wall_s_before_resume"] = sum(h["epoch_s"] for h in r.history)
+    if r.rank == 0:
+        log.info("resumed from %s at epoch %d (best top-1 %.4f at epoch %d)", r.out / "last.pt", r.start_epoch,
+                 r.best["top1"], r.best["epoch"])
+
+
+def train_one_epoch(r: Run, epoch: int) -> dict:
+    """One pass over the training set -> {"train_loss", "train_top1", "images_per_s"} (over all ranks)."""
+    # Seed per epoch (shuffle, augmentation, dropout), so a resumed run repeats an uninterrupted one
+    torch.manual_seed(r.args.seed * 100_003 + epoch)
+    r.generator.manual_seed(r.args.seed * 100_003 + epoch)
+    if r.sampler is not None:
+        r.sampler.set_epoch(epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=r.args.label_smoothing)
+    r.model.train()
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(r.train_loader, desc=f"epoch {epoch + 1}/{r.args.epochs}", disable=r.rank != 0, mininterval=2.0, leave=False)
+    for x, y in bar:
+        x, y = to_device(x, y, r.device)
+        with r.autocast():
+            logits = r.model(x)
+            loss = criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}; stopping. "
+                                f"The last good checkpoint is kept in {r.out} (try a lower --lr)")
+        r.opt.zero_grad(set_to_none=True)
+        if r.scaler is not None:
+            r.scaler.scale(loss).backward()
+            r.scaler.step(r.opt)
+            r.scaler.update()
+        else:
+            loss.backward()
+            r.opt.step()
+        r.sched.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                        img_s=f"{seen * r.world / (time.perf_counter() - t0):.0f}")
+    train_s = time.perf_counter() - t0
+    stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+    if r.world > 1:
+        dist.all_reduce(stats)
+    return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": stats[1].item() / stats[2].item(),
+            "images_per_s": stats[2].item() / train_s}
+
+
+def recalibrate_and_export(r: Run) -> None:
+    """--recalibrate-bn: BatchNorm statistics re-estimated on training images seen as at inference;
+    the result is exported as best.safetensors when it beats the best epoch."""
+    args = r.args
+    meta_eval = {"input_size": args.input_size, "mean": r.meta["mean"], "std": r.meta["std"]}
+    recalibrate_batchnorm(r.raw_model, limit_total(train_ds_plain(r.root, meta_eval, args), args.recalibrate_bn, args.seed),
+                          r.device, r.autocast, args.batch_size, args.workers)
+    val = evaluate_split(r.model, r.val_loader, r.device, r.autocast, r.config.num_classes)
+    r.history[-1].update({"val_top1_bn_recalibrated": val["top1"], "val_top5_bn_recalibrated": val["top5"],
+                          "bn_recalibration_images": args.recalibrate_bn})
+    if r.rank == 0:
+        log.info("BatchNorm recalibrated at %d px on %d train images: val top-1 %.4f (was %.4f at epoch %d)",
+                 args.input_size, args.recalibrate_bn, val["top1"], r.history[-1]["val_top1"], r.history[-1]["epoch"])
+        if val["top1"] > r.best["top1"]:
+            r.best = {"top1": val["top1"], "top5": val["top5"], "epoch": r.history[-1]["epoch"],
+                      "per_class": val["per_class"], "bn_recalibrated": args.recalibrate_bn}
+            export(r.raw_model, r.meta, r.history, r.best, r.out / "best.safetensors")
+        write_log(r.out / "log.jsonl", r.history)
+
+
+def check_ranks_agree(model: nn.Module, rank: int, world: int) -> None:
+    """DDP must leave every rank with the same weights; check rather than trust."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
+    gathered = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(gathered, checksum)
+    if rank == 0:
+        agree = all(torch.equal(t, gathered[0]) for t in gathered)
+        log.info("DDP: parameters of all %d ranks %s (checksums %s)", world, "agree" if agree else "DIFFER",
+                 [f"{t.item():.10g}" for t in gathered])
+        if not agree:
+            raise TrainingError("DDP ranks ended with different weights")
 
 
 def train_ds_plain(root: Path, meta_eval: dict, args) -> ImageFolder:
@@ -457,14 +518,5 @@ def export(model: VGG16WithAttention, meta: dict, history: list, best: dict, pat
     save_checkpoint(folded, {**meta, "config": folded.config.to_dict(), "training": training}, path)
 
 
-def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except TrainingError as e:
-        logging.getLogger("vggattn.train").error("%s", e)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    raise SystemExit(main())
