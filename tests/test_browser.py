@@ -47,6 +47,19 @@ def click_image_at(img, fx: float, fy: float) -> None:
     img.click(position={"x": x0 + fx * nw * scale, "y": y0 + fy * nh * scale})
 
 
+def open_upload_and_click_centre(view, url: str) -> None:
+    """A fresh page: open the app, upload the church photo, click its centre, wait for the three panels."""
+    view.goto(url)
+    view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+    view.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
+    view.wait_for_function("document.querySelector('#predictions') && "
+                           "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
+    img = view.locator("#input-image img").first
+    img.wait_for(state="visible", timeout=30_000)
+    click_image_at(img, 0.5, 0.5)
+    view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+
+
 def test_upload_click_and_see_three_overlays(page):
     page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
     page.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
@@ -223,15 +236,7 @@ def test_clicks_render_through_the_server_when_the_hover_script_fails(page):
 
     try:
         view.route(page.url, broken)
-        view.goto(page.url)
-        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
-        view.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
-        view.wait_for_function("document.querySelector('#predictions') && "
-                               "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
-        img = view.locator("#input-image img").first
-        img.wait_for(state="visible", timeout=30_000)
-        click_image_at(img, 0.5, 0.5)
-        view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+        open_upload_and_click_centre(view, page.url)
         assert "Pixel (112, 112)" in view.locator("#status").inner_text()
         assert view.evaluate("document.querySelectorAll('canvas.vggattn-hover').length") == 0
         assert view.evaluate("typeof window.vggattnHover") == "undefined"
@@ -308,15 +313,7 @@ def test_layout_image_and_panels(page, width, height):
     them overlap; a 390 px phone: they stack. Screenshots go to artifacts/."""
     view = page.context.browser.new_page(viewport={"width": width, "height": height})
     try:
-        view.goto(page.url)
-        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
-        view.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
-        view.wait_for_function("document.querySelector('#predictions') && "
-                               "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
-        img = view.locator("#input-image img").first
-        img.wait_for(state="visible", timeout=30_000)
-        click_image_at(img, 0.5, 0.5)
-        view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
+        open_upload_and_click_centre(view, page.url)
         boxes = [view.locator(s).bounding_box() for s in ("#input-image", "#panel-0", "#panel-1", "#panel-2")]
         ARTIFACTS.mkdir(exist_ok=True)
         view.screenshot(path=str(ARTIFACTS / f"app-{width}x{height}.png"))

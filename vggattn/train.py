@@ -296,29 +296,29 @@ class Run:
 
 def train(args, device: torch.device, rank: int, world: int) -> dict:
     """Epochs from `setup`'s start to --epochs (train, validate, keep the best), then the final steps."""
-    r = setup(args, device, rank, world)
-    for epoch in range(r.start_epoch, args.epochs):
+    job = setup(args, device, rank, world)
+    for epoch in range(job.start_epoch, args.epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(r, epoch)
-        val = evaluate_split(r.model, r.val_loader, device, r.autocast, r.config.num_classes)
-        r.history.append({"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
-                          "val_top5": val["top5"], "lr": r.opt.param_groups[0]["lr"],
-                          "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(r.raw_model)})
+        stats = train_one_epoch(job, epoch)
+        val = evaluate_split(job.model, job.val_loader, device, job.autocast, job.config.num_classes)
+        job.history.append({"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
+                          "val_top5": val["top5"], "lr": job.opt.param_groups[0]["lr"],
+                          "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(job.raw_model)})
         if rank == 0:
-            log.info(json.dumps(r.history[-1]))
-            if val["top1"] > r.best["top1"]:
-                r.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1, "per_class": val["per_class"]}
-                export(r.raw_model, r.meta, r.history, r.best, r.out / "best.safetensors")
-            save_training_state(r.out / "last.pt", r.raw_model, r.opt, r.sched, r.scaler, epoch, r.best, r.history,
-                                r.meta, args)
-            write_log(r.out / "log.jsonl", r.history)
+            log.info(json.dumps(job.history[-1]))
+            if val["top1"] > job.best["top1"]:
+                job.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1, "per_class": val["per_class"]}
+                export(job.raw_model, job.meta, job.history, job.best, job.out / "best.safetensors")
+            save_training_state(job.out / "last.pt", job.raw_model, job.opt, job.sched, job.scaler, epoch, job.best, job.history,
+                                job.meta, args)
+            write_log(job.out / "log.jsonl", job.history)
         if world > 1:
             dist.barrier()
-    if args.recalibrate_bn and r.raw_model.config.batch_norm and r.history:
-        recalibrate_and_export(r)
+    if args.recalibrate_bn and job.raw_model.config.batch_norm and job.history:
+        recalibrate_and_export(job)
     if world > 1:
-        check_ranks_agree(r.raw_model, rank, world)
-    return {"best": r.best, "history": r.history}
+        check_ranks_agree(job.raw_model, rank, world)
+    return {"best": job.best, "history": job.history}
 
 
 def setup(args, device: torch.device, rank: int, world: int) -> Run:
@@ -358,109 +358,109 @@ def setup(args, device: torch.device, rank: int, world: int) -> Run:
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
 
     sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
-    g = torch.Generator().manual_seed(args.seed)
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")  # fresh workers each epoch: seeded from g
-    train_loader = DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
+    generator = torch.Generator().manual_seed(args.seed)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")  # fresh workers each epoch: seeded from generator
+    train_loader = DataLoader(train_ds, args.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
                               drop_last=len(train_ds) >= args.batch_size * world * 2, **loader_kw)
     val_loader = DataLoader(val_shard, args.batch_size * 2, shuffle=False, **loader_kw)
     opt, sched = make_optimizer(args, raw_model, len(train_loader))
     meta = {"class_names": class_names, "class_ids": class_ids,
             "input_size": args.input_size, "mean": mean, "std": std, "config": raw_model.config.to_dict(),
             "training": {"dataset": root.name, "data": str(root), "recipe": {k: v for k, v in vars(args).items() if k != "resume"}}}
-    r = Run(args, config, device, rank, world, out, root, train_ds, train_loader, val_loader, sampler, g, model, raw_model,
+    job = Run(args, config, device, rank, world, out, root, train_ds, train_loader, val_loader, sampler, generator, model, raw_model,
             opt, sched, torch.amp.GradScaler("cuda") if (use_amp and device.type == "cuda") else None,
             (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext, meta)
     if args.resume:
-        resume(r)
+        resume(job)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # a run killed mid-write leaves its temp file; the real files are whole
             stale.unlink()
         log.info("model %s, %d train / %d val images, %d classes, device %s, world %d, %s", raw_model.config,
                  len(train_ds), len(val_ds), config.num_classes, device, world, f"autocast {amp_dtype}" if use_amp else "fp32")
-    return r
+    return job
 
 
-def resume(r: Run) -> None:
+def resume(job: Run) -> None:
     """Restore model, optimizer, schedule, scaler, best and history from OUT/last.pt (same recipe only)."""
-    state = torch.load(r.out / "last.pt", map_location="cpu", weights_only=True)
-    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(r.args, k)}" for k in RECIPE_KEYS
-               if k in state["args"] and state["args"][k] != getattr(r.args, k)]
+    state = torch.load(job.out / "last.pt", map_location="cpu", weights_only=True)
+    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(job.args, k)}" for k in RECIPE_KEYS
+               if k in state["args"] and state["args"][k] != getattr(job.args, k)]
     if changed:
-        raise TrainingError(f"--resume with a different recipe than {r.out / 'last.pt'} was trained with: "
+        raise TrainingError(f"--resume with a different recipe than {job.out / 'last.pt'} was trained with: "
                             f"{', '.join(changed)}")
-    r.raw_model.load_state_dict(state["model"])
-    r.opt.load_state_dict(state["optimizer"])
-    r.sched.load_state_dict(state["scheduler"])
-    if r.scaler is not None and state["scaler"]:
-        r.scaler.load_state_dict(state["scaler"])
-    r.start_epoch, r.best, r.history = state["epoch"] + 1, state["best"], state["history"]
-    r.meta["training"]["wall_s_before_resume"] = sum(h["epoch_s"] for h in r.history)
-    if r.rank == 0:
-        log.info("resumed from %s at epoch %d (best top-1 %.4f at epoch %d)", r.out / "last.pt", r.start_epoch,
-                 r.best["top1"], r.best["epoch"])
+    job.raw_model.load_state_dict(state["model"])
+    job.opt.load_state_dict(state["optimizer"])
+    job.sched.load_state_dict(state["scheduler"])
+    if job.scaler is not None and state["scaler"]:
+        job.scaler.load_state_dict(state["scaler"])
+    job.start_epoch, job.best, job.history = state["epoch"] + 1, state["best"], state["history"]
+    job.meta["training"]["wall_s_before_resume"] = sum(h["epoch_s"] for h in job.history)
+    if job.rank == 0:
+        log.info("resumed from %s at epoch %d (best top-1 %.4f at epoch %d)", job.out / "last.pt", job.start_epoch,
+                 job.best["top1"], job.best["epoch"])
 
 
-def train_one_epoch(r: Run, epoch: int) -> dict:
+def train_one_epoch(job: Run, epoch: int) -> dict:
     """One pass over the training set -> {"train_loss", "train_top1", "images_per_s"} (over all ranks)."""
     # Seed per epoch (shuffle, augmentation, dropout), so a resumed run repeats an uninterrupted one
-    torch.manual_seed(r.args.seed * 100_003 + epoch)
-    r.generator.manual_seed(r.args.seed * 100_003 + epoch)
-    if r.sampler is not None:
-        r.sampler.set_epoch(epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=r.args.label_smoothing)
-    r.model.train()
+    torch.manual_seed(job.args.seed * 100_003 + epoch)
+    job.generator.manual_seed(job.args.seed * 100_003 + epoch)
+    if job.sampler is not None:
+        job.sampler.set_epoch(epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=job.args.label_smoothing)
+    job.model.train()
     t0 = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(r.train_loader, desc=f"epoch {epoch + 1}/{r.args.epochs}", disable=r.rank != 0, mininterval=2.0, leave=False)
+    bar = tqdm(job.train_loader, desc=f"epoch {epoch + 1}/{job.args.epochs}", disable=job.rank != 0, mininterval=2.0, leave=False)
     for x, y in bar:
-        x, y = to_device(x, y, r.device)
-        with r.autocast():
-            logits = r.model(x)
+        x, y = to_device(x, y, job.device)
+        with job.autocast():
+            logits = job.model(x)
             loss = criterion(logits.float(), y)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}; stopping. "
-                                f"The last good checkpoint is kept in {r.out} (try a lower --lr)")
-        r.opt.zero_grad(set_to_none=True)
-        if r.scaler is not None:
-            r.scaler.scale(loss).backward()
-            r.scaler.step(r.opt)
-            r.scaler.update()
+                                f"The last good checkpoint is kept in {job.out} (try a lower --lr)")
+        job.opt.zero_grad(set_to_none=True)
+        if job.scaler is not None:
+            job.scaler.scale(loss).backward()
+            job.scaler.step(job.opt)
+            job.scaler.update()
         else:
             loss.backward()
-            r.opt.step()
-        r.sched.step()
+            job.opt.step()
+        job.sched.step()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{seen * r.world / (time.perf_counter() - t0):.0f}")
+                        img_s=f"{seen * job.world / (time.perf_counter() - t0):.0f}")
     train_s = time.perf_counter() - t0
     stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-    if r.world > 1:
+    if job.world > 1:
         dist.all_reduce(stats)
     return {"train_loss": stats[0].item() / stats[2].item(), "train_top1": stats[1].item() / stats[2].item(),
             "images_per_s": stats[2].item() / train_s}
 
 
-def recalibrate_and_export(r: Run) -> None:
+def recalibrate_and_export(job: Run) -> None:
     """--recalibrate-bn: BatchNorm statistics re-estimated on training images seen as at inference;
     the result is exported as best.safetensors when it beats the best epoch."""
-    args = r.args
-    meta_eval = {"input_size": args.input_size, "mean": r.meta["mean"], "std": r.meta["std"]}
-    recalibrate_batchnorm(r.raw_model, limit_total(train_ds_plain(r.root, meta_eval, args), args.recalibrate_bn, args.seed),
-                          r.device, r.autocast, args.batch_size, args.workers)
-    val = evaluate_split(r.model, r.val_loader, r.device, r.autocast, r.config.num_classes)
-    r.history[-1].update({"val_top1_bn_recalibrated": val["top1"], "val_top5_bn_recalibrated": val["top5"],
+    args = job.args
+    meta_eval = {"input_size": args.input_size, "mean": job.meta["mean"], "std": job.meta["std"]}
+    recalibrate_batchnorm(job.raw_model, limit_total(train_ds_plain(job.root, meta_eval, args), args.recalibrate_bn, args.seed),
+                          job.device, job.autocast, args.batch_size, args.workers)
+    val = evaluate_split(job.model, job.val_loader, job.device, job.autocast, job.config.num_classes)
+    job.history[-1].update({"val_top1_bn_recalibrated": val["top1"], "val_top5_bn_recalibrated": val["top5"],
                           "bn_recalibration_images": args.recalibrate_bn})
-    if r.rank == 0:
+    if job.rank == 0:
         log.info("BatchNorm recalibrated at %d px on %d train images: val top-1 %.4f (was %.4f at epoch %d)",
-                 args.input_size, args.recalibrate_bn, val["top1"], r.history[-1]["val_top1"], r.history[-1]["epoch"])
-        if val["top1"] > r.best["top1"]:
-            r.best = {"top1": val["top1"], "top5": val["top5"], "epoch": r.history[-1]["epoch"],
+                 args.input_size, args.recalibrate_bn, val["top1"], job.history[-1]["val_top1"], job.history[-1]["epoch"])
+        if val["top1"] > job.best["top1"]:
+            job.best = {"top1": val["top1"], "top5": val["top5"], "epoch": job.history[-1]["epoch"],
                       "per_class": val["per_class"], "bn_recalibrated": args.recalibrate_bn}
-            export(r.raw_model, r.meta, r.history, r.best, r.out / "best.safetensors")
-        write_log(r.out / "log.jsonl", r.history)
+            export(job.raw_model, job.meta, job.history, job.best, job.out / "best.safetensors")
+        write_log(job.out / "log.jsonl", job.history)
 
 
 def check_ranks_agree(model: nn.Module, rank: int, world: int) -> None:
