@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggattn import app
 import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn import hub
@@ -84,11 +83,28 @@ def test_offline_a_cached_id_loads_and_an_unknown_one_is_one_sentence(saved, tmp
     assert "Traceback" not in unknown.stdout + unknown.stderr
 
 
-def test_the_app_starts_from_a_hub_style_folder(saved):
+def test_the_app_starts_from_a_hub_style_folder(saved, tmp_path):
+    """`vggattn-app --checkpoint FOLDER` in its own process serves the page."""
+    import time
+    import urllib.request
+
+    from server import free_port
+
     _, _, folder = saved
-    model, meta = vggattn.load_checkpoint(folder, device="cpu")
-    demo = app.build_demo(model, meta, None, str(folder))
-    assert demo.ui.panels and app.parse_args(["--checkpoint", str(folder)]).checkpoint == str(folder)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vggattn.app", "--checkpoint", str(folder), "--port", str(port),
+                             "--device", "cpu"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, page = time.time() + 90, ""
+        while time.time() < deadline and proc.poll() is None and "vggattn" not in page:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "vggattn" in page, proc.stderr.read() if proc.poll() is not None else "no page in 90 s"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
