@@ -81,7 +81,8 @@ def test_controls_rerender_without_the_model(mm, ui, monkeypatch):
     assert a[ui.panels[0]]["label"] == b[ui.panels[0]]["label"] and a[first_map]["label"] == b[first_map]["label"]
     assert not np.array_equal(a[first_map]["value"], b[first_map]["value"])  # the tabs' maps follow the controls too
     unclicked = app.on_controls(ui, state, None, 0.5, "jet", "smooth", True)
-    assert set(unclicked) == set(ui.maps)  # nothing clicked yet: the panels are left as they are
+    assert set(unclicked) == {*ui.maps, *ui.panels}  # nothing clicked yet: the panels are left as they are
+    assert all(unclicked[p] == app.gr.update() for p in ui.panels)
     marked, plain = (app.on_mark(ui, state, (100, 100), 0.5, "jet", "smooth", m) for m in (True, False))
     assert set(marked) == set(plain) == set(ui.panels)  # the numbering touches the panels only, not the tabs' maps
     assert not np.array_equal(marked[ui.panels[0]]["value"], plain[ui.panels[0]]["value"])
@@ -263,3 +264,22 @@ def test_a_click_states_the_sink_notes_under_the_panels():
     flagged = [p for p in ui.panels if "⚠ sink" in out[p]["label"]]
     assert flagged and out[ui.status].count("⚠ `features.") == len(flagged)
     assert "query-independent here" in out[ui.status] or "sink-dominated image" in out[ui.status]
+
+
+def test_log_scale_redraws_the_pinned_panels(mm, ui):
+    state = upload(ui, mm)[ui.state]
+    linear = app.on_point(ui, state, 100, 120)
+    logged = app.on_point(ui, state, 100, 120, scale="log")
+    assert linear[ui.status] == logged[ui.status]  # the same point and queries, coloured otherwise
+    assert all(not np.array_equal(linear[p]["value"], logged[p]["value"]) for p in ui.panels)
+    again = app.on_mark(ui, state, (100, 120), 0.5, "jet", "smooth", True, "log")
+    assert all(np.array_equal(again[p]["value"], logged[p]["value"]) for p in ui.panels)
+
+
+def test_controls_before_a_click_leave_every_panel_as_it_is(mm, ui):
+    """Gradio reads an empty dict as one missing output (the panels showed "Error"): every output gets
+    a no-op update instead."""
+    state = upload(ui, mm)[ui.state]
+    for out, outputs in ((app.on_mark(ui, state, None, 0.5, "jet", "smooth", True, "log"), ui.panels),
+                         (app.on_controls(ui, None, None, 0.5, "jet", "smooth", True), [*ui.panels, *ui.maps])):
+        assert set(out) == set(outputs) and all(v == app.gr.update() for v in out.values())

@@ -163,6 +163,23 @@ def test_browser_rows_and_columns_equal_the_servers(page):
             np.testing.assert_allclose(js, full[:, j].numpy(), atol=1e-4, rtol=0)
 
 
+def test_log_scale_in_the_page_equals_the_servers(page):
+    """The Scale control reaches the page, whose log colouring of a row is the server's (scale_map, min-max)."""
+    import numpy as np
+
+    from vggattn.render import scale_map
+
+    page.locator("#scale").get_by_label("log").check()
+    page.wait_for_function("window.vggattnHover.state().controls.scale === 'log'", timeout=10_000)
+    for li, q in ((0, 1000), (2, 40)):
+        row = np.array(page.evaluate("([l, q]) => window.vggattnHover.row(l, q)", [li, q]))
+        js = np.array(page.evaluate("(r) => window.vggattnHover.scaled(r, 'row', 'log')", row.tolist()))
+        m = scale_map(row, "log").astype(np.float64)
+        np.testing.assert_allclose(js, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
+    page.locator("#scale").get_by_label("linear").check()
+    page.wait_for_function("window.vggattnHover.state().controls.scale === 'linear'", timeout=10_000)
+
+
 def test_column_view_of_a_sink_lights_every_query(page):
     """A hand-made layer where every query puts all its attention on one cell: in the "who looks here"
     view, that cell's column lights the whole image; another cell's column stays dark."""

@@ -68,3 +68,16 @@ def test_large_image_is_drawn_on_a_small_copy():
     assert result.size == (3000, 1000) and result.display.shape == (171, 512, 3)
     assert render_attention(result, (2999, 999))[0].image.shape == (171, 512, 3)
     assert torch.isfinite(result.probs).all()
+
+
+def test_scale_map_linear_is_the_map_and_log_spans_four_decades():
+    from vggattn.render import LOG_DECADES, scale_map
+
+    row = np.array([[0.9, 0.09], [1e-3, 1e-9]])
+    np.testing.assert_allclose(scale_map(row, "linear"), row.astype(np.float32))
+    logged = scale_map(row, "log")
+    np.testing.assert_allclose(logged, np.log10([[0.9, 0.09], [1e-3, 0.9e-4]]), rtol=1e-6)  # floored
+    assert logged.max() - logged.min() == pytest.approx(LOG_DECADES, rel=1e-6)
+    assert not scale_map(np.zeros((2, 2)), "log").any()  # nothing to scale
+    with pytest.raises(ValueError, match="scale"):
+        scale_map(row, "sqrt")

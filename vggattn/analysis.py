@@ -25,7 +25,7 @@ from .data import cell_box, preprocess, query_index, to_rgb
 from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
 from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
-from .render import mark_cells, mark_query, overlay, upsample_map
+from .render import mark_cells, mark_query, overlay, scale_map, upsample_map
 
 SINK_DOMINATED = 0.5  # vggattn.study's rule: one cell takes at least half of all attention in the image
 LIST_CLASSES = 20  # the app's header names at most this many of the classes (an ImageNet model has 1000)
@@ -208,10 +208,10 @@ def ablate(model: nn.Module, result: Analysis, layers: list[str]) -> torch.Tenso
 
 
 def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.5, colormap: str = "jet",
-               mode: str = "smooth") -> np.ndarray:
-    """Any (h, w) map over the image (min-max scaled) on the display copy -> (H, W, 3) uint8."""
+               mode: str = "smooth", scale: str = "linear") -> np.ndarray:
+    """Any (h, w) map over the image (`scale_map`, then min-max) on the display copy -> (H, W, 3) uint8."""
     disp_h, disp_w = result.display.shape[:2]
-    return overlay(result.display, upsample_map(grid_map, (disp_w, disp_h), mode=mode), colormap, opacity)
+    return overlay(result.display, upsample_map(scale_map(grid_map, scale), (disp_w, disp_h), mode=mode), colormap, opacity)
 
 
 def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[tuple[np.ndarray, dict]]:
@@ -225,9 +225,10 @@ def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[
 
 
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
-                     mode: str = "smooth", top_k: int = 5) -> list[Panel]:
+                     mode: str = "smooth", top_k: int = 5, scale: str = "linear") -> list[Panel]:
     """Each layer's attention row for original-image pixel `xy`, overlaid on the display image, with
-    the `top_k` most attended cells outlined and numbered (0: none) and the row's readouts."""
+    the `top_k` most attended cells outlined and numbered (0: none) and the row's readouts; `scale`:
+    "linear" or "log" colours (vggattn.render.scale_map)."""
     w, h = result.size
     x, y = xy
     if not (0 <= x < w and 0 <= y < h):
@@ -237,7 +238,7 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
     panels = []
     for layer, (row, readouts), sink in zip(result.layers, attention_at(result, xy, k=max(top_k, 5)), result.sinks()):
         q = readouts["query_index"]
-        rgb = render_map(result, row, opacity, colormap, mode)
+        rgb = render_map(result, row, opacity, colormap, mode, scale)
         if top_k:
             rgb = mark_cells(rgb, [scale_box(cell_box(c["index"], result.size, layer.grid), sx, sy)
                                    for c in readouts["top_cells"][:top_k]], color=(255, 255, 0))

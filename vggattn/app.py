@@ -42,7 +42,7 @@ from .data import ImageLoadError, open_image
 from .export import write_result
 from .hover import hover_payload, palettes
 from .readouts import dependence_markdown, readouts_markdown
-from .render import COLORMAPS, UPSAMPLING
+from .render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
 from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
@@ -60,8 +60,8 @@ NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averag
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
 # Opacity, colormap, upsampling and numbering reach the page's script without a request
-CONTROLS_JS = ("(opacity, colormap, mode, mark) => { if (window.vggattnHover) "
-               "window.vggattnHover.setControls({opacity, colormap, mode, mark}); }")
+CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
+               "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
 
 
 class UploadedImage(gr.Image):
@@ -177,12 +177,12 @@ def click_problem(state) -> str | None:
     return None
 
 
-def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData) -> dict:
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale="linear") -> dict:
     """A click on the image: pin that pixel (see `on_point`)."""
-    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark)
+    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale)
 
 
-def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", mark=True) -> dict:
+def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", mark=True, scale="linear") -> dict:
     """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
     (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py)."""
     problem = click_problem(state)
@@ -193,25 +193,26 @@ def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", ma
         raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
     w, h = state.size
     x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
-    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0)
+    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0, scale=scale)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
     notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)  # right under the panels
     return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.{notes}",
             **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
 
 
-def on_mark(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
-    """The top-5 numbering toggled: re-render the three panels of the current point (no model run)."""
-    if click_problem(state) or point is None:
-        return {}
-    return panel_updates(ui, render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0))
+def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale="linear") -> dict:
+    """The top-5 numbering or the scale changed: re-render the three panels of the current point (no model run)."""
+    if click_problem(state) or point is None:  # nothing pinned: leave the panels as they are
+        return {c: gr.update() for c in ui.panels}  # (an empty dict would read as one missing value)
+    return panel_updates(ui, render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0,
+                                              scale=scale))
 
 
-def on_controls(ui: UI, state, point, opacity, colormap, mode, mark) -> dict:
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale="linear") -> dict:
     """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
     if click_problem(state):
-        return {}
-    return {**on_mark(ui, state, point, opacity, colormap, mode, mark), **map_updates(ui, state, opacity, colormap, mode)}
+        return {c: gr.update() for c in [*ui.panels, *ui.maps]}
+    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale), **map_updates(ui, state, opacity, colormap, mode)}
 
 
 def on_ablate(ui: UI, model, state, layers) -> dict:
@@ -316,7 +317,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
         hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
                         js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", palettes=palettes(),
-                        opacity=0.5, colormap="jet", mode="smooth", mark=True)
+                        opacity=0.5, colormap="jet", mode="smooth", mark=True, color_scale="linear")
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
@@ -326,6 +327,8 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                     opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
                     colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
                     mode = gr.Radio(list(UPSAMPLING), value="smooth", label="Upsampling")
+                    scale = gr.Radio(list(SCALES), value="linear", label="Scale", elem_id="scale",
+                                     info=f"log: {LOG_DECADES} decades below each map's maximum (for peaked rows)")
                     mark = gr.Checkbox(value=True, label="Number the top-5 attended cells")
             with gr.Column(scale=2):
                 labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
@@ -379,17 +382,20 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
             bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image,
             [state, hover, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
              ablation_verdict], api_name="upload")
-        def click(state, opacity, colormap, mode, mark, evt: gr.SelectData):  # Gradio finds evt by annotation,
-            return on_click(ui, state, opacity, colormap, mode, mark, evt)      # which a partial would hide
+        def click(state, opacity, colormap, mode, mark, scale, evt: gr.SelectData):  # Gradio finds evt by
+            return on_click(ui, state, opacity, colormap, mode, mark, evt, scale)  # annotation, hidden by a partial
 
-        image.select(click, [state, opacity, colormap, mode, mark], [point, status, *panels, readouts], api_name="click")
-        controls = [state, point, opacity, colormap, mode, mark]
+        image.select(click, [state, opacity, colormap, mode, mark, scale], [point, status, *panels, readouts],
+                     api_name="click")
+        controls = [state, point, opacity, colormap, mode, mark, scale]
         for control in (opacity, colormap, mode):
             control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
                            api_name=f"rerender_{control.label.lower()}")
         mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
-        for control in (opacity, colormap, mode, mark):  # the hover view redraws in the page
-            control.change(None, [opacity, colormap, mode, mark], None, js=CONTROLS_JS, queue=False, api_name=False)
+        scale.change(bind(on_mark, ui), controls, panels, api_name="rerender_scale")
+        for control in (opacity, colormap, mode, mark, scale):  # the hover view redraws in the page
+            control.change(None, [opacity, colormap, mode, mark, scale], None, js=CONTROLS_JS, queue=False,
+                           api_name=False)
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ablation, ablation_verdict],
                             api_name="ablate")
         export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
@@ -398,7 +404,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         with gr.Row(visible=False):  # the click, for gradio_client: /upload, then /pin in the same session
             pin_x, pin_y = gr.Number(label="x"), gr.Number(label="y")
             pin_button = gr.Button()
-        pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, opacity, colormap, mode, mark],
+        pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, opacity, colormap, mode, mark, scale],
                          [point, status, *panels, readouts], api_name="pin")
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")

@@ -16,6 +16,19 @@ from PIL import Image, ImageDraw
 
 COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "hot")
 UPSAMPLING = ("smooth", "blocky")
+SCALES = ("linear", "log")
+LOG_DECADES = 4  # the log scale spans this many powers of ten below a map's maximum
+
+
+def scale_map(grid_map: np.ndarray, scale: str = "linear") -> np.ndarray:
+    """A map of weights as shown before min-max: "linear" as it is; "log" log10 of it, floored
+    LOG_DECADES below its maximum, so a peaked attention row still shows where the rest goes."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    m = np.asarray(grid_map, dtype=np.float64)
+    if scale == "linear" or m.size == 0 or m.max() <= 0:
+        return m.astype(np.float32)
+    return np.log10(np.maximum(m, m.max() * 10.0 ** -LOG_DECADES)).astype(np.float32)
 
 
 def upsample_map(grid_map: np.ndarray, size_wh: tuple[int, int], mode: str = "smooth",

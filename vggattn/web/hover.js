@@ -12,7 +12,8 @@ const NUM_PANELS = 3;
 const TOP_K = 5;
 const api = {};
 let payload = null;       // decoded: {size, display, image (HTMLImageElement), layers: [{name, grid, dim, q, k, logz}]}
-let controls = {opacity: props.opacity, colormap: props.colormap, mode: props.mode, mark: props.mark};
+let controls = {opacity: props.opacity, colormap: props.colormap, mode: props.mode, mark: props.mark, scale: props.color_scale};
+const LOG_DECADES = 4;    // vggattn.render.LOG_DECADES
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
@@ -174,12 +175,21 @@ function blend(heat, grid, w, h) {
 }
 
 // row: min-max, as the server's overlays. column: weights in [0, 1] divided by the column's maximum, or
-// by 1/N (uniform attention) when no query gives it more: a key nobody looks at stays dark, a sink lights all
-function scaled(values, how) {
+// by 1/N (uniform attention) when no query gives it more: a key nobody looks at stays dark, a sink lights all.
+// "log" scale: log10 of the weights, floored LOG_DECADES below the maximum (vggattn.render.scale_map)
+function scaled(values, how, scale) {
   let lo = Infinity, hi = -Infinity;
   for (const v of values) { if (v < lo) lo = v; if (v > hi) hi = v; }
   if (how === "column") { lo = 0; hi = Math.max(hi, 1 / values.length); }
   const out = new Float32Array(values.length);
+  if (scale === "log" && hi > 0) {
+    const floor = hi * Math.pow(10, -LOG_DECADES), top = Math.log10(hi);
+    const bottom = how === "column" ? top - LOG_DECADES : Math.log10(Math.max(lo, floor));
+    if (top > bottom) for (let j = 0; j < values.length; j++) {
+      out[j] = Math.min(1, (Math.log10(Math.max(values[j], floor)) - bottom) / (top - bottom));
+    }
+    return out;
+  }
   if (hi > lo) for (let j = 0; j < values.length; j++) out[j] = Math.min(1, (values[j] - lo) / (hi - lo));
   return out;
 }
@@ -197,7 +207,7 @@ function drawPanel(i, x, y) {
   canvas.style.display = "block";
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, bw, bh);
-  ctx.putImageData(blend(scaled(values, view), L.grid, w, h), ox, oy);
+  ctx.putImageData(blend(scaled(values, view, controls.scale), L.grid, w, h), ox, oy);
   const cw = w / gw, ch = h / gh, line = Math.max(1, Math.round(Math.min(w, h) / 300));
   if (controls.mark && view === "row") {  // the top-5 attended cells, numbered (as the server's panels)
     ctx.font = `${Math.max(10, Math.round(Math.min(w, h) / 25))}px sans-serif`;
@@ -305,7 +315,8 @@ if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props
 Object.assign(api, {
   load, row: (li, i) => Array.from(row(li, i)), column: (li, j) => Array.from(column(li, j)), queryIndex,
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, leave, setView, setControls,
-  listeners, latencies, frames, state: () => ({view, pinned, current, controls: {...controls},
-                            bytes: payload ? payload.bytes : 0, layers: payload ? payload.layers.length : 0}),
+  scaled: (values, how, scale) => Array.from(scaled(values, how, scale)), listeners, latencies, frames,
+  state: () => ({view, pinned, current, controls: {...controls},
+                 bytes: payload ? payload.bytes : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;
