@@ -98,7 +98,9 @@ def model_notes(model: nn.Module, meta: dict) -> list[str]:
     from .model import gammas
 
     names = list(meta["class_names"])
-    shown = ", ".join(names) if len(names) <= LIST_CLASSES else f"{', '.join(names[:LIST_CLASSES])}, and {len(names) - LIST_CLASSES} more"
+    shown = ", ".join(names[:LIST_CLASSES])
+    if len(names) > LIST_CLASSES:
+        shown += f", and {len(names) - LIST_CLASSES} more"
     notes = [f"This model knows {len(names)} classes ({shown}); any image you give it gets one of them, "
              "whatever it shows."]
     if all(g == 0.0 for g in gammas(model).values()):

@@ -146,7 +146,8 @@ def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str, cleared: di
     status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
               "each layer; **click** to pin a point and read its numbers.")
     note = unsure_note(result, meta)
-    return {ui.state: result, ui.hover: hover_payload(result, hover_dtype), ui.labels: result.top_k(5), ui.gammas_md: gamma_markdown(result),
+    return {ui.state: result, ui.hover: hover_payload(result, hover_dtype), ui.labels: result.top_k(5),
+            ui.gammas_md: gamma_markdown(result),
             ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
                                           "gamma": [layer.gamma for layer in result.layers]}),
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
@@ -212,7 +213,8 @@ def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale="line
     """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
     if click_problem(state):
         return {c: gr.update() for c in [*ui.panels, *ui.maps]}
-    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale), **map_updates(ui, state, opacity, colormap, mode)}
+    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
+            **map_updates(ui, state, opacity, colormap, mode)}
 
 
 def on_ablate(ui: UI, model, state, layers) -> dict:

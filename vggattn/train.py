@@ -302,15 +302,15 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
         stats = train_one_epoch(job, epoch)
         val = evaluate_split(job.model, job.val_loader, device, job.autocast, job.config.num_classes)
         job.history.append({"epoch": epoch + 1, **stats, "val_loss": val["loss"], "val_top1": val["top1"],
-                          "val_top5": val["top5"], "lr": job.opt.param_groups[0]["lr"],
-                          "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(job.raw_model)})
+                            "val_top5": val["top5"], "lr": job.opt.param_groups[0]["lr"],
+                            "epoch_s": time.perf_counter() - t0, "gammas": article_named_gammas(job.raw_model)})
         if rank == 0:
             log.info(json.dumps(job.history[-1]))
             if val["top1"] > job.best["top1"]:
                 job.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1, "per_class": val["per_class"]}
                 export(job.raw_model, job.meta, job.history, job.best, job.out / "best.safetensors")
-            save_training_state(job.out / "last.pt", job.raw_model, job.opt, job.sched, job.scaler, epoch, job.best, job.history,
-                                job.meta, args)
+            save_training_state(job.out / "last.pt", job.raw_model, job.opt, job.sched, job.scaler, epoch, job.best,
+                                job.history, job.meta, args)
             write_log(job.out / "log.jsonl", job.history)
         if world > 1:
             dist.barrier()

@@ -10,10 +10,11 @@
 
 const NUM_PANELS = 3;
 const TOP_K = 5;
+const LOG_DECADES = 4;    // vggattn.render.LOG_DECADES
 const api = {};
 let payload = null;       // decoded: {size, display, image (HTMLImageElement), layers: [{name, grid, dim, q, k, logz}]}
-let controls = {opacity: props.opacity, colormap: props.colormap, mode: props.mode, mark: props.mark, scale: props.color_scale};
-const LOG_DECADES = 4;    // vggattn.render.LOG_DECADES
+let controls = {opacity: props.opacity, colormap: props.colormap, mode: props.mode, mark: props.mark,
+                scale: props.color_scale};
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
@@ -45,7 +46,10 @@ function load(raw) {
   hide();
   if (!raw || !raw.layers) { payload = null; setLine(""); return; }
   const image = new Image();
-  image.onload = () => baseCache.clear();
+  image.onload = () => {  // until the picture is decoded the panels are drawn on grey: redraw on it
+    baseCache.clear();
+    if (current) draw(current[0], current[1]);
+  };
   image.src = raw.image;
   payload = {
     size: raw.size, display: raw.display_size, image, bytes: JSON.stringify(raw).length,
