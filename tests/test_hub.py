@@ -14,7 +14,6 @@ import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn import hub
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def load_offline(hf_home: Path, repo_id: str) -> subprocess.CompletedProcess:
             "    print('loaded', meta['class_names'][0])\n"
             "except vggattn.CheckpointError as e:\n"
             "    print('error:', e)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -120,3 +119,36 @@ def test_model_methods_round_trip(saved, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), model(x)) and again.meta["class_names"] == meta["class_names"]
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_back(saved, tmp_path, monkeypatch):
+    """push_to_hub through a stand-in for huggingface_hub's HfApi (no Hub from here): the repo is created,
+    the uploaded folder holds the weights and the card, and what was uploaded loads to identical logits."""
+    import huggingface_hub
+
+    model, meta, _ = saved
+    hub_side, calls = tmp_path / "hub", []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", repo_id))
+            shutil.copytree(folder_path, hub_side / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = hub.push_to_hub(model, meta, "me/vgg16att-tiny", private=True)
+    assert url == "https://huggingface.co/me/vgg16att-tiny"
+    assert calls == [("token", None), ("create", "me/vgg16att-tiny", True, True), ("upload", "me/vgg16att-tiny")]
+    uploaded = hub_side / "me" / "vgg16att-tiny"
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "model.safetensors"]
+    assert "library_name: vggattn" in (uploaded / "README.md").read_text()
+    loaded, loaded_meta = vggattn.load_checkpoint(uploaded, device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.to(memory_format=torch.channels_last)(x))
+    assert loaded_meta["class_names"] == meta["class_names"]
