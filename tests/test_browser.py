@@ -74,7 +74,7 @@ def test_upload_click_and_see_three_overlays(page):
     first = panel_sources(page)
     assert all(first) and len(set(first)) == 3
     status = page.locator("#status").inner_text()
-    assert "Pixel (67, 89)" in status, status  # 0.3 and 0.4 of the 224 px photo
+    assert "Pinned: pixel (67, 89)" in status, status  # 0.3 and 0.4 of the 224 px photo
     for i, layer in enumerate(["features.14", "features.22", "features.30"]):
         assert layer in page.locator(f"#panel-{i}").inner_text()
 
@@ -121,7 +121,7 @@ def test_hover_follows_the_pointer_with_no_request(page):
         for a, b in zip(before, after):
             assert a[2] == b[2] == "block" and a[0] != b[0] and a[3] != b[3]  # every panel changed
     line = page.locator("#hover").inner_text()
-    assert "Pixel (190, 33)" in line and "features.30" in line, line  # 0.85, 0.15 of the 224 px photo
+    assert "Under the pointer: pixel (190, 33)" in line and "features.30" in line, line  # 0.85, 0.15 of the 224 px photo
 
     page.mouse.move(2, 2)  # off the image: the canvases go, the server's panels (the pinned click) show
     page.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} canvas.vggattn-hover`)"
@@ -136,7 +136,7 @@ def test_hover_pixel_is_the_click_pixel(page):
     x, y = page.evaluate("window.vggattnHover.state().current")
     page.mouse.down()
     page.mouse.up()
-    page.wait_for_function(f"document.querySelector('#status').innerText.includes('Pixel ({x}, {y})')", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes('Pinned: pixel ({x}, {y})')", timeout=30_000)
     queries = [int(c[0]) for c in hover_canvases(page)]
     assert f"features.14: {queries[0]}, features.22: {queries[1]}, features.30: {queries[2]}" in \
         page.locator("#status").inner_text()
@@ -254,7 +254,7 @@ def test_clicks_render_through_the_server_when_the_hover_script_fails(page):
     try:
         view.route(page.url, broken)
         open_upload_and_click_centre(view, page.url)
-        assert "Pixel (112, 112)" in view.locator("#status").inner_text()
+        assert "Pinned: pixel (112, 112)" in view.locator("#status").inner_text()
         assert view.evaluate("document.querySelectorAll('canvas.vggattn-hover').length") == 0
         assert view.evaluate("typeof window.vggattnHover") == "undefined"
     finally:

@@ -41,7 +41,7 @@ from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, r
 from .data import ImageLoadError, open_image
 from .export import write_result
 from .hover import hover_payload, palettes
-from .readouts import dependence_markdown, readouts_markdown
+from .readouts import dependence_markdown, readouts_markdown, sink_notes_markdown
 from .render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
 from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown
 
@@ -59,7 +59,8 @@ EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than 
 NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
-# Opacity, colormap, upsampling and numbering reach the page's script without a request
+CONTROLS = {"opacity": 0.5, "colormap": "jet", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
+# The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
 
@@ -135,13 +136,14 @@ def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
     if not path:
         return {ui.state: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
                 ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
-    result = analyze(model, meta, load_upload(path))
-    out = upload_outputs(ui, meta, result, hover_dtype, cleared)
-    release_memory()
-    return out
+    try:
+        result = analyze(model, meta, load_upload(path))
+        return upload_outputs(ui, meta, result, hover_dtype) | cleared
+    finally:
+        release_memory()
 
 
-def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str, cleared: dict) -> dict:
+def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str) -> dict:
     w, h = result.size
     status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
               "each layer; **click** to pin a point and read its numbers.")
@@ -152,7 +154,7 @@ def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str, cleared: di
                                           "gamma": [layer.gamma for layer in result.layers]}),
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
             ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
-            **map_updates(ui, result), **cleared}
+            **map_updates(ui, result)}
 
 
 def release_memory() -> None:
@@ -196,8 +198,8 @@ def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", ma
     x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0, scale=scale)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)  # right under the panels
-    return {ui.point: (x, y), ui.status: f"Pixel ({x}, {y}) → query index per layer: {idx}.{notes}",
+    status = f"Pinned: pixel ({x}, {y}) → query index per layer: {idx}.{sink_notes_markdown(panels)}"
+    return {ui.point: (x, y), ui.status: status,
             **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
 
 
@@ -283,7 +285,7 @@ def describe(model, meta) -> str:
             f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
             f"{meta['input_size']} px input{acc}) running on **{where}**. "
             "Upload an image, then move the pointer over it: each panel shows where the position under it "
-            "attends in one of the three attention layers (computed in your browser); click to pin a point.\n\n" + "\n\n".join(model_notes(model, meta)))
+            "attends in one of the three attention layers (computed in your browser); click (or tap) to pin a point.\n\n" + "\n\n".join(model_notes(model, meta)))
 
 
 def study_view(study: dict | None, checkpoint: str | None):
@@ -319,19 +321,20 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
         hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
                         js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", palettes=palettes(),
-                        opacity=0.5, colormap="jet", mode="smooth", mark=True, color_scale="linear")
+                        controls=CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
                 with gr.Row():
-                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
-                    colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
-                    mode = gr.Radio(list(UPSAMPLING), value="smooth", label="Upsampling")
-                    scale = gr.Radio(list(SCALES), value="linear", label="Scale", elem_id="scale",
-                                     info=f"log: {LOG_DECADES} decades below each map's maximum (for peaked rows)")
-                    mark = gr.Checkbox(value=True, label="Number the top-5 attended cells")
+                    opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity")
+                    colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap")
+                    mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling")
+                with gr.Row():
+                    scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
+                                      for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
+                    mark = gr.Checkbox(value=CONTROLS["mark"], label="Number the top-5 attended cells")
             with gr.Column(scale=2):
                 labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
                 gammas_md = gr.Markdown(elem_id="gammas")

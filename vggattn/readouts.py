@@ -93,11 +93,15 @@ def readouts_markdown(panels) -> str:
         cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
         rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
                     f"{r['mean_distance_input_px']:.1f} | {cells} |")
-    notes = "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
     return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) +
             "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
-            "Top-5 cells are numbered on the maps." + notes)
+            "Top-5 cells are numbered on the maps." + sink_notes_markdown(panels))
+
+
+def sink_notes_markdown(panels) -> str:
+    """Each sink-dominated layer's note (`vggattn.analysis.sink_note`) as a paragraph; "" when none is."""
+    return "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
 
 
 def dependence_markdown(layers: list[LayerCapture], dependence: list[tuple]) -> str:

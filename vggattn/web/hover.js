@@ -13,8 +13,7 @@ const TOP_K = 5;
 const LOG_DECADES = 4;    // vggattn.render.LOG_DECADES
 const api = {};
 let payload = null;       // decoded: {size, display, image (HTMLImageElement), layers: [{name, grid, dim, q, k, logz}]}
-let controls = {opacity: props.opacity, colormap: props.colormap, mode: props.mode, mark: props.mark,
-                scale: props.color_scale};
+let controls = {...props.controls};  // opacity, colormap, mode, mark, scale: the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
@@ -239,7 +238,7 @@ function draw(x, y, since) {
   for (let i = 0; i < Math.min(NUM_PANELS, payload.layers.length); i++) drawPanel(i, x, y);
   const queries = payload.layers.map(L => `${L.name}: ${queryIndex(x, y, L.grid)}`).join(", ");
   const what = view === "row" ? "where it looks" : "who looks at it (column, scaled to its maximum, at least 1/N)";
-  setLine(`Pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
+  setLine(`Under the pointer: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
   if (since !== undefined) {
     latencies.push(performance.now() - since);
     if (latencies.length > 1000) latencies.shift();
