@@ -8,7 +8,7 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.hover import decode, hover_payload, log_normalisers, palettes, payload_bytes
+from vggattn.hover import decode, hover_payload, log_normalisers, page_props, payload_bytes
 from vggattn.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -60,19 +60,27 @@ def test_float16_payload_halves_q_and_k_and_stays_close(result):
         rows16 = softmax_rows(decode(b, "q", "float16"), decode(b, "k", "float16"))
         diff = np.abs(rows16 - rows32).max()
         assert 0 < diff < 1e-2, diff  # rounded, so not equal; the real model's error is in bench/README.md
-    assert payload_bytes(half) < 0.75 * payload_bytes(full)
+    qk = lambda p: sum(len(layer[n]) for layer in p["layers"] for n in "qk")  # noqa: E731
+    assert qk(half) < 0.51 * qk(full) and payload_bytes(half) < payload_bytes(full)
     with pytest.raises(ValueError, match="dtype"):
         hover_payload(result, "int8")
 
 
-def test_palettes_are_the_servers_colormaps():
-    from vggattn.render import colorize
+def test_page_props_carry_the_servers_palettes_and_constants():
+    import matplotlib
 
-    pal = palettes()
-    assert set(pal) == set(COLORMAPS)
-    for name, flat in pal.items():
-        ramp = colorize(np.linspace(0, 1, 256)[None, :], name)[0]  # what the server's overlays use
-        assert np.array_equal(np.asarray(flat, dtype=np.uint8).reshape(256, 3), ramp)
+    from vggattn import render
+
+    props = page_props(3, app.CONTROLS)
+    assert set(props["palettes"]) == set(COLORMAPS)
+    for name, flat in props["palettes"].items():  # matplotlib's colormap at 256 levels, truncated to bytes
+        rgb = np.asarray(flat, dtype=np.int64).reshape(256, 3)
+        expected = matplotlib.colormaps[name](np.arange(256) / 255)[:, :3] * 255
+        assert (np.abs(rgb - expected) < 1.0 + 1e-9).all(), name
+    assert (props["top_k"], props["log_decades"], props["full_at"], props["num_panels"]) == \
+        (render.TOP_K, render.LOG_DECADES, render.FULL_AT, 3)
+    assert props["controls"] == app.CONTROLS and props["sink_dominated"] == 0.5
+    assert "TOP_K" not in (app.WEB / "hover.js").read_text() and "= 5;" not in (app.WEB / "hover.js").read_text()
 
 
 def test_upload_sends_the_payload_and_a_new_upload_drops_it():
@@ -80,17 +88,19 @@ def test_upload_sends_the_payload_and_a_new_upload_drops_it():
     ui = app.build_demo(model, meta).ui
     out = app.on_image(ui, model, meta, str(ASSET))
     assert [layer["name"] for layer in out[ui.hover]["layers"]] == ["features.14", "features.22", "features.30"]
-    assert app.mark_pending() == (app.PENDING, None)  # the page's old copy goes before the new analysis
+    assert app.mark_pending(ui) == {ui.state: app.PENDING, ui.point: None, ui.hover: None}  # old copy goes first
     assert app.on_image(ui, model, meta, None)[ui.hover] is None
-    half = app.build_demo(model, meta, hover_dtype="float16").ui
-    assert half.hover is not None
+    half = app.build_demo(model, meta, hover_dtype="float16")  # the upload event as the demo wires it
+    upload = next(f.fn for f in half.fns.values() if f.api_name == "upload")
+    sent = upload(str(ASSET))[half.ui.hover]
+    assert sent["dtype"] == "float16" and payload_bytes(sent) < payload_bytes(out[ui.hover])
 
 
 def test_pin_endpoint_equals_a_click():
     model, meta = tiny_model(), tiny_meta(input_size=64)
     ui = app.build_demo(model, meta).ui
     state = app.on_image(ui, model, meta, str(ASSET))[ui.state]
-    by_click = app.on_click(ui, state, 0.5, "jet", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
+    by_click = app.on_click(ui, state, 0.8, "inferno", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
     by_pin = app.on_point(ui, state, 30, 40)
     assert by_pin[ui.point] == by_click[ui.point] == (30, 40) and by_pin[ui.status] == by_click[ui.status]
     assert all(np.array_equal(by_pin[p]["value"], by_click[p]["value"]) for p in ui.panels)

@@ -1,3 +1,7 @@
+"""Rendering (vggattn.render): levels, upsampling, the weight-as-visibility tint, pixel-rule marks; and
+the panels of a click (vggattn.analysis.render_attention)."""
+
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -5,46 +9,93 @@ from PIL import Image
 
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze, render_attention
-from vggattn.render import colorize, mark_query, overlay, upsample_map
+from vggattn.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
+                            mark_cells, mark_query, overlay, palette, tint_alpha, top_indices, upsample)
 
 
-def test_blocky_upsampling_repeats_each_cell():
-    grid = np.array([[0.0, 1.0], [0.5, 0.25]], np.float32)
-    out = upsample_map(grid, (4, 6), mode="blocky")  # (W, H) = (4, 6)
-    assert out.shape == (6, 4)
-    assert np.allclose(out[:3, :2], 0) and np.allclose(out[:3, 2:], 1) and np.allclose(out[3:, :2], 0.5)
+def test_levels_linear_keep_zero_at_zero_and_log_spans_four_decades():
+    row = np.array([[0.5, 0.25], [5e-3, 0.0]])
+    np.testing.assert_allclose(map_levels(row), [[1.0, 0.5], [0.01, 0.0]])
+    logged = map_levels(row, "log")
+    # 0.5 -> 1; 0.5e-2 is two of four decades down -> 0.5; 0 is floored at 0.5e-4 -> 0
+    np.testing.assert_allclose(logged, [[1.0, 1 - np.log10(2) / LOG_DECADES], [0.5, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(map_levels(np.full((2, 2), 0.01), floor=0.25), 0.04)  # the column's 1/N floor
+    assert not map_levels(np.zeros((2, 2)), "log").any()  # nothing to scale
+    with pytest.raises(ValueError, match="scale"):
+        map_levels(row, "sqrt")
 
 
-def test_smooth_upsampling_is_normalised_and_between_cells():
-    out = upsample_map(np.array([[0.0, 2.0]]), (8, 1), mode="smooth")
-    assert out.min() == 0 and out.max() == 1 and 0 < out[0, 4] < 1
-    assert np.all(upsample_map(np.full((3, 3), 0.7), (9, 9)) == 0)  # a flat map has no contrast
+def test_upsampling_blocky_is_flat_per_cell_and_smooth_is_pils_bilinear():
+    grid = np.arange(6, dtype=np.float64).reshape(3, 2) / 5
+    blocky = upsample(grid, (4, 6), mode="blocky")  # (W, H) = (4, 6)
+    assert blocky.shape == (6, 4) and np.array_equal(blocky, np.kron(grid, np.ones((2, 2))))
+    rng = np.random.default_rng(0)
+    m = rng.random((7, 5)).astype(np.float32)
+    for size in ((37, 61), (5, 7), (512, 300)):  # the reference: PIL's bilinear resize of a float image
+        ref = np.asarray(Image.fromarray(m, mode="F").resize(size, Image.Resampling.BILINEAR))
+        np.testing.assert_allclose(upsample(m, size, "smooth"), ref, atol=1e-5)
     with pytest.raises(ValueError, match="upsampling"):
-        upsample_map(np.zeros((2, 2)), (4, 4), mode="cubic")
+        upsample(grid, (4, 4), mode="cubic")
 
 
-def test_overlay_extremes_and_checks():
-    img = np.full((5, 6, 3), 100, np.uint8)
-    heat = np.linspace(0, 1, 30, dtype=np.float32).reshape(5, 6)
-    assert np.array_equal(overlay(img, heat, opacity=0.0), img)
-    assert np.array_equal(overlay(img, heat, "viridis", opacity=1.0), colorize(heat, "viridis"))
-    assert overlay(img, heat).dtype == np.uint8
+def test_tint_fades_with_the_weight():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(overlay(img, np.zeros((8, 8))), img)  # weight 0: the photo as it is
+    assert np.array_equal(overlay(img, np.ones((8, 8)), opacity=0.0), img)
+    top = matplotlib.colormaps["viridis"](1.0)[:3]
+    full = overlay(img, np.ones((8, 8)), "viridis", opacity=1.0)
+    assert np.abs(full.astype(int) - np.array(top) * 255).max() <= 1  # the colormap's top colour, opaque
+    assert tint_alpha(0.8)[0] == 0 and tint_alpha(0.8)[255] == 0.8
+    assert tint_alpha(0.8)[round(255 * FULL_AT)] == pytest.approx(0.8)  # full opacity from FULL_AT up
+    assert tint_alpha(0.8)[round(255 * FULL_AT / 2)] == pytest.approx(0.4, abs=0.01)  # half way: half
+    faint = overlay(img, np.full((8, 8), 0.01), opacity=1.0)
+    assert np.abs(faint.astype(int) - img).max() <= 255 * 0.01 / FULL_AT + 1
     with pytest.raises(ValueError, match="uint8"):
-        overlay(img.astype(np.float32), heat)
+        overlay(img.astype(np.float32), np.zeros((8, 8)))
     with pytest.raises(ValueError, match="differ"):
-        overlay(img, heat[:4])
+        overlay(img, np.zeros((4, 8)))
     with pytest.raises(ValueError, match="opacity"):
-        overlay(img, heat, opacity=1.5)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        colorize(heat * 2)
+        overlay(img, np.zeros((8, 8)), opacity=1.5)
+    with pytest.raises(ValueError, match="heat"):
+        overlay(img, np.full((8, 8), 2.0))
     with pytest.raises(ValueError, match="colormap"):
-        colorize(heat, "rainbow-unicorn")
+        palette("rainbow-unicorn")
 
 
-def test_mark_query_draws_on_a_copy():
+def test_cell_rects_tile_the_picture_exactly_once():
+    for grid, size in (((4, 4), (64, 64)), ((16, 16), (160, 90)), ((8, 8), (37, 501)), ((32, 32), (20, 20))):
+        count = np.zeros(size[::-1], int)
+        for j in range(grid[0] * grid[1]):
+            x0, y0, x1, y1 = cell_rect(j, grid, size)
+            count[y0:y1, x0:x1] += 1
+        if size[0] >= grid[1] and size[1] >= grid[0]:
+            assert (count == 1).all(), (grid, size)
+        else:  # a picture smaller than the grid: every cell still gets a pixel
+            assert (count >= 1).all()
+    with pytest.raises(IndexError):
+        cell_rect(16, (4, 4), (64, 64))
+
+
+def test_marks_are_drawn_on_a_copy():
     img = np.zeros((40, 40, 3), np.uint8)
-    out = mark_query(img, (20, 20), (10, 10, 30, 30))
-    assert img.max() == 0 and out[20, 20].tolist() == [255, 255, 255] and out[10, 25].tolist() == [255, 255, 255]
+    out = mark_query(img, (20.5, 20.5), (10, 10, 30, 30))
+    assert img.max() == 0 and out[20, 20].tolist() == list(QUERY_COLOR) and out[10, 25].tolist() == list(QUERY_COLOR)
+    assert out[20, 24].tolist() == [0, 0, 0]  # the dot's black ring
+    cells = mark_cells(img, [(0, 0, 20, 20), (20, 20, 40, 40)])
+    assert cells[0, 5].tolist() == list(MARK_COLOR) and cells[20, 30].tolist() == list(MARK_COLOR)
+    assert (cells == np.array(MARK_COLOR)).all(-1).sum() > 2 * 4 * 18  # two frames and two digits
+    assert top_indices(np.array([0.1, 0.3, 0.3, 0.2]), 3) == [1, 2, 3]  # ties: the lower index first
+
+
+def test_attention_picture_leaves_unattended_cells_alone():
+    rng = np.random.default_rng(1)
+    img = rng.integers(40, 216, (128, 128, 3), dtype=np.uint8)
+    row = np.full((16, 16), 1e-5)
+    row[3, 12], row[10, 2] = 0.6, 0.3
+    pic = attention_picture(img, row / row.sum(), query=5 * 16 + 5, point_xy=(44.0, 44.0), top_k=0)
+    diff = np.abs(pic.astype(int) - img).mean(-1)
+    assert diff[3 * 8:4 * 8, 12 * 8:13 * 8].mean() > 30 and diff[10 * 8 + 2:11 * 8 - 2, 2 * 8 + 2:3 * 8 - 2].mean() > 20
+    assert diff[100:, 100:].max() == 0  # far from anything attended and from the marks: untouched
 
 
 def test_render_attention_panels_follow_the_click():
@@ -56,10 +107,22 @@ def test_render_attention_panels_follow_the_click():
     assert [p.query_index for p in panels] == [16 * 16 - 1, 8 * 8 - 1, 4 * 4 - 1]
     for p, layer in zip(panels, result.layers):
         assert p.image.shape == (90, 160, 3)
-        np.testing.assert_allclose(p.attention_row.sum(), 1.0, rtol=1e-5)
-        np.testing.assert_allclose(p.attention_row.ravel(), layer.row(p.query_index)[0].numpy())
+        np.testing.assert_allclose(p.attention_row.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(p.attention_row.ravel(), layer.row(p.query_index)[0].numpy(), atol=1e-6)
+        top = int(p.attention_row.argmax())
+        assert f"max {p.attention_row.max():.2g} at ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
+    columns = render_attention(result, (10, 10), view="column")
+    assert all(not np.array_equal(c.image, r.image) for c, r in zip(columns, render_attention(result, (10, 10))))
     with pytest.raises(ValueError, match="outside"):
         render_attention(result, (160, 0))
+
+
+def test_column_equals_the_full_maps_column():
+    model, meta = tiny_model(), tiny_meta(input_size=64)
+    result = analyze(model, meta, Image.new("RGB", (64, 64), (100, 50, 20)))
+    for layer in result.layers:
+        for j in (0, layer.num_positions - 1):
+            np.testing.assert_allclose(layer.column(j)[0].numpy(), layer.attention[0, :, j].numpy(), atol=1e-6)
 
 
 def test_large_image_is_drawn_on_a_small_copy():
@@ -68,16 +131,5 @@ def test_large_image_is_drawn_on_a_small_copy():
     assert result.size == (3000, 1000) and result.display.shape == (171, 512, 3)
     assert render_attention(result, (2999, 999))[0].image.shape == (171, 512, 3)
     assert torch.isfinite(result.probs).all()
-
-
-def test_scale_map_linear_is_the_map_and_log_spans_four_decades():
-    from vggattn.render import LOG_DECADES, scale_map
-
-    row = np.array([[0.9, 0.09], [1e-3, 1e-9]])
-    np.testing.assert_allclose(scale_map(row, "linear"), row.astype(np.float32))
-    logged = scale_map(row, "log")
-    np.testing.assert_allclose(logged, np.log10([[0.9, 0.09], [1e-3, 0.9e-4]]), rtol=1e-6)  # floored
-    assert logged.max() - logged.min() == pytest.approx(LOG_DECADES, rel=1e-6)
-    assert not scale_map(np.zeros((2, 2)), "log").any()  # nothing to scale
-    with pytest.raises(ValueError, match="scale"):
-        scale_map(row, "sqrt")
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(result.display_jpeg)).convert("RGB"))
+    assert np.array_equal(decoded, result.display)  # the server draws on the very JPEG the page gets

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +26,12 @@ from .data import cell_box, preprocess, query_index, to_rgb
 from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
 from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
-from .render import mark_cells, mark_query, overlay, scale_map, upsample_map
+from .render import TOP_K, attention_picture, map_levels, overlay, upsample
 
 SINK_DOMINATED = 0.5  # vggattn.study's rule: one cell takes at least half of all attention in the image
 LIST_CLASSES = 20  # the app's header names at most this many of the classes (an ImageNet model has 1000)
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
+DISPLAY_JPEG_QUALITY = 90
 
 
 @dataclass
@@ -47,10 +49,10 @@ class Panel:
 
     @property
     def title(self) -> str:
+        """One line: the layer, and what the brightest colour means (the row's largest weight, where)."""
         h, w = self.grid
-        # Short: a panel's label is one line under its buttons; the query indexes and the sink note itself
-        # go in the line under the panels
-        title = f"{self.layer} · {h}×{w} · γ {self.gamma:+.4f}"
+        top = int(self.attention_row.argmax())
+        title = f"{self.layer} · {h}×{w} · max {self.attention_row.max():.2g} at ({top // w}, {top % w})"
         return f"{title} · ⚠ sink" if self.sink_note else title
 
 
@@ -120,19 +122,24 @@ def gamma_markdown(result: "Analysis") -> str:
     return "| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
 
 
-def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
-    """(h, w, 3) uint8 copy of an RGB image, downscaled so its longest side is at most max_side."""
+def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[np.ndarray, bytes]:
+    """The picture maps are drawn on: an RGB image downscaled so its longest side is at most max_side,
+    as JPEG bytes (what the page receives) and those bytes decoded, (h, w, 3) uint8, so the server draws
+    on the very pixels the page draws on (Chromium's and PIL's libjpeg-turbo decode alike)."""
     scale = max_side / max(image.size)
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    jpeg = io.BytesIO()
+    image.save(jpeg, format="JPEG", quality=DISPLAY_JPEG_QUALITY)
+    return np.asarray(Image.open(jpeg).convert("RGB"), dtype=np.uint8), jpeg.getvalue()
 
 
 @dataclass
 class Analysis:
     size: tuple[int, int]  # (width, height) of the original image (EXIF orientation applied)
     display: np.ndarray  # (h, w, 3) uint8 copy for drawing, longest side <= DISPLAY_MAX_SIDE
+    display_jpeg: bytes  # the same picture as the JPEG the page gets (display is these bytes decoded)
     probs: torch.Tensor  # (num_classes,)
     layers: list[LayerCapture]  # batch of one, tensors on the CPU
     class_names: list[str]
@@ -193,7 +200,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     temperature = float(meta.get("temperature", 1.0))  # fitted on held-out training images (scripts/calibrate.py)
     probs = torch.softmax(logits.float() / temperature, dim=-1)[0].cpu()
     cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None
-    return Analysis(image.size, display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
+    return Analysis(image.size, *display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
                     model_view(x, meta), x.cpu(), cam, temperature)
 
 
@@ -209,49 +216,44 @@ def ablate(model: nn.Module, result: Analysis, layers: list[str]) -> torch.Tenso
     return torch.softmax(logits.float() / result.temperature, dim=-1)[0].cpu()
 
 
-def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.5, colormap: str = "jet",
+def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.8, colormap: str = "inferno",
                mode: str = "smooth", scale: str = "linear") -> np.ndarray:
-    """Any (h, w) map over the image (`scale_map`, then min-max) on the display copy -> (H, W, 3) uint8."""
+    """Any non-negative (h, w) map over the display copy (`vggattn.render.map_levels`) -> (H, W, 3) uint8."""
     disp_h, disp_w = result.display.shape[:2]
-    return overlay(result.display, upsample_map(scale_map(grid_map, scale), (disp_w, disp_h), mode=mode), colormap, opacity)
+    return overlay(result.display, upsample(map_levels(grid_map, scale), (disp_w, disp_h), mode), colormap, opacity)
 
 
 def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[tuple[np.ndarray, dict]]:
-    """Per layer, the (h, w) attention row of original-image pixel `xy` and its readouts (no drawing)."""
+    """Per layer, the (h, w) attention row of original-image pixel `xy` and its readouts (no drawing).
+    Rows in float64 from the float32 Q and K, as the page computes them."""
     out = []
     for layer in result.layers:
         q = query_index(xy, result.size, layer.grid)
-        flat = layer.row(q)[0]  # (N,)
+        flat = layer.rows([q], dtype=torch.float64)[0, 0]  # (N,)
         out.append((flat.reshape(layer.grid).numpy(), row_readouts(flat, q, layer.grid, result.input_size, result.size, k)))
     return out
 
 
-def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.5, colormap: str = "jet",
-                     mode: str = "smooth", top_k: int = 5, scale: str = "linear") -> list[Panel]:
-    """Each layer's attention row for original-image pixel `xy`, overlaid on the display image, with
-    the `top_k` most attended cells outlined and numbered (0: none) and the row's readouts; `scale`:
-    "linear" or "log" colours (vggattn.render.scale_map)."""
+def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.8, colormap: str = "inferno",
+                     mode: str = "smooth", top_k: int = TOP_K, scale: str = "linear", view: str = "row") -> list[Panel]:
+    """Each layer's attention for original-image pixel `xy` drawn over the display copy
+    (`vggattn.render.attention_picture`: the page's hover view draws the same pixels), with the row's
+    readouts. view "row": where the position looks, its `top_k` cells numbered (0: none); "column": how
+    much every position looks at it (scaled to its maximum, at least 1/N). scale: "linear" or "log"."""
     w, h = result.size
     x, y = xy
     if not (0 <= x < w and 0 <= y < h):
         raise ValueError(f"pixel ({x}, {y}) is outside the {w}x{h} image")
     disp_h, disp_w = result.display.shape[:2]
-    sx, sy = disp_w / w, disp_h / h
+    point = ((x + 0.5) * disp_w / w, (y + 0.5) * disp_h / h)
     panels = []
-    for layer, (row, readouts), sink in zip(result.layers, attention_at(result, xy, k=max(top_k, 5)), result.sinks()):
+    for layer, (row, readouts), sink in zip(result.layers, attention_at(result, xy, k=max(top_k, TOP_K)), result.sinks()):
         q = readouts["query_index"]
-        rgb = render_map(result, row, opacity, colormap, mode, scale)
-        if top_k:
-            rgb = mark_cells(rgb, [scale_box(cell_box(c["index"], result.size, layer.grid), sx, sy)
-                                   for c in readouts["top_cells"][:top_k]], color=(255, 255, 0))
-        rgb = mark_query(rgb, ((x + 0.5) * sx, (y + 0.5) * sy), scale_box(cell_box(q, result.size, layer.grid), sx, sy))
+        shown = row if view == "row" else layer.column(q)[0].reshape(layer.grid).numpy()
+        rgb = attention_picture(result.display, shown, q, point, view=view, scale=scale, mode=mode, colormap=colormap,
+                                opacity=opacity, top_k=top_k)
         panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts, sink_note(row, sink)))
     return panels
-
-
-def scale_box(box, sx: float, sy: float) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = box
-    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
 def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:

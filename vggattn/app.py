@@ -40,9 +40,9 @@ from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, r
                        render_map, unsure_note)
 from .data import ImageLoadError, open_image
 from .export import write_result
-from .hover import hover_payload, palettes
+from .hover import hover_payload, page_props
 from .readouts import dependence_markdown, readouts_markdown, sink_notes_markdown
-from .render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
+from .render import COLORMAPS, LOG_DECADES, SCALES, TOP_K, UPSAMPLING
 from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
@@ -59,7 +59,7 @@ EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than 
 NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
-CONTROLS = {"opacity": 0.5, "colormap": "jet", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
+CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
@@ -114,7 +114,8 @@ def panel_updates(ui: UI, panels=None) -> dict:
     return {c: gr.update(value=p.image, label=p.title) for c, p in zip(ui.panels, panels)}
 
 
-def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mode="smooth") -> dict:
+def map_updates(ui: UI, result: Analysis | None, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
+                mode=CONTROLS["mode"]) -> dict:
     """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
     if result is None:
         return {c: gr.update(value=None) for c in ui.maps}
@@ -129,16 +130,23 @@ def map_updates(ui: UI, result: Analysis | None, opacity=0.5, colormap="jet", mo
     return dict(zip(ui.maps, [*contrib, *mean_maps, cam]))
 
 
+def blank(ui: UI) -> dict:
+    """Every component an upload sets, as it is before any image: what an upload first resets, so
+    nothing of the previous image (pinned point, readouts, ablation, export) outlives it."""
+    return {ui.state: None, ui.point: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None,
+            ui.seen: None, ui.status: "Upload an image to begin.", **panel_updates(ui), ui.readouts: "",
+            **map_updates(ui, None), ui.dependence_md: "", ui.ablation: None, ui.ablation_verdict: "",
+            ui.export_file: None, ui.export_png: None}
+
+
 def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
     """New upload (or example): run the model once and show predictions, gammas, model input, and send
-    the page what it needs to draw the maps under the pointer."""
-    cleared = {ui.readouts: "", ui.ablation: None, ui.ablation_verdict: "", **panel_updates(ui)}
+    the page what it needs to draw the maps under the pointer. Everything of the previous image is reset."""
     if not path:
-        return {ui.state: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None, ui.seen: None,
-                ui.status: "Upload an image to begin.", ui.dependence_md: "", **map_updates(ui, None), **cleared}
+        return blank(ui)
     try:
         result = analyze(model, meta, load_upload(path))
-        return upload_outputs(ui, meta, result, hover_dtype) | cleared
+        return blank(ui) | upload_outputs(ui, meta, result, hover_dtype)
     finally:
         release_memory()
 
@@ -166,66 +174,85 @@ def release_memory() -> None:
         pass
 
 
-def mark_pending():
-    """First step of an upload: drop the old analysis (and the page's copy of it) so a click or a
-    pointer move meanwhile cannot show stale maps."""
-    return PENDING, None
+def mark_pending(ui: UI) -> dict:
+    """First step of an upload: drop the old analysis, its pinned point and the page's copy of it, so a
+    click, a control or a pointer move meanwhile cannot show (or fail on) the previous image."""
+    return {ui.state: PENDING, ui.point: None, ui.hover: None}
 
 
 def click_problem(state) -> str | None:
     if state is None:
-        return "Upload an image (or pick an example) before clicking."
+        return "Upload an image (or pick an example) first."
     if isinstance(state, str):
-        return "The new image is still being analysed; click again in a moment."
+        return "The new image is still being analysed; try again in a moment."
     return None
 
 
-def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale="linear") -> dict:
+def unchanged(components) -> dict:
+    return {c: gr.update() for c in components}
+
+
+def pinned_point(state, point) -> tuple[int, int] | None:
+    """The pinned point if it belongs to this image (inside it), else None."""
+    if click_problem(state) or point is None:
+        return None
+    x, y = point
+    w, h = state.size
+    return (int(x), int(y)) if 0 <= x < w and 0 <= y < h else None
+
+
+def point_outputs(ui: UI) -> list:
+    """What a click (or /pin) sets."""
+    return [ui.point, ui.status, *ui.panels, ui.readouts]
+
+
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"]) -> dict:
     """A click on the image: pin that pixel (see `on_point`)."""
     return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale)
 
 
-def on_point(ui: UI, state, x, y, opacity=0.5, colormap="jet", mode="smooth", mark=True, scale="linear") -> dict:
+def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
+             mark=CONTROLS["mark"], scale=CONTROLS["scale"]) -> dict:
     """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
-    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py)."""
+    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py). The page has
+    drawn the same panels already; the server's are what a page without its script shows."""
     problem = click_problem(state)
     if problem:
         gr.Warning(problem)
-        return {ui.point: None, ui.status: problem}
+        return {**unchanged(point_outputs(ui)), ui.point: None, ui.status: problem}
     if x is None or y is None:
         raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
     w, h = state.size
     x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
-    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=5 if mark else 0, scale=scale)
+    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=TOP_K if mark else 0, scale=scale)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
     status = f"Pinned: pixel ({x}, {y}) → query index per layer: {idx}.{sink_notes_markdown(panels)}"
-    return {ui.point: (x, y), ui.status: status,
-            **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
+    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
 
 
-def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale="linear") -> dict:
-    """The top-5 numbering or the scale changed: re-render the three panels of the current point (no model run)."""
-    if click_problem(state) or point is None:  # nothing pinned: leave the panels as they are
-        return {c: gr.update() for c in ui.panels}  # (an empty dict would read as one missing value)
-    return panel_updates(ui, render_attention(state, tuple(point), opacity, colormap, mode, top_k=5 if mark else 0,
+def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"]) -> dict:
+    """The top-5 numbering or the scale changed: re-render the panels of the pinned point (no model run)."""
+    point = pinned_point(state, point)
+    if point is None:  # nothing pinned on this image: leave the panels as they are
+        return unchanged(ui.panels)
+    return panel_updates(ui, render_attention(state, point, opacity, colormap, mode, top_k=TOP_K if mark else 0,
                                               scale=scale))
 
 
-def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale="linear") -> dict:
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"]) -> dict:
     """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
     if click_problem(state):
-        return {c: gr.update() for c in [*ui.panels, *ui.maps]}
+        return unchanged([*ui.panels, *ui.maps])
     return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
             **map_updates(ui, state, opacity, colormap, mode)}
 
 
 def on_ablate(ui: UI, model, state, layers) -> dict:
     """Switch the chosen layers' attention off (gamma = 0) for one forward and compare the top-5."""
-    problem = click_problem(state)
+    problem = click_problem(state) or (None if layers else "Tick at least one layer to switch off.")
     if problem:
-        raise gr.Error(problem)
-    if not layers:
-        raise gr.Error("Tick at least one layer to switch off.")
+        gr.Warning(problem)
+        return {ui.ablation: gr.update(), ui.ablation_verdict: problem}
     off = ablate(model, state, layers)
     order = off.topk(min(5, len(off))).indices.tolist()
     df = pd.DataFrame({"class": [state.class_names[i] for i in order],
@@ -243,13 +270,15 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
     """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download."""
     problem = click_problem(state)
     if problem:
-        raise gr.Error(problem)
+        gr.Warning(problem)
+        return {ui.export_file: None, ui.export_png: None}
     EXPORT_DIR.mkdir(parents=True, exist_ok=True)
     for old in EXPORT_DIR.iterdir():  # keep the folder small: exports are fetched right away
         if time.time() - old.stat().st_mtime > 3600:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
-    points = [tuple(point)] if point is not None else []
+    point = pinned_point(state, point)
+    points = [point] if point is not None else []
     write_result(state, points, work / "vggattn", model, opacity=opacity, colormap=colormap, mode=mode)
     name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
     archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
@@ -262,7 +291,7 @@ def api_analyze(model, meta, path):
     return result.top_k(5), result.gammas()
 
 
-def api_attention_at(model, meta, path, x, y, opacity=0.5, colormap="jet", mode="smooth"):
+def api_attention_at(model, meta, path, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"]):
     """Stateless: image, pixel (x, y) in original-image pixels -> three overlays + their facts."""
     result = analyze(model, meta, load_upload(path))
     w, h = result.size
@@ -320,17 +349,19 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
             panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
                                height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
         hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
-                        js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", palettes=palettes(),
-                        controls=CONTROLS)
+                        js_on_load=(WEB / "hover.js").read_text(), elem_id="hover",
+                        **page_props(NUM_PANELS, CONTROLS))
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
                 with gr.Row():
-                    opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity")
-                    colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap")
-                    mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling")
+                    opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity of the most attended cells",
+                                        elem_id="opacity",
+                                        info="Cells fade out with their weight: where a position does not look, the photo shows as it is.")
+                    colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap", elem_id="colormap")
+                    mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling", elem_id="upsampling")
                 with gr.Row():
                     scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
                                       for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
@@ -379,38 +410,38 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                     ("distributions.png", "Per-image distributions")):
                     if name in study_images:
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
-        ui = UI(state, point, hover, labels, gammas_md, gammas_plot, seen, status, panels, readouts,
-                [*contrib, *mean_maps, cam], dependence_md, ablation, ablation_verdict, export_file, export_png)
+        ui = UI(state=state, point=point, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,
+                seen=seen, status=status, panels=panels, readouts=readouts, maps=[*contrib, *mean_maps, cam],
+                dependence_md=dependence_md, ablation=ablation, ablation_verdict=ablation_verdict,
+                export_file=export_file, export_png=export_png)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
 
-        image.change(mark_pending, None, [state, hover], queue=False, api_name="mark_pending").then(
-            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image,
-            [state, hover, labels, gammas_md, gammas_plot, seen, status, *panels, readouts, *ui.maps, dependence_md, ablation,
-             ablation_verdict], api_name="upload")
+        # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
+        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
+            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload")
         def click(state, opacity, colormap, mode, mark, scale, evt: gr.SelectData):  # Gradio finds evt by
             return on_click(ui, state, opacity, colormap, mode, mark, evt, scale)  # annotation, hidden by a partial
 
-        image.select(click, [state, opacity, colormap, mode, mark, scale], [point, status, *panels, readouts],
-                     api_name="click")
+        image.select(click, [state, opacity, colormap, mode, mark, scale], point_outputs(ui), api_name="click")
         controls = [state, point, opacity, colormap, mode, mark, scale]
         for control in (opacity, colormap, mode):
             control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
-                           api_name=f"rerender_{control.label.lower()}")
+                           api_name=f"rerender_{control.elem_id}")
         mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
         scale.change(bind(on_mark, ui), controls, panels, api_name="rerender_scale")
         for control in (opacity, colormap, mode, mark, scale):  # the hover view redraws in the page
             control.change(None, [opacity, colormap, mode, mark, scale], None, js=CONTROLS_JS, queue=False,
                            api_name=False)
-        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ablation, ablation_verdict],
+        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ui.ablation, ui.ablation_verdict],
                             api_name="ablate")
         export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
-                            [export_file, export_png], api_name="export")
+                            [ui.export_file, ui.export_png], api_name="export")
 
         with gr.Row(visible=False):  # the click, for gradio_client: /upload, then /pin in the same session
             pin_x, pin_y = gr.Number(label="x"), gr.Number(label="y")
             pin_button = gr.Button()
         pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, opacity, colormap, mode, mark, scale],
-                         [point, status, *panels, readouts], api_name="pin")
+                         point_outputs(ui), api_name="pin")
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")
             api_x, api_y = gr.Number(label="x"), gr.Number(label="y")

@@ -39,6 +39,7 @@ class LayerCapture:
         self.grid = grid  # (H, W) of the layer's feature map; N = H * W query positions
         self._query, self._key, self._contribution = query, key, contribution
         self._forward: tuple | None = None  # (block, (x, y, Q/K weights), their versions) until first read
+        self._log_z: torch.Tensor | None = None  # (B, N), on first use
 
     @classmethod
     def from_forward(cls, name: str, block: GlobalAttention, x: torch.Tensor, y: torch.Tensor) -> "LayerCapture":
@@ -89,19 +90,40 @@ class LayerCapture:
     def num_positions(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def rows(self, queries: torch.Tensor | list[int]) -> torch.Tensor:
-        """Attention rows of several query positions -> (B, len(queries), N), each row sums to 1."""
+    def rows(self, queries: torch.Tensor | list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Attention rows of several query positions -> (B, len(queries), N), each row sums to 1.
+        dtype: of the logits and the softmax (float64: what the page computes from the same Q and K)."""
         idx = torch.as_tensor(queries, dtype=torch.long, device=self.query.device)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_positions):
             raise IndexError(f"query index out of range for {self.name}'s {self.grid[0]}x{self.grid[1]} grid "
                              f"(0..{self.num_positions - 1})")
-        q = self.query[:, idx].float()  # (B, Q, C')
-        logits = torch.bmm(q, self.key.float().transpose(1, 2))  # (B, Q, N)
+        q = self.query[:, idx].to(dtype)  # (B, Q, C')
+        logits = torch.bmm(q, self.key.to(dtype).transpose(1, 2))  # (B, Q, N)
         return torch.softmax(logits, dim=-1)
 
     def row(self, query: int) -> torch.Tensor:
         """Attention weights of one query position over all N positions -> (B, N)."""
         return self.rows([int(query)])[:, 0]
+
+    @property
+    def log_normalisers(self) -> torch.Tensor:
+        """(B, N) float32: log Z_i = logsumexp_j (q_i . k_j) of every row, a block of rows at a time (never
+        the N x N map); computed once. With them any column is A[:, j] = exp(Q k_j - log Z)."""
+        if self._log_z is None:
+            q, k = self.query.float(), self.key.float().transpose(1, 2)  # (B, N, C'), (B, C', N)
+            n, chunk = self.num_positions, 1024
+            self._log_z = torch.cat([torch.logsumexp(torch.bmm(q[:, s:s + chunk], k), dim=-1)
+                                     for s in range(0, n, chunk)], dim=1)  # (B, N)
+        return self._log_z
+
+    def column(self, key: int) -> torch.Tensor:
+        """How much every query position attends to position `key` -> (B, N) float64, A[:, key]
+        (from the float32 log normalisers, as the page computes it)."""
+        if not 0 <= key < self.num_positions:
+            raise IndexError(f"key index {key} out of range for {self.name}'s grid (0..{self.num_positions - 1})")
+        q, k = self.query.double(), self.key[:, int(key)].double()  # (B, N, C'), (B, C')
+        logits = torch.bmm(q, k[:, :, None])[..., 0]  # (B, N)
+        return torch.exp(logits - self.log_normalisers.double())
 
     @property
     def attention(self) -> torch.Tensor:

@@ -5,19 +5,21 @@
 
 A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
 log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
-no request. The app's script (vggattn/web/hover.js) reads this format; the server's rows
-(`LayerCapture.rows`) stay the reference it is tested against.
+no request. The app's script (vggattn/web/hover.js) reads this format and draws with
+`vggattn.render`'s rules and constants (`page_props`); the server's rows and pictures
+(`LayerCapture.rows`, `render_attention`) are the reference it is tested against.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import json
 
 import numpy as np
 import torch
 
-from .render import COLORMAPS, _palette
+from .render import page_constants
+from .readouts import SINK_DOMINATED
 
 DTYPES = {"float32": "<f4", "float16": "<f2"}
 
@@ -33,25 +35,22 @@ def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -
     return torch.cat([torch.logsumexp(q[s:s + chunk] @ k.T, dim=-1) for s in range(0, len(q), chunk)])
 
 
-def hover_payload(result, dtype: str = "float32", jpeg_quality: int = 90) -> dict:
-    """Per layer: name, grid, Q and K (N, C') and log Z (N,) as base64 little-endian arrays of `dtype`
-    (log Z always float32), and the image: its original size and the display copy as a JPEG data URL.
+def hover_payload(result, dtype: str = "float32") -> dict:
+    """Per layer: name, grid, γ, Q and K (N, C') and log Z (N,) as base64 little-endian arrays of `dtype`
+    (log Z always float32) and the image's sink (flat index, share of all attention); and the image: its
+    original size and the display copy as the JPEG data URL the server draws on too.
     result: a `vggattn.analysis.Analysis` (batch of one)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    from PIL import Image
-
-    jpeg = io.BytesIO()
-    Image.fromarray(result.display).save(jpeg, format="JPEG", quality=jpeg_quality)
     layers = []
-    for layer in result.layers:
+    for layer, sink in zip(result.layers, result.sinks()):
         q, k = layer.query[0].float(), layer.key[0].float()  # (N, C')
         layers.append({"name": layer.name, "grid": list(layer.grid), "dim": int(q.shape[1]), "gamma": layer.gamma,
                        "q": _b64(q.numpy(), dtype), "k": _b64(k.numpy(), dtype),
-                       "logz": _b64(log_normalisers(q, k).numpy(), "float32")})
+                       "logz": _b64(layer.log_normalisers[0].numpy(), "float32"), "sink": [sink[0], sink[1]]})
     disp_h, disp_w = result.display.shape[:2]
-    return {"version": 1, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
-            "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii"), "layers": layers}
+    return {"version": 2, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
+            "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"), "layers": layers}
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -63,12 +62,10 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
 
 def payload_bytes(payload: dict) -> int:
     """Size of the payload as JSON, in bytes (what one upload sends the page)."""
-    import json
-
     return len(json.dumps(payload).encode())
 
 
-def palettes() -> dict[str, list[int]]:
-    """Every colormap the app offers as 256 RGB triplets (flat, 768 ints): the page colours with the
-    same palettes as the server's overlays."""
-    return {name: list(_palette(name)) for name in COLORMAPS}
+def page_props(num_panels: int, controls: dict) -> dict:
+    """Everything the page's script is told once, at load: the rendering constants and palettes
+    (`vggattn.render.page_constants`), the panel count, the sink rule and the controls' initial values."""
+    return {**page_constants(), "num_panels": num_panels, "sink_dominated": SINK_DOMINATED, "controls": dict(controls)}

@@ -19,6 +19,9 @@ import torch
 
 from .capture import LayerCapture
 
+SINK_DOMINATED = 0.5  # an image's layer is sink-dominated when one cell takes at least this share of all attention
+UNSURE_PRECISION = 0.5  # predictions are "unsure" below the confidence where val top-1 precision falls under this
+
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats over the last dimension (0 log 0 = 0)."""

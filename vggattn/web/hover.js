@@ -1,25 +1,25 @@
-// vggattn hover view: the three attention panels follow the pointer over the input image.
+// vggattn hover view: the attention panels follow the pointer over the input image, and a click pins a point.
 //
 // Runs as the js_on_load of a gr.HTML (vggattn/app.py); Gradio gives it `element`, `props` and `watch`.
-// props.value is the payload of vggattn/hover.py (per layer Q, K, log Z), sent once per upload; every
-// pointer move is answered here, with no request: row i = softmax(q_i . K), column j = exp(Q k_j - log Z).
-// The maps are drawn on canvases laid over the server's panels (#panel-0..2); when the pointer leaves
-// the image the canvases hide and the server's panels (the clicked, pinned point) show again, so if
-// this script fails to load, clicks still render through the server as before.
-// window.vggattnHover exposes the maths and the drawing for tests and bench/hover_speed.py.
+// props.value is the payload of vggattn/hover.py (per layer Q, K, log Z, sink), sent once per upload; the other
+// props (vggattn.hover.page_props) are the rendering constants, palettes, panel count, sink rule and controls.
+// Every pointer move and click is answered here, with no request: row i = softmax(q_i . K), column
+// j = exp(Q k_j - log Z), drawn with the rules of vggattn/render.py (attention_picture) at the display copy's
+// size, then scaled into the panel: the same pixels as the server's pinned render (tests/test_browser.py).
+// The maps are drawn on canvases laid over the server's panels (#panel-0..); if this script fails to load,
+// clicks still render through the server. window.vggattnHover exposes the maths and drawing for tests and bench/.
 
-const NUM_PANELS = 3;
-const TOP_K = 5;
-const LOG_DECADES = 4;    // vggattn.render.LOG_DECADES
+const K = props;          // constants: top_k, log_decades, full_at, digits, *_color, palettes, num_panels, sink_dominated
 const api = {};
-let payload = null;       // decoded: {size, display, image (HTMLImageElement), layers: [{name, grid, dim, q, k, logz}]}
-let controls = {...props.controls};  // opacity, colormap, mode, mark, scale: the app's CONTROLS
+let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
+let controls = {...K.controls};  // opacity, colormap, mode, mark, scale: the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
-const latencies = [];     // ms from a pointer event to the three panels drawn (last 1000)
-const frames = [];        // ms from a pointer event to the next animation frame after the drawing (last 1000)
-const baseCache = new Map();  // "w x h" -> ImageData of the display image at that size
+const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
+const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
+const pins = [];          // ms from a click (pointerdown) to the pinned panels drawn (last 1000)
+let generation = 0;       // bumped by every load: a late image decode of an older upload is ignored
 
 // -- payload -----------------------------------------------------------------------------------
 function halfToFloat(h) {
@@ -40,27 +40,32 @@ function decodeArray(b64, dtype) {
 }
 
 function load(raw) {
-  baseCache.clear();
+  generation++;
   pinned = current = null;
   hide();
   if (!raw || !raw.layers) { payload = null; setLine(""); return; }
-  const image = new Image();
-  image.onload = () => {  // until the picture is decoded the panels are drawn on grey: redraw on it
-    baseCache.clear();
-    if (current) draw(current[0], current[1]);
+  const mine = generation, image = new Image();
+  image.onload = () => {  // the display copy's own pixels (no resampling): the server draws on the same ones
+    if (mine !== generation) return;
+    const c = document.createElement("canvas");
+    c.width = image.naturalWidth; c.height = image.naturalHeight;
+    const ctx = c.getContext("2d", {willReadFrequently: true});
+    ctx.drawImage(image, 0, 0);
+    payload.base = ctx.getImageData(0, 0, c.width, c.height);
+    redraw();
   };
   image.src = raw.image;
   payload = {
-    size: raw.size, display: raw.display_size, image, bytes: JSON.stringify(raw).length,
+    size: raw.size, display: raw.display_size, image, base: null, bytes: JSON.stringify(raw).length,
     layers: raw.layers.map(l => ({
-      name: l.name, grid: l.grid, dim: l.dim, n: l.grid[0] * l.grid[1],
+      name: l.name, grid: l.grid, dim: l.dim, n: l.grid[0] * l.grid[1], sink: l.sink,
       q: decodeArray(l.q, raw.dtype), k: decodeArray(l.k, raw.dtype), logz: decodeArray(l.logz, "float32"),
     })),
   };
-  setLine("Move the pointer over the image: the panels follow it. Click to pin a point (readouts below).");
+  setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below).");
 }
 
-// -- maths (float64 accumulation; the reference is LayerCapture.rows in Python) -----------------
+// -- maths (float64 accumulation; the reference is LayerCapture.rows / .column in Python) --------
 function row(li, i) {
   const L = payload.layers[li], c = L.dim, out = new Float64Array(L.n);
   let max = -Infinity;
@@ -93,57 +98,34 @@ function queryIndex(x, y, grid) {  // vggattn.data.query_index: pixel centres, c
   return r * gw + col;
 }
 
-function topCells(values, k) {
+function topIndices(values, k) {  // vggattn.render.top_indices: largest first, ties to the lower index
   const idx = [];
   for (let j = 0; j < values.length; j++) {
-    if (idx.length < k || values[j] > values[idx[idx.length - 1]]) {
-      idx.push(j);
-      idx.sort((a, b) => values[b] - values[a]);
-      if (idx.length > k) idx.pop();
-    }
+    let at = idx.length;
+    while (at > 0 && values[j] > values[idx[at - 1]]) at--;
+    if (at < k) { idx.splice(at, 0, j); if (idx.length > k) idx.pop(); }
   }
   return idx;
 }
 
-// -- drawing --------------------------------------------------------------------------------------
-function canvasFor(i) {
-  const panel = document.getElementById(`panel-${i}`);
-  if (!panel) return null;
-  let canvas = panel.querySelector("canvas.vggattn-hover");
-  if (!canvas) {
-    canvas = document.createElement("canvas");
-    canvas.className = "vggattn-hover";
-    canvas.dataset.layer = String(i);
-    // over the panel's picture, under its label and buttons; never takes the pointer
-    Object.assign(canvas.style, {position: "absolute", left: "1px", top: "1px", zIndex: "1", pointerEvents: "none"});
-    panel.appendChild(canvas);
+// vggattn.render.map_levels: linear = weight / max(max, floor); log = LOG_DECADES below the maximum at 0
+function levels(values, scale, floor) {
+  let top = floor;
+  for (const v of values) if (v > top) top = v;
+  const out = new Float64Array(values.length);
+  if (!(top > 0)) return out;
+  if (scale === "log") {
+    const lo = top / Math.pow(10, K.log_decades), bottom = Math.log10(top) - K.log_decades;
+    for (let j = 0; j < values.length; j++) out[j] = Math.min((Math.log10(Math.max(values[j], lo)) - bottom) / K.log_decades, 1);
+    return out;
   }
-  return canvas;
+  for (let j = 0; j < values.length; j++) out[j] = Math.min(Math.max(values[j], 0) / top, 1);
+  return out;
 }
 
-function hide() {
-  for (let i = 0; i < NUM_PANELS; i++) {
-    const c = document.querySelector(`#panel-${i} canvas.vggattn-hover`);
-    if (c) c.style.display = "none";
-  }
-}
-
-function baseImage(w, h) {  // the display image at w x h, its pixels read once per size
-  const key = `${w}x${h}`;
-  if (!baseCache.has(key)) {
-    const c = document.createElement("canvas");
-    c.width = w; c.height = h;
-    const ctx = c.getContext("2d", {willReadFrequently: true});
-    ctx.imageSmoothingQuality = "high";
-    if (payload.image.complete && payload.image.naturalWidth) ctx.drawImage(payload.image, 0, 0, w, h);
-    else { ctx.fillStyle = "#808080"; ctx.fillRect(0, 0, w, h); return ctx.getImageData(0, 0, w, h); }
-    baseCache.set(key, ctx.getImageData(0, 0, w, h));
-  }
-  return baseCache.get(key);
-}
-
-function sampler(n, size, smooth) {  // per output pixel: source index pair and weight (PIL's centre alignment)
-  const i0 = new Int32Array(size), i1 = new Int32Array(size), t = new Float32Array(size);
+// -- drawing: vggattn.render, rule for rule ---------------------------------------------------------
+function sampler(n, size, smooth) {  // per output pixel: source index pair and weight (centre-aligned, clamped)
+  const i0 = new Int32Array(size), i1 = new Int32Array(size), t = new Float64Array(size);
   const scale = n / size;
   for (let o = 0; o < size; o++) {
     if (!smooth) { i0[o] = i1[o] = Math.min(n - 1, Math.floor((o + 0.5) * scale)); continue; }
@@ -153,97 +135,199 @@ function sampler(n, size, smooth) {  // per output pixel: source index pair and 
   return {i0, i1, t};
 }
 
-// heat (gh*gw values in [0, 1]) over the display image at w x h, blended like PIL's Image.blend
-function blend(heat, grid, w, h) {
-  const [gh, gw] = grid, smooth = controls.mode === "smooth", a = controls.opacity;
-  const pal = props.palettes[controls.colormap] || props.palettes.jet;
+function tintTable(colormap, opacity) {  // vggattn.render.palette and tint_alpha
+  const pal = K.palettes[colormap] || K.palettes[K.controls.colormap], alpha = new Float64Array(256);
+  for (let i = 0; i < 256; i++) alpha[i] = opacity * Math.min(1, i / (255 * K.full_at));
+  return {pal, alpha};
+}
+
+// vggattn.render.overlay of upsample(levels): base + (colour - base) * alpha, stored rounding half to even
+function overlay(lv, grid, w, h) {
+  const [gh, gw] = grid, smooth = controls.mode === "smooth", {pal, alpha} = tintTable(controls.colormap, controls.opacity);
   const sx = sampler(gw, w, smooth), sy = sampler(gh, h, smooth);
-  const base = baseImage(w, h).data, out = new ImageData(w, h), px = out.data;
+  const base = payload.base ? payload.base.data : null, out = new ImageData(w, h), px = out.data;
   for (let y = 0; y < h; y++) {
     const r0 = sy.i0[y] * gw, r1 = sy.i1[y] * gw, ty = sy.t[y];
     for (let x = 0; x < w; x++) {
       const c0 = sx.i0[x], c1 = sx.i1[x], tx = sx.t[x];
-      const top = heat[r0 + c0] + (heat[r0 + c1] - heat[r0 + c0]) * tx;
-      const bottom = heat[r1 + c0] + (heat[r1 + c1] - heat[r1 + c0]) * tx;
-      const v = top + (bottom - top) * ty;
-      const p = 3 * Math.min(255, Math.max(0, Math.floor(v * 255 + 0.5)));
+      const top = lv[r0 + c0] + (lv[r0 + c1] - lv[r0 + c0]) * tx;
+      const bottom = lv[r1 + c0] + (lv[r1 + c1] - lv[r1 + c0]) * tx;
+      const p = Math.min(255, Math.max(0, Math.floor((top + (bottom - top) * ty) * 255 + 0.5))), a = alpha[p];
       const o = 4 * (y * w + x);
-      px[o] = base[o] + (pal[p] - base[o]) * a;
-      px[o + 1] = base[o + 1] + (pal[p + 1] - base[o + 1]) * a;
-      px[o + 2] = base[o + 2] + (pal[p + 2] - base[o + 2]) * a;
+      for (let ch = 0; ch < 3; ch++) {
+        const b = base ? base[o + ch] : 128;
+        px[o + ch] = b + (pal[3 * p + ch] - b) * a;
+      }
       px[o + 3] = 255;
     }
   }
   return out;
 }
 
-// row: min-max, as the server's overlays. column: weights in [0, 1] divided by the column's maximum, or
-// by 1/N (uniform attention) when no query gives it more: a key nobody looks at stays dark, a sink lights all.
-// "log" scale: log10 of the weights, floored LOG_DECADES below the maximum (vggattn.render.scale_map)
-function scaled(values, how, scale) {
-  let lo = Infinity, hi = -Infinity;
-  for (const v of values) { if (v < lo) lo = v; if (v > hi) hi = v; }
-  if (how === "column") { lo = 0; hi = Math.max(hi, 1 / values.length); }
-  const out = new Float32Array(values.length);
-  if (scale === "log" && hi > 0) {
-    const floor = hi * Math.pow(10, -LOG_DECADES), top = Math.log10(hi);
-    const bottom = how === "column" ? top - LOG_DECADES : Math.log10(Math.max(lo, floor));
-    if (top > bottom) for (let j = 0; j < values.length; j++) {
-      out[j] = Math.min(1, (Math.log10(Math.max(values[j], floor)) - bottom) / (top - bottom));
+const halfUp = v => Math.floor(v + 0.5);
+
+function cellRect(index, grid, w, h) {  // vggattn.render.cell_rect: (x0, y0, x1, y1), ends exclusive
+  const [gh, gw] = grid, r = Math.floor(index / gw), c = index % gw;
+  const x0 = halfUp(c * w / gw), y0 = halfUp(r * h / gh);
+  return [x0, y0, Math.max(x0 + 1, halfUp((c + 1) * w / gw)), Math.max(y0 + 1, halfUp((r + 1) * h / gh))];
+}
+
+function frame(im, rect, width, color) {  // the pixels of rect within `width` of its edge
+  const [x0, y0, x1, y1] = rect, px = im.data;
+  for (let y = Math.max(y0, 0); y < Math.min(y1, im.height); y++) {
+    for (let x = Math.max(x0, 0); x < Math.min(x1, im.width); x++) {
+      if (Math.min(x - x0, x1 - 1 - x, y - y0, y1 - 1 - y) >= width) continue;
+      const o = 4 * (y * im.width + x);
+      px[o] = color[0]; px[o + 1] = color[1]; px[o + 2] = color[2];
     }
-    return out;
   }
-  if (hi > lo) for (let j = 0; j < values.length; j++) out[j] = Math.min(1, (values[j] - lo) / (hi - lo));
-  return out;
+}
+
+function disk(im, cx, cy, radius, color) {  // the pixels whose centres lie within radius of (cx, cy)
+  const px = im.data;
+  for (let y = Math.max(0, Math.floor(cy - radius)); y < Math.min(im.height, Math.ceil(cy + radius) + 1); y++) {
+    for (let x = Math.max(0, Math.floor(cx - radius)); x < Math.min(im.width, Math.ceil(cx + radius) + 1); x++) {
+      const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
+      if (dx * dx + dy * dy > radius * radius) continue;
+      const o = 4 * (y * im.width + x);
+      px[o] = color[0]; px[o + 1] = color[1]; px[o + 2] = color[2];
+    }
+  }
+}
+
+function glyph(im, digit, x, y, size, color, outline) {  // a 3x5 digit of size-pixel squares
+  const grow = outline ? 1 : 0, bits = K.digits[digit];
+  for (let k = 0; k < 15; k++) {
+    if (bits[k] !== "1") continue;
+    const gx = x + (k % 3) * size, gy = y + Math.floor(k / 3) * size;
+    frame(im, [gx - grow, gy - grow, gx + size + grow, gy + size + grow], size + 2, color);
+  }
+}
+
+function markSizes(w, h) {  // vggattn.render.mark_sizes
+  const short = Math.min(w, h);
+  return {line: Math.max(1, halfUp(short / 300)), digit: Math.max(1, halfUp(short / 128)), dot: Math.max(3, halfUp(short / 80))};
+}
+
+// vggattn.render.attention_picture at the display copy's size, for the point (x, y) of the original image
+function picture(li, x, y, how = view) {
+  const L = payload.layers[li], q = queryIndex(x, y, L.grid), [w, h] = payload.display;
+  const values = how === "row" ? row(li, q) : column(li, q);
+  const lv = levels(values, controls.scale, how === "column" ? 1 / L.n : 0);
+  const im = overlay(lv, L.grid, w, h), s = markSizes(w, h);
+  if (controls.mark && how === "row") {
+    topIndices(values, K.top_k).forEach((j, rank) => {
+      const [x0, y0, x1, y1] = cellRect(j, L.grid, w, h);
+      frame(im, [x0 - 1, y0 - 1, x1 + 1, y1 + 1], s.line + 2, K.outline_color);
+      frame(im, [x0, y0, x1, y1], s.line, K.mark_color);
+      glyph(im, (rank + 1) % 10, x0 + s.line + 2, y0 + s.line + 2, s.digit, K.outline_color, true);
+      glyph(im, (rank + 1) % 10, x0 + s.line + 2, y0 + s.line + 2, s.digit, K.mark_color, false);
+    });
+  }
+  frame(im, cellRect(q, L.grid, w, h), Math.max(1, s.dot >> 1), K.query_color);
+  const [iw, ih] = payload.size, cx = (x + 0.5) * w / iw, cy = (y + 0.5) * h / ih;
+  disk(im, cx, cy, s.dot + 1, K.outline_color);
+  disk(im, cx, cy, s.dot, K.query_color);
+  return {im, q, values};
+}
+
+// -- panels ------------------------------------------------------------------------------------------
+function partsFor(i) {  // the canvas laid over panel i's picture, and its colour scale
+  const panel = document.getElementById(`panel-${i}`);
+  if (!panel) return null;
+  let canvas = panel.querySelector("canvas.vggattn-hover"), legend = panel.querySelector(".vggattn-legend");
+  if (!canvas) {
+    canvas = document.createElement("canvas");
+    canvas.className = "vggattn-hover";
+    canvas.dataset.layer = String(i);
+    // over the panel's picture, under its label and buttons; never takes the pointer
+    Object.assign(canvas.style, {position: "absolute", left: "1px", top: "1px", zIndex: "1", pointerEvents: "none"});
+    panel.appendChild(canvas);
+  }
+  if (!legend) {
+    legend = document.createElement("div");
+    legend.className = "vggattn-legend";
+    legend.innerHTML = '<canvas width="96" height="10"></canvas><span></span>';
+    Object.assign(legend.style, {position: "absolute", left: "6px", bottom: "6px", zIndex: "2", display: "none",
+      gap: "6px", alignItems: "center", maxWidth: "calc(100% - 12px)", font: "11px/1.3 sans-serif", color: "#fff",
+      background: "rgba(0, 0, 0, 0.65)", padding: "2px 6px", borderRadius: "3px", pointerEvents: "none"});
+    legend.querySelector("canvas").style.flex = "none";
+    panel.appendChild(legend);
+  }
+  return {panel, canvas, legend};
+}
+
+function hide() {
+  document.querySelectorAll("canvas.vggattn-hover, .vggattn-legend").forEach(e => { e.style.display = "none"; });
+}
+
+const fmt = v => (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toExponential(1));
+
+// The colour scale under a panel: the tint over mid-grey at every level, and what its ends mean
+function drawLegend(legend, L, values, how) {
+  const bar = legend.querySelector("canvas"), ctx = bar.getContext("2d"), {pal, alpha} = tintTable(controls.colormap, controls.opacity);
+  const img = ctx.createImageData(bar.width, bar.height);
+  for (let x = 0; x < bar.width; x++) {
+    const p = Math.min(255, Math.floor(x / (bar.width - 1) * 255 + 0.5));
+    for (let y = 0; y < bar.height; y++) {
+      const o = 4 * (y * bar.width + x);
+      for (let ch = 0; ch < 3; ch++) img.data[o + ch] = 128 + (pal[3 * p + ch] - 128) * alpha[p];
+      img.data[o + 3] = 255;
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  let top = 0, at = 0;
+  values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
+  const gw = L.grid[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`, floor = how === "column" ? 1 / L.n : 0;
+  const max = Math.max(top, floor), lo = controls.scale === "log" ? `${fmt(max / Math.pow(10, K.log_decades))} (log)` : "0";
+  const what = how === "row" ? `max ${fmt(top)} at cell ${cell}` :
+    `max ${fmt(max)}${top < floor ? " (1/N: nobody looks here more than uniform)" : ` from cell ${cell}`}`;
+  const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink: cell (${Math.floor(L.sink[0] / gw)}, ${L.sink[0] % gw}) takes ${Math.round(100 * L.sink[1])}% of all attention` : "";
+  legend.querySelector("span").textContent = `${lo} … ${what}${sink}`;
+  legend.dataset.max = String(top);
+  legend.style.display = "flex";
 }
 
 function drawPanel(i, x, y) {
-  const canvas = canvasFor(i);
-  if (!canvas) return;
-  const L = payload.layers[i], [gh, gw] = L.grid, q = queryIndex(x, y, L.grid);
-  const values = view === "row" ? row(i, q) : column(i, q);
-  const panel = canvas.parentElement, bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
+  const parts = partsFor(i);
+  if (!parts) return;
+  const {panel, canvas, legend} = parts;
+  const {im, q, values} = picture(i, x, y);
+  const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const [dw, dh] = payload.display, s = Math.min(bw / dw, bh / dh);
   const w = Math.max(1, Math.round(dw * s)), h = Math.max(1, Math.round(dh * s));
-  const ox = Math.floor((bw - w) / 2), oy = Math.floor((bh - h) / 2);
   if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
   canvas.style.display = "block";
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, bw, bh);
-  ctx.putImageData(blend(scaled(values, view, controls.scale), L.grid, w, h), ox, oy);
-  const cw = w / gw, ch = h / gh, line = Math.max(1, Math.round(Math.min(w, h) / 300));
-  if (controls.mark && view === "row") {  // the top-5 attended cells, numbered (as the server's panels)
-    ctx.font = `${Math.max(10, Math.round(Math.min(w, h) / 25))}px sans-serif`;
-    ctx.textBaseline = "top";
-    topCells(values, TOP_K).forEach((j, rank) => {
-      const bx = ox + (j % gw) * cw, by = oy + Math.floor(j / gw) * ch;
-      ctx.lineWidth = line + 2; ctx.strokeStyle = "#000"; ctx.strokeRect(bx, by, cw, ch);
-      ctx.lineWidth = line; ctx.strokeStyle = "#ff0"; ctx.strokeRect(bx, by, cw, ch);
-      ctx.lineWidth = 3; ctx.strokeStyle = "#000"; ctx.strokeText(String(rank + 1), bx + 2 * line, by + line);
-      ctx.fillStyle = "#ff0"; ctx.fillText(String(rank + 1), bx + 2 * line, by + line);
-    });
-  }
-  const [iw, ih] = payload.size, px = ox + (x + 0.5) / iw * w, py = oy + (y + 0.5) / ih * h;
-  const r = Math.max(3, Math.round(Math.min(w, h) / 80));
-  ctx.lineWidth = Math.max(1, r >> 1); ctx.strokeStyle = "#fff";
-  ctx.strokeRect(ox + (q % gw) * cw, oy + Math.floor(q / gw) * ch, cw, ch);  // the cell under the pointer
-  ctx.beginPath(); ctx.arc(px, py, r + 1, 0, 2 * Math.PI); ctx.fillStyle = "#000"; ctx.fill();
-  ctx.beginPath(); ctx.arc(px, py, r, 0, 2 * Math.PI); ctx.fillStyle = "#fff"; ctx.fill();
+  if (!api.scratch) api.scratch = document.createElement("canvas");
+  const scratch = api.scratch;
+  scratch.width = dw; scratch.height = dh;
+  scratch.getContext("2d").putImageData(im, 0, 0);
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((bh - h) / 2), w, h);  // scaled as the server's <img>
+  drawLegend(legend, payload.layers[i], values, view);
   canvas.dataset.query = String(q);
   canvas.dataset.view = view;
 }
 
-function draw(x, y, since) {
+function draw(x, y, since, log = latencies) {
   if (!payload) return;
-  for (let i = 0; i < Math.min(NUM_PANELS, payload.layers.length); i++) drawPanel(i, x, y);
+  for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) drawPanel(i, x, y);
   const queries = payload.layers.map(L => `${L.name}: ${queryIndex(x, y, L.grid)}`).join(", ");
   const what = view === "row" ? "where it looks" : "who looks at it (column, scaled to its maximum, at least 1/N)";
-  setLine(`Under the pointer: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
+  const who = current && current[0] === x && current[1] === y ? "Under the pointer" : "Pinned";
+  setLine(`${who}: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
   if (since !== undefined) {
-    latencies.push(performance.now() - since);
-    if (latencies.length > 1000) latencies.shift();
-    requestAnimationFrame(() => { frames.push(performance.now() - since); if (frames.length > 1000) frames.shift(); });
+    log.push(performance.now() - since);
+    if (log.length > 1000) log.shift();
+    if (log === latencies) requestAnimationFrame(() => { frames.push(performance.now() - since); if (frames.length > 1000) frames.shift(); });
   }
+}
+
+function redraw() {  // the point under the pointer, else the pinned one, else nothing
+  const at = current || pinned;
+  if (payload && at) draw(at[0], at[1]); else hide();
 }
 
 // -- pointer -----------------------------------------------------------------------------------------
@@ -263,8 +347,13 @@ function pixelAt(e) {
 
 function leave() {
   current = null;
-  if (pinned && view === "column") draw(pinned[0], pinned[1]);  // the server's panels show rows only
-  else hide();
+  redraw();  // the pinned point, if there is one
+}
+
+function pin(x, y, since) {
+  pinned = [x, y];
+  current = null;
+  draw(x, y, since, pins);
 }
 
 const listeners = {
@@ -275,7 +364,7 @@ const listeners = {
     current = p;
     draw(p[0], p[1], e.timeStamp);
   },
-  pointerdown: e => { const p = pixelAt(e); if (p) pinned = p; },
+  pointerdown: e => { const p = pixelAt(e); if (p) pin(p[0], p[1], e.timeStamp); },
   pointerout: e => { if (!e.relatedTarget && current) leave(); },  // the pointer left the window
 };
 if (window.vggattnHover && window.vggattnHover.listeners) {  // mounted again: one set of listeners only
@@ -300,15 +389,12 @@ function setView(v) {
   view = v === "column" ? "column" : "row";
   const box = element.querySelector("input.vggattn-column");
   if (box) box.checked = view === "column";
-  const at = current || (view === "column" ? pinned : null);
-  if (payload && at) draw(at[0], at[1]); else hide();
+  redraw();
 }
 
 function setControls(c) {
   Object.assign(controls, c);
-  baseCache.clear();
-  const at = current || (view === "column" ? pinned : null);
-  if (payload && at) draw(at[0], at[1]);
+  redraw();
 }
 
 bindSwitch();
@@ -317,8 +403,18 @@ if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props
 
 Object.assign(api, {
   load, row: (li, i) => Array.from(row(li, i)), column: (li, j) => Array.from(column(li, j)), queryIndex,
-  draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, leave, setView, setControls,
-  scaled: (values, how, scale) => Array.from(scaled(values, how, scale)), listeners, latencies, frames,
+  levels: (values, scale, floor = 0) => Array.from(levels(values, scale, floor)),
+  // the picture the panels show for (x, y), at the display copy's size: [width, height, RGB bytes as base64]
+  picture: (li, x, y, how) => {
+    const {im} = picture(li, x, y, how), rgb = new Uint8Array(im.width * im.height * 3);
+    for (let p = 0, o = 0; p < im.data.length; p += 4) { rgb[o++] = im.data[p]; rgb[o++] = im.data[p + 1]; rgb[o++] = im.data[p + 2]; }
+    let bin = "";
+    for (let o = 0; o < rgb.length; o += 0x8000) bin += String.fromCharCode.apply(null, rgb.subarray(o, o + 0x8000));
+    return [im.width, im.height, btoa(bin)];
+  },
+  ready: () => !!(payload && payload.base),
+  draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
+  leave, setView, setControls, listeners, latencies, frames, pins,
   state: () => ({view, pinned, current, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, layers: payload ? payload.layers.length : 0}),
 });
