@@ -34,6 +34,16 @@ def page():
         browser.close()
 
 
+def jpeg_of(rgb) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
 def panel_sources(page) -> list[str]:
     return [page.locator(f"#panel-{i} img").first.get_attribute("src") or "" for i in range(3)]
 
@@ -123,9 +133,13 @@ def test_hover_follows_the_pointer_with_no_request(page):
     line = page.locator("#hover").inner_text()
     assert "Under the pointer: pixel (190, 33)" in line and "features.30" in line, line  # 0.85, 0.15 of the 224 px photo
 
-    page.mouse.move(2, 2)  # off the image: the canvases go, the server's panels (the pinned click) show
-    page.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} canvas.vggattn-hover`)"
-                           ".style.display === 'none')", timeout=10_000)
+    page.mouse.move(2, 2)  # off the image: the page draws the pinned point (the last click) again
+    pinned = page.evaluate("window.vggattnHover.state().pinned")
+    page.wait_for_function("window.vggattnHover.state().current === null", timeout=10_000)
+    assert "Pinned: pixel (%d, %d)" % tuple(pinned) in page.locator("#hover").inner_text()
+    queries = [q for q, *_ in hover_canvases(page)]
+    assert queries == [str(page.evaluate("([x, y, l]) => window.vggattnHover.queryIndex(x, y, [l, l])", [*pinned, g]))
+                       for g in (64, 32, 16)]
 
 
 def test_hover_pixel_is_the_click_pixel(page):
@@ -163,21 +177,63 @@ def test_browser_rows_and_columns_equal_the_servers(page):
             np.testing.assert_allclose(js, full[:, j].numpy(), atol=1e-4, rtol=0)
 
 
-def test_log_scale_in_the_page_equals_the_servers(page):
-    """The Scale control reaches the page, whose log colouring of a row is the server's (scale_map, min-max)."""
-    import numpy as np
-
-    from vggattn.render import scale_map
-
+def test_scale_control_reaches_the_page(page):
+    """The Scale radio sets the page's scale without a request, and back."""
     page.locator("#scale").get_by_label("log").check()
     page.wait_for_function("window.vggattnHover.state().controls.scale === 'log'", timeout=10_000)
-    for li, q in ((0, 1000), (2, 40)):
-        row = np.array(page.evaluate("([l, q]) => window.vggattnHover.row(l, q)", [li, q]))
-        js = np.array(page.evaluate("(r) => window.vggattnHover.scaled(r, 'row', 'log')", row.tolist()))
-        m = scale_map(row, "log").astype(np.float64)
-        np.testing.assert_allclose(js, (m - m.min()) / (m.max() - m.min()), atol=1e-5)
     page.locator("#scale").get_by_label("linear").check()
     page.wait_for_function("window.vggattnHover.state().controls.scale === 'linear'", timeout=10_000)
+
+
+def page_picture(view, layer: int, x: int, y: int, how: str):
+    """The page's picture of layer `layer` at pixel (x, y), at the display copy's size: (h, w, 3) uint8."""
+    import base64
+
+    import numpy as np
+
+    w, h, b64 = view.evaluate("([l, x, y, how]) => window.vggattnHover.picture(l, x, y, how)", [layer, x, y, how])
+    return np.frombuffer(base64.b64decode(b64), dtype=np.uint8).reshape(h, w, 3)
+
+
+def test_page_and_server_draw_the_same_pictures(page, tmp_path):
+    """One picture, two renderers: for a photo the server draws on a smaller copy (700x450 -> 512x329), the page's
+    hover render equals the server's pinned render (`render_attention`) within 2/255 at every pixel, for linear and
+    log, smooth and blocky, row and column, numbered or not, in every layer."""
+    import itertools
+
+    import numpy as np
+    from PIL import Image
+
+    import vggattn
+    from vggattn.analysis import analyze, render_attention
+
+    photo = Image.open(app.HERE / "assets" / "parachute.jpg").convert("RGB").resize((700, 450))
+    photo.save(tmp_path / "wide.png")
+    result = analyze(*vggattn.load_checkpoint(device="cpu"), photo)
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    try:
+        view.goto(page.url)
+        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        view.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "wide.png"))
+        view.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
+        assert view.evaluate("window.vggattnHover.state().layers") == 3
+        worst = {}
+        for (scale, mode, how, mark), (x, y) in zip(
+                itertools.product(("linear", "log"), ("smooth", "blocky"), ("row", "column"), (True, False)),
+                itertools.cycle([(350, 225), (0, 0), (699, 449), (123, 401), (612, 37)])):
+            controls = {"opacity": 0.8, "colormap": "inferno" if mark else "jet", "mode": mode, "mark": mark, "scale": scale}
+            view.evaluate("(c) => window.vggattnHover.setControls(c)", controls)
+            panels = render_attention(result, (x, y), controls["opacity"], controls["colormap"], mode,
+                                      top_k=5 if mark else 0, scale=scale, view=how)
+            for li, panel in enumerate(panels):
+                drawn = page_picture(view, li, x, y, how)
+                assert drawn.shape == panel.image.shape == (329, 512, 3)
+                diff = np.abs(drawn.astype(int) - panel.image.astype(int))
+                worst[(scale, mode, how, mark, li)] = (int(diff.max()), int((diff > 0).any(-1).sum()))
+        print("largest difference, pixels differing:", sorted(set(worst.values())))
+        assert all(d <= 2 for d, _ in worst.values()), {k: v for k, v in worst.items() if v[0] > 2}
+    finally:
+        view.close()
 
 
 def test_column_view_of_a_sink_lights_every_query(page):
@@ -189,7 +245,8 @@ def test_column_view_of_a_sink_lights_every_query(page):
     import torch
 
     from vggattn.capture import LayerCapture
-    from vggattn.hover import hover_payload, palettes
+    from vggattn.hover import hover_payload
+    from vggattn.render import palette
 
     grid, sink = (8, 8), 19
     key = torch.zeros(1, 64, 4)
@@ -197,7 +254,8 @@ def test_column_view_of_a_sink_lights_every_query(page):
     query = torch.zeros(1, 64, 4)
     query[0, :, 0] = 10.0  # q_i . k_sink = 100, every other logit 0: one-hot rows
     layers = [LayerCapture(f"l{i}", 0.1, grid, query, key, torch.zeros(1, *grid)) for i in range(3)]
-    fake = types.SimpleNamespace(display=np.full((64, 64, 3), 128, np.uint8), size=(64, 64), layers=layers)
+    fake = types.SimpleNamespace(display=np.full((64, 64, 3), 128, np.uint8), display_jpeg=jpeg_of(np.full((64, 64, 3), 128, np.uint8)),
+                                 size=(64, 64), layers=layers, sinks=lambda: [(sink, 1.0)] * 3)
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
         view.goto(page.url)
@@ -205,7 +263,7 @@ def test_column_view_of_a_sink_lights_every_query(page):
         view.evaluate("(p) => { window.vggattnHover.load(p); window.vggattnHover.setControls("
                       "{opacity: 1, colormap: 'jet', mark: false}); window.vggattnHover.setView('column'); }",
                       hover_payload(fake))
-        top = palettes()["jet"][-3:]
+        top = palette("jet")[-1].tolist()
         pick = """([x, y]) => { window.vggattnHover.draw(x, y);
             return [0,1,2].map(i => { const c = document.querySelector(`#panel-${i} canvas.vggattn-hover`);
               const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, top = %s;
@@ -247,8 +305,8 @@ def test_clicks_render_through_the_server_when_the_hover_script_fails(page):
 
     def broken(route):  # the page's config carries the script: make it throw at its first line
         body = route.fetch().text()
-        assert "const NUM_PANELS = 3;" in body
-        route.fulfill(body=body.replace("const NUM_PANELS = 3;", "throw new Error('hover script blocked');"),
+        assert "const K = props;" in body
+        route.fulfill(body=body.replace("const K = props;", "throw new Error('hover script blocked');"),
                       headers={"content-type": "text/html; charset=utf-8"})
 
     try:

@@ -81,9 +81,10 @@ def test_marks_are_drawn_on_a_copy():
     out = mark_query(img, (20.5, 20.5), (10, 10, 30, 30))
     assert img.max() == 0 and out[20, 20].tolist() == list(QUERY_COLOR) and out[10, 25].tolist() == list(QUERY_COLOR)
     assert out[20, 24].tolist() == [0, 0, 0]  # the dot's black ring
-    cells = mark_cells(img, [(0, 0, 20, 20), (20, 20, 40, 40)])
-    assert cells[0, 5].tolist() == list(MARK_COLOR) and cells[20, 30].tolist() == list(MARK_COLOR)
-    assert (cells == np.array(MARK_COLOR)).all(-1).sum() > 2 * 4 * 18  # two frames and two digits
+    cells = mark_cells(img, [(10, 10, 20, 20), (25, 25, 30, 30)])  # frames drawn just outside the cells
+    assert cells[9, 15].tolist() == list(MARK_COLOR) and cells[8, 15].tolist() == [0, 0, 0]
+    assert not cells[10:20, 10:20].any() and not cells[25:30, 25:30].any()  # the cells themselves untouched
+    assert (cells == np.array(MARK_COLOR)).all(-1).sum() >= 44 + 24 + 10  # two frames (12² - 10², 7² - 5²) and two digits
     assert top_indices(np.array([0.1, 0.3, 0.3, 0.2]), 3) == [1, 2, 3]  # ties: the lower index first
 
 
@@ -110,7 +111,7 @@ def test_render_attention_panels_follow_the_click():
         np.testing.assert_allclose(p.attention_row.sum(), 1.0, rtol=1e-12)
         np.testing.assert_allclose(p.attention_row.ravel(), layer.row(p.query_index)[0].numpy(), atol=1e-6)
         top = int(p.attention_row.argmax())
-        assert f"max {p.attention_row.max():.2g} at ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
+        assert f"max {p.attention_row.max():.2g} at cell ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
     columns = render_attention(result, (10, 10), view="column")
     assert all(not np.array_equal(c.image, r.image) for c, r in zip(columns, render_attention(result, (10, 10))))
     with pytest.raises(ValueError, match="outside"):

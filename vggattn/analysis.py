@@ -50,9 +50,9 @@ class Panel:
     @property
     def title(self) -> str:
         """One line: the layer, and what the brightest colour means (the row's largest weight, where)."""
-        h, w = self.grid
+        w = self.grid[1]
         top = int(self.attention_row.argmax())
-        title = f"{self.layer} · {h}×{w} · max {self.attention_row.max():.2g} at ({top // w}, {top % w})"
+        title = f"{self.layer} · max {self.attention_row.max():.2g} at cell ({top // w}, {top % w})"
         return f"{title} · ⚠ sink" if self.sink_note else title
 
 

@@ -181,12 +181,15 @@ def mark_cells(image: np.ndarray, rects: list[tuple[int, int, int, int]], color=
     """Frame each cell rect (from `cell_rect`) on a copy of `image` and number them 1, 2, ... in order."""
     im = np.array(image, dtype=np.uint8)
     s = mark_sizes((im.shape[1], im.shape[0]))
-    for rank, (x0, y0, x1, y1) in enumerate(rects, start=1):
-        _frame(im, (x0 - 1, y0 - 1, x1 + 1, y1 + 1), s["line"] + 2, OUTLINE_COLOR)
-        _frame(im, (x0, y0, x1, y1), s["line"], color)
-        gx, gy = x0 + s["line"] + 2, y0 + s["line"] + 2
+    line, size = s["line"], s["digit"]
+    for rank, (x0, y0, x1, y1) in enumerate(rects, start=1):  # the frame and number sit outside the cell: its tint shows
+        _frame(im, (x0 - line - 1, y0 - line - 1, x1 + line + 1, y1 + line + 1), line + 1, OUTLINE_COLOR)
+        _frame(im, (x0 - line, y0 - line, x1 + line, y1 + line), line, color)
+        gx, gy = x0 - line - 3 - 3 * size, max(1, y0 - line - 1)  # left of the frame, or right of it at the edge
+        if gx < 1:
+            gx = x1 + line + 3
         for outline in (True, False):
-            _glyph(im, rank % 10, gx, gy, s["digit"], OUTLINE_COLOR if outline else color, outline)
+            _glyph(im, rank % 10, gx, gy, size, OUTLINE_COLOR if outline else color, outline)
     return im
 
 

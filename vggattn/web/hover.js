@@ -216,12 +216,16 @@ function picture(li, x, y, how = view) {
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.n : 0);
   const im = overlay(lv, L.grid, w, h), s = markSizes(w, h);
   if (controls.mark && how === "row") {
-    topIndices(values, K.top_k).forEach((j, rank) => {
+    const line = s.line, size = s.digit;
+    topIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
       const [x0, y0, x1, y1] = cellRect(j, L.grid, w, h);
-      frame(im, [x0 - 1, y0 - 1, x1 + 1, y1 + 1], s.line + 2, K.outline_color);
-      frame(im, [x0, y0, x1, y1], s.line, K.mark_color);
-      glyph(im, (rank + 1) % 10, x0 + s.line + 2, y0 + s.line + 2, s.digit, K.outline_color, true);
-      glyph(im, (rank + 1) % 10, x0 + s.line + 2, y0 + s.line + 2, s.digit, K.mark_color, false);
+      frame(im, [x0 - line - 1, y0 - line - 1, x1 + line + 1, y1 + line + 1], line + 1, K.outline_color);
+      frame(im, [x0 - line, y0 - line, x1 + line, y1 + line], line, K.mark_color);
+      let gx = x0 - line - 3 - 3 * size;
+      const gy = Math.max(1, y0 - line - 1);
+      if (gx < 1) gx = x1 + line + 3;
+      glyph(im, (rank + 1) % 10, gx, gy, size, K.outline_color, true);
+      glyph(im, (rank + 1) % 10, gx, gy, size, K.mark_color, false);
     });
   }
   frame(im, cellRect(q, L.grid, w, h), Math.max(1, s.dot >> 1), K.query_color);
