@@ -405,3 +405,159 @@ def test_layout_image_and_panels(page, width, height):
         assert all(b["y"] >= 0 and b["y"] + b["height"] <= height for b in boxes), boxes  # no scrolling needed
     if width < 500:  # a phone: one under another
         assert all(abs(b["x"] - boxes[0]["x"]) < 2 for b in boxes) and [b["y"] for b in boxes] == sorted(b["y"] for b in boxes)
+
+
+def upload_kinds(folder: Path) -> dict:
+    """Photos of many sizes and kinds, written to `folder`: name -> (path, (width, height))."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    church = Image.open(app.HERE / "assets" / "church.jpg").convert("RGB")
+    made = {
+        "tiny.png": church.resize((7, 5)),
+        "panorama.jpg": church.resize((1600, 200)),
+        "tall.jpg": church.resize((120, 900)),
+        "gray.jpg": church.convert("L").resize((300, 300)),
+        "rgba.png": Image.fromarray(np.dstack([np.asarray(church.resize((256, 256))),
+                                               rng.integers(0, 256, (256, 256), dtype=np.uint8)]), "RGBA"),
+        "large.jpg": church.resize((3000, 2000)),
+        "noise.png": Image.fromarray(rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)),
+    }
+    out = {}
+    for name, image in made.items():
+        image.save(folder / name)
+        out[name] = (folder / name, image.size)
+    for name in ("garbage_truck.jpg", "springer.jpg"):
+        path = app.HERE / "assets" / name
+        out[name] = (path, Image.open(path).size)
+    return out
+
+
+def test_random_sequences_never_show_an_error(page, tmp_path):
+    """A seeded random walk through the app (VGGATTN_RANDOM_STEPS steps, 60 by default): uploads of photos of many
+    sizes and kinds, pointer moves, clicks anywhere on the picture, every control, the column view, tabs, ablation
+    and export. After every step: no "Error" on the page and no uncaught page error; after a click, the status
+    names the clicked pixel; an export names the current image's pinned point, and an upload clears it."""
+    import random
+
+    steps = int(os.environ.get("VGGATTN_RANDOM_STEPS", "60"))
+    rng = random.Random(0)
+    kinds = upload_kinds(tmp_path)
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    errors, log = [], []
+    view.on("pageerror", lambda e: errors.append(str(e)))
+    view.goto(page.url)
+    view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+    img = view.locator("#input-image img").first
+    size = None
+
+    def upload():
+        nonlocal size
+        name = rng.choice(sorted(kinds))
+        path, size = kinds[name]
+        log.append(f"upload {name}")
+        view.locator("#input-image input[type=file]").set_input_files(str(path))
+        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                               arg=f"Analysed a {size[0]}×{size[1]} image", timeout=60_000)
+        assert view.evaluate("window.vggattnHover.state().pinned") is None
+        exported = view.evaluate("(document.querySelector('#export') || {}).textContent || ''")
+        assert ".zip" not in exported  # the previous image's export is gone
+
+    def click():
+        fx, fy = rng.random(), rng.random()
+        log.append(f"click {fx:.2f},{fy:.2f}")
+        click_image_at(img, fx, fy)
+        x, y = view.evaluate("window.vggattnHover.state().pinned")
+        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                               arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
+
+    def move():
+        fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
+        log.append(f"move {fx:.2f},{fy:.2f}")
+        move_to(view, img, fx, fy)
+
+    def control():
+        what = rng.choice(["colormap", "upsampling", "scale", "mark", "opacity"])
+        log.append(f"control {what}")
+        if what == "colormap":
+            view.locator("#colormap input").click()
+            view.get_by_role("option", name=rng.choice(["inferno", "viridis", "jet", "hot"]), exact=True).click()
+        elif what == "upsampling":
+            view.locator("#upsampling").get_by_label(rng.choice(["smooth", "blocky"])).check()
+        elif what == "scale":
+            view.locator("#scale").get_by_label(rng.choice(["linear", "log"]), exact=False).first.check()
+        elif what == "mark":
+            view.get_by_label("Number the top-5 attended cells").click()
+        else:
+            box = view.locator("#opacity input[type=number]")
+            box.fill(str(rng.choice([0.0, 0.35, 0.8, 1.0])))
+            box.press("Enter")
+
+    def column():
+        log.append("column view")
+        view.locator("#hover input.vggattn-column").click()
+
+    def tab():
+        name = rng.choice(["Effective contribution", "Query dependence", "Grad-CAM", "Dataset"])
+        log.append(f"tab {name}")
+        view.get_by_role("tab", name=name).click()
+
+    def ablation():
+        log.append("ablation")
+        view.get_by_role("tab", name="Ablation").click()
+        view.locator("#layers-off").get_by_label(rng.choice(["features.14", "features.22", "features.30"])).click()
+        view.locator("#ablate").click()
+        view.wait_for_timeout(300)
+
+    def export():
+        log.append("export")
+        view.get_by_role("tab", name="Export").click()
+        view.locator("#export-button").click()
+        view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
+        pinned = view.evaluate("window.vggattnHover.state().pinned")
+        name = view.locator("#export").inner_text()
+        assert (f"-x{pinned[0]}-y{pinned[1]}" in name) if pinned else ("vggattn-export.zip" in name), (pinned, name)
+
+    actions = [upload] * 3 + [click] * 4 + [move] * 4 + [control] * 4 + [column, tab, tab, ablation, export]
+    try:
+        upload()
+        for _ in range(steps - 1):
+            rng.choice(actions)()
+            view.wait_for_timeout(100)
+            text = view.locator("body").inner_text()
+            assert "Error" not in text and not errors, (log[-5:], errors, text[:300])
+        view.wait_for_timeout(1500)  # late answers of the last steps
+        assert "Error" not in view.locator("body").inner_text() and not errors, (log[-5:], errors)
+    finally:
+        view.close()
+
+
+def test_a_new_upload_forgets_the_pinned_point(page, tmp_path):
+    """The sequence of issue 19: click near a corner of a large photo, upload a smaller one, change a control:
+    no Error (the pinned point belonged to the first photo), and nothing is pinned until the next click."""
+    kinds = upload_kinds(tmp_path)
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    errors = []
+    view.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        view.goto(page.url)
+        view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        for name in ("large.jpg", "tiny.png"):
+            path, (w, h) = kinds[name]
+            view.locator("#input-image input[type=file]").set_input_files(str(path))
+            view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                                   arg=f"Analysed a {w}×{h} image", timeout=60_000)
+            if name == "large.jpg":
+                click_image_at(view.locator("#input-image img").first, 0.9, 0.9)
+                view.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel (27')",
+                                       timeout=30_000)
+        view.locator("#upsampling").get_by_label("blocky").check()
+        box = view.locator("#opacity input[type=number]")
+        box.fill("0.3")
+        box.press("Enter")
+        view.wait_for_timeout(2000)
+        assert "Error" not in view.locator("body").inner_text() and not errors
+        assert view.evaluate("window.vggattnHover.state().pinned") is None
+    finally:
+        view.close()
