@@ -111,11 +111,11 @@ def test_a_missing_local_file_is_not_sent_to_the_hub(tmp_path):
         vggattn.load_checkpoint("runs/best.safetensors")
 
 
-def test_model_methods_round_trip(saved, tmp_path):
+def test_from_pretrained_round_trip(saved, tmp_path):
     _, meta, folder = saved
-    model = vggattn.VGG16WithAttention.from_pretrained(folder)
+    model = hub.from_pretrained(folder)
     assert model.meta["class_names"] == meta["class_names"]
-    again = vggattn.VGG16WithAttention.from_pretrained(model.save_pretrained(tmp_path / "again"))
+    again = hub.from_pretrained(hub.save_pretrained(model, model.meta, tmp_path / "again"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), model(x)) and again.meta["class_names"] == meta["class_names"]
@@ -152,3 +152,13 @@ def test_push_to_hub_uploads_a_folder_that_loads_back(saved, tmp_path, monkeypat
     with torch.no_grad():
         assert torch.equal(loaded(x), model.to(memory_format=torch.channels_last)(x))
     assert loaded_meta["class_names"] == meta["class_names"]
+
+
+def test_the_model_module_does_no_io():
+    """The model is maths: loading, saving and the Hub live in checkpoint.py and hub.py (no import circle)."""
+    import ast
+
+    source = (Path(vggattn.__file__).parent / "model.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"checkpoint", "hub", "safetensors", "huggingface_hub"}, imported
+    assert not any(hasattr(vggattn.VGG16WithAttention, m) for m in ("from_pretrained", "save_pretrained", "push_to_hub"))

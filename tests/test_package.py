@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["vggattn-app", "vggattn-train", "vggattn-evaluate", "vggattn-explain", "vggattn-study", "vggattn-plots"]
 
 
-def run(*cmd, cwd, timeout=300) -> subprocess.CompletedProcess:
+def run(*cmd, cwd, timeout=300, pythonpath=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env={**env, "GRADIO_ANALYTICS_ENABLED": "False", "PIP_NO_INDEX": "1"})
 
@@ -69,3 +71,16 @@ def test_console_scripts_answer_help(venv, script):
     out = run(env / "bin" / script, "--help", cwd=tmp)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage:") and "--" in out.stdout
+
+
+def test_app_script_without_the_app_extra_says_how_in_one_line(venv, tmp_path):
+    """vggattn-app where Gradio is not installed (a stand-in package that fails to import, as a missing one
+    does): one line naming the extra, exit 2, no traceback."""
+    _, env, _, tmp = venv
+    stub = tmp_path / "hide" / "gradio"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'gradio'\", name='gradio')\n")
+    out = run(env / "bin" / "vggattn-app", "--help", cwd=tmp, pythonpath=tmp_path / "hide")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert out.stderr.strip().count("\n") == 0 and 'pip install "vggattn[app]"' in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -2,6 +2,7 @@
 direct computation, the bootstrap CI on known cases, and the CLI end to end on a tiny model."""
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -253,3 +254,42 @@ def test_shipped_model_flags_its_sink_layers_on_a_click():
         assert share >= 0.5 and f"({index // p.grid[1]}, {index % p.grid[1]})" in p.sink_note and "⚠" in p.title
     for p, (index, share) in zip(panels, result.sinks()):
         assert bool(p.sink_note) == (share >= 0.5)
+
+
+def test_the_shipped_study_is_found_beside_the_resolved_checkpoint(tmp_path, monkeypatch):
+    """A Hub id resolves to huggingface_hub's cached file: the app's Dataset tab reads the study beside that file,
+    never ./owner/name.study.json; --ship refuses an id (it would write there) and writes beside a folder's weights."""
+    import huggingface_hub
+
+    cached = tmp_path / "cache" / "model.safetensors"
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    (cached.parent / "model.study.json").write_text('{"images": 7}')
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name.study.json").write_text('{"images": -1}')  # what the raw id would point at
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(cached))
+    assert study.load_study("owner/name") == {"images": 7}
+    assert study.load_study(tmp_path / "nowhere.safetensors") is None
+
+    assert study.main(["--checkpoint", "someone/else", "--data", str(tmp_path), "--out", str(tmp_path / "s"),
+                       "--ship"]) == 2
+    assert not (tmp_path / "someone").exists()
+    _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=1)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(ckpt, folder / "model.safetensors")
+    assert study.main(["--checkpoint", str(folder), "--data", str(data), "--out", str(tmp_path / "s"), "--ship",
+                       "--workers", "0", "--sanity-images", "0", "--bootstrap", "20", "--device", "cpu"]) == 0
+    assert json.loads((folder / "model.study.json").read_text())["images"] == 3
+    assert not (tmp_path / "folder.study.json").exists()
+
+
+def test_dataset_tab_lists_a_layer_per_column():
+    """The per-layer table in the app's Dataset tab is transposed: 14 statistics as rows, one column per layer (at
+    1440 px its 14 columns had wrapped every header into two-letter lines)."""
+    shipped = study.load_study(vggattn.DEFAULT_CHECKPOINT)
+    table = study.summary_markdown(shipped).split("#### Per layer (mean over images)")[1].split("\n\n")[1]
+    lines = table.splitlines()
+    assert lines[0].split("|")[1:-1] == [" layer ", " features.14 ", " features.22 ", " features.30 "], lines[0]
+    assert len(lines) == 2 + 13 and all(line.count("|") == 5 for line in lines)

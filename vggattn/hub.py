@@ -45,6 +45,16 @@ def resolve(source: str | os.PathLike) -> Path:
                               f"{reason}") from None
 
 
+def from_pretrained(source: str | os.PathLike, device: str = "cpu") -> VGG16WithAttention:
+    """A checkpoint file, a folder saved by `save_pretrained` or a Hugging Face Hub id -> the model
+    (eval mode), with its description in `model.meta` (class names, input size, ...)."""
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(source, device=device)
+    model.meta = meta
+    return model
+
+
 def model_card(meta: dict) -> str:
     """README.md of a saved folder: the Hub's YAML header, then what the checkpoint is."""
     t = meta.get("training", {})

@@ -195,31 +195,6 @@ class VGG16WithAttention(nn.Module):
         return cls(c.num_classes, width=c.width, hidden=c.hidden, dropout=c.dropout,
                    attention=c.attention, batch_norm=c.batch_norm)
 
-    @classmethod
-    def from_pretrained(cls, source, device: str | torch.device = "cpu") -> "VGG16WithAttention":
-        """A checkpoint file, a folder saved by `save_pretrained` or a Hugging Face Hub id -> the model
-        (eval mode), with its description in `model.meta` (class names, input size, ...)."""
-        from .checkpoint import load_checkpoint
-
-        model, meta = load_checkpoint(source, device=device)
-        model.meta = meta
-        return model
-
-    def save_pretrained(self, folder, meta: dict | None = None):
-        """`folder/model.safetensors` (weights + meta) and a model card for the Hub -> the folder.
-        meta: defaults to `self.meta` (set by from_pretrained), else ImageNet defaults."""
-        from .checkpoint import imagenet_meta
-        from .hub import save_pretrained
-
-        return save_pretrained(self, meta or getattr(self, "meta", None) or imagenet_meta(self.config), folder)
-
-    def push_to_hub(self, repo_id: str, meta: dict | None = None, **kwargs) -> str:
-        """save_pretrained, uploaded to the Hugging Face Hub repo `repo_id` -> its URL."""
-        from .checkpoint import imagenet_meta
-        from .hub import push_to_hub
-
-        return push_to_hub(self, meta or getattr(self, "meta", None) or imagenet_meta(self.config), repo_id, **kwargs)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)  # (B, C5, H/32, W/32)
 

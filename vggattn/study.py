@@ -481,6 +481,11 @@ def sanity_table(study: dict) -> list[list]:
     return rows
 
 
+def transposed(rows: list[list]) -> list[list]:
+    """A table's rows as its columns: a per-layer table with one column per layer reads at any width."""
+    return [list(column) for column in zip(*rows)]
+
+
 def markdown_table(rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + " --- |" * len(rows[0])]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
@@ -494,7 +499,7 @@ def summary_markdown(study: dict) -> str:
         f"**{study['images']} images** of `{study['data']}` at {study['input_size']} px, checkpoint "
         f"`{study['checkpoint']}` (`python -m vggattn.study`).",
         "\n".join(f"- {line}" for line in headline(study)),
-        "#### Per layer (mean over images)", markdown_table(layer_table(study)),
+        "#### Per layer (mean over images)", markdown_table(transposed(layer_table(study))),
         f"Sink-dominated: {defs['sink_dominated']}. Cosine distances are GCNet's measure between positions "
         "(0: every position the same).",
         "#### Interventions", markdown_table(intervention_table(study)),
@@ -650,10 +655,15 @@ def study_path(checkpoint: str | Path) -> Path:
 
 
 def load_study(checkpoint: str | Path) -> dict | None:
-    path = study_path(checkpoint)
-    if not path.is_file():
+    """The study shipped beside a checkpoint, which is resolved as `load_checkpoint` resolves it (a file, a
+    folder holding model.safetensors, or a Hub id in huggingface_hub's cache); None when there is none."""
+    from .hub import resolve
+
+    try:
+        path = study_path(resolve(checkpoint))
+    except CheckpointError:
         return None
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -675,6 +685,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.ship and args.checkpoint and not Path(args.checkpoint).exists():
+        log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
+                  "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
+        return 2
     try:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
@@ -687,7 +701,9 @@ def main(argv=None) -> int:
     study["checkpoint"] = Path(args.checkpoint or DEFAULT_CHECKPOINT).name
     paths = write_study(study, args.out)
     if args.ship:
-        target = study_path(args.checkpoint or DEFAULT_CHECKPOINT)
+        from .hub import resolve
+
+        target = study_path(resolve(args.checkpoint or DEFAULT_CHECKPOINT))  # a folder: beside its model.safetensors
         target.write_text(json.dumps(study, indent=1))
         paths.append(target)
     for line in headline(study):
