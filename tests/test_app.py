@@ -213,7 +213,7 @@ def test_probabilities_use_the_checkpoints_temperature(mm):
 
 
 def test_unsure_threshold_rule_on_known_predictions():
-    from vggattn.analysis import unsure_threshold
+    from vggattn.readouts import unsure_threshold
 
     # the 3 least confident are right 1 time in 3 (< 50%), the 4 least confident 2 in 4 (not under 50%)
     assert unsure_threshold(np.array([0.9, 0.1, 0.4, 0.2, 0.3]), np.array([1, 0, 1, 0, 1])) == pytest.approx(0.3)

@@ -89,3 +89,21 @@ def test_preprocess_any_mode(mode):
     img = rgb.convert(mode) if mode not in ("I;16",) else Image.fromarray((np.arange(1500).reshape(30, 50) * 40).astype(np.uint16))
     x = preprocess(img, tiny_meta(input_size=32))
     assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_to_rgb_copies_nothing_it_need_not(monkeypatch):
+    """An upload is made RGB once: to_rgb hands an RGB image without orientation back as it is, and `analyze`
+    of an opened photo calls it once (a 48 MP photo used to be copied three times)."""
+    from vggattn import analysis, data
+    from conftest import tiny_meta, tiny_model
+
+    rgb = Image.new("RGB", (40, 30), (1, 2, 3))
+    assert data.to_rgb(rgb) is rgb
+    rotated = with_exif_orientation(Image.new("RGB", (40, 30)), 6)
+    assert data.to_rgb(rotated).size == (30, 40)  # still turned
+    calls = []
+    real = data.to_rgb
+    monkeypatch.setattr(analysis, "to_rgb", lambda im: calls.append(im) or real(im))
+    monkeypatch.setattr(data, "to_rgb", lambda im: calls.append(im) or real(im))
+    analysis.analyze(tiny_model(), tiny_meta(input_size=64), rgb, gradcam=False)
+    assert len(calls) == 1 and calls[0] is rgb

@@ -61,11 +61,11 @@ def test_bad_images_and_points_are_reported_and_skipped(tiny_checkpoint, tmp_pat
     shutil.copy(ASSETS / "church.jpg", images / "a.jpg")
     (images / "b.jpg").write_text("not an image")
     out = tmp_path / "out"
-    assert explain.main([str(images), "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-ablation"]) == 1
+    assert explain.main([str(images), "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-ablation"]) == 2
     assert (out / "a" / "result.json").exists() and not (out / "b").exists()
     assert "b.jpg" in caplog.text
     assert explain.main([str(images / "a.jpg"), "--checkpoint", str(tiny_checkpoint), "--point", "500,5",
-                         "--out", str(tmp_path / "o2")]) == 1
+                         "--out", str(tmp_path / "o2")]) == 2
     assert "outside the 224x224 image" in caplog.text
     # relative points land at the same pixel on every image size
     assert explain.main([str(images / "a.jpg"), "--checkpoint", str(tiny_checkpoint), "--relative", "--point", "0.5,1",

@@ -13,7 +13,7 @@ from PIL import Image
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn import study
+from vggattn import study, study_report
 from vggattn.readouts import js_divergence
 
 
@@ -228,7 +228,7 @@ def test_limit_and_mismatch_through_the_cli(tmp_path, caplog):
 
 
 def test_sink_note_flags_a_sink_dominated_layer_only():
-    from vggattn.analysis import sink_note
+    from vggattn.text import sink_note
 
     row = np.full((4, 4), 0.06 / 15)
     row[1, 2] = 0.94
@@ -289,7 +289,7 @@ def test_dataset_tab_lists_a_layer_per_column():
     """The per-layer table in the app's Dataset tab is transposed: 14 statistics as rows, one column per layer (at
     1440 px its 14 columns had wrapped every header into two-letter lines)."""
     shipped = study.load_study(vggattn.DEFAULT_CHECKPOINT)
-    table = study.summary_markdown(shipped).split("#### Per layer (mean over images)")[1].split("\n\n")[1]
+    table = study_report.summary_markdown(shipped).split("#### Per layer (mean over images)")[1].split("\n\n")[1]
     lines = table.splitlines()
     assert lines[0].split("|")[1:-1] == [" layer ", " features.14 ", " features.22 ", " features.30 "], lines[0]
     assert len(lines) == 2 + 13 and all(line.count("|") == 5 for line in lines)

@@ -95,8 +95,8 @@ def test_bad_flags_fail_before_writing_anything(toy_data, tmp_path):
     with pytest.raises(train.TrainingError, match="ImageFolder root"):
         run(tmp_path, out)
     assert not out.exists()
-    # the command (vggattn-train) says it in one line and exits 1
-    assert train.main(["--data", str(tmp_path), "--out", str(out), *TINY]) == 1
+    # the command (vggattn-train) says it in one line and exits 2 (bad input, as every CLI)
+    assert train.main(["--data", str(tmp_path), "--out", str(out), *TINY]) == 2
     assert not out.exists()
 
 

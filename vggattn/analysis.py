@@ -22,14 +22,13 @@ import torch.nn as nn
 from PIL import Image
 
 from .capture import AttentionCapture, LayerCapture
-from .data import cell_box, preprocess, query_index, to_rgb
+from .data import eval_transform, query_index, to_rgb
 from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
 from .model import VGG16WithAttention
 from .readouts import query_dependence, row_readouts
+from .text import sink_note
 from .render import TOP_K, attention_picture, map_levels, overlay, upsample
 
-SINK_DOMINATED = 0.5  # vggattn.study's rule: one cell takes at least half of all attention in the image
-LIST_CLASSES = 20  # the app's header names at most this many of the classes (an ImageNet model has 1000)
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 DISPLAY_JPEG_QUALITY = 90
 
@@ -54,72 +53,6 @@ class Panel:
         top = int(self.attention_row.argmax())
         title = f"{self.layer} · max {self.attention_row.max():.2g} at cell ({top // w}, {top % w})"
         return f"{title} · ⚠ sink" if self.sink_note else title
-
-
-def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_DOMINATED) -> str:
-    """One line saying that a layer is sink-dominated on this image (its most attended cell takes at
-    least `threshold` of all attention), so a map is not read as a finding about the clicked pixel.
-    row: the clicked query's (h, w) attention; sink: (flat index, share) from `Analysis.sinks`."""
-    index, share = sink
-    if share < threshold:
-        return ""
-    w = row.shape[1]
-    cell = f"({index // w}, {index % w})"
-    on_sink = float(row.reshape(-1)[index])
-    if int(row.argmax()) == index:
-        return (f"query-independent here: {on_sink:.0%} of this row on cell {cell}, the cell most queries pick "
-                f"({share:.0%} of all attention in this image)")
-    return f"sink-dominated image: cell {cell} takes {share:.0%} of all attention; this row puts {on_sink:.0%} there"
-
-
-def unsure_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
-    """The top-1 probability below which predictions are right less than half the time: the largest
-    confidence c such that the predictions with confidence <= c have top-1 precision under 50% (0 if
-    even the least confident prediction alone is right). Fitted on a val split; stored as
-    meta["unsure_below"]."""
-    order = np.argsort(confidence, kind="stable")
-    conf, hits = np.asarray(confidence, dtype=np.float64)[order], np.asarray(correct, dtype=np.float64)[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)  # of the k least confident predictions
-    below = np.nonzero(precision < 0.5)[0]
-    return float(conf[below[-1]]) if len(below) else 0.0
-
-
-def unsure_note(result: "Analysis", meta: dict) -> str:
-    """One line when the top-1 probability is below the checkpoint's `unsure_below` threshold."""
-    threshold = float(meta.get("unsure_below", 0.0))
-    top = float(result.probs.max())
-    if top >= threshold:
-        return ""
-    return (f"⚠ Unsure: the top-1 probability {top:.0%} is below {threshold:.0%}, where this model's val top-1 "
-            "precision falls under 50%.")
-
-
-def model_notes(model: nn.Module, meta: dict) -> list[str]:
-    """What a user must know about the model before reading its output: the only classes it can answer,
-    and whether attention plays any part in its predictions."""
-    from .model import gammas
-
-    names = list(meta["class_names"])
-    shown = ", ".join(names[:LIST_CLASSES])
-    if len(names) > LIST_CLASSES:
-        shown += f", and {len(names) - LIST_CLASSES} more"
-    notes = [f"This model knows {len(names)} classes ({shown}); any image you give it gets one of them, "
-             "whatever it shows."]
-    if all(g == 0.0 for g in gammas(model).values()):
-        notes.append("⚠ Every γ is 0: attention does not affect this model's predictions, and the maps come from "
-                     "untrained Q and K (a fresh or untrained model).")
-    return notes
-
-
-GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
-              "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
-
-
-def gamma_markdown(result: "Analysis") -> str:
-    """Per layer: grid, γ and the mean effective contribution ‖γ·attn‖/‖x‖, as a markdown table."""
-    rows = [f"| `{layer.name}` | {layer.grid[0]}×{layer.grid[1]} | {layer.gamma:+.4f} | {float(layer.contribution.mean()):.3f} |"
-            for layer in result.layers]
-    return "| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
 
 
 def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[np.ndarray, bytes]:
@@ -189,9 +122,9 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     other modules holding GlobalAttention blocks are analysed without it.
     """
     gradcam = gradcam and isinstance(model, VGG16WithAttention)
-    image = to_rgb(image)
+    image = to_rgb(image)  # once: open_image's RGB image comes back as it is
     device = next(model.parameters()).device
-    x = preprocess(image, meta).to(device, memory_format=torch.channels_last)  # (1, 3, S, S)
+    x = eval_transform(meta)(image).unsqueeze(0).to(device, memory_format=torch.channels_last)  # (1, 3, S, S)
     index = gradcam_layer(model) if gradcam else None
     with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
         kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None

@@ -36,14 +36,16 @@ import torch
 from PIL import Image
 
 import vggattn
-from .analysis import (Analysis, ablate, analyze, gamma_markdown, model_notes, render_attention,
-                       render_map, unsure_note)
+from .analysis import Analysis, ablate, analyze, render_attention, render_map
+from .checkpoint import BAD_INPUT, add_checkpoint_argument
 from .data import ImageLoadError, open_image
 from .export import write_result
 from .hover import hover_payload, page_props
-from .readouts import dependence_markdown, readouts_markdown, sink_notes_markdown
+from .text import (dependence_markdown, gamma_markdown, model_notes, readouts_markdown, sink_notes_markdown,
+                   unsure_note)
 from .render import COLORMAPS, LOG_DECADES, SCALES, TOP_K, UPSAMPLING
-from .study import figures as study_figures, load_study, missing_study_markdown, summary_markdown
+from .study import load_study
+from .study_report import figures as study_figures, missing_study_markdown, summary_markdown
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
@@ -465,10 +467,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every layer.")
-    p.add_argument("--checkpoint", default=str(vggattn.DEFAULT_CHECKPOINT),
-                   help="checkpoint (.safetensors or the article's .pth); shipped: checkpoints/vgg16att-imagenette-w05-256"
-                        ".safetensors (default, 90.0%%, 256 px) and checkpoints/vgg16att-imagenette-w025-128.safetensors "
-                        "(85.7%%, 128 px, 1/19 of the FLOPs)")
+    add_checkpoint_argument(p, "checkpoint to show (also shipped: checkpoints/vgg16att-imagenette-w025-128"
+                               ".safetensors, 85.7%%, 128 px, 1/19 of the FLOPs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
     # Hosts such as Hugging Face Spaces say where to listen through Gradio's variables (or PORT)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
         model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
     except (vggattn.CheckpointError, OSError) as e:
         print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
     demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
                       session_ttl=args.session_ttl)

@@ -34,6 +34,16 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+BAD_INPUT = 2  # every CLI's exit code for a bad flag, file or checkpoint (argparse's own, too)
+
+
+def add_checkpoint_argument(parser, what: str = "checkpoint") -> None:
+    """The same --checkpoint flag for every CLI: a file, a folder or a Hub id, the shipped checkpoint by default."""
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help=f"{what}: a .safetensors or the article's .pth, a folder holding model.safetensors, or a "
+                             f"Hugging Face Hub id (default: the shipped {DEFAULT_CHECKPOINT.name})")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says why in one sentence or a key list."""
 

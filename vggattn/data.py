@@ -22,6 +22,7 @@ from torchvision.transforms import v2 as T
 # before it is decoded (Pillow's own bomb check, as an error instead of a warning).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ORIENTATION = 0x0112  # the EXIF tag
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")  # what a folder scan picks up
 
@@ -59,8 +60,10 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied, any mode converted to RGB (transparency composited on white)."""
-    image = ImageOps.exif_transpose(image)
+    """EXIF orientation applied, any mode converted to RGB (transparency composited on white). An RGB image
+    with no orientation to apply is returned as it is (no copy: a 48 MP photo is not copied again)."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
@@ -106,6 +109,7 @@ def preprocess(image: Image.Image, meta: dict) -> torch.Tensor:
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as RGB with EXIF orientation applied (dataset loader)."""
     with Image.open(path) as im:
+        im.load()  # the pixels outlive the file (to_rgb may hand this very image back)
         return to_rgb(im)
 
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb, per_class_subset
 from .model import GlobalAttention, VGG16WithAttention
 
@@ -163,7 +163,7 @@ def article_flops_comparison(size: int = 224) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (default: the shipped one)")
+    add_checkpoint_argument(p, "checkpoint to evaluate")
     p.add_argument("--data", help="ImageFolder root of the split to evaluate (e.g. .../imagenette2-224/val)")
     p.add_argument("--out", help="directory for metrics.json and confusion.png")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         run(parse_args(argv))
     except CheckpointError as e:
         log.error("error: %s", e)
-        return 2
+        return BAD_INPUT
     return 0
 
 

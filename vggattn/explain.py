@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .analysis import analyze
-from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
+from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .export import write_result
+from .render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
 
@@ -62,29 +62,34 @@ def unique_dirs(images: list[Path], out: Path) -> list[Path]:
     return dirs
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.explain", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders of images")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint (default: the shipped one)")
+    add_checkpoint_argument(p)
     p.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y",
                    help="a pixel of the original image (repeatable; default: the centre)")
     p.add_argument("--relative", action="store_true", help="points are fractions of width and height (0..1)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per image)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
-    p.add_argument("--colormap", default="jet", help="colormap of the overlays")
-    p.add_argument("--opacity", type=float, default=0.5, help="overlay opacity")
-    args = p.parse_args(argv)
+    p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
+    p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """0 when every image was explained; 2 for a bad checkpoint or input (bad images are skipped, each named)."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         images = collect_images(args.inputs)
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        log.error("error: %s", e)
+        return BAD_INPUT
     if not images:
-        print("error: no images found", file=sys.stderr)
-        return 2
+        log.error("error: no images found")
+        return BAD_INPUT
     failed = 0
     out = Path(args.out)
     for image_path, target in tqdm(list(zip(images, unique_dirs(images, out))), desc="explain", unit="image",
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
             failed += 1
             log.error("%s: %s (skipped)", image_path, e)
     log.info("wrote %d of %d images to %s", len(images) - failed, len(images), out)
-    return 1 if failed else 0
+    return BAD_INPUT if failed else 0
 
 
 if __name__ == "__main__":

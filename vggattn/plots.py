@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
+from .checkpoint import BAD_INPUT, CheckpointError
 from .model import ARTICLE_ATTENTION_NAMES
+
+log = logging.getLogger("vggattn.plots")
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -82,13 +86,24 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.plots", description="Plot each layer's gamma against epoch.")
     p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.train, its run folder, or checkpoints")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="γ per attention layer", help="figure title")
-    args = p.parse_args(argv)
-    plot_gamma_history(read_history(args.sources), args.out, args.title)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """0 when the figure is written; 2 when a source cannot be read."""
+    args = parse_args(argv)
+    try:
+        history = read_history(args.sources)
+    except (OSError, ValueError, CheckpointError) as e:
+        logging.basicConfig(format="%(message)s")
+        log.error("error: %s", e)
+        return BAD_INPUT
+    plot_gamma_history(history, args.out, args.title)
     return 0
 
 

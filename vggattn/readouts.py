@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from .capture import LayerCapture
@@ -87,29 +89,13 @@ def row_readouts(row: torch.Tensor, query: int, grid: tuple[int, int], input_siz
     }
 
 
-def readouts_markdown(panels) -> str:
-    """Per layer, a clicked query's entropy, mean attention distance and top-5 cells, as a markdown
-    table, with each layer's sink note (panels: `vggattn.analysis.Panel`s of one click)."""
-    rows = []
-    for p in panels:
-        r = p.readouts
-        cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
-        rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
-                    f"{r['mean_distance_input_px']:.1f} | {cells} |")
-    return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) +
-            "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
-            "Top-5 cells are numbered on the maps." + sink_notes_markdown(panels))
-
-
-def sink_notes_markdown(panels) -> str:
-    """Each sink-dominated layer's note (`vggattn.analysis.sink_note`) as a paragraph; "" when none is."""
-    return "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
-
-
-def dependence_markdown(layers: list[LayerCapture], dependence: list[tuple]) -> str:
-    """Per layer, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
-    rows = [f"| `{layer.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for layer, (_, jsd) in zip(layers, dependence)]
-    return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
-            "\n\n0 means every position attends to the same place (the map does not depend on the query); "
-            "the images show where attention goes on average.")
+def unsure_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """The top-1 probability below which predictions are right less than half the time: the largest
+    confidence c such that the predictions with confidence <= c have top-1 precision under 50% (0 if
+    even the least confident prediction alone is right). Fitted on a val split; stored as
+    meta["unsure_below"]."""
+    order = np.argsort(confidence, kind="stable")
+    conf, hits = np.asarray(confidence, dtype=np.float64)[order], np.asarray(correct, dtype=np.float64)[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)  # of the k least confident predictions
+    below = np.nonzero(precision < UNSURE_PRECISION)[0]
+    return float(conf[below[-1]]) if len(below) else 0.0

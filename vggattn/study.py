@@ -30,14 +30,10 @@ weights), so a 448 px full-width study runs in bounded memory.
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
-import html
-import io
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,18 +44,17 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .analysis import SINK_DOMINATED
-from .checkpoint import CheckpointError, load_checkpoint
+from .readouts import SINK_DOMINATED, cell_centers
+from .study_report import MODES, headline, write_study
+from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import eval_transform, load_rgb
 from .model import GlobalAttention, VGG16WithAttention, mean_attention_row
-from .readouts import cell_centers
 
 log = logging.getLogger("vggattn.study")
 
 BLOCK_ELEMENTS = 1 << 22  # attention weights alive at once (16 MB in fp32)
 STATS = ("sink_mass", "top1_weight", "cosine_distance", "cosine_distance_input", "cosine_distance_output", "jsd",
          "entropy_frac", "mean_distance_px", "contribution")
-MODES = ("off", "mean", "uniform")
 SANITY_SPEARMAN_MAX = 0.5  # a layer passes when its rows correlate less than this with randomised ones
 
 
@@ -420,234 +415,6 @@ def mean_stats(records: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
-# -- what a person reads ---------------------------------------------------------------------------
-
-def headline(study: dict) -> list[str]:
-    """One sentence per layer and per finding, from the numbers."""
-    lines = []
-    base = study["interventions"]["baseline"]["top1"]
-    for name, s in study["layers"].items():
-        h, w = s["grid"]
-        text = (f"{name} ({h}x{w}): the most attended cell takes {100 * s['sink_mass']:.0f}% of all attention on "
-                f"average (sink-dominated in {100 * s['sink_dominated_share']:.0f}% of images, "
-                f"{100 * s['sink_border_share']:.0f}% of sinks on the border); rows differ by cosine distance "
-                f"{s['cosine_distance']:.2f} (input features {s['cosine_distance_input']:.2f}).")
-        iv = study["interventions"]
-        parts = []
-        for mode in MODES:
-            r = iv.get(f"{name}:{mode}")
-            if r:
-                lo, hi = r["top1_delta_ci95"]
-                parts.append(f"{mode} {100 * r['top1_delta']:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-        if parts:
-            text += f" Top-1 change (baseline {100 * base:.2f}%): " + ", ".join(parts) + "."
-        lines.append(text)
-    return lines
-
-
-def layer_table(study: dict) -> list[list]:
-    """Rows for a per-layer table (header first)."""
-    header = ["layer", "grid", "γ", "sink mass", "sink-dominated", "sinks on border", "top-1 weight", "cos dist (attn)",
-              "cos dist (input)", "cos dist (output)", "JSD", "entropy / ln N", "mean dist px", "contribution"]
-    rows = [header]
-    for name, s in study["layers"].items():
-        rows.append([name, "{}x{}".format(*s["grid"]), f"{s['gamma']:+.4f}", f"{s['sink_mass']:.3f}",
-                     f"{100 * s['sink_dominated_share']:.0f}%", f"{100 * s['sink_border_share']:.0f}%",
-                     f"{s['top1_weight']:.3f}", f"{s['cosine_distance']:.3f}", f"{s['cosine_distance_input']:.3f}",
-                     f"{s['cosine_distance_output']:.3f}", f"{s['jsd']:.3f}", f"{s['entropy_frac']:.3f}",
-                     f"{s['mean_distance_px']:.1f}", f"{s['contribution']:.4f}"])
-    return rows
-
-
-def intervention_table(study: dict) -> list[list]:
-    rows = [["intervention", "top-1", "top-5", "Δ top-1 (pts)", "95% CI (pts)"]]
-    for key, r in study["interventions"].items():
-        if key == "baseline":
-            rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", "", ""])
-        else:
-            lo, hi = r["top1_delta_ci95"]
-            rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", f"{100 * r['top1_delta']:+.2f}",
-                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"])
-    return rows
-
-
-def sanity_table(study: dict) -> list[list]:
-    rows = [["layer", "Spearman vs Q/K re-init", "Spearman vs full re-init", "passes",
-             "sink mass (Q/K re-init)", "cos dist (Q/K re-init)"]]
-    for name, s in study["sanity"].get("layers", {}).items():
-        rows.append([name, f"{s['spearman_qk_reinit']:.3f}", f"{s['spearman_full_reinit']:.3f}",
-                     "yes" if s["passes"] else "NO", f"{s['qk_reinit'].get('sink_mass', float('nan')):.3f}",
-                     f"{s['qk_reinit'].get('cosine_distance', float('nan')):.3f}"])
-    return rows
-
-
-def transposed(rows: list[list]) -> list[list]:
-    """A table's rows as its columns: a per-layer table with one column per layer reads at any width."""
-    return [list(column) for column in zip(*rows)]
-
-
-def markdown_table(rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + " --- |" * len(rows[0])]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
-    return "\n".join(lines)
-
-
-def summary_markdown(study: dict) -> str:
-    """The study as markdown: what it says, the per-layer, intervention and sanity tables."""
-    defs = study["definitions"]
-    return "\n\n".join([
-        f"**{study['images']} images** of `{study['data']}` at {study['input_size']} px, checkpoint "
-        f"`{study['checkpoint']}` (`python -m vggattn.study`).",
-        "\n".join(f"- {line}" for line in headline(study)),
-        "#### Per layer (mean over images)", markdown_table(transposed(layer_table(study))),
-        f"Sink-dominated: {defs['sink_dominated']}. Cosine distances are GCNet's measure between positions "
-        "(0: every position the same).",
-        "#### Interventions", markdown_table(intervention_table(study)),
-        f"off: the block returns x; mean: every row replaced by the image's mean row (GCNet's query-independent "
-        f"block); uniform: every row 1/N. CI: {defs['ci']}.",
-        f"#### Sanity check ({study['sanity']['images']} images)", markdown_table(sanity_table(study)),
-        f"Passes: {defs['sanity_pass']}.",
-    ])
-
-
-def missing_study_markdown(checkpoint: str | Path | None) -> str:
-    name = Path(checkpoint).name if checkpoint else "this checkpoint"
-    return (f"No dataset study ships with `{name}`. Make one (it writes `<checkpoint stem>.study.json` beside "
-            "the checkpoint, which the app shows here on its next start):\n\n"
-            f"```bash\npython -m vggattn.study --checkpoint {checkpoint or 'PATH'} --data <ImageFolder split> "
-            "--out study/ --ship\n```")
-
-
-def figures(study: dict) -> dict[str, bytes]:
-    """PNG bytes of the study's figures, by file name."""
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
-    del plt  # only Figure is used (no global backend state)
-    out = {}
-    names = list(study["layers"])
-
-    def png(fig: Figure) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        return buf.getvalue()
-
-    fig = Figure(figsize=(4 * len(names), 3.6))
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        heat = np.array(study["layers"][name]["sink_heatmap"], dtype=float) / max(study["images"], 1)
-        im = ax.imshow(heat, cmap="magma")
-        ax.set_title(f"{name}: where the sink is\n(share of images)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    out["sink_heatmaps.png"] = png(fig)
-
-    shown = ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px", "contribution")
-    fig = Figure(figsize=(14, 6.5))
-    for ax, stat in zip(fig.subplots(2, 4).flat, shown):
-        for name in names:
-            d = study["layers"][name]["distribution"].get(stat)
-            if d:
-                counts, edges = np.array(d["histogram"]["counts"]), np.array(d["histogram"]["edges"])
-                ax.stairs(counts / max(counts.sum(), 1), edges, label=name, linewidth=1.5)
-        ax.set_title(stat, fontsize=9)
-    fig.axes[0].legend(fontsize=8)
-    fig.axes[-1].set_visible(False)
-    fig.suptitle("Per-image distributions (share of images)", fontsize=10)
-    out["distributions.png"] = png(fig)
-
-    keys = [k for k in study["interventions"] if k != "baseline"]
-    fig = Figure(figsize=(9, 4))
-    ax = fig.subplots()
-    deltas = [100 * study["interventions"][k]["top1_delta"] for k in keys]
-    err = np.array([[100 * (study["interventions"][k]["top1_delta"] - study["interventions"][k]["top1_delta_ci95"][0]),
-                     100 * (study["interventions"][k]["top1_delta_ci95"][1] - study["interventions"][k]["top1_delta"])]
-                    for k in keys]).T
-    colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}[k.split(":")[1]] for k in keys]
-    ax.bar(range(len(keys)), deltas, yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylabel("Δ top-1 vs baseline (points, 95% CI)")
-    out["interventions.png"] = png(fig)
-
-    fig = Figure(figsize=(6, 3.6))
-    ax = fig.subplots()
-    width = 0.25
-    for j, (stat, label) in enumerate((("cosine_distance_input", "input features"),
-                                       ("cosine_distance", "attention maps"),
-                                       ("cosine_distance_output", "attention output"))):
-        ax.bar(np.arange(len(names)) + (j - 1) * width, [study["layers"][n][stat] for n in names], width, label=label)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("mean cosine distance between positions")
-    ax.legend(fontsize=8)
-    ax.set_title("GCNet's measure: do positions differ?", fontsize=9)
-    out["cosine_distance.png"] = png(fig)
-    return out
-
-
-def report_html(study: dict, images: dict[str, bytes]) -> str:
-    """One self-contained page (figures as data URIs)."""
-    def table(rows: list[list]) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def img(name: str, alt: str) -> str:
-        data = base64.b64encode(images[name]).decode()
-        return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
-
-    stats = ("sink_mass", "jsd", "cosine_distance", "entropy_frac")
-    class_rows = [["class"] + [f"{n} {s}" for n in study["layers"] for s in stats]]
-    for c in next(iter(study["layers"].values()))["per_class"]:
-        class_rows.append([c] + [f"{study['layers'][n]['per_class'][c][s]:.3f}" for n in study["layers"] for s in stats])
-    defs = study["definitions"]
-    sanity = study["sanity"]
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>vggattn study: {html.escape(str(study['checkpoint']))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; }} figcaption {{ font-size: 12px; color: #555; }}
-li {{ margin: 0.4em 0; }}
-</style></head><body>
-<h1>Attention at dataset scale</h1>
-<p>Checkpoint <code>{html.escape(str(study['checkpoint']))}</code> on <code>{html.escape(str(study['data']))}</code>:
-{study['images']} images at {study['input_size']} px ({study['wall_s']:.0f} s).</p>
-<h2>What it says</h2><ul>{''.join(f'<li>{html.escape(t)}</li>' for t in headline(study))}</ul>
-<h2>Per layer (mean over images)</h2>{table(layer_table(study))}
-<p>Sink-dominated: {html.escape(defs['sink_dominated'])}. Cosine distances are GCNet's measure (0: every position the same).</p>
-{img('cosine_distance.png', 'Mean cosine distance between positions: input features, attention maps, attention outputs')}
-{img('sink_heatmaps.png', 'Where the sink (the most attended cell) of each image is, over the grid')}
-{img('distributions.png', 'Per-image distributions of each statistic')}
-<h2>Interventions</h2>
-<p>off: the block returns x; mean: every row replaced by the image's query-averaged row (GCNet's query-independent
-block, no retraining); uniform: every row 1/N (global average pooling of V). CI: {html.escape(defs['ci'])}.</p>
-{table(intervention_table(study))}
-{img('interventions.png', 'Top-1 change against the baseline, with 95% CI')}
-<h2>Sanity check (Adebayo et al. 2018)</h2>
-<p>Mean Spearman rank correlation of attention rows with the same layer after re-initialising its conv_query/conv_key,
-and in a fully re-initialised model, over {sanity['images']} evenly spaced images. A layer passes when
-{html.escape(defs['sanity_pass'])}: maps that survive randomisation are not evidence of anything learned.</p>
-{table(sanity_table(study))}
-<h2>Per class (mean over the class's images)</h2>{table(class_rows)}
-</body></html>
-"""
-
-
-def write_study(study: dict, out: str | Path) -> list[Path]:
-    """study.json, report.html and the figures into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = figures(study)
-    paths = []
-    for name, data in images.items():
-        (out / name).write_bytes(data)
-        paths.append(out / name)
-    (out / "study.json").write_text(json.dumps(study, indent=1))
-    (out / "report.html").write_text(report_html(study, images), encoding="utf-8")
-    return paths + [out / "study.json", out / "report.html"]
-
-
 def study_path(checkpoint: str | Path) -> Path:
     """Where a checkpoint's shipped study lives: `<stem>.study.json` beside it."""
     checkpoint = Path(checkpoint)
@@ -668,7 +435,7 @@ def load_study(checkpoint: str | Path) -> dict | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.study", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="checkpoint to study (default: the shipped one)")
+    add_checkpoint_argument(p, "checkpoint to study")
     p.add_argument("--data", required=True, help="ImageFolder split (one folder per class, by wnid or class name)")
     p.add_argument("--out", required=True, help="output folder (study.json, report.html, PNG figures)")
     p.add_argument("--limit", type=int, default=0, help="study an evenly spaced subset of N images (0 = all)")
@@ -685,25 +452,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.ship and args.checkpoint and not Path(args.checkpoint).exists():
+    if args.ship and not Path(args.checkpoint).exists():
         log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
-        return 2
+        return BAD_INPUT
     try:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
                           sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed)
     except (StudyError, CheckpointError) as e:
         log.error("error: %s", e)
-        return 2
-    from .checkpoint import DEFAULT_CHECKPOINT
+        return BAD_INPUT
 
-    study["checkpoint"] = Path(args.checkpoint or DEFAULT_CHECKPOINT).name
+    study["checkpoint"] = Path(args.checkpoint).name
     paths = write_study(study, args.out)
     if args.ship:
         from .hub import resolve
 
-        target = study_path(resolve(args.checkpoint or DEFAULT_CHECKPOINT))  # a folder: beside its model.safetensors
+        target = study_path(resolve(args.checkpoint))  # a folder: beside its model.safetensors
         target.write_text(json.dumps(study, indent=1))
         paths.append(target)
     for line in headline(study):
@@ -713,4 +479,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

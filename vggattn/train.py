@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .checkpoint import (IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
+from .checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
                          save_checkpoint)
 from .data import eval_transform, load_rgb, per_class_subset, train_transform
 from .model import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
@@ -257,12 +257,12 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """The `vggattn-train` command: 0 when training ends, 1 with one line when it cannot start or must stop."""
+    """The `vggattn-train` command: 0 when training ends, 2 with one line when it cannot start or must stop."""
     try:
         run(argv)
     except TrainingError as e:
-        log.error("%s", e)
-        return 1
+        log.error("error: %s", e)
+        return BAD_INPUT
     return 0
 
 

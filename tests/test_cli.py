@@ -1,0 +1,48 @@
+"""The command lines agree: each builds its parser in parse_args, takes the same --checkpoint (the shipped one
+by default) and answers a bad input with one line and exit code 2."""
+
+import importlib
+
+import pytest
+
+import vggattn
+from vggattn.checkpoint import BAD_INPUT
+
+WITH_CHECKPOINT = ["app", "evaluate", "explain", "study"]
+MINIMAL = {"app": [], "evaluate": [], "explain": ["x.jpg", "--out", "o"], "study": ["--data", "d", "--out", "o"]}
+
+
+@pytest.mark.parametrize("name", WITH_CHECKPOINT)
+def test_checkpoint_flag_is_the_same_everywhere(name):
+    module = importlib.import_module(f"vggattn.{name}")
+    args = module.parse_args(MINIMAL[name])
+    assert args.checkpoint == str(vggattn.DEFAULT_CHECKPOINT)
+
+
+@pytest.mark.parametrize("name", WITH_CHECKPOINT)
+def test_a_missing_checkpoint_is_exit_2(name, tmp_path, monkeypatch, caplog, capsys):
+    module = importlib.import_module(f"vggattn.{name}")
+    if name == "app":  # never serve: the checkpoint fails before
+        monkeypatch.setattr(module, "launch", lambda *a, **k: pytest.fail("served a missing checkpoint"))
+    argv = [a.replace("d", str(tmp_path)) if a == "d" else a for a in MINIMAL[name]]
+    code = module.main([*argv, "--checkpoint", str(tmp_path / "nope.safetensors")])
+    assert code == BAD_INPUT == 2
+    said = caplog.text + capsys.readouterr().err
+    assert "nope.safetensors" in said and "Traceback" not in said
+
+
+def test_train_and_plots_say_bad_input_with_exit_2(tmp_path, caplog):
+    from vggattn import plots, train
+
+    assert train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert plots.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "missing.jsonl" in caplog.text and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "explain", "study", "plots", "app"])
+def test_every_cli_builds_its_parser_in_parse_args_and_argparse_errors_are_2(name):
+    module = importlib.import_module(f"vggattn.{name}")
+    assert callable(module.parse_args) and callable(module.main)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--no-such-flag"])
+    assert e.value.code == 2
