@@ -79,8 +79,12 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
             page.mouse.click(x0 + (x + 0.5) * s, y0 + (y + 0.5) * s)
             page.wait_for_function("(n) => window.vggattnHover.pins.length > n", arg=i, timeout=10_000)
             pinned = page.evaluate("window.vggattnHover.state().pinned")
-            page.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
-                                   arg="Pinned: pixel ({}, {})".format(*pinned), timeout=30_000)
+            try:
+                page.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                                       arg="Pinned: pixel ({}, {})".format(*pinned), timeout=30_000)
+            except Exception:
+                print("status:", page.locator("#status").inner_text(), "pinned:", pinned, flush=True)
+                raise
         drawn, framed, pins = page.evaluate("[window.vggattnHover.latencies, window.vggattnHover.frames, "
                                             "window.vggattnHover.pins]")
         page.close()

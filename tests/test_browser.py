@@ -561,3 +561,32 @@ def test_a_new_upload_forgets_the_pinned_point(page, tmp_path):
         assert view.evaluate("window.vggattnHover.state().pinned") is None
     finally:
         view.close()
+
+
+def test_each_panel_has_a_colour_scale_with_real_numbers(page):
+    """Under each panel: what the brightest colour is (the row's maximum and its cell), the log scale's decades,
+    and the sink warning when the layer is sink-dominated on this image."""
+    import numpy as np
+    from PIL import Image
+
+    import vggattn
+    from vggattn.analysis import analyze, attention_at
+
+    result = analyze(*vggattn.load_checkpoint(device="cpu"), Image.open(app.HERE / "assets" / "church.jpg"))
+    if page.evaluate("!(window.vggattnHover && window.vggattnHover.state().layers === 3)"):  # run alone: upload
+        page.locator("#input-image input[type=file]").set_input_files(str(app.HERE / "assets" / "church.jpg"))
+        page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
+    page.evaluate("window.vggattnHover.setView('row'); window.vggattnHover.draw(60, 150)")
+    legends = page.evaluate("[0,1,2].map(i => document.querySelector(`#panel-${i} .vggattn-legend`).innerText)")
+    for text, (row, _), layer, (sink, share) in zip(legends, attention_at(result, (60, 150)), result.layers,
+                                                     result.sinks()):
+        r, c = np.unravel_index(int(row.argmax()), row.shape)
+        top = float(row.max())
+        shown = f"{top:.2f}" if top >= 0.01 else f"{top:.1e}".replace("e-0", "e-")
+        assert text.startswith("0 … max ") and f"at cell ({r}, {c})" in text, text
+        assert float(text.split("max ")[1].split(" ")[0]) == pytest.approx(top, rel=0.06, abs=0.006), (text, shown)
+        assert ("⚠ sink" in text) == (share >= 0.5), (text, share)
+    page.evaluate("window.vggattnHover.setControls({scale: 'log'})")
+    logged = page.evaluate("document.querySelector('#panel-0 .vggattn-legend').innerText")
+    assert logged.startswith("log, 4 decades: "), logged
+    page.evaluate("window.vggattnHover.setControls({scale: 'linear'}); window.vggattnHover.leave()")

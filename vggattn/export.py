@@ -46,8 +46,8 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None, p
     return out
 
 
-def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opacity: float = 0.5,
-           colormap: str = "jet", mode: str = "smooth") -> None:
+def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opacity: float = 0.8,
+           colormap: str = "inferno", mode: str = "smooth") -> None:
     """One PNG: a row per point (image + three overlays), then Grad-CAM + contributions, then
     predictions + query-averaged maps."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
@@ -90,7 +90,7 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
 
 
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,
-                 source: str | None = None, opacity: float = 0.5, colormap: str = "jet", mode: str = "smooth") -> dict:
+                 source: str | None = None, opacity: float = 0.8, colormap: str = "inferno", mode: str = "smooth") -> dict:
     """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

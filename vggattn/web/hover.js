@@ -141,22 +141,44 @@ function tintTable(colormap, opacity) {  // vggattn.render.palette and tint_alph
   return {pal, alpha};
 }
 
-// vggattn.render.overlay of upsample(levels): base + (colour - base) * alpha, stored rounding half to even
+let tintCache = {key: null, table: null};
+// Every (level, photo value) pair's blended value, base + (colour - base) * alpha, as a Uint8ClampedArray stores
+// it (rounding half to even, as the server's np.rint): per pixel, three lookups give the server's bytes exactly
+function tint(colormap, opacity) {
+  const key = `${colormap}|${opacity}`;
+  if (tintCache.key !== key) {
+    const {pal, alpha} = tintTable(colormap, opacity), table = new Uint8ClampedArray(256 * 256 * 3);
+    for (let p = 0; p < 256; p++) {
+      for (let b = 0; b < 256; b++) {
+        for (let ch = 0; ch < 3; ch++) table[(p * 256 + b) * 3 + ch] = b + (pal[3 * p + ch] - b) * alpha[p];
+      }
+    }
+    tintCache = {key, table};
+  }
+  return tintCache.table;
+}
+
+// vggattn.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is
 function overlay(lv, grid, w, h) {
-  const [gh, gw] = grid, smooth = controls.mode === "smooth", {pal, alpha} = tintTable(controls.colormap, controls.opacity);
+  const [gh, gw] = grid, smooth = controls.mode === "smooth", table = tint(controls.colormap, controls.opacity);
   const sx = sampler(gw, w, smooth), sy = sampler(gh, h, smooth);
+  const across = new Float64Array(gh * w);  // each source row interpolated across: the same sums as per pixel
+  for (let r = 0; r < gh; r++) {
+    for (let x = 0; x < w; x++) {
+      const a = lv[r * gw + sx.i0[x]], b = lv[r * gw + sx.i1[x]];
+      across[r * w + x] = a + (b - a) * sx.t[x];
+    }
+  }
   const base = payload.base ? payload.base.data : null, out = new ImageData(w, h), px = out.data;
   for (let y = 0; y < h; y++) {
-    const r0 = sy.i0[y] * gw, r1 = sy.i1[y] * gw, ty = sy.t[y];
+    const r0 = sy.i0[y] * w, r1 = sy.i1[y] * w, ty = sy.t[y];
     for (let x = 0; x < w; x++) {
-      const c0 = sx.i0[x], c1 = sx.i1[x], tx = sx.t[x];
-      const top = lv[r0 + c0] + (lv[r0 + c1] - lv[r0 + c0]) * tx;
-      const bottom = lv[r1 + c0] + (lv[r1 + c1] - lv[r1 + c0]) * tx;
-      const p = Math.min(255, Math.max(0, Math.floor((top + (bottom - top) * ty) * 255 + 0.5))), a = alpha[p];
-      const o = 4 * (y * w + x);
-      for (let ch = 0; ch < 3; ch++) {
-        const b = base ? base[o + ch] : 128;
-        px[o + ch] = b + (pal[3 * p + ch] - b) * a;
+      const top = across[r0 + x], bottom = across[r1 + x], o = 4 * (y * w + x);
+      const p = Math.min(255, Math.max(0, Math.floor((top + (bottom - top) * ty) * 255 + 0.5)));
+      const b0 = base ? base[o] : 128, b1 = base ? base[o + 1] : 128, b2 = base ? base[o + 2] : 128;
+      if (p === 0) { px[o] = b0; px[o + 1] = b1; px[o + 2] = b2; } else {
+        const row = p * 768;
+        px[o] = table[row + b0 * 3]; px[o + 1] = table[row + b1 * 3 + 1]; px[o + 2] = table[row + b2 * 3 + 2];
       }
       px[o + 3] = 255;
     }
@@ -283,7 +305,7 @@ function drawLegend(legend, L, values, how) {
   let top = 0, at = 0;
   values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
   const gw = L.grid[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`, floor = how === "column" ? 1 / L.n : 0;
-  const max = Math.max(top, floor), lo = controls.scale === "log" ? `${fmt(max / Math.pow(10, K.log_decades))} (log)` : "0";
+  const max = Math.max(top, floor), lo = controls.scale === "log" ? `log, ${K.log_decades} decades: ${fmt(max / Math.pow(10, K.log_decades))}` : "0";
   const what = how === "row" ? `max ${fmt(top)} at cell ${cell}` :
     `max ${fmt(max)}${top < floor ? " (1/N: nobody looks here more than uniform)" : ` from cell ${cell}`}`;
   const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink: cell (${Math.floor(L.sink[0] / gw)}, ${L.sink[0] % gw}) takes ${Math.round(100 * L.sink[1])}% of all attention` : "";
