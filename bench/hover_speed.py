@@ -67,16 +67,21 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
         s = min(box["width"] / w, box["height"] / h, 1.0)
         x0, y0 = box["x"] + (box["width"] - w * s) / 2, box["y"] + (box["height"] - h * s) / 2
         rng = random.Random(0)
-        points = [(-1, -1)]
+        points = [(-1, -1)]  # screen pixels of the picture: distinct ones are distinct photo pixels (never enlarged)
         while len(points) <= moves + 5:  # 5 warm-up moves; each to another pixel (the page skips a repeat)
-            xy = (rng.randrange(w), rng.randrange(h))
+            xy = (rng.randrange(1, int(w * s) - 1), rng.randrange(1, int(h * s) - 1))  # off the edge: whole pixels inside
             if xy != points[-1]:
                 points.append(xy)
         for i, (x, y) in enumerate(points[1:]):
-            page.mouse.move(x0 + (x + 0.5) * s, y0 + (y + 0.5) * s)
-            page.wait_for_function("(n) => window.vggattnHover.frames.length > n", arg=i, timeout=10_000)
+            page.mouse.move(x0 + x + 0.5, y0 + y + 0.5)
+            try:
+                page.wait_for_function("(n) => window.vggattnHover.frames.length > n", arg=i, timeout=10_000)
+            except Exception:
+                print(photo, i, (x, y), points[i], page.evaluate("[window.vggattnHover.frames.length, "
+                      "window.vggattnHover.state()]"), flush=True)
+                raise
         for i, (x, y) in enumerate(points[1:clicks + 1]):  # each click waits for the server's answer before the next
-            page.mouse.click(x0 + (x + 0.5) * s, y0 + (y + 0.5) * s)
+            page.mouse.click(x0 + x + 0.5, y0 + y + 0.5)
             page.wait_for_function("(n) => window.vggattnHover.pins.length > n", arg=i, timeout=10_000)
             pinned = page.evaluate("window.vggattnHover.state().pinned")
             try:

@@ -276,7 +276,8 @@ function partsFor(i) {  // the canvas laid over panel i's picture, and its colou
     legend.innerHTML = '<canvas width="96" height="10"></canvas><span></span>';
     Object.assign(legend.style, {position: "absolute", left: "6px", bottom: "6px", zIndex: "2", display: "none",
       gap: "6px", alignItems: "center", maxWidth: "calc(100% - 12px)", font: "11px/1.3 sans-serif", color: "#fff",
-      background: "rgba(0, 0, 0, 0.65)", padding: "2px 6px", borderRadius: "3px", pointerEvents: "none"});
+      background: "rgba(0, 0, 0, 0.65)", padding: "2px 6px", borderRadius: "3px", pointerEvents: "none",
+      contain: "layout paint", whiteSpace: "nowrap", overflow: "hidden"});  // its text changes per move: no page reflow
     legend.querySelector("canvas").style.flex = "none";
     panel.appendChild(legend);
   }
@@ -291,17 +292,21 @@ const fmt = v => (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toExponential(1));
 
 // The colour scale under a panel: the tint over mid-grey at every level, and what its ends mean
 function drawLegend(legend, L, values, how) {
-  const bar = legend.querySelector("canvas"), ctx = bar.getContext("2d"), {pal, alpha} = tintTable(controls.colormap, controls.opacity);
-  const img = ctx.createImageData(bar.width, bar.height);
-  for (let x = 0; x < bar.width; x++) {
-    const p = Math.min(255, Math.floor(x / (bar.width - 1) * 255 + 0.5));
-    for (let y = 0; y < bar.height; y++) {
-      const o = 4 * (y * bar.width + x);
-      for (let ch = 0; ch < 3; ch++) img.data[o + ch] = 128 + (pal[3 * p + ch] - 128) * alpha[p];
-      img.data[o + 3] = 255;
+  const bar = legend.querySelector("canvas"), key = `${controls.colormap}|${controls.opacity}`;
+  if (bar.dataset.key !== key) {  // the bar changes with the controls only
+    const ctx = bar.getContext("2d"), {pal, alpha} = tintTable(controls.colormap, controls.opacity);
+    const img = ctx.createImageData(bar.width, bar.height);
+    for (let x = 0; x < bar.width; x++) {
+      const p = Math.min(255, Math.floor(x / (bar.width - 1) * 255 + 0.5));
+      for (let y = 0; y < bar.height; y++) {
+        const o = 4 * (y * bar.width + x);
+        for (let ch = 0; ch < 3; ch++) img.data[o + ch] = 128 + (pal[3 * p + ch] - 128) * alpha[p];
+        img.data[o + 3] = 255;
+      }
     }
+    ctx.putImageData(img, 0, 0);
+    bar.dataset.key = key;
   }
-  ctx.putImageData(img, 0, 0);
   let top = 0, at = 0;
   values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
   const gw = L.grid[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`, floor = how === "column" ? 1 / L.n : 0;
@@ -309,9 +314,10 @@ function drawLegend(legend, L, values, how) {
   const what = how === "row" ? `max ${fmt(top)} at cell ${cell}` :
     `max ${fmt(max)}${top < floor ? " (1/N: nobody looks here more than uniform)" : ` from cell ${cell}`}`;
   const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink: cell (${Math.floor(L.sink[0] / gw)}, ${L.sink[0] % gw}) takes ${Math.round(100 * L.sink[1])}% of all attention` : "";
-  legend.querySelector("span").textContent = `${lo} … ${what}${sink}`;
+  const span = legend.querySelector("span"), text = `${lo} … ${what}${sink}`;
+  if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
-  legend.style.display = "flex";
+  if (legend.style.display !== "flex") legend.style.display = "flex";
 }
 
 function drawPanel(i, x, y) {
@@ -323,7 +329,7 @@ function drawPanel(i, x, y) {
   const [dw, dh] = payload.display, s = Math.min(bw / dw, bh / dh);
   const w = Math.max(1, Math.round(dw * s)), h = Math.max(1, Math.round(dh * s));
   if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
-  canvas.style.display = "block";
+  if (canvas.style.display !== "block") canvas.style.display = "block";
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, bw, bh);
   if (!api.scratch) api.scratch = document.createElement("canvas");
@@ -368,7 +374,7 @@ function pixelAt(e) {
   const x = Math.round((Math.trunc(e.clientX) - r.left - (r.width - nw * s) / 2) / s);
   const y = Math.round((Math.trunc(e.clientY) - r.top - (r.height - nh * s) / 2) / s);
   if (x < 0 || y < 0 || x >= nw || y >= nh) return null;
-  return [Math.min(x, payload.size[0] - 1), Math.min(y, payload.size[1] - 1)];
+  return [Math.min(x, payload.size[0] - 1) || 0, Math.min(y, payload.size[1] - 1) || 0];  // || 0: no -0 from a round
 }
 
 function leave() {
