@@ -1,0 +1,323 @@
+"""One way in to any CNN's non-local attention: an adapter per block family.
+
+    adapter = adapter_for(block)                  # by family; None for a module that is no attention block
+    maps = adapter.maps(block, x)                 # from the block's input x: queries, keys, grids, logit terms
+    maps.rows()                                   # (B, heads, N, M): each query's weights over the M keys
+    adapter.forward(block, x)                     # the block's own output, recomputed from those rows
+    adapter.forward(block, x, mode="mean")        # with every row replaced: "off", "mean" or "uniform"
+    find_blocks(model)                            # [(name, module, adapter)] of every known block, in order
+
+An adapter says, per image and head: the queries (one per position of the query grid) and the keys (one per
+position of the key grid, smaller when keys are pooled), the extra logit terms (a scale, relative-position
+logits), how rows are normalised (softmax; Wang et al.'s dot-product form divides by M instead), how the
+attended values enter the output (γ, an output conv, a norm), and what "off" means for the block. Every
+family is tested against its block's own forward (tests/test_adapters.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .families import BigGANAttention, NonLocalBlock2D, SelfAttn
+from .model import GlobalAttention
+
+MODES = ("off", "mean", "uniform")
+
+
+@dataclass
+class BlockMaps:
+    """What one block attends to on a batch: rows = normalise(scale * Q K^T + bias)."""
+
+    family: str
+    query: torch.Tensor | None  # (B, heads, N, C'); None when one map serves every position (GCNet)
+    key: torch.Tensor  # (B, heads, M, C'); with query None: the map's logits (B, 1, 1, M)
+    grid: tuple[int, int]  # (h, w) of the queries
+    key_grid: tuple[int, int]  # (hk, wk) of the keys (pooled keys: half the size)
+    scale: float = 1.0
+    bias: torch.Tensor | None = None  # (B, heads, N, M) logits added after the scale (relative positions)
+    normalise: str = "softmax"  # "softmax", or "mean": (scale * Q K^T) / M, Wang et al.'s dot-product form
+    meaning: str = "attention weights: softmax over the key positions, each row sums to 1"
+
+    @property
+    def heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def per_image(self) -> bool:
+        """True for a map no query changes (one per image and head), like GCNet's global context."""
+        return self.query is None
+
+    def rows(self, queries: list[int] | None = None) -> torch.Tensor:
+        """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M)."""
+        if self.query is None:
+            return torch.softmax(self.key.float(), dim=-1)
+        q = self.query if queries is None else self.query[:, :, torch.as_tensor(queries, dtype=torch.long)]
+        logits = self.scale * (q.float() @ self.key.float().transpose(-1, -2))  # (B, heads, Q, M)
+        if self.bias is not None:
+            logits = logits + (self.bias if queries is None else self.bias[:, :, torch.as_tensor(queries)]).float()
+        if self.normalise == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return logits / logits.shape[-1]
+
+
+def _tokens(t: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """(B, heads * C, h, w) -> (B, heads, h * w, C)."""
+    B, C, h, w = t.shape
+    return t.reshape(B, heads, C // heads, h * w).transpose(-1, -2)
+
+
+def _grid(t: torch.Tensor) -> tuple[int, int]:
+    return tuple(t.shape[-2:])
+
+
+class Adapter:
+    """Base: subclasses give `maps`, `values` and `output`; `forward` puts them together."""
+
+    family = "?"
+    residual = "?"  # how the attended values enter the block's output, in words
+    off_means = "the block returns its input x"
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def maps(self, module: nn.Module, x: torch.Tensor) -> BlockMaps:
+        raise NotImplementedError
+
+    def values(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, M, Cv): what each key position contributes."""
+        raise NotImplementedError
+
+    def output(self, module: nn.Module, x: torch.Tensor, attended: torch.Tensor, rows: torch.Tensor):
+        """The block's output from its input and the attended values (B, heads, N, Cv) (or (B, heads, 1, Cv))."""
+        raise NotImplementedError
+
+    def off(self, module: nn.Module, x: torch.Tensor):
+        return x
+
+    def forward(self, module: nn.Module, x: torch.Tensor, mode: str | None = None, rows: torch.Tensor | None = None):
+        """The block's output, with its rows as computed (mode None), replaced by `rows`, or by an intervention:
+        "off" (see `off_means`), "mean" (every row the image's mean row: GCNet's query-independent block),
+        "uniform" (every row 1/M: average pooling of the values)."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "off":
+            return self.off(module, x)
+        maps = self.maps(module, x)
+        rows = maps.rows() if rows is None else rows
+        if mode == "mean":
+            rows = rows.mean(dim=2, keepdim=True).expand_as(rows)
+        elif mode == "uniform":
+            rows = torch.full_like(rows, 1.0 / rows.shape[-1])
+        values = self.values(module, x).to(rows.dtype)
+        return self.output(module, x, rows @ values, rows)
+
+
+class GlobalAttentionAdapter(Adapter):
+    family = "vggattn GlobalAttention (the article's)"
+    residual = "x + γ · out"
+
+    def matches(self, module):
+        return isinstance(module, GlobalAttention)
+
+    def maps(self, module, x):
+        q, k = module.conv_query(x), module.conv_key(x)
+        if module.query_averaged:
+            rows = torch.softmax(_tokens(q) @ _tokens(k).transpose(-1, -2), dim=-1).mean(2, keepdim=True)
+            return BlockMaps("global-attention (query-averaged)", None, torch.log(rows.clamp_min(1e-30)), _grid(x),
+                             _grid(x), meaning="the image's query-averaged row: one map for every position")
+        return BlockMaps("global-attention", _tokens(q), _tokens(k), _grid(x), _grid(x))
+
+    def values(self, module, x):
+        return _tokens(module.conv_value(x))
+
+    def output(self, module, x, attended, rows):
+        B, C, H, W = x.shape
+        out = attended[:, 0].transpose(1, 2)  # (B, C, N or 1)
+        out = out.reshape(B, C, H, W) if out.shape[-1] == H * W else out.reshape(B, C, 1, 1)
+        return x + module.gamma * out
+
+
+class SelfAttnAdapter(Adapter):
+    family = "SAGAN Self_Attn"
+    residual = "γ · out + x; forward returns (out, attention)"
+    off_means = "the block returns (x, its attention)"
+
+    def matches(self, module):
+        return isinstance(module, SelfAttn) or (type(module).__name__ == "Self_Attn" and hasattr(module, "query_conv"))
+
+    def maps(self, module, x):
+        return BlockMaps("sagan", _tokens(module.query_conv(x)), _tokens(module.key_conv(x)), _grid(x), _grid(x))
+
+    def values(self, module, x):
+        return _tokens(module.value_conv(x))
+
+    def output(self, module, x, attended, rows):
+        B, C, H, W = x.shape
+        return module.gamma * attended[:, 0].transpose(1, 2).reshape(B, C, H, W) + x, rows[:, 0]
+
+    def off(self, module, x):
+        return x, self.maps(module, x).rows()[:, 0]
+
+
+class BigGANAttentionAdapter(Adapter):
+    family = "BigGAN Attention"
+    residual = "γ · o(attended) + x"
+
+    def matches(self, module):
+        return isinstance(module, BigGANAttention) or (
+            type(module).__name__ == "Attention" and all(hasattr(module, n) for n in ("theta", "phi", "g", "o", "gamma")))
+
+    def maps(self, module, x):
+        phi = F.max_pool2d(module.phi(x), [2, 2])
+        return BlockMaps("biggan", _tokens(module.theta(x)), _tokens(phi), _grid(x), _grid(phi))
+
+    def values(self, module, x):
+        return _tokens(F.max_pool2d(module.g(x), [2, 2]))
+
+    def output(self, module, x, attended, rows):
+        B, C, H, W = x.shape
+        return module.gamma * module.o(attended[:, 0].transpose(1, 2).reshape(B, C // 2, H, W)) + x
+
+
+class NonLocalAdapter(Adapter):
+    family = "Non-local block (Wang et al. 2018)"
+    residual = "W(y) + x (W: 1x1 conv, with BatchNorm)"
+
+    def matches(self, module):
+        return isinstance(module, NonLocalBlock2D)
+
+    def maps(self, module, x):
+        phi = module.phi(x)
+        dot = module.mode == "dot"
+        return BlockMaps("non-local " + ("dot product" if dot else "embedded Gaussian"), _tokens(module.theta(x)),
+                         _tokens(phi), _grid(x), _grid(phi), normalise="mean" if dot else "softmax",
+                         meaning=("f / M: the dot product theta·phi divided by the number of key positions, not a "
+                                  "softmax (rows need not sum to 1, weights can be negative)") if dot else
+                         BlockMaps.meaning)
+
+    def values(self, module, x):
+        return _tokens(module.g(x))
+
+    def output(self, module, x, attended, rows):
+        B = x.shape[0]
+        return module.W(attended[:, 0].transpose(1, 2).reshape(B, module.inter_channels, *x.shape[2:])) + x
+
+
+class TimmNonLocalAdapter(Adapter):
+    family = "timm NonLocalAttn"
+    residual = "norm(z(attended)) + x"
+
+    def matches(self, module):
+        return type(module).__name__ == "NonLocalAttn" and all(hasattr(module, n) for n in ("t", "p", "g", "z", "norm"))
+
+    def maps(self, module, x):
+        return BlockMaps("timm non-local", _tokens(module.t(x)), _tokens(module.p(x)), _grid(x), _grid(x),
+                         scale=float(module.scale))
+
+    def values(self, module, x):
+        return _tokens(module.g(x))
+
+    def output(self, module, x, attended, rows):
+        B, _, H, W = x.shape
+        y = attended[:, 0].transpose(1, 2).reshape(B, -1, H, W)
+        return module.norm(module.z(y)) + x
+
+
+class TimmBottleneckAdapter(Adapter):
+    family = "timm BottleneckAttn (BoTNet)"
+    residual = "none inside the block: pool(attended) is its output (the bottleneck block adds the shortcut)"
+    off_means = "the block outputs zeros (no attended values)"
+
+    def matches(self, module):
+        return type(module).__name__ == "BottleneckAttn" and hasattr(module, "qkv") and hasattr(module, "pos_embed")
+
+    def _split(self, module, x):
+        qkv = module.qkv(x)
+        return torch.split(qkv, [module.dim_out_qk, module.dim_out_qk, module.dim_out_v], dim=1)
+
+    def maps(self, module, x):
+        B = x.shape[0]
+        q, k, _ = self._split(module, x)
+        heads = module.num_heads
+        query, key = _tokens(q, heads), _tokens(k, heads)  # (B, heads, N, d)
+        bias = module.pos_embed(query.reshape(B * heads, *query.shape[2:]))  # (B * heads, N, N)
+        bias = bias.reshape(B, heads, *bias.shape[1:])
+        if module.scale_pos_embed:  # (q k + rel) * scale
+            bias = bias * module.scale
+        return BlockMaps("botnet", query, key, _grid(x), _grid(x), scale=float(module.scale), bias=bias,
+                         meaning="attention weights of one head: softmax over the key positions of scaled q·k plus "
+                                 "relative-position logits; each row sums to 1")
+
+    def values(self, module, x):
+        return _tokens(self._split(module, x)[2], module.num_heads)
+
+    def output(self, module, x, attended, rows):
+        B, _, H, W = x.shape
+        out = attended.transpose(-1, -2).reshape(B, module.dim_out_v, H, W)  # heads concatenated, as timm does
+        return module.pool(out)
+
+    def off(self, module, x):
+        B, _, H, W = x.shape
+        return module.pool(x.new_zeros(B, module.dim_out_v, H, W))
+
+
+class TimmGlobalContextAdapter(Adapter):
+    family = "GCNet global context (timm GlobalContext)"
+    residual = "x · gate(mlp_scale(context)) and/or x + mlp_add(context)"
+
+    def matches(self, module):
+        return type(module).__name__ == "GlobalContext" and getattr(module, "conv_attn", None) is not None
+
+    def maps(self, module, x):
+        B, C, H, W = x.shape
+        logits = module.conv_attn(x).reshape(B, 1, 1, H * W)
+        return BlockMaps("gcnet", None, logits, _grid(x), _grid(x),
+                         meaning="one map per image: where the global context is pooled from (softmax over the "
+                                 "positions); no query changes it")
+
+    def values(self, module, x):
+        return _tokens(x)
+
+    def output(self, module, x, attended, rows):
+        B, C = x.shape[:2]
+        context = attended[:, 0].mean(1).reshape(B, C, 1, 1)  # every row is the same map: (B, C, 1, 1)
+        if module.mlp_scale is not None:
+            x = x * module.gate(module.mlp_scale(context))
+        if module.mlp_add is not None:
+            x = x + module.mlp_add(context)
+        return x
+
+
+ADAPTERS: tuple[Adapter, ...] = (GlobalAttentionAdapter(), SelfAttnAdapter(), BigGANAttentionAdapter(), NonLocalAdapter(),
+                                 TimmNonLocalAdapter(), TimmBottleneckAdapter(), TimmGlobalContextAdapter())
+
+
+def adapter_for(module: nn.Module) -> Adapter | None:
+    """The adapter of a module's family, or None."""
+    return next((a for a in ADAPTERS if a.matches(module)), None)
+
+
+def find_blocks(model: nn.Module, names: list[str] | None = None) -> list[tuple[str, nn.Module, Adapter]]:
+    """Every attention block of a known family in `model`, in module order: (name, module, adapter). names: point
+    at modules by name instead (each must be of a known family). Nothing found is one sentence naming what was."""
+    modules = dict(model.named_modules())
+    if names is not None:
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing}; the model has e.g. {list(modules)[1:8]}")
+        found = [(n, modules[n], adapter_for(modules[n])) for n in names]
+        unknown = [f"{n} ({type(m).__name__})" for n, m, a in found if a is None]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an attention block of a known family "
+                             f"({', '.join(a.family for a in ADAPTERS)})")
+        return found
+    found = [(n, m, a) for n, m in modules.items() if (a := adapter_for(m)) is not None]
+    if not found:
+        kinds = sorted({type(m).__name__ for m in modules.values()} - {"Sequential", "ModuleList", "ModuleDict"})
+        raise ValueError(f"no attention block of a known family ({', '.join(a.family for a in ADAPTERS)}) in this "
+                         f"model; it is made of: {', '.join(kinds[:25])}{' ...' if len(kinds) > 25 else ''}")
+    return found
