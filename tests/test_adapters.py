@@ -131,7 +131,7 @@ def test_timm_non_local_attn():
 
 @pytest.mark.parametrize("scale_pos_embed", [False, True])
 def test_timm_bottleneck_attn_heads_and_relative_positions(scale_pos_embed):
-    from timm.layers import BottleneckAttn
+    from timm.layers.bottleneck_attn import BottleneckAttn
 
     block = randomised(BottleneckAttn(32, feat_size=(8, 6), num_heads=4, scale_pos_embed=scale_pos_embed))
     x = x_for(32)
