@@ -2,6 +2,8 @@
 
     python -m vggattn.explain photo.jpg more/ --point 120,80 --point 10,200 --out explained/
     python -m vggattn.explain photos/ --relative --point 0.5,0.5 --out explained/ --checkpoint my.safetensors
+    python -m vggattn.explain photo.jpg --model mypkg.nets:discriminator --checkpoint d.pth --input-size 128 --out o/
+    python -m vggattn.explain photo.jpg --timm botnet26t_256 --out o/     # any model with non-local blocks
 
 Writes, per image, into OUT/<image stem>/:
 - `figure.png`: the image with each point, the three layers' attention for each point (top-5 cells
@@ -12,6 +14,11 @@ Writes, per image, into OUT/<image stem>/:
   layer, per layer the mean contribution and query dependence, and the top-5 with each layer's
   attention switched off (ablation: one extra forward per layer).
 A folder is run as a batch with a progress bar; an image that cannot be read is reported and skipped.
+
+With --model or --timm (any CNN with non-local blocks of a family `vggattn.adapters` knows): per block
+`<block>_attention.npy` (points, key rows, key columns: the mean over heads; `_heads.npy` per head),
+figure.png, and result.json with the family, grids, what the numbers are, and the top-5 (or the model's
+score when its output is not one logit per class).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .analysis import analyze
-from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
+from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
+                         add_checkpoint_argument, load_checkpoint)
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .export import write_result
 from .render import COLORMAPS
@@ -74,17 +82,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
+    own = p.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")
+    own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
+                     "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
+    own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
+    own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
+    own.add_argument("--input-size", type=int, default=224, help="square input size for --model")
+    own.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="input normalisation mean")
+    own.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="input normalisation std")
+    own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
+                     "(default: every block of a known family)")
     return p.parse_args(argv)
+
+
+def load_any(args) -> tuple:
+    """The model and meta that --model / --timm name."""
+    from .byo import load_model, load_timm
+
+    if args.timm:
+        return load_timm(args.timm, classes=args.classes)
+    weights = None if args.checkpoint == str(DEFAULT_CHECKPOINT) else args.checkpoint
+    return load_model(args.model, weights, classes=args.classes, input_size=args.input_size, mean=args.mean,
+                      std=args.std)
 
 
 def main(argv=None) -> int:
     """0 when every image was explained; 2 for a bad checkpoint or input (bad images are skipped, each named)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    own = bool(args.model or args.timm)
     try:
-        model, meta = load_checkpoint(args.checkpoint, device=args.device)
+        model, meta = load_any(args) if own else load_checkpoint(args.checkpoint, device=args.device)
         images = collect_images(args.inputs)
-    except (CheckpointError, OSError) as e:
+        if own:
+            from .adapters import find_blocks
+
+            find_blocks(model, args.layers)  # nothing to explain: say what the model is made of, now
+    except (CheckpointError, OSError, ValueError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
     if not images:
@@ -102,6 +136,15 @@ def main(argv=None) -> int:
             bad = [xy for xy in points if not (0 <= xy[0] < w and 0 <= xy[1] < h)]
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
+            if own:
+                from .analysis import display_copy
+                from .byo import analyze_any
+                from .export import write_any_result
+
+                result = analyze_any(model, meta, image, args.layers)
+                write_any_result(result, points, target, display_copy(image)[0], source=str(image_path),
+                                 opacity=args.opacity, colormap=args.colormap)
+                continue
             result = analyze(model, meta, image)
             write_result(result, points, target, None if args.no_ablation else model, source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap)

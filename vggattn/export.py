@@ -113,3 +113,59 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
     text = json.dumps(summary, indent=2)
     atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(text))
     return summary
+
+
+def write_any_result(result, points: list[tuple[float, float]], out_dir: str | Path, display: np.ndarray, *,
+                     source: str | None = None, opacity: float = 0.8, colormap: str = "inferno") -> dict:
+    """A brought model's explanation (`vggattn.byo.analyze_any`): per block `<name>_attention.npy` (points x key
+    rows x key columns, the mean over heads), `<name>_attention_heads.npy` when it has several heads, figure.png
+    and result.json (the predictions, or the score of a model without class logits). display: the image as
+    (h, w, 3) uint8, drawn on."""
+    from .render import attention_picture
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files, blocks = ["figure.png", "result.json"], []
+    dh, dw = display.shape[:2]
+    sx, sy = dw / result.size[0], dh / result.size[1]
+    panels = []  # (row, column, picture, title)
+    for c, block in enumerate(result.blocks):
+        maps = [block.row_map(xy) for xy in points]
+        stacked = np.stack(maps) if maps else np.zeros((0, block.maps.heads, *block.maps.key_grid))
+        safe = block.name.replace("/", "_")
+        np.save(out / f"{safe}_attention.npy", stacked.mean(axis=1).astype(np.float32))
+        files.append(f"{safe}_attention.npy")
+        if block.maps.heads > 1:
+            np.save(out / f"{safe}_attention_heads.npy", stacked.astype(np.float32))
+            files.append(f"{safe}_attention_heads.npy")
+        blocks.append({"name": block.name, "family": block.family, "grid": list(block.maps.grid),
+                       "key_grid": list(block.maps.key_grid), "heads": block.maps.heads,
+                       "per_image": block.maps.per_image, "what_the_numbers_are": block.maps.meaning,
+                       "query_index": [block.query_index(xy) for xy in points]})
+        for r, (xy, grid_map) in enumerate(zip(points, stacked)):
+            if block.maps.per_image and r > 0:
+                break  # one map per image: shown once
+            point = None if block.maps.per_image else ((xy[0] + 0.5) * sx, (xy[1] + 0.5) * sy)
+            query = None if block.maps.per_image else block.query_index(xy)
+            picture = attention_picture(display, grid_map.mean(axis=0), query, point, colormap=colormap,
+                                        opacity=opacity, query_grid=block.maps.grid)
+            title = f"{block.name}\n{'one map per image' if block.maps.per_image else f'point {xy[0]:g}, {xy[1]:g}'}"
+            panels.append((r, c, picture, title))
+    summary = {"source": source, "image_size": list(result.size), "predictions": result.top_k(5),
+               "score": None if result.top_k(5) is not None else result.score(), "blocks": blocks,
+               "points": [list(xy) for xy in points], "files": sorted(files)}
+    from matplotlib.figure import Figure
+
+    rows, cols = max(1, len(points)), max(1, len(result.blocks))
+    fig = Figure(figsize=(3.0 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, c, picture, title in panels:
+        axes[r, c].imshow(picture)
+        axes[r, c].set_title(title, fontsize=8)
+    fig.tight_layout()
+    atomic_write(out / "figure.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(text))
+    return summary

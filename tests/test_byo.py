@@ -1,0 +1,87 @@
+"""Bring your own model (vggattn.byo): a factory and its weights, or timm by name, through vggattn-explain."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vggattn import byo, explain
+from vggattn import app
+from vggattn.checkpoint import CheckpointError
+from vggattn.data import eval_transform, to_rgb
+
+ASSET = app.HERE / "assets" / "church.jpg"
+
+
+def test_a_discriminator_gets_its_score_and_every_blocks_rows(tmp_path):
+    import byo_models
+
+    torch.manual_seed(0)
+    d = byo_models.discriminator()
+    torch.save(d.state_dict(), tmp_path / "d.pth")
+    out = tmp_path / "out"
+    code = explain.main([str(ASSET), "--model", "byo_models:discriminator", "--checkpoint", str(tmp_path / "d.pth"),
+                         "--input-size", "64", "--point", "20,30", "--point", "200,100", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "church" / "result.json").read_text())
+    assert result["predictions"] is None and len(result["score"]) == 1  # no class logits: the score
+    blocks = {b["name"]: b for b in result["blocks"]}
+    assert blocks["attn1"]["family"] == "SAGAN Self_Attn" and blocks["attn1"]["grid"] == [16, 16]
+    assert blocks["attn2"]["grid"] == [8, 8] and blocks["attn2"]["key_grid"] == [4, 4]  # BigGAN pools its keys
+    a1 = np.load(out / "church" / "attn1_attention.npy")
+    a2 = np.load(out / "church" / "attn2_attention.npy")
+    assert a1.shape == (2, 16, 16) and a2.shape == (2, 4, 4)  # points x key rows x key columns
+    np.testing.assert_allclose(a1.sum((1, 2)), 1, rtol=1e-5)
+    # the rows are the model's own: SAGAN's forward returns its attention
+    model, meta = byo.load_model("byo_models:discriminator", tmp_path / "d.pth", input_size=64)
+    result = byo.analyze_any(model, meta, Image.open(ASSET))
+    with torch.no_grad():
+        x = eval_transform(meta)(to_rgb(Image.open(ASSET))).unsqueeze(0)
+        _, attention = model.attn1(model.stem(x))
+    q = result.blocks[0].query_index((20, 30))
+    np.testing.assert_allclose(a1[0].ravel(), attention[0, q].numpy(), atol=1e-6)
+    assert (out / "church" / "figure.png").stat().st_size > 1000
+
+
+def test_dot_product_rows_say_what_they_are_and_classes_come_from_a_file(tmp_path):
+    import byo_models
+
+    torch.manual_seed(0)
+    torch.save(byo_models.classifier().state_dict(), tmp_path / "c.pth")
+    (tmp_path / "names.txt").write_text("cat\ndog\nbird\n")
+    out = tmp_path / "out"
+    assert explain.main([str(ASSET), "--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "c.pth"),
+                         "--classes", str(tmp_path / "names.txt"), "--input-size", "64", "--out", str(out)]) == 0
+    result = json.loads((out / "church" / "result.json").read_text())
+    assert set(result["predictions"]) == {"cat", "dog", "bird"} and result["score"] is None
+    (block,) = result["blocks"]
+    assert "not a softmax" in block["what_the_numbers_are"] and block["key_grid"] == [8, 8]
+
+
+def test_bad_models_are_one_line_and_exit_2(tmp_path, caplog):
+    assert explain.main([str(ASSET), "--model", "no_such_module:f", "--out", str(tmp_path)]) == 2
+    assert explain.main([str(ASSET), "--model", "torch.nn:Identity", "--out", str(tmp_path)]) == 2
+    assert "no attention block of a known family" in caplog.text and "it is made of: Identity" in caplog.text
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        byo.load_model("byo_models:classifier", tmp_path / "w.pth")
+
+
+def test_timm_offline_gets_random_weights_with_a_warning(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm]")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as here: the hub cannot be reached
+    model, meta = byo.load_timm("botnet26t_256")
+    assert meta["weights"] == "random" and "random weights" in meta["warning"] and "random weights" in caplog.text
+    assert len(meta["class_names"]) == 1000 and meta["class_names"][0] == "tench" and meta["input_size"] == 256
+    out = tmp_path / "out"
+    assert explain.main([str(ASSET), "--timm", "botnet26t_256", "--point", "100,100", "--out", str(out)]) == 0
+    result = json.loads((out / "church" / "result.json").read_text())
+    assert len(result["predictions"]) == 5
+    heads = [b for b in result["blocks"] if b["heads"] > 1]
+    assert heads and all(b["family"] == "timm BottleneckAttn (BoTNet)" for b in heads)
+    name = heads[0]["name"].replace("/", "_")
+    per_head = np.load(out / "church" / f"{name}_attention_heads.npy")
+    assert per_head.shape == (1, heads[0]["heads"], *heads[0]["key_grid"])
+    np.testing.assert_allclose(per_head.sum((2, 3)), 1, rtol=1e-4)

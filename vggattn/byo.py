@@ -1,0 +1,193 @@
+"""Bring your own model: any CNN with non-local attention blocks (`vggattn.adapters`), from a factory or timm.
+
+    model, meta = load_model("mypkg.nets:discriminator", "weights.pth", classes="names.txt", input_size=128)
+    model, meta = load_timm("botnet26t_256")        # timm's pretrained weights where its hub is reachable,
+                                                    # else random weights and meta["warning"] says so
+    result = analyze_any(model, meta, pil_image)    # one forward: predictions (or the score), every block's maps
+    result.blocks[0].row_map((120, 80))             # (heads, kh, kw): where that pixel's position looks
+
+A model whose output is not one logit per class (a GAN discriminator) gets its score instead of a top-5.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from .adapters import Adapter, BlockMaps, find_blocks
+from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict
+from .data import eval_transform, query_index, to_rgb
+
+log = logging.getLogger("vggattn.byo")
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name a line (blank lines skipped)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def describe(source: str, input_size: int, classes: list[str] | None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+             **extra) -> dict:
+    """The meta of a brought model: what the app and the CLIs need to feed it and read its output."""
+    return {"source": source, "input_size": int(input_size), "mean": list(mean), "std": list(std),
+            "class_names": list(classes) if classes else None, **extra}
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """A `.pth` state_dict (or a dict holding one under "state_dict" / "model") or a `.safetensors`, strictly."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    missing, unexpected = model.load_state_dict(clean_state_dict(state), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path.name} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classes: str | None = None,
+               input_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[nn.Module, dict]:
+    """`package.module:factory` called with no arguments -> the model (eval mode), its weights loaded when given."""
+    module_name, _, factory = spec.partition(":")
+    if not module_name or not factory:
+        raise CheckpointError(f"--model must be package.module:factory, got {spec!r}")
+    try:
+        model = getattr(importlib.import_module(module_name), factory)()
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"cannot build {spec}: {e}") from None
+    if checkpoint:
+        load_weights(model, checkpoint)
+    names = read_class_names(classes) if classes else None
+    return model.eval(), describe(spec, input_size, names, mean, std, weights=str(checkpoint) if checkpoint else "random")
+
+
+def hub_reachable(host: str = "huggingface.co") -> bool:
+    """False at once when offline (HF_HUB_OFFLINE, or the Hub's name does not resolve): no minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None) -> tuple[nn.Module, dict]:
+    """A timm model by name; ImageNet class names from timm's own tables when it has 1000 classes."""
+    try:
+        import timm
+        from timm.data import ImageNetInfo, resolve_data_config
+    except ImportError:
+        raise CheckpointError('--timm needs timm: pip install "vggattn[timm]"') from None
+    warning = None
+    model = None
+    if pretrained and hub_reachable():
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # no such weights, network: one sentence, then random weights
+            warning = f"timm could not get pretrained weights for {name} ({str(e).splitlines()[0][:160]})"
+    elif pretrained:
+        warning = f"timm's hub is not reachable from here: {name} has random weights"
+    if model is None:
+        try:
+            model = timm.create_model(name, pretrained=False)
+        except Exception as e:
+            raise CheckpointError(f"timm has no model {name!r}: {e}") from None
+        warning = warning or f"{name} has random weights (pretrained off)"
+        if "random weights" not in warning:
+            warning += f"; {name} has random weights"
+    config = resolve_data_config({}, model=model)
+    names = read_class_names(classes) if classes else None
+    if names is None and getattr(model, "num_classes", 0) == 1000:
+        info = ImageNetInfo()
+        names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    meta = describe(f"timm:{name}", config["input_size"][-1], names, config["mean"], config["std"],
+                    weights="random" if warning else "pretrained")
+    if warning:
+        meta["warning"] = f"⚠ {warning}: the maps show an untrained model's attention."
+        log.warning("%s", meta["warning"])
+    return model.eval(), meta
+
+
+@dataclass
+class BlockResult:
+    """One block's attention on one image (batch of one)."""
+
+    name: str
+    adapter: Adapter
+    maps: BlockMaps
+    image_size: tuple[int, int]  # (width, height) of the original image
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def query_index(self, xy: tuple[float, float]) -> int:
+        return query_index(xy, self.image_size, self.maps.grid)
+
+    def row_map(self, xy: tuple[float, float]) -> np.ndarray:
+        """(heads, kh, kw) float64: where the position under pixel xy looks (per-image maps: the map itself)."""
+        with torch.no_grad():
+            rows = self.maps.rows(None if self.maps.per_image else [self.query_index(xy)])[0, :, 0]  # (heads, M)
+        return rows.double().cpu().reshape(self.maps.heads, *self.maps.key_grid).numpy()
+
+
+@dataclass
+class AnyAnalysis:
+    size: tuple[int, int]  # (width, height) of the image
+    output: torch.Tensor  # the model's raw output for the image
+    class_names: list[str] | None
+    blocks: list[BlockResult] = field(default_factory=list)
+
+    def top_k(self, k: int = 5) -> dict[str, float] | None:
+        """{class: probability} when the output is one logit per class, else None (see `score`)."""
+        out = self.output.reshape(-1)
+        if not self.class_names or out.numel() != len(self.class_names):
+            return None
+        p, i = torch.softmax(out.float(), dim=0).topk(min(k, out.numel()))
+        return {self.class_names[j]: float(v) for v, j in zip(p.tolist(), i.tolist())}
+
+    def score(self) -> list[float]:
+        """The raw output values (a discriminator's real/fake score)."""
+        return [float(v) for v in self.output.reshape(-1)[:16]]
+
+
+@torch.no_grad()
+def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] | None = None) -> AnyAnalysis:
+    """One forward with every block's input kept (forward pre-hooks, removed on exit), then each block's maps."""
+    image = to_rgb(image)
+    blocks = find_blocks(model, layers)
+    device = next(model.parameters()).device
+    x = eval_transform(meta)(image).unsqueeze(0).to(device)
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, n=name: inputs.__setitem__(n, args[0].detach()))
+               for name, module, _ in blocks]
+    try:
+        output = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
+        output = output[0]
+    result = AnyAnalysis(image.size, output.detach().cpu(), meta.get("class_names"))
+    for name, module, adapter in blocks:
+        if name in inputs:
+            maps = adapter.maps(module, inputs[name])
+            result.blocks.append(BlockResult(name, adapter, maps, image.size))
+    return result
