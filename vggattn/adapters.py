@@ -63,6 +63,15 @@ class BlockMaps:
             return torch.softmax(logits, dim=-1)
         return logits / logits.shape[-1]
 
+    def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
+        """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
+        if self.query is None:
+            return self.rows()
+        B, heads, n = self.query.shape[:3]
+        step = max(1, block_elements // (B * heads * self.key.shape[2]))
+        total = sum(self.rows(list(range(s, min(n, s + step)))).sum(2, keepdim=True) for s in range(0, n, step))
+        return total / n
+
 
 def _tokens(t: torch.Tensor, heads: int = 1) -> torch.Tensor:
     """(B, heads * C, h, w) -> (B, heads, h * w, C)."""
@@ -107,13 +116,18 @@ class Adapter:
         if mode == "off":
             return self.off(module, x)
         maps = self.maps(module, x)
-        rows = maps.rows() if rows is None else rows
-        if mode == "mean":
-            rows = rows.mean(dim=2, keepdim=True).expand_as(rows)
+        if mode == "mean":  # one row for every query: the context is computed once, in bounded memory
+            rows = maps.mean_row()
         elif mode == "uniform":
-            rows = torch.full_like(rows, 1.0 / rows.shape[-1])
-        values = self.values(module, x).to(rows.dtype)
-        return self.output(module, x, rows @ values, rows)
+            m = maps.key.shape[-1] if maps.per_image else maps.key.shape[2]  # per-image maps hold (B, 1, 1, M) logits
+            rows = torch.full((*maps.key.shape[:2], 1, m), 1.0 / m, device=x.device)
+        elif rows is None:
+            rows = maps.rows()
+        attended = rows @ self.values(module, x).to(rows.dtype)  # (B, heads, N or 1, Cv)
+        if attended.shape[2] == 1 and not maps.per_image:
+            n = maps.grid[0] * maps.grid[1]
+            attended, rows = attended.expand(-1, -1, n, -1), rows.expand(-1, -1, n, -1)
+        return self.output(module, x, attended.to(x.dtype), rows)
 
 
 class GlobalAttentionAdapter(Adapter):
@@ -290,6 +304,51 @@ class TimmGlobalContextAdapter(Adapter):
         if module.mlp_add is not None:
             x = x + module.mlp_add(context)
         return x
+
+
+class Intervention:
+    """Context manager: the named blocks' forwards (in the entering thread only) run with their rows replaced,
+    {name: "off" | "mean" | "uniform"}; every hook is removed on exit, exceptions are never swallowed. The one
+    way the app's ablation and the study switch attention off or replace it, for any family."""
+
+    def __init__(self, model: nn.Module, modes: dict[str, str]):
+        found = {n: (m, a) for n, m, a in find_blocks(model)}
+        unknown = [n for n in modes if n not in found]
+        if unknown:
+            raise KeyError(f"no attention layer {unknown}; the model has {list(found)}")
+        bad = [m for m in modes.values() if m not in MODES]
+        if bad:
+            raise ValueError(f"modes must be among {MODES}, got {bad}")
+        self.modes, self.found = dict(modes), found
+        self._owner, self._handles = None, []
+
+    def __enter__(self) -> "Intervention":
+        import threading
+
+        self._owner = threading.get_ident()
+        try:
+            for name, mode in self.modes.items():
+                module, adapter = self.found[name]
+                self._handles.append(module.register_forward_hook(self._hook(adapter, mode)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _hook(self, adapter: Adapter, mode: str):
+        import threading
+
+        def hook(module, args, output):
+            if threading.get_ident() == self._owner:
+                return adapter.forward(module, args[0], mode)
+            return None
+        return hook
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
 
 
 ADAPTERS: tuple[Adapter, ...] = (GlobalAttentionAdapter(), SelfAttnAdapter(), BigGANAttentionAdapter(), NonLocalAdapter(),

@@ -17,7 +17,7 @@ import threading
 import torch
 import torch.nn as nn
 
-from .model import GlobalAttention, VGG16WithAttention
+from .model import VGG16WithAttention
 
 
 def gradcam_layer(model: VGG16WithAttention) -> int:
@@ -72,27 +72,11 @@ class KeepOutput:
 
 
 class AttentionOff:
-    """Context manager: the named GlobalAttention blocks return their input (exactly gamma = 0) in
-    forwards run by the entering thread; other threads using the model are not affected."""
+    """Context manager: the named attention blocks return their input (exactly gamma = 0) in forwards run by
+    the entering thread; other threads using the model are not affected. `vggattn.adapters.Intervention`
+    with mode "off" for every name (any block family)."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
-        blocks = {n: m for n, m in model.named_modules() if isinstance(m, GlobalAttention)}
-        unknown = [n for n in names if n not in blocks]
-        if unknown:
-            raise KeyError(f"no attention layer {unknown}; the model has {list(blocks)}")
-        self.blocks = [blocks[n] for n in names]
-        self._owner, self._handles = None, []
+    def __new__(cls, model: nn.Module, names: list[str]):
+        from .adapters import Intervention
 
-    def __enter__(self) -> "AttentionOff":
-        self._owner = threading.get_ident()
-        self._handles = [b.register_forward_hook(self._hook) for b in self.blocks]
-        return self
-
-    def _hook(self, block, args, output):
-        return args[0] if threading.get_ident() == self._owner else None
-
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
+        return Intervention(model, {name: "off" for name in names})

@@ -44,11 +44,12 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from .adapters import adapter_for
 from .readouts import SINK_DOMINATED, cell_centers
 from .study_report import MODES, headline, write_study
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import eval_transform, load_rgb
-from .model import GlobalAttention, VGG16WithAttention, mean_attention_row
+from .model import GlobalAttention, VGG16WithAttention
 
 log = logging.getLogger("vggattn.study")
 
@@ -164,20 +165,16 @@ def qkv(block: GlobalAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def intervene(block: GlobalAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """The block's output for x (B, C, H, W) with its attention rows replaced as `mode` says:
-    "off" -> x (gamma = 0); "mean" -> every row the image's mean row (what `attention="global"` trains
-    with); "uniform" -> every row 1/N. Both give every position the same context vector c = row @ V."""
-    if mode == "off":
-        return x
-    q, k, v = qkv(block, x)  # (B, N, C'), (B, N, C'), (B, N, C)
-    if mode == "uniform":
-        context = v.float().mean(1)  # (B, C)
-    elif mode == "mean":
-        context = (mean_attention_row(q.float(), k.float(), BLOCK_ELEMENTS)[:, None] @ v.float())[:, 0]  # (B, C)
-    else:
+def intervene(block: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The block's output for x (B, C, H, W) with its attention rows replaced as `mode` says (through its
+    family's adapter, `vggattn.adapters`): "off" -> x (gamma = 0); "mean" -> every row the image's mean row
+    (what `attention="global"` trains with); "uniform" -> every row 1/N."""
+    adapter = adapter_for(block)
+    if adapter is None:
+        raise ValueError(f"{type(block).__name__} is not an attention block of a known family")
+    if mode not in MODES:
         raise ValueError(f"unknown intervention {mode!r}; use one of {MODES}")
-    return x + block.gamma * context.to(x.dtype)[:, :, None, None]
+    return adapter.forward(block, x, mode)
 
 
 @torch.no_grad()
