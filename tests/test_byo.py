@@ -85,3 +85,31 @@ def test_timm_offline_gets_random_weights_with_a_warning(tmp_path, monkeypatch, 
     per_head = np.load(out / "church" / f"{name}_attention_heads.npy")
     assert per_head.shape == (1, heads[0]["heads"], *heads[0]["key_grid"])
     np.testing.assert_allclose(per_head.sum((2, 3)), 1, rtol=1e-4)
+
+
+def test_a_safetensors_checkpoint_brings_its_own_class_names_and_input_size(tmp_path):
+    """As scripts/train_zoo.py writes them: weights + a "meta" entry; flags still win."""
+    from safetensors.torch import save_file
+
+    from vggattn.zoo import nonlocal_resnet
+
+    model = nonlocal_resnet(3)
+    meta = {"class_names": ["a", "b", "c"], "input_size": 96, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"),
+              metadata={"meta": json.dumps(meta)})
+    (tmp_path / "zoo3.py").write_text("from vggattn.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        loaded, got = byo.load_model("zoo3:make", tmp_path / "m.safetensors")
+        assert got["class_names"] == ["a", "b", "c"] and got["input_size"] == 96 and got["mean"] == [0.5] * 3
+        assert byo.load_model("zoo3:make", tmp_path / "m.safetensors", input_size=64)[1]["input_size"] == 64
+        x = torch.randn(1, 3, 96, 96)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x), model.eval()(x))
+        result = byo.analyze_any(loaded, got, Image.open(ASSET))
+        assert set(result.top_k(3)) == {"a", "b", "c"}
+        assert result.blocks[0].maps.grid == (12, 12) and result.blocks[0].maps.key_grid == (6, 6)  # 96 px: 1/8, pooled
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -42,15 +42,22 @@ def describe(source: str, input_size: int, classes: list[str] | None, mean=IMAGE
             "class_names": list(classes) if classes else None, **extra}
 
 
-def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """A `.pth` state_dict (or a dict holding one under "state_dict" / "model") or a `.safetensors`, strictly."""
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> dict:
+    """A `.pth` state_dict (or a dict holding one under "state_dict" / "model") or a `.safetensors`, strictly.
+    -> the meta a .safetensors carries (class names, input size, ...), else {}."""
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    meta = {}
     if path.suffix == ".safetensors":
+        import json
+
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
@@ -59,11 +66,14 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     missing, unexpected = model.load_state_dict(clean_state_dict(state), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return meta
 
 
 def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classes: str | None = None,
-               input_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[nn.Module, dict]:
-    """`package.module:factory` called with no arguments -> the model (eval mode), its weights loaded when given."""
+               input_size: int | None = None, mean=None, std=None) -> tuple[nn.Module, dict]:
+    """`package.module:factory` called with no arguments -> the model (eval mode), its weights loaded when given.
+    Class names, input size and normalisation: as given, else from the checkpoint's meta (.safetensors), else
+    none, 224 and ImageNet's."""
     module_name, _, factory = spec.partition(":")
     if not module_name or not factory:
         raise CheckpointError(f"--model must be package.module:factory, got {spec!r}")
@@ -71,10 +81,11 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classe
         model = getattr(importlib.import_module(module_name), factory)()
     except (ImportError, AttributeError) as e:
         raise CheckpointError(f"cannot build {spec}: {e}") from None
-    if checkpoint:
-        load_weights(model, checkpoint)
-    names = read_class_names(classes) if classes else None
-    return model.eval(), describe(spec, input_size, names, mean, std, weights=str(checkpoint) if checkpoint else "random")
+    stored = load_weights(model, checkpoint) if checkpoint else {}
+    names = read_class_names(classes) if classes else stored.get("class_names")
+    return model.eval(), describe(spec, input_size or stored.get("input_size", 224), names,
+                                  mean or stored.get("mean", IMAGENET_MEAN), std or stored.get("std", IMAGENET_STD),
+                                  weights=str(checkpoint) if checkpoint else "random")
 
 
 def hub_reachable(host: str = "huggingface.co") -> bool:

@@ -87,9 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
     own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
     own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
-    own.add_argument("--input-size", type=int, default=224, help="square input size for --model")
-    own.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="input normalisation mean")
-    own.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="input normalisation std")
+    own.add_argument("--input-size", type=int, help="square input size for --model (default: the checkpoint's, "
+                     "else 224)")
+    own.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: the checkpoint's, "
+                     f"else ImageNet's {IMAGENET_MEAN})")
+    own.add_argument("--std", type=float, nargs=3, help=f"input normalisation std (default: ImageNet's {IMAGENET_STD})")
     own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
                      "(default: every block of a known family)")
     return p.parse_args(argv)
