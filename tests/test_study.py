@@ -293,3 +293,60 @@ def test_dataset_tab_lists_a_layer_per_column():
     lines = table.splitlines()
     assert lines[0].split("|")[1:-1] == [" layer ", " features.14 ", " features.22 ", " features.30 "], lines[0]
     assert len(lines) == 2 + 13 and all(line.count("|") == 5 for line in lines)
+
+
+def test_the_study_of_a_model_of_another_family(tmp_path, monkeypatch):
+    """vggattn-study --model: a ResNet with a non-local block (keys pooled to a half grid): statistics on the key
+    grid, every intervention through the adapters, the report written."""
+
+    from safetensors.torch import save_file
+
+    from vggattn.adapters import Intervention
+    from vggattn.zoo import nonlocal_resnet
+
+    torch.manual_seed(0)
+    model = nonlocal_resnet(3)
+    with torch.no_grad():
+        model.nonlocal3.W[1].weight.fill_(0.5)  # the block does something (it starts as the identity)
+    meta = {"class_names": ["a", "b", "c"], "input_size": 64}
+    ckpt = tmp_path / "zoo.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt), metadata={"meta": json.dumps(meta)})
+    (tmp_path / "zoo3.py").write_text("from vggattn.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=2)
+    out = tmp_path / "study"
+    assert study.main(["--model", "zoo3:make", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out),
+                       "--workers", "0", "--bootstrap", "50", "--device", "cpu"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    layer = s["layers"]["nonlocal3"]
+    assert layer["query_grid"] == [8, 8] and layer["grid"] == [4, 4] and np.array(layer["sink_heatmap"]).shape == (4, 4)
+    assert 1 / 16 <= layer["sink_mass"] <= 1 and 0 < layer["entropy_frac"] <= 1 and "Non-local" in layer["family"]
+    assert set(s["interventions"]) == {"baseline", *(f"{k}:{m}" for k in ("nonlocal3", "all") for m in study.MODES)}
+    # each run's top-1 is the model's own accuracy, with that intervention, over the split
+    from vggattn.data import eval_transform
+
+    full_meta = {**meta, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    x = torch.stack([eval_transform(full_meta)(Image.open(p).convert("RGB")) for c in "abc"
+                     for p in sorted((data / c).glob("*.png"))])
+    y = torch.tensor([i for i in range(3) for _ in range(2)])
+    model.eval()
+    for key, modes in (("baseline", {}), ("nonlocal3:uniform", {"nonlocal3": "uniform"}),
+                       ("nonlocal3:off", {"nonlocal3": "off"})):
+        with torch.no_grad(), Intervention(model, modes):
+            hits = (model(x).argmax(1) == y).float().mean().item()
+        assert s["interventions"][key]["top1"] == pytest.approx(hits), key
+    assert (out / "report.html").is_file() and s["sanity"]["layers"] == {}
+
+
+def test_the_study_of_a_timm_model_offline(tmp_path, monkeypatch, data_root):
+    """vggattn-study --timm botnet26t_256 --limit 4 on Imagenette val: random weights (no hub here), the ImageNet
+    classes matched to the folders by wnid, every BottleneckAttn block studied."""
+    pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm]")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "study"
+    assert study.main(["--timm", "botnet26t_256", "--data", str(data_root / "val"), "--out", str(out), "--limit", "4",
+                       "--batch-size", "4", "--workers", "0", "--bootstrap", "20", "--device", "cpu"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    assert s["images"] == 4 and s["checkpoint"] == "timm:botnet26t_256"
+    assert len(s["layers"]) >= 2 and all("BottleneckAttn" in v["family"] for v in s["layers"].values())
+    assert all(0 < v["sink_mass"] <= 1 for v in s["layers"].values())

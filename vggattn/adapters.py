@@ -63,6 +63,12 @@ class BlockMaps:
             return torch.softmax(logits, dim=-1)
         return logits / logits.shape[-1]
 
+    def image(self, j: int) -> "BlockMaps":
+        """The maps of image j of the batch alone (a batch of one)."""
+        pick = lambda t: None if t is None else t[j:j + 1]  # noqa: E731
+        return BlockMaps(self.family, pick(self.query), pick(self.key), self.grid, self.key_grid, self.scale,
+                         pick(self.bias), self.normalise, self.meaning)
+
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
         if self.query is None:

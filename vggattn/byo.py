@@ -125,15 +125,50 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None)
             warning += f"; {name} has random weights"
     config = resolve_data_config({}, model=model)
     names = read_class_names(classes) if classes else None
+    ids = None
     if names is None and getattr(model, "num_classes", 0) == 1000:
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+        ids = [info.index_to_label_name(i) for i in range(1000)]  # wnids: ImageFolder splits map by them
     meta = describe(f"timm:{name}", config["input_size"][-1], names, config["mean"], config["std"],
-                    weights="random" if warning else "pretrained")
+                    weights="random" if warning else "pretrained", class_ids=ids)
     if warning:
         meta["warning"] = f"⚠ {warning}: the maps show an untrained model's attention."
         log.warning("%s", meta["warning"])
     return model.eval(), meta
+
+
+def add_model_arguments(parser) -> None:
+    """The flags that bring a model of your own, the same in every CLI that takes one."""
+    own = parser.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")
+    own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
+                     "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
+    own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
+    own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
+    own.add_argument("--input-size", type=int, help="square input size for --model (default: the checkpoint's, "
+                     "else 224)")
+    own.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: the checkpoint's, "
+                     f"else ImageNet's {IMAGENET_MEAN})")
+    own.add_argument("--std", type=float, nargs=3, help=f"input normalisation std (default: ImageNet's {IMAGENET_STD})")
+    own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
+                     "(default: every block of a known family)")
+
+
+def wants_own_model(args) -> bool:
+    return bool(getattr(args, "model", None) or getattr(args, "timm", None))
+
+
+def load_from_args(args, default_checkpoint: str) -> tuple[nn.Module, dict]:
+    """The model and meta that --model / --timm name (--checkpoint, unless left at the shipped default, is
+    --model's weights); its blocks are checked at once (none: one sentence naming what the model is made of)."""
+    if args.timm:
+        model, meta = load_timm(args.timm, classes=args.classes)
+    else:
+        weights = None if args.checkpoint == default_checkpoint else args.checkpoint
+        model, meta = load_model(args.model, weights, classes=args.classes, input_size=args.input_size,
+                                 mean=args.mean, std=args.std)
+    find_blocks(model, args.layers)
+    return model, meta
 
 
 @dataclass

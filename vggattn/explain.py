@@ -30,8 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .analysis import analyze
-from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
-                         add_checkpoint_argument, load_checkpoint)
+from .byo import add_model_arguments, load_from_args, wants_own_model
+from .checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .export import write_result
 from .render import COLORMAPS
@@ -82,44 +82,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
-    own = p.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")
-    own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
-                     "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
-    own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
-    own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
-    own.add_argument("--input-size", type=int, help="square input size for --model (default: the checkpoint's, "
-                     "else 224)")
-    own.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: the checkpoint's, "
-                     f"else ImageNet's {IMAGENET_MEAN})")
-    own.add_argument("--std", type=float, nargs=3, help=f"input normalisation std (default: ImageNet's {IMAGENET_STD})")
-    own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
-                     "(default: every block of a known family)")
+    add_model_arguments(p)
     return p.parse_args(argv)
-
-
-def load_any(args) -> tuple:
-    """The model and meta that --model / --timm name."""
-    from .byo import load_model, load_timm
-
-    if args.timm:
-        return load_timm(args.timm, classes=args.classes)
-    weights = None if args.checkpoint == str(DEFAULT_CHECKPOINT) else args.checkpoint
-    return load_model(args.model, weights, classes=args.classes, input_size=args.input_size, mean=args.mean,
-                      std=args.std)
 
 
 def main(argv=None) -> int:
     """0 when every image was explained; 2 for a bad checkpoint or input (bad images are skipped, each named)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    own = bool(args.model or args.timm)
+    own = wants_own_model(args)
     try:
-        model, meta = load_any(args) if own else load_checkpoint(args.checkpoint, device=args.device)
+        model, meta = (load_from_args(args, str(DEFAULT_CHECKPOINT)) if own
+                       else load_checkpoint(args.checkpoint, device=args.device))
         images = collect_images(args.inputs)
-        if own:
-            from .adapters import find_blocks
-
-            find_blocks(model, args.layers)  # nothing to explain: say what the model is made of, now
     except (CheckpointError, OSError, ValueError) as e:
         log.error("error: %s", e)
         return BAD_INPUT

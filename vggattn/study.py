@@ -47,7 +47,9 @@ from tqdm import tqdm
 from .adapters import adapter_for
 from .readouts import SINK_DOMINATED, cell_centers
 from .study_report import MODES, headline, write_study
-from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
+from .byo import add_model_arguments, load_from_args, wants_own_model
+from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument, load_checkpoint,
+                         resolve_device)
 from .data import eval_transform, load_rgb
 from .model import GlobalAttention, VGG16WithAttention
 
@@ -94,18 +96,23 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *, x: torch.Tensor | None = None,
                          value: torch.Tensor | None = None, gamma: float = 0.0,
-                         block_elements: int = BLOCK_ELEMENTS) -> dict:
+                         block_elements: int = BLOCK_ELEMENTS, key_grid: tuple[int, int] | None = None) -> dict:
     """Every per-image statistic of one layer's attention, from its rows (two passes, row blocks).
 
     x: (N, C) the block's input features, value: (N, C) its V, both position-major (optional: give
-    them for cosine_distance_input / _output and contribution).
+    them for cosine_distance_input / _output and contribution). key_grid: the keys' grid when it is not
+    the queries' (pooled keys); rows are then (R, M) and the sink is a key cell.
     """
     n = grid[0] * grid[1]
-    blocks = row_blocks(n, block_elements)
+    key_grid = key_grid or grid
+    m = key_grid[0] * key_grid[1]
+    step = max(1, block_elements // m)  # rows of M weights: as row_blocks(n) when the grids are one
+    blocks = [(s, min(n, s + step)) for s in range(0, n, step)]
     device = rows(0, 1).device  # accumulate where the rows are (CPU or GPU)
     centers = cell_centers(grid, (input_size, input_size)).float().to(device)  # (N, 2)
-    col_sum = torch.zeros(n, dtype=torch.float64, device=device)
-    unit_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    key_centers = centers if key_grid == grid else cell_centers(key_grid, (input_size, input_size)).float().to(device)
+    col_sum = torch.zeros(m, dtype=torch.float64, device=device)
+    unit_sum = torch.zeros(m, dtype=torch.float64, device=device)
     top1 = entropy = distance = 0.0
     out_unit_sum, contribution = None, 0.0
     for start, stop in blocks:
@@ -114,7 +121,7 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
         unit_sum += unit(a).sum(0).double()
         top1 += float(a.max(1).values.double().sum())
         entropy += float(-(a * torch.log(a.clamp_min(1e-30))).double().sum())
-        distance += float((a * torch.cdist(centers[start:stop], centers)).double().sum())  # (R, N) distances
+        distance += float((a * torch.cdist(centers[start:stop], key_centers)).double().sum())  # (R, M) distances
         if value is not None:
             out = a @ value.float()  # (R, C): the attention output of these positions
             out_unit_sum = unit(out).sum(0).double() if out_unit_sum is None else out_unit_sum + unit(out).sum(0).double()
@@ -132,7 +139,7 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
     col_sum, unit_sum = col_sum.cpu(), unit_sum.cpu()
     stats = {"sink_mass": float(col_sum[sink]) / n, "sink_index": sink, "top1_weight": top1 / n,
              "cosine_distance": mean_cosine_distance(unit_sum, n), "jsd": jsd / n,
-             "entropy_frac": entropy / n / math.log(n) if n > 1 else 0.0, "mean_distance_px": distance / n}
+             "entropy_frac": entropy / n / math.log(m) if m > 1 else 0.0, "mean_distance_px": distance / n}
     if x is not None:
         stats["cosine_distance_input"] = mean_cosine_distance(unit(x.float()).sum(0).cpu(), n)
     if out_unit_sum is not None:
@@ -351,6 +358,90 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
             "sanity": sanity_summary(sanity)}
 
 
+@torch.no_grad()
+def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: list[str] | None = None,
+                  limit: int = 0, batch_size: int = 32, workers: int = 2, n_boot: int = 2000, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """The study of any model with non-local blocks (`vggattn.adapters`), in study.json's form: per block the
+    statistics of its rows (heads averaged; keys on their own grid), and every intervention (off / mean /
+    uniform, each block and all) as a whole forward under `Intervention`. No sanity check (which parameters
+    are a family's Q and K is the adapter's to say; not done yet), no contribution or output distances."""
+    from .adapters import Intervention, find_blocks
+
+    model = model.eval()
+    device = next(model.parameters()).device
+    blocks = find_blocks(model, layers)
+    names = [name for name, *_ in blocks]
+    ds, targets = load_split(data, meta, limit)
+    n_images, input_size = len(ds), int(meta["input_size"])
+    if n_images == 0:
+        raise StudyError(f"{data} holds no images")
+    runs = {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} \
+        | {f"all:{mode}": {name: mode for name in names} for mode in MODES}
+    top1 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
+    top5 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
+    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in names}
+    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in names}
+    grids, key_grids, families = {}, {}, {}
+    done, t0 = 0, time.perf_counter()
+    for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="study", unit="batch", disable=not progress):
+        x, y, b = x.to(device), y.to(device), len(y)
+        entering: dict[str, torch.Tensor] = {}
+        handles = [module.register_forward_pre_hook(lambda m, args, n=name: entering.__setitem__(n, args[0]))
+                   for name, module, _ in blocks]
+        try:
+            logits = {"baseline": model(x)}
+        finally:
+            for h in handles:
+                h.remove()
+        for key, modes in runs.items():
+            with Intervention(model, modes):
+                logits[key] = model(x)
+        for key, out in logits.items():
+            k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
+            top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
+            top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
+        for name, module, adapter in blocks:
+            maps = adapter.maps(module, entering[name])
+            grids[name], key_grids[name], families[name] = maps.grid, maps.key_grid, adapter.family
+            xs = entering[name].flatten(2).transpose(1, 2)  # (B, N, C)
+            for j in range(b):
+                if maps.normalise != "softmax":  # f / M rows are no distributions: only the input's distances
+                    per_image[name]["cosine_distance_input"][done + j] = mean_cosine_distance(
+                        unit(xs[j].float()).sum(0).cpu(), xs.shape[1])
+                    continue
+                one = maps.image(j)
+
+                def rows(s: int, e: int, one=one) -> torch.Tensor:  # (e - s, M): the mean of the heads' rows
+                    return one.rows(None if one.per_image else list(range(s, e)))[0].mean(0).expand(e - s, -1)
+
+                stats = attention_statistics(rows, maps.grid, input_size, x=xs[j], key_grid=maps.key_grid)
+                for stat, value in stats.items():
+                    if stat in per_image[name]:
+                        per_image[name][stat][done + j] = value
+                sinks[name][done + j] = stats["sink_index"]
+        done += b
+    return {"checkpoint": None, "model": meta.get("source"), "data": str(data), "images": n_images,
+            "input_size": input_size, "class_names": list(meta["class_names"]), "wall_s": time.perf_counter() - t0,
+            "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
+                            "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
+                            "sanity_pass": "no sanity check for models of other families yet",
+                            "heads": "several heads: the statistics of the mean of the heads' rows"},
+            "layers": {name: {**layer_summary(per_image[name], sinks[name], key_grids[name],
+                                              float(getattr(module, "gamma", float("nan"))), targets,
+                                              list(meta["class_names"])),
+                              "query_grid": list(grids[name]), "family": families[name]}
+                       for name, module, _ in blocks},
+            "interventions": intervention_summary(top1, top5, n_boot, seed),
+            "sanity": {"images": 0, "threshold": SANITY_SPEARMAN_MAX, "layers": {}}}
+
+
+def nanmean(v: np.ndarray) -> float:
+    """The mean of the values measured (NaN: not measured for this model), NaN when none was."""
+    v = np.asarray(v, dtype=np.float64)
+    return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
+
+
 def layer_summary(vals: dict[str, np.ndarray], sinks: np.ndarray, grid: tuple[int, int], gamma: float,
                   targets: np.ndarray, class_names: list[str]) -> dict:
     """One layer's entry of study.json from its per-image statistics and sink cells."""
@@ -358,7 +449,7 @@ def layer_summary(vals: dict[str, np.ndarray], sinks: np.ndarray, grid: tuple[in
     rows, cols = np.divmod(sinks, grid[1])
     border = (rows == 0) | (cols == 0) | (rows == grid[0] - 1) | (cols == grid[1] - 1)
     top = int(heat.argmax())
-    return {**{s: float(np.nanmean(vals[s])) for s in STATS},
+    return {**{s: nanmean(vals[s]) for s in STATS},
             "grid": list(grid), "gamma": gamma,
             "sink_dominated_share": float(np.mean(vals["sink_mass"] >= SINK_DOMINATED)),
             "sink_border_share": float(border.mean()),
@@ -366,7 +457,7 @@ def layer_summary(vals: dict[str, np.ndarray], sinks: np.ndarray, grid: tuple[in
                               "share": float(heat.max() / len(sinks))},
             "sink_heatmap": heat.tolist(),
             "distribution": {s: distribution(vals[s]) for s in STATS},
-            "per_class": {class_names[c]: {s: float(np.nanmean(vals[s][targets == c])) for s in STATS}
+            "per_class": {class_names[c]: {s: nanmean(vals[s][targets == c]) for s in STATS}
                           for c in sorted(set(targets.tolist()))}}
 
 
@@ -443,6 +534,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
+    add_model_arguments(p)
     return p.parse_args(argv)
 
 
@@ -453,15 +545,25 @@ def main(argv=None) -> int:
         log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
+    own = wants_own_model(args)
     try:
-        model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
-                          sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed)
-    except (StudyError, CheckpointError) as e:
+        if own:
+            model, meta = load_from_args(args, str(DEFAULT_CHECKPOINT))
+            if not meta.get("class_names"):
+                raise StudyError("the study needs class names (--classes) to score predictions")
+            study = run_study_any(model.to(resolve_device(args.device)), meta, args.data, layers=args.layers,
+                                  limit=args.limit, batch_size=args.batch_size, workers=args.workers,
+                                  n_boot=args.bootstrap, seed=args.seed)
+        else:
+            model, meta = load_checkpoint(args.checkpoint, device=args.device)
+            study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size,
+                              workers=args.workers, sanity_images=args.sanity_images, n_boot=args.bootstrap,
+                              seed=args.seed)
+    except (StudyError, CheckpointError, ValueError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
 
-    study["checkpoint"] = Path(args.checkpoint).name
+    study["checkpoint"] = meta.get("source") if own else Path(args.checkpoint).name
     paths = write_study(study, args.out)
     if args.ship:
         from .hub import resolve
