@@ -85,7 +85,8 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classe
     names = read_class_names(classes) if classes else stored.get("class_names")
     return model.eval(), describe(spec, input_size or stored.get("input_size", 224), names,
                                   mean or stored.get("mean", IMAGENET_MEAN), std or stored.get("std", IMAGENET_STD),
-                                  weights=str(checkpoint) if checkpoint else "random")
+                                  weights=str(checkpoint) if checkpoint else "random",
+                                  class_ids=None if classes else stored.get("class_ids"))
 
 
 def hub_reachable(host: str = "huggingface.co") -> bool:

@@ -1,0 +1,50 @@
+"""The second shipped model: a ResNet with a non-local block (vggattn.zoo), trained on Imagenette."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vggattn import byo, explain
+from vggattn.checkpoint import CHECKPOINTS
+from vggattn.data import load_rgb
+
+ZOO = CHECKPOINTS / "nonlocal-resnet-imagenette-128.safetensors"
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return byo.load_model("vggattn.zoo:nonlocal_resnet", ZOO)
+
+
+def test_it_loads_with_its_description_and_is_small(zoo):
+    model, meta = zoo
+    assert ZOO.stat().st_size < 25e6 and meta["input_size"] == 128 and len(meta["class_names"]) == 10
+    assert float(model.nonlocal3.W[1].weight.abs().mean()) > 0.01  # the block is in use (it starts as the identity)
+
+
+def test_it_recognises_val_photos(zoo, data_root):
+    """Two photos of each class, evenly spaced in the val split: at least 80% right (the card: val top-1 over all
+    3,925 photos)."""
+    model, meta = zoo
+    hits = 0
+    folders = sorted(p for p in (data_root / "val").iterdir() if p.is_dir())
+    for label, folder in enumerate(folders):
+        files = sorted(folder.glob("*.JPEG"))
+        for path in (files[0], files[len(files) // 2]):
+            result = byo.analyze_any(model, meta, load_rgb(path))
+            hits += int(max(result.top_k(1), key=result.top_k(1).get) == meta["class_names"][label])
+    assert hits >= 16, hits
+
+
+def test_explain_and_its_shipped_study(tmp_path, zoo):
+    out = tmp_path / "out"
+    assert explain.main([str(CHECKPOINTS.parent / "assets" / "church.jpg"), "--model", "vggattn.zoo:nonlocal_resnet",
+                         "--checkpoint", str(ZOO), "--point", "112,60", "--out", str(out)]) == 0
+    rows = np.load(out / "church" / "nonlocal3_attention.npy")
+    assert rows.shape == (1, 8, 8) and abs(rows.sum() - 1) < 1e-5  # 16x16 queries, keys pooled to 8x8
+    result = json.loads((out / "church" / "result.json").read_text())
+    assert next(iter(result["predictions"])) == "church"
+    study = json.loads(ZOO.with_name(ZOO.stem + ".study.json").read_text())
+    assert study["images"] == 3925 and "nonlocal3" in study["layers"]
