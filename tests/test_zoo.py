@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from vggattn import byo, explain
 from vggattn.checkpoint import CHECKPOINTS
