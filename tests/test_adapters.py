@@ -196,3 +196,16 @@ def test_timm_models_blocks_are_found():
     found = adapters.find_blocks(model)
     assert found and all(a.family == "timm BottleneckAttn (BoTNet)" for *_, a in found)
     assert len(found) == sum(type(m).__name__ == "BottleneckAttn" for m in model.modules())
+
+
+def test_the_query_averaged_arm_is_one_map_per_image():
+    """GlobalAttention(query_averaged=True), the A/B's "global" arm: one row per image, built in row blocks."""
+    block, x = randomised(GlobalAttention(32, query_averaged=True)), x_for(32)
+    q, k = (tokens(c(x)) for c in (block.conv_query, block.conv_key))
+    mean_row = torch.softmax(q @ k.transpose(1, 2), dim=-1).mean(1)  # (B, N)
+    adapter = adapters.adapter_for(block)
+    with torch.no_grad():
+        maps = adapter.maps(block, x)
+        assert maps.per_image
+        torch.testing.assert_close(maps.rows()[:, 0, 0], mean_row, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(adapter.forward(block, x), block(x), atol=1e-5, rtol=1e-5)

@@ -8,7 +8,8 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.hover import decode, hover_payload, log_normalisers, page_props, payload_bytes
+from vggattn.capture import log_normalisers
+from vggattn.hover import decode, hover_payload, page_props, payload_bytes
 from vggattn.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -47,7 +48,7 @@ def test_log_normalisers_in_blocks_equal_logsumexp():
     q, k = torch.randn(300, 8) * 3, torch.randn(300, 8) * 3
     expected = torch.logsumexp(q.double() @ k.double().T, dim=-1)
     for chunk in (1, 7, 300, 1024):
-        got = log_normalisers(q, k, chunk=chunk)
+        got = log_normalisers(q[None], k[None], chunk=chunk)[0]
         assert got.dtype == torch.float32 and got.shape == (300,)
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
 

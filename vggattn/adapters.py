@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .families import BigGANAttention, NonLocalBlock2D, SelfAttn
-from .model import GlobalAttention
+from .model import GlobalAttention, mean_attention_row
 
 MODES = ("off", "mean", "uniform")
 
@@ -146,7 +146,7 @@ class GlobalAttentionAdapter(Adapter):
     def maps(self, module, x):
         q, k = module.conv_query(x), module.conv_key(x)
         if module.query_averaged:
-            rows = torch.softmax(_tokens(q) @ _tokens(k).transpose(-1, -2), dim=-1).mean(2, keepdim=True)
+            rows = mean_attention_row(_tokens(q)[:, 0], _tokens(k)[:, 0])[:, None, None]  # (B, 1, 1, N), row blocks
             return BlockMaps("global-attention (query-averaged)", None, torch.log(rows.clamp_min(1e-30)), _grid(x),
                              _grid(x), meaning="the image's query-averaged row: one map for every position")
         return BlockMaps("global-attention", _tokens(q), _tokens(k), _grid(x), _grid(x))

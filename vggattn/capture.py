@@ -29,6 +29,14 @@ import torch.nn.functional as F
 from .model import GlobalAttention
 
 
+def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log Z_i = logsumexp_j (q_i . k_j) of every row of (B, N, C') Q and (B, M, C') K -> (B, N) float32, a
+    block of rows at a time (never the N x M map); the logits in float32, as `LayerCapture.rows` computes them."""
+    q, k = query.float(), key.float().transpose(1, 2)  # (B, N, C'), (B, C', M)
+    return torch.cat([torch.logsumexp(torch.bmm(q[:, s:s + chunk], k), dim=-1) for s in range(0, q.shape[1], chunk)],
+                     dim=1)
+
+
 class LayerCapture:
     """One attention layer's capture from one forward (tensors detached, on the model's device)."""
 
@@ -110,10 +118,7 @@ class LayerCapture:
         """(B, N) float32: log Z_i = logsumexp_j (q_i . k_j) of every row, a block of rows at a time (never
         the N x N map); computed once. With them any column is A[:, j] = exp(Q k_j - log Z)."""
         if self._log_z is None:
-            q, k = self.query.float(), self.key.float().transpose(1, 2)  # (B, N, C'), (B, C', N)
-            n, chunk = self.num_positions, 1024
-            self._log_z = torch.cat([torch.logsumexp(torch.bmm(q[:, s:s + chunk], k), dim=-1)
-                                     for s in range(0, n, chunk)], dim=1)  # (B, N)
+            self._log_z = log_normalisers(self.query, self.key)  # (B, N)
         return self._log_z
 
     def column(self, key: int) -> torch.Tensor:

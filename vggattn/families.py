@@ -39,12 +39,6 @@ class SelfAttn(nn.Module):
         return self.gamma * out + x, attention
 
 
-def _gram_schmidt(x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
-    for y in ys:
-        x = x - (x @ y.t()) / (y @ y.t()) * y
-    return x
-
-
 class SNConv2d(nn.Conv2d):
     """BigGAN-PyTorch's spectrally normalised conv: the weight divided by its largest singular value, estimated
     by one power iteration from the buffer `u0` (updated in training only); `sv0` keeps the last estimate.
@@ -59,8 +53,8 @@ class SNConv2d(nn.Conv2d):
     def normalised_weight(self) -> torch.Tensor:
         w = self.weight.view(self.weight.size(0), -1)  # (out, in * k * k)
         with torch.no_grad():
-            v = F.normalize(_gram_schmidt(self.u0 @ w, []), eps=self.eps)
-            u = F.normalize(_gram_schmidt(v @ w.t(), []), eps=self.eps)
+            v = F.normalize(self.u0 @ w, eps=self.eps)  # one singular value: Gram-Schmidt against none
+            u = F.normalize(v @ w.t(), eps=self.eps)
             if self.training:
                 self.u0[:] = u
         sv = torch.squeeze((v @ w.t()) @ u.t())

@@ -16,7 +16,6 @@ import base64
 import json
 
 import numpy as np
-import torch
 
 from .render import page_constants
 from .readouts import SINK_DOMINATED
@@ -26,13 +25,6 @@ DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 def _b64(array: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
-
-
-def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log Z_i = logsumexp_j (q_i . k_j) for every row i of (N, C') Q and K -> (N,) float32, a block of
-    rows at a time (never the N x N map); the logits in float32, as `LayerCapture.rows` computes them."""
-    q, k = query.float(), key.float()
-    return torch.cat([torch.logsumexp(q[s:s + chunk] @ k.T, dim=-1) for s in range(0, len(q), chunk)])
 
 
 def hover_payload(result, dtype: str = "float32") -> dict:
