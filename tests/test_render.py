@@ -111,7 +111,9 @@ def test_render_attention_panels_follow_the_click():
         np.testing.assert_allclose(p.attention_row.sum(), 1.0, rtol=1e-12)
         np.testing.assert_allclose(p.attention_row.ravel(), layer.row(p.query_index)[0].numpy(), atol=1e-6)
         top = int(p.attention_row.argmax())
-        assert f"max {p.attention_row.max():.2g} at cell ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
+        peak = p.attention_row.max()
+        assert (f"max {peak:.2f}" if peak >= 0.01 else f"max {peak:.1e}") in p.title, p.title
+        assert f"at cell ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
     columns = render_attention(result, (10, 10), view="column")
     assert all(not np.array_equal(c.image, r.image) for c, r in zip(columns, render_attention(result, (10, 10))))
     with pytest.raises(ValueError, match="outside"):

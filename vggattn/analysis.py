@@ -51,7 +51,9 @@ class Panel:
         """One line: the layer, and what the brightest colour means (the row's largest weight, where)."""
         w = self.grid[1]
         top = int(self.attention_row.argmax())
-        title = f"{self.layer} · max {self.attention_row.max():.2g} at cell ({top // w}, {top % w})"
+        peak = float(self.attention_row.max())
+        shown = f"{peak:.2f}" if peak >= 0.01 else f"{peak:.1e}"  # as the page's colour scale writes it
+        title = f"{self.layer} · max {shown} at cell ({top // w}, {top % w})"
         return f"{title} · ⚠ sink" if self.sink_note else title
 
 

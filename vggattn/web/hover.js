@@ -19,6 +19,7 @@ let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
 const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
 const pins = [];          // ms from a click (pointerdown) to the pinned panels drawn (last 1000)
+const LEGEND_STRIP = 22;  // px under the picture for the colour scale, so it never covers the map
 let generation = 0;       // bumped by every load: a late image decode of an older upload is ignored
 
 // -- payload -----------------------------------------------------------------------------------
@@ -273,8 +274,8 @@ function partsFor(i) {  // the canvas laid over panel i's picture, and its colou
   if (!legend) {
     legend = document.createElement("div");
     legend.className = "vggattn-legend";
-    legend.innerHTML = '<canvas width="96" height="10"></canvas><span></span>';
-    Object.assign(legend.style, {position: "absolute", left: "6px", bottom: "6px", zIndex: "2", display: "none",
+    legend.innerHTML = '<canvas width="64" height="10"></canvas><span></span>';
+    Object.assign(legend.style, {position: "absolute", left: "6px", bottom: "3px", zIndex: "2", display: "none",
       gap: "6px", alignItems: "center", maxWidth: "calc(100% - 12px)", font: "11px/1.3 sans-serif", color: "#fff",
       background: "rgba(0, 0, 0, 0.65)", padding: "2px 6px", borderRadius: "3px", pointerEvents: "none",
       contain: "layout paint", whiteSpace: "nowrap", overflow: "hidden"});  // its text changes per move: no page reflow
@@ -310,10 +311,9 @@ function drawLegend(legend, L, values, how) {
   let top = 0, at = 0;
   values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
   const gw = L.grid[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`, floor = how === "column" ? 1 / L.n : 0;
-  const max = Math.max(top, floor), lo = controls.scale === "log" ? `log, ${K.log_decades} decades: ${fmt(max / Math.pow(10, K.log_decades))}` : "0";
-  const what = how === "row" ? `max ${fmt(top)} at cell ${cell}` :
-    `max ${fmt(max)}${top < floor ? " (1/N: nobody looks here more than uniform)" : ` from cell ${cell}`}`;
-  const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink: cell (${Math.floor(L.sink[0] / gw)}, ${L.sink[0] % gw}) takes ${Math.round(100 * L.sink[1])}% of all attention` : "";
+  const max = Math.max(top, floor), lo = controls.scale === "log" ? `log ${fmt(max / Math.pow(10, K.log_decades))}` : "0";
+  const what = how === "row" ? `max ${fmt(top)} at ${cell}` : `max ${fmt(max)}${top < floor ? " (1/N floor)" : ` from ${cell}`}`;
+  const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink ${Math.round(100 * L.sink[1])}%` : "";
   const span = legend.querySelector("span"), text = `${lo} … ${what}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
@@ -326,7 +326,8 @@ function drawPanel(i, x, y) {
   const {panel, canvas, legend} = parts;
   const {im, q, values} = picture(i, x, y);
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
-  const [dw, dh] = payload.display, s = Math.min(bw / dw, bh / dh);
+  const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
+  const [dw, dh] = payload.display, s = Math.min(bw / dw, ph / dh);
   const w = Math.max(1, Math.round(dw * s)), h = Math.max(1, Math.round(dh * s));
   if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
   if (canvas.style.display !== "block") canvas.style.display = "block";
@@ -337,7 +338,7 @@ function drawPanel(i, x, y) {
   scratch.width = dw; scratch.height = dh;
   scratch.getContext("2d").putImageData(im, 0, 0);
   ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((bh - h) / 2), w, h);  // scaled as the server's <img>
+  ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
   drawLegend(legend, payload.layers[i], values, view);
   canvas.dataset.query = String(q);
   canvas.dataset.view = view;
