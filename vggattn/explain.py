@@ -29,11 +29,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis import analyze
-from .byo import add_model_arguments, load_from_args, wants_own_model
+from .analysis import analyze, display_copy
+from .byo import add_model_arguments, analyze_any, load_from_args, wants_own_model
 from .checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
-from .export import write_result
+from .export import write_any_result, write_result
 from .render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
@@ -114,10 +114,6 @@ def main(argv=None) -> int:
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
             if own:
-                from .analysis import display_copy
-                from .byo import analyze_any
-                from .export import write_any_result
-
                 result = analyze_any(model, meta, image, args.layers)
                 write_any_result(result, points, target, display_copy(image)[0], source=str(image_path),
                                  opacity=args.opacity, colormap=args.colormap)
