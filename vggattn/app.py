@@ -37,7 +37,8 @@ from PIL import Image
 
 import vggattn
 from .analysis import Analysis, ablate, analyze, render_attention, render_map
-from .checkpoint import BAD_INPUT, add_checkpoint_argument
+from .byo import add_model_arguments, load_from_args, wants_own_model
+from .checkpoint import BAD_INPUT, add_checkpoint_argument, resolve_device
 from .data import ImageLoadError, open_image
 from .export import write_result
 from .hover import hover_payload, page_props
@@ -461,6 +462,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
            concurrency: int = 2, queue_size: int = 64, **kw):
     """Serve with a bounded queue: `concurrency` events run at once, at most `queue_size` wait."""
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    if getattr(demo, "vggattn_css", None):  # the any-model app's panel strip (Gradio 6 takes CSS at launch)
+        kw.setdefault("css", demo.vggattn_css)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
                        enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)
 
@@ -481,20 +484,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hover-dtype", default="float32", choices=["float32", "float16"],
                    help="how Q and K travel to the page for the maps under the pointer (float16: half the bytes, "
                         "rows differ by the error in bench/README.md)")
+    add_model_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    own = wants_own_model(args)
     try:
-        model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
-    except (vggattn.CheckpointError, OSError) as e:
-        print(f"error: cannot load checkpoint: {e}", file=sys.stderr)
+        if own:  # any CNN with non-local blocks (vggattn.app_any)
+            model, meta = load_from_args(args, str(vggattn.DEFAULT_CHECKPOINT))
+            model.to(resolve_device(args.device))
+        else:
+            model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
+    except (vggattn.CheckpointError, OSError, ValueError) as e:
+        print(f"error: cannot load {'the model' if own else 'checkpoint'}: {e}", file=sys.stderr)
         return BAD_INPUT
-    log.info("loaded %s on %s", args.checkpoint, next(model.parameters()).device)
-    demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
-                      session_ttl=args.session_ttl)
+    log.info("loaded %s on %s", meta.get("source", args.checkpoint), next(model.parameters()).device)
+    if own:
+        from .app_any import build_any_demo
+
+        weights = None if args.timm or args.checkpoint == str(vggattn.DEFAULT_CHECKPOINT) else args.checkpoint
+        demo = build_any_demo(model, meta, args.layers, load_study(weights) if weights else None,
+                              hover_dtype=args.hover_dtype, session_ttl=args.session_ttl)
+    else:
+        demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
+                          session_ttl=args.session_ttl)
     launch(demo, args.host, args.port, args.share)
     return 0
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .adapters import Adapter, BlockMaps, find_blocks
+from .analysis import display_copy
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict
 from .data import eval_transform, query_index, to_rgb
 
@@ -201,6 +202,9 @@ class AnyAnalysis:
     output: torch.Tensor  # the model's raw output for the image
     class_names: list[str] | None
     blocks: list[BlockResult] = field(default_factory=list)
+    display: np.ndarray | None = None  # (h, w, 3) uint8 copy to draw on (vggattn.analysis.display_copy)
+    display_jpeg: bytes | None = None  # the same picture as the JPEG the page gets
+    input: torch.Tensor | None = None  # the model's input (1, 3, S, S), for ablation forwards
 
     def top_k(self, k: int = 5) -> dict[str, float] | None:
         """{class: probability} when the output is one logit per class, else None (see `score`)."""
@@ -221,7 +225,7 @@ def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[s
     image = to_rgb(image)
     blocks = find_blocks(model, layers)
     device = next(model.parameters()).device
-    x = eval_transform(meta)(image).unsqueeze(0).to(device)
+    x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
     inputs: dict[str, torch.Tensor] = {}
     handles = [module.register_forward_pre_hook(lambda m, args, n=name: inputs.__setitem__(n, args[0].detach()))
                for name, module, _ in blocks]
@@ -232,7 +236,7 @@ def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[s
             h.remove()
     if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
         output = output[0]
-    result = AnyAnalysis(image.size, output.detach().cpu(), meta.get("class_names"))
+    result = AnyAnalysis(image.size, output.detach().cpu(), meta.get("class_names"), [], *display_copy(image), x)
     for name, module, adapter in blocks:
         if name in inputs:
             maps = adapter.maps(module, inputs[name])

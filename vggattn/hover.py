@@ -2,6 +2,9 @@
 
     payload = hover_payload(result)            # JSON-ready dict: per layer Q, K, log Z (base64)
     row = decode(payload["layers"][0], "q")    # (N, C') float32, as the page decodes it
+    layer = page_layer("stages.3.0", maps)     # any family's block (vggattn.adapters.BlockMaps), batch of one
+    layer.row(i, head=None)                    # float64 (M,): what the page computes (head None: mean of heads)
+    layer.payload("float32")                   # the same layer as the page receives it
 
 A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
 log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
@@ -15,9 +18,14 @@ from __future__ import annotations
 import base64
 import json
 
-import numpy as np
+from dataclasses import dataclass
 
-from .render import page_constants
+import numpy as np
+import torch
+
+from .capture import log_normalisers
+from .data import query_index
+from .render import attention_picture, page_constants
 from .readouts import SINK_DOMINATED
 
 DTYPES = {"float32": "<f4", "float16": "<f2"}
@@ -37,7 +45,8 @@ def hover_payload(result, dtype: str = "float32") -> dict:
     layers = []
     for layer, sink in zip(result.layers, result.sinks()):
         q, k = layer.query[0].float(), layer.key[0].float()  # (N, C')
-        layers.append({"name": layer.name, "grid": list(layer.grid), "dim": int(q.shape[1]), "gamma": layer.gamma,
+        layers.append({"name": layer.name, "grid": list(layer.grid), "key_grid": list(layer.grid), "heads": 1,
+                       "kind": "qk", "normalise": "softmax", "scale": 1.0, "dim": int(q.shape[1]), "gamma": layer.gamma,
                        "q": _b64(q.numpy(), dtype), "k": _b64(k.numpy(), dtype),
                        "logz": _b64(layer.log_normalisers[0].numpy(), "float32"), "sink": [sink[0], sink[1]]})
     disp_h, disp_w = result.display.shape[:2]
@@ -46,10 +55,18 @@ def hover_payload(result, dtype: str = "float32") -> dict:
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
-    """One array of a payload layer back as float32: "q"/"k" -> (N, C'), "logz" -> (N,)."""
+    """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d)),
+    "logz" -> (N,) ((heads, N)), "rows" -> (heads, N or 1, M)."""
     raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES["float32" if name == "logz" else dtype])
+    raw = raw.astype(np.float32)
+    heads = layer.get("heads", 1)
     n = layer["grid"][0] * layer["grid"][1]
-    return raw.astype(np.float32).reshape(n, -1) if name != "logz" else raw.astype(np.float32)
+    m = layer.get("key_grid", layer["grid"])[0] * layer.get("key_grid", layer["grid"])[1]
+    if name == "rows":
+        return raw.reshape(heads, -1, m)
+    if name == "logz":
+        return raw if heads == 1 else raw.reshape(heads, n)
+    return raw.reshape(-1, layer["dim"]) if heads == 1 else raw.reshape(heads, -1, layer["dim"])
 
 
 def payload_bytes(payload: dict) -> int:
@@ -61,3 +78,144 @@ def page_props(num_panels: int, controls: dict) -> dict:
     """Everything the page's script is told once, at load: the rendering constants and palettes
     (`vggattn.render.page_constants`), the panel count, the sink rule and the controls' initial values."""
     return {**page_constants(), "num_panels": num_panels, "sink_dominated": SINK_DOMINATED, "controls": dict(controls)}
+
+
+@dataclass
+class PageLayer:
+    """One block's maps on one image in the form the page receives them, and the page's maths on them in numpy
+    (float64 from the same float32 arrays), so the server's pinned pictures are the page's. kind: "qk" (queries
+    and keys: rows are normalise(scale * q . K), columns from the row normalisers log Z), "rows" (the rows
+    themselves: relative-position logits, or N x M smaller than Q and K) or "map" (one map per image: GCNet)."""
+
+    name: str
+    family: str
+    meaning: str  # what a row's numbers are, in words
+    grid: tuple[int, int]  # queries
+    key_grid: tuple[int, int]
+    heads: int
+    kind: str
+    normalise: str  # "softmax" or "mean" (dot product / M)
+    scale: float
+    q: np.ndarray | None = None  # (heads, N, d) float32
+    k: np.ndarray | None = None  # (heads, M, d)
+    logz: np.ndarray | None = None  # (heads, N) float32, softmax rows only
+    rows_: np.ndarray | None = None  # (heads, N or 1, M) float32
+    sink: tuple[int, float] | None = None  # the image's sink: (key cell, its share of all attention); softmax only
+
+    @property
+    def n(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def m(self) -> int:
+        return self.key_grid[0] * self.key_grid[1]
+
+    def head_label(self, head: int | None) -> str:
+        if self.heads == 1:
+            return ""
+        return f"mean of {self.heads} heads" if head is None or head >= self.heads else f"head {head + 1} of {self.heads}"
+
+    def _heads(self, head: int | None) -> list[int]:
+        return [0] if self.heads == 1 else list(range(self.heads)) if head is None or head >= self.heads else [head]
+
+    def _mean(self, parts: list[np.ndarray]) -> np.ndarray:
+        if len(parts) == 1:
+            return parts[0]
+        total = parts[0].copy()
+        for p in parts[1:]:  # in head order, as the page sums them
+            total += p
+        return total / len(parts)
+
+    def row(self, i: int | None, head: int | None = None) -> np.ndarray:
+        """(M,) float64: where query position i looks (a "map" layer: the map; i is ignored)."""
+        return self._mean([self._head_row(h, i) for h in self._heads(head)])
+
+    def _head_row(self, h: int, i: int | None) -> np.ndarray:
+        if self.kind != "qk":
+            return self.rows_[h, 0 if self.kind == "map" else i].astype(np.float64)
+        logits = (self.k[h].astype(np.float64) @ self.q[h, i].astype(np.float64)) * self.scale
+        if self.normalise == "mean":
+            return logits / self.m
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+
+    def column(self, j: int, head: int | None = None) -> np.ndarray:
+        """(N,) float64: how much every query position gives key position j ("map" layers: the map, (M,))."""
+        if self.kind == "map":
+            return self.row(None, head)
+        return self._mean([self._head_column(h, j) for h in self._heads(head)])
+
+    def _head_column(self, h: int, j: int) -> np.ndarray:
+        if self.kind == "rows":
+            return self.rows_[h, :, j].astype(np.float64)
+        logits = (self.q[h].astype(np.float64) @ self.k[h, j].astype(np.float64)) * self.scale
+        if self.normalise == "mean":
+            return logits / self.m
+        return np.exp(logits - self.logz[h].astype(np.float64))
+
+    def picture(self, display: np.ndarray, size: tuple[int, int], xy: tuple[float, float], head: int | None = None,
+                view: str = "row", **style) -> tuple[np.ndarray, int, np.ndarray]:
+        """hover.js's picture() for original-image pixel xy on the display copy: (RGB, the cell index under xy
+        (on the query grid for a row, the key grid for a column), the values drawn). style: scale, mode,
+        colormap, opacity, top_k of `vggattn.render.attention_picture`."""
+        view = "row" if self.kind == "map" else view
+        w, h = size
+        disp_h, disp_w = display.shape[:2]
+        point = ((xy[0] + 0.5) * disp_w / w, (xy[1] + 0.5) * disp_h / h)
+        if view == "row":
+            cell = query_index(xy, size, self.grid)
+            values, grids = self.row(cell, head).reshape(self.key_grid), (self.key_grid, self.grid)
+        else:
+            cell = query_index(xy, size, self.key_grid)
+            values, grids = self.column(cell, head).reshape(self.grid), (self.grid, self.key_grid)
+        rgb = attention_picture(display, values, None if self.kind == "map" else cell, point, view=view,
+                                query_grid=grids[1], floor=1.0 / self.m if view == "column" else None, **style)
+        return rgb, cell, values
+
+    def payload(self, dtype: str = "float32") -> dict:
+        out = {"name": self.name, "family": self.family, "meaning": self.meaning, "grid": list(self.grid),
+               "key_grid": list(self.key_grid), "heads": self.heads, "kind": self.kind, "normalise": self.normalise,
+               "scale": self.scale, "sink": list(self.sink) if self.sink else None}
+        if self.kind == "qk":
+            out.update(dim=int(self.q.shape[-1]), q=_b64(self.q, dtype), k=_b64(self.k, dtype))
+            if self.logz is not None:
+                out["logz"] = _b64(self.logz, "float32")
+        else:
+            out["rows"] = _b64(self.rows_, dtype)
+        return out
+
+
+def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> PageLayer:
+    """A block's `vggattn.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one map per
+    image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else "qk"."""
+    with torch.no_grad():
+        heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
+        if kind is None:
+            d = 0 if maps.per_image else maps.query.shape[-1]
+            kind = "map" if maps.per_image else "rows" if maps.bias is not None or n * m <= (n + m) * d else "qk"
+        if kind == "qk" and (maps.per_image or maps.bias is not None):
+            raise ValueError(f"{name}: its rows cannot be sent as Q and K (one map per image, or extra logits)")
+        layer = PageLayer(name, family, maps.meaning, tuple(maps.grid), tuple(maps.key_grid), heads, kind,
+                          maps.normalise, float(maps.scale))
+        if kind == "qk":
+            layer.q = maps.query[0].float().cpu().numpy()
+            layer.k = maps.key[0].float().cpu().numpy()
+            if maps.normalise == "softmax":
+                layer.logz = log_normalisers(maps.query[0].float() * maps.scale, maps.key[0].float()).cpu().numpy()
+        else:
+            layer.rows_ = maps.rows()[0].float().cpu().numpy()  # (heads, N or 1, M)
+        if maps.normalise == "softmax":
+            mean = maps.mean_row()[0, :, 0].float().mean(0)  # (M,): every query and head's share of each key
+            layer.sink = (int(mean.argmax()), float(mean.max()))
+    return layer
+
+
+def any_payload(result, layers: list[PageLayer], dtype: str = "float32") -> dict:
+    """The page's payload for any model: `page_layer`s and the image (a `vggattn.byo.AnyAnalysis` with its
+    display copy)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    disp_h, disp_w = result.display.shape[:2]
+    return {"version": 3, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
+            "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"),
+            "layers": [layer.payload(dtype) for layer in layers]}

@@ -214,16 +214,18 @@ def top_indices(values: np.ndarray, k: int = TOP_K) -> list[int]:
 
 def attention_picture(image: np.ndarray, grid_map: np.ndarray, query: int | None, point_xy: tuple[float, float] | None,
                       *, view: str = "row", scale: str = "linear", mode: str = "smooth", colormap: str = "inferno",
-                      opacity: float = 0.8, top_k: int = TOP_K, query_grid: tuple[int, int] | None = None) -> np.ndarray:
+                      opacity: float = 0.8, top_k: int = TOP_K, query_grid: tuple[int, int] | None = None,
+                      floor: float | None = None) -> np.ndarray:
     """One panel: a row (or column) of attention over the picture, its top_k cells numbered (rows only),
     the query's cell framed and the point marked. grid_map: (h, w) weights on the key grid; query: the flat
     cell index on `query_grid` (default: the key grid; keys pooled to a smaller grid differ); point_xy: the
-    point in the picture's pixels. query and point None: a map that belongs to no point (GCNet's context)."""
+    point in the picture's pixels. query and point None: a map that belongs to no point (GCNet's context).
+    floor: the colour scale's least maximum (default: 1/size for a column, what uniform rows give each key)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     h, w = image.shape[:2]
     grid = grid_map.shape
-    floor = 1.0 / grid_map.size if view == "column" else 0.0
+    floor = (1.0 / grid_map.size if view == "column" else 0.0) if floor is None else floor
     rgb = overlay(image, upsample(map_levels(grid_map, scale, floor), (w, h), mode), colormap, opacity)
     if top_k and view == "row":
         rgb = mark_cells(rgb, [cell_rect(j, grid, (w, h)) for j in top_indices(grid_map, top_k)])

@@ -1,18 +1,21 @@
 // vggattn hover view: the attention panels follow the pointer over the input image, and a click pins a point.
 //
 // Runs as the js_on_load of a gr.HTML (vggattn/app.py); Gradio gives it `element`, `props` and `watch`.
-// props.value is the payload of vggattn/hover.py (per layer Q, K, log Z, sink), sent once per upload; the other
-// props (vggattn.hover.page_props) are the rendering constants, palettes, panel count, sink rule and controls.
-// Every pointer move and click is answered here, with no request: row i = softmax(q_i . K), column
-// j = exp(Q k_j - log Z), drawn with the rules of vggattn/render.py (attention_picture) at the display copy's
-// size, then scaled into the panel: the same pixels as the server's pinned render (tests/test_browser.py).
+// props.value is the payload of vggattn/hover.py (per layer Q, K, log Z, sink, or the rows themselves), sent once
+// per upload; the other props (vggattn.hover.page_props) are the rendering constants, palettes, panel count, sink
+// rule and controls. Every pointer move and click is answered here, with no request: row i = softmax(scale q_i . K)
+// (or scale q_i . K / M for the dot-product non-local form; a head's own row, or the mean of the heads), column
+// j = exp(scale Q k_j - log Z), drawn with the rules of vggattn/render.py (attention_picture) at the display copy's
+// size, then scaled into the panel: the same pixels as the server's pinned render (tests/test_browser.py). Rows lie
+// on the key grid, which can be smaller than the query grid (pooled keys); "map" layers (GCNet) have one map per
+// image that no query changes.
 // The maps are drawn on canvases laid over the server's panels (#panel-0..); if this script fails to load,
 // clicks still render through the server. window.vggattnHover exposes the maths and drawing for tests and bench/.
 
 const K = props;          // constants: top_k, log_decades, full_at, digits, *_color, palettes, num_panels, sink_dominated
 const api = {};
 let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
-let controls = {...K.controls};  // opacity, colormap, mode, mark, scale: the app's CONTROLS
+let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let current = null;       // [x, y] under the pointer
@@ -58,38 +61,83 @@ function load(raw) {
   image.src = raw.image;
   payload = {
     size: raw.size, display: raw.display_size, image, base: null, bytes: JSON.stringify(raw).length,
-    layers: raw.layers.map(l => ({
-      name: l.name, grid: l.grid, dim: l.dim, n: l.grid[0] * l.grid[1], sink: l.sink,
-      q: decodeArray(l.q, raw.dtype), k: decodeArray(l.k, raw.dtype), logz: decodeArray(l.logz, "float32"),
-    })),
+    layers: raw.layers.map(l => {
+      const keyGrid = l.key_grid || l.grid, kind = l.kind || "qk";
+      return {
+        name: l.name, grid: l.grid, keyGrid, n: l.grid[0] * l.grid[1], m: keyGrid[0] * keyGrid[1], sink: l.sink,
+        heads: l.heads || 1, kind, normalise: l.normalise || "softmax", scale: l.scale === undefined ? 1 : l.scale,
+        dim: l.dim, meaning: l.meaning || "",
+        q: kind === "qk" ? decodeArray(l.q, raw.dtype) : null, k: kind === "qk" ? decodeArray(l.k, raw.dtype) : null,
+        logz: l.logz ? decodeArray(l.logz, "float32") : null, rows: kind !== "qk" ? decodeArray(l.rows, raw.dtype) : null,
+      };
+    }),
   };
   setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below).");
 }
 
-// -- maths (float64 accumulation; the reference is LayerCapture.rows / .column in Python) --------
-function row(li, i) {
-  const L = payload.layers[li], c = L.dim, out = new Float64Array(L.n);
-  let max = -Infinity;
-  for (let j = 0; j < L.n; j++) {
-    let s = 0;
-    for (let d = 0; d < c; d++) s += L.q[i * c + d] * L.k[j * c + d];
-    out[j] = s;
-    if (s > max) max = s;
-  }
-  let sum = 0;
-  for (let j = 0; j < L.n; j++) { out[j] = Math.exp(out[j] - max); sum += out[j]; }
-  for (let j = 0; j < L.n; j++) out[j] /= sum;
+// -- maths (float64 accumulation; the reference is LayerCapture.rows / .column and hover.PageLayer in Python) ----
+function heads(L, head = controls.head) {  // the heads shown: the chosen one, or all (their mean)
+  if (L.heads === 1) return [0];
+  const h = Number(head);
+  if (head === "mean" || head === null || head === undefined || !(h >= 0) || h >= L.heads) return [...Array(L.heads).keys()];
+  return [h];
+}
+
+function mean(parts) {  // hover.PageLayer._mean: summed in head order, then divided
+  if (parts.length === 1) return parts[0];
+  const out = Float64Array.from(parts[0]);
+  for (let p = 1; p < parts.length; p++) for (let j = 0; j < out.length; j++) out[j] += parts[p][j];
+  for (let j = 0; j < out.length; j++) out[j] /= parts.length;
   return out;
 }
 
-function column(li, j) {
-  const L = payload.layers[li], c = L.dim, out = new Float64Array(L.n);
+function headRow(L, h, i) {
+  const out = new Float64Array(L.m);
+  if (L.kind !== "qk") {
+    const base = (h * (L.kind === "map" ? 1 : L.n) + (L.kind === "map" ? 0 : i)) * L.m;
+    for (let j = 0; j < L.m; j++) out[j] = L.rows[base + j];
+    return out;
+  }
+  const c = L.dim, qo = (h * L.n + i) * c, ko = h * L.m * c;
+  let max = -Infinity;
+  for (let j = 0; j < L.m; j++) {
+    let s = 0;
+    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + j * c + d];
+    out[j] = s * L.scale;
+    if (out[j] > max) max = out[j];
+  }
+  if (L.normalise === "mean") { for (let j = 0; j < L.m; j++) out[j] /= L.m; return out; }
+  let sum = 0;
+  for (let j = 0; j < L.m; j++) { out[j] = Math.exp(out[j] - max); sum += out[j]; }
+  for (let j = 0; j < L.m; j++) out[j] /= sum;
+  return out;
+}
+
+function headColumn(L, h, j) {
+  const out = new Float64Array(L.n);
+  if (L.kind === "rows") {
+    for (let i = 0; i < L.n; i++) out[i] = L.rows[(h * L.n + i) * L.m + j];
+    return out;
+  }
+  const c = L.dim, ko = (h * L.m + j) * c;
   for (let i = 0; i < L.n; i++) {
     let s = 0;
-    for (let d = 0; d < c; d++) s += L.q[i * c + d] * L.k[j * c + d];
-    out[i] = Math.exp(s - L.logz[i]);
+    const qo = (h * L.n + i) * c;
+    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + d];
+    out[i] = L.normalise === "mean" ? s * L.scale / L.m : Math.exp(s * L.scale - L.logz[h * L.n + i]);
   }
   return out;
+}
+
+function row(li, i, head) {  // (M,) over the key grid
+  const L = payload.layers[li];
+  return mean(heads(L, head).map(h => headRow(L, h, i)));
+}
+
+function column(li, j, head) {  // (N,) over the query grid; a "map" layer: its map
+  const L = payload.layers[li];
+  if (L.kind === "map") return row(li, 0, head);
+  return mean(heads(L, head).map(h => headColumn(L, h, j)));
 }
 
 function queryIndex(x, y, grid) {  // vggattn.data.query_index: pixel centres, clamped
@@ -234,14 +282,17 @@ function markSizes(w, h) {  // vggattn.render.mark_sizes
 
 // vggattn.render.attention_picture at the display copy's size, for the point (x, y) of the original image
 function picture(li, x, y, how = view) {
-  const L = payload.layers[li], q = queryIndex(x, y, L.grid), [w, h] = payload.display;
+  const L = payload.layers[li], [w, h] = payload.display, map = L.kind === "map";
+  if (map) how = "row";  // one map per image: no query picks a row, and no column either
+  // row: values on the key grid, the query's cell on the query grid; column: the other way round
+  const q = queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
   const values = how === "row" ? row(li, q) : column(li, q);
-  const lv = levels(values, controls.scale, how === "column" ? 1 / L.n : 0);
-  const im = overlay(lv, L.grid, w, h), s = markSizes(w, h);
+  const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
+  const im = overlay(lv, valueGrid, w, h), s = markSizes(w, h);
   if (controls.mark && how === "row") {
     const line = s.line, size = s.digit;
     topIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
-      const [x0, y0, x1, y1] = cellRect(j, L.grid, w, h);
+      const [x0, y0, x1, y1] = cellRect(j, valueGrid, w, h);
       frame(im, [x0 - line - 1, y0 - line - 1, x1 + line + 1, y1 + line + 1], line + 1, K.outline_color);
       frame(im, [x0 - line, y0 - line, x1 + line, y1 + line], line, K.mark_color);
       let gx = x0 - line - 3 - 3 * size;
@@ -251,11 +302,11 @@ function picture(li, x, y, how = view) {
       glyph(im, (rank + 1) % 10, gx, gy, size, K.mark_color, false);
     });
   }
-  frame(im, cellRect(q, L.grid, w, h), Math.max(1, s.dot >> 1), K.query_color);
+  if (!map) frame(im, cellRect(q, how === "row" ? L.grid : L.keyGrid, w, h), Math.max(1, s.dot >> 1), K.query_color);
   const [iw, ih] = payload.size, cx = (x + 0.5) * w / iw, cy = (y + 0.5) * h / ih;
   disk(im, cx, cy, s.dot + 1, K.outline_color);
   disk(im, cx, cy, s.dot, K.query_color);
-  return {im, q, values};
+  return {im, q, values, how};
 }
 
 // -- panels ------------------------------------------------------------------------------------------
@@ -310,11 +361,14 @@ function drawLegend(legend, L, values, how) {
   }
   let top = 0, at = 0;
   values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
-  const gw = L.grid[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`, floor = how === "column" ? 1 / L.n : 0;
+  const gw = (how === "row" ? L.keyGrid : L.grid)[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`;
+  const floor = how === "column" ? 1 / L.m : 0;
   const max = Math.max(top, floor), lo = controls.scale === "log" ? `log ${fmt(max / Math.pow(10, K.log_decades))}` : "0";
-  const what = how === "row" ? `max ${fmt(top)} at ${cell}` : `max ${fmt(max)}${top < floor ? " (1/N floor)" : ` from ${cell}`}`;
+  const what = how === "row" ? `max ${fmt(top)} at ${cell}` : `max ${fmt(max)}${top < floor ? " (1/M floor)" : ` from ${cell}`}`;
   const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink ${Math.round(100 * L.sink[1])}%` : "";
-  const span = legend.querySelector("span"), text = `${lo} … ${what}${sink}`;
+  const hs = heads(L), who = L.heads > 1 ? (hs.length > 1 ? ` · mean of ${L.heads} heads` : ` · head ${hs[0] + 1}/${L.heads}`) : "";
+  const kind = L.kind === "map" ? " · one map per image" : L.normalise === "mean" ? " · f/M, not a softmax" : "";
+  const span = legend.querySelector("span"), text = `${lo} … ${what}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
   if (legend.style.display !== "flex") legend.style.display = "flex";
@@ -324,7 +378,7 @@ function drawPanel(i, x, y) {
   const parts = partsFor(i);
   if (!parts) return;
   const {panel, canvas, legend} = parts;
-  const {im, q, values} = picture(i, x, y);
+  const {im, q, values, how} = picture(i, x, y);
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
   const [dw, dh] = payload.display, s = Math.min(bw / dw, ph / dh);
@@ -339,9 +393,9 @@ function drawPanel(i, x, y) {
   scratch.getContext("2d").putImageData(im, 0, 0);
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
-  drawLegend(legend, payload.layers[i], values, view);
+  drawLegend(legend, payload.layers[i], values, how);
   canvas.dataset.query = String(q);
-  canvas.dataset.view = view;
+  canvas.dataset.view = how;
 }
 
 function draw(x, y, since, log = latencies) {
@@ -435,7 +489,8 @@ load(props.value);
 if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props.value); });
 
 Object.assign(api, {
-  load, row: (li, i) => Array.from(row(li, i)), column: (li, j) => Array.from(column(li, j)), queryIndex,
+  load, row: (li, i, head) => Array.from(row(li, i, head)), column: (li, j, head) => Array.from(column(li, j, head)),
+  queryIndex,
   levels: (values, scale, floor = 0) => Array.from(levels(values, scale, floor)),
   // the picture the panels show for (x, y), at the display copy's size: [width, height, RGB bytes as base64]
   picture: (li, x, y, how) => {
