@@ -41,3 +41,46 @@ def discriminator():
 
 def classifier():
     return Classifier()
+
+
+class EveryFamily(nn.Module):
+    """One block of every family the adapters know, on a 16x16 grid of 32 channels (64 px input), 5 classes: the
+    app's page and server are compared on each (tests/test_browser_any.py)."""
+
+    def __init__(self):
+        from timm.layers import GlobalContext, NonLocalAttn
+        from timm.layers.bottleneck_attn import BottleneckAttn
+
+        from vggattn.model import GlobalAttention
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, 4), nn.ReLU())
+        self.blocks = nn.ModuleDict({
+            "article": GlobalAttention(32), "sagan": SelfAttn(32), "biggan": BigGANAttention(32),
+            "nonlocal_gauss": NonLocalBlock2D(32, sub_sample=True), "nonlocal_dot": NonLocalBlock2D(32, mode="dot"),
+            "timm_nonlocal": NonLocalAttn(32), "botnet": BottleneckAttn(32, feat_size=(16, 16), num_heads=4),
+            "gcnet": GlobalContext(32, fuse_add=True, fuse_scale=True)})
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks.values():
+            h = block(h)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.head(h.mean((2, 3)))
+
+
+def every_family(seed: int = 0):
+    """EveryFamily with every weight random and large enough that rows are far from uniform."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = EveryFamily()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+    return model.eval()

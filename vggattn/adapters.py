@@ -51,14 +51,15 @@ class BlockMaps:
         """True for a map no query changes (one per image and head), like GCNet's global context."""
         return self.query is None
 
-    def rows(self, queries: list[int] | None = None) -> torch.Tensor:
-        """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M)."""
+    def rows(self, queries: list[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M).
+        dtype: of the logits and the normalisation (float64: the dot-product form's f / M without cancellation)."""
         if self.query is None:
-            return torch.softmax(self.key.float(), dim=-1)
+            return torch.softmax(self.key.float().to(dtype), dim=-1)
         q = self.query if queries is None else self.query[:, :, torch.as_tensor(queries, dtype=torch.long)]
-        logits = self.scale * (q.float() @ self.key.float().transpose(-1, -2))  # (B, heads, Q, M)
+        logits = self.scale * (q.float().to(dtype) @ self.key.float().to(dtype).transpose(-1, -2))  # (B, heads, Q, M)
         if self.bias is not None:
-            logits = logits + (self.bias if queries is None else self.bias[:, :, torch.as_tensor(queries)]).float()
+            logits = logits + (self.bias if queries is None else self.bias[:, :, torch.as_tensor(queries)]).float().to(dtype)
         if self.normalise == "softmax":
             return torch.softmax(logits, dim=-1)
         return logits / logits.shape[-1]

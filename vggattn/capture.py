@@ -30,9 +30,11 @@ from .model import GlobalAttention
 
 
 def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log Z_i = logsumexp_j (q_i . k_j) of every row of (B, N, C') Q and (B, M, C') K -> (B, N) float32, a
-    block of rows at a time (never the N x M map); the logits in float32, as `LayerCapture.rows` computes them."""
-    q, k = query.float(), key.float().transpose(1, 2)  # (B, N, C'), (B, C', M)
+    """log Z_i = logsumexp_j (q_i . k_j) of every row of (B, N, C') Q and (B, M, C') K -> (B, N) float32 (float64
+    for a float64 Q), a block of rows at a time (never the N x M map); the logits in float32, as
+    `LayerCapture.rows` computes them."""
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k = query.to(dtype), key.to(dtype).transpose(1, 2)  # (B, N, C'), (B, C', M)
     return torch.cat([torch.logsumexp(torch.bmm(q[:, s:s + chunk], k), dim=-1) for s in range(0, q.shape[1], chunk)],
                      dim=1)
 

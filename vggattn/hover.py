@@ -28,7 +28,7 @@ from .data import query_index
 from .render import attention_picture, page_constants
 from .readouts import SINK_DOMINATED
 
-DTYPES = {"float32": "<f4", "float16": "<f2"}
+DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
 
 
 def _b64(array: np.ndarray, dtype: str) -> str:
@@ -57,8 +57,9 @@ def hover_payload(result, dtype: str = "float32") -> dict:
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d)),
     "logz" -> (N,) ((heads, N)), "rows" -> (heads, N or 1, M)."""
-    raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES["float32" if name == "logz" else dtype])
-    raw = raw.astype(np.float32)
+    logz_dtype = layer.get("logz_dtype", "float32")
+    raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES[logz_dtype if name == "logz" else dtype])
+    raw = raw.astype(np.float64 if name == "logz" and logz_dtype == "float64" else np.float32)
     heads = layer.get("heads", 1)
     n = layer["grid"][0] * layer["grid"][1]
     m = layer.get("key_grid", layer["grid"])[0] * layer.get("key_grid", layer["grid"])[1]
@@ -98,7 +99,8 @@ class PageLayer:
     scale: float
     q: np.ndarray | None = None  # (heads, N, d) float32
     k: np.ndarray | None = None  # (heads, M, d)
-    logz: np.ndarray | None = None  # (heads, N) float32, softmax rows only
+    logz: np.ndarray | None = None  # (heads, N) float64, softmax rows only (float32 would cost columns
+    # |log Z| * 6e-8 of relative error, 5e-4 where random weights give logits in the thousands)
     rows_: np.ndarray | None = None  # (heads, N or 1, M) float32
     sink: tuple[int, float] | None = None  # the image's sink: (key cell, its share of all attention); softmax only
 
@@ -179,7 +181,7 @@ class PageLayer:
         if self.kind == "qk":
             out.update(dim=int(self.q.shape[-1]), q=_b64(self.q, dtype), k=_b64(self.k, dtype))
             if self.logz is not None:
-                out["logz"] = _b64(self.logz, "float32")
+                out.update(logz=_b64(self.logz, "float64"), logz_dtype="float64")
         else:
             out["rows"] = _b64(self.rows_, dtype)
         return out
@@ -200,10 +202,11 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
         if kind == "qk":
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
-            if maps.normalise == "softmax":
-                layer.logz = log_normalisers(maps.query[0].float() * maps.scale, maps.key[0].float()).cpu().numpy()
+            if maps.normalise == "softmax":  # in float64 from the float32 Q and K, as the page computes logits
+                layer.logz = log_normalisers(maps.query[0].float().double() * maps.scale,
+                                             maps.key[0].float().double()).cpu().numpy()
         else:
-            layer.rows_ = maps.rows()[0].float().cpu().numpy()  # (heads, N or 1, M)
+            layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
         if maps.normalise == "softmax":
             mean = maps.mean_row()[0, :, 0].float().mean(0)  # (M,): every query and head's share of each key
             layer.sink = (int(mean.argmax()), float(mean.max()))

@@ -38,6 +38,7 @@ function decodeArray(b64, dtype) {
   const bytes = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
   if (dtype === "float32") return new Float32Array(bytes.buffer);
+  if (dtype === "float64") return new Float64Array(bytes.buffer);
   const half = new Uint16Array(bytes.buffer), out = new Float32Array(half.length);
   for (let i = 0; i < half.length; i++) out[i] = halfToFloat(half[i]);
   return out;
@@ -68,7 +69,7 @@ function load(raw) {
         heads: l.heads || 1, kind, normalise: l.normalise || "softmax", scale: l.scale === undefined ? 1 : l.scale,
         dim: l.dim, meaning: l.meaning || "",
         q: kind === "qk" ? decodeArray(l.q, raw.dtype) : null, k: kind === "qk" ? decodeArray(l.k, raw.dtype) : null,
-        logz: l.logz ? decodeArray(l.logz, "float32") : null, rows: kind !== "qk" ? decodeArray(l.rows, raw.dtype) : null,
+        logz: l.logz ? decodeArray(l.logz, l.logz_dtype || "float32") : null, rows: kind !== "qk" ? decodeArray(l.rows, raw.dtype) : null,
       };
     }),
   };
