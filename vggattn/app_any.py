@@ -40,7 +40,7 @@ CONTROLS_JS = ("(opacity, colormap, mode, mark, scale, head) => { if (window.vgg
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale, head}); }")
 PER_ROW = 3  # panels a row beside the picture
 STRIP_HEIGHT = 600  # px: more than two rows of panels scroll in a strip of this height (1440x900 screen)
-CSS = f"#panel-strip {{ max-height: {STRIP_HEIGHT}px; overflow-y: auto; }}"
+CSS = f"#panel-strip {{ max-height: {STRIP_HEIGHT}px; overflow-y: auto; flex-wrap: nowrap !important; }}"
 INTERVENTIONS = {"off": "off (the block passes its input on)", "mean": "mean row (every query the image's mean row)",
                  "uniform": "uniform rows (average pooling of the values)"}
 
@@ -241,8 +241,9 @@ def describe(model: nn.Module, meta: dict, blocks: list) -> str:
     names = meta.get("class_names")
     classes = f"{len(names)} classes" if names else "no class names (its output is shown as a score)"
     warning = f"\n\n**{meta['warning']}**" if meta.get("warning") else ""
+    weights = f"{Path(str(meta['weights'])).name} weights, " if meta.get("weights") else ""
     return (f"# vggattn · where does self-attention look?\n"
-            f"`{meta.get('source', type(model).__name__)}` ({Path(str(meta.get('weights', '?'))).name} weights, {classes}, "
+            f"`{meta.get('source', type(model).__name__)}` ({weights}{classes}, "
             f"{meta['input_size']} px input) running on **{where}**, with {len(blocks)} attention "
             f"block{'s' if len(blocks) != 1 else ''}: " + ", ".join(f"`{n}` ({a.family})" for n, _, a in blocks) +
             ". Upload an image, then move the pointer over it: each panel shows where the position under it attends "
