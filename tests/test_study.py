@@ -335,7 +335,30 @@ def test_the_study_of_a_model_of_another_family(tmp_path, monkeypatch):
         with torch.no_grad(), Intervention(model, modes):
             hits = (model(x).argmax(1) == y).float().mean().item()
         assert s["interventions"][key]["top1"] == pytest.approx(hits), key
-    assert (out / "report.html").is_file() and s["sanity"]["layers"] == {}
+    assert (out / "report.html").is_file()
+    check = s["sanity"]["layers"]["nonlocal3"]  # 6 images <= the default 256: every one randomised
+    assert s["sanity"]["images"] == 6 and -1 <= check["spearman_qk_reinit"] < 1 and -1 <= check["spearman_full_reinit"] < 1
+    assert check["passes"] == (max(check["spearman_qk_reinit"], check["spearman_full_reinit"]) < study.SANITY_SPEARMAN_MAX)
+
+
+def test_the_sanity_check_reinitialises_exactly_what_makes_each_familys_logits():
+    """reinit_qk changes the parameters named by the adapter's qk_modules and nothing else; on a block whose rows do
+    not depend on those parameters (all positions alike) the rows keep their ranks: Spearman 1, the check fails."""
+    pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm]")
+    import byo_models
+    from vggattn.adapters import find_blocks, reinit_qk
+
+    model = byo_models.every_family()
+    for name, block, adapter in find_blocks(model):
+        fresh = reinit_qk(block, adapter, seed=5)
+        changed = {n for n, p in block.named_parameters() if not torch.equal(p, fresh.get_parameter(n))}
+        owned = {n for n, _ in block.named_parameters() if n.split(".")[0] in adapter.qk_modules}
+        assert changed == owned and owned, (name, changed, owned)
+    block, adapter = model.blocks["sagan"], find_blocks(model, ["blocks.sagan"])[0][2]
+    flat = torch.ones(1, 32, 6, 6)  # every position the same: every row uniform, whatever Q and K are
+    rows = study.mean_head_rows(adapter.maps(block, flat))
+    other = study.mean_head_rows(adapter.maps(reinit_qk(block, adapter, 1), flat))
+    assert study.spearman_rows(rows, other, 36) == pytest.approx(1.0)
 
 
 def test_the_study_of_a_timm_model_offline(tmp_path, monkeypatch, data_root):

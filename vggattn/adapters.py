@@ -96,6 +96,7 @@ class Adapter:
     family = "?"
     residual = "?"  # how the attended values enter the block's output, in words
     off_means = "the block returns its input x"
+    qk_modules: tuple[str, ...] = ()  # the submodules whose parameters make the logits (the sanity check's)
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -139,6 +140,7 @@ class Adapter:
 
 class GlobalAttentionAdapter(Adapter):
     family = "vggattn GlobalAttention (the article's)"
+    qk_modules = ("conv_query", "conv_key")
     residual = "x + γ · out"
 
     def matches(self, module):
@@ -164,6 +166,7 @@ class GlobalAttentionAdapter(Adapter):
 
 class SelfAttnAdapter(Adapter):
     family = "SAGAN Self_Attn"
+    qk_modules = ("query_conv", "key_conv")
     residual = "γ · out + x; forward returns (out, attention)"
     off_means = "the block returns (x, its attention)"
 
@@ -186,6 +189,7 @@ class SelfAttnAdapter(Adapter):
 
 class BigGANAttentionAdapter(Adapter):
     family = "BigGAN Attention"
+    qk_modules = ("theta", "phi")
     residual = "γ · o(attended) + x"
 
     def matches(self, module):
@@ -206,6 +210,7 @@ class BigGANAttentionAdapter(Adapter):
 
 class NonLocalAdapter(Adapter):
     family = "Non-local block (Wang et al. 2018)"
+    qk_modules = ("theta", "phi")
     residual = "W(y) + x (W: 1x1 conv, with BatchNorm)"
 
     def matches(self, module):
@@ -230,6 +235,7 @@ class NonLocalAdapter(Adapter):
 
 class TimmNonLocalAdapter(Adapter):
     family = "timm NonLocalAttn"
+    qk_modules = ("t", "p")
     residual = "norm(z(attended)) + x"
 
     def matches(self, module):
@@ -250,6 +256,7 @@ class TimmNonLocalAdapter(Adapter):
 
 class TimmBottleneckAdapter(Adapter):
     family = "timm BottleneckAttn (BoTNet)"
+    qk_modules = ("qkv", "pos_embed")
     residual = "none inside the block: pool(attended) is its output (the bottleneck block adds the shortcut)"
     off_means = "the block outputs zeros (no attended values)"
 
@@ -288,6 +295,7 @@ class TimmBottleneckAdapter(Adapter):
 
 class TimmGlobalContextAdapter(Adapter):
     family = "GCNet global context (timm GlobalContext)"
+    qk_modules = ("conv_attn",)
     residual = "x · gate(mlp_scale(context)) and/or x + mlp_add(context)"
 
     def matches(self, module):
@@ -311,6 +319,39 @@ class TimmGlobalContextAdapter(Adapter):
         if module.mlp_add is not None:
             x = x + module.mlp_add(context)
         return x
+
+
+def reset(module: nn.Module, seed: int) -> nn.Module:
+    """Re-initialise every parameter of `module` in place, as its layers initialise themselves (reset_parameters);
+    parameters of modules without one (timm's relative-position tables) drawn from N(0, 0.02), as timm does."""
+    torch.manual_seed(seed)
+    covered = set()
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+            covered |= {id(p) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) not in covered:
+                nn.init.trunc_normal_(p, std=0.02)
+    return module
+
+
+def reinit_qk(module: nn.Module, adapter: "Adapter", seed: int) -> nn.Module:
+    """A copy of the block with the parameters that make its logits re-initialised (`Adapter.qk_modules`)."""
+    import copy
+
+    block = copy.deepcopy(module)
+    for i, name in enumerate(adapter.qk_modules):
+        reset(block.get_submodule(name), seed + i)
+    return block.eval()
+
+
+def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of the whole model with every parameter re-initialised (the sanity check's "full" randomisation)."""
+    import copy
+
+    return reset(copy.deepcopy(model), seed).eval()
 
 
 class Intervention:

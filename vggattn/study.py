@@ -360,13 +360,14 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
 
 @torch.no_grad()
 def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: list[str] | None = None,
-                  limit: int = 0, batch_size: int = 32, workers: int = 2, n_boot: int = 2000, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  limit: int = 0, batch_size: int = 32, workers: int = 2, sanity_images: int = 256, n_boot: int = 2000,
+                  seed: int = 0, progress: bool = True) -> dict:
     """The study of any model with non-local blocks (`vggattn.adapters`), in study.json's form: per block the
-    statistics of its rows (heads averaged; keys on their own grid), and every intervention (off / mean /
-    uniform, each block and all) as a whole forward under `Intervention`. No sanity check (which parameters
-    are a family's Q and K is the adapter's to say; not done yet), no contribution or output distances."""
-    from .adapters import Intervention, find_blocks
+    statistics of its rows (heads averaged; keys on their own grid), every intervention (off / mean / uniform,
+    each block and all) as a whole forward under `Intervention`, and the randomisation sanity check (the
+    parameters that make a block's logits, `Adapter.qk_modules`, re-initialised; and the whole model). No
+    contribution or output distances."""
+    from .adapters import Intervention, find_blocks, randomised_copy, reinit_qk
 
     model = model.eval()
     device = next(model.parameters()).device
@@ -383,6 +384,10 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
     per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in names}
     sinks = {name: np.zeros(n_images, dtype=np.int64) for name in names}
     grids, key_grids, families = {}, {}, {}
+    sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
+    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in names}
+    random_model = randomised_copy(model, seed + 1) if sanity_set else None
+    random_blocks = {name: reinit_qk(module, adapter, seed + 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
     done, t0 = 0, time.perf_counter()
     for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="study", unit="batch", disable=not progress):
         x, y, b = x.to(device), y.to(device), len(y)
@@ -401,20 +406,29 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
             top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
+        in_sanity = [j for j in range(b) if done + j in sanity_set]
+        random_entering = entering_any(random_model, x[in_sanity], blocks) if in_sanity else {}
         for name, module, adapter in blocks:
             maps = adapter.maps(module, entering[name])
             grids[name], key_grids[name], families[name] = maps.grid, maps.key_grid, adapter.family
             xs = entering[name].flatten(2).transpose(1, 2)  # (B, N, C)
+            n = maps.grid[0] * maps.grid[1]
             for j in range(b):
+                one = maps.image(j)
+                rows = mean_head_rows(one)
+                if j in in_sanity:  # rank agreement of the rows with those of re-initialised logits, and of a random model
+                    qk = mean_head_rows(adapter.maps(random_blocks[name], entering[name][j:j + 1]))
+                    r = in_sanity.index(j)
+                    full = mean_head_rows(adapter.maps(dict(random_model.named_modules())[name], random_entering[name][r:r + 1]))
+                    for kind, other in (("qk", qk), ("full", full)):
+                        sanity[name][kind].append(spearman_rows(rows, other, n))
+                        if maps.normalise == "softmax":
+                            sanity[name][f"{kind}_stats"].append(attention_statistics(other, maps.grid, input_size,
+                                                                                      key_grid=maps.key_grid))
                 if maps.normalise != "softmax":  # f / M rows are no distributions: only the input's distances
                     per_image[name]["cosine_distance_input"][done + j] = mean_cosine_distance(
                         unit(xs[j].float()).sum(0).cpu(), xs.shape[1])
                     continue
-                one = maps.image(j)
-
-                def rows(s: int, e: int, one=one) -> torch.Tensor:  # (e - s, M): the mean of the heads' rows
-                    return one.rows(None if one.per_image else list(range(s, e)))[0].mean(0).expand(e - s, -1)
-
                 stats = attention_statistics(rows, maps.grid, input_size, x=xs[j], key_grid=maps.key_grid)
                 for stat, value in stats.items():
                     if stat in per_image[name]:
@@ -425,7 +439,8 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
             "input_size": input_size, "class_names": list(meta["class_names"]), "wall_s": time.perf_counter() - t0,
             "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
                             "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
-                            "sanity_pass": "no sanity check for models of other families yet",
+                            "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations (the "
+                                           "logits' parameters re-initialised; the whole model)",
                             "heads": "several heads: the statistics of the mean of the heads' rows"},
             "layers": {name: {**layer_summary(per_image[name], sinks[name], key_grids[name],
                                               float(getattr(module, "gamma", float("nan"))), targets,
@@ -433,7 +448,29 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
                               "query_grid": list(grids[name]), "family": families[name]}
                        for name, module, _ in blocks},
             "interventions": intervention_summary(top1, top5, n_boot, seed),
-            "sanity": {"images": 0, "threshold": SANITY_SPEARMAN_MAX, "layers": {}}}
+            "sanity": sanity_summary(sanity)}
+
+
+def mean_head_rows(maps) -> RowFn:
+    """A batch-of-one BlockMaps' rows as the study reads them: (e - s, M) rows s..e, the mean of the heads'."""
+    def rows(s: int, e: int) -> torch.Tensor:
+        return maps.rows(None if maps.per_image else list(range(s, e)))[0].mean(0).expand(e - s, -1)
+    return rows
+
+
+@torch.no_grad()
+def entering_any(model: torch.nn.Module, x: torch.Tensor, blocks) -> dict[str, torch.Tensor]:
+    """{block name: the activation entering it} from one forward of `model` (forward pre-hooks, removed after)."""
+    modules = dict(model.named_modules())
+    entering: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_pre_hook(lambda m, args, n=name: entering.__setitem__(n, args[0]))
+               for name, *_ in blocks]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return entering
 
 
 def nanmean(v: np.ndarray) -> float:
@@ -553,7 +590,7 @@ def main(argv=None) -> int:
                 raise StudyError("the study needs class names (--classes) to score predictions")
             study = run_study_any(model.to(resolve_device(args.device)), meta, args.data, layers=args.layers,
                                   limit=args.limit, batch_size=args.batch_size, workers=args.workers,
-                                  n_boot=args.bootstrap, seed=args.seed)
+                                  sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed)
         else:
             model, meta = load_checkpoint(args.checkpoint, device=args.device)
             study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size,
