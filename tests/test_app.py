@@ -41,10 +41,16 @@ def test_upload_runs_the_model_once_and_fills_the_page(mm, ui):
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
     assert "click" in out[ui.status] and "pointer" in out[ui.status]
     assert all(out[p]["value"] is None for p in ui.panels) and out[ui.readouts] == ""
-    maps = [out[m] for m in ui.maps]
+    assert all(out[m]["value"] is None for m in ui.maps)  # the tabs' maps are drawn when their tab is open
+    tabs = {tab: app.on_tab(ui, tab, state) for tab in ("contribution", "dependence", "gradcam", "export")}
+    maps = [tabs["contribution"][m] for m in ui.maps[:3]] + [tabs["dependence"][m] for m in ui.maps[3:6]] + \
+        [tabs["gradcam"][ui.maps[6]]]
     assert all(m["value"] is not None for m in maps)  # contribution x3, query-averaged x3, Grad-CAM
-    assert "‖γ·attn‖/‖x‖ mean" in maps[0]["label"]
-    assert "JSD" in maps[3]["label"] and "Grad-CAM" in maps[6]["label"] and "features.30" in out[ui.dependence_md]
+    assert "‖γ·attn‖/‖x‖ mean" in maps[0]["label"] and tabs["gradcam"][ui.open_tab] == "gradcam"
+    assert "JSD" in maps[3]["label"] and "Grad-CAM" in maps[6]["label"] and "features.30" in tabs["dependence"][ui.dependence_md]
+    assert all(v == app.gr.update() for k, v in tabs["export"].items() if k in ui.maps)  # a tab without maps: none drawn
+    assert all(v == app.gr.update() for k, v in tabs["contribution"].items() if k in ui.maps[3:])  # only its own
+    assert app.on_tab(ui, "dependence", None)[ui.maps[3]] == app.gr.update()  # no image yet: nothing, no error
 
 
 def test_cleared_image_resets(mm, ui):

@@ -102,7 +102,7 @@ class Analysis:
     def sinks(self) -> list[tuple[int, float]]:
         """Per layer, this image's sink: (flat index of the most attended cell, its share of all
         attention, i.e. max_j of the query-averaged row) (vggattn.study's sink_mass for one image)."""
-        return [(int(m.argmax()), float(m.max())) for m, _ in self.query_dependence()]
+        return [(int(layer.mean_row[0].argmax()), float(layer.mean_row[0].max())) for layer in self.layers]
 
     def query_dependence(self) -> list[tuple[np.ndarray, float]]:
         """Per layer: (query-averaged attention map (h, w), mean JS divergence of the rows from it, nats).

@@ -94,6 +94,7 @@ class UI:
 
     state: gr.State
     point: gr.State
+    open_tab: gr.State  # which of the tabs is open: only its maps are drawn (TABS)
     hover: gr.HTML  # the page's copy of Q, K and log Z (vggattn.hover), for maps under the pointer
     labels: gr.Label
     gammas_md: gr.Markdown
@@ -117,20 +118,51 @@ def panel_updates(ui: UI, panels=None) -> dict:
     return {c: gr.update(value=p.image, label=p.title) for c, p in zip(ui.panels, panels)}
 
 
+def tab_maps(ui: UI, tab: str | None) -> list:
+    """The images of one tab (None: of every tab)."""
+    parts = {"contribution": ui.maps[:NUM_PANELS], "dependence": ui.maps[NUM_PANELS:2 * NUM_PANELS],
+             "gradcam": ui.maps[2 * NUM_PANELS:]}
+    return ui.maps if tab is None else parts.get(tab, [])
+
+
 def map_updates(ui: UI, result: Analysis | None, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
-                mode=CONTROLS["mode"]) -> dict:
-    """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM."""
+                mode=CONTROLS["mode"], tab: str | None = None) -> dict:
+    """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM; only
+    those of `tab` when given (the query dependence's JSD and the Grad-CAM are computed when asked for)."""
+    shown = tab_maps(ui, tab)
     if result is None:
-        return {c: gr.update(value=None) for c in ui.maps}
+        return {c: gr.update(value=None) for c in shown}
     draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
-    contrib = [gr.update(value=draw(c), label=f"{layer.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
-               for layer, c in zip(result.layers, result.contributions())]
-    mean_maps = [gr.update(value=draw(m), label=f"{layer.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
-                 for layer, (m, jsd) in zip(result.layers, result.query_dependence())]
-    top = result.class_names[int(result.probs.argmax())]
-    cam = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
-                    label=f"Grad-CAM of '{top}' at the last conv layer")
-    return dict(zip(ui.maps, [*contrib, *mean_maps, cam]))
+    out = {}
+    if tab in (None, "contribution"):
+        out |= dict(zip(ui.maps[:NUM_PANELS], [
+            gr.update(value=draw(c), label=f"{layer.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
+            for layer, c in zip(result.layers, result.contributions())]))
+    if tab in (None, "dependence"):
+        out |= dict(zip(ui.maps[NUM_PANELS:2 * NUM_PANELS], [
+            gr.update(value=draw(m), label=f"{layer.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
+            for layer, (m, jsd) in zip(result.layers, result.query_dependence())]))
+    if tab in (None, "gradcam"):
+        top = result.class_names[int(result.probs.argmax())]
+        out[ui.maps[-1]] = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
+                                     label=f"Grad-CAM of '{top}' at the last conv layer")
+    return out
+
+
+def on_tab(ui: UI, tab: str, state, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
+           mode=CONTROLS["mode"]) -> dict:
+    """A tab was opened (or an upload finished with it open): draw its maps for this image, once."""
+    out = {ui.open_tab: tab, ui.dependence_md: gr.update()}
+    if click_problem(state):
+        return out | unchanged(ui.maps)
+    out |= unchanged(ui.maps) | map_updates(ui, state, opacity, colormap, mode, tab)
+    if tab == "dependence":
+        out[ui.dependence_md] = dependence_markdown(state.layers, state.query_dependence())
+    return out
+
+
+def tab_outputs(ui: UI) -> list:
+    return [ui.open_tab, *ui.maps, ui.dependence_md]
 
 
 def blank(ui: UI) -> dict:
@@ -163,9 +195,7 @@ def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str) -> dict:
             ui.gammas_md: gamma_markdown(result),
             ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
                                           "gamma": [layer.gamma for layer in result.layers]}),
-            ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status,
-            ui.dependence_md: dependence_markdown(result.layers, result.query_dependence()),
-            **map_updates(ui, result)}
+            ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status}
 
 
 def release_memory() -> None:
@@ -242,12 +272,13 @@ def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS[
                                               scale=scale))
 
 
-def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"]) -> dict:
-    """Opacity / colormap / upsampling changed: re-render the panels and the tabs' maps (no model run)."""
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"], tab=None) -> dict:
+    """Opacity / colormap / upsampling changed: re-render the panels and the open tab's maps (tab None: every
+    tab's; no model run)."""
     if click_problem(state):
         return unchanged([*ui.panels, *ui.maps])
-    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
-            **map_updates(ui, state, opacity, colormap, mode)}
+    return {**unchanged(ui.maps), **on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
+            **map_updates(ui, state, opacity, colormap, mode, tab)}
 
 
 def on_ablate(ui: UI, model, state, layers) -> dict:
@@ -345,6 +376,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         # between users; dropped session_ttl seconds after it was made, and at most STATE_SESSIONS are kept (launch()).
         state = gr.State(None, time_to_live=session_ttl)
         point = gr.State(None, time_to_live=session_ttl)  # last clicked (x, y)
+        open_tab = gr.State("contribution")  # the tab shown first
         # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
         with gr.Row(equal_height=True):
             image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: point at or click any pixel",
@@ -377,17 +409,17 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                 interactive=False, height=200)
         readouts = gr.Markdown(elem_id="readouts")
         with gr.Tabs():
-            with gr.Tab("Effective contribution"):
+            with gr.Tab("Effective contribution") as contribution_tab:
                 gr.Markdown(CONTRIBUTION_HINT)
                 with gr.Row():
                     contrib = [gr.Image(interactive=False, format="jpeg", elem_id=f"contribution-{i}")
                                for i in range(NUM_PANELS)]
-            with gr.Tab("Query dependence"):
+            with gr.Tab("Query dependence") as dependence_tab:
                 dependence_md = gr.Markdown(elem_id="dependence")
                 with gr.Row():
                     mean_maps = [gr.Image(interactive=False, format="jpeg", elem_id=f"mean-map-{i}")
                                  for i in range(NUM_PANELS)]
-            with gr.Tab("Ablation"):
+            with gr.Tab("Ablation") as ablation_tab:
                 gr.Markdown("Switch attention layers off (γ = 0 for one forward) and see how the top-5 changes.")
                 with gr.Row():
                     layers_off = gr.CheckboxGroup(vggattn.attention_layer_names(model), label="Switch off",
@@ -395,16 +427,16 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                     ablate_button = gr.Button("Run with these layers off", elem_id="ablate")
                 ablation_verdict = gr.Markdown(elem_id="ablation-verdict")
                 ablation = gr.Dataframe(interactive=False, elem_id="ablation")
-            with gr.Tab("Grad-CAM"):
+            with gr.Tab("Grad-CAM") as gradcam_tab:
                 gr.Markdown("Grad-CAM of the top class at the last conv layer: where the *class evidence* is, "
                             "beside where positions *look*.")
                 cam = gr.Image(interactive=False, format="jpeg", elem_id="gradcam", height=420)
-            with gr.Tab("Export"):
+            with gr.Tab("Export") as export_tab:
                 export_button = gr.Button("Export the current view", elem_id="export-button")
                 with gr.Row():
                     export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
                     export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
-            with gr.Tab("Dataset"):
+            with gr.Tab("Dataset") as dataset_tab:
                 study_md, study_images = study_view(study, checkpoint)
                 gr.Markdown(study_md, elem_id="study")
                 for name, label in (("interventions.png", "Top-1 change per intervention, 95% CI"),
@@ -413,7 +445,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                     ("distributions.png", "Per-image distributions")):
                     if name in study_images:
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
-        ui = UI(state=state, point=point, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,
+        ui = UI(state=state, point=point, open_tab=open_tab, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,
                 seen=seen, status=status, panels=panels, readouts=readouts, maps=[*contrib, *mean_maps, cam],
                 dependence_md=dependence_md, ablation=ablation, ablation_verdict=ablation_verdict,
                 export_file=export_file, export_png=export_png)
@@ -421,17 +453,22 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
 
         # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
         image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
-            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload")
+            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload").then(
+            lambda state, tab, *controls: on_tab(ui, tab, state, *controls), [state, open_tab, opacity, colormap, mode],
+            tab_outputs(ui), api_name=False)  # the open tab's maps, after the page has the image's maps
+        for tab, name in ((contribution_tab, "contribution"), (dependence_tab, "dependence"), (gradcam_tab, "gradcam"),
+                          (ablation_tab, "ablation"), (export_tab, "export"), (dataset_tab, "dataset")):
+            tab.select(bind(on_tab, ui, name), [state, opacity, colormap, mode], tab_outputs(ui), api_name=False)
         def click(state, opacity, colormap, mode, mark, scale, evt: gr.SelectData):  # Gradio finds evt by
             return on_click(ui, state, opacity, colormap, mode, mark, evt, scale)  # annotation, hidden by a partial
 
         image.select(click, [state, opacity, colormap, mode, mark, scale], point_outputs(ui), api_name="click")
-        controls = [state, point, opacity, colormap, mode, mark, scale]
+        controls = [state, point, opacity, colormap, mode, mark, scale, open_tab]
         for control in (opacity, colormap, mode):
             control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
                            api_name=f"rerender_{control.elem_id}")
-        mark.change(bind(on_mark, ui), controls, panels, api_name="rerender_number")
-        scale.change(bind(on_mark, ui), controls, panels, api_name="rerender_scale")
+        mark.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_number")
+        scale.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_scale")
         for control in (opacity, colormap, mode, mark, scale):  # the hover view redraws in the page
             control.change(None, [opacity, colormap, mode, mark, scale], None, js=CONTROLS_JS, queue=False,
                            api_name=False)

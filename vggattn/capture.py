@@ -29,14 +29,24 @@ import torch.nn.functional as F
 from .model import GlobalAttention
 
 
-def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024, *, mean_row: bool = False):
     """log Z_i = logsumexp_j (q_i . k_j) of every row of (B, N, C') Q and (B, M, C') K -> (B, N) float32 (float64
     for a float64 Q), a block of rows at a time (never the N x M map); the logits in float32, as
-    `LayerCapture.rows` computes them."""
+    `LayerCapture.rows` computes them. mean_row: also return the query-averaged row (B, M) float64, from the
+    same logits (what the image's sink is read from), so an upload builds every row once."""
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k = query.to(dtype), key.to(dtype).transpose(1, 2)  # (B, N, C'), (B, C', M)
-    return torch.cat([torch.logsumexp(torch.bmm(q[:, s:s + chunk], k), dim=-1) for s in range(0, q.shape[1], chunk)],
-                     dim=1)
+    n = q.shape[1]
+    parts, total = [], None
+    for s in range(0, n, chunk):
+        logits = torch.bmm(q[:, s:s + chunk], k)  # (B, R, M)
+        log_z = torch.logsumexp(logits, dim=-1)  # (B, R)
+        parts.append(log_z)
+        if mean_row:  # the rows themselves, summed over the queries: the same pass
+            rows = torch.exp(logits.sub_(log_z[..., None]))
+            total = rows.sum(1, dtype=torch.float64) if total is None else total + rows.sum(1, dtype=torch.float64)
+    log_z = torch.cat(parts, dim=1)
+    return (log_z, total / n) if mean_row else log_z
 
 
 class LayerCapture:
@@ -50,6 +60,7 @@ class LayerCapture:
         self._query, self._key, self._contribution = query, key, contribution
         self._forward: tuple | None = None  # (block, (x, y, Q/K weights), their versions) until first read
         self._log_z: torch.Tensor | None = None  # (B, N), on first use
+        self._mean_row: torch.Tensor | None = None  # (B, N) float64, with log Z
 
     @classmethod
     def from_forward(cls, name: str, block: GlobalAttention, x: torch.Tensor, y: torch.Tensor) -> "LayerCapture":
@@ -120,8 +131,15 @@ class LayerCapture:
         """(B, N) float32: log Z_i = logsumexp_j (q_i . k_j) of every row, a block of rows at a time (never
         the N x N map); computed once. With them any column is A[:, j] = exp(Q k_j - log Z)."""
         if self._log_z is None:
-            self._log_z = log_normalisers(self.query, self.key)  # (B, N)
+            self._log_z, self._mean_row = log_normalisers(self.query, self.key, mean_row=True)  # (B, N) each
         return self._log_z
+
+    @property
+    def mean_row(self) -> torch.Tensor:
+        """(B, N) float64: the query-averaged row (1/N) sum_i A[i, :], from the same pass as `log_normalisers`."""
+        if self._mean_row is None:
+            self.log_normalisers
+        return self._mean_row
 
     def column(self, key: int) -> torch.Tensor:
         """How much every query position attends to position `key` -> (B, N) float64, A[:, key]

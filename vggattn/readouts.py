@@ -65,10 +65,11 @@ def js_divergence(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def query_dependence(layer: LayerCapture, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean_row (B, N), jsd (B,)): the query-averaged map, and the mean JS divergence (nats) of the N
     rows from it. jsd = 0 when every query looks at the same place; up to ln 2 when the rows are
-    disjoint one-hots. Two passes over the rows in chunks (never the whole N x N map at once)."""
+    disjoint one-hots. The mean row comes with log Z (`LayerCapture.mean_row`); one more pass over the rows in
+    chunks for the divergences (never the whole N x N map at once)."""
     n = layer.num_positions
     starts = range(0, n, chunk)
-    mean_row = sum(layer.rows(list(range(s, min(n, s + chunk)))).double().sum(1) for s in starts) / n  # (B, N)
+    mean_row = layer.mean_row  # (B, N), made with log Z (one pass over the rows)
     jsd = sum(js_divergence(layer.rows(list(range(s, min(n, s + chunk)))), mean_row[:, None]).sum(1)
               for s in starts) / n  # (B,)
     return mean_row.float(), jsd.float()

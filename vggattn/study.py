@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,6 +164,90 @@ def spearman_rows(rows_a: RowFn, rows_b: RowFn, n: int, block_elements: int = BL
     return total / n
 
 
+_DISTANCES: dict[tuple, torch.Tensor] = {}
+
+
+def cell_distances(grid: tuple[int, int], key_grid: tuple[int, int], input_size: int, device) -> torch.Tensor:
+    """(N, M) float32 distances in model-input pixels between query and key cell centres, made once per grids."""
+    key = (tuple(grid), tuple(key_grid), int(input_size), str(device))
+    if key not in _DISTANCES:
+        if len(_DISTANCES) > 16:
+            _DISTANCES.clear()
+        size = (input_size, input_size)
+        _DISTANCES[key] = torch.cdist(cell_centers(grid, size), cell_centers(key_grid, size)).float().to(device)
+    return _DISTANCES[key]
+
+
+@torch.no_grad()
+def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int], input_size: int, *,
+                     x: torch.Tensor | None = None, delta: torch.Tensor | None = None,
+                     block_elements: int = BLOCK_ELEMENTS, keep_elements: int = 1 << 25) -> dict[str, np.ndarray]:
+    """`attention_statistics` of every image of a batch at once, from the layer's Q and K (B, N, C') and the
+    block's input x and its change delta = output - x (B, N, C) -> {statistic: (B,) float64, "sink_index": (B,)}.
+
+    One pass builds each block of rows once (several images at a time when N is small) and takes every
+    statistic from it: the distance matrix is made once per grid, the unit rows' sum is a matrix-vector product,
+    the attention output's statistics come from delta (= gamma * attention output; no A V product), and the
+    JSD uses the entropies already summed: JSD = H(a) - (H(p) + H(m)) / 2 with a = (p + m) / 2, so one more log
+    per weight. The rows of an image are kept for the JSD pass when they fit `keep_elements`, else rebuilt.
+    Terms in float32, sums in float64."""
+    B, n, _ = query.shape
+    m = key.shape[1]
+    device = query.device
+    dist = cell_distances(grid, grid, input_size, device)
+    keyt = key.float().transpose(1, 2)  # (B, C', M)
+    per = max(1, block_elements // m)  # rows a block
+    out = {k: np.zeros(B) for k in ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac",
+                                    "mean_distance_px")}
+    out["sink_index"] = np.zeros(B, dtype=np.int64)
+    images = max(1, per // n)  # whole images a block, when one image's rows are fewer than a block
+    for b0 in range(0, B, images):
+        b1 = min(B, b0 + images)
+        g = b1 - b0
+        col_sum = torch.zeros(g, m, dtype=torch.float64, device=device)
+        unit_sum = torch.zeros(g, m, dtype=torch.float64, device=device)
+        top1 = torch.zeros(g, dtype=torch.float64, device=device)
+        plogp = torch.zeros(g, dtype=torch.float64, device=device)
+        distance = torch.zeros(g, dtype=torch.float64, device=device)
+        kept = [] if g * n * m <= keep_elements else None
+        steps = [(s, min(n, s + per)) for s in range(0, n, per)] if g == 1 else [(0, n)]
+        for s0, s1 in steps:
+            a = torch.softmax(torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1]), dim=-1)  # (g, R, M)
+            if kept is not None:
+                kept.append(a)
+            col_sum += a.sum(1, dtype=torch.float64)
+            inv = 1.0 / a.norm(dim=2).clamp_min(1e-12)  # (g, R)
+            unit_sum += torch.bmm(inv[:, None, :], a)[:, 0].double()
+            top1 += a.amax(2).sum(1, dtype=torch.float64)
+            plogp += torch.xlogy(a, a).sum((1, 2), dtype=torch.float64)
+            distance += (a * dist[s0:s1]).sum((1, 2), dtype=torch.float64)
+        mean_row = (col_sum / n).float()  # (g, M)
+        mlogm = torch.xlogy(mean_row, mean_row).sum(1, dtype=torch.float64)  # (g,)
+        alog = torch.zeros(g, dtype=torch.float64, device=device)
+        for i, (s0, s1) in enumerate(steps):
+            a = kept[i] if kept is not None else torch.softmax(torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1]), -1)
+            mid = 0.5 * (a + mean_row[:, None, :])
+            alog += torch.xlogy(mid, mid).sum((1, 2), dtype=torch.float64)
+        # JSD_q = H(a) - (H(p_q) + H(m)) / 2 = (sum_j p log p + m log m) / 2 - sum_j a log a, summed over queries
+        jsd = (0.5 * (plogp + n * mlogm) - alog) / n
+        sink = col_sum.argmax(1)
+        out["sink_index"][b0:b1] = sink.cpu().numpy()
+        out["sink_mass"][b0:b1] = (col_sum.max(1).values / n).cpu().numpy()
+        out["top1_weight"][b0:b1] = (top1 / n).cpu().numpy()
+        out["jsd"][b0:b1] = jsd.clamp_min(0).cpu().numpy()
+        out["entropy_frac"][b0:b1] = ((-plogp / n) / math.log(m) if m > 1 else 0 * plogp).cpu().numpy()
+        out["mean_distance_px"][b0:b1] = (distance / n).cpu().numpy()
+        out["cosine_distance"][b0:b1] = [mean_cosine_distance(u, n) for u in unit_sum.cpu()]
+    if x is not None:
+        out["cosine_distance_input"] = np.array([mean_cosine_distance(unit(xi.float()).sum(0).cpu(), n) for xi in x])
+    if delta is not None:
+        out["cosine_distance_output"] = np.array([mean_cosine_distance(unit(d.float()).sum(0).cpu(), n) for d in delta])
+        if x is not None:
+            ratio = delta.float().norm(dim=2) / x.float().norm(dim=2).clamp_min(1e-12)  # (B, N)
+            out["contribution"] = ratio.double().mean(1).cpu().numpy()
+    return out
+
+
 # -- the model run a block at a time, with interventions -------------------------------------------
 
 @torch.no_grad()
@@ -271,25 +356,94 @@ def reinit_qk(model: VGG16WithAttention, index: int, seed: int) -> GlobalAttenti
 
 
 @torch.no_grad()
-def entering_blocks(model: VGG16WithAttention, h: torch.Tensor, start: int, indices) -> tuple[torch.Tensor, dict]:
-    """Run model.features from `start` on h -> (features output, {index: activation entering that block})."""
+def entering_blocks(model: VGG16WithAttention, h: torch.Tensor, start: int, indices,
+                    leaving: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Run model.features from `start` on h -> (features output, {index: activation entering that block});
+    leaving: a dict to fill with {index: the block's output} too."""
     entering = {}
     for i in range(start, len(model.features)):
         if i in indices:
             entering[i] = h
         h = model.features[i](h)
+        if leaving is not None and i in indices:
+            leaving[i] = h
     return h, entering
+
+
+class Records:
+    """A study's per-image records, one .npz file a batch, written as they are made (a killed study keeps what
+    it wrote; `--resume` continues from it). folder None: kept in memory. Every array is indexed by image:
+    "index" (the image's position in the split), "target", "top1:<run>", "<layer>:<statistic>", ..."""
+
+    def __init__(self, folder: str | Path | None = None, rank: int = 0):
+        self.folder = Path(folder) if folder is not None else None
+        self.rank, self.memory = rank, []
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.npz")) if self.folder is not None else []
+
+    def done(self) -> set[int]:
+        """Indices of the images already recorded (by any rank)."""
+        if self.folder is None:
+            return {int(i) for r in self.memory for i in r["index"]}
+        out = set()
+        for part in self.parts():
+            with np.load(part) as z:
+                out |= {int(i) for i in z["index"]}
+        return out
+
+    def clear(self) -> None:
+        self.memory.clear()
+        for part in self.parts():
+            part.unlink()
+
+    def write(self, record: dict[str, np.ndarray]) -> None:
+        if self.folder is None:
+            self.memory.append(record)
+            return
+        name = f"part-r{self.rank}-{int(record['index'][0]):07d}.npz"
+        tmp = self.folder / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **record)
+        os.replace(tmp, self.folder / name)  # whole or absent: a kill mid-write leaves no half part
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Every record, merged: images in index order, each once (a DistributedSampler's padding repeats some)."""
+        parts = self.memory if self.folder is None else []
+        for path in self.parts():
+            with np.load(path) as z:
+                parts.append({k: z[k] for k in z.files})
+        if not parts:
+            raise StudyError("no records to merge")
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        _, first = np.unique(merged["index"], return_index=True)  # sorted by index, duplicates dropped
+        return {k: v[first] for k, v in merged.items()}
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """The image positions of one rank, as torch's DistributedSampler (no shuffle) gives them: every rank the
+    same count, the last padded by repeating the first images (dropped again when records are merged)."""
+    from torch.utils.data import DistributedSampler
+
+    return list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False)) if world > 1 \
+        else list(range(n))
 
 
 @torch.no_grad()
 def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit: int = 0, batch_size: int = 32,
               workers: int = 2, sanity_images: int = 256, n_boot: int = 2000, seed: int = 0,
-              progress: bool = True) -> dict:
+              progress: bool = True, records: Records | None = None, resume: bool = False, rank: int = 0,
+              world: int = 1) -> dict | None:
     """The whole study as the JSON-ready dict `study.json` holds.
 
-    Per batch: one forward keeping the activation entering each attention block; the intervention
-    runs restart from the activation entering their first replaced block (the layers before it are
-    the baseline's); the statistics are computed image by image from the block's Q, K, V.
+    Per batch: one forward keeping the activation entering and leaving each attention block; the
+    intervention runs restart from the activation entering their first replaced block (the layers before
+    it are the baseline's); the statistics of every image of the batch from the block's Q and K and its
+    change to x (`batch_statistics`). Each batch's per-image results go to `records` as they are made.
+    resume: skip the images `records` holds already. rank / world: this process's share of the images
+    (`shard`); only world == 1 returns the study (ranks merge with `summarise` once all have written).
     """
     if not isinstance(model, VGG16WithAttention):
         raise StudyError("the study needs a VGG16WithAttention (its features are run block by block)")
@@ -302,59 +456,110 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     n_images, input_size = len(ds), int(meta["input_size"])
     if n_images == 0:
         raise StudyError(f"{data} holds no images")
+    records = records if records is not None else Records()
+    if not resume and world == 1:  # several ranks: the launcher clears once, before any writes (main)
+        records.clear()
+    done_before = records.done() if resume else set()
+    todo = [i for i in shard(n_images, rank, world) if i not in done_before]
     first = min(layers.values())
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
-    runs = {f"{name}:{mode}": {i: mode} for name, i in layers.items() for mode in MODES} \
-        | {f"all:{mode}": {i: mode for i in layers.values()} for mode in MODES}
-    top1 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
-    top5 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
-    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in layers}
-    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in layers}
-    grids: dict[str, tuple[int, int]] = {}
-    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in layers}
+    runs = run_modes(layers)
     random_model = fresh_copy(model, seed + 1) if sanity_set else None
     random_blocks = {name: reinit_qk(model, i, seed + 2 + j) for j, (name, i) in enumerate(layers.items())}
-    done = 0
     t0 = time.perf_counter()
-    for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="study", unit="batch", disable=not progress):
+    batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    loader = DataLoader(Subset(ds, todo), batch_size, num_workers=workers)
+    for positions, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc="study", unit="batch",
+                                  disable=not progress):
         x, y, b = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device), len(y)
-        out, entering = entering_blocks(model, model.features[:first](x), first, layers.values())
+        record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
+        leaving: dict[int, torch.Tensor] = {}
+        out, entering = entering_blocks(model, model.features[:first](x), first, layers.values(), leaving)
         logits = {"baseline": model.forward_head(out)}
         logits |= {key: run_from(model, entering[min(modes)], min(modes), modes) for key, modes in runs.items()}
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
-            top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
-            top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
-        in_sanity = [j for j in range(b) if done + j in sanity_set]
+            record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
+            record[f"top5:{key}"] = (k5 == y[:, None]).any(1).cpu().numpy()
+        in_sanity = [j for j in range(b) if positions[j] in sanity_set]
         random_entering = entering_blocks(random_model, x[in_sanity], 0, layers.values())[1] if in_sanity else {}
         for name, i in layers.items():
             block = model.features[i]
-            grids[name] = grid = tuple(entering[i].shape[-2:])
-            q, k, v = qkv(block, entering[i])  # (B, N, C'), (B, N, C'), (B, N, C)
+            grid = tuple(entering[i].shape[-2:])
+            record[f"{name}:grid"] = np.array([grid] * b)
+            q, k = (conv(entering[i]).flatten(2).transpose(1, 2) for conv in (block.conv_query, block.conv_key))
             xs = entering[i].flatten(2).transpose(1, 2)  # (B, N, C)
-            for j in range(b):
+            delta = (leaving[i] - entering[i]).flatten(2).transpose(1, 2)  # gamma * attention output, (B, N, C)
+            stats = batch_statistics(q, k, grid, input_size, x=xs, delta=delta)  # every image of the batch at once
+            for stat in STATS:
+                record[f"{name}:{stat}"] = stats[stat]
+            record[f"{name}:sink"] = stats["sink_index"]
+            for kind in ("qk", "full"):
+                record[f"{name}:sanity:{kind}"] = np.full(b, np.nan)
+                for stat in SANITY_STATS:
+                    record[f"{name}:sanity:{kind}:{stat}"] = np.full(b, np.nan)
+            for r, j in enumerate(in_sanity):  # rank agreement with re-initialised Q/K, and with a random model
                 rows = softmax_rows(q[j], k[j])
-                s = attention_statistics(rows, grid, input_size, x=xs[j], value=v[j], gamma=float(block.gamma))
-                for stat in STATS:
-                    per_image[name][stat][done + j] = s[stat]
-                sinks[name][done + j] = s["sink_index"]
-                if j in in_sanity:
-                    qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
-                    r = in_sanity.index(j)
-                    qr, kr, _ = qkv(random_model.features[i], random_entering[i][r:r + 1])
-                    for kind, other in (("qk", softmax_rows(qa[0], ka[0])), ("full", softmax_rows(qr[0], kr[0]))):
-                        sanity[name][kind].append(spearman_rows(rows, other, grid[0] * grid[1]))
-                        sanity[name][f"{kind}_stats"].append(attention_statistics(other, grid, input_size))
-        done += b
-    return {"checkpoint": None, "data": str(data), "images": n_images, "input_size": input_size,
-            "class_names": list(meta["class_names"]), "wall_s": time.perf_counter() - t0,
+                qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
+                qr, kr, _ = qkv(random_model.features[i], random_entering[i][r:r + 1])
+                for kind, other in (("qk", softmax_rows(qa[0], ka[0])), ("full", softmax_rows(qr[0], kr[0]))):
+                    record[f"{name}:sanity:{kind}"][j] = spearman_rows(rows, other, grid[0] * grid[1])
+                    other_stats = attention_statistics(other, grid, input_size)
+                    for stat in SANITY_STATS:
+                        record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat]
+        records.write(record)
+        pause_for_tests(records)
+    wall = time.perf_counter() - t0
+    if world > 1:
+        return None
+    return summarise(records.load(), model, meta, data, n_images, wall, n_boot, seed)
+
+
+SANITY_STATS = ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px")
+
+
+def pause_for_tests(records: Records) -> None:
+    """VGGATTN_STUDY_HANG_AFTER=k: stop (sleep) once k batches are recorded, for the test that kills a study."""
+    after = int(os.environ.get("VGGATTN_STUDY_HANG_AFTER", "0") or 0)
+    if after and len(records.parts()) >= after:
+        print("VGGATTN_STUDY_HANGING", flush=True)
+        time.sleep(3600)
+
+
+def run_modes(layers: dict[str, int]) -> dict[str, dict[int, str]]:
+    """The 13 intervention runs: each layer and all of them, off / mean / uniform."""
+    return {f"{name}:{mode}": {i: mode} for name, i in layers.items() for mode in MODES} \
+        | {f"all:{mode}": {i: mode for i in layers.values()} for mode in MODES}
+
+
+def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict, data, n_images: int, wall: float,
+              n_boot: int, seed: int) -> dict:
+    """study.json from the merged per-image records (`Records.load`) of every image of the split."""
+    if len(rec["index"]) != n_images or not np.array_equal(rec["index"], np.arange(n_images)):
+        missing = sorted(set(range(n_images)) - set(rec["index"].tolist()))
+        raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
+                         "run again with --resume to finish them")
+    layers = attention_indices(model)
+    runs = ["baseline", *run_modes(layers)]
+    targets = rec["target"]
+    sanity = {}
+    for name in layers:
+        mask = ~np.isnan(rec[f"{name}:sanity:qk"])
+        sanity[name] = {kind: rec[f"{name}:sanity:{kind}"][mask].tolist() for kind in ("qk", "full")}
+        for kind in ("qk", "full"):
+            sanity[name][f"{kind}_stats"] = [{stat: float(rec[f"{name}:sanity:{kind}:{stat}"][j]) for stat in SANITY_STATS}
+                                             for j in np.nonzero(mask)[0]]
+    return {"checkpoint": None, "data": str(data), "images": n_images, "input_size": int(meta["input_size"]),
+            "class_names": list(meta["class_names"]), "wall_s": wall,
             "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
                             "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
                             "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations"},
-            "layers": {name: layer_summary(per_image[name], sinks[name], grids[name], float(model.features[i].gamma),
-                                           targets, list(meta["class_names"]))
+            "layers": {name: layer_summary({stat: rec[f"{name}:{stat}"] for stat in STATS}, rec[f"{name}:sink"],
+                                           tuple(int(v) for v in rec[f"{name}:grid"][0]),
+                                           float(model.features[i].gamma), targets, list(meta["class_names"]))
                        for name, i in layers.items()},
-            "interventions": intervention_summary(top1, top5, n_boot, seed),
+            "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs}, {k: rec[f"top5:{k}"] for k in runs},
+                                                  n_boot, seed),
             "sanity": sanity_summary(sanity)}
 
 
@@ -571,6 +776,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
+    p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
+                   "records in OUT/records and study only the images they miss")
     add_model_arguments(p)
     return p.parse_args(argv)
 
@@ -583,6 +790,9 @@ def main(argv=None) -> int:
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
     own = wants_own_model(args)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not own:  # started by torchrun: each rank studies its share, rank 0 merges
+        return main_distributed(args, rank, world)
     try:
         if own:
             model, meta = load_from_args(args, str(DEFAULT_CHECKPOINT))
@@ -595,11 +805,16 @@ def main(argv=None) -> int:
             model, meta = load_checkpoint(args.checkpoint, device=args.device)
             study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size,
                               workers=args.workers, sanity_images=args.sanity_images, n_boot=args.bootstrap,
-                              seed=args.seed)
+                              seed=args.seed, records=Records(Path(args.out) / "records"), resume=args.resume)
     except (StudyError, CheckpointError, ValueError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
 
+    return finish(study, args, meta, own)
+
+
+def finish(study: dict, args, meta: dict, own: bool = False) -> int:
+    """Write study.json, the report and figures (and --ship's copy), and say what was found."""
     study["checkpoint"] = meta.get("source") if own else Path(args.checkpoint).name
     paths = write_study(study, args.out)
     if args.ship:
@@ -612,6 +827,42 @@ def main(argv=None) -> int:
         log.info("%s", line)
     log.info("%d images in %.0f s; wrote %s", study["images"], study["wall_s"], ", ".join(str(p) for p in paths))
     return 0
+
+
+def main_distributed(args, rank: int, world: int) -> int:
+    """Under torchrun: gloo on the CPU, NCCL on GPUs (--device cuda: this rank's LOCAL_RANK GPU). Every rank
+    writes its share's records to OUT/records; rank 0 merges them (duplicates of the sampler's padding dropped)
+    and writes the study."""
+    import torch.distributed as dist
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+        model, meta = load_checkpoint(args.checkpoint, device=device)
+        records = Records(Path(args.out) / "records", rank=rank)
+        if rank == 0 and not args.resume:
+            records.clear()
+        dist.barrier()
+        t0 = time.perf_counter()
+        run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
+                  sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed, records=records,
+                  resume=args.resume, rank=rank, world=world, progress=rank == 0)
+        dist.barrier()  # every share recorded
+        if rank != 0:
+            return 0
+        ds, _ = load_split(args.data, meta, args.limit)
+        study = summarise(records.load(), model, meta, args.data, len(ds), time.perf_counter() - t0, args.bootstrap,
+                          args.seed)
+        study["world_size"] = world
+        return finish(study, args, meta)
+    except (StudyError, CheckpointError, ValueError) as e:
+        log.error("error: %s", e)
+        return BAD_INPUT
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
