@@ -191,3 +191,27 @@ def test_reading_after_an_in_place_weight_update_raises():
     assert first.row(0).shape == (1, 16 * 16)
     with pytest.raises(RuntimeError, match="read the capture before updating the model"):
         _ = second.key
+
+
+def test_the_forward_hands_the_capture_log_z_and_the_mean_row():
+    """On the CPU inference path the block's own forward fills each layer's log Z and mean row from the weights it
+    computes (no second pass); they equal the ones computed from Q and K, and other threads' forwards keep none."""
+    import threading
+
+    from vggattn.capture import log_normalisers
+
+    model = tiny_model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vggattn.AttentionCapture(model) as cap:
+        model(x)
+        for layer in cap.layers:
+            assert layer._log_z is not None and layer._mean_row is not None  # from the forward itself
+            log_z, mean_row = log_normalisers(layer.query, layer.key, mean_row=True)
+            torch.testing.assert_close(layer.log_normalisers, log_z, rtol=0, atol=2e-5)
+            torch.testing.assert_close(layer.mean_row, mean_row, rtol=0, atol=1e-7)
+        blocks = [m for m in model.modules() if isinstance(m, vggattn.GlobalAttention)]
+        other = threading.Thread(target=lambda: model(x))
+        other.start()
+        other.join()
+        assert all(not b.summaries for b in blocks)  # the other thread's forward kept nothing
+    assert all(not b.summaries_for and not b.summaries for b in blocks)  # released on exit

@@ -124,3 +124,21 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     parts = list((tmp_path / "two" / "records").glob("part-*.npz"))
     assert {p.name.split("-")[1] for p in parts} == {"r0", "r1"}  # both ranks wrote their share
     assert_same_study(two, one)
+
+
+def test_runs_sharing_segments_equal_each_run_alone():
+    """run_all computes the segments runs share once; each run's logits equal run_from's."""
+    from conftest import tiny_model
+
+    model = tiny_model(num_classes=4)
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 64, 64)
+    layers = study.attention_indices(model)
+    first = min(layers.values())
+    _, entering = study.entering_blocks(model, model.features[:first](x), first, layers.values())
+    runs = study.run_modes(layers)
+    shared = study.run_all(model, entering, runs)
+    assert set(shared) == set(runs) and len(runs) == 12
+    for key, modes in runs.items():
+        torch.testing.assert_close(shared[key], study.run_from(model, entering[min(modes)], min(modes), modes),
+                                   rtol=0, atol=0, msg=key)

@@ -131,7 +131,11 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool =
     with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
         kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None
         logits = model(x)  # (1, num_classes)
-    layers = [LayerCapture(layer.name, layer.gamma, layer.grid, layer.query.cpu(), layer.key.cpu(), layer.contribution.cpu()) for layer in cap.layers]
+    layers = [LayerCapture(layer.name, layer.gamma, layer.grid, layer.query.cpu(), layer.key.cpu(), layer.contribution.cpu())
+              for layer in cap.layers]
+    for captured, layer in zip(cap.layers, layers):  # log Z and the mean row, where the forward made them already
+        if captured._log_z is not None:
+            layer._log_z, layer._mean_row = captured._log_z.cpu(), captured._mean_row.cpu()
     temperature = float(meta.get("temperature", 1.0))  # fitted on held-out training images (scripts/calibrate.py)
     probs = torch.softmax(logits.float() / temperature, dim=-1)[0].cpu()
     cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None

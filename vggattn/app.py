@@ -455,7 +455,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
             bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload").then(
             lambda state, tab, *controls: on_tab(ui, tab, state, *controls), [state, open_tab, opacity, colormap, mode],
-            tab_outputs(ui), api_name=False)  # the open tab's maps, after the page has the image's maps
+            tab_outputs(ui), api_name="open_tab")  # the open tab's maps, after the page has the image's
         for tab, name in ((contribution_tab, "contribution"), (dependence_tab, "dependence"), (gradcam_tab, "gradcam"),
                           (ablation_tab, "ablation"), (export_tab, "export"), (dataset_tab, "dataset")):
             tab.select(bind(on_tab, ui, name), [state, opacity, colormap, mode], tab_outputs(ui), api_name=False)

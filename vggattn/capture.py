@@ -173,6 +173,7 @@ class AttentionCapture:
         self.module = module
         self.layers: list[LayerCapture] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._blocks: list[GlobalAttention] = []
         self._owner: int | None = None
 
     def __enter__(self) -> "AttentionCapture":
@@ -187,6 +188,8 @@ class AttentionCapture:
             self._handles.append(self.module.register_forward_pre_hook(self._on_root_forward))
             for name, block in blocks:
                 self._handles.append(block.register_forward_hook(self._keep(name)))
+                block.summaries_for.add(self._owner)  # its forward keeps log Z and the mean row for us
+                self._blocks.append(block)
         except BaseException:
             self.release()
             raise
@@ -201,6 +204,10 @@ class AttentionCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for block in self._blocks:
+            block.summaries_for.discard(self._owner)
+            block.summaries.pop(self._owner, None)
+        self._blocks.clear()
 
     def __getitem__(self, name: str) -> LayerCapture:
         for layer in self.layers:
@@ -219,5 +226,9 @@ class AttentionCapture:
     def _keep(self, name: str):
         def hook(block: GlobalAttention, args, output: torch.Tensor) -> None:
             if self._mine():
-                self.layers.append(LayerCapture.from_forward(name, block, args[0].detach(), output.detach()))
+                layer = LayerCapture.from_forward(name, block, args[0].detach(), output.detach())
+                kept = block.summaries.pop(self._owner, None)  # made by the forward itself (CPU inference)
+                if kept is not None:
+                    layer._log_z, layer._mean_row = kept["log_z"], kept["mean_row"]
+                self.layers.append(layer)
         return hook

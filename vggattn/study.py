@@ -153,8 +153,9 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
 @torch.no_grad()
 def spearman_rows(rows_a: RowFn, rows_b: RowFn, n: int, block_elements: int = BLOCK_ELEMENTS) -> float:
     """Mean over query rows of the Spearman rank correlation between two maps' rows."""
-    def ranks(a: torch.Tensor) -> torch.Tensor:  # (R, N) -> centred, unit-norm ranks per row
-        r = a.argsort(1).argsort(1).double()
+    def ranks(a: torch.Tensor) -> torch.Tensor:  # (R, N) -> centred, unit-norm ranks per row (one sort)
+        order = a.argsort(1)
+        r = torch.empty_like(order).scatter_(1, order, torch.arange(a.shape[1], device=a.device).expand_as(order)).double()
         r = r - r.mean(1, keepdim=True)
         return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -212,14 +213,18 @@ def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, in
         kept = [] if g * n * m <= keep_elements else None
         steps = [(s, min(n, s + per)) for s in range(0, n, per)] if g == 1 else [(0, n)]
         for s0, s1 in steps:
-            a = torch.softmax(torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1]), dim=-1)  # (g, R, M)
+            logits = torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1])  # (g, R, M)
+            a = torch.softmax(logits, dim=-1)
             if kept is not None:
                 kept.append(a)
             col_sum += a.sum(1, dtype=torch.float64)
             inv = 1.0 / a.norm(dim=2).clamp_min(1e-12)  # (g, R)
             unit_sum += torch.bmm(inv[:, None, :], a)[:, 0].double()
-            top1 += a.amax(2).sum(1, dtype=torch.float64)
-            plogp += torch.xlogy(a, a).sum((1, 2), dtype=torch.float64)
+            top, at = a.max(2)  # (g, R)
+            top1 += top.sum(1, dtype=torch.float64)
+            # sum_j a log a = sum_j a l - log Z, and log Z = l_j - log a_j at the row's largest weight: no log a weight
+            log_z = logits.gather(2, at[..., None])[..., 0].double() - torch.log(top.double())
+            plogp += (a * logits).sum(2, dtype=torch.float64).sub_(log_z).sum(1)
             distance += (a * dist[s0:s1]).sum((1, 2), dtype=torch.float64)
         mean_row = (col_sum / n).float()  # (g, M)
         mlogm = torch.xlogy(mean_row, mean_row).sum(1, dtype=torch.float64)  # (g,)
@@ -282,6 +287,38 @@ def features_from(model: VGG16WithAttention, h: torch.Tensor, start: int, modes:
 def run_from(model: VGG16WithAttention, h: torch.Tensor, start: int, modes: dict[int, str]) -> torch.Tensor:
     """Logits of `features_from`."""
     return model.forward_head(features_from(model, h, start, modes))
+
+
+@torch.no_grad()
+def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: dict[str, dict[int, str]]) -> dict:
+    """Logits of every run {key: {block index: mode}}, each from the activation entering its first replaced
+    block, with the segments between attention blocks that runs share computed once: "features.14:mean" and
+    "all:mean" run features 14..21 alike (equal to `run_from` of each run, without the repeats)."""
+    blocks = sorted(entering)
+    ends = {i: next((j for j in blocks if j > i), len(model.features)) for i in blocks}
+    cache: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, modes in runs.items():
+        start = min(modes)
+        prefix = tuple((i, None) for i in blocks if i < start)  # what happened before: the baseline
+        h = entering[start]
+        for i in (j for j in blocks if j >= start):
+            prefix += ((i, modes.get(i)),)
+            if prefix not in cache:
+                cache[prefix] = features_segment(model, h, i, ends[i], modes)
+            h = cache[prefix]
+        out[key] = model.forward_head(h)
+    return out
+
+
+@torch.no_grad()
+def features_segment(model: VGG16WithAttention, h: torch.Tensor, start: int, stop: int,
+                     modes: dict[int, str]) -> torch.Tensor:
+    """model.features[start:stop] on h, the blocks in `modes` replaced by `intervene`."""
+    for i in range(start, stop):
+        m = model.features[i]
+        h = intervene(m, h, modes[i]) if i in modes else m(h)
+    return h
 
 
 def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
@@ -476,7 +513,7 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
         leaving: dict[int, torch.Tensor] = {}
         out, entering = entering_blocks(model, model.features[:first](x), first, layers.values(), leaving)
         logits = {"baseline": model.forward_head(out)}
-        logits |= {key: run_from(model, entering[min(modes)], min(modes), modes) for key, modes in runs.items()}
+        logits |= run_all(model, entering, runs)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
@@ -502,11 +539,11 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
                 rows = softmax_rows(q[j], k[j])
                 qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
                 qr, kr, _ = qkv(random_model.features[i], random_entering[i][r:r + 1])
-                for kind, other in (("qk", softmax_rows(qa[0], ka[0])), ("full", softmax_rows(qr[0], kr[0]))):
-                    record[f"{name}:sanity:{kind}"][j] = spearman_rows(rows, other, grid[0] * grid[1])
-                    other_stats = attention_statistics(other, grid, input_size)
+                for kind, (qo, ko) in (("qk", (qa, ka)), ("full", (qr, kr))):
+                    record[f"{name}:sanity:{kind}"][j] = spearman_rows(rows, softmax_rows(qo[0], ko[0]), grid[0] * grid[1])
+                    other_stats = batch_statistics(qo, ko, grid, input_size)
                     for stat in SANITY_STATS:
-                        record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat]
+                        record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat][0]
         records.write(record)
         pause_for_tests(records)
     wall = time.perf_counter() - t0
