@@ -412,14 +412,22 @@ class Records:
     it wrote; `--resume` continues from it). folder None: kept in memory. Every array is indexed by image:
     "index" (the image's position in the split), "target", "top1:<run>", "<layer>:<statistic>", ..."""
 
-    def __init__(self, folder: str | Path | None = None, rank: int = 0):
+    def __init__(self, folder: str | Path | None = None, rank: int = 0, kind: str = "part"):
         self.folder = Path(folder) if folder is not None else None
-        self.rank, self.memory = rank, []
+        self.rank, self.kind, self.memory = rank, kind, []
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
+    def of(self, kind: str) -> "Records":
+        """The records of another kind in the same folder (the faithfulness measures: "faith")."""
+        other = Records(self.folder, self.rank, kind)
+        if self.folder is None:
+            self.__dict__.setdefault("_others", {})
+            other.memory = self._others.setdefault(kind, [])
+        return other
+
     def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.npz")) if self.folder is not None else []
+        return sorted(self.folder.glob(f"{self.kind}-*.npz")) if self.folder is not None else []
 
     def done(self) -> set[int]:
         """Indices of the images already recorded (by any rank)."""
@@ -440,7 +448,7 @@ class Records:
         if self.folder is None:
             self.memory.append(record)
             return
-        name = f"part-r{self.rank}-{int(record['index'][0]):07d}.npz"
+        name = f"{self.kind}-r{self.rank}-{int(record['index'][0]):07d}.npz"
         tmp = self.folder / f".{name}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, **record)
@@ -453,7 +461,7 @@ class Records:
             with np.load(path) as z:
                 parts.append({k: z[k] for k in z.files})
         if not parts:
-            raise StudyError("no records to merge")
+            raise StudyError(f"no {self.kind} records to merge")
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         _, first = np.unique(merged["index"], return_index=True)  # sorted by index, duplicates dropped
         return {k: v[first] for k, v in merged.items()}
@@ -472,7 +480,7 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit: int = 0, batch_size: int = 32,
               workers: int = 2, sanity_images: int = 256, n_boot: int = 2000, seed: int = 0,
               progress: bool = True, records: Records | None = None, resume: bool = False, rank: int = 0,
-              world: int = 1) -> dict | None:
+              world: int = 1, faithfulness_images: int = 128) -> dict | None:
     """The whole study as the JSON-ready dict `study.json` holds.
 
     Per batch: one forward keeping the activation entering and leaving each attention block; the
@@ -481,6 +489,8 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     change to x (`batch_statistics`). Each batch's per-image results go to `records` as they are made.
     resume: skip the images `records` holds already. rank / world: this process's share of the images
     (`shard`); only world == 1 returns the study (ranks merge with `summarise` once all have written).
+    faithfulness_images: evenly spaced images on which `vggattn.faithfulness` measures deletion and the sink's
+    anatomy (records of their own: a finished study gains them with resume).
     """
     if not isinstance(model, VGG16WithAttention):
         raise StudyError("the study needs a VGG16WithAttention (its features are run block by block)")
@@ -494,10 +504,14 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     if n_images == 0:
         raise StudyError(f"{data} holds no images")
     records = records if records is not None else Records()
+    faith = records.of("faith")
     if not resume and world == 1:  # several ranks: the launcher clears once, before any writes (main)
         records.clear()
+        faith.clear()
     done_before = records.done() if resume else set()
-    todo = [i for i in shard(n_images, rank, world) if i not in done_before]
+    faith_set = set(evenly_spaced(n_images, faithfulness_images)) if faithfulness_images else set()
+    faith_set -= faith.done() if resume else set()
+    todo = [i for i in shard(n_images, rank, world) if i not in done_before or i in faith_set]
     first = min(layers.values())
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
     runs = run_modes(layers)
@@ -512,7 +526,14 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
         record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
         leaving: dict[int, torch.Tensor] = {}
         out, entering = entering_blocks(model, model.features[:first](x), first, layers.values(), leaving)
-        logits = {"baseline": model.forward_head(out)}
+        base_logits = model.forward_head(out)
+        measure = [j for j in range(b) if positions[j] in faith_set]
+        if measure:
+            faith.write(faithfulness_record(model, layers, entering, leaving, base_logits, random_blocks,
+                                            [positions[j] for j in measure], measure, seed))
+        if all(p in done_before for p in positions):  # resumed for the faithfulness measures only
+            continue
+        logits = {"baseline": base_logits}
         logits |= run_all(model, entering, runs)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
@@ -549,10 +570,38 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     wall = time.perf_counter() - t0
     if world > 1:
         return None
-    return summarise(records.load(), model, meta, data, n_images, wall, n_boot, seed)
+    return summarise(records.load(), model, meta, data, n_images, wall, n_boot, seed, faith_records(faith))
 
 
 SANITY_STATS = ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px")
+
+
+@torch.no_grad()
+def faithfulness_record(model: VGG16WithAttention, layers: dict[str, int], entering: dict, leaving: dict,
+                        logits: torch.Tensor, random_blocks: dict, positions: list[int], rows: list[int],
+                        seed: int) -> dict[str, np.ndarray]:
+    """`vggattn.faithfulness.image_faithfulness` of the batch's images `rows` in every layer, as one record."""
+    from . import faithfulness
+
+    record: dict[str, list] = {"index": positions}
+    for name, i in layers.items():
+        block = model.features[i]
+        for j in rows:
+            h, w = entering[i].shape[-2:]
+
+            def tail(tokens: torch.Tensor, i=i, h=h, w=w) -> torch.Tensor:  # (B, N, C) block outputs -> logits
+                t = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w).contiguous(memory_format=torch.channels_last)
+                return model.forward_head(model.features[i + 1:](t))
+
+            xj = entering[i][j:j + 1]
+            q, k, v = (faithfulness._tokens(c(xj)) for c in (block.conv_query, block.conv_key, block.conv_value))
+            rq, rk = (faithfulness._tokens(c(xj)) for c in (random_blocks[name].conv_query, random_blocks[name].conv_key))
+            measured = faithfulness.image_faithfulness(q, k, v, faithfulness._tokens(xj), faithfulness._tokens(leaving[i][j:j + 1]),
+                                                       float(block.gamma), tail, int(logits[j].argmax()), (rq, rk),
+                                                       seed=seed + positions[rows.index(j)])
+            for key, value in measured.items():
+                record.setdefault(f"{name}:{key}", []).append(value)
+    return {key: np.asarray(value) for key, value in record.items()}
 
 
 def pause_for_tests(records: Records) -> None:
@@ -569,9 +618,19 @@ def run_modes(layers: dict[str, int]) -> dict[str, dict[int, str]]:
         | {f"all:{mode}": {i: mode for i in layers.values()} for mode in MODES}
 
 
+def faith_records(faith: Records) -> dict | None:
+    try:
+        return faith.load()
+    except StudyError:  # measured on no image (--faithfulness-images 0)
+        return None
+
+
 def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict, data, n_images: int, wall: float,
-              n_boot: int, seed: int) -> dict:
-    """study.json from the merged per-image records (`Records.load`) of every image of the split."""
+              n_boot: int, seed: int, faith: dict | None = None) -> dict:
+    """study.json from the merged per-image records (`Records.load`) of every image of the split, and of the
+    faithfulness measures (their own records) where there are some."""
+    from . import faithfulness
+
     if len(rec["index"]) != n_images or not np.array_equal(rec["index"], np.arange(n_images)):
         missing = sorted(set(range(n_images)) - set(rec["index"].tolist()))
         raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
@@ -597,7 +656,8 @@ def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict,
                        for name, i in layers.items()},
             "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs}, {k: rec[f"top5:{k}"] for k in runs},
                                                   n_boot, seed),
-            "sanity": sanity_summary(sanity)}
+            "sanity": sanity_summary(sanity),
+            **({"faithfulness": faithfulness.summarise(faith, list(layers), n_boot, seed)} if faith is not None else {})}
 
 
 @torch.no_grad()
@@ -813,6 +873,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
+    p.add_argument("--faithfulness-images", type=int, default=128, help="images for the deletion and sink "
+                   "measures (vggattn.faithfulness; 0 = skip)")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
                    "records in OUT/records and study only the images they miss")
     add_model_arguments(p)
@@ -842,7 +904,8 @@ def main(argv=None) -> int:
             model, meta = load_checkpoint(args.checkpoint, device=args.device)
             study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size,
                               workers=args.workers, sanity_images=args.sanity_images, n_boot=args.bootstrap,
-                              seed=args.seed, records=Records(Path(args.out) / "records"), resume=args.resume)
+                              seed=args.seed, records=Records(Path(args.out) / "records"), resume=args.resume,
+                              faithfulness_images=args.faithfulness_images)
     except (StudyError, CheckpointError, ValueError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
@@ -882,17 +945,19 @@ def main_distributed(args, rank: int, world: int) -> int:
         records = Records(Path(args.out) / "records", rank=rank)
         if rank == 0 and not args.resume:
             records.clear()
+            records.of("faith").clear()
         dist.barrier()
         t0 = time.perf_counter()
         run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
                   sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed, records=records,
-                  resume=args.resume, rank=rank, world=world, progress=rank == 0)
+                  resume=args.resume, rank=rank, world=world, progress=rank == 0,
+                  faithfulness_images=args.faithfulness_images)
         dist.barrier()  # every share recorded
         if rank != 0:
             return 0
         ds, _ = load_split(args.data, meta, args.limit)
         study = summarise(records.load(), model, meta, args.data, len(ds), time.perf_counter() - t0, args.bootstrap,
-                          args.seed)
+                          args.seed, faith_records(records.of("faith")))
         study["world_size"] = world
         return finish(study, args, meta)
     except (StudyError, CheckpointError, ValueError) as e:

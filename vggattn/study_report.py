@@ -79,6 +79,35 @@ def sanity_table(study: dict) -> list[list]:
     return rows
 
 
+def faithfulness_tables(study: dict) -> tuple[list[list], list[list]]:
+    """(deletion at each k per selection, sink anatomy), one row per layer; empty without the section."""
+    f = study.get("faithfulness")
+    if not f:
+        return [], []
+    ks = f["ks"]
+    deletion = [["layer", "measure"] + [f"{sel}, k={k}" for sel in f["selections"] for k in ks]]
+    for name, layer in f["layers"].items():
+        for what, label in (("deletion", "output change"), ("logit", "|top-1 logit change|")):
+            deletion.append([name, label] + [f"{point['mean']:.3g} [{point['ci95'][0]:.3g}, {point['ci95'][1]:.3g}]"
+                                             for sel in f["selections"] for point in layer[what][sel]])
+    sink = [["layer", "value norm at the sink / mean", "sink's share of the attention output", "sink-dominated images",
+             "nop sinks", "broadcast sinks"]]
+    for name, layer in f["layers"].items():
+        s_ = layer["sink"]
+        pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+        sink.append([name, f"{s_['value_norm_ratio']:.2f} [{s_['value_norm_ratio_ci95'][0]:.2f}, {s_['value_norm_ratio_ci95'][1]:.2f}]",
+                     f"{s_['output_share']:.2f} [{s_['output_share_ci95'][0]:.2f}, {s_['output_share_ci95'][1]:.2f}]",
+                     s_["sink_dominated_images"], pct(s_["nop_share"]), pct(s_["broadcast_share"])])
+    return deletion, sink
+
+
+def faithfulness_text(study: dict) -> str:
+    f = study["faithfulness"]
+    d = f["definitions"]
+    return (f"On {f['images']} evenly spaced images. Deletion: {d['deletion']}. Selections: {d['selections']}. "
+            f"Sinks: {d['sink']}. CI: {d['ci']}.")
+
+
 def transposed(rows: list[list]) -> list[list]:
     """A table's rows as its columns: a per-layer table with one column per layer reads at any width."""
     return [list(column) for column in zip(*rows)]
@@ -105,6 +134,9 @@ def summary_markdown(study: dict) -> str:
         f"block); uniform: every row 1/N. CI: {defs['ci']}.",
         f"#### Sanity check ({study['sanity']['images']} images)", markdown_table(sanity_table(study)),
         f"Passes: {defs['sanity_pass']}.",
+        *(["#### Faithfulness: query-conditioned deletion", markdown_table(faithfulness_tables(study)[0]),
+           "#### Faithfulness: the sink's anatomy", markdown_table(faithfulness_tables(study)[1]),
+           faithfulness_text(study)] if study.get("faithfulness") else []),
     ])
 
 
@@ -198,6 +230,11 @@ def report_html(study: dict, images: dict[str, bytes]) -> str:
         class_rows.append([c] + [f"{study['layers'][n]['per_class'][c][s]:.3f}" for n in study["layers"] for s in stats])
     defs = study["definitions"]
     sanity = study["sanity"]
+    faithfulness_html = ""
+    if study.get("faithfulness"):
+        deletion, sink = faithfulness_tables(study)
+        faithfulness_html = (f"<h2>Faithfulness</h2><p>{html.escape(faithfulness_text(study))}</p>"
+                             f"<h3>Query-conditioned deletion</h3>{table(deletion)}<h3>The sink's anatomy</h3>{table(sink)}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vggattn study: {html.escape(str(study['checkpoint']))}</title>
 <style>
@@ -227,6 +264,7 @@ block, no retraining); uniform: every row 1/N (global average pooling of V). CI:
 and in a fully re-initialised model, over {sanity['images']} evenly spaced images. A layer passes when
 {html.escape(defs['sanity_pass'])}: maps that survive randomisation are not evidence of anything learned.</p>
 {table(sanity_table(study))}
+{faithfulness_html}
 <h2>Per class (mean over the class's images)</h2>{table(class_rows)}
 </body></html>
 """
