@@ -480,7 +480,7 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit: int = 0, batch_size: int = 32,
               workers: int = 2, sanity_images: int = 256, n_boot: int = 2000, seed: int = 0,
               progress: bool = True, records: Records | None = None, resume: bool = False, rank: int = 0,
-              world: int = 1, faithfulness_images: int = 128) -> dict | None:
+              world: int = 1, faithfulness_images: int = 64) -> dict | None:
     """The whole study as the JSON-ready dict `study.json` holds.
 
     Per batch: one forward keeping the activation entering and leaving each attention block; the
@@ -873,7 +873,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
-    p.add_argument("--faithfulness-images", type=int, default=128, help="images for the deletion and sink "
+    p.add_argument("--faithfulness-images", type=int, default=64, help="images for the deletion and sink "
                    "measures (vggattn.faithfulness; 0 = skip)")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
                    "records in OUT/records and study only the images they miss")
