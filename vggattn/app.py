@@ -239,6 +239,23 @@ def point_outputs(ui: UI) -> list:
     return [ui.point, ui.status, *ui.panels, ui.readouts]
 
 
+def refused_point(ui, state, outputs: list) -> dict | None:
+    """A click before (or while) an image is analysed: a warning and a line, the point dropped; else None."""
+    problem = click_problem(state)
+    if not problem:
+        return None
+    gr.Warning(problem)
+    return {**unchanged(outputs), ui.point: None, ui.status: problem}
+
+
+def clamped_point(state, x, y) -> tuple[int, int]:
+    """(x, y) as whole pixels inside the image; one clear error when a coordinate is missing."""
+    if x is None or y is None:
+        raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
+    w, h = state.size
+    return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+
+
 def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"]) -> dict:
     """A click on the image: pin that pixel (see `on_point`)."""
     return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale)
@@ -249,14 +266,10 @@ def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS
     """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
     (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py). The page has
     drawn the same panels already; the server's are what a page without its script shows."""
-    problem = click_problem(state)
-    if problem:
-        gr.Warning(problem)
-        return {**unchanged(point_outputs(ui)), ui.point: None, ui.status: problem}
-    if x is None or y is None:
-        raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
-    w, h = state.size
-    x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+    refused = refused_point(ui, state, point_outputs(ui))
+    if refused:
+        return refused
+    x, y = clamped_point(state, x, y)
     panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=TOP_K if mark else 0, scale=scale)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
     status = f"Pinned: pixel ({x}, {y}) → query index per layer: {idx}.{sink_notes_markdown(panels)}"
@@ -364,6 +377,30 @@ def study_view(study: dict | None, checkpoint: str | None):
     return summary_markdown(study), images
 
 
+def hover_view(num_panels: int, controls: dict) -> gr.HTML:
+    """The page's hover view (vggattn/web): its script, template and style, told the panels and controls."""
+    return gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
+                   js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", **page_props(num_panels, controls))
+
+
+def view_controls(extra=None) -> tuple:
+    """The controls of the maps, in two rows: opacity, colormap, upsampling; scale, numbering (and `extra()`'s
+    components, made in that row) -> (opacity, colormap, mode, scale, mark)."""
+    with gr.Row():
+        opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity of the most attended cells",
+                            elem_id="opacity",
+                            info="Cells fade out with their weight: where a position does not look, the photo shows as it is.")
+        colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap", elem_id="colormap")
+        mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling", elem_id="upsampling")
+    with gr.Row():
+        scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
+                          for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
+        mark = gr.Checkbox(value=CONTROLS["mark"], label="Number the top-5 attended cells")
+        if extra is not None:
+            extra()
+    return opacity, colormap, mode, scale, mark
+
+
 def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
                hover_dtype: str = "float32", session_ttl: int = 3600) -> gr.Blocks:
     """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one;
@@ -383,24 +420,13 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                                   elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
             panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
                                height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
-        hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
-                        js_on_load=(WEB / "hover.js").read_text(), elem_id="hover",
-                        **page_props(NUM_PANELS, CONTROLS))
+        hover = hover_view(NUM_PANELS, CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
-                with gr.Row():
-                    opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity of the most attended cells",
-                                        elem_id="opacity",
-                                        info="Cells fade out with their weight: where a position does not look, the photo shows as it is.")
-                    colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap", elem_id="colormap")
-                    mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling", elem_id="upsampling")
-                with gr.Row():
-                    scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
-                                      for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
-                    mark = gr.Checkbox(value=CONTROLS["mark"], label="Number the top-5 attended cells")
+                opacity, colormap, mode, scale, mark = view_controls()
             with gr.Column(scale=2):
                 labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
                 gammas_md = gr.Markdown(elem_id="gammas")

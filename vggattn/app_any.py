@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 
 from .adapters import MODES, Intervention, find_blocks
-from .app import (CONTROLS, EXAMPLES, PENDING, STATE_SESSIONS, WEB, UploadedImage, click_problem, load_upload,
-                  release_memory, unchanged)
+from .app import (CONTROLS, EXAMPLES, PENDING, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+                  hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
 from .byo import AnyAnalysis, analyze_any
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from .hover import PageLayer, any_payload, page_layer, page_props
-from .render import COLORMAPS, LOG_DECADES, SCALES, TOP_K, UPSAMPLING, top_indices
+from .hover import PageLayer, any_payload, page_layer
+from .render import TOP_K, top_indices
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ANY_CONTROLS = {**CONTROLS, "head": "mean"}
@@ -129,14 +129,6 @@ def on_image(ui: AnyUI, model: nn.Module, meta: dict, layers: list[str] | None, 
         release_memory()
 
 
-def pinned_point(state, point) -> tuple[int, int] | None:
-    if click_problem(state) or point is None:
-        return None
-    x, y = point
-    w, h = state.size
-    return (int(x), int(y)) if 0 <= x < w and 0 <= y < h else None
-
-
 def render_point(state: AnyState, xy, opacity, colormap, mode, mark, scale, head) -> tuple[list, list[str], str]:
     """Every block's picture for pixel xy (what the page draws for it), titles and the readouts table."""
     style = dict(scale=scale, mode=mode, colormap=colormap, opacity=opacity, top_k=TOP_K if mark else 0)
@@ -176,14 +168,11 @@ def point_outputs(ui: AnyUI) -> list:
 
 def on_point(ui: AnyUI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
              mark=CONTROLS["mark"], scale=CONTROLS["scale"], head="mean") -> dict:
-    problem = click_problem(state)
-    if problem:
-        gr.Warning(problem)
-        return {**unchanged(point_outputs(ui)), ui.point: None, ui.status: problem}
-    if x is None or y is None:
-        raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
-    w, h = state.size
-    x, y = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+    """Pin pixel (x, y): every block's picture (the page's maths in numpy) and the readout table (no model run)."""
+    refused = refused_point(ui, state, point_outputs(ui))
+    if refused:
+        return refused
+    x, y = clamped_point(state, x, y)
     pictures, titles, table = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head)
     status = f"Pinned: pixel ({x}, {y}); its numbers per block are below."
     return {ui.point: (x, y), ui.status: status, **panel_updates(ui, pictures, titles), ui.readouts: table}
@@ -278,25 +267,17 @@ def build_any_demo(model: nn.Module, meta: dict, layers: list[str] | None = None
                                             height=height, min_width=200) for i in range(start, min(n, start + PER_ROW))]
                         for _ in range(PER_ROW - (min(n, start + PER_ROW) - start) if n > PER_ROW else 0):
                             gr.HTML("")  # keep the last row's panels as wide as the others
-        hover = gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
-                        js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", **page_props(n, ANY_CONTROLS))
+        hover = hover_view(n, ANY_CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
-                with gr.Row():
-                    opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity of the most attended cells",
-                                        elem_id="opacity")
-                    colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap", elem_id="colormap")
-                    mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling", elem_id="upsampling")
-                with gr.Row():
-                    scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
-                                      for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
-                    mark = gr.Checkbox(value=CONTROLS["mark"], label="Number the top-5 attended cells")
-                    head = gr.Radio([("mean of heads", "mean")] + [(f"head {h + 1}", str(h)) for h in range(max_heads)],
-                                    value="mean", label="Head (blocks with fewer heads show their mean)", elem_id="head",
-                                    visible=max_heads > 1)
+                heads = []
+                opacity, colormap, mode, scale, mark = view_controls(lambda: heads.append(gr.Radio(
+                    [("mean of heads", "mean")] + [(f"head {h + 1}", str(h)) for h in range(max_heads)], value="mean",
+                    label="Head (blocks with fewer heads show their mean)", elem_id="head", visible=max_heads > 1)))
+                head = heads[0]
             with gr.Column(scale=2):
                 labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
                 score = gr.Markdown(elem_id="score", visible=False)
