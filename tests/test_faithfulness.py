@@ -75,7 +75,7 @@ def test_the_study_has_a_faithfulness_section_in_json_report_and_tab(tmp_path):
                 assert all(p["ci95"][0] <= p["mean"] + 1e-12 and p["mean"] <= p["ci95"][1] + 1e-12 for p in curve)
         assert all(p["mean"] >= 0 for curves in layer["deletion"].values() for p in curves)
         assert 0 <= layer["sink"]["output_share"] and layer["sink"]["value_norm_ratio"] > 0
-    assert "Faithfulness" in (out / "report.html").read_text()
+    assert "Faithfulness" in (out / "report.html").read_text() and (out / "faithfulness.png").is_file()
     md = study_report.summary_markdown(s)
     assert "query-conditioned deletion" in md and "sink's anatomy" in md
     # a study made without it gains the section with --resume (only those images are run again)

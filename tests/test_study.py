@@ -211,8 +211,8 @@ def test_study_end_to_end_on_a_tiny_model(tmp_path):
     assert r["top1_delta"] == pytest.approx(off - base) and r["top1_delta_ci95"][0] <= r["top1_delta"] <= r["top1_delta_ci95"][1]
     assert s["sanity"]["images"] == 3 and set(s["sanity"]["layers"]) == set(s["layers"])
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "http://" not in page and "https://" not in page
-    for name in ("sink_heatmaps.png", "distributions.png", "interventions.png", "cosine_distance.png"):
+    assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page  # + faithfulness
+    for name in ("sink_heatmaps.png", "distributions.png", "interventions.png", "cosine_distance.png", "faithfulness.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     assert json.loads(study.study_path(ckpt).read_text())["images"] == 9  # --ship: beside the checkpoint
 

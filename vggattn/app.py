@@ -468,7 +468,8 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                 for name, label in (("interventions.png", "Top-1 change per intervention, 95% CI"),
                                     ("sink_heatmaps.png", "Where each image's sink is"),
                                     ("cosine_distance.png", "Do positions differ? (GCNet's cosine distance)"),
-                                    ("distributions.png", "Per-image distributions")):
+                                    ("distributions.png", "Per-image distributions"),
+                                    ("faithfulness.png", "Faithfulness: deleting a query's top keys, against baselines")):
                     if name in study_images:
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
         ui = UI(state=state, point=point, open_tab=open_tab, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,

@@ -210,6 +210,20 @@ def figures(study: dict) -> dict[str, bytes]:
     ax.legend(fontsize=8)
     ax.set_title("GCNet's measure: do positions differ?", fontsize=9)
     out["cosine_distance.png"] = png(fig)
+
+    f = study.get("faithfulness")
+    if f:  # deletion curves over k, one panel per layer, 95% CIs as bands
+        fig = Figure(figsize=(4 * len(names), 3.4))
+        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+            for sel, curve in f["layers"][name]["deletion"].items():
+                ks = [p["k"] for p in curve]
+                ax.plot(ks, [p["mean"] for p in curve], marker="o", label=sel)
+                ax.fill_between(ks, [p["ci95"][0] for p in curve], [p["ci95"][1] for p in curve], alpha=0.2)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("keys deleted (k)", fontsize=8)
+            ax.set_title(f"{name}: output change / what attention adds", fontsize=9)
+        fig.axes[0].legend(fontsize=7)
+        out["faithfulness.png"] = png(fig)
     return out
 
 
@@ -234,7 +248,9 @@ def report_html(study: dict, images: dict[str, bytes]) -> str:
     if study.get("faithfulness"):
         deletion, sink = faithfulness_tables(study)
         faithfulness_html = (f"<h2>Faithfulness</h2><p>{html.escape(faithfulness_text(study))}</p>"
-                             f"<h3>Query-conditioned deletion</h3>{table(deletion)}<h3>The sink's anatomy</h3>{table(sink)}")
+                             f"<h3>Query-conditioned deletion</h3>{table(deletion)}"
+                             f"{img('faithfulness.png', 'Deletion curves: the change of a query output against k, per selection of keys')}"
+                             f"<h3>The sink's anatomy</h3>{table(sink)}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vggattn study: {html.escape(str(study['checkpoint']))}</title>
 <style>
