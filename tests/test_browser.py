@@ -354,7 +354,8 @@ def test_dataset_tab_shows_the_shipped_study(page):
                            timeout=30_000)
     text = page.locator("#study").inner_text()
     assert "features.22" in text and "sink-dominated" in text and "all:mean" in text, text[:500]
-    for name in ("interventions", "sink_heatmaps", "distributions"):
+    assert "Faithfulness" in text and "sink's anatomy" in text
+    for name in ("interventions", "sink_heatmaps", "distributions", "faithfulness"):
         assert page.locator(f"#study-{name} img").first.get_attribute("src")
 
 

@@ -285,6 +285,15 @@ def test_the_shipped_study_is_found_beside_the_resolved_checkpoint(tmp_path, mon
     assert not (tmp_path / "folder.study.json").exists()
 
 
+def test_the_default_checkpoints_shipped_study_covers_the_whole_val_split():
+    shipped = study.load_study(vggattn.DEFAULT_CHECKPOINT)
+    assert shipped["images"] == 3925 and sum(map(sum, shipped["layers"]["features.30"]["sink_heatmap"])) == 3925
+    f = shipped["faithfulness"]
+    assert f["images"] == 64 and set(f["layers"]) == {"features.14", "features.22", "features.30"}
+    for layer in f["layers"].values():  # a query's own top keys make up its output far more than random ones
+        assert layer["top_minus_random"]["ci95"][0] > 0.5
+
+
 def test_dataset_tab_lists_a_layer_per_column():
     """The per-layer table in the app's Dataset tab is transposed: 14 statistics as rows, one column per layer (at
     1440 px its 14 columns had wrapped every header into two-letter lines)."""
