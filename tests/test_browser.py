@@ -375,7 +375,7 @@ def test_study_report_opens_offline_with_its_figures(page, tmp_path):
     report.wait_for_load_state("load")
     assert report.locator("table").count() >= 4
     widths = report.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == 4 and all(w > 100 for w in widths), widths
+    assert len(widths) == 5 and all(w > 100 for w in widths), widths  # 4 figures + the faithfulness curves
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing fetched from a network
     assert "features.30:uniform" in report.inner_text("body")
     ARTIFACTS.mkdir(exist_ok=True)

@@ -113,11 +113,12 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
         pytest.skip("torchrun is not beside this Python (it comes with torch)")
     _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=4)
     (data / "c" / "3.png").unlink()  # 11 images: an odd count, so DistributedSampler pads
-    assert study.main(cli(ckpt, data, tmp_path / "one", batch=1)[3:]) == 0
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}  # both runs: one thread each
+    subprocess.run(cli(ckpt, data, tmp_path / "one", "--faithfulness-images", "3", batch=1), env=env, check=True,
+                   capture_output=True, timeout=300)
     one = json.loads((tmp_path / "one" / "study.json").read_text())
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "vggattn.study",
-                          *cli(ckpt, data, tmp_path / "two", batch=1)[3:]], env=env, capture_output=True, text=True, timeout=300)
+                          *cli(ckpt, data, tmp_path / "two", "--faithfulness-images", "3", batch=1)[3:]], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "study.json").read_text())
     assert two["world_size"] == 2 and two["images"] == 11
