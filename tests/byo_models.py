@@ -72,15 +72,20 @@ class EveryFamily(nn.Module):
 
 def every_family(seed: int = 0):
     """EveryFamily with every weight random and large enough that rows are far from uniform."""
+    return randomised(EveryFamily(), seed, scale=0.5)
+
+
+def randomised(module: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
+    """Every parameter N(0, scale) and every BatchNorm's statistics random (gammas and zero-initialised outputs
+    included), in eval mode."""
     import torch
 
     torch.manual_seed(seed)
-    model = EveryFamily()
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        for m in model.modules():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+        for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
-    return model.eval()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module.eval()

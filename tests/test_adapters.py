@@ -9,21 +9,9 @@ import torch.nn.functional as F
 from vggattn import adapters
 from vggattn.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from vggattn.model import GlobalAttention
+from byo_models import randomised
 
 timm = pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
-
-
-def randomised(block: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter and BatchNorm statistic random (gammas and zero-initialised outputs included)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return block.eval()
 
 
 def x_for(channels: int, h: int = 8, w: int = 6) -> torch.Tensor:

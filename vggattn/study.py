@@ -415,6 +415,7 @@ class Records:
     def __init__(self, folder: str | Path | None = None, rank: int = 0, kind: str = "part"):
         self.folder = Path(folder) if folder is not None else None
         self.rank, self.kind, self.memory = rank, kind, []
+        self._others: dict[str, list] = {}  # in memory: the other kinds' records, shared with `of`
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -422,7 +423,6 @@ class Records:
         """The records of another kind in the same folder (the faithfulness measures: "faith")."""
         other = Records(self.folder, self.rank, kind)
         if self.folder is None:
-            self.__dict__.setdefault("_others", {})
             other.memory = self._others.setdefault(kind, [])
         return other
 
