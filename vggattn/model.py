@@ -71,7 +71,7 @@ def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     kernel on the CPU; the measurements are in bench/README.md (model speed).
 
     summaries: a dict to fill, from the same weights, with "log_z" (B, N) float32, each row's log normaliser
-    log sum_j exp(q . k_j) (= l_ij - log w_ij at the row's largest weight: no more exponentials), and "mean_row"
+    log sum_j exp(q . k_j) (= max_j l_ij - log max_j w_ij: no more exponentials), and "mean_row"
     (B, N) float64, the query-averaged row: what `vggattn.AttentionCapture` hands the app (no second pass).
     """
     B, N, _ = query.shape
@@ -85,9 +85,8 @@ def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
             logits = query[b, start:start + rows] @ key_t  # (rows, N)
             weights = torch.softmax(logits, dim=-1)
             out[b, start:start + rows] = weights @ v  # (no out=: autocast skips out= calls)
-            if summaries is not None:
-                top, at = weights.max(1)
-                log_z[b, start:start + rows] = logits.gather(1, at[:, None])[:, 0] - torch.log(top)
+            if summaries is not None:  # log Z = max_j l_j - log max_j w_j (amax: no indices to find)
+                log_z[b, start:start + rows] = logits.amax(1) - torch.log(weights.amax(1))
                 mean_row[b] += weights.sum(0).double()  # a float32 sum of at most `rows` weights a column
     if summaries is not None:
         summaries.update(log_z=log_z, mean_row=mean_row / N)

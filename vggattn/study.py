@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ from .model import GlobalAttention, VGG16WithAttention
 log = logging.getLogger("vggattn.study")
 
 BLOCK_ELEMENTS = 1 << 22  # attention weights alive at once (16 MB in fp32)
+STAT_BLOCK_ELEMENTS = 1 << 20  # batch_statistics' blocks: 4 MB of weights, mostly in the CPU's cache
 STATS = ("sink_mass", "top1_weight", "cosine_distance", "cosine_distance_input", "cosine_distance_output", "jsd",
          "entropy_frac", "mean_distance_px", "contribution")
 SANITY_SPEARMAN_MAX = 0.5  # a layer passes when its rows correlate less than this with randomised ones
@@ -151,18 +153,24 @@ def attention_statistics(rows: RowFn, grid: tuple[int, int], input_size: int, *,
 
 
 @torch.no_grad()
-def spearman_rows(rows_a: RowFn, rows_b: RowFn, n: int, block_elements: int = BLOCK_ELEMENTS) -> float:
-    """Mean over query rows of the Spearman rank correlation between two maps' rows."""
+def spearman_rows(rows_a: RowFn, rows_b: RowFn | list[RowFn], n: int,
+                  block_elements: int = BLOCK_ELEMENTS) -> float | list[float]:
+    """Mean over query rows of the Spearman rank correlation between two maps' rows; rows_b a list: one mean
+    for each of its maps (a's ranks made once for all)."""
     def ranks(a: torch.Tensor) -> torch.Tensor:  # (R, N) -> centred, unit-norm ranks per row (one sort)
         order = a.argsort(1)
         r = torch.empty_like(order).scatter_(1, order, torch.arange(a.shape[1], device=a.device).expand_as(order)).double()
         r = r - r.mean(1, keepdim=True)
         return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    total = 0.0
+    others = list(rows_b) if isinstance(rows_b, (list, tuple)) else [rows_b]
+    totals = [0.0] * len(others)
     for start, stop in row_blocks(n, block_elements):
-        total += float((ranks(rows_a(start, stop)) * ranks(rows_b(start, stop))).sum())
-    return total / n
+        own = ranks(rows_a(start, stop))
+        for t, other in enumerate(others):
+            totals[t] += float((own * ranks(other(start, stop))).sum())
+    means = [t / n for t in totals]
+    return means if isinstance(rows_b, (list, tuple)) else means[0]
 
 
 _DISTANCES: dict[tuple, torch.Tensor] = {}
@@ -182,21 +190,25 @@ def cell_distances(grid: tuple[int, int], key_grid: tuple[int, int], input_size:
 @torch.no_grad()
 def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int], input_size: int, *,
                      x: torch.Tensor | None = None, delta: torch.Tensor | None = None,
-                     block_elements: int = BLOCK_ELEMENTS, keep_elements: int = 1 << 25) -> dict[str, np.ndarray]:
+                     block_elements: int = STAT_BLOCK_ELEMENTS, keep_elements: int = 1 << 25) -> dict[str, np.ndarray]:
     """`attention_statistics` of every image of a batch at once, from the layer's Q and K (B, N, C') and the
     block's input x and its change delta = output - x (B, N, C) -> {statistic: (B,) float64, "sink_index": (B,)}.
 
     One pass builds each block of rows once (several images at a time when N is small) and takes every
-    statistic from it: the distance matrix is made once per grid, the unit rows' sum is a matrix-vector product,
-    the attention output's statistics come from delta (= gamma * attention output; no A V product), and the
-    JSD uses the entropies already summed: JSD = H(a) - (H(p) + H(m)) / 2 with a = (p + m) / 2, so one more log
-    per weight. The rows of an image are kept for the JSD pass when they fit `keep_elements`, else rebuilt.
-    Terms in float32, sums in float64."""
+    statistic from it, in blocks small enough to stay in the CPU's cache (`STAT_BLOCK_ELEMENTS`, 4 MB), with
+    as few passes over the weights as the sums allow: the column sums and the unit rows' sum in one product
+    (rows [1 / |a_q|, 1] times A), sum_j a_j l_j = q . (A K) (a product at Q's width, no (R, M) product), the
+    distance-weighted sum as one dot product with the distance matrix (made once per grid), the attention
+    output's statistics from delta (= gamma * attention output; no A V product), and the JSD from entropies:
+    JSD = H(s / 2) - (H(p) + H(m)) / 2 with s = p + m, and sum s/2 log s/2 = (sum s log s) / 2 - log 2 per row,
+    so one more log per weight. The rows of an image are kept for the JSD pass when they fit `keep_elements`,
+    else rebuilt. Terms in float32, sums of blocks in float64."""
     B, n, _ = query.shape
     m = key.shape[1]
     device = query.device
     dist = cell_distances(grid, grid, input_size, device)
     keyt = key.float().transpose(1, 2)  # (B, C', M)
+    keyf = key.float()
     per = max(1, block_elements // m)  # rows a block
     out = {k: np.zeros(B) for k in ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac",
                                     "mean_distance_px")}
@@ -213,26 +225,31 @@ def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, in
         kept = [] if g * n * m <= keep_elements else None
         steps = [(s, min(n, s + per)) for s in range(0, n, per)] if g == 1 else [(0, n)]
         for s0, s1 in steps:
-            logits = torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1])  # (g, R, M)
+            q = query[b0:b1, s0:s1].float()
+            logits = torch.bmm(q, keyt[b0:b1])  # (g, R, M)
             a = torch.softmax(logits, dim=-1)
+            top = a.amax(2)  # (g, R)
+            # log Z = max_j l_j - log max_j a_j (no more exponentials), and
+            # sum_j a_j log a_j = sum_j a_j l_j - log Z = q . (A K) - log Z
+            log_z = logits.amax(2).double() - torch.log(top.double())
+            del logits
             if kept is not None:
                 kept.append(a)
-            col_sum += a.sum(1, dtype=torch.float64)
-            inv = 1.0 / a.norm(dim=2).clamp_min(1e-12)  # (g, R)
-            unit_sum += torch.bmm(inv[:, None, :], a)[:, 0].double()
-            top, at = a.max(2)  # (g, R)
+            inv = 1.0 / torch.linalg.vector_norm(a, dim=2).clamp_min(1e-12)  # (g, R)
+            sums = torch.bmm(torch.stack([inv, torch.ones_like(inv)], 1), a).double()  # (g, 2, M)
+            unit_sum += sums[:, 0]
+            col_sum += sums[:, 1]
             top1 += top.sum(1, dtype=torch.float64)
-            # sum_j a log a = sum_j a l - log Z, and log Z = l_j - log a_j at the row's largest weight: no log a weight
-            log_z = logits.gather(2, at[..., None])[..., 0].double() - torch.log(top.double())
-            plogp += (a * logits).sum(2, dtype=torch.float64).sub_(log_z).sum(1)
-            distance += (a * dist[s0:s1]).sum((1, 2), dtype=torch.float64)
+            plogp += ((q * torch.bmm(a, keyf[b0:b1])).sum(2).double() - log_z).sum(1)
+            distance += (a.reshape(g, -1) @ dist[s0:s1].reshape(-1)).double()
         mean_row = (col_sum / n).float()  # (g, M)
         mlogm = torch.xlogy(mean_row, mean_row).sum(1, dtype=torch.float64)  # (g,)
-        alog = torch.zeros(g, dtype=torch.float64, device=device)
+        slogs = torch.zeros(g, dtype=torch.float64, device=device)
         for i, (s0, s1) in enumerate(steps):
             a = kept[i] if kept is not None else torch.softmax(torch.bmm(query[b0:b1, s0:s1].float(), keyt[b0:b1]), -1)
-            mid = 0.5 * (a + mean_row[:, None, :])
-            alog += torch.xlogy(mid, mid).sum((1, 2), dtype=torch.float64)
+            s = a.add_(mean_row[:, None, :]).clamp_min_(1e-30)  # in place: the rows are not needed after this
+            slogs += torch.linalg.vecdot(s, torch.log(s)).double().sum(1)  # sum s log s, rows in float32
+        alog = 0.5 * slogs - n * math.log(2.0)  # sum over queries and keys of a log a, a = (p + m) / 2
         # JSD_q = H(a) - (H(p_q) + H(m)) / 2 = (sum_j p log p + m log m) / 2 - sum_j a log a, summed over queries
         jsd = (0.5 * (plogp + n * mlogm) - alog) / n
         sink = col_sum.argmax(1)
@@ -262,15 +279,18 @@ def qkv(block: GlobalAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def intervene(block: torch.nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+def intervene(block: torch.nn.Module, x: torch.Tensor, mode: str, mean_row: torch.Tensor | None = None) -> torch.Tensor:
     """The block's output for x (B, C, H, W) with its attention rows replaced as `mode` says (through its
     family's adapter, `vggattn.adapters`): "off" -> x (gamma = 0); "mean" -> every row the image's mean row
-    (what `attention="global"` trains with); "uniform" -> every row 1/N."""
+    (what `attention="global"` trains with); "uniform" -> every row 1/N.
+    mean_row: (B, N) the mean rows of x, where they are known already (from the block's own forward)."""
     adapter = adapter_for(block)
     if adapter is None:
         raise ValueError(f"{type(block).__name__} is not an attention block of a known family")
     if mode not in MODES:
         raise ValueError(f"unknown intervention {mode!r}; use one of {MODES}")
+    if mode == "mean" and mean_row is not None:
+        return adapter.forward(block, x, rows=mean_row.to(x.dtype)[:, None, None, :])
     return adapter.forward(block, x, mode)
 
 
@@ -290,10 +310,14 @@ def run_from(model: VGG16WithAttention, h: torch.Tensor, start: int, modes: dict
 
 
 @torch.no_grad()
-def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: dict[str, dict[int, str]]) -> dict:
+def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: dict[str, dict[int, str]],
+            mean_rows: dict[int, torch.Tensor] | None = None) -> dict:
     """Logits of every run {key: {block index: mode}}, each from the activation entering its first replaced
     block, with the segments between attention blocks that runs share computed once: "features.14:mean" and
-    "all:mean" run features 14..21 alike (equal to `run_from` of each run, without the repeats)."""
+    "all:mean" run features 14..21 alike (equal to `run_from` of each run, without the repeats).
+    mean_rows: {index: (B, N)} the baseline's mean rows (`baseline_forward`), used where a run replaces a
+    block's rows by its mean row and every block before it is the baseline's (else computed)."""
+    mean_rows = mean_rows or {}
     blocks = sorted(entering)
     ends = {i: next((j for j in blocks if j > i), len(model.features)) for i in blocks}
     cache: dict[tuple, torch.Tensor] = {}
@@ -305,7 +329,8 @@ def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: 
         for i in (j for j in blocks if j >= start):
             prefix += ((i, modes.get(i)),)
             if prefix not in cache:
-                cache[prefix] = features_segment(model, h, i, ends[i], modes)
+                known = mean_rows.get(i) if all(mode is None for _, mode in prefix[:-1]) else None
+                cache[prefix] = features_segment(model, h, i, ends[i], modes, known)
             h = cache[prefix]
         out[key] = model.forward_head(h)
     return out
@@ -313,11 +338,11 @@ def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: 
 
 @torch.no_grad()
 def features_segment(model: VGG16WithAttention, h: torch.Tensor, start: int, stop: int,
-                     modes: dict[int, str]) -> torch.Tensor:
-    """model.features[start:stop] on h, the blocks in `modes` replaced by `intervene`."""
+                     modes: dict[int, str], mean_row: torch.Tensor | None = None) -> torch.Tensor:
+    """model.features[start:stop] on h, the blocks in `modes` replaced by `intervene` (mean_row: h's at start)."""
     for i in range(start, stop):
         m = model.features[i]
-        h = intervene(m, h, modes[i]) if i in modes else m(h)
+        h = intervene(m, h, modes[i], mean_row if i == start else None) if i in modes else m(h)
     return h
 
 
@@ -394,14 +419,27 @@ def reinit_qk(model: VGG16WithAttention, index: int, seed: int) -> GlobalAttenti
 
 @torch.no_grad()
 def entering_blocks(model: VGG16WithAttention, h: torch.Tensor, start: int, indices,
-                    leaving: dict | None = None) -> tuple[torch.Tensor, dict]:
+                    leaving: dict | None = None, mean_rows: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Run model.features from `start` on h -> (features output, {index: activation entering that block});
-    leaving: a dict to fill with {index: the block's output} too."""
+    leaving: a dict to fill with {index: the block's output} too; mean_rows: a dict to fill with {index: (B, N)
+    float64 mean row}, kept by the block's own forward where it can (CPU inference: `attend_in_row_blocks`)."""
     entering = {}
+    me = threading.get_ident()
     for i in range(start, len(model.features)):
+        block = model.features[i]
+        keep = mean_rows is not None and i in indices and isinstance(block, GlobalAttention)
         if i in indices:
             entering[i] = h
-        h = model.features[i](h)
+        if keep:
+            block.summaries_for.add(me)
+        try:
+            h = block(h)
+        finally:
+            if keep:
+                block.summaries_for.discard(me)
+                kept = block.summaries.pop(me, None)
+                if kept is not None:
+                    mean_rows[i] = kept["mean_row"]
         if leaving is not None and i in indices:
             leaving[i] = h
     return h, entering
@@ -525,7 +563,8 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
         x, y, b = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device), len(y)
         record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
         leaving: dict[int, torch.Tensor] = {}
-        out, entering = entering_blocks(model, model.features[:first](x), first, layers.values(), leaving)
+        mean_rows: dict[int, torch.Tensor] = {}
+        out, entering = entering_blocks(model, model.features[:first](x), first, layers.values(), leaving, mean_rows)
         base_logits = model.forward_head(out)
         measure = [j for j in range(b) if positions[j] in faith_set]
         if measure:
@@ -534,7 +573,7 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
         if all(p in done_before for p in positions):  # resumed for the faithfulness measures only
             continue
         logits = {"baseline": base_logits}
-        logits |= run_all(model, entering, runs)
+        logits |= run_all(model, entering, runs, mean_rows)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
@@ -556,12 +595,15 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
                 record[f"{name}:sanity:{kind}"] = np.full(b, np.nan)
                 for stat in SANITY_STATS:
                     record[f"{name}:sanity:{kind}:{stat}"] = np.full(b, np.nan)
+            every = -(-q.shape[1] // SANITY_QUERIES)  # the Spearman's query rows: every `every`-th position
             for r, j in enumerate(in_sanity):  # rank agreement with re-initialised Q/K, and with a random model
-                rows = softmax_rows(q[j], k[j])
                 qa, ka, _ = qkv(random_blocks[name], entering[i][j:j + 1])
                 qr, kr, _ = qkv(random_model.features[i], random_entering[i][r:r + 1])
-                for kind, (qo, ko) in (("qk", (qa, ka)), ("full", (qr, kr))):
-                    record[f"{name}:sanity:{kind}"][j] = spearman_rows(rows, softmax_rows(qo[0], ko[0]), grid[0] * grid[1])
+                rho = spearman_rows(softmax_rows(q[j, ::every], k[j]), [softmax_rows(qa[0, ::every], ka[0]),
+                                                                         softmax_rows(qr[0, ::every], kr[0])],
+                                    len(range(0, q.shape[1], every)))
+                for kind, (qo, ko), value in zip(("qk", "full"), ((qa, ka), (qr, kr)), rho):
+                    record[f"{name}:sanity:{kind}"][j] = value
                     other_stats = batch_statistics(qo, ko, grid, input_size)
                     for stat in SANITY_STATS:
                         record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat][0]
@@ -573,6 +615,7 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
     return summarise(records.load(), model, meta, data, n_images, wall, n_boot, seed, faith_records(faith))
 
 
+SANITY_QUERIES = 256  # at most this many query rows (every k-th position) in an image's sanity Spearman
 SANITY_STATS = ("sink_mass", "top1_weight", "cosine_distance", "jsd", "entropy_frac", "mean_distance_px")
 
 
@@ -649,7 +692,9 @@ def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict,
             "class_names": list(meta["class_names"]), "wall_s": wall,
             "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
                             "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
-                            "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations"},
+                            "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations",
+                            "sanity_rows": f"each image's Spearman: the mean over at most {SANITY_QUERIES} query rows "
+                                           "(every k-th position, k = ceil(N / that))"},
             "layers": {name: layer_summary({stat: rec[f"{name}:{stat}"] for stat in STATS}, rec[f"{name}:sink"],
                                            tuple(int(v) for v in rec[f"{name}:grid"][0]),
                                            float(model.features[i].gamma), targets, list(meta["class_names"]))
