@@ -104,6 +104,6 @@ def test_pin_endpoint_equals_a_click():
     by_click = app.on_click(ui, state, 0.8, "inferno", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
     by_pin = app.on_point(ui, state, 30, 40)
     assert by_pin[ui.point] == by_click[ui.point] == (30, 40) and by_pin[ui.status] == by_click[ui.status]
-    assert all(np.array_equal(by_pin[p]["value"], by_click[p]["value"]) for p in ui.panels)
+    assert all(np.array_equal(by_pin[p], by_click[p]) for p in ui.panels)
     with pytest.raises(app.gr.Error, match="two numbers"):
         app.on_point(ui, state, None, 4)

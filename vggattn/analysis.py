@@ -41,7 +41,7 @@ class Panel:
     grid: tuple[int, int]
     gamma: float
     query_index: int
-    image: np.ndarray  # (H, W, 3) uint8 overlay
+    image: np.ndarray | None  # (H, W, 3) uint8 overlay; None where it was not drawn (the page drew it)
     attention_row: np.ndarray  # (h, w) float32 weights of the query, sums to 1
     readouts: dict  # entropy, mean distance, top cells of the row (vggattn.readouts.row_readouts)
     sink_note: str = ""  # one line when this layer is sink-dominated on this image (see `sink_note`)
@@ -174,11 +174,13 @@ def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[
 
 
 def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.8, colormap: str = "inferno",
-                     mode: str = "smooth", top_k: int = TOP_K, scale: str = "linear", view: str = "row") -> list[Panel]:
+                     mode: str = "smooth", top_k: int = TOP_K, scale: str = "linear", view: str = "row",
+                     pictures: bool = True) -> list[Panel]:
     """Each layer's attention for original-image pixel `xy` drawn over the display copy
     (`vggattn.render.attention_picture`: the page's hover view draws the same pixels), with the row's
     readouts. view "row": where the position looks, its `top_k` cells numbered (0: none); "column": how
-    much every position looks at it (scaled to its maximum, at least 1/N). scale: "linear" or "log"."""
+    much every position looks at it (scaled to its maximum, at least 1/N). scale: "linear" or "log".
+    pictures False: the readouts only (Panel.image None), for a page that draws the pictures itself."""
     w, h = result.size
     x, y = xy
     if not (0 <= x < w and 0 <= y < h):
@@ -190,7 +192,7 @@ def render_attention(result: Analysis, xy: tuple[float, float], opacity: float =
         q = readouts["query_index"]
         shown = row if view == "row" else layer.column(q)[0].reshape(layer.grid).numpy()
         rgb = attention_picture(result.display, shown, q, point, view=view, scale=scale, mode=mode, colormap=colormap,
-                                opacity=opacity, top_k=top_k)
+                                opacity=opacity, top_k=top_k) if pictures else None
         panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts, sink_note(row, sink)))
     return panels
 

@@ -21,7 +21,6 @@ import argparse
 import ctypes
 import functools
 import logging
-import math
 import os
 import shutil
 import sys
@@ -42,7 +41,7 @@ from .checkpoint import BAD_INPUT, add_checkpoint_argument, resolve_device
 from .data import ImageLoadError, open_image
 from .export import write_result
 from .hover import hover_payload, page_props
-from .text import (dependence_markdown, gamma_markdown, model_notes, readouts_markdown, sink_notes_markdown,
+from .text import (contribution_markdown, dependence_markdown, gamma_markdown, model_notes, readouts_markdown, sink_notes_markdown,
                    unsure_note)
 from .render import COLORMAPS, LOG_DECADES, SCALES, TOP_K, UPSAMPLING
 from .study import load_study
@@ -66,6 +65,9 @@ CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": Tru
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
+# A click's last input: whether the page's script has drawn this pin (then the server draws no pictures)
+PIN_JS = ("(...inputs) => { const h = window.vggattnHover; "
+          "inputs[inputs.length - 1] = !!(h && h.drawsPins && h.drawsPins()); return inputs; }")
 
 
 class UploadedImage(gr.Image):
@@ -104,6 +106,7 @@ class UI:
     panels: list  # NUM_PANELS gr.Image, one per layer
     readouts: gr.Markdown
     maps: list  # NUM_MAPS gr.Image: contribution x3, query-averaged x3, Grad-CAM
+    contribution_md: gr.Markdown
     dependence_md: gr.Markdown
     ablation: gr.Dataframe
     ablation_verdict: gr.Markdown
@@ -111,11 +114,16 @@ class UI:
     export_png: gr.Image
 
 
+# Handlers return plain values, never gr.update / gr.skip: Gradio 6 handles any update dict (an empty one too) by
+# building the component again and its per-session config twice (its API schema by pydantic), under the GIL,
+# which was a quarter of the server's GIL time under load (bench/README.md). So labels are fixed when the app
+# is built, and the numbers that labels carried are in the markdown beside them (readouts, tab tables).
+
 def panel_updates(ui: UI, panels=None) -> dict:
-    """Updates of the three panels (plain updates: the panels encode them as JPEG, once)."""
+    """The three panels' pictures (the panels encode them as JPEG, once); None clears them."""
     if panels is None:
-        return {c: gr.update(value=None, label=f"attention layer {i + 1}") for i, c in enumerate(ui.panels)}
-    return {c: gr.update(value=p.image, label=p.title) for c, p in zip(ui.panels, panels)}
+        return {c: None for c in ui.panels}
+    return {c: p.image for c, p in zip(ui.panels, panels)}
 
 
 def tab_maps(ui: UI, tab: str | None) -> list:
@@ -127,42 +135,35 @@ def tab_maps(ui: UI, tab: str | None) -> list:
 
 def map_updates(ui: UI, result: Analysis | None, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
                 mode=CONTROLS["mode"], tab: str | None = None) -> dict:
-    """The tabs' images: effective contribution and query-averaged attention per layer, and Grad-CAM; only
-    those of `tab` when given (the query dependence's JSD and the Grad-CAM are computed when asked for)."""
-    shown = tab_maps(ui, tab)
+    """The tabs' images and their numbers: effective contribution and query-averaged attention per layer, and
+    Grad-CAM; only those of `tab` when given (the query dependence's JSD and the Grad-CAM are computed when asked
+    for). The other tabs' are cleared: they are drawn again when opened."""
+    out = {c: None for c in ui.maps} | {ui.contribution_md: "", ui.dependence_md: ""}
     if result is None:
-        return {c: gr.update(value=None) for c in shown}
+        return out
     draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
-    out = {}
     if tab in (None, "contribution"):
-        out |= dict(zip(ui.maps[:NUM_PANELS], [
-            gr.update(value=draw(c), label=f"{layer.name} · ‖γ·attn‖/‖x‖ mean {c.mean():.3f}, max {c.max():.3f}")
-            for layer, c in zip(result.layers, result.contributions())]))
+        contributions = result.contributions()
+        out |= dict(zip(ui.maps[:NUM_PANELS], [draw(c) for c in contributions]))
+        out[ui.contribution_md] = contribution_markdown(result.layers, contributions)
     if tab in (None, "dependence"):
-        out |= dict(zip(ui.maps[NUM_PANELS:2 * NUM_PANELS], [
-            gr.update(value=draw(m), label=f"{layer.name} · mean over queries · JSD {jsd:.3f} nats ({jsd / math.log(2):.0%} of ln 2)")
-            for layer, (m, jsd) in zip(result.layers, result.query_dependence())]))
+        dependence = result.query_dependence()
+        out |= dict(zip(ui.maps[NUM_PANELS:2 * NUM_PANELS], [draw(m) for m, _ in dependence]))
+        out[ui.dependence_md] = dependence_markdown(result.layers, dependence)
     if tab in (None, "gradcam"):
-        top = result.class_names[int(result.probs.argmax())]
-        out[ui.maps[-1]] = gr.update(value=draw(result.gradcam.numpy()) if result.gradcam is not None else None,
-                                     label=f"Grad-CAM of '{top}' at the last conv layer")
+        out[ui.maps[-1]] = draw(result.gradcam.numpy()) if result.gradcam is not None else None
     return out
 
 
 def on_tab(ui: UI, tab: str, state, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
            mode=CONTROLS["mode"]) -> dict:
-    """A tab was opened (or an upload finished with it open): draw its maps for this image, once."""
-    out = {ui.open_tab: tab, ui.dependence_md: gr.update()}
-    if click_problem(state):
-        return out | unchanged(ui.maps)
-    out |= unchanged(ui.maps) | map_updates(ui, state, opacity, colormap, mode, tab)
-    if tab == "dependence":
-        out[ui.dependence_md] = dependence_markdown(state.layers, state.query_dependence())
-    return out
+    """A tab was opened (or an upload finished with it open): draw its maps for this image (the other tabs'
+    are cleared, and drawn when they are opened)."""
+    return {ui.open_tab: tab} | map_updates(ui, None if click_problem(state) else state, opacity, colormap, mode, tab)
 
 
 def tab_outputs(ui: UI) -> list:
-    return [ui.open_tab, *ui.maps, ui.dependence_md]
+    return [ui.open_tab, *ui.maps, ui.contribution_md, ui.dependence_md]
 
 
 def blank(ui: UI) -> dict:
@@ -170,7 +171,7 @@ def blank(ui: UI) -> dict:
     nothing of the previous image (pinned point, readouts, ablation, export) outlives it."""
     return {ui.state: None, ui.point: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None,
             ui.seen: None, ui.status: "Upload an image to begin.", **panel_updates(ui), ui.readouts: "",
-            **map_updates(ui, None), ui.dependence_md: "", ui.ablation: None, ui.ablation_verdict: "",
+            **map_updates(ui, None), ui.ablation: None, ui.ablation_verdict: "",
             ui.export_file: None, ui.export_png: None}
 
 
@@ -256,24 +257,30 @@ def clamped_point(state, x, y) -> tuple[int, int]:
     return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
 
 
-def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"]) -> dict:
-    """A click on the image: pin that pixel (see `on_point`)."""
-    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale)
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"],
+             page_draws: bool = False) -> dict:
+    """A click on the image: pin that pixel (see `on_point`). page_draws: the page's script has drawn this
+    pin already (PIN_JS sets it), so the server sends the readouts and no pictures."""
+    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale, pictures=not page_draws)
 
 
 def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
-             mark=CONTROLS["mark"], scale=CONTROLS["scale"]) -> dict:
+             mark=CONTROLS["mark"], scale=CONTROLS["scale"], pictures: bool = True) -> dict:
     """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
-    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py). The page has
-    drawn the same panels already; the server's are what a page without its script shows."""
+    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py). The page's
+    script draws the same panels itself (on canvases over these), so a click from it asks for no pictures
+    (pictures False: the panels are cleared, the readouts sent); the server's pictures are what `/pin` and a
+    page without the script show."""
     refused = refused_point(ui, state, point_outputs(ui))
     if refused:
         return refused
     x, y = clamped_point(state, x, y)
-    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=TOP_K if mark else 0, scale=scale)
+    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=TOP_K if mark else 0, scale=scale,
+                              pictures=pictures)
     idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
     status = f"Pinned: pixel ({x}, {y}) → query index per layer: {idx}.{sink_notes_markdown(panels)}"
-    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, panels), ui.readouts: readouts_markdown(panels)}
+    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, panels if pictures else None),
+            ui.readouts: readouts_markdown(panels)}
 
 
 def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"]) -> dict:
@@ -289,8 +296,8 @@ def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTR
     """Opacity / colormap / upsampling changed: re-render the panels and the open tab's maps (tab None: every
     tab's; no model run)."""
     if click_problem(state):
-        return unchanged([*ui.panels, *ui.maps])
-    return {**unchanged(ui.maps), **on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
+        return unchanged([*ui.panels, *ui.maps, ui.contribution_md, ui.dependence_md])
+    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
             **map_updates(ui, state, opacity, colormap, mode, tab)}
 
 
@@ -418,8 +425,10 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         with gr.Row(equal_height=True):
             image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: point at or click any pixel",
                                   elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
-            panels = [gr.Image(label=f"attention layer {i + 1}", interactive=False, format="jpeg", elem_id=f"panel-{i}",
-                               height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH) for i in range(NUM_PANELS)]
+            names = [*vggattn.attention_layer_names(model), *(f"attention layer {i + 1}" for i in range(NUM_PANELS))]
+            panels = [gr.Image(label=f"{names[i]}: where the point attends", interactive=False, format="jpeg",
+                               elem_id=f"panel-{i}", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
+                      for i in range(NUM_PANELS)]
         hover = hover_view(NUM_PANELS, CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
@@ -432,19 +441,20 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                 gammas_md = gr.Markdown(elem_id="gammas")
                 gammas_plot = gr.BarPlot(x="layer", y="gamma", label="Learned γ per layer", height=200)
                 seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
-                                interactive=False, height=200)
+                                interactive=False, format="jpeg", height=200)
         readouts = gr.Markdown(elem_id="readouts")
         with gr.Tabs():
             with gr.Tab("Effective contribution") as contribution_tab:
                 gr.Markdown(CONTRIBUTION_HINT)
                 with gr.Row():
-                    contrib = [gr.Image(interactive=False, format="jpeg", elem_id=f"contribution-{i}")
-                               for i in range(NUM_PANELS)]
+                    contrib = [gr.Image(label=f"{names[i]} · ‖γ·attn‖/‖x‖", interactive=False, format="jpeg",
+                                        elem_id=f"contribution-{i}") for i in range(NUM_PANELS)]
+                contribution_md = gr.Markdown(elem_id="contribution")
             with gr.Tab("Query dependence") as dependence_tab:
                 dependence_md = gr.Markdown(elem_id="dependence")
                 with gr.Row():
-                    mean_maps = [gr.Image(interactive=False, format="jpeg", elem_id=f"mean-map-{i}")
-                                 for i in range(NUM_PANELS)]
+                    mean_maps = [gr.Image(label=f"{names[i]} · mean over queries", interactive=False, format="jpeg",
+                                          elem_id=f"mean-map-{i}") for i in range(NUM_PANELS)]
             with gr.Tab("Ablation") as ablation_tab:
                 gr.Markdown("Switch attention layers off (γ = 0 for one forward) and see how the top-5 changes.")
                 with gr.Row():
@@ -456,7 +466,8 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
             with gr.Tab("Grad-CAM") as gradcam_tab:
                 gr.Markdown("Grad-CAM of the top class at the last conv layer: where the *class evidence* is, "
                             "beside where positions *look*.")
-                cam = gr.Image(interactive=False, format="jpeg", elem_id="gradcam", height=420)
+                cam = gr.Image(label="Grad-CAM of the top class at the last conv layer", interactive=False, format="jpeg",
+                               elem_id="gradcam", height=420)
             with gr.Tab("Export") as export_tab:
                 export_button = gr.Button("Export the current view", elem_id="export-button")
                 with gr.Row():
@@ -474,7 +485,7 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                         gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
         ui = UI(state=state, point=point, open_tab=open_tab, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,
                 seen=seen, status=status, panels=panels, readouts=readouts, maps=[*contrib, *mean_maps, cam],
-                dependence_md=dependence_md, ablation=ablation, ablation_verdict=ablation_verdict,
+                contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation, ablation_verdict=ablation_verdict,
                 export_file=export_file, export_png=export_png)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
 
@@ -486,13 +497,16 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         for tab, name in ((contribution_tab, "contribution"), (dependence_tab, "dependence"), (gradcam_tab, "gradcam"),
                           (ablation_tab, "ablation"), (export_tab, "export"), (dataset_tab, "dataset")):
             tab.select(bind(on_tab, ui, name), [state, opacity, colormap, mode], tab_outputs(ui), api_name=False)
-        def click(state, opacity, colormap, mode, mark, scale, evt: gr.SelectData):  # Gradio finds evt by
-            return on_click(ui, state, opacity, colormap, mode, mark, evt, scale)  # annotation, hidden by a partial
+        page_draws = gr.Checkbox(False, visible=False, elem_id="page-draws")  # set by PIN_JS at each click
 
-        image.select(click, [state, opacity, colormap, mode, mark, scale], point_outputs(ui), api_name="click")
+        def click(state, opacity, colormap, mode, mark, scale, drawn, evt: gr.SelectData):  # Gradio finds evt by
+            return on_click(ui, state, opacity, colormap, mode, mark, evt, scale, bool(drawn))  # annotation (not in a partial)
+
+        image.select(click, [state, opacity, colormap, mode, mark, scale, page_draws], point_outputs(ui), js=PIN_JS,
+                     api_name="click")
         controls = [state, point, opacity, colormap, mode, mark, scale, open_tab]
         for control in (opacity, colormap, mode):
-            control.change(bind(on_controls, ui), controls, [*panels, *ui.maps],
+            control.change(bind(on_controls, ui), controls, [*panels, *ui.maps, contribution_md, dependence_md],
                            api_name=f"rerender_{control.elem_id}")
         mark.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_number")
         scale.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_scale")
@@ -548,6 +562,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hover-dtype", default="float32", choices=["float32", "float16"],
                    help="how Q and K travel to the page for the maps under the pointer (float16: half the bytes, "
                         "rows differ by the error in bench/README.md)")
+    p.add_argument("--concurrency", type=int, default=2, help="events of one kind that run at once (default 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch threads per forward (default: the cores divided by --concurrency, at least 1, so "
+                        "concurrent uploads do not oversubscribe the cores; bench/README.md, load run)")
     add_model_arguments(p)
     return p.parse_args(argv)
 
@@ -555,6 +573,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(args.threads or max(1, cores // max(1, args.concurrency)))
     own = wants_own_model(args)
     try:
         if own:  # any CNN with non-local blocks (vggattn.app_any)
@@ -565,7 +585,8 @@ def main(argv=None) -> int:
     except (vggattn.CheckpointError, OSError, ValueError) as e:
         print(f"error: cannot load {'the model' if own else 'checkpoint'}: {e}", file=sys.stderr)
         return BAD_INPUT
-    log.info("loaded %s on %s", meta.get("source", args.checkpoint), next(model.parameters()).device)
+    log.info("loaded %s on %s (%d PyTorch threads a forward)", meta.get("source", args.checkpoint),
+             next(model.parameters()).device, torch.get_num_threads())
     if own:
         from .app_any import build_any_demo
 
@@ -575,7 +596,7 @@ def main(argv=None) -> int:
     else:
         demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
                           session_ttl=args.session_ttl)
-    launch(demo, args.host, args.port, args.share)
+    launch(demo, args.host, args.port, args.share, concurrency=args.concurrency)
     return 0
 
 

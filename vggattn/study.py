@@ -198,7 +198,7 @@ def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, in
     statistic from it, in blocks small enough to stay in the CPU's cache (`STAT_BLOCK_ELEMENTS`, 4 MB), with
     as few passes over the weights as the sums allow: the column sums and the unit rows' sum in one product
     (rows [1 / |a_q|, 1] times A), sum_j a_j l_j = q . (A K) (a product at Q's width, no (R, M) product), the
-    distance-weighted sum as one dot product with the distance matrix (made once per grid), the attention
+    distance-weighted sum as each row's dot product with the distance matrix (made once per grid), the attention
     output's statistics from delta (= gamma * attention output; no A V product), and the JSD from entropies:
     JSD = H(s / 2) - (H(p) + H(m)) / 2 with s = p + m, and sum s/2 log s/2 = (sum s log s) / 2 - log 2 per row,
     so one more log per weight. The rows of an image are kept for the JSD pass when they fit `keep_elements`,
@@ -241,7 +241,7 @@ def batch_statistics(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, in
             col_sum += sums[:, 1]
             top1 += top.sum(1, dtype=torch.float64)
             plogp += ((q * torch.bmm(a, keyf[b0:b1])).sum(2).double() - log_z).sum(1)
-            distance += (a.reshape(g, -1) @ dist[s0:s1].reshape(-1)).double()
+            distance += torch.linalg.vecdot(a, dist[s0:s1]).double().sum(1)  # rows in float32, their sum in float64
         mean_row = (col_sum / n).float()  # (g, M)
         mlogm = torch.xlogy(mean_row, mean_row).sum(1, dtype=torch.float64)  # (g,)
         slogs = torch.zeros(g, dtype=torch.float64, device=device)

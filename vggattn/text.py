@@ -90,6 +90,12 @@ def sink_notes_markdown(panels) -> str:
     return "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
 
 
+def contribution_markdown(layers: list, contributions: list) -> str:
+    """Per layer, the mean and largest ‖γ·attn‖/‖x‖ over positions (`Analysis.contributions`)."""
+    rows = [f"| `{layer.name}` | {c.mean():.3f} | {c.max():.3f} |" for layer, c in zip(layers, contributions)]
+    return "| layer | mean ‖γ·attn‖/‖x‖ | largest |\n|---|---|---|\n" + "\n".join(rows)
+
+
 def dependence_markdown(layers: list, dependence: list[tuple]) -> str:
     """Per layer, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
     rows = [f"| `{layer.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for layer, (_, jsd) in zip(layers, dependence)]

@@ -18,6 +18,7 @@ let payload = null;       // decoded: {size, display, image, base (ImageData at 
 let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
+let pinnedAt = 0;         // when (performance.now()) it was pinned
 let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
 const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
@@ -440,6 +441,7 @@ function leave() {
 
 function pin(x, y, since) {
   pinned = [x, y];
+  pinnedAt = performance.now();
   current = null;
   draw(x, y, since, pins);
 }
@@ -502,6 +504,8 @@ Object.assign(api, {
     return [im.width, im.height, btoa(bin)];
   },
   ready: () => !!(payload && payload.base),
+  // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
+  drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
   leave, setView, setControls, listeners, latencies, frames, pins,
   state: () => ({view, pinned, current, controls: {...controls},
