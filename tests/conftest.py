@@ -36,3 +36,13 @@ def data_root() -> Path:
             pytest.fail(f"{DATA} is missing in CI")
         pytest.skip(f"{DATA} not present (../shared is not beside the checkout)")
     return DATA
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_they_were():
+    """`vggattn.app.main` sets PyTorch's thread count for the server it starts; a test that calls it must not
+    leave that to the tests after it (their float sums, compared with other processes', follow the count)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
