@@ -315,7 +315,7 @@ def run_all(model: VGG16WithAttention, entering: dict[int, torch.Tensor], runs: 
     """Logits of every run {key: {block index: mode}}, each from the activation entering its first replaced
     block, with the segments between attention blocks that runs share computed once: "features.14:mean" and
     "all:mean" run features 14..21 alike (equal to `run_from` of each run, without the repeats).
-    mean_rows: {index: (B, N)} the baseline's mean rows (`baseline_forward`), used where a run replaces a
+    mean_rows: {index: (B, N)} the baseline's mean rows (`entering_blocks(mean_rows=)`), used where a run replaces a
     block's rows by its mean row and every block before it is the baseline's (else computed)."""
     mean_rows = mean_rows or {}
     blocks = sorted(entering)
