@@ -63,7 +63,7 @@ def test_dot_product_rows_say_what_they_are_and_classes_come_from_a_file(tmp_pat
 def test_bad_models_are_one_line_and_exit_2(tmp_path, caplog):
     assert explain.main([str(ASSET), "--model", "no_such_module:f", "--out", str(tmp_path)]) == 2
     assert explain.main([str(ASSET), "--model", "torch.nn:Identity", "--out", str(tmp_path)]) == 2
-    assert "no attention block of a known family" in caplog.text and "it is made of: Identity" in caplog.text
+    assert "no attention in this model" in caplog.text and "it is made of: Identity" in caplog.text
     torch.save({"nope": torch.zeros(1)}, tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match="does not fit the model"):
         byo.load_model("byo_models:classifier", tmp_path / "w.pth")

@@ -16,6 +16,8 @@ family is tested against its block's own forward (tests/test_adapters.py).
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 
 from .families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from .model import GlobalAttention, mean_attention_row
+from .trace import Layout, NotAttention, discover, record
+
+log = logging.getLogger("vggattn.adapters")
 
 MODES = ("off", "mean", "uniform")
 
@@ -33,27 +38,33 @@ class BlockMaps:
     """What one block attends to on a batch: rows = normalise(scale * Q K^T + bias)."""
 
     family: str
-    query: torch.Tensor | None  # (B, heads, N, C'); None when one map serves every position (GCNet)
-    key: torch.Tensor  # (B, heads, M, C'); with query None: the map's logits (B, 1, 1, M)
+    query: torch.Tensor | None  # (B, heads, N, C'); None when one map serves every position (GCNet) or with weights
+    key: torch.Tensor | None  # (B, heads, M, C'); with query None: the map's logits (B, 1, 1, M); None with weights
     grid: tuple[int, int]  # (h, w) of the queries
     key_grid: tuple[int, int]  # (hk, wk) of the keys (pooled keys: half the size)
     scale: float = 1.0
     bias: torch.Tensor | None = None  # (B, heads, N, M) logits added after the scale (relative positions)
-    normalise: str = "softmax"  # "softmax", or "mean": (scale * Q K^T) / M, Wang et al.'s dot-product form
+    normalise: str = "softmax"  # "softmax", or "mean": (scale * Q K^T) / M, Wang et al.'s dot-product form; with
+    # weights: "softmax" where each row is a distribution over the key cells, "weights" where it need not be
     meaning: str = "attention weights: softmax over the key positions, each row sums to 1"
+    weights: torch.Tensor | None = None  # (B, heads, N or 1, M): the rows themselves (blocks found by tracing)
+    padding: torch.Tensor | None = None  # (B, heads, N or 1): each row's share on keys that fall on padding
 
     @property
     def heads(self) -> int:
-        return self.key.shape[1]
+        return (self.key if self.weights is None else self.weights).shape[1]
 
     @property
     def per_image(self) -> bool:
         """True for a map no query changes (one per image and head), like GCNet's global context."""
-        return self.query is None
+        return self.query is None and (self.weights is None or self.weights.shape[2] == 1)
 
     def rows(self, queries: list[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M).
         dtype: of the logits and the normalisation (float64: the dot-product form's f / M without cancellation)."""
+        if self.weights is not None:
+            w = self.weights if queries is None or self.per_image else self.weights[:, :, torch.as_tensor(queries)]
+            return w.to(dtype)
         if self.query is None:
             return torch.softmax(self.key.float().to(dtype), dim=-1)
         q = self.query if queries is None else self.query[:, :, torch.as_tensor(queries, dtype=torch.long)]
@@ -68,12 +79,14 @@ class BlockMaps:
         """The maps of image j of the batch alone (a batch of one)."""
         pick = lambda t: None if t is None else t[j:j + 1]  # noqa: E731
         return BlockMaps(self.family, pick(self.query), pick(self.key), self.grid, self.key_grid, self.scale,
-                         pick(self.bias), self.normalise, self.meaning)
+                         pick(self.bias), self.normalise, self.meaning, pick(self.weights), pick(self.padding))
 
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
-        if self.query is None:
+        if self.per_image:
             return self.rows()
+        if self.weights is not None:
+            return self.weights.mean(2, keepdim=True)
         B, heads, n = self.query.shape[:3]
         step = max(1, block_elements // (B * heads * self.key.shape[2]))
         total = sum(self.rows(list(range(s, min(n, s + step)))).sum(2, keepdim=True) for s in range(0, n, step))
@@ -321,6 +334,108 @@ class TimmGlobalContextAdapter(Adapter):
         return x
 
 
+class TracedAdapter(Adapter):
+    """Any block whose forward computes attention, read from what it computes (`vggattn.trace`): no class names.
+    Its rows are the weights with which each key position's value enters a query's output, on the grids the
+    tangents place them on; interventions run the block's own forward with its weights replaced."""
+
+    residual = "as the block's own code adds it (its forward runs with the weights replaced)"
+    off_means = "its attention adds nothing: every weight is 0 (what the block adds besides stays)"
+
+    def __init__(self, module: nn.Module, attention: int = 0):
+        cls = type(module)
+        self.family = f"{cls.__name__} ({cls.__module__.split('.')[0]}), found by what it computes"
+        self.attention = attention
+        self.qk_modules: tuple[str, ...] = ()
+
+    def matches(self, module):
+        return False
+
+    def layout(self, module: nn.Module, x: torch.Tensor) -> Layout:
+        lay = Layout.of(module, x, self.attention)
+        names = dict(module.named_modules())
+        made = [n for n in lay.qk_modules if n in names and any(True for _ in names[n].parameters(recurse=False))]
+        self.qk_modules = tuple(made)
+        return lay
+
+    def maps(self, module, x):
+        lay = self.layout(module, x)
+        parts = []
+        for j in range(x.shape[0]):
+            with torch.no_grad():
+                rec, _ = record(module, x[j:j + 1])
+            evs = [rec.events[i] for i in lay.group]
+            w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
+            w = w.reshape(-1, *w.shape[-2:])  # (L, nq, nk)
+            if lay.qk:
+                q = torch.cat([e.query for e in evs], dim=-2) if len(evs) > 1 else evs[0].query
+                q = q.expand(*evs[0].weights.shape[:-2], *q.shape[-2:]).reshape(w.shape[0], -1, q.shape[-1])
+                k = evs[0].key.expand(*evs[0].weights.shape[:-2], *evs[0].key.shape[-2:])
+                k = k.reshape(w.shape[0], -1, k.shape[-1])
+                parts.append((q[lay.lq, lay.iq], k[lay.lk][:, lay.key_order]))
+                continue
+            rows = w[lay.lq, lay.iq]  # (heads, N, nk)
+            cells = lay.kcell.to(w.device)[lay.lq]  # (heads, N, nk)
+            on = cells >= 0
+            m = lay.key_grid[0] * lay.key_grid[1]
+            grid_rows = rows.new_zeros(*rows.shape[:2], m).scatter_add_(-1, cells.clamp_min(0), rows * on)
+            pad = (rows * ~on).sum(-1) if lay.padded else None
+            parts.append((grid_rows, pad))
+        family = f"{self.family}: {lay.kind}"
+        if lay.qk:
+            return BlockMaps(family, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), lay.grid,
+                             lay.key_grid, scale=float(lay.scale * (lay.key_grid[0] * lay.key_grid[1]
+                                                                   if lay.normalise == "mean" else 1)),
+                             normalise=lay.normalise, meaning=lay.meaning)
+        pad = torch.stack([p[1] for p in parts]) if lay.padded else None
+        return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise="softmax" if lay.sums_to_one else "weights",
+                         meaning=lay.meaning,
+                         weights=torch.stack([p[0] for p in parts]), padding=pad)
+
+    def forward(self, module, x, mode=None, rows=None):
+        """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows
+        on the grids), replaced by `rows` (B, heads, N or 1, M), or by an intervention: "off" (every weight 0),
+        "mean" (every row the image's mean row, on each query's own keys), "uniform" (1 / keys of each query)."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        lay = self.layout(module, x)
+        if rows is None and mode in (None, "mean"):
+            maps = self.maps(module, x)
+            rows = maps.rows() if mode is None else maps.mean_row()
+        head, cell = lay.inverse()
+        outs = []
+        offsets, start = {}, 0
+        for i, n in zip(lay.group, lay.sizes):
+            offsets[i], start = (start, start + n), start + n
+        for j in range(x.shape[0]):
+            replace = {i: self._replacement(lay, mode, None if rows is None else rows[j], head, cell, *offsets[i])
+                       for i in lay.group}
+            outs.append(record(module, x[j:j + 1], replace=replace)[1])
+        if isinstance(outs[0], torch.Tensor):
+            return torch.cat(outs)
+        return type(outs[0])(torch.cat([o[k] for o in outs]) if isinstance(outs[0][k], torch.Tensor) else outs[0][k]
+                             for k in range(len(outs[0])))
+
+    @staticmethod
+    def _replacement(lay: Layout, mode, rows, head, cell, start, stop):
+        """fn(weights (lead..., n, nk) of one event) -> its new weights, for queries start:stop of the attention."""
+        def fn(w):
+            flat = w.reshape(-1, *w.shape[-2:])  # (L, n, nk)
+            if mode == "off":
+                return torch.zeros_like(w)
+            if mode == "uniform":
+                return torch.full_like(w, 1.0 / w.shape[-1])
+            L = flat.shape[0]
+            h, c = head[:, start:stop].to(w.device), cell[:, start:stop].to(w.device)  # (L, n)
+            r = rows.to(w.device, w.dtype)  # (heads, N or 1, M)
+            picked = r[h, c if r.shape[1] > 1 else torch.zeros_like(c)]  # (L, n, M)
+            keys = lay.kcell.to(w.device)  # (L, nk)
+            new = picked.gather(-1, keys.clamp_min(0)[:, None, :].expand(L, flat.shape[1], -1))
+            new = torch.where(keys[:, None, :] >= 0, new, flat)  # keys on padding keep their weights
+            return new.reshape(w.shape)
+        return fn
+
+
 def reset(module: nn.Module, seed: int) -> nn.Module:
     """Re-initialise every parameter of `module` in place, as its layers initialise themselves (reset_parameters);
     parameters of modules without one (timm's relative-position tables) drawn from N(0, 0.02), as timm does."""
@@ -360,10 +475,11 @@ class Intervention:
     way the app's ablation and the study switch attention off or replace it, for any family."""
 
     def __init__(self, model: nn.Module, modes: dict[str, str]):
-        found = {n: (m, a) for n, m, a in find_blocks(model)}
-        unknown = [n for n in modes if n not in found]
+        modules = dict(model.named_modules())
+        unknown = [n for n in modes if n not in modules]
         if unknown:
-            raise KeyError(f"no attention layer {unknown}; the model has {list(found)}")
+            raise KeyError(f"no attention layer {unknown}; the model has {[n for n, *_ in find_blocks(model)]}")
+        found = {n: (m, a) for n, m, a in find_blocks(model, list(modes))}
         bad = [m for m in modes.values() if m not in MODES]
         if bad:
             raise ValueError(f"modes must be among {MODES}, got {bad}")
@@ -404,27 +520,118 @@ ADAPTERS: tuple[Adapter, ...] = (GlobalAttentionAdapter(), SelfAttnAdapter(), Bi
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
-    """The adapter of a module's family, or None."""
+    """The adapter of a module's family (a fast path that also knows its residual), or None."""
     return next((a for a in ADAPTERS if a.matches(module)), None)
 
 
-def find_blocks(model: nn.Module, names: list[str] | None = None) -> list[tuple[str, nn.Module, Adapter]]:
-    """Every attention block of a known family in `model`, in module order: (name, module, adapter). names: point
-    at modules by name instead (each must be of a known family). Nothing found is one sentence naming what was."""
+def example_input(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """A seeded random input the model takes: channels from its first conv, size given, timm's, or 224."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        input_size = tuple(cfg.get("input_size", (3, 224, 224))[1:]) if isinstance(cfg, dict) else 224
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    p = next(model.parameters(), None)
+    x = torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(0))
+    return x if p is None else x.to(p.device)
+
+
+@dataclass
+class Traced:
+    blocks: dict  # name -> TracedAdapter, in the order they ran
+    skipped: list[str]  # "name (Class): why it is no per-position map", one line each
+    example: tuple  # the input shape it was found on
+
+
+_TRACED: "weakref.WeakKeyDictionary[nn.Module, Traced]" = weakref.WeakKeyDictionary()
+
+
+def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Traced:
+    """The blocks of `model` that no family adapter knows, found by what their forwards compute on `example`
+    (cached per model: the first call's example stands)."""
+    if model in _TRACED:
+        return _TRACED[model]
+    example = example_input(model) if example is None else example
     modules = dict(model.named_modules())
+    known = [n for n, m in modules.items() if adapter_for(m) is not None]
+    inside_known = lambda n: any(n == k or n.startswith(k + ".") for k in known)  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            found = [f for f in discover(model, example) if f.name and not inside_known(f.name)]
+        except Exception as err:  # a model that does not run on this input: the known families stand alone
+            first = (str(err).splitlines() or [""])[0][:160]
+            line = (f"could not run the model on a {'x'.join(map(str, example.shape[1:]))} input to find attention "
+                    f"by what it computes ({type(err).__name__}: {first})")
+            log.warning("%s", line)
+            _TRACED[model] = Traced({}, [line], tuple(example.shape))
+            return _TRACED[model]
+        inputs: dict[str, torch.Tensor] = {}
+        handles = [modules[f.name].register_forward_pre_hook(
+            lambda m, a, n=f.name: inputs.setdefault(n, a[0].detach()) if a and isinstance(a[0], torch.Tensor)
+            else None) for f in found]
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for h in handles:
+                h.remove()
+        blocks, skipped = {}, []
+        for f in found:
+            module, adapter = modules[f.name], TracedAdapter(modules[f.name])
+            try:
+                if f.name not in inputs:
+                    raise NotAttention("it takes no tensor input")
+                adapter.layout(module, inputs[f.name])
+            except NotAttention as err:
+                skipped.append(f"{f.name} ({type(module).__name__}): not an attention block over positions: {err}")
+                continue
+            if f.attentions > 1:
+                log.info("%s computes %d attentions; the first is shown", f.name, f.attentions)
+            blocks[f.name] = adapter
+    finally:
+        model.train(was_training)
+    for line in skipped:
+        log.warning("%s", line)
+    _TRACED[model] = Traced(blocks, skipped, tuple(example.shape))
+    return _TRACED[model]
+
+
+def find_blocks(model: nn.Module, names: list[str] | None = None, *,
+                example: torch.Tensor | None = None) -> list[tuple[str, nn.Module, Adapter]]:
+    """Every attention block in `model`, in module order: (name, module, adapter). A module of a family we have an
+    adapter for is found by its class; any other whose forward computes attention is found by running the model on
+    `example` (`example_input` when None) and reading what it computes (`vggattn.trace`). names: point at modules by
+    name instead. Nothing found is one sentence naming what the model is made of."""
+    modules = dict(model.named_modules())
+    order = {n: i for i, n in enumerate(modules)}
     if names is not None:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"no module named {missing}; the model has e.g. {list(modules)[1:8]}")
-        found = [(n, modules[n], adapter_for(modules[n])) for n in names]
-        unknown = [f"{n} ({type(m).__name__})" for n, m, a in found if a is None]
+        known = {n: adapter_for(modules[n]) for n in names}
+        traced = traced_blocks(model, example) if any(a is None for a in known.values()) else None
+        found, unknown = [], []
+        for n in names:
+            adapter = known[n] or (traced.blocks.get(n) if traced else None)
+            if adapter is None:
+                why = next((s for s in (traced.skipped if traced else []) if s.startswith(n + " ")), None)
+                unknown.append(why or f"{n} ({type(modules[n]).__name__}): not an attention block (its forward "
+                                      "computes none that vggattn can read)")
+            found.append((n, modules[n], adapter))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not an attention block of a known family "
-                             f"({', '.join(a.family for a in ADAPTERS)})")
+            raise ValueError("; ".join(unknown))
         return found
     found = [(n, m, a) for n, m in modules.items() if (a := adapter_for(m)) is not None]
+    traced = traced_blocks(model, example)
+    found += [(n, modules[n], a) for n, a in traced.blocks.items()]
+    found.sort(key=lambda f: order[f[0]])
     if not found:
         kinds = sorted({type(m).__name__ for m in modules.values()} - {"Sequential", "ModuleList", "ModuleDict"})
-        raise ValueError(f"no attention block of a known family ({', '.join(a.family for a in ADAPTERS)}) in this "
-                         f"model; it is made of: {', '.join(kinds[:25])}{' ...' if len(kinds) > 25 else ''}")
+        skipped = f" ({'; '.join(traced.skipped)})" if traced.skipped else ""
+        raise ValueError(f"no attention in this model: its forward computes none that maps positions to positions on "
+                         f"a {'x'.join(map(str, traced.example[1:]))} input{skipped}; it is made of: "
+                         f"{', '.join(kinds[:25])}{' ...' if len(kinds) > 25 else ''}")
     return found

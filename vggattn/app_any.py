@@ -29,7 +29,7 @@ import torch.nn as nn
 from .adapters import MODES, Intervention, find_blocks
 from .app import (CONTROLS, EXAMPLES, PENDING, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                   hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
-from .byo import AnyAnalysis, analyze_any
+from .byo import AnyAnalysis, analyze_any, blocks_of
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from .hover import PageLayer, any_payload, page_layer
 from .render import TOP_K, top_indices
@@ -149,7 +149,10 @@ def render_point(state: AnyState, xy, opacity, colormap, mode, mark, scale, head
             ent = float(-(flat * np.log(p)).sum())
             spread = f"{ent:.2f} nats ({ent / math.log(layer.m):.0%} of uniform)"
         else:
-            spread = "— (f/M, not a distribution)"
+            spread = "— (not a distribution: " + ("f/M)" if layer.normalise == "mean" else "see the Blocks tab)")
+        pad = None if layer.kind == "map" else layer.padding_share(cell, h)
+        if pad is not None:
+            spread += f"; {pad:.0%} of the row on padding"
         cells = ", ".join(f"({j // kw},{j % kw}) {flat[j]:.3f}" for j in top)
         gw = layer.grid[1]
         where = "one map per image" if layer.kind == "map" else f"({cell // gw}, {cell % gw}) of {layer.grid[0]}×{gw}"
@@ -242,8 +245,8 @@ def describe(model: nn.Module, meta: dict, blocks: list) -> str:
 def build_any_demo(model: nn.Module, meta: dict, layers: list[str] | None = None, study: dict | None = None,
                    hover_dtype: str = "float32", session_ttl: int = 3600) -> gr.Blocks:
     """The app for a model of any family (`vggattn.adapters`); meta as `vggattn.byo.describe` makes it."""
-    blocks = find_blocks(model, layers)
     model.eval()
+    blocks = blocks_of(model, meta, layers)
     n = len(blocks)
     with torch.no_grad():  # the heads per block, from one forward of a blank image
         from PIL import Image

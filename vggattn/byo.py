@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .adapters import Adapter, BlockMaps, find_blocks
+from .adapters import Adapter, BlockMaps, example_input, find_blocks
 from .analysis import display_copy
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict
 from .data import eval_transform, query_index, to_rgb
@@ -169,8 +169,13 @@ def load_from_args(args, default_checkpoint: str) -> tuple[nn.Module, dict]:
         weights = None if args.checkpoint == default_checkpoint else args.checkpoint
         model, meta = load_model(args.model, weights, classes=args.classes, input_size=args.input_size,
                                  mean=args.mean, std=args.std)
-    find_blocks(model, args.layers)
+    blocks_of(model, meta, args.layers)
     return model, meta
+
+
+def blocks_of(model: nn.Module, meta: dict, layers: list[str] | None = None) -> list:
+    """`find_blocks` on an input of the model's size (the first call per model finds traced blocks and keeps them)."""
+    return find_blocks(model, layers, example=example_input(model, meta.get("input_size")))
 
 
 @dataclass
@@ -194,6 +199,13 @@ class BlockResult:
         with torch.no_grad():
             rows = self.maps.rows(None if self.maps.per_image else [self.query_index(xy)])[0, :, 0]  # (heads, M)
         return rows.double().cpu().reshape(self.maps.heads, *self.maps.key_grid).numpy()
+
+    def padding_share(self, xy: tuple[float, float]) -> float | None:
+        """The share of the row under pixel xy that falls on padding (mean over heads), or None where none can."""
+        if self.maps.padding is None:
+            return None
+        q = 0 if self.maps.per_image else self.query_index(xy)
+        return float(self.maps.padding[0, :, q].double().mean())
 
 
 @dataclass
@@ -223,7 +235,7 @@ class AnyAnalysis:
 def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] | None = None) -> AnyAnalysis:
     """One forward with every block's input kept (forward pre-hooks, removed on exit), then each block's maps."""
     image = to_rgb(image)
-    blocks = find_blocks(model, layers)
+    blocks = blocks_of(model, meta, layers)
     device = next(model.parameters()).device
     x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
     inputs: dict[str, torch.Tensor] = {}

@@ -142,6 +142,8 @@ def write_any_result(result, points: list[tuple[float, float]], out_dir: str | P
                        "key_grid": list(block.maps.key_grid), "heads": block.maps.heads,
                        "per_image": block.maps.per_image, "what_the_numbers_are": block.maps.meaning,
                        "query_index": [block.query_index(xy) for xy in points]})
+        if block.maps.padding is not None:  # windows with halos: what each row puts on padding, not on the map
+            blocks[-1]["padding_share"] = [block.padding_share(xy) for xy in points]
         for r, (xy, grid_map) in enumerate(zip(points, stacked)):
             if block.maps.per_image and r > 0:
                 break  # one map per image: shown once

@@ -103,6 +103,13 @@ class PageLayer:
     # |log Z| * 6e-8 of relative error, 5e-4 where random weights give logits in the thousands)
     rows_: np.ndarray | None = None  # (heads, N or 1, M) float32
     sink: tuple[int, float] | None = None  # the image's sink: (key cell, its share of all attention); softmax only
+    padding: np.ndarray | None = None  # (heads, N) each row's share on keys that fall on padding (server side only)
+
+    def padding_share(self, i: int, head: int | None = None) -> float | None:
+        """The share of query i's row that falls on padding (windows with halos), or None where none can."""
+        if self.padding is None:
+            return None
+        return float(np.mean([self.padding[h, i] for h in self._heads(head)]))
 
     @property
     def n(self) -> int:
@@ -193,9 +200,10 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
     with torch.no_grad():
         heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
         if kind is None:
-            d = 0 if maps.per_image else maps.query.shape[-1]
-            kind = "map" if maps.per_image else "rows" if maps.bias is not None or n * m <= (n + m) * d else "qk"
-        if kind == "qk" and (maps.per_image or maps.bias is not None):
+            d = 0 if maps.per_image or maps.query is None else maps.query.shape[-1]
+            kind = "map" if maps.per_image else "rows" if maps.bias is not None or maps.query is None \
+                or n * m <= (n + m) * d else "qk"
+        if kind == "qk" and (maps.per_image or maps.bias is not None or maps.query is None):
             raise ValueError(f"{name}: its rows cannot be sent as Q and K (one map per image, or extra logits)")
         layer = PageLayer(name, family, maps.meaning, tuple(maps.grid), tuple(maps.key_grid), heads, kind,
                           maps.normalise, float(maps.scale))
@@ -207,6 +215,8 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
                                              maps.key[0].float().double()).cpu().numpy()
         else:
             layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
+        if maps.padding is not None:
+            layer.padding = maps.padding[0].double().cpu().numpy()
         if maps.normalise == "softmax":
             mean = maps.mean_row()[0, :, 0].float().mean(0)  # (M,): every query and head's share of each key
             layer.sink = (int(mean.argmax()), float(mean.max()))

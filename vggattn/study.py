@@ -714,11 +714,12 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
     each block and all) as a whole forward under `Intervention`, and the randomisation sanity check (the
     parameters that make a block's logits, `Adapter.qk_modules`, re-initialised; and the whole model). No
     contribution or output distances."""
-    from .adapters import Intervention, find_blocks, randomised_copy, reinit_qk
+    from .adapters import Intervention, randomised_copy, reinit_qk
+    from .byo import blocks_of
 
     model = model.eval()
     device = next(model.parameters()).device
-    blocks = find_blocks(model, layers)
+    blocks = blocks_of(model, meta, layers)
     names = [name for name, *_ in blocks]
     ds, targets = load_split(data, meta, limit)
     n_images, input_size = len(ds), int(meta["input_size"])

@@ -1,0 +1,808 @@
+"""Attention found by what the code computes, in any module: no class names, no adapters to write.
+
+    found = discover(model, example)          # {module name: Found} of every module whose forward computes attention
+    layout = Layout.of(block, x)               # where each query and key of its attention sits on x's grid
+    maps = TracedAdapter(block).maps(block, x) # vggattn.adapters.BlockMaps, as for any other block
+    TracedAdapter(block).forward(block, x, mode="mean")  # the block's own forward with its rows replaced
+
+One `TorchFunctionMode` (`Recorder`) sees every torch call of a forward and keeps, per tensor, the call that made
+it. Attention is a product of two tensors computed from the input in which one operand, the weights, comes from a
+softmax, from another such product (Wang et al.'s dot product form) or from a concatenation of two (their
+concatenation form); `F.scaled_dot_product_attention` is attention by name. The weights' axis contracted with the
+values is the key axis, so a row holds the weight with which each key position's value enters the query's output,
+whichever axis the library normalised. Where each query and key sits on the block's input grid is read from
+forward-mode tangents: the input's tangent carries its (1, y, x) coordinates per position, so a token computed at one
+position (1x1 convs, linear maps, reshapes, unfolds) carries that position, a pooled one a point in its window, and
+one made of padding none (its share of a row is reported as `padding`). Normalisation statistics (GroupNorm) are
+held constant for the tangents, so they do not spread positions. The same mode replaces the weights for
+interventions, so one mechanism reads and changes every traced block.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum", "baddbmm"}
+SOFTMAX = {"softmax", "_softmax"}
+SDPA = "scaled_dot_product_attention"
+# calls that move or rename a tensor's elements without mixing positions (the walk from weights to their source)
+TRANSPARENT = {"view", "reshape", "permute", "transpose", "t", "contiguous", "unsqueeze", "squeeze", "flatten",
+               "to", "float", "double", "half", "bfloat16", "type", "type_as", "clone", "dropout", "expand",
+               "expand_as", "movedim", "swapaxes", "__getitem__", "detach", "view_as", "reshape_as"}
+SCALING = {"mul", "__mul__", "__rmul__", "div", "__truediv__", "mul_", "div_", "__imul__", "__itruediv__", "true_divide"}
+ADDITIVE = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_", "__isub__", "masked_fill",
+            "masked_fill_", "where"}
+NORMS = {"group_norm", "instance_norm"}  # statistics over positions: held constant for the tangents
+SPREAD_LIMIT = 1.5  # grid cells: a token whose coordinates spread further is not at one position
+
+
+class NotAttention(ValueError):
+    """The module computes weights over something other than positions (channels, lambdas), or none at all."""
+
+
+@dataclass(eq=False)
+class Node:
+    """The call that made a tensor: its name, the nodes of its tensor arguments, scalars it was scaled by."""
+
+    op: str
+    parents: tuple
+    live: bool  # computed from the traced input (parameters and constants are not)
+    module: str = ""  # the innermost module running when it was made
+    scale: float | None = None  # for SCALING calls by a number: the factor
+    swaps: bool = False  # a transpose that swaps the last two axes
+    value: torch.Tensor | None = None  # kept for the operands of products (queries and keys)
+    pairwise: bool = False  # a product of two live tensors
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Event:
+    """One attention computation: weights (as the product got them) times values."""
+
+    kind: str  # "softmax", "pairwise" (a product, scaled), "concat" or "sdpa"
+    weights: torch.Tensor  # (..., nq, nk) after `move`
+    values: torch.Tensor  # (..., nk, dv) after `move`
+    query: torch.Tensor | None  # (..., nq, d): the logits' query operand, tokens on -2
+    key: torch.Tensor | None  # (..., nk, d)
+    scale: float | None  # logits = scale * query . key (+ bias when `additive`); None: unknown
+    additive: bool  # extra logit terms (relative positions, masks)
+    normalised_over_keys: bool | None  # softmax over the key axis (rows sum to 1); None: no softmax
+    qk_modules: tuple[str, ...]  # submodules that make the logits, not the values
+    module: str  # innermost module when the product ran
+
+
+def _labels_matmul(a_dim: int, b_dim: int) -> tuple[list, list, list]:
+    """Axis labels of a batched matmul: a (..., n, d) @ b (..., d, m) -> (..., n, m)."""
+    lead = max(a_dim, b_dim) - 2
+    la = [f"L{i}" for i in range(lead - (a_dim - 2), lead)] + ["n", "d"]
+    lb = [f"L{i}" for i in range(lead - (b_dim - 2), lead)] + ["d", "m"]
+    return la, lb, [f"L{i}" for i in range(lead)] + ["n", "m"]
+
+
+def _labels_einsum(eq: str, a_dim: int, b_dim: int) -> tuple[list, list, list] | None:
+    eq = eq.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        return None
+    ins, out = eq.split("->")
+    a, b = ins.split(",")
+
+    def expand(s, dim):
+        if "..." not in s:
+            return list(s)
+        head, tail = s.split("...")
+        n = dim - len(head) - len(tail)
+        return list(head) + [f"E{i}" for i in range(n)] + list(tail)
+    lead = max(a_dim - len(a.replace("...", "")), b_dim - len(b.replace("...", "")), 0)
+    return expand(a, a_dim), expand(b, b_dim), expand(out, len(out.replace("...", "")) + lead)
+
+
+def _moved(t: torch.Tensor, labels: list, token: str, feature: str | None, lead: list) -> torch.Tensor:
+    """t with axes ordered lead..., token, feature (a missing lead axis becomes size 1; feature None: size 1)."""
+    if feature is None:
+        t, labels = t.unsqueeze(-1), labels + ["_f"]
+        feature = "_f"
+    for name in lead:
+        if name not in labels:
+            t, labels = t.unsqueeze(0), [name] + labels
+    order = [labels.index(n) for n in lead] + [labels.index(token), labels.index(feature)]
+    return t.permute(order)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+class Recorder(TorchFunctionMode):
+    """Keeps, per tensor made in the forward, the call that made it; finds attention events as products run.
+
+    inputs: the tensors the trace starts from (live). replace: {event index: fn(weights) -> new weights} swaps the
+    weights of those events before the product runs (interventions). tangents: hold norm statistics constant."""
+
+    def __init__(self, inputs, *, keep: bool = True, replace: dict | None = None, tangents: bool = False,
+                 stack: list | None = None):
+        super().__init__()
+        self._nodes: dict[int, tuple] = {}
+        self.keep, self.replace, self.tangents = keep, replace or {}, tangents
+        self.stack = stack if stack is not None else []  # module names, innermost last (the discovery's hooks)
+        self.events: list[Event] = []
+        self.event_modules: list[list[str]] = []  # the module stack at each event
+        for t in _tensors(inputs):
+            self._set(t, Node("input", (), True))
+
+    def _set(self, t: torch.Tensor, node: Node) -> None:
+        self._nodes[id(t)] = (weakref.ref(t), node)
+
+    def node(self, t) -> Node | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self._nodes.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def live(self, t) -> bool:
+        n = self.node(t)
+        return n is not None and n.live
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == SDPA:
+            return self._sdpa(args, kwargs)
+        if name in NORMS and self.tangents:
+            out = self._norm_constant_stats(name, args, kwargs)
+            if out is not None:
+                self._record(name, args, kwargs, out)
+                return out
+        if name in PRODUCTS:
+            args = self._product(name, args, kwargs)
+        out = func(*args, **kwargs)
+        self._record(name, args, kwargs, out)
+        return out
+
+    # -- provenance --------------------------------------------------------------------------------------------------
+    def _record(self, name, args, kwargs, out) -> None:
+        outs = _tensors(out)
+        if not outs:
+            return
+        parents = tuple(n for t in _tensors(args) + _tensors(kwargs) if (n := self.node(t)) is not None)
+        live = any(p.live for p in parents)
+        node = Node(name, parents, live, self.stack[-1] if self.stack else "")
+        if name in SCALING and len(args) >= 2:
+            other = args[1] if isinstance(args[0], torch.Tensor) and self.node(args[0]) is not None else args[0]
+            if isinstance(other, (int, float)) or (isinstance(other, torch.Tensor) and other.numel() == 1
+                                                   and not self.live(other)):
+                f = float(other)
+                node.scale = 1.0 / f if name in {"div", "__truediv__", "div_", "__itruediv__", "true_divide"} else f
+        if name in {"transpose", "swapaxes"} and len(args) >= 3 and isinstance(args[0], torch.Tensor):
+            d = args[0].dim()
+            node.swaps = {args[1] % d, args[2] % d} == {d - 1, d - 2}
+        elif name == "t":
+            node.swaps = True
+        elif name == "permute" and isinstance(args[0], torch.Tensor):
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            d = args[0].dim()
+            node.swaps = len(dims) == d and [dims[-2] % d, dims[-1] % d] == [d - 1, d - 2]
+        if name in SOFTMAX:
+            node.extra["dim"] = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if name == "baddbmm":
+            node.extra.update(beta=kwargs.get("beta", 1), alpha=float(kwargs.get("alpha", 1)))
+        if name in PRODUCTS:
+            node.pairwise = self._pairwise(name, args)
+            if self.keep and node.pairwise:
+                node.extra["operands"] = self._operands(name, args)
+        for t in outs:
+            self._set(t, node)
+
+    def _pairwise(self, name, args) -> bool:
+        ops = self._operands(name, args)
+        return ops is not None and all(self.live(t) for t in ops[:2])
+
+    @staticmethod
+    def _operands(name, args):
+        """(a, b, (labels a, labels b, labels out)) of a two-operand product, or None."""
+        if name == "einsum":
+            eq, ops = args[0], args[1:]
+            if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+                ops = tuple(ops[0])
+            if len(ops) != 2 or not all(isinstance(t, torch.Tensor) for t in ops):
+                return None
+            labels = _labels_einsum(eq, ops[0].dim(), ops[1].dim())
+            return None if labels is None else (ops[0], ops[1], labels)
+        if name == "baddbmm":
+            a, b = args[1], args[2]
+        elif name == "__rmatmul__":
+            b, a = args[0], args[1]
+        else:
+            a, b = args[0], args[1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+            return None
+        return a, b, _labels_matmul(a.dim(), b.dim())
+
+    # -- finding attention -------------------------------------------------------------------------------------------
+    def source(self, t) -> tuple[str, Node, bool] | None:
+        """Where weights come from: ("softmax" | "pairwise" | "concat", node, swapped last two axes on the way)."""
+        node, swapped = self.node(t), False
+        for _ in range(12):
+            if node is None or not node.live:
+                return None
+            if node.op in SOFTMAX:
+                return "softmax", node, swapped
+            if node.op in PRODUCTS and node.pairwise:
+                return "pairwise", node, swapped
+            if node.op == "cat" and sum(p.live for p in node.parents) >= 2:
+                return "concat", node, swapped
+            live = [p for p in node.parents if p.live]
+            if len(live) != 1:
+                return None
+            if node.op in TRANSPARENT or node.op in SCALING:
+                swapped ^= node.swaps
+            elif node.op not in {"relu", "conv2d", "_conv_forward", "linear", "sigmoid"}:
+                return None  # (the concatenation form reaches its cat through conv and relu)
+            node = live[0]
+        return None
+
+    def logits(self, softmax_node: Node):
+        """The product under a softmax: (node, scale or None, additive, swapped), or None."""
+        node, scale, additive, swapped = softmax_node.parents[0] if softmax_node.parents else None, 1.0, False, False
+        for _ in range(12):
+            if node is None or not node.live:
+                return None
+            if node.op in PRODUCTS and node.pairwise:
+                if node.op == "baddbmm":
+                    additive |= node.extra.get("beta", 0) != 0
+                    scale = None if scale is None else scale * node.extra.get("alpha", 1.0)
+                return node, scale, additive, swapped
+            live = [p for p in node.parents if p.live]
+            if node.op in ADDITIVE:
+                additive = True
+            elif node.op in SCALING:
+                scale = None if node.scale is None or scale is None else scale * node.scale
+            elif node.op in TRANSPARENT:
+                swapped ^= node.swaps
+            else:
+                return None
+            if len(live) != 1:
+                if node.op in ADDITIVE and live:  # the logits and a live bias: follow the product
+                    live = [p for p in live if p.op in PRODUCTS] or live[:1]
+                else:
+                    return None
+            node = live[0]
+        return None
+
+    def _product(self, name, args, kwargs):
+        ops = self._operands(name, args)
+        if ops is None:
+            return args
+        a, b, (la, lb, lo) = ops
+        if not (self.live(a) and self.live(b)):
+            return args
+        for w_first in (True, False):
+            w, v, lw, lv = (a, b, la, lb) if w_first else (b, a, lb, la)
+            src = self.source(w)
+            if src is None:
+                continue
+            contracted = [x for x in lw if x in lv and x not in lo]
+            queries = [x for x in lw if x not in lv and x in lo]
+            v_feature = [x for x in lv if x not in lw and x in lo]
+            if len(contracted) != 1 or len(queries) > 1 or len(v_feature) > 1:
+                continue
+            key, query = contracted[0], (queries[0] if queries else None)
+            lead = [x for x in lo if x != query and x not in v_feature]
+            wm = _moved(w, lw, query or key, key if query else None, lead)  # (lead..., nq, nk)
+            if query is None:  # one row per image: (lead..., 1, nk)
+                wm = wm.transpose(-1, -2)
+            vm = _moved(v, lv, key, v_feature[0] if v_feature else None, lead)  # (lead..., nk, dv)
+            key_is_last = lw.index(key) == len(lw) - 1
+            index = len(self.events)
+            self.events.append(self._event(src, wm, vm, w, key_is_last))
+            self.event_modules.append(list(self.stack))
+            if index in self.replace:
+                new = self.replace[index](wm)
+                labels = lead + ([query, key] if query else ["_q", key])
+                if query is None:
+                    new = new.transpose(-1, -2)
+                    labels = lead + [key, "_q"]
+                extra = [x for x in labels if x not in lw]
+                new = new.permute([labels.index(x) for x in extra + lw]).reshape(w.shape).to(w.dtype)
+                args = list(args)
+                if name == "einsum":
+                    if len(args) == 2:
+                        pair = list(args[1])
+                        pair[0 if w_first else 1] = new
+                        args[1] = pair
+                    else:
+                        args[1 if w_first else 2] = new
+                else:
+                    first, second = {"baddbmm": (1, 2), "__rmatmul__": (1, 0)}.get(name, (0, 1))
+                    args[first if w_first else second] = new
+                args = tuple(args)
+            return args
+        return args
+
+    def _event(self, src, wm, vm, w, key_is_last) -> Event:
+        kind, node, swapped = src
+        query = key = None
+        scale, additive, over_keys = None, False, None
+        qk_nodes = [node]
+        operands = None
+        if kind == "softmax":
+            found = self.logits(node)
+            if found is not None:
+                pnode, scale, additive, lswapped = found
+                operands, swapped = pnode.extra.get("operands"), swapped ^ lswapped
+            over_keys = wm.shape[-1] > 1 and bool(
+                torch.allclose(wm.detach().float().sum(-1), torch.ones((), device=wm.device), atol=1e-3))
+        elif kind == "pairwise":
+            operands, scale = node.extra.get("operands"), 1.0
+            chain = self.node(w)
+            while chain is not None and chain is not node:  # the scalars between the product and the weights
+                if chain.op in SCALING:
+                    scale = None if chain.scale is None or scale is None else scale * chain.scale
+                elif chain.op in ADDITIVE:
+                    additive = True
+                live = [p for p in chain.parents if p.live]
+                chain = live[0] if live else None
+        if operands is not None and wm.shape[-2] > 1:
+            query, key = self._qk(*operands, wm, key_is_last ^ swapped)
+        return Event(kind, wm, vm, query, key, scale, additive, over_keys, self._modules_of(qk_nodes), "")
+
+    @staticmethod
+    def _qk(a, b, labels, wm, key_on_last):
+        """The logits' operands as (lead..., n, d) queries and keys, matched to the weights' (nq, nk) axes:
+        key_on_last says whether the keys are the logits' last axis (from the transposes on the way)."""
+        la, lb, lo = labels
+        ta = [x for x in la if x in lo and x not in lb]
+        tb = [x for x in lb if x in lo and x not in la]
+        fa = [x for x in la if x in lb and x not in lo]
+        if len(ta) != 1 or len(tb) != 1 or len(fa) != 1:
+            return None, None
+        lead = [x for x in lo if x not in (ta[0], tb[0])]
+        ta_tokens, tb_tokens = _moved(a, la, ta[0], fa[0], lead), _moved(b, lb, tb[0], fa[0], lead)
+        keys_are_b = (lo[-1] == tb[0]) == key_on_last
+        nq, nk = wm.shape[-2:]
+        if nq != nk:  # sizes decide where they can
+            keys_are_b = tb_tokens.shape[-2] == nk
+        return (ta_tokens, tb_tokens) if keys_are_b else (tb_tokens, ta_tokens)
+
+    def _modules_of(self, nodes) -> tuple[str, ...]:
+        """The modules that made the given nodes' ancestors (the submodules that make the logits)."""
+        seen, out, todo = set(), [], list(nodes)
+        while todo:
+            n = todo.pop()
+            if id(n) in seen or not n.live:
+                continue
+            seen.add(id(n))
+            if n.module and n.module not in out:
+                out.append(n.module)
+            todo.extend(n.parents)
+        return tuple(out)
+
+    # -- calls handled here ------------------------------------------------------------------------------------------
+    def _sdpa(self, args, kwargs):
+        """F.scaled_dot_product_attention as softmax(q k^T * scale + mask) v, with the weights kept (and replaced)."""
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+        p = dict(zip(names, args))
+        p.update(kwargs)
+        q, k, v = p["query"], p["key"], p["value"]
+        scale = p.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+        if p.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+        logits = (q @ k.transpose(-1, -2)) * scale  # (..., L, S)
+        mask, additive = p.get("attn_mask"), False
+        if p.get("is_causal"):
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            logits, additive = logits.masked_fill(~causal, float("-inf")), True
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            additive = True
+        weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        index = len(self.events)
+        live = self.live(q) and self.live(v)
+        if live:
+            self.events.append(Event("sdpa", weights, v, q, k, float(scale), additive, True,
+                                     self._modules_of([n for n in (self.node(q), self.node(k)) if n is not None]), ""))
+            self.event_modules.append(list(self.stack))
+            if index in self.replace:
+                weights = self.replace[index](weights).to(v.dtype)
+        out = weights @ v
+        self._record(SDPA, (q, k, v), {}, out)
+        return out
+
+    def _norm_constant_stats(self, name, args, kwargs):
+        """GroupNorm / InstanceNorm with the statistics of the primal held constant for the tangent (positions stay
+        where they are; the true tangent would spread every position's over the whole group)."""
+        names = ["input", "num_groups", "weight", "bias", "eps"] if name == "group_norm" else \
+            ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"]
+        p = dict(zip(names, args))
+        p.update(kwargs)
+        primal, tangent = fwAD.unpack_dual(p["input"])
+        if tangent is None:
+            return None
+        plain = lambda t: None if t is None else fwAD.unpack_dual(t).primal  # noqa: E731
+        B, C = primal.shape[:2]
+        groups = p.get("num_groups", C) if name == "group_norm" else C
+        eps = p.get("eps", 1e-5)
+        weight, bias = plain(p.get("weight")), plain(p.get("bias"))
+        var = primal.reshape(B, groups, -1).var(-1, unbiased=False)
+        shape = (B, C) + (1,) * (primal.dim() - 2)
+        factor = (var + eps).rsqrt().repeat_interleave(C // groups, 1).reshape(shape)
+        if weight is not None:
+            factor = factor * weight.reshape((1, C) + (1,) * (primal.dim() - 2))
+        out = F.group_norm(primal, groups, weight, bias, eps)
+        return fwAD.make_dual(out, tangent * factor)
+
+
+# -- where the tokens sit -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Positions:
+    """Per token (lead..., n): its (y, x) on the input grid, whether it sits anywhere (padding: not), its spread."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    valid: torch.Tensor
+    spread: torch.Tensor
+
+
+def positions(t1: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor) -> Positions:
+    """Tokens (..., n, f) from their tangents under the input tangents r_c, r_c * y and r_c * x: the least-squares
+    coordinate over the token's features, and how far the features disagree (a token made from many places)."""
+    a, b, c = (t.detach().double() for t in (t1, ty, tx))
+    den = (a * a).sum(-1)
+    valid = den > 1e-20 * den.amax().clamp_min(1e-300)
+    safe = torch.where(valid, den, torch.ones_like(den))
+    y, x = (a * b).sum(-1) / safe, (a * c).sum(-1) / safe
+    res = ((b - y[..., None] * a) ** 2 + (c - x[..., None] * a) ** 2).sum(-1) / safe
+    return Positions(y, x, valid, res.clamp_min(0).sqrt())
+
+
+def grid_cells(pos: Positions, hw: tuple[int, int], what: str) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """Each token's cell on its grid (-1: padding): the input grid where tokens sit on its positions, else the
+    coarsest-fitting pooled grid (stride s: ceil(H/s) x ceil(W/s) cells, one token per cell per lead).
+    -> (cells (lead..., n), grid, stride)."""
+    H, W = hw
+    ok = pos.valid
+    if not bool(ok.any()):
+        raise NotAttention(f"its {what} carry no position of the block's input")
+    spread = float(pos.spread[ok].max())
+    if spread > SPREAD_LIMIT:
+        raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: attention "
+                           "over channels, or a lambda layer)")
+    y, x = pos.y[ok], pos.x[ok]
+    if float((y - y.round()).abs().max()) < 1e-3 and float((x - x.round()).abs().max()) < 1e-3 \
+            and float(y.min()) > -0.5 and float(x.min()) > -0.5 and float(y.max()) < H - 0.5 and float(x.max()) < W - 0.5:
+        cells = torch.full(pos.y.shape, -1, dtype=torch.long)
+        cells[ok] = (y.round().long() * W + x.round().long())
+        return cells, (H, W), 1
+    n = pos.y.shape[-1]
+    for s in range(2, 33):
+        gh, gw = -(-H // s), -(-W // s)
+        if gh * gw != n:
+            continue
+        cells = torch.full(pos.y.shape, -1, dtype=torch.long)
+        cy = (y / s).floor().long().clamp(0, gh - 1)
+        cx = (x / s).floor().long().clamp(0, gw - 1)
+        cells[ok] = cy * gw + cx
+        flat = cells.reshape(-1, n)
+        if all(int(torch.unique(r[r >= 0]).numel()) == int((r >= 0).sum()) for r in flat):
+            return cells, (gh, gw), s
+    raise NotAttention(f"its {n} {what} lie on no regular grid over the block's {H}x{W} input")
+
+
+def row_major(n: int, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """Cells of n tokens assumed in row-major order on the input grid or a pooled one (no tangents to read)."""
+    H, W = hw
+    for s in range(1, 33):
+        gh, gw = -(-H // s), -(-W // s)
+        if gh * gw == n:
+            return torch.arange(n), (gh, gw)
+    return None
+
+
+# -- a block's layout ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """How one attention of a block lies on the block input's grid, for one input shape. Its weights (L, nq, nk)
+    (leads flattened; several events in query blocks are concatenated along nq) map to rows (heads, N, M): row (h, c)
+    is weights[lq[h, c], iq[h, c]], whose keys fall on cells kcell[lq[h, c]] (-1: padding)."""
+
+    group: list[int]  # the events (in the forward's order) that make this attention
+    sizes: list[int]  # the queries of each of those events
+    grid: tuple[int, int]
+    key_grid: tuple[int, int]
+    heads: int
+    lq: torch.Tensor  # (heads, N) lead index of each row
+    iq: torch.Tensor  # (heads, N) query index within the lead
+    kcell: torch.Tensor  # (L, nk) key cell of each key (-1: padding)
+    per_image: bool
+    qk: bool  # rows are normalise(scale * Q K^T) of per-head Q, K on the grids (the page computes them)
+    lk: torch.Tensor | None  # (heads,) lead of each head's keys, when qk
+    key_order: torch.Tensor | None  # (M,) the key index of each key cell, when qk
+    padded: bool  # some keys fall on padding
+    meaning: str  # what the numbers are, in words
+    qk_modules: tuple[str, ...]  # submodules (names within the block) that make the logits
+    kind: str
+    scale: float | None
+    normalise: str  # "softmax" or "mean" (dot product / M): Q and K make the rows; "weights": the rows are given
+    sums_to_one: bool  # every row is a distribution over the key cells (a softmax over the keys, none on padding)
+
+    @staticmethod
+    def of(block: nn.Module, x: torch.Tensor, attention: int = 0) -> "Layout":
+        """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape)."""
+        key = (tuple(x.shape[1:]), x.dtype, str(x.device), attention)
+        cache = _LAYOUTS.setdefault(block, {})
+        if key not in cache:
+            cache[key] = _layout(block, x[:1].detach(), attention)
+        return cache[key]
+
+    def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, nq) head and grid cell of every (lead, query) entry."""
+        L, nq = self.kcell.shape[0], int(self.iq.max()) + 1
+        h = torch.zeros(L, nq, dtype=torch.long)
+        c = torch.zeros(L, nq, dtype=torch.long)
+        h[self.lq, self.iq] = torch.arange(self.heads)[:, None].expand_as(self.lq)
+        c[self.lq, self.iq] = torch.arange(self.lq.shape[1])[None].expand_as(self.lq)
+        return h, c
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class _Tracking:
+    """Forward hooks on every submodule that keep the names of the modules running (this thread's only) on a stack;
+    removed on exit."""
+
+    def __init__(self, root: nn.Module, stack: list, inputs: dict | None = None):
+        self.root, self.stack, self.inputs, self.handles = root, stack, inputs, []
+
+    def __enter__(self):
+        me = threading.get_ident()
+
+        def pre(module, args, name):
+            if threading.get_ident() == me:
+                self.stack.append(name)
+                if self.inputs is not None and name not in self.inputs:
+                    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                    self.inputs[name] = None if first is None else tuple(first.shape)
+
+        def post(module, args, out):
+            if threading.get_ident() == me and self.stack:
+                self.stack.pop()
+        try:
+            for name, module in self.root.named_modules():
+                if name:
+                    self.handles.append(module.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
+                    self.handles.append(module.register_forward_hook(post))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+
+def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, tangents: bool = False):
+    """One forward of the block's own code (its hooks skipped) under a Recorder: (recorder, output)."""
+    stack: list = []
+    rec = Recorder([x], replace=replace, tangents=tangents, stack=stack)
+    with _Tracking(block, stack), rec:
+        out = block.forward(x)
+    return rec, out
+
+
+def event_groups(events: list[Event]) -> list[list[int]]:
+    """Attentions as lists of event indices: consecutive events with the same values (one attention computed a
+    block of query rows at a time, as the article's CPU path does) are one."""
+    groups: list[list[int]] = []
+    for i, ev in enumerate(events):
+        if groups:
+            first = events[groups[-1][0]].values
+            if ev.values.shape == first.shape and ev.values.data_ptr() == first.data_ptr() and \
+                    ev.weights.shape[-1] == events[groups[-1][0]].weights.shape[-1]:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(lead..., n, f) -> (L, n, f)."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
+    if x.dim() != 4:
+        raise NotAttention(f"its input is {tuple(x.shape)}, not an image grid (B, C, H, W)")
+    B, C, H, W = x.shape
+    gen = torch.Generator().manual_seed(0)
+    r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, C, 1, 1)
+    ys = torch.arange(H, dtype=x.dtype, device=x.device).reshape(1, 1, H, 1)
+    xs = torch.arange(W, dtype=x.dtype, device=x.device).reshape(1, 1, 1, W)
+    passes, reason = [], ""
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            for t in (r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)):
+                rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True)
+                tan = lambda z: None if z is None else fwAD.unpack_dual(z).tangent  # noqa: E731
+                prim = lambda z: None if z is None else fwAD.unpack_dual(z).primal  # noqa: E731
+                passes.append([dict(ev=ev, w=prim(ev.weights), q=prim(ev.query), k=prim(ev.key), tq=tan(ev.query),
+                                    tv=tan(ev.values), tk=tan(ev.key)) for ev in rec.events])
+    except (RuntimeError, NotImplementedError) as err:  # an op without a forward-mode formula
+        passes, reason = None, (str(err).splitlines() or [type(err).__name__])[0][:160]
+    if passes is None:
+        with torch.no_grad():
+            rec, _ = record(block, x)
+        groups = event_groups(rec.events)
+        if attention >= len(groups):
+            raise NotAttention("its forward computes no attention")
+        return _layout_assumed(rec.events, groups[attention], (H, W), reason)
+    groups = event_groups([p["ev"] for p in passes[0]])
+    if attention >= len(groups):
+        raise NotAttention("its forward computes no attention")
+    group = groups[attention]
+    first = passes[0][group[0]]
+    ev = first["ev"]
+    weights = _cat([passes[0][i]["w"] for i in group])
+    lead_shape = weights.shape[:-2]
+    nq, nk = weights.shape[-2:]
+    L = int(math.prod(lead_shape))
+
+    def tangents(k: str, all_events: bool):  # (t1, ty, tx) of the attention's queries, values or keys
+        out = []
+        for p in passes:
+            parts = [p[i][k] for i in (group if all_events else group[:1])]
+            if any(t is None for t in parts):
+                return None
+            out.append(_flat(_cat(parts).expand(*lead_shape, *parts[0].shape[-2:])))
+        return out
+
+    vt = tangents("tv", False)
+    if vt is None:
+        raise NotAttention("its values do not come from the block's input")
+    kcell, key_grid, _ = grid_cells(positions(*vt), (H, W), "keys")
+    per_image, note = nq == 1, ""
+    if per_image:
+        lq, iq, grid, heads = torch.arange(L)[:, None], torch.zeros(L, 1, dtype=torch.long), (H, W), L
+    else:
+        qt = tangents("tq", True)
+        if qt is not None:
+            qcell, grid, _ = grid_cells(positions(*qt), (H, W), "queries")
+        else:
+            rm = row_major(nq, (H, W))
+            if rm is None:
+                raise NotAttention(f"its weights' other axis has {nq} entries that are no positions of its {H}x{W} "
+                                   "input (attention over channels, or a lambda layer)")
+            qcell, grid = rm[0].expand(L, nq), rm[1]
+            note = " Query positions assumed in row-major order (the code makes no queries to follow)."
+        lq, iq, heads = _heads(qcell, grid)
+    padded = bool((kcell < 0).any())
+    qk, lk, key_order, normalise = False, None, None, "weights"
+    M = key_grid[0] * key_grid[1]
+    if first["q"] is not None and not ev.additive and ev.scale is not None and not per_image and not padded \
+            and nk == M and bool((lq == lq[:, :1]).all()):
+        lk = lq[:, 0]
+        key_order = torch.argsort(kcell[lk[0]])
+        if all(torch.equal(kcell[int(h)], kcell[int(lk[0])]) for h in lk):
+            q = _flat(_cat([passes[0][i]["q"] for i in group]).expand(*lead_shape, nq, -1))[lq, iq]  # (heads, N, d)
+            k = _flat(first["k"].expand(*lead_shape, nk, -1))[lk][:, key_order]  # (heads, M, d)
+            normalise = "softmax" if ev.kind in ("softmax", "sdpa") else "mean"
+            scale = ev.scale * (M if normalise == "mean" else 1)
+            logits = scale * (q.double() @ k.double().transpose(-1, -2))
+            rows = torch.softmax(logits, -1) if normalise == "softmax" else logits / M
+            expect = _flat(weights)[lq, iq][..., key_order].double()
+            qk = bool(torch.allclose(rows, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max().clamp_min(1e-30))))
+            normalise = normalise if qk else "weights"
+    if ev.kind in ("softmax", "sdpa") and ev.normalised_over_keys:
+        meaning = "attention weights: softmax over the key positions, each row sums to 1"
+    elif ev.kind in ("softmax", "sdpa"):
+        meaning = ("the weights with which each key position's value enters the query's output; the library "
+                   "normalises over another axis, so a row need not sum to 1")
+    elif ev.kind == "pairwise":
+        meaning = ("the pairwise weights f(q, k) as the code scales them (a product, no softmax): rows need not "
+                   "sum to 1 and weights can be negative")
+    else:
+        meaning = ("the pairwise weights of a concatenation form (ReLU of a projection of [q, k], scaled): rows "
+                   "need not sum to 1")
+    if padded:
+        meaning += "; keys on padding are not on the map (each row's share on padding is reported)"
+    if per_image:
+        meaning = "one map per image: where the pooled context comes from, no query changes it; " + meaning
+    sizes = [passes[0][i]["w"].shape[-2] for i in group]
+    return Layout(group, sizes, tuple(grid), tuple(key_grid), int(heads), lq, iq, kcell, per_image, qk, lk, key_order,
+                  padded, meaning + "." + note, ev.qk_modules, ev.kind, ev.scale, normalise,
+                  ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded)
+
+
+def _heads(qcell: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows per grid cell: the (lead, query) entries at each cell, in lead order, are its heads."""
+    L, nq = qcell.shape
+    n = grid[0] * grid[1]
+    flat = qcell.reshape(-1)
+    if bool((flat < 0).any()):
+        raise NotAttention("some of its queries carry no position")
+    counts = torch.bincount(flat, minlength=n)
+    heads = int(counts[0])
+    if heads == 0 or not bool((counts == heads).all()):
+        raise NotAttention(f"its queries do not cover the {grid[0]}x{grid[1]} grid evenly")
+    order = torch.argsort(flat * (L * nq) + torch.arange(L * nq), stable=True)  # by cell, then lead order
+    sel = order.reshape(n, heads).T  # (heads, N)
+    return sel // nq, sel % nq, heads
+
+
+def _layout_assumed(events: list[Event], group: list[int], hw, reason: str) -> Layout:
+    """Without tangents: tokens assumed in row-major order on the input grid (or a pooled one), one lead a head."""
+    ev = events[group[0]]
+    w = _cat([events[i].weights for i in group])
+    L = int(math.prod(w.shape[:-2]))
+    nq, nk = w.shape[-2:]
+    keys = row_major(nk, hw)
+    if keys is None:
+        raise NotAttention(f"its {nk} keys lie on no grid over its {hw[0]}x{hw[1]} input ({reason})")
+    per_image = nq == 1
+    if per_image:
+        grid, lq, iq, heads = hw, torch.arange(L)[:, None], torch.zeros(L, 1, dtype=torch.long), L
+    else:
+        q = row_major(nq, hw)
+        if q is None:
+            raise NotAttention(f"its {nq} queries lie on no grid over its {hw[0]}x{hw[1]} input ({reason})")
+        grid = q[1]
+        lq, iq, heads = torch.arange(L)[:, None].expand(L, nq), torch.arange(nq)[None].expand(L, nq), L
+    return Layout(group, [events[i].weights.shape[-2] for i in group], tuple(grid), tuple(keys[1]), heads, lq, iq, keys[0].expand(L, nk).clone(), per_image, False,
+                  None, None, False, f"weights as the code computes them (positions assumed in row-major order: "
+                  f"{reason}).", ev.qk_modules, ev.kind, ev.scale, "weights", False)
+
+
+# -- finding blocks -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Found:
+    """A module whose own forward computes attention: how many attentions, and the calls that made the first."""
+
+    name: str
+    attentions: int
+    kinds: list[str]
+
+
+def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
+    """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
+    the innermost module running it that takes an image grid (B, C, H, W) as its first input."""
+    stack: list = []
+    shapes: dict = {}
+    rec = Recorder([example], keep=False, stack=stack)
+    with torch.no_grad(), _Tracking(model, stack, shapes), rec:
+        model(example)
+    found: dict[str, Found] = {}
+    groups = event_groups(rec.events)
+    for group in groups:
+        where = rec.event_modules[group[0]]
+        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) == 4), None)
+        if owner is None:
+            owner = where[-1] if where else ""
+        entry = found.setdefault(owner, Found(owner, 0, []))
+        entry.attentions += 1
+        entry.kinds.append(rec.events[group[0]].kind)
+    return list(found.values())
