@@ -89,3 +89,39 @@ def randomised(module: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Modul
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
     return module.eval()
+
+
+class ThirdParty(nn.Module):
+    """A small classifier around attention blocks of other libraries, none of which vggattn knows by class: mmcv's
+    NonLocal2d (embedded Gaussian, keys sub-sampled) and ContextBlock, timm's HaloAttn (windows with halos, two
+    heads), a diffusers VAE mid-block (its Attention with SDPA), and the reference Non-local code's concatenation
+    form; 64 px input, a 16x16 grid of 32 channels, 10 classes (as Imagenette)."""
+
+    def __init__(self):
+        from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+        from mmcv.cnn import ContextBlock, NonLocal2d
+        from timm.layers.halo_attn import HaloAttn
+
+        from nonlocal_reference import NONLocalBlock2D as ReferenceNonLocal
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, 4), nn.ReLU())
+        self.nonlocal2d = NonLocal2d(32, mode="embedded_gaussian", sub_sample=True)
+        self.halo = HaloAttn(32, 32, num_heads=2, block_size=4, halo_size=1)
+        self.vae_mid = UNetMidBlock2D(32, temb_channels=None, resnet_groups=8, attention_head_dim=32,
+                                      add_attention=True)
+        self.context = ContextBlock(32, 0.25)
+        self.reference = ReferenceNonLocal(32, form="concatenation")
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.nonlocal2d(h)
+        h = self.halo(h) + h
+        h = self.vae_mid(h)
+        h = self.reference(self.context(h))
+        return self.head(h.mean((2, 3)))
+
+
+def third_party(seed: int = 0):
+    return randomised(ThirdParty(), seed, scale=0.3)

@@ -1,0 +1,329 @@
+"""Attention found by what the code computes (vggattn.trace, adapters.TracedAdapter), on the libraries' own blocks:
+each block's rows against a direct computation from its own submodules (1e-5), its output rebuilt from the rows
+(the block's forward with its weights replaced by the rows on the grids) against its own forward, interventions
+against the block's maths by hand, and what is no map over positions named and skipped."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vggattn import adapters, explain
+from vggattn.adapters import TracedAdapter, find_blocks
+from vggattn.trace import NotAttention
+
+mmcv_cnn = pytest.importorskip("mmcv.cnn", reason="mmcv-lite is a test-only extra (requirements.txt pins it)")
+timm = pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only extra (requirements.txt pins it)")
+import byo_models  # noqa: E402
+from byo_models import randomised  # noqa: E402
+from nonlocal_reference import FORMS, NONLocalBlock2D as Reference  # noqa: E402
+
+
+def x_for(channels: int = 32, h: int = 12, w: int = 8) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, channels, h, w)  # not square: a transposed grid would show
+
+
+def tokens(t):  # (B, C, h, w) -> (B, h*w, C)
+    return t.flatten(2).transpose(1, 2)
+
+
+def traced(block, x, rows, *, key_grid=None, heads=1, atol=1e-5):
+    """The traced rows against `rows` (B, heads, N, M) and the block's own output rebuilt from them."""
+    adapter = TracedAdapter(block)
+    with torch.no_grad():
+        maps = adapter.maps(block, x)
+        assert maps.grid == tuple(x.shape[-2:]) and maps.key_grid == (key_grid or tuple(x.shape[-2:]))
+        assert maps.heads == heads
+        torch.testing.assert_close(maps.rows(dtype=torch.float64), rows.double(), atol=atol, rtol=1e-5)
+        own = block(x)
+        rebuilt = adapter.forward(block, x)  # the block's forward with its weights taken from the rows on the grids
+        torch.testing.assert_close(rebuilt, own, atol=1e-5 * float(own.abs().max()), rtol=1e-5)
+    return adapter, maps
+
+
+def nonlocal_rows(theta, phi, form, w_concat=None):
+    """Rows of Wang et al.'s four pairwise forms from (B, N, c) theta and (B, M, c) phi tokens."""
+    if form == "concatenation":
+        c = theta.shape[-1]
+        w1, w2 = w_concat[:c], w_concat[c:]
+        f = F.relu((theta @ w1)[:, :, None] + (phi @ w2)[:, None, :])  # (B, N, M)
+        return f / phi.shape[1]
+    f = theta @ phi.transpose(1, 2)
+    if form == "dot_product":
+        return f / phi.shape[1]
+    if form == "embedded_gaussian_scaled":
+        f = f / theta.shape[-1] ** 0.5
+    return torch.softmax(f, dim=-1)
+
+
+@pytest.mark.parametrize("sub_sample", [False, True])
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
+def test_mmcv_nonlocal2d_every_mode(mode, sub_sample):
+    """mmcv's NonLocal2d (the Non-local and GCNet configs' block): the four modes, keys sub-sampled or not."""
+    block, x = randomised(mmcv_cnn.NonLocal2d(32, mode=mode, sub_sample=sub_sample)), x_for()
+    pool = (lambda t: F.max_pool2d(t, 2)) if sub_sample else (lambda t: t)
+    with torch.no_grad():
+        if mode == "gaussian":
+            theta, phi = tokens(x), tokens(pool(x))
+        else:
+            theta, phi = tokens(block.theta(x)), tokens(block.phi(x))  # phi holds the pool when sub-sampled
+        form = "embedded_gaussian_scaled" if mode == "embedded_gaussian" and block.use_scale else mode
+        w = block.concat_project.conv.weight.reshape(-1) if mode == "concatenation" else None
+        rows = nonlocal_rows(theta, phi, form, w)[:, None]
+        values = tokens(block.g(x))
+    key_grid = (6, 4) if sub_sample else None
+    adapter, maps = traced(block, x, rows, key_grid=key_grid)
+    assert maps.normalise == ("softmax" if mode in ("gaussian", "embedded_gaussian") else
+                              "mean" if mode == "dot_product" else "weights")
+    assert ("sums to 1" in maps.meaning) == (mode in ("gaussian", "embedded_gaussian"))
+    with torch.no_grad():  # uniform rows: every query gets the mean value; off: no attended values at all
+        finish = lambda a: x + block.conv_out(a.transpose(1, 2).reshape(2, -1, *x.shape[-2:]))  # noqa: E731
+        uniform = values.mean(1, keepdim=True).expand(-1, rows.shape[2], -1)
+        torch.testing.assert_close(adapter.forward(block, x, "uniform"), finish(uniform), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(adapter.forward(block, x, "off"), finish(torch.zeros_like(uniform)), atol=1e-5, rtol=0)
+        mean = rows[:, 0].mean(1, keepdim=True) @ values
+        torch.testing.assert_close(adapter.forward(block, x, "mean"), finish(mean.expand_as(uniform)), atol=1e-4, rtol=1e-4)
+    if mode == "embedded_gaussian":
+        assert set(adapter.qk_modules) == {"theta.conv", "phi.0.conv" if sub_sample else "phi.conv"}
+
+
+def test_mmcv_context_block_is_one_map_per_image():
+    block, x = randomised(mmcv_cnn.ContextBlock(32, 0.25)), x_for()
+    with torch.no_grad():
+        rows = torch.softmax(block.conv_mask(x).flatten(1), dim=-1)[:, None, None]  # (B, 1, 1, N)
+    adapter, maps = traced(block, x, rows)
+    assert maps.per_image and "one map per image" in maps.meaning
+    with torch.no_grad():  # uniform: GCNet's context becomes average pooling
+        pooled = x.mean((2, 3), keepdim=True)
+        torch.testing.assert_close(adapter.forward(block, x, "uniform"), x + block.channel_add_conv(pooled),
+                                   atol=1e-5, rtol=1e-5)
+    assert adapter.qk_modules == ("conv_mask",)
+
+
+@pytest.mark.parametrize("processor", ["AttnProcessor2_0", "AttnProcessor"])
+def test_diffusers_vae_mid_block_attention(processor):
+    """diffusers' Attention inside a VAE mid-block, with SDPA (AttnProcessor2_0) and with baddbmm + softmax
+    (AttnProcessor): found inside the mid-block (its ResNets compute none), its rows from GroupNorm, to_q, to_k."""
+    from diffusers.models import attention_processor as ap
+    from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+
+    mid = UNetMidBlock2D(32, temb_channels=None, resnet_groups=8, attention_head_dim=32, add_attention=True)
+    block = mid.attentions[0]
+    block.set_processor(getattr(ap, processor)())
+    randomised(mid)
+    model = nn.Sequential(nn.Conv2d(3, 32, 4, 4), mid)
+    x = x_for()
+    assert [n for n, *_ in find_blocks(model, example=torch.randn(1, 3, 48, 32))] == ["1.attentions.0"]
+    with torch.no_grad():
+        B, C, H, W = x.shape
+        normed = block.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, N, C)
+        q, k = block.to_q(normed), block.to_k(normed)
+        rows = torch.softmax(q @ k.transpose(1, 2) * block.scale, dim=-1)[:, None]
+    adapter, maps = traced(block, x, rows)
+    assert maps.normalise == "softmax" and set(adapter.qk_modules) >= {"to_q", "to_k"}
+
+
+def halo_rows_by_hand(block, x):
+    """HaloAttn's rows with its relative-position logits zero: per head, a query's keys are the (bs + 2 halo)^2
+    window around its block, padding included (keys of zeros: logit 0). -> rows on the grid, padding shares."""
+    B, C, H, W = x.shape
+    heads, bs, halo = block.num_heads, block.block_size, block.halo_size
+    q = block.q(x).reshape(B, heads, -1, H, W)
+    k, _ = block.kv(x).reshape(B, heads, -1, H, W).split([block.dim_head_qk, block.dim_head_v], dim=2)
+    rows = torch.zeros(B, heads, H * W, H * W, dtype=torch.float64)
+    padding = torch.zeros(B, heads, H * W, dtype=torch.float64)
+    for i in range(H):
+        for j in range(W):
+            y0, x0 = (i // bs) * bs - halo, (j // bs) * bs - halo
+            cells = [(y, xx) for y in range(y0, y0 + bs + 2 * halo) for xx in range(x0, x0 + bs + 2 * halo)]
+            inside = [(y, xx) for y, xx in cells if 0 <= y < H and 0 <= xx < W]
+            logits = torch.stack([(q[:, :, :, i, j] * k[:, :, :, y, xx]).sum(2) for y, xx in inside], -1) * block.scale
+            outside = len(cells) - len(inside)  # keys on padding: logit 0
+            z = torch.logsumexp(torch.cat([logits.double(), torch.zeros(B, heads, outside, dtype=torch.float64)], -1)
+                                if outside else logits.double(), -1, keepdim=True)
+            w = torch.exp(logits.double() - z)
+            for n, (y, xx) in enumerate(inside):
+                rows[:, :, i * W + j, y * W + xx] = w[..., n]
+            padding[:, :, i * W + j] = 1 - w.sum(-1)
+    return rows, padding
+
+
+def test_timm_halo_attention_windows_with_padding():
+    """HaloAttn: queries in 4x4 blocks, keys in 6x6 windows with a 1-cell halo, two heads. With the relative
+    logits zeroed the rows are checked cell by cell by hand, and each row's share on padding too; with random ones
+    the block's output is rebuilt from the rows."""
+    from timm.layers.halo_attn import HaloAttn
+
+    block, x = randomised(HaloAttn(32, 32, num_heads=2, block_size=4, halo_size=1)), x_for(h=12, w=8)
+    with torch.no_grad():
+        block.pos_embed.height_rel.zero_()
+        block.pos_embed.width_rel.zero_()
+        rows, padding = halo_rows_by_hand(block, x)
+    adapter, maps = traced(block, x, rows, heads=2)
+    torch.testing.assert_close(maps.padding.double(), padding, atol=1e-5, rtol=0)
+    assert float(maps.padding[0, 0, 0]) > 0 and "padding" in maps.meaning  # a corner: 11 of its 36 keys on padding
+    torch.testing.assert_close(maps.rows().sum(-1) + maps.padding, torch.ones_like(maps.padding), atol=1e-5, rtol=0)
+    block = randomised(HaloAttn(32, 32, num_heads=2, block_size=4, halo_size=1), seed=3)
+    adapter = TracedAdapter(block)
+    with torch.no_grad():  # the output rebuilt from the rows on the grid (the padding keys' values are zeros)
+        maps = adapter.maps(block, x)
+        v = block.kv(x).reshape(2, 2, -1, 12 * 8)[:, :, block.dim_head_qk:]  # (B, heads, dv, N)
+        out = (maps.rows() @ v.transpose(-1, -2)).transpose(-1, -2).reshape(2, -1, 12, 8)
+        torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_reference_nonlocal_code(form):
+    """The reference Non-local code's NONLocalBlock2D (g, theta, phi, W), in its four forms, keys sub-sampled."""
+    block, x = randomised(Reference(32, form=form)), x_for()
+    with torch.no_grad():
+        theta = tokens(x if form == "gaussian" else block.theta(x))
+        phi = tokens(block.phi(x))
+        w = block.concat_project[0].weight.reshape(-1) if form == "concatenation" else None
+        rows = nonlocal_rows(theta, phi, form, w)[:, None]
+    traced(block, x, rows, key_grid=(6, 4))
+
+
+def test_the_families_we_have_adapters_for_read_the_same_when_traced():
+    """Every family of vggattn.adapters (the article's GlobalAttention, SAGAN, BigGAN, Wang et al.'s two forms,
+    timm's NonLocalAttn, BottleneckAttn and GlobalContext) read by tracing: the adapters' rows (tested against
+    the families' maths in test_adapters.py) and their interventions."""
+    model = byo_models.every_family()
+    torch.manual_seed(2)
+    x = torch.randn(2, 32, 16, 16)
+    for name, block in model.blocks.items():
+        known, traced_ = adapters.adapter_for(block), TracedAdapter(block)
+        with torch.no_grad():
+            a, b = known.maps(block, x), traced_.maps(block, x)
+            assert (a.grid, a.key_grid, a.heads, a.per_image) == (b.grid, b.key_grid, b.heads, b.per_image), name
+            torch.testing.assert_close(b.rows(dtype=torch.float64), a.rows(dtype=torch.float64), atol=1e-5, rtol=1e-5,
+                                       msg=name)
+            for mode in ("mean", "uniform"):
+                want, got = known.forward(block, x, mode), traced_.forward(block, x, mode)
+                want, got = (w[0] if isinstance(w, tuple) else w for w in (want, got))
+                torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5, msg=f"{name} {mode}")
+
+
+class ChannelAttention(nn.Module):
+    """XCiT-style cross-covariance attention on a feature map: a softmax over channels, not positions."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)  # (B, C, N) each
+        attn = torch.softmax(F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(1, 2), dim=-1)  # (B, C, C)
+        return x + (attn @ v).reshape(B, C, H, W)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def test_what_is_no_map_over_positions_is_named_and_skipped(caplog):
+    """Attention over channels and a lambda layer are named in one line each and skipped; a squeeze-excite block
+    computes no attention at all; the mmcv block beside them is found."""
+    from timm.layers.lambda_layer import LambdaLayer
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 4, 4), ChannelAttention(32), LambdaLayer(32, 32, dim_head=8, r=3),
+                          SqueezeExcite(32), mmcv_cnn.NonLocal2d(32)).eval()
+    found = find_blocks(model, example=torch.randn(1, 3, 48, 32))
+    assert [n for n, *_ in found] == ["4"]
+    skipped = adapters.traced_blocks(model).skipped
+    assert any(s.startswith("1 (ChannelAttention)") and "not positions" in s for s in skipped), skipped
+    assert any(s.startswith("2 (LambdaLayer)") for s in skipped), skipped
+    assert "1 (ChannelAttention)" in caplog.text
+    with pytest.raises(ValueError, match=r"3 \(SqueezeExcite\): not an attention block"):
+        find_blocks(model, ["3"])
+    with pytest.raises(ValueError, match=r"1 \(ChannelAttention\).*not positions"):
+        find_blocks(model, ["1"])
+    with pytest.raises(NotAttention):
+        TracedAdapter(model[1]).maps(model[1], torch.randn(1, 32, 6, 6))
+
+
+def test_a_model_of_third_party_blocks_in_explain(tmp_path):
+    """vggattn-explain --model on a classifier of mmcv, timm, diffusers and reference blocks: every block found,
+    its rows on the key grid in <block>_attention.npy, the halo's padding shares in result.json."""
+    import numpy as np
+
+    from vggattn.app import HERE
+
+    out = tmp_path / "out"
+    assert explain.main([str(HERE / "assets" / "church.jpg"), "--model", "byo_models:third_party", "--input-size", "64",
+                         "--point", "0,0", "--point", "120,80", "--out", str(out)]) == 0
+    result = json.loads((out / "church" / "result.json").read_text())
+    names = [b["name"] for b in result["blocks"]]
+    assert names == ["nonlocal2d", "halo", "vae_mid.attentions.0", "context", "reference"]
+    halo = result["blocks"][1]
+    assert halo["heads"] == 2 and len(halo["padding_share"]) == 2 and halo["padding_share"][0] > 0  # a corner
+    assert halo["padding_share"][1] == 0  # (120, 80): cell (5, 8) of 16x16, its window (rows 3-8, cols 7-12) inside
+    rows = np.load(out / "church" / "nonlocal2d_attention.npy")
+    assert rows.shape == (2, 8, 8)  # keys sub-sampled: an 8x8 key grid
+    np.testing.assert_allclose(rows.sum((1, 2)), 1, rtol=1e-5)
+
+
+def test_the_app_on_third_party_blocks():
+    """The any-model app on the classifier of third-party blocks: a panel per block, the page's rows equal the traced
+    rows, a pinned point's readouts with the halo's share on padding, and an ablation through the traced block."""
+    import numpy as np
+
+    from vggattn import app_any
+    from vggattn.app import HERE
+    from vggattn.byo import describe
+
+    model = byo_models.third_party()
+    meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])
+    demo = app_any.build_any_demo(model, meta)
+    ui = demo.ui
+    assert len(ui.panels) == 5
+    out = app_any.on_image(ui, model, meta, None, str(HERE / "assets" / "church.jpg"))
+    state = out[ui.state]
+    kinds = {layer.name: layer.kind for layer in state.layers}
+    assert kinds == {"nonlocal2d": "qk", "halo": "rows", "vae_mid.attentions.0": "qk", "context": "map",
+                     "reference": "rows"}
+    for layer, block in zip(state.layers, state.result.blocks):
+        want = block.maps.rows(dtype=torch.float64)[0].mean(0)  # (N or 1, M), the mean of heads
+        for i in (0, 100, layer.n - 1):
+            np.testing.assert_allclose(layer.row(i), want[0 if layer.kind == "map" else i].numpy(), rtol=1e-5,
+                                       atol=1e-6, err_msg=layer.name)
+    pinned = app_any.on_point(ui, state, 0, 0)
+    assert "of the row on padding" in pinned[ui.readouts] and "vae_mid.attentions.0" in pinned[ui.readouts]
+    ablated = app_any.on_ablate(ui, model, state, ["halo", "vae_mid.attentions.0"], "uniform")
+    with torch.no_grad(), adapters.Intervention(model, {"halo": "uniform", "vae_mid.attentions.0": "uniform"}):
+        expected = torch.softmax(model(state.result.input), -1)[0]
+    with torch.no_grad():
+        plain = torch.softmax(model(state.result.input), -1)[0]
+    assert not torch.allclose(expected, plain)  # the intervention changes the output
+    column = [c for c in ablated[ui.ablation].columns if "uniform" in c][0]
+    top = int(plain.argmax())  # the table's first row: the top class as computed
+    assert ablated[ui.ablation][column][0] == pytest.approx(round(float(expected[top]), 4), abs=1e-4)
+
+
+def test_the_study_of_third_party_blocks(tmp_path, data_root):
+    """vggattn-study --model on the classifier of third-party blocks, 4 Imagenette images: every block studied,
+    interventions through the traced blocks, the sanity check per block."""
+    from vggattn import study
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(sorted(p.name for p in (data_root / "val").iterdir())))
+    out = tmp_path / "study"
+    assert study.main(["--model", "byo_models:third_party", "--input-size", "64", "--classes", str(classes),
+                       "--data", str(data_root / "val"), "--out", str(out), "--limit", "4", "--batch-size", "2",
+                       "--workers", "0", "--bootstrap", "20", "--device", "cpu"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    assert list(s["layers"]) == ["nonlocal2d", "halo", "vae_mid.attentions.0", "context", "reference"]
+    assert all("found by what it computes" in v["family"] for v in s["layers"].values())
+    assert 0 < s["layers"]["vae_mid.attentions.0"]["sink_mass"] <= 1
+    assert {"halo:uniform", "context:off", "all:mean"} <= set(s["interventions"])
+    assert set(s["sanity"]["layers"]) == set(s["layers"])
