@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze, render_attention
 from vggattn.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
-                            mark_cells, mark_query, overlay, palette, tint_alpha, top_indices, upsample)
+                            mark_cells, mark_query, marked_indices, overlay, palette, tint_alpha, top_indices, upsample)
 
 
 def test_levels_linear_keep_zero_at_zero_and_log_spans_four_decades():
@@ -86,6 +86,23 @@ def test_marks_are_drawn_on_a_copy():
     assert not cells[10:20, 10:20].any() and not cells[25:30, 25:30].any()  # the cells themselves untouched
     assert (cells == np.array(MARK_COLOR)).all(-1).sum() >= 44 + 24 + 10  # two frames (12² - 10², 7² - 5²) and two digits
     assert top_indices(np.array([0.1, 0.3, 0.3, 0.2]), 3) == [1, 2, 3]  # ties: the lower index first
+
+
+def test_only_cells_that_hold_weight_are_numbered():
+    """A one-hot row has one cell holding weight: one frame, not five (four of them on empty cells); a row whose
+    fifth cell holds 0.5% of the largest numbers four."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(40, 216, (128, 128, 3), dtype=np.uint8)
+    one_hot = np.zeros((16, 16))
+    one_hot[3, 12] = 1.0
+    style = dict(query=5 * 16 + 5, point_xy=(44.0, 44.0))
+    assert np.array_equal(attention_picture(img, one_hot, top_k=5, **style), attention_picture(img, one_hot, top_k=1, **style))
+    assert not np.array_equal(attention_picture(img, one_hot, top_k=1, **style), attention_picture(img, one_hot, top_k=0, **style))
+    row = np.full((16, 16), 1e-9)
+    row.flat[[10, 50, 90, 130, 170]] = [1.0, 0.5, 0.2, 0.05, 0.005]
+    assert marked_indices(row) == [10, 50, 90, 130]
+    assert np.array_equal(attention_picture(img, row, top_k=5, **style), attention_picture(img, row, top_k=4, **style))
+    assert marked_indices(-np.ones((4, 4))) == []  # f / M rows can be all negative: nothing holds weight
 
 
 def test_attention_picture_leaves_unattended_cells_alone():

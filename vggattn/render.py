@@ -28,6 +28,7 @@ UPSAMPLING = ("smooth", "blocky")
 SCALES = ("linear", "log")
 VIEWS = ("row", "column")  # row: where a position looks; column: who looks at it
 TOP_K = 5  # attended cells framed and numbered on a row's map
+MARK_SHARE = 0.01  # ... those of them holding at least this share of the row's largest weight (none are numbered on ~0)
 LOG_DECADES = 4  # the log scale spans this many powers of ten below a map's maximum
 FULL_AT = 0.5  # a cell's tint reaches the chosen opacity at this level of the colour scale, and fades to none at 0
 MARK_COLOR = (255, 255, 0)  # frames and numbers of the top cells
@@ -212,11 +213,21 @@ def top_indices(values: np.ndarray, k: int = TOP_K) -> list[int]:
     return [int(i) for i in np.argsort(-flat, kind="stable")[:k]]
 
 
+def marked_indices(values: np.ndarray, k: int = TOP_K) -> list[int]:
+    """The cells a row's picture numbers: of its k largest, those holding weight (at least MARK_SHARE of the
+    largest, which must be positive), largest first."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    top = top_indices(flat, k)
+    peak = flat[top[0]] if top else 0.0
+    return [j for j in top if peak > 0 and flat[j] > 0 and flat[j] >= MARK_SHARE * peak]
+
+
 def attention_picture(image: np.ndarray, grid_map: np.ndarray, query: int | None, point_xy: tuple[float, float] | None,
                       *, view: str = "row", scale: str = "linear", mode: str = "smooth", colormap: str = "inferno",
                       opacity: float = 0.8, top_k: int = TOP_K, query_grid: tuple[int, int] | None = None,
                       floor: float | None = None) -> np.ndarray:
-    """One panel: a row (or column) of attention over the picture, its top_k cells numbered (rows only),
+    """One panel: a row (or column) of attention over the picture, its top_k cells that hold weight numbered
+    (rows only; `marked_indices`),
     the query's cell framed and the point marked. grid_map: (h, w) weights on the key grid; query: the flat
     cell index on `query_grid` (default: the key grid; keys pooled to a smaller grid differ); point_xy: the
     point in the picture's pixels. query and point None: a map that belongs to no point (GCNet's context).
@@ -228,7 +239,7 @@ def attention_picture(image: np.ndarray, grid_map: np.ndarray, query: int | None
     floor = (1.0 / grid_map.size if view == "column" else 0.0) if floor is None else floor
     rgb = overlay(image, upsample(map_levels(grid_map, scale, floor), (w, h), mode), colormap, opacity)
     if top_k and view == "row":
-        rgb = mark_cells(rgb, [cell_rect(j, grid, (w, h)) for j in top_indices(grid_map, top_k)])
+        rgb = mark_cells(rgb, [cell_rect(j, grid, (w, h)) for j in marked_indices(grid_map, top_k)])
     if point_xy is None:
         return rgb
     return mark_query(rgb, point_xy, None if query is None else cell_rect(query, query_grid or grid, (w, h)))
@@ -236,6 +247,6 @@ def attention_picture(image: np.ndarray, grid_map: np.ndarray, query: int | None
 
 def page_constants() -> dict:
     """What the page's script needs to draw the same pictures (sent as props, never copied in JS)."""
-    return {"top_k": TOP_K, "log_decades": LOG_DECADES, "full_at": FULL_AT, "digits": list(DIGITS),
+    return {"top_k": TOP_K, "mark_share": MARK_SHARE, "log_decades": LOG_DECADES, "full_at": FULL_AT, "digits": list(DIGITS),
             "mark_color": list(MARK_COLOR), "query_color": list(QUERY_COLOR), "outline_color": list(OUTLINE_COLOR),
             "palettes": {name: list(_palette(name)) for name in COLORMAPS}}

@@ -158,6 +158,10 @@ function topIndices(values, k) {  // vggattn.render.top_indices: largest first, 
   }
   return idx;
 }
+function markedIndices(values, k) {  // vggattn.render.marked_indices: of the k largest, those holding weight
+  const idx = topIndices(values, k), peak = idx.length ? values[idx[0]] : 0;
+  return idx.filter((j) => peak > 0 && values[j] > 0 && values[j] >= K.mark_share * peak);
+}
 
 // vggattn.render.map_levels: linear = weight / max(max, floor); log = LOG_DECADES below the maximum at 0
 function levels(values, scale, floor) {
@@ -293,7 +297,7 @@ function picture(li, x, y, how = view) {
   const im = overlay(lv, valueGrid, w, h), s = markSizes(w, h);
   if (controls.mark && how === "row") {
     const line = s.line, size = s.digit;
-    topIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
+    markedIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
       const [x0, y0, x1, y1] = cellRect(j, valueGrid, w, h);
       frame(im, [x0 - line - 1, y0 - line - 1, x1 + line + 1, y1 + line + 1], line + 1, K.outline_color);
       frame(im, [x0 - line, y0 - line, x1 + line, y1 + line], line, K.mark_color);
@@ -370,7 +374,9 @@ function drawLegend(legend, L, values, how) {
   const sink = L.sink && L.sink[1] >= K.sink_dominated ? ` · ⚠ sink ${Math.round(100 * L.sink[1])}%` : "";
   const hs = heads(L), who = L.heads > 1 ? (hs.length > 1 ? ` · mean of ${L.heads} heads` : ` · head ${hs[0] + 1}/${L.heads}`) : "";
   const kind = L.kind === "map" ? " · one map per image" : L.normalise === "mean" ? " · f/M, not a softmax" : "";
-  const span = legend.querySelector("span"), text = `${lo} … ${what}${who}${kind}${sink}`;
+  const held = controls.mark && how === "row" ? markedIndices(values, K.top_k).length : K.top_k;
+  const few = held < K.top_k ? ` · ${held} cell${held === 1 ? "" : "s"} hold ≥${100 * K.mark_share}% of max` : "";
+  const span = legend.querySelector("span"), text = `${lo} … ${what}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
   if (legend.style.display !== "flex") legend.style.display = "flex";
