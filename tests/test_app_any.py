@@ -79,10 +79,13 @@ def test_a_pinned_picture_marks_the_query_cell_on_its_own_grid(every):
     layer = page_layer(block.name, block.maps, block.family)
     xy, style = (100.0, 60.0), dict(scale="linear", mode="smooth", colormap="inferno", opacity=0.8, top_k=5)
     rgb, cell, values = layer.picture(result.display, result.size, xy, **style)
-    assert values.shape == (8, 8) and cell == vggattn.query_index(xy, result.size, (16, 16))
+    want_cell = vggattn.query_index(xy, result.size, (16, 16))
+    want = block.maps.rows([want_cell], dtype=torch.float64)[0, 0, 0].reshape(8, 8).numpy()  # the adapter's row
+    assert values.shape == (8, 8) and cell == want_cell
+    np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-9)
     h, w = result.display.shape[:2]
     point = ((xy[0] + 0.5) * w / result.size[0], (xy[1] + 0.5) * h / result.size[1])
-    assert np.array_equal(rgb, attention_picture(result.display, values, cell, point, query_grid=(16, 16), **style))
+    assert np.array_equal(rgb, attention_picture(result.display, want, want_cell, point, query_grid=(16, 16), **style))
     rgb, cell, values = layer.picture(result.display, result.size, xy, view="column", **style)
     assert values.shape == (16, 16) and cell == vggattn.query_index(xy, result.size, (8, 8))
 

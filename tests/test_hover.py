@@ -97,13 +97,36 @@ def test_upload_sends_the_payload_and_a_new_upload_drops_it():
     assert sent["dtype"] == "float16" and payload_bytes(sent) < payload_bytes(out[ui.hover])
 
 
-def test_pin_endpoint_equals_a_click():
+def test_pin_endpoint_and_a_click_draw_the_rows_of_the_blocks_own_convs():
+    """/pin and a click pin pixel (30, 40): each panel is the picture of that position's row, computed here from the
+    block's own convs on the block's input (softmax(q_i . K)), not from the capture the app reads."""
+    from vggattn.data import query_index
+    from vggattn.render import attention_picture
+
     model, meta = tiny_model(), tiny_meta(input_size=64)
     ui = app.build_demo(model, meta).ui
     state = app.on_image(ui, model, meta, str(ASSET))[ui.state]
+    entering = {}
+    handles = [model.features[i].register_forward_pre_hook(lambda m, a, i=i: entering.__setitem__(i, a[0]))
+               for i in (14, 22, 30)]
+    with torch.no_grad():
+        model(state.input)
+    for h in handles:
+        h.remove()
+    disp_h, disp_w = state.display.shape[:2]
+    point = ((30 + 0.5) * disp_w / state.size[0], (40 + 0.5) * disp_h / state.size[1])
     by_click = app.on_click(ui, state, 0.8, "inferno", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
     by_pin = app.on_point(ui, state, 30, 40)
-    assert by_pin[ui.point] == by_click[ui.point] == (30, 40) and by_pin[ui.status] == by_click[ui.status]
-    assert all(np.array_equal(by_pin[p], by_click[p]) for p in ui.panels)
+    assert by_pin[ui.point] == by_click[ui.point] == (30, 40)
+    for panel, i in zip(ui.panels, (14, 22, 30)):
+        block, x = model.features[i], entering[i].double()
+        conv = lambda c: torch.nn.functional.conv2d(x, c.weight.double(), c.bias.double()).flatten(2)[0].T  # noqa: E731
+        q, k = conv(block.conv_query).detach(), conv(block.conv_key).detach()  # (N, C')
+        grid = tuple(x.shape[-2:])
+        cell = query_index((30, 40), state.size, grid)
+        row = torch.softmax(q[cell] @ k.T, dim=0).reshape(grid).numpy()
+        want = attention_picture(state.display, row, cell, point, opacity=0.8, colormap="inferno", mode="smooth")
+        for got in (by_pin[panel], by_click[panel]):
+            assert np.abs(got.astype(int) - want).max() <= 1, i  # rows from float32 Q, K on the app's side
     with pytest.raises(app.gr.Error, match="two numbers"):
         app.on_point(ui, state, None, 4)

@@ -184,8 +184,13 @@ def test_global_attention_is_the_query_averaged_block_with_the_articles_state_di
     assert block.query_averaged and not full.features[14].query_averaged
     block.gamma.data.fill_(1.0)
     x = 3 * torch.randn(2, block.conv_value.in_channels, 6, 5)
-    with torch.no_grad():
-        torch.testing.assert_close(block(x), study.intervene(block, x, "mean"), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # by hand: every position gets the mean row's context, gamma * (mean row @ V) + x
+        q, k, v = (c(x).flatten(2).transpose(1, 2).double() for c in (block.conv_query, block.conv_key, block.conv_value))
+        mean_row = torch.softmax(q @ k.transpose(1, 2), dim=-1).mean(1, keepdim=True)  # (B, 1, N), the whole map
+        by_hand = x + block.gamma * (mean_row @ v).transpose(1, 2).reshape(2, -1, 1, 1).float()
+        torch.testing.assert_close(block(x), by_hand, rtol=1e-5, atol=1e-5)
+        full.features[14].gamma.fill_(1.0)  # the full block with its rows replaced by the mean row: the same
+        torch.testing.assert_close(study.intervene(full.features[14], x, "mean"), by_hand, rtol=1e-5, atol=1e-5)
     y = block(x.requires_grad_())  # and it trains: gradients reach Q, K, V and gamma
     y.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
