@@ -57,6 +57,15 @@ def click_image_at(img, fx: float, fy: float) -> None:
     img.click(position={"x": x0 + fx * nw * scale, "y": y0 + fy * nh * scale})
 
 
+def settled(view, timeout: int = 60_000) -> None:
+    """Wait until no Gradio event is pending: no loading tracker (progress text, eta bar, pending or translucent
+    overlay) on the page at two checks 50 ms apart. A condition, not a fixed sleep."""
+    view.wait_for_function("""() => {
+        const busy = document.querySelectorAll('.progress-text, .eta-bar, .pending, .generating, .wrap.translucent');
+        window.__vggattnIdle = busy.length ? 0 : (window.__vggattnIdle || 0) + 1;
+        return window.__vggattnIdle >= 2; }""", polling=50, timeout=timeout)
+
+
 def open_upload_and_click_centre(view, url: str) -> None:
     """A fresh page: open the app, upload the church photo, click its centre, wait for the server's answer."""
     view.goto(url)
@@ -514,7 +523,7 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
         view.get_by_role("tab", name="Ablation").click()
         view.locator("#layers-off").get_by_label(rng.choice(["features.14", "features.22", "features.30"])).click()
         view.locator("#ablate").click()
-        view.wait_for_timeout(300)
+        settled(view)
 
     def export():
         log.append("export")
@@ -530,10 +539,10 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
         upload()
         for _ in range(steps - 1):
             rng.choice(actions)()
-            view.wait_for_timeout(100)
+            settled(view)
             text = view.locator("body").inner_text()
             assert "Error" not in text and not errors, (log[-5:], errors, text[:300])
-        view.wait_for_timeout(1500)  # late answers of the last steps
+        settled(view)  # late answers of the last steps
         assert "Error" not in view.locator("body").inner_text() and not errors, (log[-5:], errors)
     finally:
         view.close()
@@ -562,7 +571,7 @@ def test_a_new_upload_forgets_the_pinned_point(page, tmp_path):
         box = view.locator("#opacity input[type=number]")
         box.fill("0.3")
         box.press("Enter")
-        view.wait_for_timeout(2000)
+        settled(view)
         assert "Error" not in view.locator("body").inner_text() and not errors
         assert view.evaluate("window.vggattnHover.state().pinned") is None
     finally:

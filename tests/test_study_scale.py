@@ -84,11 +84,11 @@ def test_a_killed_study_resumes_to_the_same_study(tmp_path):
     whole = json.loads((tmp_path / "whole" / "study.json").read_text())
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(ckpt, data, out), env={**env, "VGGATTN_STUDY_HANG_AFTER": "2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hanging = [sys.executable, str(Path(__file__).with_name("study_hanging.py")), "2", *cli(ckpt, data, out)[3:]]
+    proc = subprocess.Popen(hanging, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # wait until it has recorded two batches
-            if "VGGATTN_STUDY_HANGING" in line:
+            if "STUDY_HANGING" in line:
                 break
         proc.send_signal(signal.SIGKILL)
     finally:

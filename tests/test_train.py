@@ -227,10 +227,14 @@ def test_kill_9_mid_run_then_resume(toy_data, tmp_path):
            "--names", str(toy_data / "names.md"), "--epochs", "8", *TINY]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def epochs_saved() -> int:  # last.pt is written atomically: whole or absent
+        path = tmp_path / "last.pt"
+        return torch.load(path, weights_only=True)["epoch"] + 1 if path.exists() else 0
+
     deadline = time.time() + 120
-    while not (tmp_path / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while epochs_saved() < 2 and time.time() < deadline and proc.poll() is None:  # mid-run: two epochs saved
         time.sleep(0.05)
-    time.sleep(0.3)  # into a later epoch
+    assert proc.poll() is None, "training ended before it could be killed mid-run"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -608,7 +608,6 @@ def run_study(model: VGG16WithAttention, meta: dict, data: str | Path, *, limit:
                     for stat in SANITY_STATS:
                         record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat][0]
         records.write(record)
-        pause_for_tests(records)
     wall = time.perf_counter() - t0
     if world > 1:
         return None
@@ -645,14 +644,6 @@ def faithfulness_record(model: VGG16WithAttention, layers: dict[str, int], enter
             for key, value in measured.items():
                 record.setdefault(f"{name}:{key}", []).append(value)
     return {key: np.asarray(value) for key, value in record.items()}
-
-
-def pause_for_tests(records: Records) -> None:
-    """VGGATTN_STUDY_HANG_AFTER=k: stop (sleep) once k batches are recorded, for the test that kills a study."""
-    after = int(os.environ.get("VGGATTN_STUDY_HANG_AFTER", "0") or 0)
-    if after and len(records.parts()) >= after:
-        print("VGGATTN_STUDY_HANGING", flush=True)
-        time.sleep(3600)
 
 
 def run_modes(layers: dict[str, int]) -> dict[str, dict[int, str]]:
