@@ -162,3 +162,15 @@ def test_the_model_module_does_no_io():
     imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"checkpoint", "hub", "safetensors", "huggingface_hub"}, imported
     assert not any(hasattr(vggattn.VGG16WithAttention, m) for m in ("from_pretrained", "save_pretrained", "push_to_hub"))
+
+
+def test_save_pretrained_with_a_bare_meta(tmp_path):
+    """A meta without input size, config or class names (or none at all) saves: the model's config, and what a
+    checkpoint without metadata loads with (224 px, ImageNet normalisation, numbered classes)."""
+    model = vggattn.vgg16_with_attention(3, width=0.125, hidden=16).eval()
+    for meta in ({"training": {"note": "bare"}}, None):
+        folder = hub.save_pretrained(model, meta, tmp_path / str(meta is None))
+        loaded, got = vggattn.load_checkpoint(folder)
+        assert got["input_size"] == 224 and got["class_names"] == ["class 0", "class 1", "class 2"]
+        assert got["config"]["num_classes"] == 3 and "224 px" in (folder / "README.md").read_text()
+    assert got["training"] == {} and hub.from_pretrained(tmp_path / "False").meta["training"] == {"note": "bare"}

@@ -17,7 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, imagenet_meta, save_checkpoint
 from .model import VGG16WithAttention
 
 WEIGHTS_NAME = "model.safetensors"
@@ -75,12 +75,15 @@ def model_card(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def save_pretrained(model: VGG16WithAttention, meta: dict, folder: str | os.PathLike) -> Path:
-    """Write `folder/model.safetensors` (weights + meta) and `folder/README.md` -> the folder."""
+def save_pretrained(model: VGG16WithAttention, meta: dict | None, folder: str | os.PathLike) -> Path:
+    """Write `folder/model.safetensors` (weights + meta) and `folder/README.md` -> the folder. What meta lacks
+    (class names, input size, normalisation) is what a checkpoint without metadata loads with
+    (`vggattn.checkpoint.imagenet_meta`); the config is always the model's own."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    meta = {**imagenet_meta(model.config), **(meta or {}), "config": model.config.to_dict()}
     save_checkpoint(model, meta, folder / WEIGHTS_NAME)
-    (folder / "README.md").write_text(model_card({**meta, "config": model.config.to_dict()}), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(meta), encoding="utf-8")
     return folder
 
 
