@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     _, shipped = vggattn.load_checkpoint(device="cpu")  # the class names and ids of the Imagenette folders
     meta = {"input_size": args.input_size, "mean": list(vggattn.checkpoint.IMAGENET_MEAN),
             "std": list(vggattn.checkpoint.IMAGENET_STD), "class_names": shipped["class_names"],
-            "class_ids": shipped.get("class_ids"), "model": "vggattn.zoo:nonlocal_resnet", "recipe": vars(args)}
+            "class_ids": shipped.get("class_ids"), "model": "vggattn.zoo:nonlocal_resnet",
+            "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "data")}}  # no paths of this machine
     train = ImageFolder(Path(args.data) / "train", transform=train_transform(args.train_size, meta["mean"], meta["std"]),
                         loader=load_rgb)
     val = ImageFolder(Path(args.data) / "val", transform=eval_transform(meta), loader=load_rgb)

@@ -113,3 +113,29 @@ def test_a_safetensors_checkpoint_brings_its_own_class_names_and_input_size(tmp_
         assert result.blocks[0].maps.grid == (12, 12) and result.blocks[0].maps.key_grid == (6, 6)  # 96 px: 1/8, pooled
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_a_checkpoint_that_names_its_model_needs_no_model_flag(tmp_path):
+    """The shipped non-local ResNet's meta names vggattn.zoo:nonlocal_resnet: --checkpoint alone builds it (no
+    "missing keys"); a checkpoint naming another package's factory is refused with the flag to give; --model
+    without --checkpoint has random weights; and the shipped meta holds no path of the machine it was made on."""
+    zoo = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"
+    out = tmp_path / "zoo"
+    assert explain.main([str(ASSET), "--checkpoint", str(zoo), "--point", "100,100", "--out", str(out)]) == 0
+    result = json.loads((out / "church" / "result.json").read_text())
+    assert [b["name"] for b in result["blocks"]] == ["nonlocal3"] and next(iter(result["predictions"])) == "church"
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(zoo), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert not [v for v in json.dumps(meta).split('"') if v.startswith(("/root", "/home", "/work", "../"))]
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(load_file(str(zoo)), str(foreign), metadata={"meta": json.dumps({**meta, "model": "somepkg.nets:f"})})
+    assert byo.named_model(foreign) == "somepkg.nets:f"
+    args = explain.parse_args([str(ASSET), "--checkpoint", str(foreign), "--out", str(out)])
+    with pytest.raises(CheckpointError, match="give --model somepkg.nets:f"):
+        byo.load_from_args(args)
+    _, random_meta = byo.load_from_args(explain.parse_args([str(ASSET), "--model", "byo_models:classifier",
+                                                            "--out", str(out)]))
+    assert random_meta["weights"] == "random"

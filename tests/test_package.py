@@ -84,3 +84,14 @@ def test_app_script_without_the_app_extra_says_how_in_one_line(venv, tmp_path):
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert out.stderr.strip().count("\n") == 0 and 'pip install "vggattn[app]"' in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_readmes_speak_to_users_not_of_issue_numbers():
+    """README.md, the card and bench/README.md say what things are; the tracker's numbering is not theirs."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "checkpoints/README.md", "bench/README.md"):
+        text = (root / doc).read_text(encoding="utf-8")
+        found = re.findall(r"(?i)\b(?:issue|task)s?\s*#?\d+|\bthe issue\b|\bissue's\b", text)
+        assert not found, (doc, found[:5])

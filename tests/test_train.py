@@ -53,6 +53,8 @@ def test_loss_falls_and_checkpoint_loads(toy_data, tmp_path):
     assert not meta["config"]["batch_norm"]  # folded on export: the article's layout
     assert set(model.state_dict()) == set(vggattn.vgg16_with_attention(3, width=0.125, hidden=32).state_dict())
     assert meta["training"]["best_epoch"] == result["best"]["epoch"]
+    recipe = meta["training"]["recipe"]  # no path of this machine in a checkpoint that may be shared
+    assert recipe["out"] == tmp_path.name and "/" not in json.dumps(recipe) and "data" not in meta["training"]
     # the folded export scores exactly what the BatchNorm model scored at its best epoch
     targets, top5 = evaluate.predict_folder(model, meta, toy_data / "val", workers=0)
     assert evaluate.metrics(targets, top5, meta["class_names"])["top1"] == pytest.approx(result["best"]["top1"])

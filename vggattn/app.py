@@ -576,9 +576,11 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(args.threads or max(1, cores // max(1, args.concurrency)))
     own = wants_own_model(args)
+    if not own:
+        args.checkpoint = args.checkpoint or str(vggattn.DEFAULT_CHECKPOINT)
     try:
         if own:  # any CNN with non-local blocks (vggattn.app_any)
-            model, meta = load_from_args(args, str(vggattn.DEFAULT_CHECKPOINT))
+            model, meta = load_from_args(args)
             model.to(resolve_device(args.device))
         else:
             model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
@@ -590,7 +592,7 @@ def main(argv=None) -> int:
     if own:
         from .app_any import build_any_demo
 
-        weights = None if args.timm or args.checkpoint == str(vggattn.DEFAULT_CHECKPOINT) else args.checkpoint
+        weights = None if args.timm else args.checkpoint
         demo = build_any_demo(model, meta, args.layers, load_study(weights) if weights else None,
                               hover_dtype=args.hover_dtype, session_ttl=args.session_ttl)
     else:

@@ -156,18 +156,42 @@ def add_model_arguments(parser) -> None:
                      "(default: every block of a known family)")
 
 
+def named_model(checkpoint) -> str | None:
+    """The factory a .safetensors checkpoint's meta names ("model": "package.module:factory"), or None."""
+    path = Path(checkpoint) if checkpoint else None
+    if path is None or path.suffix != ".safetensors" or not path.is_file():
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            spec = json.loads((f.metadata() or {}).get("meta", "{}")).get("model")
+    except Exception:  # unreadable: the loader that reads it says why
+        return None
+    return spec if isinstance(spec, str) and ":" in spec else None
+
+
 def wants_own_model(args) -> bool:
-    return bool(getattr(args, "model", None) or getattr(args, "timm", None))
+    """--model, --timm, or a --checkpoint whose meta names its model: any CNN (not the article's VGG16)."""
+    return bool(getattr(args, "model", None) or getattr(args, "timm", None)
+                or named_model(getattr(args, "checkpoint", None)))
 
 
-def load_from_args(args, default_checkpoint: str) -> tuple[nn.Module, dict]:
-    """The model and meta that --model / --timm name (--checkpoint, unless left at the shipped default, is
-    --model's weights); its blocks are checked at once (none: one sentence naming what the model is made of)."""
+def load_from_args(args) -> tuple[nn.Module, dict]:
+    """The model and meta that --model / --timm name, with --checkpoint as --model's weights (none: random); a
+    checkpoint whose meta names a vggattn factory builds it without --model (another package's factory must be
+    named with --model: a checkpoint file does not choose code to run). Its blocks are checked at once (none: one
+    sentence naming what the model is made of)."""
     if args.timm:
         model, meta = load_timm(args.timm, classes=args.classes)
     else:
-        weights = None if args.checkpoint == default_checkpoint else args.checkpoint
-        model, meta = load_model(args.model, weights, classes=args.classes, input_size=args.input_size,
+        spec = args.model or named_model(args.checkpoint)
+        if not args.model and not spec.startswith("vggattn."):
+            raise CheckpointError(f"{args.checkpoint} names its model {spec}; give --model {spec} to build it "
+                                  "(a checkpoint does not choose the code that runs)")
+        model, meta = load_model(spec, args.checkpoint, classes=args.classes, input_size=args.input_size,
                                  mean=args.mean, std=args.std)
     blocks_of(model, meta, args.layers)
     return model, meta

@@ -39,9 +39,10 @@ BAD_INPUT = 2  # every CLI's exit code for a bad flag, file or checkpoint (argpa
 
 def add_checkpoint_argument(parser, what: str = "checkpoint") -> None:
     """The same --checkpoint flag for every CLI: a file, a folder or a Hub id, the shipped checkpoint by default."""
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                        help=f"{what}: a .safetensors or the article's .pth, a folder holding model.safetensors, or a "
-                             f"Hugging Face Hub id (default: the shipped {DEFAULT_CHECKPOINT.name})")
+    parser.add_argument("--checkpoint", help=f"{what}: a .safetensors or the article's .pth, a folder holding "
+                        "model.safetensors, or a Hugging Face Hub id (default: the shipped "
+                        f"{DEFAULT_CHECKPOINT.name}); with --model, that model's weights (none: random); a "
+                        ".safetensors whose meta names a vggattn model builds that model")
 
 
 class CheckpointError(ValueError):

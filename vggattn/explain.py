@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .analysis import analyze, display_copy
 from .byo import add_model_arguments, analyze_any, load_from_args, wants_own_model
-from .checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument, load_checkpoint
+from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .export import write_any_result, write_result
 from .render import COLORMAPS
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     own = wants_own_model(args)
     try:
-        model, meta = (load_from_args(args, str(DEFAULT_CHECKPOINT)) if own
+        model, meta = (load_from_args(args) if own
                        else load_checkpoint(args.checkpoint, device=args.device))
         images = collect_images(args.inputs)
     except (CheckpointError, OSError, ValueError) as e:

@@ -921,17 +921,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.ship and not Path(args.checkpoint).exists():
+    own = wants_own_model(args)
+    if not own:
+        args.checkpoint = args.checkpoint or str(DEFAULT_CHECKPOINT)
+    if args.ship and not (args.checkpoint and Path(args.checkpoint).exists()):
         log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
-    own = wants_own_model(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not own:  # started by torchrun: each rank studies its share, rank 0 merges
         return main_distributed(args, rank, world)
     try:
         if own:
-            model, meta = load_from_args(args, str(DEFAULT_CHECKPOINT))
+            model, meta = load_from_args(args)
             if not meta.get("class_names"):
                 raise StudyError("the study needs class names (--classes) to score predictions")
             study = run_study_any(model.to(resolve_device(args.device)), meta, args.data, layers=args.layers,

@@ -48,6 +48,12 @@ class TrainingError(RuntimeError):
     """A run that cannot start or must stop (bad flags, offline --init imagenet, NaN loss)."""
 
 
+def shareable_recipe(args) -> dict:
+    """The flags a checkpoint records: paths of this machine (data, out, names, init) as their last part only."""
+    paths = ("data", "out", "names", "init")
+    return {k: (Path(v).name if k in paths and v else v) for k, v in vars(args).items() if k != "resume"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
@@ -366,7 +372,7 @@ def setup(args, device: torch.device, rank: int, world: int) -> Run:
     opt, sched = make_optimizer(args, raw_model, len(train_loader))
     meta = {"class_names": class_names, "class_ids": class_ids,
             "input_size": args.input_size, "mean": mean, "std": std, "config": raw_model.config.to_dict(),
-            "training": {"dataset": root.name, "data": str(root), "recipe": {k: v for k, v in vars(args).items() if k != "resume"}}}
+            "training": {"dataset": root.name, "recipe": shareable_recipe(args)}}
     job = Run(args, config, device, rank, world, out, root, train_ds, train_loader, val_loader, sampler, generator, model, raw_model,
             opt, sched, torch.amp.GradScaler("cuda") if (use_amp and device.type == "cuda") else None,
             (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext, meta)
