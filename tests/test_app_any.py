@@ -104,9 +104,11 @@ def test_handlers_on_the_trained_non_local_resnet():
     assert payload["version"] == 3 and payload["layers"][0]["key_grid"] == [8, 8]
     pinned = app_any.on_point(ui, state, 120, 90)
     assert pinned[ui.point] == (120, 90) and "nonlocal3" in pinned[ui.readouts]
-    picture = pinned[ui.panels[0]]["value"]
+    picture = pinned[ui.panels[0]]
     assert picture.shape == state.result.display.shape
-    assert app_any.on_controls(ui, state, (120, 90), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]]["value"].shape == picture.shape
+    assert app_any.on_controls(ui, state, (120, 90), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]].shape == picture.shape
+    light = app_any.on_point(ui, state, 120, 90, pictures=False)  # a pin the page drew: the readouts, no pictures
+    assert light[ui.panels[0]] is None and light[ui.readouts] == pinned[ui.readouts]
     assert app_any.on_controls(ui, state, (9999, 0), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]] == {"__type__": "update"}
     ablated = app_any.on_ablate(ui, model, state, ["nonlocal3"], "uniform")
     assert "church" in ablated[ui.ablation_verdict] and list(ablated[ui.ablation].columns)[2] == "nonlocal3: uniform"

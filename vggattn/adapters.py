@@ -525,10 +525,11 @@ def adapter_for(module: nn.Module) -> Adapter | None:
 
 
 def example_input(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """A seeded random input the model takes: channels from its first conv, size given, timm's, or 224."""
+    """A seeded random input the model takes: channels from its first conv, size given, else timm's, else 64 px
+    (small: a block at full resolution costs N^2; attention is found at any size a model takes)."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        input_size = tuple(cfg.get("input_size", (3, 224, 224))[1:]) if isinstance(cfg, dict) else 224
+        input_size = tuple(cfg.get("input_size", (3, 64, 64))[1:]) if isinstance(cfg, dict) else 64
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else 3

@@ -502,14 +502,15 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
         def click(state, opacity, colormap, mode, mark, scale, drawn, evt: gr.SelectData):  # Gradio finds evt by
             return on_click(ui, state, opacity, colormap, mode, mark, evt, scale, bool(drawn))  # annotation (not in a partial)
 
+        # no loading overlay on the panels: the page has drawn the pin already (show_progress hidden)
         image.select(click, [state, opacity, colormap, mode, mark, scale, page_draws], point_outputs(ui), js=PIN_JS,
-                     api_name="click")
+                     api_name="click", show_progress="hidden")
         controls = [state, point, opacity, colormap, mode, mark, scale, open_tab]
         for control in (opacity, colormap, mode):
             control.change(bind(on_controls, ui), controls, [*panels, *ui.maps, contribution_md, dependence_md],
-                           api_name=f"rerender_{control.elem_id}")
-        mark.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_number")
-        scale.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_scale")
+                           api_name=f"rerender_{control.elem_id}", show_progress="hidden")
+        mark.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_number", show_progress="hidden")
+        scale.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_scale", show_progress="hidden")
         for control in (opacity, colormap, mode, mark, scale):  # the hover view redraws in the page
             control.change(None, [opacity, colormap, mode, mark, scale], None, js=CONTROLS_JS, queue=False,
                            api_name=False)

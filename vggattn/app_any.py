@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import MODES, Intervention, find_blocks
-from .app import (CONTROLS, EXAMPLES, PENDING, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+from .app import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                   hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
 from .byo import AnyAnalysis, analyze_any, blocks_of
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
@@ -92,10 +92,11 @@ def blank(ui: AnyUI) -> dict:
             ui.ablation_verdict: ""}
 
 
-def panel_updates(ui: AnyUI, pictures=None, titles=None) -> dict:
+def panel_updates(ui: AnyUI, pictures=None) -> dict:
+    """The panels' pictures as plain values (labels are fixed; the numbers are in the readouts); None clears them."""
     if pictures is None:
-        return {c: gr.update(value=None) for c in ui.panels}
-    return {c: gr.update(value=p, label=t) for c, p, t in zip(ui.panels, pictures, titles)}
+        return {c: None for c in ui.panels}
+    return dict(zip(ui.panels, pictures))
 
 
 def mark_pending(ui: AnyUI) -> dict:
@@ -129,14 +130,16 @@ def on_image(ui: AnyUI, model: nn.Module, meta: dict, layers: list[str] | None, 
         release_memory()
 
 
-def render_point(state: AnyState, xy, opacity, colormap, mode, mark, scale, head) -> tuple[list, list[str], str]:
-    """Every block's picture for pixel xy (what the page draws for it), titles and the readouts table."""
+def render_point(state: AnyState, xy, opacity, colormap, mode, mark, scale, head, pictures: bool = True
+                 ) -> tuple[list, list[str], str]:
+    """Every block's picture for pixel xy (what the page draws for it; pictures False: the values only), titles
+    and the readouts table."""
     style = dict(scale=scale, mode=mode, colormap=colormap, opacity=opacity, top_k=TOP_K if mark else 0)
-    pictures, titles, lines = [], [], []
+    drawn, titles, lines = [], [], []
     h = head_choice(head)
     for layer in state.layers:
-        rgb, cell, values = layer.picture(state.result.display, state.size, xy, h, **style)
-        pictures.append(rgb)
+        rgb, cell, values = layer.picture(state.result.display, state.size, xy, h, draw=pictures, **style)
+        drawn.append(rgb)
         kw = layer.key_grid[1]
         top = top_indices(values, TOP_K)
         peak = float(values.reshape(-1)[top[0]])
@@ -162,7 +165,7 @@ def render_point(state: AnyState, xy, opacity, colormap, mode, mark, scale, head
                      f"{spread} | {cells} | {sink} |")
     table = ("| block | family | query cell | key grid | heads | entropy | top cells (row, col) weight | "
              "image's sink |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
-    return pictures, titles, table
+    return drawn, titles, table
 
 
 def point_outputs(ui: AnyUI) -> list:
@@ -170,23 +173,25 @@ def point_outputs(ui: AnyUI) -> list:
 
 
 def on_point(ui: AnyUI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
-             mark=CONTROLS["mark"], scale=CONTROLS["scale"], head="mean") -> dict:
-    """Pin pixel (x, y): every block's picture (the page's maths in numpy) and the readout table (no model run)."""
+             mark=CONTROLS["mark"], scale=CONTROLS["scale"], head="mean", pictures: bool = True) -> dict:
+    """Pin pixel (x, y): every block's picture (the page's maths in numpy) and the readout table (no model run).
+    pictures False: the page's script has drawn this pin itself (PIN_JS says so), so only the readouts travel and
+    the panels are cleared under the page's canvases."""
     refused = refused_point(ui, state, point_outputs(ui))
     if refused:
         return refused
     x, y = clamped_point(state, x, y)
-    pictures, titles, table = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head)
+    drawn, titles, table = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head, pictures)
     status = f"Pinned: pixel ({x}, {y}); its numbers per block are below."
-    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, pictures, titles), ui.readouts: table}
+    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, drawn if pictures else None), ui.readouts: table}
 
 
 def on_controls(ui: AnyUI, state, point, opacity, colormap, mode, mark, scale, head) -> dict:
     point = pinned_point(state, point)
     if point is None:
         return unchanged(ui.panels)
-    pictures, titles, _ = render_point(state, point, opacity, colormap, mode, mark, scale, head)
-    return panel_updates(ui, pictures, titles)
+    pictures, _, _ = render_point(state, point, opacity, colormap, mode, mark, scale, head)
+    return panel_updates(ui, pictures)
 
 
 def on_ablate(ui: AnyUI, model: nn.Module, state, layers, mode) -> dict:
@@ -266,7 +271,7 @@ def build_any_demo(model: nn.Module, meta: dict, layers: list[str] | None = None
                 panels = []
                 for start in range(0, n, PER_ROW):
                     with gr.Row():
-                        panels += [gr.Image(label=blocks[i][0], interactive=False, format="jpeg", elem_id=f"panel-{i}",
+                        panels += [gr.Image(label=f"{blocks[i][0]}: where the point attends", interactive=False, format="jpeg", elem_id=f"panel-{i}",
                                             height=height, min_width=200) for i in range(start, min(n, start + PER_ROW))]
                         for _ in range(PER_ROW - (min(n, start + PER_ROW) - start) if n > PER_ROW else 0):
                             gr.HTML("")  # keep the last row's panels as wide as the others
@@ -314,13 +319,18 @@ def build_any_demo(model: nn.Module, meta: dict, layers: list[str] | None = None
         image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
             bind(on_image, ui, model, meta, layers, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload")
 
-        def click(state, opacity, colormap, mode, mark, scale, head, evt: gr.SelectData):
-            return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale, head)
+        page_draws = gr.Checkbox(False, visible=False, elem_id="page-draws")  # set by PIN_JS at each click
 
-        image.select(click, [state, opacity, colormap, mode, mark, scale, head], point_outputs(ui), api_name="click")
+        def click(state, opacity, colormap, mode, mark, scale, head, drawn, evt: gr.SelectData):
+            return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale, head, pictures=not drawn)
+
+        # no loading overlay on the panels: the page has drawn the pin already (show_progress hidden)
+        image.select(click, [state, opacity, colormap, mode, mark, scale, head, page_draws], point_outputs(ui),
+                     js=PIN_JS, api_name="click", show_progress="hidden")
         controls = [opacity, colormap, mode, mark, scale, head]
         for control in controls:
-            control.change(bind(on_controls, ui), [state, point, *controls], panels, api_name=f"rerender_{control.elem_id or 'mark'}")
+            control.change(bind(on_controls, ui), [state, point, *controls], panels, show_progress="hidden",
+                           api_name=f"rerender_{control.elem_id or 'mark'}")
             control.change(None, controls, None, js=CONTROLS_JS, queue=False, api_name=False)
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off, how], [ablation, ablation_verdict],
                             api_name="ablate")

@@ -163,7 +163,7 @@ class PageLayer:
         return np.exp(logits - self.logz[h].astype(np.float64))
 
     def picture(self, display: np.ndarray, size: tuple[int, int], xy: tuple[float, float], head: int | None = None,
-                view: str = "row", **style) -> tuple[np.ndarray, int, np.ndarray]:
+                view: str = "row", draw: bool = True, **style) -> tuple[np.ndarray | None, int, np.ndarray]:
         """hover.js's picture() for original-image pixel xy on the display copy: (RGB, the cell index under xy
         (on the query grid for a row, the key grid for a column), the values drawn). style: scale, mode,
         colormap, opacity, top_k of `vggattn.render.attention_picture`."""
@@ -177,6 +177,8 @@ class PageLayer:
         else:
             cell = query_index(xy, size, self.key_grid)
             values, grids = self.column(cell, head).reshape(self.grid), (self.grid, self.key_grid)
+        if not draw:  # the values only (the page draws the picture itself)
+            return None, cell, values
         rgb = attention_picture(display, values, None if self.kind == "map" else cell, point, view=view,
                                 query_grid=grids[1], floor=1.0 / self.m if view == "column" else None, **style)
         return rgb, cell, values
