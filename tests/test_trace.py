@@ -327,3 +327,114 @@ def test_the_study_of_third_party_blocks(tmp_path, data_root):
     assert 0 < s["layers"]["vae_mid.attentions.0"]["sink_mass"] <= 1
     assert {"halo:uniform", "context:off", "all:mean"} <= set(s["interventions"])
     assert set(s["sanity"]["layers"]) == set(s["layers"])
+
+
+# -- implementations written here, that no adapter and no test above has seen ----------------------------------------
+
+class EinsumHeads(nn.Module):
+    """Four heads through einsum, channels first: logits 'bhdn,bhdm->bhnm', values 'bhnm,bhdm->bhdn'."""
+
+    def __init__(self, c=32, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)  # (B, h, d, N) each
+        attn = torch.einsum("bhdn,bhdm->bhnm", q, k).mul(q.shape[2] ** -0.5).softmax(-1)
+        out = torch.einsum("bhnm,bhdm->bhdn", attn, v).reshape(B, C, H, W)
+        return x + self.proj(out)
+
+
+class ReducedKeys(nn.Module):
+    """PVT-style spatial reduction: tokens (B, N, C) with heads last-but-one, keys and values from a strided 2x2
+    conv, F.scaled_dot_product_attention."""
+
+    def __init__(self, c=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv = nn.Linear(c, c), nn.Linear(c, 2 * c)
+        self.sr, self.norm = nn.Conv2d(c, c, 2, 2), nn.LayerNorm(c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        q = self.q(t).reshape(B, H * W, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+        r = self.norm(self.sr(x).flatten(2).transpose(1, 2))  # (B, M, C), M = N / 4
+        k, v = self.kv(r).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, M, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return x + out.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Windows(nn.Module):
+    """Swin-style attention inside non-overlapping 4x4 windows (no shift), tokens partitioned by view/permute."""
+
+    def __init__(self, c=32, win=4):
+        super().__init__()
+        self.win, self.qkv = win, nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        s = self.win
+        t = x.permute(0, 2, 3, 1).reshape(B, H // s, s, W // s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, C)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)  # (B * windows, s*s, C)
+        out = (q @ k.transpose(-2, -1) / C ** 0.5).softmax(dim=-1) @ v
+        out = out.reshape(B, H // s, W // s, s, s, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        return x + out
+
+
+class QueriesNormalised(nn.Module):
+    """A softmax over the queries (dim 1), then the product with the values over the keys: rows need not sum to 1."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.q, self.k, self.v = nn.Conv2d(c, 8, 1), nn.Conv2d(c, 8, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k = self.q(x).flatten(2).transpose(1, 2), self.k(x).flatten(2).transpose(1, 2)  # (B, N, 8)
+        attn = torch.softmax(q @ k.transpose(1, 2), dim=1)  # normalised over the queries
+        return x + (attn @ self.v(x).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+
+
+def test_einsum_heads_channels_first():
+    block, x = randomised(EinsumHeads()), x_for()
+    with torch.no_grad():
+        q, k, _ = block.qkv(x).reshape(2, 3, 4, 8, -1).unbind(1)
+        rows = torch.softmax(q.transpose(-1, -2) @ k / 8 ** 0.5, dim=-1)  # (B, 4, N, N)
+    _, maps = traced(block, x, rows, heads=4)
+    assert maps.query is not None and maps.normalise == "softmax"  # the page gets Q and K
+
+
+def test_spatially_reduced_keys_through_sdpa():
+    block, x = randomised(ReducedKeys()), x_for()
+    with torch.no_grad():
+        t = x.flatten(2).transpose(1, 2)
+        q = block.q(t).reshape(2, -1, 2, 16).transpose(1, 2)
+        r = block.norm(block.sr(x).flatten(2).transpose(1, 2))
+        k = block.kv(r)[..., :32].reshape(2, -1, 2, 16).transpose(1, 2)
+        rows = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1)  # (B, 2, 96, 24)
+    traced(block, x, rows, heads=2, key_grid=(6, 4))
+
+
+def test_swin_style_windows():
+    block, x = randomised(Windows()), x_for()
+    with torch.no_grad():
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C) in row-major order
+        q, k, _ = block.qkv(t).chunk(3, dim=-1)
+        logits = q @ k.transpose(1, 2) / 32 ** 0.5  # (B, N, N) over the whole grid
+        cell = torch.arange(12 * 8)
+        window = (cell // 8 // 4) * 2 + (cell % 8) // 4  # the 4x4 window of each cell on the 12x8 grid
+        same = window[:, None] == window[None, :]
+        rows = torch.softmax(logits.masked_fill(~same, float("-inf")), dim=-1)[:, None]
+    _, maps = traced(block, x, rows)
+    assert maps.padding is None
+
+
+def test_weights_normalised_over_the_queries_are_read_as_they_enter_the_output():
+    block, x = randomised(QueriesNormalised()), x_for()
+    with torch.no_grad():
+        q, k = (c(x).flatten(2).transpose(1, 2) for c in (block.q, block.k))
+        rows = torch.softmax(q @ k.transpose(1, 2), dim=1)[:, None]  # row i: the weights of the values in i's output
+    _, maps = traced(block, x, rows)
+    assert maps.normalise == "weights" and "need not sum to 1" in maps.meaning
