@@ -95,3 +95,35 @@ def test_the_readmes_speak_to_users_not_of_issue_numbers():
         text = (root / doc).read_text(encoding="utf-8")
         found = re.findall(r"(?i)\b(?:issue|task)s?\s*#?\d+|\bthe issue\b|\bissue's\b", text)
         assert not found, (doc, found[:5])
+
+
+def package_imports() -> dict[str, set[str]]:
+    """vggattn's modules -> the vggattn modules each imports, at the top or inside a function (a lazy import is
+    still a dependency)."""
+    import ast
+
+    pkg = ROOT / "vggattn"
+    modules = {p.stem for p in pkg.glob("*.py")}
+    graph = {}
+    for name in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vggattn."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vggattn.")}
+        graph[name] = (deps & modules) - {name}
+    return graph
+
+
+def test_no_import_circles_in_the_package():
+    """No module of vggattn imports one that imports it back, directly or around a circle (lazy imports count)."""
+    graph = package_imports()
+    assert {"app", "app_any", "ui", "trace", "adapters"} <= set(graph)
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+    circles = sorted(name for name in graph if reaches(name, name))
+    assert not circles, {n: sorted(graph[n]) for n in circles}

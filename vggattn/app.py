@@ -18,7 +18,6 @@ with its readouts, so it never runs the model again either. This file wires the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import logging
 import os
@@ -32,62 +31,35 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 import torch
-from PIL import Image
 
 import vggattn
 from .analysis import Analysis, ablate, analyze, render_attention, render_map
 from .byo import add_model_arguments, load_from_args, wants_own_model
 from .checkpoint import BAD_INPUT, add_checkpoint_argument, resolve_device
-from .data import ImageLoadError, open_image
 from .export import write_result
-from .hover import hover_payload, page_props
+from .hover import hover_payload
 from .text import (contribution_markdown, dependence_markdown, gamma_markdown, model_notes, readouts_markdown, sink_notes_markdown,
                    unsure_note)
-from .render import COLORMAPS, LOG_DECADES, SCALES, TOP_K, UPSAMPLING
+from .render import TOP_K
 from .study import load_study
-from .study_report import figures as study_figures, missing_study_markdown, summary_markdown
+from .ui import (CONTROLS, CONTROLS_JS, EXAMPLES, PENDING, PIN_JS, UploadedImage, clamped_point, click_problem,
+                 hover_view, launch, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
+                 view_controls)
+from .ui import HERE, STATE_SESSIONS  # noqa: F401  (app.HERE, app.STATE_SESSIONS: the checkout, the session cap)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
-HERE = Path(__file__).resolve().parent.parent  # the checkout (assets/); an installed package has no examples
-EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 NUM_PANELS = 3
 PANEL_HEIGHT = 340  # px: the image and the three panels fit above the fold at 1440x900
 PANEL_MIN_WIDTH = 240  # px: below this the row wraps (a phone shows them one under another)
 CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
                      "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
-PENDING = "pending"  # state value while a new upload is being analysed
 EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
 NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
-STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
-WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
-CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
-# The controls reach the page's script without a request
-CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
-               "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
-# A click's last input: whether the page's script has drawn this pin (then the server draws no pictures)
-PIN_JS = ("(...inputs) => { const h = window.vggattnHover; "
-          "inputs[inputs.length - 1] = !!(h && h.drawsPins && h.drawsPins()); return inputs; }")
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that hands handlers the uploaded file's path untouched, so vggattn.open_image (format
-    allowlist, size limit, clear errors) is the only code that decodes what a user sent."""
-
-    is_template = True  # render with gr.Image's frontend
-
-    def preprocess(self, payload):
-        return None if payload is None else str(payload.path)
 
 
-# -- handlers (plain functions: tests call them without a server) ---------------------------------
-def load_upload(path: str | None) -> Image.Image:
-    if not path:
-        raise gr.Error("Please upload an image first.")
-    try:
-        return open_image(path)
-    except ImageLoadError as e:
-        raise gr.Error(str(e)) from None
 
 
 @dataclass
@@ -199,13 +171,6 @@ def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str) -> dict:
             ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status}
 
 
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS after an analysis (glibc keeps them otherwise: under
-    concurrent uploads the server's RSS then stays at its peak; bench/README.md, load run)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def mark_pending(ui: UI) -> dict:
@@ -214,25 +179,10 @@ def mark_pending(ui: UI) -> dict:
     return {ui.state: PENDING, ui.point: None, ui.hover: None}
 
 
-def click_problem(state) -> str | None:
-    if state is None:
-        return "Upload an image (or pick an example) first."
-    if isinstance(state, str):
-        return "The new image is still being analysed; try again in a moment."
-    return None
 
 
-def unchanged(components) -> dict:
-    return {c: gr.update() for c in components}
 
 
-def pinned_point(state, point) -> tuple[int, int] | None:
-    """The pinned point if it belongs to this image (inside it), else None."""
-    if click_problem(state) or point is None:
-        return None
-    x, y = point
-    w, h = state.size
-    return (int(x), int(y)) if 0 <= x < w and 0 <= y < h else None
 
 
 def point_outputs(ui: UI) -> list:
@@ -240,21 +190,8 @@ def point_outputs(ui: UI) -> list:
     return [ui.point, ui.status, *ui.panels, ui.readouts]
 
 
-def refused_point(ui, state, outputs: list) -> dict | None:
-    """A click before (or while) an image is analysed: a warning and a line, the point dropped; else None."""
-    problem = click_problem(state)
-    if not problem:
-        return None
-    gr.Warning(problem)
-    return {**unchanged(outputs), ui.point: None, ui.status: problem}
 
 
-def clamped_point(state, x, y) -> tuple[int, int]:
-    """(x, y) as whole pixels inside the image; one clear error when a coordinate is missing."""
-    if x is None or y is None:
-        raise gr.Error("Give the point as two numbers, x and y, in pixels of the image.")
-    w, h = state.size
-    return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
 
 
 def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"],
@@ -371,41 +308,10 @@ def describe(model, meta) -> str:
             "attends in one of the three attention layers (computed in your browser); click (or tap) to pin a point.\n\n" + "\n\n".join(model_notes(model, meta)))
 
 
-def study_view(study: dict | None, checkpoint: str | None):
-    """The Dataset tab's markdown and figures (uint8 arrays), from a checkpoint's shipped study."""
-    if study is None:
-        return missing_study_markdown(checkpoint), {}
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    images = {name: np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for name, png in study_figures(study).items()}
-    return summary_markdown(study), images
 
 
-def hover_view(num_panels: int, controls: dict) -> gr.HTML:
-    """The page's hover view (vggattn/web): its script, template and style, told the panels and controls."""
-    return gr.HTML(None, html_template=(WEB / "hover.html").read_text(), css_template=(WEB / "hover.css").read_text(),
-                   js_on_load=(WEB / "hover.js").read_text(), elem_id="hover", **page_props(num_panels, controls))
 
 
-def view_controls(extra=None) -> tuple:
-    """The controls of the maps, in two rows: opacity, colormap, upsampling; scale, numbering (and `extra()`'s
-    components, made in that row) -> (opacity, colormap, mode, scale, mark)."""
-    with gr.Row():
-        opacity = gr.Slider(0.0, 1.0, value=CONTROLS["opacity"], step=0.05, label="Opacity of the most attended cells",
-                            elem_id="opacity",
-                            info="Cells fade out with their weight: where a position does not look, the photo shows as it is.")
-        colormap = gr.Dropdown(list(COLORMAPS), value=CONTROLS["colormap"], label="Colormap", elem_id="colormap")
-        mode = gr.Radio(list(UPSAMPLING), value=CONTROLS["mode"], label="Upsampling", elem_id="upsampling")
-    with gr.Row():
-        scale = gr.Radio([(f"log ({LOG_DECADES} decades below the maximum)" if s == "log" else s, s)
-                          for s in SCALES], value=CONTROLS["scale"], label="Scale", elem_id="scale")
-        mark = gr.Checkbox(value=CONTROLS["mark"], label="Number the top-5 attended cells")
-        if extra is not None:
-            extra()
-    return opacity, colormap, mode, scale, mark
 
 
 def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
@@ -537,14 +443,6 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *,
-           concurrency: int = 2, queue_size: int = 64, **kw):
-    """Serve with a bounded queue: `concurrency` events run at once, at most `queue_size` wait."""
-    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
-    if getattr(demo, "vggattn_css", None):  # the any-model app's panel strip (Gradio 6 takes CSS at launch)
-        kw.setdefault("css", demo.vggattn_css)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
-                       enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

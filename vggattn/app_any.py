@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from .adapters import MODES, Intervention, find_blocks
-from .app import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
-                  hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
+from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+                 hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
 from .byo import AnyAnalysis, analyze_any, blocks_of
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from .hover import PageLayer, any_payload, page_layer
@@ -304,7 +304,7 @@ def build_any_demo(model: nn.Module, meta: dict, layers: list[str] | None = None
                 gr.Markdown(blocks_markdown(model, layers), elem_id="blocks")
             if study is not None:
                 with gr.Tab("Dataset"):
-                    from .app import study_view
+                    from .ui import study_view
 
                     study_md, study_images = study_view(study, None)
                     gr.Markdown(study_md, elem_id="study")
@@ -356,7 +356,7 @@ def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size
 def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, layers=None,
            host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
     """Serve the app for a model in hand: `vggattn.launch(model, transform=..., class_names=...)`."""
-    from .app import launch as serve
+    from .ui import launch as serve
 
     demo = build_any_demo(model, model_meta(model, transform=transform, class_names=class_names, input_size=input_size),
                           layers)

@@ -155,6 +155,32 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return obj, meta
 
 
+WEIGHTS_NAME = "model.safetensors"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint file, a folder holding `model.safetensors` (`vggattn.hub.save_pretrained`), or a Hugging Face
+    Hub id (fetched with huggingface_hub, into its cache) -> the local file."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder without {WEIGHTS_NAME}")
+        return path / WEIGHTS_NAME
+    if not HUB_ID.match(str(source)) or path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        raise CheckpointError(f"checkpoint not found: {source}")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(source), WEIGHTS_NAME))
+    except Exception as e:  # offline, unknown repo, no such file, network: all one sentence
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not get {source} from the Hugging Face Hub (nothing at that path here either): "
+                              f"{reason}") from None
+
+
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                     ) -> tuple[VGG16WithAttention, dict]:
     """Load a checkpoint (ours or the article's `.pth`; a file, a folder saved by `vggattn.hub.save_pretrained`
@@ -162,8 +188,6 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
     if path is None:
         path = DEFAULT_CHECKPOINT
     elif not Path(path).is_file():
-        from .hub import resolve
-
         path = resolve(path)
     path = Path(path)
     if not path.is_file():

@@ -105,7 +105,7 @@ def image_faithfulness(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: tor
 
 
 def _ci(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
-    from .study import paired_bootstrap_ci
+    from .bootstrap import paired_bootstrap_ci
 
     return list(paired_bootstrap_ci(values, np.zeros_like(values), n_boot, seed))
 

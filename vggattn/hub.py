@@ -13,37 +13,11 @@ fetched is one sentence (a `CheckpointError`), never a traceback.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
-from .checkpoint import CheckpointError, imagenet_meta, save_checkpoint
+from .checkpoint import HUB_ID, WEIGHTS_NAME, imagenet_meta, resolve, save_checkpoint  # noqa: F401 (hub.resolve, hub.HUB_ID)
 from .model import VGG16WithAttention
-
-WEIGHTS_NAME = "model.safetensors"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
-
-
-def resolve(source: str | os.PathLike) -> Path:
-    """A checkpoint file, a folder holding `model.safetensors`, or a Hub id -> the local file."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path} is a folder without {WEIGHTS_NAME}")
-        return path / WEIGHTS_NAME
-    if not HUB_ID.match(str(source)) or path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
-        raise CheckpointError(f"checkpoint not found: {source}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(str(source), WEIGHTS_NAME))
-    except Exception as e:  # offline, unknown repo, no such file, network: all one sentence
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"could not get {source} from the Hugging Face Hub (nothing at that path here either): "
-                              f"{reason}") from None
-
 
 def from_pretrained(source: str | os.PathLike, device: str = "cpu") -> VGG16WithAttention:
     """A checkpoint file, a folder saved by `save_pretrained` or a Hugging Face Hub id -> the model

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from .adapters import adapter_for
 from .readouts import SINK_DOMINATED, cell_centers
 from .study_report import MODES, headline, write_study
+from .bootstrap import paired_bootstrap_ci
 from .byo import add_model_arguments, load_from_args, wants_own_model
 from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument, load_checkpoint,
                          resolve_device)
@@ -344,21 +345,6 @@ def features_segment(model: VGG16WithAttention, h: torch.Tensor, start: int, sto
         m = model.features[i]
         h = intervene(m, h, modes[i], mean_row if i == start else None) if i in modes else m(h)
     return h
-
-
-def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(a - b) for paired per-image values (resampling images)."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if len(d) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    for s in range(0, n_boot, 200):  # bounded memory: 200 resamples at a time
-        idx = rng.integers(0, len(d), size=(min(200, n_boot - s), len(d)))
-        means[s:s + len(idx)] = d[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return (float(lo), float(hi))
 
 
 # -- the dataset -----------------------------------------------------------------------------------
@@ -888,7 +874,7 @@ def study_path(checkpoint: str | Path) -> Path:
 def load_study(checkpoint: str | Path) -> dict | None:
     """The study shipped beside a checkpoint, which is resolved as `load_checkpoint` resolves it (a file, a
     folder holding model.safetensors, or a Hub id in huggingface_hub's cache); None when there is none."""
-    from .hub import resolve
+    from .checkpoint import resolve
 
     try:
         path = study_path(resolve(checkpoint))
@@ -957,7 +943,7 @@ def finish(study: dict, args, meta: dict, own: bool = False) -> int:
     study["checkpoint"] = meta.get("source") if own else Path(args.checkpoint).name
     paths = write_study(study, args.out)
     if args.ship:
-        from .hub import resolve
+        from .checkpoint import resolve
 
         target = study_path(resolve(args.checkpoint))  # a folder: beside its model.safetensors
         target.write_text(json.dumps(study, indent=1))
