@@ -58,8 +58,8 @@ def test_the_wheel_holds_the_library_and_its_web_files_only(venv):
 
 def test_import_comes_from_the_fresh_venv(venv):
     _, env, site, tmp = venv
-    out = run(env / "bin/python", "-c", "import vggattn, vggattn.app; print(vggattn.__file__); "
-              "print(vggattn.app.WEB.joinpath('hover.js').is_file())", cwd=tmp)
+    out = run(env / "bin/python", "-c", "import vggattn, vggattn.ui; print(vggattn.__file__); "
+              "print(vggattn.ui.WEB.joinpath('hover.js').is_file())", cwd=tmp)
     assert out.returncode == 0, out.stderr
     where, web = out.stdout.split()
     assert Path(where).is_relative_to(site) and web == "True"
