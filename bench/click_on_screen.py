@@ -82,8 +82,7 @@ def click_times(page, clicks: int, latency: int, rng: random.Random) -> list[tup
                                                   "uploadThroughput": -1})
     img = page.locator("#input-image img").first
     box = img.bounding_box()
-    panels = [page.locator(f"#panel-{i}").bounding_box() for i in range(3)]
-    panels = [b for b in panels if b]
+    panels = [page.locator(f"#panel-{i}").bounding_box() for i in range(3) if page.locator(f"#panel-{i}").count()]
     x0, y0 = min(b["x"] for b in panels), min(b["y"] for b in panels)
     x1, y1 = max(b["x"] + b["width"] for b in panels), max(b["y"] + b["height"] for b in panels)
     clip = {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}

@@ -3,7 +3,7 @@
     python bench/timm_coverage.py [--size 128] [NAME ...]
 
 For each model (default: every timm CNN whose name says BoTNet, HaloNet, LambdaNet or GCNet), `find_blocks` runs
-it once on a --size input: the blocks found by an adapter (their class), the blocks found by tracing what they
+it once on an input of its own size (timm's pretrained_cfg; --size to choose one): the blocks found by an adapter (their class), the blocks found by tracing what they
 compute, and the modules named and skipped (attention that is no map over positions). A table per model.
 """
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     import timm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=128, help="input size (each model's own where it needs one)")
+    p.add_argument("--size", type=int, default=0, help="input size (0: each model's own, timm's pretrained_cfg)")
     p.add_argument("names", nargs="*", help="timm model names (default: the attention CNNs)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     for name in names:
         t = time.perf_counter()
         model = timm.create_model(name, pretrained=False).eval()
-        size = model.pretrained_cfg.get("input_size", (3, args.size, args.size))[1:] \
-            if model.pretrained_cfg.get("fixed_input_size") or name.endswith("_256") else (args.size, args.size)
+        size = model.pretrained_cfg.get("input_size", (3, args.size, args.size))[1:] if args.size == 0 \
+            else (args.size, args.size)
         with torch.no_grad():
             try:
                 blocks = find_blocks(model, example=torch.randn(1, 3, *size))

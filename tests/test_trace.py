@@ -438,3 +438,34 @@ def test_weights_normalised_over_the_queries_are_read_as_they_enter_the_output()
         rows = torch.softmax(q @ k.transpose(1, 2), dim=1)[:, None]  # row i: the weights of the values in i's output
     _, maps = traced(block, x, rows)
     assert maps.normalise == "weights" and "need not sum to 1" in maps.meaning
+
+
+def test_strided_halo_attention_puts_its_queries_on_a_coarser_grid():
+    """HaloAttn with stride 2 (HaloNet's downsampling blocks): queries from a strided conv on a 6x4 grid over the
+    12x8 input, keys on the 12x8 grid; the output (at 6x4) rebuilt from the rows."""
+    from timm.layers.halo_attn import HaloAttn
+
+    block, x = randomised(HaloAttn(32, 32, stride=2, num_heads=2, block_size=4, halo_size=1)), x_for()
+    adapter = TracedAdapter(block)
+    with torch.no_grad():
+        maps = adapter.maps(block, x)
+        assert (maps.grid, maps.key_grid, maps.heads) == ((6, 4), (12, 8), 2)
+        torch.testing.assert_close(adapter.forward(block, x), block(x), atol=1e-5, rtol=1e-5)
+        q = block.q(x).reshape(2, 2, -1, 6, 4)  # (B, heads, d, 6, 4): the query of cell (i, j) sits at (2i, 2j)
+        k = block.kv(x).reshape(2, 2, -1, 12, 8)[:, :, :block.dim_head_qk]
+        logit = (q[..., 1, 1] * k[..., 2, 3]).sum(2) * block.scale  # cell (1, 1) on key (2, 3): in its window
+        assert bool((maps.rows()[:, :, 1 * 4 + 1, 2 * 8 + 3] > 0).all()) and logit.shape == (2, 2)
+        assert float(maps.rows()[0, 0, 0, 11 * 8 + 7]) == 0  # the far corner is outside the first window
+
+
+def test_timm_halonets_are_found_and_lambda_layers_named():
+    """timm's halonet26t (random weights): every HaloAttn found by tracing; lambda_resnet26t's LambdaLayers are
+    no map over positions: the model has none, and the sentence says why."""
+    model = timm.create_model("halonet26t", pretrained=False).eval()
+    found = find_blocks(model, example=torch.randn(1, 3, 256, 256))
+    assert len(found) == sum(type(m).__name__ == "HaloAttn" for m in model.modules()) == 3
+    assert all(isinstance(a, TracedAdapter) for *_, a in found)
+    lam = timm.create_model("lambda_resnet26t", pretrained=False).eval()
+    with pytest.raises(ValueError, match=r"no attention in this model.*LambdaLayer\): not an attention block over "
+                                         r"positions"):
+        find_blocks(lam, example=torch.randn(1, 3, 256, 256))

@@ -472,9 +472,9 @@ def positions(t1: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor) -> Positions
 
 
 def grid_cells(pos: Positions, hw: tuple[int, int], what: str) -> tuple[torch.Tensor, tuple[int, int], int]:
-    """Each token's cell on its grid (-1: padding): the input grid where tokens sit on its positions, else the
-    coarsest-fitting pooled grid (stride s: ceil(H/s) x ceil(W/s) cells, one token per cell per lead).
-    -> (cells (lead..., n), grid, stride)."""
+    """Each token's cell on its grid (-1: padding): the finest grid of stride s over the H x W input (ceil(H/s) x
+    ceil(W/s) cells: s = 1 the input's own, larger for pooled, sub-sampled or strided tokens) on which no two tokens
+    of one lead share a cell and all tokens together cover every cell. -> (cells (lead..., n), grid, stride)."""
     H, W = hw
     ok = pos.valid
     if not bool(ok.any()):
@@ -484,20 +484,19 @@ def grid_cells(pos: Positions, hw: tuple[int, int], what: str) -> tuple[torch.Te
         raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: attention "
                            "over channels, or a lambda layer)")
     y, x = pos.y[ok], pos.x[ok]
-    if float((y - y.round()).abs().max()) < 1e-3 and float((x - x.round()).abs().max()) < 1e-3 \
-            and float(y.min()) > -0.5 and float(x.min()) > -0.5 and float(y.max()) < H - 0.5 and float(x.max()) < W - 0.5:
-        cells = torch.full(pos.y.shape, -1, dtype=torch.long)
-        cells[ok] = (y.round().long() * W + x.round().long())
-        return cells, (H, W), 1
+    if float(y.min()) < -0.5 or float(x.min()) < -0.5 or float(y.max()) > H - 0.5 or float(x.max()) > W - 0.5:
+        raise NotAttention(f"its {what} sit outside the block's {H}x{W} input")
     n = pos.y.shape[-1]
-    for s in range(2, 33):
+    for s in range(1, 33):
         gh, gw = -(-H // s), -(-W // s)
-        if gh * gw != n:
-            continue
+        if gh * gw > ok.sum():
+            continue  # fewer tokens than cells: a coarser grid
         cells = torch.full(pos.y.shape, -1, dtype=torch.long)
-        cy = (y / s).floor().long().clamp(0, gh - 1)
-        cx = (x / s).floor().long().clamp(0, gw - 1)
+        cy = (y / s + 1e-4).floor().long().clamp(0, gh - 1)
+        cx = (x / s + 1e-4).floor().long().clamp(0, gw - 1)
         cells[ok] = cy * gw + cx
+        if int(torch.unique(cells[ok]).numel()) != gh * gw:
+            continue  # some cell has no token
         flat = cells.reshape(-1, n)
         if all(int(torch.unique(r[r >= 0]).numel()) == int((r >= 0).sum()) for r in flat):
             return cells, (gh, gw), s
@@ -691,8 +690,8 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
         qt = tangents("tq", True)
         if qt is not None:
             qcell, grid, _ = grid_cells(positions(*qt), (H, W), "queries")
-        else:
-            rm = row_major(nq, (H, W))
+        else:  # no queries to follow: only the concatenation form's pairs are known to be laid out row-major
+            rm = row_major(nq, (H, W)) if ev.kind == "concat" else None
             if rm is None:
                 raise NotAttention(f"its weights' other axis has {nq} entries that are no positions of its {H}x{W} "
                                    "input (attention over channels, or a lambda layer)")
