@@ -45,7 +45,7 @@ from .study import load_study
 from .ui import (CONTROLS, CONTROLS_JS, EXAMPLES, PENDING, PIN_JS, UploadedImage, clamped_point, click_problem,
                  hover_view, launch, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
-from .ui import HERE, STATE_SESSIONS  # noqa: F401  (app.HERE, app.STATE_SESSIONS: the checkout, the session cap)
+from .ui import HERE, STATE_SESSIONS, WEB  # noqa: F401  (app.HERE, app.STATE_SESSIONS, app.WEB: used by scripts)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")

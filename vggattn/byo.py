@@ -153,7 +153,7 @@ def add_model_arguments(parser) -> None:
                      f"else ImageNet's {IMAGENET_MEAN})")
     own.add_argument("--std", type=float, nargs=3, help=f"input normalisation std (default: ImageNet's {IMAGENET_STD})")
     own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
-                     "(default: every block of a known family)")
+                     "(default: every attention block found, by its class or by what it computes)")
 
 
 def named_model(checkpoint) -> str | None:

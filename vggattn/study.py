@@ -287,7 +287,8 @@ def intervene(block: torch.nn.Module, x: torch.Tensor, mode: str, mean_row: torc
     mean_row: (B, N) the mean rows of x, where they are known already (from the block's own forward)."""
     adapter = adapter_for(block)
     if adapter is None:
-        raise ValueError(f"{type(block).__name__} is not an attention block of a known family")
+        raise ValueError(f"{type(block).__name__} is not the article's attention block (the article's study path "
+                         "reads GlobalAttention; any other model goes through run_study_any)")
     if mode not in MODES:
         raise ValueError(f"unknown intervention {mode!r}; use one of {MODES}")
     if mode == "mean" and mean_row is not None:
