@@ -469,3 +469,28 @@ def test_timm_halonets_are_found_and_lambda_layers_named():
     with pytest.raises(ValueError, match=r"no attention in this model.*LambdaLayer\): not an attention block over "
                                          r"positions"):
         find_blocks(lam, example=torch.randn(1, 3, 256, 256))
+
+
+def test_one_forward_records_every_traced_block_as_running_it_alone_does():
+    """analyze_any records the traced blocks' weights while the model runs (a Recorder inside each block only):
+    the same rows as each block run on its own input, and no hook left behind."""
+    from PIL import Image
+
+    from vggattn.app import HERE
+    from vggattn.byo import analyze_any, describe
+
+    model = byo_models.third_party()
+    meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])
+    result = analyze_any(model, meta, Image.open(HERE / "assets" / "church.jpg"))
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, m in model.named_modules()
+               if n in {b.name for b in result.blocks}]
+    with torch.no_grad():
+        model(result.input)
+    for h in handles:
+        h.remove()
+    for block in result.blocks:
+        module = model.get_submodule(block.name)
+        alone = block.adapter.maps(module, inputs[block.name])
+        torch.testing.assert_close(block.maps.rows(), alone.rows(), atol=1e-6, rtol=1e-5, msg=block.name)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

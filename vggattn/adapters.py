@@ -358,13 +358,22 @@ class TracedAdapter(Adapter):
         self.qk_modules = tuple(made)
         return lay
 
-    def maps(self, module, x):
+    def maps(self, module, x, events: list | None = None):
+        """The block's maps on x (B, C, H, W). events: the block's events from a forward already recorded (one image,
+        `vggattn.trace.Recorder` over the whole model: no second run of the block); None runs the block per image."""
         lay = self.layout(module, x)
-        parts = []
+        if events is not None:
+            return self._maps(lay, [events])
+        per_image = []
         for j in range(x.shape[0]):
             with torch.no_grad():
-                rec, _ = record(module, x[j:j + 1])
-            evs = [rec.events[i] for i in lay.group]
+                per_image.append(record(module, x[j:j + 1])[0].events)
+        return self._maps(lay, per_image)
+
+    def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
+        parts = []
+        for events in per_image:
+            evs = [events[i] for i in lay.group]
             w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
             w = w.reshape(-1, *w.shape[-2:])  # (L, nq, nk)
             if lay.qk:
@@ -389,8 +398,7 @@ class TracedAdapter(Adapter):
                              normalise=lay.normalise, meaning=lay.meaning)
         pad = torch.stack([p[1] for p in parts]) if lay.padded else None
         return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise="softmax" if lay.sums_to_one else "weights",
-                         meaning=lay.meaning,
-                         weights=torch.stack([p[0] for p in parts]), padding=pad)
+                         meaning=lay.meaning, weights=torch.stack([p[0] for p in parts]), padding=pad)
 
     def forward(self, module, x, mode=None, rows=None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows

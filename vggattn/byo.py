@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .adapters import Adapter, BlockMaps, example_input, find_blocks
+from .adapters import Adapter, BlockMaps, TracedAdapter, example_input, find_blocks
+from .trace import record_model
 from .analysis import display_copy
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict
 from .data import eval_transform, query_index, to_rgb
@@ -265,8 +266,9 @@ def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[s
     inputs: dict[str, torch.Tensor] = {}
     handles = [module.register_forward_pre_hook(lambda m, args, n=name: inputs.__setitem__(n, args[0].detach()))
                for name, module, _ in blocks]
-    try:
-        output = model(x)
+    traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
+    try:  # traced blocks: their weights recorded as the model runs (one forward, no block run twice)
+        output, events = record_model(model, x, traced) if traced else (model(x), {})
     finally:
         for h in handles:
             h.remove()
@@ -275,6 +277,6 @@ def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[s
     result = AnyAnalysis(image.size, output.detach().cpu(), meta.get("class_names"), [], *display_copy(image), x)
     for name, module, adapter in blocks:
         if name in inputs:
-            maps = adapter.maps(module, inputs[name])
+            maps = adapter.maps(module, inputs[name], events[name]) if name in events else adapter.maps(module, inputs[name])
             result.blocks.append(BlockResult(name, adapter, maps, image.size))
     return result

@@ -609,6 +609,41 @@ def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, ta
     return rec, out
 
 
+def record_model(model: nn.Module, x: torch.Tensor, blocks: set[str]) -> tuple[object, dict[str, list[Event]]]:
+    """The model's forward on x with a Recorder inside each named block only (entered by the block's forward
+    pre-hook, left by its forward hook: no cost elsewhere; this thread's forwards only; every hook removed on exit)
+    -> (the output, {block name: the events its forward computed})."""
+    modules = dict(model.named_modules())
+    me = threading.get_ident()
+    active: dict[str, Recorder] = {}
+    events: dict[str, list[Event]] = {}
+
+    def enter(module, args, name):
+        if threading.get_ident() == me and name not in events and name not in active:
+            rec = Recorder([a for a in args if isinstance(a, torch.Tensor)])
+            rec.__enter__()
+            active[name] = rec
+
+    def leave(module, args, out, name):
+        if threading.get_ident() == me and name in active:
+            rec = active.pop(name)
+            rec.__exit__(None, None, None)
+            events[name] = rec.events
+
+    handles = []
+    try:
+        for name in blocks:
+            handles.append(modules[name].register_forward_pre_hook(lambda m, a, n=name: enter(m, a, n)))
+            handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: leave(m, a, o, n)))
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for rec in reversed(list(active.values())):  # a forward that failed inside a block
+            rec.__exit__(None, None, None)
+    return out, events
+
+
 def event_groups(events: list[Event]) -> list[list[int]]:
     """Attentions as lists of event indices: consecutive events with the same values (one attention computed a
     block of query rows at a time, as the article's CPU path does) are one."""
