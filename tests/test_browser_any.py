@@ -29,9 +29,14 @@ ZOO = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"
 
 def models() -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"  # timm's hub is not reachable here: random weights, said on the page
-    return {"every": (byo_models.every_family(), describe("byo_models:every_family", 64, [f"c{i}" for i in range(5)])),
-            "botnet": load_timm("botnet26t_256"),
-            "zoo": load_model("vggattn.zoo:nonlocal_resnet", ZOO)}
+    out = {"every": (byo_models.every_family(), describe("byo_models:every_family", 64, [f"c{i}" for i in range(5)])),
+           "botnet": load_timm("botnet26t_256"),
+           "zoo": load_model("vggattn.zoo:nonlocal_resnet", ZOO)}
+    try:  # blocks of other libraries, found by tracing (the test-only extras)
+        out["third"] = (byo_models.third_party(), describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))
+    except ImportError:
+        pass
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +193,33 @@ def test_many_blocks_fit_a_1440x900_screen(browser, served):
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(ARTIFACTS / "app-every-family-1440x900.png"))
         assert not errors, errors
+
+
+@pytest.mark.parametrize("size", [(1440, 900), (390, 844)])
+def test_third_party_blocks_in_the_page(browser, served, size):
+    """The classifier of mmcv, timm, diffusers and reference blocks (found by tracing): the page's rows equal the
+    server's for every block (the halo's windows and the ContextBlock's one map included), a click pins all five
+    panels, the readouts give the halo's share on padding, and a laptop and a phone get their screenshots."""
+    if "third" not in served:
+        pytest.skip("mmcv-lite and diffusers (test-only extras) are not installed")
+    url, model, meta = served["third"]
+    result, layers = server_layers(model, meta)
+    with uploaded(browser, url, *size) as (page, errors):
+        img = page.locator("#input-image img").first
+        img.scroll_into_view_if_needed()
+        box = img.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+        page.wait_for_function("document.querySelectorAll('canvas.vggattn-hover[data-query]').length === 5",
+                               timeout=10_000)
+        x, y = page.evaluate("window.vggattnHover.state().current")
+        for li, layer in enumerate(layers):
+            q = page.evaluate("([x, y, g]) => window.vggattnHover.queryIndex(x, y, g)", [x, y, list(layer.grid)])
+            js = np.array(page.evaluate("([l, i]) => window.vggattnHover.row(l, i, 'mean')", [li, q]))
+            np.testing.assert_allclose(js, layer.row(q), rtol=1e-9, atol=1e-12, err_msg=layer.name)
+        click_image_at(img, 0.05, 0.05)
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
+        assert "of the row on padding" in page.locator("#readouts").inner_text()
+        page.evaluate("window.scrollTo(0, 0)")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"app-third-party-{size[0]}x{size[1]}.png"))
+        assert "Error" not in page.locator("body").inner_text() and not errors, errors

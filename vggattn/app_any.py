@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .adapters import MODES, Intervention, find_blocks
+from .adapters import MODES, Intervention, TracedAdapter, find_blocks
 from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, unchanged, view_controls)
 from .byo import AnyAnalysis, analyze_any, blocks_of
@@ -232,6 +232,18 @@ def blocks_markdown(model: nn.Module, layers: list[str] | None) -> str:
     return ("| block | family | how its output enters | \"off\" means |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
+def short_family(adapter) -> str:
+    """A block's family in a few words (a traced block: its class and library; the Blocks tab says more)."""
+    return adapter.family.split(", found by")[0]
+
+
+def traced_note(blocks: list) -> str:
+    traced = sum(isinstance(a, TracedAdapter) for *_, a in blocks)
+    if not traced:
+        return ""
+    return f" ({'all' if traced == len(blocks) else traced} found by what {'it computes' if traced == 1 else 'they compute'})"
+
+
 def describe(model: nn.Module, meta: dict, blocks: list) -> str:
     device = next(model.parameters()).device
     where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "CPU"
@@ -242,8 +254,8 @@ def describe(model: nn.Module, meta: dict, blocks: list) -> str:
     return (f"# vggattn · where does self-attention look?\n"
             f"`{meta.get('source', type(model).__name__)}` ({weights}{classes}, "
             f"{meta['input_size']} px input) running on **{where}**, with {len(blocks)} attention "
-            f"block{'s' if len(blocks) != 1 else ''}: " + ", ".join(f"`{n}` ({a.family})" for n, _, a in blocks) +
-            ". Upload an image, then move the pointer over it: each panel shows where the position under it attends "
+            f"block{'s' if len(blocks) != 1 else ''}: " + ", ".join(f"`{n}` ({short_family(a)})" for n, _, a in blocks) +
+            traced_note(blocks) + ". Upload an image, then move the pointer over it: each panel shows where the position under it attends "
             "in one block (computed in your browser); click to pin a point." + warning)
 
 
