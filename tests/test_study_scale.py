@@ -143,3 +143,37 @@ def test_runs_sharing_segments_equal_each_run_alone():
     for key, modes in runs.items():
         torch.testing.assert_close(shared[key], study.run_from(model, entering[min(modes)], min(modes), modes),
                                    rtol=0, atol=0, msg=key)
+
+
+def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
+    """The study of a brought model (--model) keeps per-image records too: SIGKILL after two batches, --resume
+    studies only the rest and writes the study.json of an uninterrupted run."""
+    import byo_models
+
+    _, _, _, data = tiny_checkpoint(tmp_path, per_class=4)  # 12 images of classes a, b, c: 6 batches of 2
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    torch.manual_seed(0)
+    torch.save(byo_models.classifier().state_dict(), tmp_path / "w.pth")
+    args = ["--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "w.pth"), "--input-size", "32",
+            "--classes", str(tmp_path / "classes.txt"), "--data", str(data), "--workers", "0", "--batch-size", "2",
+            "--sanity-images", "3", "--bootstrap", "100", "--device", "cpu"]
+    assert study.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "study.json").read_text())
+    out = tmp_path / "killed"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    hanging = [sys.executable, str(Path(__file__).with_name("study_hanging.py")), "2", *args, "--out", str(out)]
+    proc = subprocess.Popen(hanging, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until it has recorded two batches
+            if "STUDY_HANGING" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list((out / "records").glob("part-*.npz"))) == 2 and not (out / "study.json").exists()
+    assert study.Records(out / "records").done() == {0, 1, 2, 3}
+    assert study.main([*args, "--out", str(out), "--resume"]) == 0
+    assert len(list((out / "records").glob("part-*.npz"))) == 6  # the four missing batches, nothing twice
+    assert_same_study(comparable(json.loads((out / "study.json").read_text())), comparable(whole))
+    assert whole["layers"]["features.4"]["family"] == "Non-local block (Wang et al. 2018)"

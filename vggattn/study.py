@@ -686,12 +686,13 @@ def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict,
 @torch.no_grad()
 def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: list[str] | None = None,
                   limit: int = 0, batch_size: int = 32, workers: int = 2, sanity_images: int = 256, n_boot: int = 2000,
-                  seed: int = 0, progress: bool = True) -> dict:
-    """The study of any model with non-local blocks (`vggattn.adapters`), in study.json's form: per block the
-    statistics of its rows (heads averaged; keys on their own grid), every intervention (off / mean / uniform,
-    each block and all) as a whole forward under `Intervention`, and the randomisation sanity check (the
+                  seed: int = 0, progress: bool = True, records: Records | None = None, resume: bool = False) -> dict:
+    """The study of any model with attention blocks (`vggattn.adapters.find_blocks`), in study.json's form: per
+    block the statistics of its rows (heads averaged; keys on their own grid), every intervention (off / mean /
+    uniform, each block and all) as a whole forward under `Intervention`, and the randomisation sanity check (the
     parameters that make a block's logits, `Adapter.qk_modules`, re-initialised; and the whole model). No
-    contribution or output distances."""
+    contribution or output distances. Each batch's per-image results go to `records` as they are made (as
+    `run_study`'s do); resume: skip the images they hold already."""
     from .adapters import Intervention, randomised_copy, reinit_qk
     from .byo import blocks_of
 
@@ -703,20 +704,23 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
     n_images, input_size = len(ds), int(meta["input_size"])
     if n_images == 0:
         raise StudyError(f"{data} holds no images")
+    records = records if records is not None else Records()
+    if not resume:
+        records.clear()
+    done_before = records.done() if resume else set()
+    todo = [i for i in range(n_images) if i not in done_before]
     runs = {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} \
         | {f"all:{mode}": {name: mode for name in names} for mode in MODES}
-    top1 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
-    top5 = {k: np.zeros(n_images, dtype=bool) for k in ["baseline", *runs]}
-    per_image = {name: {s: np.full(n_images, np.nan) for s in STATS} for name in names}
-    sinks = {name: np.zeros(n_images, dtype=np.int64) for name in names}
-    grids, key_grids, families = {}, {}, {}
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
-    sanity = {name: {"qk": [], "full": [], "qk_stats": [], "full_stats": []} for name in names}
     random_model = randomised_copy(model, seed + 1) if sanity_set else None
     random_blocks = {name: reinit_qk(module, adapter, seed + 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
-    done, t0 = 0, time.perf_counter()
-    for x, y in tqdm(DataLoader(ds, batch_size, num_workers=workers), desc="study", unit="batch", disable=not progress):
+    t0 = time.perf_counter()
+    batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    loader = DataLoader(Subset(ds, todo), batch_size, num_workers=workers)
+    for positions, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc="study", unit="batch",
+                                  disable=not progress):
         x, y, b = x.to(device), y.to(device), len(y)
+        record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
         entering: dict[str, torch.Tensor] = {}
         handles = [module.register_forward_pre_hook(lambda m, args, n=name: entering.__setitem__(n, args[0]))
                    for name, module, _ in blocks]
@@ -730,50 +734,80 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
                 logits[key] = model(x)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
-            top1[key][done:done + b] = (k5[:, 0] == y).cpu().numpy()
-            top5[key][done:done + b] = (k5 == y[:, None]).any(1).cpu().numpy()
-        in_sanity = [j for j in range(b) if done + j in sanity_set]
+            record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
+            record[f"top5:{key}"] = (k5 == y[:, None]).any(1).cpu().numpy()
+        in_sanity = [j for j in range(b) if positions[j] in sanity_set]
         random_entering = entering_any(random_model, x[in_sanity], blocks) if in_sanity else {}
         for name, module, adapter in blocks:
             maps = adapter.maps(module, entering[name])
-            grids[name], key_grids[name], families[name] = maps.grid, maps.key_grid, adapter.family
+            record[f"{name}:grid"] = np.array([maps.grid] * b)
+            record[f"{name}:key_grid"] = np.array([maps.key_grid] * b)
+            record[f"{name}:sink"] = np.zeros(b, dtype=np.int64)
+            for stat in STATS:
+                record[f"{name}:{stat}"] = np.full(b, np.nan)
+            for kind in ("qk", "full"):
+                record[f"{name}:sanity:{kind}"] = np.full(b, np.nan)
+                for stat in SANITY_STATS:
+                    record[f"{name}:sanity:{kind}:{stat}"] = np.full(b, np.nan)
             xs = entering[name].flatten(2).transpose(1, 2)  # (B, N, C)
             n = maps.grid[0] * maps.grid[1]
             for j in range(b):
-                one = maps.image(j)
-                rows = mean_head_rows(one)
+                rows = mean_head_rows(maps.image(j))
                 if j in in_sanity:  # rank agreement of the rows with those of re-initialised logits, and of a random model
                     qk = mean_head_rows(adapter.maps(random_blocks[name], entering[name][j:j + 1]))
                     r = in_sanity.index(j)
                     full = mean_head_rows(adapter.maps(dict(random_model.named_modules())[name], random_entering[name][r:r + 1]))
                     for kind, other in (("qk", qk), ("full", full)):
-                        sanity[name][kind].append(spearman_rows(rows, other, n))
+                        record[f"{name}:sanity:{kind}"][j] = spearman_rows(rows, other, n)
                         if maps.normalise == "softmax":
-                            sanity[name][f"{kind}_stats"].append(attention_statistics(other, maps.grid, input_size,
-                                                                                      key_grid=maps.key_grid))
-                if maps.normalise != "softmax":  # f / M rows are no distributions: only the input's distances
-                    per_image[name]["cosine_distance_input"][done + j] = mean_cosine_distance(
-                        unit(xs[j].float()).sum(0).cpu(), xs.shape[1])
+                            other_stats = attention_statistics(other, maps.grid, input_size, key_grid=maps.key_grid)
+                            for stat in SANITY_STATS:
+                                record[f"{name}:sanity:{kind}:{stat}"][j] = other_stats[stat]
+                if maps.normalise != "softmax":  # rows that are no distributions: only the input's distances
+                    record[f"{name}:cosine_distance_input"][j] = mean_cosine_distance(unit(xs[j].float()).sum(0).cpu(),
+                                                                                       xs.shape[1])
                     continue
                 stats = attention_statistics(rows, maps.grid, input_size, x=xs[j], key_grid=maps.key_grid)
                 for stat, value in stats.items():
-                    if stat in per_image[name]:
-                        per_image[name][stat][done + j] = value
-                sinks[name][done + j] = stats["sink_index"]
-        done += b
+                    if stat in STATS:
+                        record[f"{name}:{stat}"][j] = value
+                record[f"{name}:sink"][j] = stats["sink_index"]
+        records.write(record)
+    return summarise_any(records.load(), blocks, meta, data, n_images, time.perf_counter() - t0, n_boot, seed)
+
+
+def summarise_any(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_images: int, wall: float,
+                  n_boot: int, seed: int) -> dict:
+    """study.json of any model from its merged per-image records (`run_study_any`'s)."""
+    if len(rec.get("index", [])) != n_images or not np.array_equal(rec["index"], np.arange(n_images)):
+        missing = sorted(set(range(n_images)) - set(rec.get("index", np.array([], dtype=int)).tolist()))
+        raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
+                         "run again with --resume to finish them")
+    names = [name for name, *_ in blocks]
+    runs = ["baseline", *[f"{n}:{m}" for n in names for m in MODES], *[f"all:{m}" for m in MODES]]
+    sanity = {}
+    for name in names:
+        mask = ~np.isnan(rec[f"{name}:sanity:qk"])
+        sanity[name] = {kind: rec[f"{name}:sanity:{kind}"][mask].tolist() for kind in ("qk", "full")}
+        for kind in ("qk", "full"):
+            keep = mask & ~np.isnan(rec[f"{name}:sanity:{kind}:sink_mass"])
+            sanity[name][f"{kind}_stats"] = [{stat: float(rec[f"{name}:sanity:{kind}:{stat}"][j]) for stat in SANITY_STATS}
+                                             for j in np.nonzero(keep)[0]]
     return {"checkpoint": None, "model": meta.get("source"), "data": str(data), "images": n_images,
-            "input_size": input_size, "class_names": list(meta["class_names"]), "wall_s": time.perf_counter() - t0,
+            "input_size": int(meta["input_size"]), "class_names": list(meta["class_names"]), "wall_s": wall,
             "definitions": {"sink_dominated": f"sink_mass >= {SINK_DOMINATED}",
                             "ci": f"paired percentile bootstrap over images, {n_boot} resamples, seed {seed}",
                             "sanity_pass": f"mean row Spearman < {SANITY_SPEARMAN_MAX} for both randomisations (the "
                                            "logits' parameters re-initialised; the whole model)",
                             "heads": "several heads: the statistics of the mean of the heads' rows"},
-            "layers": {name: {**layer_summary(per_image[name], sinks[name], key_grids[name],
-                                              float(getattr(module, "gamma", float("nan"))), targets,
+            "layers": {name: {**layer_summary({stat: rec[f"{name}:{stat}"] for stat in STATS}, rec[f"{name}:sink"],
+                                              tuple(int(v) for v in rec[f"{name}:key_grid"][0]),
+                                              float(getattr(module, "gamma", float("nan"))), rec["target"],
                                               list(meta["class_names"])),
-                              "query_grid": list(grids[name]), "family": families[name]}
-                       for name, module, _ in blocks},
-            "interventions": intervention_summary(top1, top5, n_boot, seed),
+                              "query_grid": [int(v) for v in rec[f"{name}:grid"][0]], "family": adapter.family}
+                       for name, module, adapter in blocks},
+            "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs},
+                                                  {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed),
             "sanity": sanity_summary(sanity)}
 
 
@@ -925,7 +959,8 @@ def main(argv=None) -> int:
                 raise StudyError("the study needs class names (--classes) to score predictions")
             study = run_study_any(model.to(resolve_device(args.device)), meta, args.data, layers=args.layers,
                                   limit=args.limit, batch_size=args.batch_size, workers=args.workers,
-                                  sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed)
+                                  sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed,
+                                  records=Records(Path(args.out) / "records"), resume=args.resume)
         else:
             model, meta = load_checkpoint(args.checkpoint, device=args.device)
             study = run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size,
