@@ -177,3 +177,31 @@ def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
     assert len(list((out / "records").glob("part-*.npz"))) == 6  # the four missing batches, nothing twice
     assert_same_study(comparable(json.loads((out / "study.json").read_text())), comparable(whole))
     assert whole["layers"]["features.4"]["family"] == "Non-local block (Wang et al. 2018)"
+
+
+def test_torchrun_two_cpu_processes_study_any_model_as_one(tmp_path):
+    """The study of a brought model under torchrun --nproc_per_node=2: each rank its share of 11 images, rank 0
+    merges; the same study.json as one process."""
+    import byo_models
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not beside this Python (it comes with torch)")
+    _, _, _, data = tiny_checkpoint(tmp_path, per_class=4)
+    (data / "c" / "3.png").unlink()  # 11 images: DistributedSampler pads one
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    torch.manual_seed(0)
+    torch.save(byo_models.classifier().state_dict(), tmp_path / "w.pth")
+    args = ["--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "w.pth"), "--input-size", "32",
+            "--classes", str(tmp_path / "classes.txt"), "--data", str(data), "--workers", "0", "--batch-size", "1",
+            "--sanity-images", "3", "--bootstrap", "100", "--device", "cpu"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).parent)}  # byo_models, in every rank
+    for out, launcher in (("one", [sys.executable]), ("two", [str(torchrun), "--standalone", "--nproc_per_node=2"])):
+        run = subprocess.run([*launcher, "-m", "vggattn.study", *args, "--out", str(tmp_path / out)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    one, two = (json.loads((tmp_path / o / "study.json").read_text()) for o in ("one", "two"))
+    assert two["world_size"] == 2 and two["images"] == 11
+    assert {p.name.split("-")[1] for p in (tmp_path / "two" / "records").glob("part-*.npz")} == {"r0", "r1"}
+    assert_same_study(two, one)

@@ -686,13 +686,15 @@ def summarise(rec: dict[str, np.ndarray], model: VGG16WithAttention, meta: dict,
 @torch.no_grad()
 def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: list[str] | None = None,
                   limit: int = 0, batch_size: int = 32, workers: int = 2, sanity_images: int = 256, n_boot: int = 2000,
-                  seed: int = 0, progress: bool = True, records: Records | None = None, resume: bool = False) -> dict:
+                  seed: int = 0, progress: bool = True, records: Records | None = None, resume: bool = False,
+                  rank: int = 0, world: int = 1) -> dict | None:
     """The study of any model with attention blocks (`vggattn.adapters.find_blocks`), in study.json's form: per
     block the statistics of its rows (heads averaged; keys on their own grid), every intervention (off / mean /
     uniform, each block and all) as a whole forward under `Intervention`, and the randomisation sanity check (the
     parameters that make a block's logits, `Adapter.qk_modules`, re-initialised; and the whole model). No
     contribution or output distances. Each batch's per-image results go to `records` as they are made (as
-    `run_study`'s do); resume: skip the images they hold already."""
+    `run_study`'s do); resume: skip the images they hold already. rank / world: this process's share of the images
+    (`shard`); only world == 1 returns the study (rank 0 merges with `summarise_any` once all have written)."""
     from .adapters import Intervention, randomised_copy, reinit_qk
     from .byo import blocks_of
 
@@ -705,10 +707,10 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
     if n_images == 0:
         raise StudyError(f"{data} holds no images")
     records = records if records is not None else Records()
-    if not resume:
+    if not resume and world == 1:  # several ranks: the launcher clears once, before any writes (main_distributed)
         records.clear()
     done_before = records.done() if resume else set()
-    todo = [i for i in range(n_images) if i not in done_before]
+    todo = [i for i in shard(n_images, rank, world) if i not in done_before]
     runs = {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} \
         | {f"all:{mode}": {name: mode for name in names} for mode in MODES}
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
@@ -773,6 +775,8 @@ def run_study_any(model: torch.nn.Module, meta: dict, data: str | Path, *, layer
                         record[f"{name}:{stat}"][j] = value
                 record[f"{name}:sink"][j] = stats["sink_index"]
         records.write(record)
+    if world > 1:
+        return None
     return summarise_any(records.load(), blocks, meta, data, n_images, time.perf_counter() - t0, n_boot, seed)
 
 
@@ -950,8 +954,8 @@ def main(argv=None) -> int:
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not own:  # started by torchrun: each rank studies its share, rank 0 merges
-        return main_distributed(args, rank, world)
+    if world > 1:  # started by torchrun: each rank studies its share, rank 0 merges
+        return main_distributed(args, rank, world, own)
     try:
         if own:
             model, meta = load_from_args(args)
@@ -990,7 +994,7 @@ def finish(study: dict, args, meta: dict, own: bool = False) -> int:
     return 0
 
 
-def main_distributed(args, rank: int, world: int) -> int:
+def main_distributed(args, rank: int, world: int, own: bool = False) -> int:
     """Under torchrun: gloo on the CPU, NCCL on GPUs (--device cuda: this rank's LOCAL_RANK GPU). Every rank
     writes its share's records to OUT/records; rank 0 merges them (duplicates of the sampler's padding dropped)
     and writes the study."""
@@ -1002,13 +1006,34 @@ def main_distributed(args, rank: int, world: int) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-        model, meta = load_checkpoint(args.checkpoint, device=device)
+        if own:
+            model, meta = load_from_args(args)
+            model.to(device)
+            if not meta.get("class_names"):
+                raise StudyError("the study needs class names (--classes) to score predictions")
+        else:
+            model, meta = load_checkpoint(args.checkpoint, device=device)
         records = Records(Path(args.out) / "records", rank=rank)
         if rank == 0 and not args.resume:
             records.clear()
             records.of("faith").clear()
         dist.barrier()
         t0 = time.perf_counter()
+        if own:
+            run_study_any(model, meta, args.data, layers=args.layers, limit=args.limit, batch_size=args.batch_size,
+                          workers=args.workers, sanity_images=args.sanity_images, n_boot=args.bootstrap,
+                          seed=args.seed, progress=rank == 0, records=records, resume=args.resume, rank=rank,
+                          world=world)
+            dist.barrier()  # every share recorded
+            if rank != 0:
+                return 0
+            from .byo import blocks_of
+
+            ds, _ = load_split(args.data, meta, args.limit)
+            study = summarise_any(records.load(), blocks_of(model, meta, args.layers), meta, args.data, len(ds),
+                                  time.perf_counter() - t0, args.bootstrap, args.seed)
+            study["world_size"] = world
+            return finish(study, args, meta, own)
         run_study(model, meta, args.data, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
                   sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed, records=records,
                   resume=args.resume, rank=rank, world=world, progress=rank == 0,
