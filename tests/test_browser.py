@@ -5,7 +5,6 @@ Runs in CI (CI=true: .ci/run installs chromium; a missing browser fails there). 
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,8 @@ import pytest
 from vggattn import app
 from server import running_app
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from conftest import CHROMIUM, FLAGS  # noqa: E402,F401  (Debian's Chromium and its flags; the browser fixture)
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
     pytest.skip("Chromium not installed (apt-get install -y chromium); CI always runs this test", allow_module_level=True)

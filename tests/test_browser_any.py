@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vggattn import app
-from test_browser import ARTIFACTS, CHROMIUM, FLAGS, click_image_at, page_picture
+from test_browser import ARTIFACTS, CHROMIUM, click_image_at, page_picture
 
 pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
@@ -37,16 +37,6 @@ def models() -> dict:
     except ImportError:
         pass
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

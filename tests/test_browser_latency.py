@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vggattn import app
-from test_browser import CHROMIUM, FLAGS, click_image_at
+from test_browser import CHROMIUM, click_image_at
 
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
     pytest.skip("Chromium not installed (apt-get install -y chromium); CI always runs this test", allow_module_level=True)
@@ -17,16 +17,6 @@ from server import free_port, running_app  # noqa: E402
 LATENCY_MS = 300
 # what Gradio puts over a component while one of its events runs
 OVERLAY = ".wrap.translucent, .wrap.pending, .wrap.generating, .eta-bar, .progress-text"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def third_party_app():

@@ -75,16 +75,11 @@ def cli(ckpt, data, out, *extra, batch=2):
             *extra]
 
 
-def test_a_killed_study_resumes_to_the_same_study(tmp_path):
-    """SIGKILL after two batches are recorded; --resume studies only the rest and writes the study.json of an
-    uninterrupted run."""
-    _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=4)  # 12 images, 6 batches of 2
+def kill_after_two_batches(study_args: list[str], out: Path) -> None:
+    """Run vggattn.study with these arguments (and --out) until two batches are recorded, then SIGKILL it; check that
+    just those two records are there and no study.json."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    assert study.main(cli(ckpt, data, tmp_path / "whole")[3:]) == 0
-    whole = json.loads((tmp_path / "whole" / "study.json").read_text())
-
-    out = tmp_path / "killed"
-    hanging = [sys.executable, str(Path(__file__).with_name("study_hanging.py")), "2", *cli(ckpt, data, out)[3:]]
+    hanging = [sys.executable, str(Path(__file__).with_name("study_hanging.py")), "2", *study_args, "--out", str(out)]
     proc = subprocess.Popen(hanging, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # wait until it has recorded two batches
@@ -95,6 +90,17 @@ def test_a_killed_study_resumes_to_the_same_study(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert len(list((out / "records").glob("part-*.npz"))) == 2 and not (out / "study.json").exists()
+
+
+def test_a_killed_study_resumes_to_the_same_study(tmp_path):
+    """SIGKILL after two batches are recorded; --resume studies only the rest and writes the study.json of an
+    uninterrupted run."""
+    _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=4)  # 12 images, 6 batches of 2
+    assert study.main(cli(ckpt, data, tmp_path / "whole")[3:]) == 0
+    whole = json.loads((tmp_path / "whole" / "study.json").read_text())
+
+    out = tmp_path / "killed"
+    kill_after_two_batches(cli(ckpt, data, out)[3:], out)  # (its --out repeated: the same folder)
     done_before = study.Records(out / "records").done()
     assert done_before == {0, 1, 2, 3}
     assert study.main(cli(ckpt, data, out, "--resume")[3:]) == 0
@@ -160,18 +166,7 @@ def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
     assert study.main([*args, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "study.json").read_text())
     out = tmp_path / "killed"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    hanging = [sys.executable, str(Path(__file__).with_name("study_hanging.py")), "2", *args, "--out", str(out)]
-    proc = subprocess.Popen(hanging, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:  # wait until it has recorded two batches
-            if "STUDY_HANGING" in line:
-                break
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert len(list((out / "records").glob("part-*.npz"))) == 2 and not (out / "study.json").exists()
+    kill_after_two_batches(args, out)
     assert study.Records(out / "records").done() == {0, 1, 2, 3}
     assert study.main([*args, "--out", str(out), "--resume"]) == 0
     assert len(list((out / "records").glob("part-*.npz"))) == 6  # the four missing batches, nothing twice
