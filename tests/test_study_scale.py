@@ -151,18 +151,26 @@ def test_runs_sharing_segments_equal_each_run_alone():
                                    rtol=0, atol=0, msg=key)
 
 
-def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
-    """The study of a brought model (--model) keeps per-image records too: SIGKILL after two batches, --resume
-    studies only the rest and writes the study.json of an uninterrupted run."""
+def brought_model_study(tmp_path, *, images: int, batch: int) -> list[str]:
+    """vggattn.study's arguments for a brought model (tests/byo_models.py's 3-class classifier, seeded weights saved
+    as a .pth) on `images` random images of classes a, b, c."""
     import byo_models
 
-    _, _, _, data = tiny_checkpoint(tmp_path, per_class=4)  # 12 images of classes a, b, c: 6 batches of 2
+    _, _, _, data = tiny_checkpoint(tmp_path, per_class=4)
+    for extra in sorted(data.glob("*/*.png"))[images:]:
+        extra.unlink()
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     torch.manual_seed(0)
     torch.save(byo_models.classifier().state_dict(), tmp_path / "w.pth")
-    args = ["--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "w.pth"), "--input-size", "32",
-            "--classes", str(tmp_path / "classes.txt"), "--data", str(data), "--workers", "0", "--batch-size", "2",
-            "--sanity-images", "3", "--bootstrap", "100", "--device", "cpu"]
+    return ["--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "w.pth"), "--input-size", "32",
+            "--classes", str(tmp_path / "classes.txt"), "--data", str(data), "--workers", "0", "--batch-size",
+            str(batch), "--sanity-images", "3", "--bootstrap", "100", "--device", "cpu"]
+
+
+def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
+    """The study of a brought model (--model) keeps per-image records too: SIGKILL after two batches, --resume
+    studies only the rest and writes the study.json of an uninterrupted run."""
+    args = brought_model_study(tmp_path, images=12, batch=2)  # 6 batches of 2
     assert study.main([*args, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "study.json").read_text())
     out = tmp_path / "killed"
@@ -177,19 +185,10 @@ def test_a_killed_study_of_any_model_resumes_to_the_same_study(tmp_path):
 def test_torchrun_two_cpu_processes_study_any_model_as_one(tmp_path):
     """The study of a brought model under torchrun --nproc_per_node=2: each rank its share of 11 images, rank 0
     merges; the same study.json as one process."""
-    import byo_models
-
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not beside this Python (it comes with torch)")
-    _, _, _, data = tiny_checkpoint(tmp_path, per_class=4)
-    (data / "c" / "3.png").unlink()  # 11 images: DistributedSampler pads one
-    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
-    torch.manual_seed(0)
-    torch.save(byo_models.classifier().state_dict(), tmp_path / "w.pth")
-    args = ["--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "w.pth"), "--input-size", "32",
-            "--classes", str(tmp_path / "classes.txt"), "--data", str(data), "--workers", "0", "--batch-size", "1",
-            "--sanity-images", "3", "--bootstrap", "100", "--device", "cpu"]
+    args = brought_model_study(tmp_path, images=11, batch=1)  # 11 images: DistributedSampler pads one
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).parent)}  # byo_models, in every rank
     for out, launcher in (("one", [sys.executable]), ("two", [str(torchrun), "--standalone", "--nproc_per_node=2"])):
