@@ -1,0 +1,83 @@
+"""Upload cost for every kind of model: the server's time for one upload against the model's forward, side by side.
+
+    python bench/upload_any.py [--runs 15]
+
+The church photo, for: the article's default checkpoint (the app's `on_image` and the open tab's maps, as
+`upload_cost.py` times it), the shipped non-local ResNet and timm's botnet26t_256 and halonet26t (random weights:
+the any-model app's `on_image`, which runs the model once, reads every block and builds the page's payload;
+halonet26t's blocks are found by tracing), and the classifier of third-party blocks of tests/byo_models.py (mmcv,
+timm, diffusers, all traced). Per model, interleaved rounds of: the forward alone on the preprocessed image, and the
+upload. Target: upload <= 1.5x the forward.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from common import ROOT, interleaved, median, report
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT / "tests"))  # byo_models
+
+PHOTO = ROOT / "assets" / "church.jpg"
+
+
+def article():
+    import vggattn
+    from vggattn import app
+
+    model, meta = vggattn.load_checkpoint(device="cpu")
+    ui = app.build_demo(model, meta).ui
+
+    def upload():
+        state = app.on_image(ui, model, meta, str(PHOTO))[ui.state]
+        app.on_tab(ui, "contribution", state)
+    return model, meta, upload
+
+
+def any_model(model, meta):
+    from vggattn import app_any
+
+    ui = app_any.build_any_demo(model, meta).ui
+    return model, meta, lambda: app_any.on_image(ui, model, meta, None, str(PHOTO))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=15, help="interleaved rounds per model")
+    args = p.parse_args(argv)
+    import byo_models
+    from PIL import Image
+
+    from vggattn.byo import describe, load_model, load_timm
+    from vggattn.data import eval_transform, open_image
+
+    cases = {"article's default checkpoint": article,
+             "non-local ResNet (shipped)": lambda: any_model(*load_model(
+                 "vggattn.zoo:nonlocal_resnet", ROOT / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors")),
+             "botnet26t_256 (random)": lambda: any_model(*load_timm("botnet26t_256")),
+             "halonet26t (random, traced)": lambda: any_model(*load_timm("halonet26t")),
+             "third-party blocks (random, traced)": lambda: any_model(
+                 byo_models.third_party(), describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))}
+    rows = []
+    for name, make in cases.items():
+        model, meta, upload = make()
+        image = open_image(PHOTO) if isinstance(PHOTO, str) else Image.open(PHOTO).convert("RGB")
+        x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0)
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+        times = interleaved({"forward": forward, "upload": upload}, args.runs, warmup=2)
+        f, u = median(times["forward"]), median(times["upload"])
+        rows.append([name, f"{meta['input_size']} px", round(f * 1000, 1), round(u * 1000, 1), round(u / f, 2)])
+        print(rows[-1], flush=True)
+    report(f"Upload cost, every kind of model ({args.runs} interleaved rounds)",
+           ["model", "input", "forward ms", "upload (server) ms", "x forward"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
