@@ -1,6 +1,7 @@
 """A click's pinned panels as the screen shows them, with 0 and with 300 ms of emulated network latency.
 
     python bench/click_on_screen.py [--clicks 15] [--latency 0 300] [--models article zoo botnet] [--root DIR]
+    python bench/click_on_screen.py --uploads 7 --clicks 0 --latency 0     # the page's upload round trip
 
 Each model's app runs as `python -m vggattn.app ...` from --root (default: this checkout; another checkout gives
 the "before" side), Chromium (Playwright, /usr/bin/chromium) opens it at 1440x900 and uploads the church photo.
@@ -10,6 +11,9 @@ event is pending; then one more screenshot is the settled view. A click's time o
 screenshot that already shows the settled view was started, provided every later one shows it too (a loading
 overlay between them counts as not shown). Chromium's network emulation adds the latency to every request.
 Models: the article's default checkpoint, the shipped non-local ResNet, timm's botnet26t_256 (random weights).
+--uploads N: also N uploads per model (two photos of different sizes in turn), each timed from the file given to the page until the
+page holds the new image's payload and the status names its size, beside the model's forward timed in this process
+(interleaved with the uploads; the page's round trip includes the transfer, the server's work and the page's).
 """
 
 import argparse
@@ -118,12 +122,59 @@ def click_times(page, clicks: int, latency: int, rng: random.Random) -> list[tup
     return out
 
 
+def forward_timer(name: str):
+    """A function timing one forward of the model the app serves (this process, the church photo)."""
+    import torch
+
+    from vggattn.byo import load_model, load_timm
+    from vggattn.checkpoint import load_checkpoint
+    from vggattn.data import eval_transform
+
+    if name == "article":
+        model, meta = load_checkpoint(device="cpu")
+    elif name == "zoo":
+        model, meta = load_model("vggattn.zoo:nonlocal_resnet", MODELS["zoo"][3])
+    else:
+        model, meta = load_timm("botnet26t_256")
+    x = eval_transform(meta)(Image.open(PHOTO).convert("RGB")).unsqueeze(0)
+
+    def timed() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        return time.perf_counter() - t
+    return timed
+
+
+def upload_times(page, uploads: int, forward) -> tuple[list[float], list[float]]:
+    """Per upload: ms from the file given to the page until the page has the image's payload; and one forward."""
+    import tempfile
+
+    other = Path(tempfile.mkdtemp()) / "springer-300x200.jpg"  # another size: its status line tells it apart
+    Image.open(ROOT / "assets" / "springer.jpg").resize((300, 200)).save(other, quality=92)
+    photos = [PHOTO, other]
+    up, fw = [], []
+    for i in range(uploads):
+        photo = photos[(i + 1) % 2]
+        w, h = Image.open(photo).size
+        t0 = time.perf_counter()
+        page.locator("#input-image input[type=file]").set_input_files(str(photo))
+        page.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s) && "
+                               "window.vggattnHover && window.vggattnHover.state().layers > 0",
+                               arg=f"{w}×{h}", polling=10, timeout=120_000)
+        up.append((time.perf_counter() - t0) * 1000)
+        page.wait_for_function(SETTLED, polling=50, timeout=60_000)
+        fw.append(forward() * 1000)
+    return up, fw
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clicks", type=int, default=15, help="clicks per model and latency")
     p.add_argument("--latency", type=int, nargs="+", default=[0, 300], help="emulated latencies, ms")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which apps")
     p.add_argument("--root", default=str(ROOT), help="the checkout whose app runs (another one: the 'before' side)")
+    p.add_argument("--uploads", type=int, default=0, help="also time this many uploads per model (latency 0 only)")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -144,10 +195,16 @@ def main(argv=None) -> int:
                     page.wait_for_function("window.vggattnHover && window.vggattnHover.state().layers > 0",
                                            timeout=120_000)
                     page.wait_for_function(SETTLED, polling=50, timeout=60_000)
-                    times = click_times(page, args.clicks, latency, rng)
-                    ms = [t for t, _ in times]
-                    print(f"| {name} | {latency} | {len(ms)} | {percentile(ms, 50):.0f} | {percentile(ms, 90):.0f} | "
-                          f"{max(ms):.0f} | {np.median([s for _, s in times]):.0f} |", flush=True)
+                    if args.uploads and latency == 0:
+                        up, fw = upload_times(page, args.uploads, forward_timer(name))
+                        print(f"| {name} | upload round trip p50 {percentile(up, 50):.0f} ms (p90 {percentile(up, 90):.0f}) "
+                              f"| forward p50 {percentile(fw, 50):.0f} ms | x{percentile(up, 50) / percentile(fw, 50):.2f} |",
+                              flush=True)
+                    if args.clicks:
+                        times = click_times(page, args.clicks, latency, rng)
+                        ms = [t for t, _ in times]
+                        print(f"| {name} | {latency} | {len(ms)} | {percentile(ms, 50):.0f} | {percentile(ms, 90):.0f} | "
+                              f"{max(ms):.0f} | {np.median([s for _, s in times]):.0f} |", flush=True)
                     page.close()
             finally:
                 proc.kill()

@@ -59,7 +59,6 @@ class Node:
     module: str = ""  # the innermost module running when it was made
     scale: float | None = None  # for SCALING calls by a number: the factor
     swaps: bool = False  # a transpose that swaps the last two axes
-    value: torch.Tensor | None = None  # kept for the operands of products (queries and keys)
     pairwise: bool = False  # a product of two live tensors
     extra: dict = field(default_factory=dict)
 
@@ -76,8 +75,7 @@ class Event:
     scale: float | None  # logits = scale * query . key (+ bias when `additive`); None: unknown
     additive: bool  # extra logit terms (relative positions, masks)
     normalised_over_keys: bool | None  # softmax over the key axis (rows sum to 1); None: no softmax
-    qk_modules: tuple[str, ...]  # submodules that make the logits, not the values
-    module: str  # innermost module when the product ran
+    qk_modules: tuple[str, ...]  # submodules that make the logits
 
 
 def _labels_matmul(a_dim: int, b_dim: int) -> tuple[list, list, list]:
@@ -358,7 +356,7 @@ class Recorder(TorchFunctionMode):
                 chain = live[0] if live else None
         if operands is not None and wm.shape[-2] > 1:
             query, key = self._qk(*operands, wm, key_is_last ^ swapped)
-        return Event(kind, wm, vm, query, key, scale, additive, over_keys, self._modules_of(qk_nodes), "")
+        return Event(kind, wm, vm, query, key, scale, additive, over_keys, self._modules_of(qk_nodes))
 
     @staticmethod
     def _qk(a, b, labels, wm, key_on_last):
@@ -415,7 +413,7 @@ class Recorder(TorchFunctionMode):
         live = self.live(q) and self.live(v)
         if live:
             self.events.append(Event("sdpa", weights, v, q, k, float(scale), additive, True,
-                                     self._modules_of([n for n in (self.node(q), self.node(k)) if n is not None]), ""))
+                                     self._modules_of([n for n in (self.node(q), self.node(k)) if n is not None])))
             self.event_modules.append(list(self.stack))
             if index in self.replace:
                 weights = self.replace[index](weights).to(v.dtype)
