@@ -184,6 +184,8 @@ def test_vggattn_app_takes_model_and_timm_flags(monkeypatch):
     assert app.main(["--model", "vggattn.zoo:nonlocal_resnet", "--checkpoint", str(ZOO_CHECKPOINT)]) == 0
     tabs = [c["props"].get("label") for c in served[-1].config["components"] if c["type"] == "tabitem"]
     assert "Dataset" in tabs  # the zoo model's shipped study
+    assert app.main(["--checkpoint", str(ZOO_CHECKPOINT)]) == 0  # its meta names its model: no --model needed
+    assert len(served[-1].ui.panels) == 1 and "nonlocal_resnet" in served[-1].config["components"][0]["props"]["value"]
     assert app.main(["--model", "byo_models:classifier", "--layers", "features.1"]) == 2  # a ReLU: no block
 
 
