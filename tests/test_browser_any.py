@@ -206,6 +206,11 @@ def test_third_party_blocks_in_the_page(browser, served, size):
             q = page.evaluate("([x, y, g]) => window.vggattnHover.queryIndex(x, y, g)", [x, y, list(layer.grid)])
             js = np.array(page.evaluate("([l, i]) => window.vggattnHover.row(l, i, 'mean')", [li, q]))
             np.testing.assert_allclose(js, layer.row(q), rtol=1e-9, atol=1e-12, err_msg=layer.name)
+            if layer.kind != "map":
+                for j in (0, layer.m // 3, layer.m - 1):
+                    js = np.array(page.evaluate("([l, j]) => window.vggattnHover.column(l, j, 'mean')", [li, j]))
+                    np.testing.assert_allclose(js, layer.column(j), rtol=1e-9, atol=1e-12, err_msg=layer.name)
+        assert [layer.kind for layer in layers].count("window") == 1  # the halo's rows: its windows, not N x M
         click_image_at(img, 0.05, 0.05)
         page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
         assert "of the row on padding" in page.locator("#readouts").inner_text()

@@ -290,13 +290,18 @@ def test_the_app_on_third_party_blocks():
     out = app_any.on_image(ui, model, meta, None, str(HERE / "assets" / "church.jpg"))
     state = out[ui.state]
     kinds = {layer.name: layer.kind for layer in state.layers}
-    assert kinds == {"nonlocal2d": "qk", "halo": "rows", "vae_mid.attentions.0": "qk", "context": "map",
+    assert kinds == {"nonlocal2d": "qk", "halo": "window", "vae_mid.attentions.0": "qk", "context": "map",
                      "reference": "rows"}
     for layer, block in zip(state.layers, state.result.blocks):
         want = block.maps.rows(dtype=torch.float64)[0].mean(0)  # (N or 1, M), the mean of heads
         for i in (0, 100, layer.n - 1):
             np.testing.assert_allclose(layer.row(i), want[0 if layer.kind == "map" else i].numpy(), rtol=1e-5,
                                        atol=1e-6, err_msg=layer.name)
+        if layer.kind != "map":
+            for j in (0, 37, layer.m - 1):  # columns too: every query's weight on key cell j
+                np.testing.assert_allclose(layer.column(j), want[:, j].numpy(), rtol=1e-5, atol=1e-6, err_msg=layer.name)
+    halo = next(layer for layer in state.layers if layer.kind == "window")
+    assert halo.values_.shape[-1] == 36 < halo.m  # 6 x 6 keys a row, sent instead of the 256 cells
     pinned = app_any.on_point(ui, state, 0, 0)
     assert "of the row on padding" in pinned[ui.readouts] and "vae_mid.attentions.0" in pinned[ui.readouts]
     ablated = app_any.on_ablate(ui, model, state, ["halo", "vae_mid.attentions.0"], "uniform")

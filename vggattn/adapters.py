@@ -49,15 +49,19 @@ class BlockMaps:
     meaning: str = "attention weights: softmax over the key positions, each row sums to 1"
     weights: torch.Tensor | None = None  # (B, heads, N or 1, M): the rows themselves (blocks found by tracing)
     padding: torch.Tensor | None = None  # (B, heads, N or 1): each row's share on keys that fall on padding
+    window: tuple[torch.Tensor, torch.Tensor] | None = None  # windowed rows, sparse: (values, key cells), each
+    # (B, heads, N, K): a row's K keys (its window) and where they fall (-1: padding); instead of weights
 
     @property
     def heads(self) -> int:
-        return (self.key if self.weights is None else self.weights).shape[1]
+        held = self.key if self.weights is None and self.window is None else \
+            self.weights if self.weights is not None else self.window[0]
+        return held.shape[1]
 
     @property
     def per_image(self) -> bool:
         """True for a map no query changes (one per image and head), like GCNet's global context."""
-        return self.query is None and (self.weights is None or self.weights.shape[2] == 1)
+        return self.query is None and self.window is None and (self.weights is None or self.weights.shape[2] == 1)
 
     def rows(self, queries: list[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M).
@@ -65,6 +69,12 @@ class BlockMaps:
         if self.weights is not None:
             w = self.weights if queries is None or self.per_image else self.weights[:, :, torch.as_tensor(queries)]
             return w.to(dtype)
+        if self.window is not None:  # scattered onto the key grid, only the rows asked for
+            values, cells = self.window if queries is None else (t[:, :, torch.as_tensor(queries)] for t in self.window)
+            m = self.key_grid[0] * self.key_grid[1]
+            on = cells >= 0
+            return values.new_zeros(*values.shape[:3], m, dtype=dtype).scatter_add_(
+                -1, cells.clamp_min(0), values.to(dtype) * on)
         if self.query is None:
             return torch.softmax(self.key.float().to(dtype), dim=-1)
         q = self.query if queries is None else self.query[:, :, torch.as_tensor(queries, dtype=torch.long)]
@@ -79,7 +89,8 @@ class BlockMaps:
         """The maps of image j of the batch alone (a batch of one)."""
         pick = lambda t: None if t is None else t[j:j + 1]  # noqa: E731
         return BlockMaps(self.family, pick(self.query), pick(self.key), self.grid, self.key_grid, self.scale,
-                         pick(self.bias), self.normalise, self.meaning, pick(self.weights), pick(self.padding))
+                         pick(self.bias), self.normalise, self.meaning, pick(self.weights), pick(self.padding),
+                         None if self.window is None else (pick(self.window[0]), pick(self.window[1])))
 
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
@@ -87,6 +98,12 @@ class BlockMaps:
             return self.rows()
         if self.weights is not None:
             return self.weights.mean(2, keepdim=True)
+        if self.window is not None:  # every row's window summed onto the grid, / N
+            values, cells = self.window
+            m, n = self.key_grid[0] * self.key_grid[1], values.shape[2]
+            flat = values.new_zeros(*values.shape[:2], m).scatter_add_(
+                -1, cells.clamp_min(0).flatten(2), (values * (cells >= 0)).flatten(2))
+            return (flat / n)[:, :, None]
         B, heads, n = self.query.shape[:3]
         step = max(1, block_elements // (B * heads * self.key.shape[2]))
         total = sum(self.rows(list(range(s, min(n, s + step)))).sum(2, keepdim=True) for s in range(0, n, step))
@@ -334,6 +351,14 @@ class TimmGlobalContextAdapter(Adapter):
         return x
 
 
+def _cat_outputs(outs: list):
+    """Per-image outputs of a block (tensors, or tuples holding tensors) as one batch."""
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return type(outs[0])(torch.cat([o[k] for o in outs]) if isinstance(outs[0][k], torch.Tensor) else outs[0][k]
+                         for k in range(len(outs[0])))
+
+
 class TracedAdapter(Adapter):
     """Any block whose forward computes attention, read from what it computes (`vggattn.trace`): no class names.
     Its rows are the weights with which each key position's value enters a query's output, on the grids the
@@ -387,8 +412,11 @@ class TracedAdapter(Adapter):
             cells = lay.kcell.to(w.device)[lay.lq]  # (heads, N, nk)
             on = cells >= 0
             m = lay.key_grid[0] * lay.key_grid[1]
-            grid_rows = rows.new_zeros(*rows.shape[:2], m).scatter_add_(-1, cells.clamp_min(0), rows * on)
             pad = (rows * ~on).sum(-1) if lay.padded else None
+            if lay.windowed:  # each query sees a window of the keys: kept sparse (N x K, not N x M)
+                parts.append(((rows, cells), pad))
+                continue
+            grid_rows = rows.new_zeros(*rows.shape[:2], m).scatter_add_(-1, cells.clamp_min(0), rows * on)
             parts.append((grid_rows, pad))
         family = f"{self.family}: {lay.kind}"
         if lay.qk:
@@ -397,8 +425,13 @@ class TracedAdapter(Adapter):
                                                                    if lay.normalise == "mean" else 1)),
                              normalise=lay.normalise, meaning=lay.meaning)
         pad = torch.stack([p[1] for p in parts]) if lay.padded else None
-        return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise="softmax" if lay.sums_to_one else "weights",
-                         meaning=lay.meaning, weights=torch.stack([p[0] for p in parts]), padding=pad)
+        normalise = "softmax" if lay.sums_to_one else "weights"
+        if lay.windowed:
+            window = (torch.stack([p[0][0] for p in parts]), torch.stack([p[0][1] for p in parts]))
+            return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
+                             padding=pad, window=window)
+        return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
+                         weights=torch.stack([p[0] for p in parts]), padding=pad)
 
     def forward(self, module, x, mode=None, rows=None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows
@@ -409,6 +442,8 @@ class TracedAdapter(Adapter):
         lay = self.layout(module, x)
         if rows is None and mode in (None, "mean"):
             maps = self.maps(module, x)
+            if mode is None and maps.window is not None and len(lay.group) == 1:  # windowed rows, as they are
+                return self._rebuilt(module, x, lay, maps.window[0])
             rows = maps.rows() if mode is None else maps.mean_row()
         head, cell = lay.inverse()
         outs = []
@@ -419,10 +454,18 @@ class TracedAdapter(Adapter):
             replace = {i: self._replacement(lay, mode, None if rows is None else rows[j], head, cell, *offsets[i])
                        for i in lay.group}
             outs.append(record(module, x[j:j + 1], replace=replace)[1])
-        if isinstance(outs[0], torch.Tensor):
-            return torch.cat(outs)
-        return type(outs[0])(torch.cat([o[k] for o in outs]) if isinstance(outs[0][k], torch.Tensor) else outs[0][k]
-                             for k in range(len(outs[0])))
+        return _cat_outputs(outs)
+
+    def _rebuilt(self, module, x, lay: Layout, values: torch.Tensor):
+        """The block's forward with its weights put back from windowed rows (B, heads, N, K) (their own order)."""
+        outs = []
+        for j in range(x.shape[0]):
+            def fn(w, v=values[j]):
+                flat = w.reshape(-1, *w.shape[-2:]).clone()
+                flat[lay.lq, lay.iq] = v.to(flat.dtype)
+                return flat.reshape(w.shape)
+            outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn})[1])
+        return _cat_outputs(outs)
 
     @staticmethod
     def _replacement(lay: Layout, mode, rows, head, cell, start, stop):

@@ -29,6 +29,7 @@ from .render import attention_picture, page_constants
 from .readouts import SINK_DOMINATED
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
+CELLS = "<i4"  # a windowed layer's key cells (int32; -1: padding)
 
 
 def _b64(array: np.ndarray, dtype: str) -> str:
@@ -86,7 +87,8 @@ class PageLayer:
     """One block's maps on one image in the form the page receives them, and the page's maths on them in numpy
     (float64 from the same float32 arrays), so the server's pinned pictures are the page's. kind: "qk" (queries
     and keys: rows are normalise(scale * q . K), columns from the row normalisers log Z), "rows" (the rows
-    themselves: relative-position logits, or N x M smaller than Q and K) or "map" (one map per image: GCNet)."""
+    themselves: relative-position logits, or N x M smaller than Q and K), "window" (each row's K keys of a window
+    and the cells they fall on: N x K, not N x M) or "map" (one map per image: GCNet)."""
 
     name: str
     family: str
@@ -104,6 +106,8 @@ class PageLayer:
     rows_: np.ndarray | None = None  # (heads, N or 1, M) float32
     sink: tuple[int, float] | None = None  # the image's sink: (key cell, its share of all attention); softmax only
     padding: np.ndarray | None = None  # (heads, N) each row's share on keys that fall on padding (server side only)
+    values_: np.ndarray | None = None  # "window": (heads, N, K) float32 weights of each row's keys
+    cells_: np.ndarray | None = None  # "window": (heads, N, K) int32 key cell of each (-1: padding)
 
     def padding_share(self, i: int, head: int | None = None) -> float | None:
         """The share of query i's row that falls on padding (windows with halos), or None where none can."""
@@ -140,6 +144,12 @@ class PageLayer:
         return self._mean([self._head_row(h, i) for h in self._heads(head)])
 
     def _head_row(self, h: int, i: int | None) -> np.ndarray:
+        if self.kind == "window":  # the row's keys scattered onto the key grid, in key order (as the page adds)
+            out = np.zeros(self.m)
+            for v, c in zip(self.values_[h, i].astype(np.float64), self.cells_[h, i]):
+                if c >= 0:
+                    out[c] += v
+            return out
         if self.kind != "qk":
             return self.rows_[h, 0 if self.kind == "map" else i].astype(np.float64)
         logits = (self.k[h].astype(np.float64) @ self.q[h, i].astype(np.float64)) * self.scale
@@ -155,6 +165,8 @@ class PageLayer:
         return self._mean([self._head_column(h, j) for h in self._heads(head)])
 
     def _head_column(self, h: int, j: int) -> np.ndarray:
+        if self.kind == "window":  # every row's weight on key cell j
+            return np.where(self.cells_[h] == j, self.values_[h].astype(np.float64), 0.0).sum(-1)
         if self.kind == "rows":
             return self.rows_[h, :, j].astype(np.float64)
         logits = (self.q[h].astype(np.float64) @ self.k[h, j].astype(np.float64)) * self.scale
@@ -191,6 +203,9 @@ class PageLayer:
             out.update(dim=int(self.q.shape[-1]), q=_b64(self.q, dtype), k=_b64(self.k, dtype))
             if self.logz is not None:
                 out.update(logz=_b64(self.logz, "float64"), logz_dtype="float64")
+        elif self.kind == "window":
+            out.update(window=int(self.values_.shape[-1]), values=_b64(self.values_, dtype),
+                       cells=base64.b64encode(np.ascontiguousarray(self.cells_, dtype=CELLS).tobytes()).decode("ascii"))
         else:
             out["rows"] = _b64(self.rows_, dtype)
         return out
@@ -203,13 +218,16 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
         heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
         if kind is None:
             d = 0 if maps.per_image or maps.query is None else maps.query.shape[-1]
-            kind = "map" if maps.per_image else "rows" if maps.bias is not None or maps.query is None \
-                or n * m <= (n + m) * d else "qk"
+            kind = "map" if maps.per_image else "window" if maps.window is not None else "rows" \
+                if maps.bias is not None or maps.query is None or n * m <= (n + m) * d else "qk"
         if kind == "qk" and (maps.per_image or maps.bias is not None or maps.query is None):
             raise ValueError(f"{name}: its rows cannot be sent as Q and K (one map per image, or extra logits)")
         layer = PageLayer(name, family, maps.meaning, tuple(maps.grid), tuple(maps.key_grid), heads, kind,
                           maps.normalise, float(maps.scale))
-        if kind == "qk":
+        if kind == "window":
+            layer.values_ = maps.window[0][0].float().cpu().numpy()  # (heads, N, K)
+            layer.cells_ = maps.window[1][0].to(torch.int32).cpu().numpy()
+        elif kind == "qk":
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
             if maps.normalise == "softmax":  # in float64 from the float32 Q and K, as the page computes logits

@@ -539,6 +539,11 @@ class Layout:
     normalise: str  # "softmax" or "mean" (dot product / M): Q and K make the rows; "weights": the rows are given
     sums_to_one: bool  # every row is a distribution over the key cells (a softmax over the keys, none on padding)
 
+    @property
+    def windowed(self) -> bool:
+        """Each query sees only a window of the key grid (its keys are fewer than the grid's cells)."""
+        return not self.qk and not self.per_image and self.kcell.shape[1] < self.key_grid[0] * self.key_grid[1]
+
     @staticmethod
     def of(block: nn.Module, x: torch.Tensor, attention: int = 0) -> "Layout":
         """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape)."""

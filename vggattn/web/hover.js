@@ -39,6 +39,7 @@ function decodeArray(b64, dtype) {
   const bytes = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
   if (dtype === "float32") return new Float32Array(bytes.buffer);
+  if (dtype === "int32") return new Int32Array(bytes.buffer);
   if (dtype === "float64") return new Float64Array(bytes.buffer);
   const half = new Uint16Array(bytes.buffer), out = new Float32Array(half.length);
   for (let i = 0; i < half.length; i++) out[i] = halfToFloat(half[i]);
@@ -70,7 +71,10 @@ function load(raw) {
         heads: l.heads || 1, kind, normalise: l.normalise || "softmax", scale: l.scale === undefined ? 1 : l.scale,
         dim: l.dim, meaning: l.meaning || "",
         q: kind === "qk" ? decodeArray(l.q, raw.dtype) : null, k: kind === "qk" ? decodeArray(l.k, raw.dtype) : null,
-        logz: l.logz ? decodeArray(l.logz, l.logz_dtype || "float32") : null, rows: kind !== "qk" ? decodeArray(l.rows, raw.dtype) : null,
+        logz: l.logz ? decodeArray(l.logz, l.logz_dtype || "float32") : null,
+        rows: kind === "rows" || kind === "map" ? decodeArray(l.rows, raw.dtype) : null,
+        window: l.window || 0, values: kind === "window" ? decodeArray(l.values, raw.dtype) : null,
+        cells: kind === "window" ? decodeArray(l.cells, "int32") : null,
       };
     }),
   };
@@ -95,6 +99,11 @@ function mean(parts) {  // hover.PageLayer._mean: summed in head order, then div
 
 function headRow(L, h, i) {
   const out = new Float64Array(L.m);
+  if (L.kind === "window") {  // the row's keys onto the key grid, in key order (hover.PageLayer does the same)
+    const base = (h * L.n + i) * L.window;
+    for (let t = 0; t < L.window; t++) { const c = L.cells[base + t]; if (c >= 0) out[c] += L.values[base + t]; }
+    return out;
+  }
   if (L.kind !== "qk") {
     const base = (h * (L.kind === "map" ? 1 : L.n) + (L.kind === "map" ? 0 : i)) * L.m;
     for (let j = 0; j < L.m; j++) out[j] = L.rows[base + j];
@@ -117,6 +126,13 @@ function headRow(L, h, i) {
 
 function headColumn(L, h, j) {
   const out = new Float64Array(L.n);
+  if (L.kind === "window") {  // every row's weight on key cell j
+    for (let i = 0; i < L.n; i++) {
+      const base = (h * L.n + i) * L.window;
+      for (let t = 0; t < L.window; t++) if (L.cells[base + t] === j) out[i] += L.values[base + t];
+    }
+    return out;
+  }
   if (L.kind === "rows") {
     for (let i = 0; i < L.n; i++) out[i] = L.rows[(h * L.n + i) * L.m + j];
     return out;
