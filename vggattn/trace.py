@@ -603,10 +603,15 @@ class _Tracking:
         return False
 
 
-def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, tangents: bool = False):
-    """One forward of the block's own code (its hooks skipped) under a Recorder: (recorder, output)."""
+def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, tangents: bool = False,
+           track: bool = False):
+    """One forward of the block's own code (its hooks skipped) under a Recorder: (recorder, output). track: also
+    name the submodule that made each tensor (hooks on every submodule, for the layout's `qk_modules` only)."""
     stack: list = []
     rec = Recorder([x], replace=replace, tangents=tangents, stack=stack)
+    if not track:
+        with rec:
+            return rec, block.forward(x)
     with _Tracking(block, stack), rec:
         out = block.forward(x)
     return rec, out
@@ -683,7 +688,7 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
     try:
         with torch.no_grad(), fwAD.dual_level():
             for t in (r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)):
-                rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True)
+                rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True, track=True)
                 tan = lambda z: None if z is None else fwAD.unpack_dual(z).tangent  # noqa: E731
                 prim = lambda z: None if z is None else fwAD.unpack_dual(z).primal  # noqa: E731
                 passes.append([dict(ev=ev, w=prim(ev.weights), q=prim(ev.query), k=prim(ev.key), tq=tan(ev.query),
@@ -692,7 +697,7 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
         passes, reason = None, (str(err).splitlines() or [type(err).__name__])[0][:160]
     if passes is None:
         with torch.no_grad():
-            rec, _ = record(block, x)
+            rec, _ = record(block, x, track=True)
         groups = event_groups(rec.events)
         if attention >= len(groups):
             raise NotAttention("its forward computes no attention")

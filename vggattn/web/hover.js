@@ -391,7 +391,7 @@ function drawLegend(legend, L, values, how) {
   const hs = heads(L), who = L.heads > 1 ? (hs.length > 1 ? ` · mean of ${L.heads} heads` : ` · head ${hs[0] + 1}/${L.heads}`) : "";
   const kind = L.kind === "map" ? " · one map per image" : L.normalise === "mean" ? " · f/M, not a softmax" : "";
   const held = controls.mark && how === "row" ? markedIndices(values, K.top_k).length : K.top_k;
-  const few = held < K.top_k ? ` · ${held} hold ≥${100 * K.mark_share}%` : "";  // of the maximum: numbered
+  const few = held < K.top_k ? ` · ${held} cell${held === 1 ? "" : "s"} ≥${100 * K.mark_share}% of max` : "";  // numbered
   const span = legend.querySelector("span"), text = `${lo} … ${what}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
