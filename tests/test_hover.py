@@ -1,5 +1,5 @@
-"""The hover payload (vggattn.hover): what the page computes rows and columns from, against the
-server's LayerCapture; and the app's handlers that send it."""
+"""The page's payload (vggattn.hover): what the page computes rows and columns from, against the block's rows
+(vggattn.adapters); and the app's handlers that send it."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,7 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.capture import log_normalisers
-from vggattn.hover import decode, hover_payload, page_props, payload_bytes
+from vggattn.hover import decode, log_normalisers, page_layer, page_payload, page_props, payload_bytes
 from vggattn.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -27,20 +26,26 @@ def softmax_rows(q, k):
     return e / e.sum(1, keepdims=True)
 
 
-def test_float32_payload_is_the_captured_q_and_k(result):
+def hover_payload(result, dtype="float32"):
+    return page_payload(result, [page_layer(b.name, b.maps, b.family, "qk") for b in result.blocks], dtype)
+
+
+def test_float32_payload_is_the_blocks_q_and_k(result):
     payload = hover_payload(result)
     assert payload["size"] == [224, 224] and payload["image"].startswith("data:image/jpeg;base64,")
     assert [layer["name"] for layer in payload["layers"]] == ["features.14", "features.22", "features.30"]
-    for sent, layer in zip(payload["layers"], result.layers):
-        assert sent["grid"] == list(layer.grid) and sent["dim"] == layer.query.shape[-1]
-        assert np.array_equal(decode(sent, "q"), layer.query[0].numpy())  # bitwise: nothing lost on the way
-        assert np.array_equal(decode(sent, "k"), layer.key[0].numpy())
+    for sent, block in zip(payload["layers"], result.blocks):
+        query, key = block.maps.query[0, 0], block.maps.key[0, 0]  # (N, C')
+        assert sent["kind"] == "qk" and sent["grid"] == list(block.maps.grid) and sent["dim"] == query.shape[-1]
+        assert np.array_equal(decode(sent, "q"), query.numpy())  # bitwise: nothing lost on the way
+        assert np.array_equal(decode(sent, "k"), key.numpy())
+        attention = torch.softmax(query.double() @ key.double().T, dim=-1).numpy()  # the article's maths
         rows = softmax_rows(decode(sent, "q"), decode(sent, "k"))  # what the page computes
-        np.testing.assert_allclose(rows, layer.attention[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(rows, attention, atol=1e-6)
         # a column from the row normalisers: A[:, j] = exp(Q k_j - log Z)
         q, k, logz = decode(sent, "q").astype(np.float64), decode(sent, "k").astype(np.float64), decode(sent, "logz")
-        for j in (0, layer.num_positions // 2, layer.num_positions - 1):
-            np.testing.assert_allclose(np.exp(q @ k[j] - logz), layer.attention[0, :, j].numpy(), atol=1e-5)
+        for j in (0, len(q) // 2, len(q) - 1):
+            np.testing.assert_allclose(np.exp(q @ k[j] - logz), attention[:, j], atol=1e-9)
 
 
 def test_log_normalisers_in_blocks_equal_logsumexp():
@@ -48,9 +53,9 @@ def test_log_normalisers_in_blocks_equal_logsumexp():
     q, k = torch.randn(300, 8) * 3, torch.randn(300, 8) * 3
     expected = torch.logsumexp(q.double() @ k.double().T, dim=-1)
     for chunk in (1, 7, 300, 1024):
-        got = log_normalisers(q[None], k[None], chunk=chunk)[0]
-        assert got.dtype == torch.float32 and got.shape == (300,)
-        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+        got = log_normalisers(q[None].double(), k[None].double(), chunk=chunk)[0]
+        assert got.dtype == torch.float64 and got.shape == (300,)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
 
 
 def test_float16_payload_halves_q_and_k_and_stays_close(result):
@@ -72,7 +77,7 @@ def test_page_props_carry_the_servers_palettes_and_constants():
 
     from vggattn import render
 
-    props = page_props(3, app.CONTROLS)
+    props = page_props(3, app.APP_CONTROLS)
     assert set(props["palettes"]) == set(COLORMAPS)
     for name, flat in props["palettes"].items():  # matplotlib's colormap at 256 levels, truncated to bytes
         rgb = np.asarray(flat, dtype=np.int64).reshape(256, 3)
@@ -80,7 +85,7 @@ def test_page_props_carry_the_servers_palettes_and_constants():
         assert (np.abs(rgb - expected) < 1.0 + 1e-9).all(), name
     assert (props["top_k"], props["log_decades"], props["full_at"], props["num_panels"]) == \
         (render.TOP_K, render.LOG_DECADES, render.FULL_AT, 3)
-    assert props["controls"] == app.CONTROLS and props["sink_dominated"] == 0.5
+    assert props["controls"] == app.APP_CONTROLS and props["sink_dominated"] == 0.5
     assert "TOP_K" not in (app.WEB / "hover.js").read_text() and "= 5;" not in (app.WEB / "hover.js").read_text()
 
 
@@ -110,10 +115,10 @@ def test_pin_endpoint_and_a_click_draw_the_rows_of_the_blocks_own_convs():
     handles = [model.features[i].register_forward_pre_hook(lambda m, a, i=i: entering.__setitem__(i, a[0]))
                for i in (14, 22, 30)]
     with torch.no_grad():
-        model(state.input)
+        model(state.result.input)
     for h in handles:
         h.remove()
-    disp_h, disp_w = state.display.shape[:2]
+    disp_h, disp_w = state.result.display.shape[:2]
     point = ((30 + 0.5) * disp_w / state.size[0], (40 + 0.5) * disp_h / state.size[1])
     by_click = app.on_click(ui, state, 0.8, "inferno", "smooth", True, app.gr.SelectData(target=None, data={"index": [30, 40], "value": None}))
     by_pin = app.on_point(ui, state, 30, 40)
@@ -125,7 +130,7 @@ def test_pin_endpoint_and_a_click_draw_the_rows_of_the_blocks_own_convs():
         grid = tuple(x.shape[-2:])
         cell = query_index((30, 40), state.size, grid)
         row = torch.softmax(q[cell] @ k.T, dim=0).reshape(grid).numpy()
-        want = attention_picture(state.display, row, cell, point, opacity=0.8, colormap="inferno", mode="smooth")
+        want = attention_picture(state.result.display, row, cell, point, opacity=0.8, colormap="inferno", mode="smooth")
         for got in (by_pin[panel], by_click[panel]):
             assert np.abs(got.astype(int) - want).max() <= 1, i  # rows from float32 Q, K on the app's side
     with pytest.raises(app.gr.Error, match="two numbers"):

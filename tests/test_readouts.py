@@ -8,15 +8,35 @@ import torch.nn as nn
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn.analysis import ablate, analyze
-from vggattn.capture import LayerCapture
-from vggattn.gradcam import AttentionOff, grad_cam, gradcam_layer
-from vggattn.readouts import entropy, js_divergence, mean_distance, query_dependence, row_readouts, top_cells
+from vggattn.adapters import BlockMaps, Intervention, adapter_for
+from vggattn.analysis import BlockResult, ablate, analyze, contribution_map, with_gradcam
+from vggattn.gradcam import grad_cam
+from vggattn.readouts import entropy, js_divergence, mean_distance, row_readouts, top_cells
 
 
 def capture(query, key, grid):
+    """A block's result whose rows are softmax(Q K^T) of the given (N, d) Q and K."""
     n = grid[0] * grid[1]
-    return LayerCapture("features.14", 1.0, grid, query.reshape(1, n, -1), key.reshape(1, n, -1), torch.zeros(1, *grid))
+    maps = BlockMaps("test", query.reshape(1, 1, n, -1), key.reshape(1, 1, n, -1), grid, grid)
+    return BlockResult("features.14", adapter_for(vggattn.GlobalAttention(8)), maps, (grid[1], grid[0]))
+
+
+def query_dependence(layer, chunk=None):
+    """(mean row (N,), JSD) as torch tensors; chunk: rows at a time (None: the default)."""
+    import vggattn.analysis as analysis
+
+    saved = analysis.DEPENDENCE_ELEMENTS
+    if chunk:
+        analysis.DEPENDENCE_ELEMENTS = chunk * layer.maps.grid[0] * layer.maps.grid[1]
+    try:
+        mean_map, jsd = layer.query_dependence()
+    finally:
+        analysis.DEPENDENCE_ELEMENTS = saved
+    return torch.from_numpy(mean_map.reshape(-1)), torch.tensor(jsd)
+
+
+def full_map(layer):
+    return layer.maps.rows()[0, 0]
 
 
 def one_hot_capture(grid, target):
@@ -56,16 +76,16 @@ def test_query_dependence_uniform_attention_is_zero():
     grid = (4, 5)
     layer = capture(torch.zeros(20, 2), torch.randn(20, 2), grid)  # Q = 0: every row uniform
     mean_row, jsd = query_dependence(layer)
-    torch.testing.assert_close(mean_row, torch.full((1, 20), 1 / 20))
+    torch.testing.assert_close(mean_row, torch.full((20,), 1 / 20, dtype=torch.float64))
     assert float(jsd) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_query_dependence_one_hot_rows_by_hand():
     grid, n = (3, 4), 12
     layer = one_hot_capture(grid, list(range(n)))  # row i = e_i
-    torch.testing.assert_close(layer.attention[0], torch.eye(n), atol=1e-6, rtol=0)
+    torch.testing.assert_close(full_map(layer), torch.eye(n), atol=1e-6, rtol=0)
     mean_row, jsd = query_dependence(layer, chunk=5)  # chunks that do not divide N
-    torch.testing.assert_close(mean_row, torch.full((1, n), 1 / n))
+    torch.testing.assert_close(mean_row, torch.full((n,), 1 / n, dtype=torch.float64))
     # JSD(e_i || u) with a = (e_i + u) / 2: a_i = (n + 1) / 2n, else 1 / 2n
     kl_e = math.log(2 * n / (n + 1))
     kl_u = (1 / n) * math.log(2 / (n + 1)) + (n - 1) / n * math.log(2)
@@ -78,15 +98,15 @@ def test_query_dependence_one_hot_rows_by_hand():
 def test_query_dependence_chunking_matches_the_full_map():
     torch.manual_seed(0)
     layer = capture(torch.randn(30, 4), torch.randn(30, 4), (5, 6))
-    full = layer.attention[0]
+    full = torch.softmax(layer.maps.query[0, 0] @ layer.maps.key[0, 0].T, dim=-1)
     mean_row, jsd = query_dependence(layer, chunk=7)
-    torch.testing.assert_close(mean_row[0], full.mean(0))
+    torch.testing.assert_close(mean_row.float(), full.mean(0))
     assert float(jsd) == pytest.approx(float(js_divergence(full, full.mean(0)[None]).mean()), rel=1e-5)
 
 
 def test_one_hot_readouts_mean_distance_and_entropy():
     layer = one_hot_capture((4, 4), [15] * 16)  # every query looks at the bottom-right cell
-    r = row_readouts(layer.row(0)[0], 0, (4, 4), 128, (256, 128))
+    r = row_readouts(full_map(layer)[0], 0, (4, 4), 128, (256, 128))
     assert r["entropy_nats"] == pytest.approx(0.0, abs=1e-6)
     assert r["mean_distance_input_px"] == pytest.approx(96 * math.sqrt(2), rel=1e-5)
     assert r["mean_distance_image_px"] == pytest.approx(math.hypot(192, 96), rel=1e-5)
@@ -103,17 +123,14 @@ def test_effective_contribution_by_hand():
         block.conv_value.weight.copy_(torch.eye(16)[:, :, None, None])
         block.conv_value.bias.zero_()
         block.gamma.fill_(1.0)
-    model = nn.Sequential(block)
     x = torch.randn(1, 16, 3, 5)
-    with vggattn.AttentionCapture(model) as cap, torch.no_grad():
-        model(x)
+    with torch.no_grad():
+        got = contribution_map(x, block(x))
     expected = x.mean((2, 3), keepdim=True).norm(dim=1) / x.norm(dim=1)  # (1, 3, 5)
-    torch.testing.assert_close(cap.layers[0].contribution, expected)
+    torch.testing.assert_close(torch.from_numpy(got), expected[0])
     with torch.no_grad():
         block.gamma.zero_()
-    with vggattn.AttentionCapture(model) as cap, torch.no_grad():
-        model(x)
-    assert torch.count_nonzero(cap.layers[0].contribution) == 0
+        assert (contribution_map(x, block(x)) == 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +147,8 @@ def test_ablation_with_gamma_already_zero_changes_nothing(church):
         model.features[14].gamma.zero_()
     meta = tiny_meta(input_size=64)
     result = analyze(model, meta, church)
-    assert torch.equal(ablate(model, result, ["features.14"]), result.probs)
-    assert not torch.equal(ablate(model, result, ["features.22"]), result.probs)  # gamma 0.5 does matter
+    assert torch.equal(ablate(model, result, {"features.14": "off"}), result.probs)
+    assert not torch.equal(ablate(model, result, {"features.22": "off"}), result.probs)  # gamma 0.5 does matter
 
 
 def test_ablating_every_layer_equals_the_network_without_attention(church):
@@ -145,21 +162,22 @@ def test_ablating_every_layer_equals_the_network_without_attention(church):
     plain.classifier.load_state_dict(model.classifier.state_dict())
     with torch.no_grad():
         expected = torch.softmax(plain(result.input), -1)[0]
-    torch.testing.assert_close(ablate(model, result, ["features.14", "features.22", "features.30"]), expected)
+    torch.testing.assert_close(ablate(model, result, dict.fromkeys(["features.14", "features.22", "features.30"], "off")),
+                               expected)
     with pytest.raises(KeyError, match="features.99"):
-        ablate(model, result, ["features.99"])
+        ablate(model, result, {"features.99": "off"})
     # the hooks are gone afterwards: the model is whole again
     with torch.no_grad():
         torch.testing.assert_close(torch.softmax(model(result.input), -1)[0], result.probs)
 
 
 def test_grad_cam_matches_a_full_backward_reference():
-    """Our Grad-CAM backpropagates only through the layers after the activation; a plain reference
-    (a hook that keeps the activation's gradient in a full forward and backward) must agree."""
+    """Grad-CAM at the last conv's activation after its ReLU: a plain reference (a hook on that ReLU that keeps
+    the activation's gradient in a full forward and backward) must agree."""
     model = tiny_model()
     x = torch.randn(2, 3, 64, 64)
-    index = gradcam_layer(model)
-    assert isinstance(model.features[index], nn.ReLU) and isinstance(model.features[index - 1], nn.Conv2d)
+    index = max(i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)) + 1
+    assert isinstance(model.features[index], nn.ReLU)
     kept = {}
 
     def hook(module, args, output):
@@ -182,11 +200,13 @@ def test_grad_cam_matches_a_full_backward_reference():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # no weight gradients formed
 
 
-def test_analyze_grad_cam_equals_direct_grad_cam(church):
+def test_the_analysis_grad_cam_is_the_top_class_and_made_once(church):
     model, meta = tiny_model(), tiny_meta(input_size=64)
     result = analyze(model, meta, church)
-    torch.testing.assert_close(result.gradcam, grad_cam(model, result.input)[0])
-    assert analyze(model, meta, church, gradcam=False).gradcam is None
+    assert result.gradcam is None  # not made by the upload
+    cam = with_gradcam(model, result)
+    torch.testing.assert_close(torch.from_numpy(cam), grad_cam(model, result.input, int(result.probs.argmax()))[0])
+    assert with_gradcam(model, result) is cam
 
 
 def test_attention_off_only_affects_its_thread():
@@ -206,7 +226,7 @@ def test_attention_off_only_affects_its_thread():
 
     t = threading.Thread(target=other)
     t.start()
-    with AttentionOff(model, ["features.14"]), torch.no_grad():
+    with Intervention(model, {"features.14": "off"}), torch.no_grad():
         barrier.wait()
         barrier.wait()
         off = model(x)
@@ -214,7 +234,7 @@ def test_attention_off_only_affects_its_thread():
     assert torch.equal(seen["other"], normal) and not torch.equal(off, normal)
 
 
-def test_any_module_with_attention_blocks_is_analysed_without_grad_cam(church):
+def test_any_module_holding_attention_blocks_is_analysed_with_grad_cam(church):
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
@@ -225,6 +245,7 @@ def test_any_module_with_attention_blocks_is_analysed_without_grad_cam(church):
 
     model = Wrapper().eval()
     result = analyze(model, tiny_meta(input_size=64), church)
-    assert result.gradcam is None and [layer.name for layer in result.layers] == ["inner.features.14", "inner.features.22",
-                                                                          "inner.features.30"]
-    assert not torch.equal(ablate(model, result, ["inner.features.14"]), result.probs)
+    assert [b.name for b in result.blocks] == ["inner.features.14", "inner.features.22", "inner.features.30"]
+    assert not torch.equal(ablate(model, result, {"inner.features.14": "off"}), result.probs)
+    torch.testing.assert_close(torch.from_numpy(with_gradcam(model, result)),
+                               grad_cam(model.inner, result.input, int(result.probs.argmax()))[0])

@@ -1,19 +1,23 @@
-"""One image through the model, kept for cheap per-click rendering.
+"""One image through any model with attention blocks, kept for cheap per-click answers.
 
-    result = analyze(model, meta, pil_image)        # one forward, with AttentionCapture
-    result.top_k(5)                                 # {"church": 0.93, ...}
-    panels = render_attention(result, (x, y))       # three overlays + readouts, no model run
-    result.query_dependence()                       # per layer: query-averaged map and mean JSD
-    ablate(model, result, ["features.22"])          # probabilities with that layer's attention off
+    result = analyze(model, meta, pil_image)        # one forward: every block's maps, its input's change
+    result.top_k(5)                                 # {"church": 0.93, ...}, or None (see result.score())
+    block = result.blocks[0]                        # BlockResult: name, adapter, maps (vggattn.adapters.BlockMaps)
+    block.row_map((120, 80))                        # (heads, kh, kw): where that pixel's position looks
+    result.query_dependence()                       # per block: query-averaged map and mean JSD (or None)
+    result.contributions()                          # per block: ||block(x) - x|| / ||x|| per position (or None)
+    ablate(model, result, {"features.22": "off"})   # probabilities with that block switched off
 
-`Analysis` holds only a display-sized copy of the image, the probabilities and each layer's Q and K
-(linear in N), so an app can keep one per session and answer clicks without running the model again.
+The blocks are found by `vggattn.adapters.find_blocks` (a family's adapter, or by what their code computes);
+one forward keeps each block's input and output (`vggattn.trace.watch`). `Analysis` holds a display-sized copy
+of the image, the output and each block's maps, so an app can keep one per session and answer clicks, tabs and
+exports without running the model again (Grad-CAM: one forward and backward, when first asked for).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,40 +25,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .capture import AttentionCapture, LayerCapture
+from .adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
 from .data import eval_transform, query_index, to_rgb
-from .gradcam import AttentionOff, KeepOutput, grad_cam_from, gradcam_layer
-from .model import VGG16WithAttention
-from .readouts import query_dependence, row_readouts
-from .text import sink_note
-from .render import TOP_K, attention_picture, map_levels, overlay, upsample
+from .gradcam import grad_cam
+from .readouts import js_divergence
+from .trace import watch
 
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 DISPLAY_JPEG_QUALITY = 90
-
-
-@dataclass
-class Panel:
-    """One layer's rendered attention for one clicked pixel."""
-
-    layer: str
-    grid: tuple[int, int]
-    gamma: float
-    query_index: int
-    image: np.ndarray | None  # (H, W, 3) uint8 overlay; None where it was not drawn (the page drew it)
-    attention_row: np.ndarray  # (h, w) float32 weights of the query, sums to 1
-    readouts: dict  # entropy, mean distance, top cells of the row (vggattn.readouts.row_readouts)
-    sink_note: str = ""  # one line when this layer is sink-dominated on this image (see `sink_note`)
-
-    @property
-    def title(self) -> str:
-        """One line: the layer, and what the brightest colour means (the row's largest weight, where)."""
-        w = self.grid[1]
-        top = int(self.attention_row.argmax())
-        peak = float(self.attention_row.max())
-        shown = f"{peak:.2f}" if peak >= 0.01 else f"{peak:.1e}"  # as the page's colour scale writes it
-        title = f"{self.layer} · max {shown} at cell ({top // w}, {top % w})"
-        return f"{title} · ⚠ sink" if self.sink_note else title
+DEPENDENCE_ELEMENTS = 1 << 22  # query dependence: at most this many row weights at once
 
 
 def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[np.ndarray, bytes]:
@@ -70,131 +49,186 @@ def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> tuple[
     return np.asarray(Image.open(jpeg).convert("RGB"), dtype=np.uint8), jpeg.getvalue()
 
 
+def block_gamma(module: nn.Module) -> float | None:
+    """A block's learned residual scale γ where it has one (a one-element `gamma` parameter), else None."""
+    gamma = getattr(module, "gamma", None)
+    return float(gamma.detach().reshape(())) if isinstance(gamma, torch.Tensor) and gamma.numel() == 1 else None
+
+
+def blocks_of(model: nn.Module, meta: dict, layers: list[str] | None = None) -> list:
+    """`find_blocks` on an input of the model's size (the first call per model finds traced blocks and keeps them)."""
+    return find_blocks(model, layers, example=example_input(model, meta.get("input_size")))
+
+
+@dataclass
+class BlockResult:
+    """One block's attention on one image (batch of one)."""
+
+    name: str
+    adapter: Adapter
+    maps: BlockMaps
+    image_size: tuple[int, int]  # (width, height) of the original image
+    gamma: float | None = None  # the block's learned γ, where it has one
+    contribution: np.ndarray | None = None  # (h, w) ||block(x) - x|| / ||x|| per position; None where y and x differ
+    # in shape (the block is no residual update of its input)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def query_index(self, xy: tuple[float, float]) -> int:
+        return query_index(xy, self.image_size, self.maps.grid)
+
+    def row_map(self, xy: tuple[float, float]) -> np.ndarray:
+        """(heads, kh, kw) float64: where the position under pixel xy looks (per-image maps: the map itself)."""
+        with torch.no_grad():
+            rows = self.maps.rows(None if self.maps.per_image else [self.query_index(xy)], torch.float64)[0, :, 0]
+        return rows.cpu().reshape(self.maps.heads, *self.maps.key_grid).numpy()
+
+    def padding_share(self, xy: tuple[float, float]) -> float | None:
+        """The share of the row under pixel xy that falls on padding (mean over heads), or None where none can."""
+        if self.maps.padding is None:
+            return None
+        q = 0 if self.maps.per_image else self.query_index(xy)
+        return float(self.maps.padding[0, :, q].double().mean())
+
+    def mean_row(self) -> np.ndarray:
+        """(M,) float64: every query and head's mean weight on each key cell (a distribution for softmax rows)."""
+        with torch.no_grad():
+            return self.maps.mean_row()[0, :, 0].double().mean(0).cpu().numpy()
+
+    @property
+    def sink(self) -> tuple[int, float] | None:
+        """The image's sink, for rows that are distributions: (key cell, its share of all attention)."""
+        if self.maps.normalise != "softmax":
+            return None
+        mean = self.mean_row()
+        return int(mean.argmax()), float(mean.max())
+
+    def query_dependence(self) -> tuple[np.ndarray, float | None]:
+        """(query-averaged map (kh, kw), mean JS divergence (nats) of the rows from it); the divergence is None
+        where rows are no distributions, 0 for one map per image. Rows are the mean of the heads' rows, read a
+        block of queries at a time (never the whole N x M map at once)."""
+        mean = self.mean_row()
+        mean_map = mean.reshape(self.maps.key_grid)
+        if self.maps.normalise != "softmax":
+            return mean_map, None
+        if self.maps.per_image:
+            return mean_map, 0.0
+        n, m = self.maps.grid[0] * self.maps.grid[1], len(mean)
+        step = max(1, DEPENDENCE_ELEMENTS // (m * self.maps.heads))
+        target = torch.as_tensor(mean, dtype=torch.float32)
+        with torch.no_grad():
+            total = sum(float(js_divergence(self.maps.rows(list(range(s, min(n, s + step))))[0].mean(0), target).sum())
+                        for s in range(0, n, step))
+        return mean_map, total / n
+
+
 @dataclass
 class Analysis:
     size: tuple[int, int]  # (width, height) of the original image (EXIF orientation applied)
-    display: np.ndarray  # (h, w, 3) uint8 copy for drawing, longest side <= DISPLAY_MAX_SIDE
-    display_jpeg: bytes  # the same picture as the JPEG the page gets (display is these bytes decoded)
-    probs: torch.Tensor  # (num_classes,)
-    layers: list[LayerCapture]  # batch of one, tensors on the CPU
-    class_names: list[str]
-    input_size: int
-    model_view: np.ndarray  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
-    input: torch.Tensor | None = None  # (1, 3, S, S) the model's input, for ablation forwards
-    gradcam: torch.Tensor | None = None  # (h, w) Grad-CAM of the top class at the last conv layer
+    output: torch.Tensor  # the model's raw output for the image (1, ...)
+    class_names: list[str] | None
+    blocks: list[BlockResult] = field(default_factory=list)
+    display: np.ndarray | None = None  # (h, w, 3) uint8 copy to draw on, longest side <= DISPLAY_MAX_SIDE
+    display_jpeg: bytes | None = None  # the same picture as the JPEG the page gets
+    input: torch.Tensor | None = None  # the model's input (1, 3, S, S), for ablation forwards and Grad-CAM
+    input_size: int = 0
     temperature: float = 1.0  # probabilities are softmax(logits / temperature) (the checkpoint's calibration)
+    model_view: np.ndarray | None = None  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
+    gradcam: np.ndarray | None = None  # (h, w) Grad-CAM of the top class (`with_gradcam`), when asked for
     _dependence: list | None = field(default=None, repr=False)
 
-    def top_k(self, k: int = 5) -> dict[str, float]:
-        p, i = self.probs.topk(min(k, len(self.probs)))
+    @property
+    def probs(self) -> torch.Tensor | None:
+        """(num_classes,) class probabilities when the output is one logit per class, else None."""
+        out = self.output.reshape(-1)
+        if not self.class_names or out.numel() != len(self.class_names):
+            return None
+        return torch.softmax(out.float() / self.temperature, dim=0)
+
+    def top_k(self, k: int = 5) -> dict[str, float] | None:
+        """{class: probability} when the output is one logit per class, else None (see `score`)."""
+        probs = self.probs
+        if probs is None:
+            return None
+        p, i = probs.topk(min(k, probs.numel()))
         return {self.class_names[j]: float(v) for v, j in zip(p.tolist(), i.tolist())}
 
+    def score(self) -> list[float]:
+        """The raw output values (a discriminator's real/fake score)."""
+        return [float(v) for v in self.output.reshape(-1)[:16]]
+
     def gammas(self) -> dict[str, float]:
-        return {layer.name: layer.gamma for layer in self.layers}
+        """{block: γ} of the blocks that have a learned residual scale."""
+        return {b.name: b.gamma for b in self.blocks if b.gamma is not None}
 
-    def query_indices(self, xy: tuple[float, float]) -> dict[str, int]:
-        return {layer.name: query_index(xy, self.size, layer.grid) for layer in self.layers}
+    def contributions(self) -> list[np.ndarray | None]:
+        return [b.contribution for b in self.blocks]
 
-    def contributions(self) -> list[np.ndarray]:
-        """Per layer, the (h, w) map of ||gamma * attention_out|| / ||x|| at each position."""
-        return [layer.contribution[0].numpy() for layer in self.layers]
-
-    def sinks(self) -> list[tuple[int, float]]:
-        """Per layer, this image's sink: (flat index of the most attended cell, its share of all
-        attention, i.e. max_j of the query-averaged row) (vggattn.study's sink_mass for one image)."""
-        return [(int(layer.mean_row[0].argmax()), float(layer.mean_row[0].max())) for layer in self.layers]
-
-    def query_dependence(self) -> list[tuple[np.ndarray, float]]:
-        """Per layer: (query-averaged attention map (h, w), mean JS divergence of the rows from it, nats).
-        Computed once, on first use (linear memory; O(N^2) time)."""
+    def query_dependence(self) -> list[tuple[np.ndarray, float | None]]:
+        """Per block `BlockResult.query_dependence`, computed once."""
         if self._dependence is None:
-            self._dependence = []
-            for layer in self.layers:
-                mean_row, jsd = query_dependence(layer)
-                self._dependence.append((mean_row[0].reshape(layer.grid).numpy(), float(jsd[0])))
+            self._dependence = [b.query_dependence() for b in self.blocks]
         return self._dependence
 
 
-@torch.no_grad()
-def analyze(model: nn.Module, meta: dict, image: Image.Image, *, gradcam: bool = True) -> Analysis:
-    """Run the model once on the whole image and keep what clicks need.
+def contribution_map(x: torch.Tensor, y) -> np.ndarray | None:
+    """(h, w) ||y - x|| / ||x|| per position of a (1, C, h, w) block input and its output; None when the output
+    is no tensor of the input's shape."""
+    if isinstance(y, (tuple, list)):  # SAGAN's blocks return (out, attention)
+        y = y[0]
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or x.dim() != 4:
+        return None
+    delta = (y - x).float()
+    return (delta.norm(dim=1) / x.float().norm(dim=1).clamp_min(1e-12))[0].cpu().numpy()
 
-    gradcam: also keep the last conv activation and compute the top class's Grad-CAM from it
-    (a backward through the layers after it only, no second forward); VGG16WithAttention only,
-    other modules holding GlobalAttention blocks are analysed without it.
-    """
-    gradcam = gradcam and isinstance(model, VGG16WithAttention)
+
+@torch.no_grad()
+def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] | None = None) -> Analysis:
+    """Run the model once on the whole image and keep what clicks, tabs and exports need: every block's input
+    and output (`vggattn.trace.watch`), then each block's maps."""
     image = to_rgb(image)  # once: open_image's RGB image comes back as it is
+    blocks = blocks_of(model, meta, layers)
     device = next(model.parameters()).device
-    x = eval_transform(meta)(image).unsqueeze(0).to(device, memory_format=torch.channels_last)  # (1, 3, S, S)
-    index = gradcam_layer(model) if gradcam else None
-    with AttentionCapture(model) as cap, contextlib.ExitStack() as stack:
-        kept = stack.enter_context(KeepOutput(model.features[index])) if gradcam else None
-        logits = model(x)  # (1, num_classes)
-    layers = [LayerCapture(layer.name, layer.gamma, layer.grid, layer.query.cpu(), layer.key.cpu(), layer.contribution.cpu())
-              for layer in cap.layers]
-    for captured, layer in zip(cap.layers, layers):  # log Z and the mean row, where the forward made them already
-        if captured._log_z is not None:
-            layer._log_z, layer._mean_row = captured._log_z.cpu(), captured._mean_row.cpu()
-    temperature = float(meta.get("temperature", 1.0))  # fitted on held-out training images (scripts/calibrate.py)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)[0].cpu()
-    cam = grad_cam_from(model, kept.output, index, int(probs.argmax()))[0].cpu() if gradcam else None
-    return Analysis(image.size, *display_copy(image), probs, layers, list(meta["class_names"]), int(meta["input_size"]),
-                    model_view(x, meta), x.cpu(), cam, temperature)
+    x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
+    traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
+    output, seen = watch(model, x, [name for name, *_ in blocks], traced)
+    if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
+        output = output[0]
+    result = Analysis(image.size, output.detach().float().cpu(), meta.get("class_names"), [], *display_copy(image),
+                      x.cpu(), int(meta["input_size"]), float(meta.get("temperature", 1.0)),
+                      model_view(x, meta) if "transform" not in meta else None)
+    for name, module, adapter in blocks:
+        if name not in seen:  # a block the forward did not run
+            continue
+        kept = seen[name]
+        maps = adapter.maps(module, kept.input, kept.events) if name in traced else adapter.maps(module, kept.input)
+        result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
+                                         contribution_map(kept.input, kept.output)))
+    return result
+
+
+def with_gradcam(model: nn.Module, result: Analysis) -> np.ndarray | None:
+    """The top class's Grad-CAM at the model's last conv layer (`vggattn.gradcam.grad_cam`), kept in the result;
+    None for a model without class logits or convs."""
+    if result.gradcam is None and result.probs is not None:
+        device = next(model.parameters()).device
+        cam = grad_cam(model, result.input.to(device), int(result.probs.argmax()))
+        result.gradcam = None if cam is None else cam[0].cpu().numpy()
+    return result.gradcam
 
 
 @torch.no_grad()
-def ablate(model: nn.Module, result: Analysis, layers: list[str]) -> torch.Tensor:
-    """Class probabilities (num_classes,) for the analysed input with the named layers' attention
-    switched off (gamma = 0 for this forward only). One forward; other users of the model unaffected."""
-    if result.input is None:
-        raise ValueError("this Analysis keeps no model input (made by an older vggattn?)")
+def ablate(model: nn.Module, result: Analysis, modes: dict[str, str]) -> torch.Tensor:
+    """The model's output for the analysed input with the named blocks' rows replaced ({block: "off", "mean" or
+    "uniform"}, `vggattn.adapters.Intervention`) for one forward: probabilities (softmax with the result's
+    temperature) for a classifier, else the raw output, flattened. Other users of the model are unaffected."""
     device = next(model.parameters()).device
-    with AttentionOff(model, list(layers)):
-        logits = model(result.input.to(device))
-    return torch.softmax(logits.float() / result.temperature, dim=-1)[0].cpu()
-
-
-def render_map(result: Analysis, grid_map: np.ndarray, opacity: float = 0.8, colormap: str = "inferno",
-               mode: str = "smooth", scale: str = "linear") -> np.ndarray:
-    """Any non-negative (h, w) map over the display copy (`vggattn.render.map_levels`) -> (H, W, 3) uint8."""
-    disp_h, disp_w = result.display.shape[:2]
-    return overlay(result.display, upsample(map_levels(grid_map, scale), (disp_w, disp_h), mode), colormap, opacity)
-
-
-def attention_at(result: Analysis, xy: tuple[float, float], k: int = 5) -> list[tuple[np.ndarray, dict]]:
-    """Per layer, the (h, w) attention row of original-image pixel `xy` and its readouts (no drawing).
-    Rows in float64 from the float32 Q and K, as the page computes them."""
-    out = []
-    for layer in result.layers:
-        q = query_index(xy, result.size, layer.grid)
-        flat = layer.rows([q], dtype=torch.float64)[0, 0]  # (N,)
-        out.append((flat.reshape(layer.grid).numpy(), row_readouts(flat, q, layer.grid, result.input_size, result.size, k)))
-    return out
-
-
-def render_attention(result: Analysis, xy: tuple[float, float], opacity: float = 0.8, colormap: str = "inferno",
-                     mode: str = "smooth", top_k: int = TOP_K, scale: str = "linear", view: str = "row",
-                     pictures: bool = True) -> list[Panel]:
-    """Each layer's attention for original-image pixel `xy` drawn over the display copy
-    (`vggattn.render.attention_picture`: the page's hover view draws the same pixels), with the row's
-    readouts. view "row": where the position looks, its `top_k` cells numbered (0: none); "column": how
-    much every position looks at it (scaled to its maximum, at least 1/N). scale: "linear" or "log".
-    pictures False: the readouts only (Panel.image None), for a page that draws the pictures itself."""
-    w, h = result.size
-    x, y = xy
-    if not (0 <= x < w and 0 <= y < h):
-        raise ValueError(f"pixel ({x}, {y}) is outside the {w}x{h} image")
-    disp_h, disp_w = result.display.shape[:2]
-    point = ((x + 0.5) * disp_w / w, (y + 0.5) * disp_h / h)
-    panels = []
-    for layer, (row, readouts), sink in zip(result.layers, attention_at(result, xy, k=max(top_k, TOP_K)), result.sinks()):
-        q = readouts["query_index"]
-        shown = row if view == "row" else layer.column(q)[0].reshape(layer.grid).numpy()
-        rgb = attention_picture(result.display, shown, q, point, view=view, scale=scale, mode=mode, colormap=colormap,
-                                opacity=opacity, top_k=top_k) if pictures else None
-        panels.append(Panel(layer.name, layer.grid, layer.gamma, q, rgb, row, readouts, sink_note(row, sink)))
-    return panels
+    with Intervention(model, modes):
+        out = model(result.input.to(device))
+    out = (out[0] if isinstance(out, (tuple, list)) else out).detach().float().cpu().reshape(-1)
+    return torch.softmax(out / result.temperature, 0) if result.probs is not None else out
 
 
 def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:
@@ -203,3 +237,10 @@ def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     img = (x[0].cpu().float() * std + mean).clamp(0, 1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def entropy_fraction(row: np.ndarray) -> float:
+    """H(row) / ln M of a distribution over M cells (1: uniform, 0: one cell)."""
+    p = row.reshape(-1)
+    h = float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
+    return h / math.log(p.size) if p.size > 1 else 0.0

@@ -1,18 +1,23 @@
-"""vggattn web app: upload an image, point at a pixel, see where that position attends in each layer.
+"""vggattn web app: upload an image, point at a pixel, see where that position attends in every attention block.
 
-    python app.py                                  # in a checkout: shipped checkpoint, http://127.0.0.1:7860
+    python app.py                                  # in a checkout: the shipped checkpoint, http://127.0.0.1:7860
     vggattn-app --checkpoint my.safetensors --device cuda --port 8000    # installed: the console script
+    vggattn-app --timm botnet26t_256               # any model with attention blocks (random weights where offline)
+    vggattn-app --model vggattn.zoo:nonlocal_resnet --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors
+    vggattn.launch(model, transform=my_transform, class_names=names)    # a model in hand, from Python
 
-The model runs once per image (`analyze`). The page gets each layer's Q, K and row normalisers once
-(`vggattn.hover`) and draws the maps under the pointer itself (vggattn/web/hover.js), with no request per
-move; a click pins a point and renders it on the server from the per-session `gr.State` (the same Q and K)
-with its readouts, so it never runs the model again either. This file wires the UI to the
-`vggattn` library and holds no model maths of its own. Scripts use the two stateless endpoints:
+One app for every model: the blocks are found by `vggattn.adapters.find_blocks` (the article's GlobalAttention
+among them), the model runs once per upload (`vggattn.analysis.analyze`), and the page gets each block's
+queries and keys, or its rows where that is smaller (`vggattn.hover.page_layer`), and draws the maps under the
+pointer itself (vggattn/web/hover.js), with no request per move. A click pins a point: the page draws it, and
+the server sends its readouts (its pictures, the page's maths in numpy, where no page script draws:
+`/pin`, `/attention_at`). The tabs (contribution, query dependence, ablation, Grad-CAM, export, blocks, the
+dataset study) read the same analysis. This file wires the UI to the library and holds no model maths.
 
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     labels, gammas = client.predict(handle_file("photo.jpg"), api_name="/analyze")
-    o14, o22, o30, info = client.predict(handle_file("photo.jpg"), 120, 80, api_name="/attention_at")
+    *panels, info = client.predict(handle_file("photo.jpg"), 120, 80, api_name="/attention_at")
 """
 
 from __future__ import annotations
@@ -29,37 +34,56 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
 
-import vggattn
-from .analysis import Analysis, ablate, analyze, render_attention, render_map
+from .adapters import MODES, TracedAdapter
+from .analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
 from .byo import add_model_arguments, load_from_args, wants_own_model
-from .checkpoint import BAD_INPUT, add_checkpoint_argument, resolve_device
-from .export import write_result
-from .hover import hover_payload
-from .text import (contribution_markdown, dependence_markdown, gamma_markdown, model_notes, readouts_markdown, sink_notes_markdown,
-                   unsure_note)
-from .render import TOP_K
+from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
+                         add_checkpoint_argument, load_checkpoint)
+from .export import map_picture, write_result
+from .hover import PageLayer, page_layer, page_payload
+from .readouts import mean_distance
+from .render import TOP_K, top_indices
 from .study import load_study
-from .ui import (CONTROLS, CONTROLS_JS, EXAMPLES, PENDING, PIN_JS, UploadedImage, clamped_point, click_problem,
-                 hover_view, launch, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
+from .text import contribution_markdown, dependence_markdown, gamma_markdown, model_notes, sink_note, unsure_note
+from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+                 hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
-from .ui import HERE, STATE_SESSIONS, WEB  # noqa: F401  (app.HERE, app.STATE_SESSIONS, app.WEB: used by scripts)
+from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
-NUM_PANELS = 3
-PANEL_HEIGHT = 340  # px: the image and the three panels fit above the fold at 1440x900
+APP_CONTROLS = {**CONTROLS, "head": "mean"}
+CONTROLS_JS = ("(opacity, colormap, mode, mark, scale, head) => { if (window.vggattnHover) "
+               "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale, head}); }")
+PER_ROW = 3  # panels a row beside the picture
+PANEL_HEIGHT = 340  # px: the image and up to three panels fit above the fold at 1440x900
 PANEL_MIN_WIDTH = 240  # px: below this the row wraps (a phone shows them one under another)
-CONTRIBUTION_HINT = ("How much attention actually changes the features at each position: ‖γ · attention output‖ / ‖x‖ "
-                     "(0 = untouched). The raw γ alone says little, because the attention output's size varies.")
+STRIP_HEIGHT = 600  # px: more than two rows of panels scroll in a strip of this height (1440x900 screen)
+CSS = f"#panel-strip {{ max-height: {STRIP_HEIGHT}px; overflow-y: auto; flex-wrap: nowrap !important; }}"
+INTERVENTIONS = {"off": "off (the block passes its input on)", "mean": "mean row (every query the image's mean row)",
+                 "uniform": "uniform rows (average pooling of the values)"}
+CONTRIBUTION_HINT = ("How much a block actually changes the features at each position: ‖y − x‖ / ‖x‖ with x its "
+                     "input and y its output (‖γ · attention output‖ / ‖x‖ for y = γ · attention(x) + x; 0 = "
+                     "untouched). A γ alone says little, because the attention output's size varies.")
 EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
-NUM_MAPS = 2 * NUM_PANELS + 1  # the tabs' images: contribution x3, query-averaged x3, Grad-CAM
+TABS = ("contribution", "dependence", "gradcam", "ablation", "export", "blocks", "dataset")
 
 
+@dataclass
+class Session:
+    """One session's image: the analysis, and each block as the page has it."""
 
+    result: Analysis
+    layers: list[PageLayer]
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.result.size
 
 
 @dataclass
@@ -68,16 +92,19 @@ class UI:
 
     state: gr.State
     point: gr.State
-    open_tab: gr.State  # which of the tabs is open: only its maps are drawn (TABS)
-    hover: gr.HTML  # the page's copy of Q, K and log Z (vggattn.hover), for maps under the pointer
+    open_tab: gr.State  # which tab is open: only its maps are drawn
+    hover: gr.HTML  # the page's copy of each block's maps (vggattn.hover), for maps under the pointer
     labels: gr.Label
+    score: gr.Markdown  # a model without class logits: its output
     gammas_md: gr.Markdown
     gammas_plot: gr.BarPlot
     seen: gr.Image
     status: gr.Markdown
-    panels: list  # NUM_PANELS gr.Image, one per layer
+    panels: list  # one gr.Image per block
     readouts: gr.Markdown
-    maps: list  # NUM_MAPS gr.Image: contribution x3, query-averaged x3, Grad-CAM
+    contribution: list  # one gr.Image per block
+    mean_maps: list  # one gr.Image per block
+    gradcam: gr.Image
     contribution_md: gr.Markdown
     dependence_md: gr.Markdown
     ablation: gr.Dataframe
@@ -85,53 +112,59 @@ class UI:
     export_file: gr.File
     export_png: gr.Image
 
+    @property
+    def maps(self) -> list:
+        """The tabs' images: contribution and query-averaged map per block, and Grad-CAM."""
+        return [*self.contribution, *self.mean_maps, self.gradcam]
 
-# Handlers return plain values, never gr.update / gr.skip: Gradio 6 handles any update dict (an empty one too) by
-# building the component again and its per-session config twice (its API schema by pydantic), under the GIL,
-# which was a quarter of the server's GIL time under load (bench/README.md). So labels are fixed when the app
-# is built, and the numbers that labels carried are in the markdown beside them (readouts, tab tables).
 
-def panel_updates(ui: UI, panels=None) -> dict:
-    """The three panels' pictures (the panels encode them as JPEG, once); None clears them."""
-    if panels is None:
+# Handlers return plain values: Gradio 6 handles an update dict by building the component again and its
+# per-session config twice, under the GIL (a quarter of the server's GIL time under load, bench/README.md). So
+# labels are fixed when the app is built, and the numbers labels would carry are in the markdown beside them.
+
+def head_choice(head) -> int | None:
+    """The head selector's value ("mean" or "0", "1", ...) -> None (mean of heads) or a head index."""
+    if head in (None, "", "mean"):
+        return None
+    try:
+        return max(0, int(head))
+    except (TypeError, ValueError):
+        return None
+
+
+def panel_updates(ui: UI, pictures=None) -> dict:
+    """The panels' pictures (encoded as JPEG, once); None clears them."""
+    if pictures is None:
         return {c: None for c in ui.panels}
-    return {c: p.image for c, p in zip(ui.panels, panels)}
+    return dict(zip(ui.panels, pictures))
 
 
-def tab_maps(ui: UI, tab: str | None) -> list:
-    """The images of one tab (None: of every tab)."""
-    parts = {"contribution": ui.maps[:NUM_PANELS], "dependence": ui.maps[NUM_PANELS:2 * NUM_PANELS],
-             "gradcam": ui.maps[2 * NUM_PANELS:]}
-    return ui.maps if tab is None else parts.get(tab, [])
-
-
-def map_updates(ui: UI, result: Analysis | None, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
-                mode=CONTROLS["mode"], tab: str | None = None) -> dict:
-    """The tabs' images and their numbers: effective contribution and query-averaged attention per layer, and
-    Grad-CAM; only those of `tab` when given (the query dependence's JSD and the Grad-CAM are computed when asked
-    for). The other tabs' are cleared: they are drawn again when opened."""
+def map_updates(ui: UI, state, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
+                tab: str | None = None, model: nn.Module | None = None) -> dict:
+    """The tabs' images and their numbers, only those of `tab` when given (None: every tab's; the query
+    dependence and Grad-CAM are computed when first asked for); the other tabs' are cleared, and drawn when
+    they are opened. Grad-CAM needs the model (one forward and backward, once per image)."""
     out = {c: None for c in ui.maps} | {ui.contribution_md: "", ui.dependence_md: ""}
-    if result is None:
+    if state is None or click_problem(state):
         return out
-    draw = functools.partial(render_map, result, opacity=opacity, colormap=colormap, mode=mode)
+    result = state.result
+    draw = functools.partial(map_picture, result, opacity=opacity, colormap=colormap, mode=mode)
     if tab in (None, "contribution"):
-        contributions = result.contributions()
-        out |= dict(zip(ui.maps[:NUM_PANELS], [draw(c) for c in contributions]))
-        out[ui.contribution_md] = contribution_markdown(result.layers, contributions)
+        out |= {c: None if m is None else draw(m) for c, m in zip(ui.contribution, result.contributions())}
+        out[ui.contribution_md] = contribution_markdown(result)
     if tab in (None, "dependence"):
-        dependence = result.query_dependence()
-        out |= dict(zip(ui.maps[NUM_PANELS:2 * NUM_PANELS], [draw(m) for m, _ in dependence]))
-        out[ui.dependence_md] = dependence_markdown(result.layers, dependence)
-    if tab in (None, "gradcam"):
-        out[ui.maps[-1]] = draw(result.gradcam.numpy()) if result.gradcam is not None else None
+        out |= {c: draw(m) for c, (m, _) in zip(ui.mean_maps, result.query_dependence())}
+        out[ui.dependence_md] = dependence_markdown(result)
+    if tab in (None, "gradcam") and model is not None:
+        cam = with_gradcam(model, result)
+        out[ui.gradcam] = None if cam is None else draw(cam)
     return out
 
 
 def on_tab(ui: UI, tab: str, state, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
-           mode=CONTROLS["mode"]) -> dict:
-    """A tab was opened (or an upload finished with it open): draw its maps for this image (the other tabs'
-    are cleared, and drawn when they are opened)."""
-    return {ui.open_tab: tab} | map_updates(ui, None if click_problem(state) else state, opacity, colormap, mode, tab)
+           mode=CONTROLS["mode"], model: nn.Module | None = None) -> dict:
+    """A tab was opened (or an upload finished with it open): draw its maps for this image."""
+    return {ui.open_tab: tab} | map_updates(ui, state, opacity, colormap, mode, tab, model)
 
 
 def tab_outputs(ui: UI) -> list:
@@ -139,50 +172,94 @@ def tab_outputs(ui: UI) -> list:
 
 
 def blank(ui: UI) -> dict:
-    """Every component an upload sets, as it is before any image: what an upload first resets, so
-    nothing of the previous image (pinned point, readouts, ablation, export) outlives it."""
-    return {ui.state: None, ui.point: None, ui.hover: None, ui.labels: None, ui.gammas_md: "", ui.gammas_plot: None,
-            ui.seen: None, ui.status: "Upload an image to begin.", **panel_updates(ui), ui.readouts: "",
-            **map_updates(ui, None), ui.ablation: None, ui.ablation_verdict: "",
+    """Every component an upload sets, as it is before any image: what an upload first resets, so nothing of
+    the previous image (pinned point, readouts, ablation, export) outlives it."""
+    return {ui.state: None, ui.point: None, ui.hover: None, ui.labels: None, ui.score: "", ui.gammas_md: "",
+            ui.gammas_plot: None, ui.seen: None, ui.status: "Upload an image to begin.", **panel_updates(ui),
+            ui.readouts: "", **map_updates(ui, None), ui.ablation: None, ui.ablation_verdict: "",
             ui.export_file: None, ui.export_png: None}
 
 
-def on_image(ui: UI, model, meta, path, hover_dtype: str = "float32") -> dict:
-    """New upload (or example): run the model once and show predictions, gammas, model input, and send
-    the page what it needs to draw the maps under the pointer. Everything of the previous image is reset."""
+def mark_pending(ui: UI) -> dict:
+    """First step of an upload: drop the old analysis, its pinned point and the page's copy of it, so a click, a
+    control or a pointer move meanwhile cannot show (or fail on) the previous image."""
+    return {ui.state: PENDING, ui.point: None, ui.hover: None}
+
+
+def prediction_outputs(ui: UI, result: Analysis) -> dict:
+    """The top-5, or (a model whose output is not one logit per class) its output values in words."""
+    top = result.top_k(5)
+    if top is not None:
+        return {ui.labels: top, ui.score: ""}
+    values = result.score()
+    shown = ", ".join(f"{v:+.4f}" for v in values[:8]) + (" …" if result.output.numel() > 8 else "")
+    what = ("the model's score" if result.output.numel() == 1 else
+            f"the model's {result.output.numel()} outputs (no class names for them)")
+    return {ui.labels: None, ui.score: f"**Output**: {what}: {shown}"}
+
+
+def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "float32",
+             layers: list[str] | None = None) -> dict:
+    """New upload (or example): run the model once; show predictions, γ, the model's input, and send the page
+    what it needs to draw the maps under the pointer. Everything of the previous image is reset."""
     if not path:
         return blank(ui)
     try:
-        result = analyze(model, meta, load_upload(path))
-        return blank(ui) | upload_outputs(ui, meta, result, hover_dtype)
+        result = analyze(model, meta, load_upload(path), layers)
+        pages = [page_layer(b.name, b.maps, b.family) for b in result.blocks]
+        w, h = result.size
+        status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
+                  f"each of the {len(pages)} attention blocks; **click** to pin a point and read its numbers.")
+        note = unsure_note(result, meta)
+        gammas = result.gammas()
+        return blank(ui) | {
+            ui.state: Session(result, pages), ui.hover: page_payload(result, pages, hover_dtype),
+            ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
+            ui.gammas_md: gamma_markdown(result),
+            ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
+            ui.seen: result.model_view}
     finally:
         release_memory()
 
 
-def upload_outputs(ui: UI, meta, result: Analysis, hover_dtype: str) -> dict:
-    w, h = result.size
-    status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
-              "each layer; **click** to pin a point and read its numbers.")
-    note = unsure_note(result, meta)
-    return {ui.state: result, ui.hover: hover_payload(result, hover_dtype), ui.labels: result.top_k(5),
-            ui.gammas_md: gamma_markdown(result),
-            ui.gammas_plot: pd.DataFrame({"layer": [layer.name for layer in result.layers],
-                                          "gamma": [layer.gamma for layer in result.layers]}),
-            ui.seen: result.model_view, ui.status: f"**{note}** {status}" if note else status}
-
-
-
-
-def mark_pending(ui: UI) -> dict:
-    """First step of an upload: drop the old analysis, its pinned point and the page's copy of it, so a
-    click, a control or a pointer move meanwhile cannot show (or fail on) the previous image."""
-    return {ui.state: PENDING, ui.point: None, ui.hover: None}
-
-
-
-
-
-
+def render_point(state: Session, xy, opacity, colormap, mode, mark, scale, head, pictures: bool = True
+                 ) -> tuple[list, str]:
+    """Every block's picture for pixel xy (what the page draws for it; pictures False: None each) and the
+    readouts table with each sink-dominated block's note."""
+    style = dict(scale=scale, mode=mode, colormap=colormap, opacity=opacity, top_k=TOP_K if mark else 0)
+    drawn, lines, notes = [], [], []
+    h = head_choice(head)
+    result = state.result
+    for layer in state.layers:
+        rgb, cell, values = layer.picture(result.display, state.size, xy, h, draw=pictures, **style)
+        drawn.append(rgb)
+        kw, gw = layer.key_grid[1], layer.grid[1]
+        flat = values.reshape(-1)
+        top = top_indices(values, TOP_K)
+        if layer.normalise == "softmax":
+            p = np.clip(flat, 1e-300, None)
+            ent = float(-(flat * np.log(p)).sum())
+            spread = f"{ent:.2f} nats ({ent / np.log(layer.m):.0%} of uniform)" if layer.m > 1 else "—"
+            far = "—" if layer.kind == "map" else f"{mean_distance(torch.from_numpy(flat), cell, layer.grid, (result.input_size,) * 2, layer.key_grid):.1f}"
+        else:
+            spread, far = "— (not a distribution: " + ("f/M)" if layer.normalise == "mean" else "see the Blocks tab)"), "—"
+        pad = None if layer.kind == "map" else layer.padding_share(cell, h)
+        if pad is not None:
+            spread += f"; {pad:.0%} of the row on padding"
+        cells = ", ".join(f"({j // kw},{j % kw}) {flat[j]:.3f}" for j in top)
+        where = "one map per image" if layer.kind == "map" else f"({cell // gw}, {cell % gw}) of {layer.grid[0]}×{gw}"
+        sink = (f"{layer.sink[1]:.0%} at ({layer.sink[0] // kw}, {layer.sink[0] % kw})" + (" ⚠" if layer.sink[1] >= 0.5 else "")
+                if layer.sink else "—")
+        lines.append(f"| `{layer.name}` | {layer.family} | {where} | {layer.key_grid[0]}×{kw} | "
+                     f"{layer.head_label(h) or '1 head'} | {spread} | {far} | {cells} | {sink} |")
+        note = sink_note(values, layer.sink) if layer.sink and layer.kind != "map" else ""
+        if note:
+            notes.append(f"\n\n⚠ `{layer.name}`: {note}.")
+    table = ("| block | family | query cell | key grid | heads | entropy | mean distance (input px) | "
+             "top cells (row, col) weight | image's sink |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) +
+             "\n\nEntropy: 100% = the query looks everywhere equally, 0% = at one cell. Top cells are numbered on "
+             "the maps." + "".join(notes))
+    return drawn, table
 
 
 def point_outputs(ui: UI) -> list:
@@ -190,70 +267,67 @@ def point_outputs(ui: UI) -> list:
     return [ui.point, ui.status, *ui.panels, ui.readouts]
 
 
-
-
-
-
-def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"],
-             page_draws: bool = False) -> dict:
-    """A click on the image: pin that pixel (see `on_point`). page_draws: the page's script has drawn this
-    pin already (PIN_JS sets it), so the server sends the readouts and no pictures."""
-    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale, pictures=not page_draws)
-
-
 def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"],
-             mark=CONTROLS["mark"], scale=CONTROLS["scale"], pictures: bool = True) -> dict:
-    """Pin pixel (x, y) of this session's image: render its attention in every layer, with readouts
-    (no model run). Clicks come here; so does the `/pin` endpoint (scripts, bench/load.py). The page's
-    script draws the same panels itself (on canvases over these), so a click from it asks for no pictures
-    (pictures False: the panels are cleared, the readouts sent); the server's pictures are what `/pin` and a
-    page without the script show."""
+             mark=CONTROLS["mark"], scale=CONTROLS["scale"], head="mean", pictures: bool = True) -> dict:
+    """Pin pixel (x, y) of this session's image: every block's picture and the readouts (no model run). Clicks
+    come here; so does `/pin` (scripts, bench/load.py). pictures False: the page's script has drawn this pin
+    itself (PIN_JS says so), so only the readouts travel and the panels are cleared under the page's canvases."""
     refused = refused_point(ui, state, point_outputs(ui))
     if refused:
         return refused
     x, y = clamped_point(state, x, y)
-    panels = render_attention(state, (x, y), opacity, colormap, mode, top_k=TOP_K if mark else 0, scale=scale,
-                              pictures=pictures)
-    idx = ", ".join(f"{p.layer}: {p.query_index}" for p in panels)
-    status = f"Pinned: pixel ({x}, {y}) → query index per layer: {idx}.{sink_notes_markdown(panels)}"
-    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, panels if pictures else None),
-            ui.readouts: readouts_markdown(panels)}
+    drawn, table = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head, pictures)
+    status = f"Pinned: pixel ({x}, {y}); its numbers per block are below."
+    return {ui.point: (x, y), ui.status: status, **panel_updates(ui, drawn if pictures else None), ui.readouts: table}
 
 
-def on_mark(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"]) -> dict:
-    """The top-5 numbering or the scale changed: re-render the panels of the pinned point (no model run)."""
-    point = pinned_point(state, point)
-    if point is None:  # nothing pinned on this image: leave the panels as they are
-        return unchanged(ui.panels)
-    return panel_updates(ui, render_attention(state, point, opacity, colormap, mode, top_k=TOP_K if mark else 0,
-                                              scale=scale))
+def on_click(ui: UI, state, opacity, colormap, mode, mark, evt: gr.SelectData, scale=CONTROLS["scale"],
+             page_draws: bool = False, head="mean") -> dict:
+    """A click on the image: pin that pixel (`on_point`)."""
+    return on_point(ui, state, *evt.index, opacity, colormap, mode, mark, scale, head, pictures=not page_draws)
 
 
-def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"], tab=None) -> dict:
-    """Opacity / colormap / upsampling changed: re-render the panels and the open tab's maps (tab None: every
-    tab's; no model run)."""
+def on_controls(ui: UI, state, point, opacity, colormap, mode, mark, scale=CONTROLS["scale"], head="mean",
+                tab=None) -> dict:
+    """A control changed: re-render the pinned point's panels and the open tab's maps (no model run)."""
     if click_problem(state):
         return unchanged([*ui.panels, *ui.maps, ui.contribution_md, ui.dependence_md])
-    return {**on_mark(ui, state, point, opacity, colormap, mode, mark, scale),
-            **map_updates(ui, state, opacity, colormap, mode, tab)}
+    point = pinned_point(state, point)
+    panels = unchanged(ui.panels) if point is None else \
+        panel_updates(ui, render_point(state, point, opacity, colormap, mode, mark, scale, head)[0])
+    maps = map_updates(ui, state, opacity, colormap, mode, tab) if tab != "gradcam" else {}
+    if tab == "gradcam" and state.result.gradcam is not None:
+        maps = {ui.gradcam: map_picture(state.result, state.result.gradcam, opacity, colormap, mode)}
+    return panels | maps
 
 
-def on_ablate(ui: UI, model, state, layers) -> dict:
-    """Switch the chosen layers' attention off (gamma = 0) for one forward and compare the top-5."""
-    problem = click_problem(state) or (None if layers else "Tick at least one layer to switch off.")
+def on_ablate(ui: UI, model: nn.Module, state, layers, mode="off") -> dict:
+    """Replace the chosen blocks' rows ("off", "mean" or "uniform") for one forward and compare the output."""
+    problem = click_problem(state) or (None if layers else "Tick at least one block.")
     if problem:
         gr.Warning(problem)
         return {ui.ablation: gr.update(), ui.ablation_verdict: problem}
-    off = ablate(model, state, layers)
-    order = off.topk(min(5, len(off))).indices.tolist()
-    df = pd.DataFrame({"class": [state.class_names[i] for i in order],
-                       "all layers on": [round(float(state.probs[i]), 4) for i in order],
-                       f"{', '.join(layers)} off": [round(float(off[i]), 4) for i in order],
-                       "change": [round(float(off[i] - state.probs[i]), 4) for i in order]})
-    before, after = int(state.probs.argmax()), int(off.argmax())
-    verdict = (f"Top-1 stays **{state.class_names[before]}** ({state.probs[before]:.1%} → {off[before]:.1%})."
-               if before == after else
-               f"Top-1 changes: **{state.class_names[before]}** → **{state.class_names[after]}**.")
+    mode = mode if mode in MODES else "off"
+    result = state.result
+    after = ablate(model, result, {name: mode for name in layers})
+    label = f"{', '.join(layers)}: {mode}"
+    if result.probs is not None:
+        p0, p1 = result.probs, after
+        order = p0.topk(min(5, len(p0))).indices.tolist()
+        df = pd.DataFrame({"class": [result.class_names[i] for i in order],
+                           "as computed": [round(float(p0[i]), 4) for i in order],
+                           label: [round(float(p1[i]), 4) for i in order],
+                           "change": [round(float(p1[i] - p0[i]), 4) for i in order]})
+        a, b = int(p0.argmax()), int(p1.argmax())
+        verdict = (f"Top-1 stays **{result.class_names[a]}** ({p0[a]:.1%} → {p1[a]:.1%})." if a == b else
+                   f"Top-1 changes: **{result.class_names[a]}** → **{result.class_names[b]}**.")
+    else:
+        before = result.output.float().reshape(-1)
+        n = min(8, len(before))
+        df = pd.DataFrame({"output": list(range(n)), "as computed": [round(float(v), 4) for v in before[:n]],
+                           label: [round(float(v), 4) for v in after[:n]],
+                           "change": [round(float(after[i] - before[i]), 4) for i in range(n)]})
+        verdict = f"Score {float(before[0]):+.4f} → {float(after[0]):+.4f}."
     return {ui.ablation: df, ui.ablation_verdict: verdict}
 
 
@@ -269,109 +343,165 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
     point = pinned_point(state, point)
-    points = [point] if point is not None else []
-    write_result(state, points, work / "vggattn", model, opacity=opacity, colormap=colormap, mode=mode)
+    write_result(state.result, [point] if point is not None else [], work / "vggattn", model, opacity=opacity,
+                 colormap=colormap, mode=mode)
     name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
     archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
     return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png")}
 
 
-def api_analyze(model, meta, path):
-    """Stateless: image -> (top-5 label dict, {layer: gamma})."""
-    result = analyze(model, meta, load_upload(path))
-    return result.top_k(5), result.gammas()
+def api_analyze(model, meta, layers, path):
+    """Stateless: image -> (top-5 label dict, or {"output i": value} without class logits; {block: γ})."""
+    result = analyze(model, meta, load_upload(path), layers)
+    top = result.top_k(5)
+    return (top if top is not None else {f"output {i}": v for i, v in enumerate(result.score())}), result.gammas()
 
 
-def api_attention_at(model, meta, path, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"], mode=CONTROLS["mode"]):
-    """Stateless: image, pixel (x, y) in original-image pixels -> three overlays + their facts."""
-    result = analyze(model, meta, load_upload(path))
+def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
+                     mode=CONTROLS["mode"]):
+    """Stateless: image, pixel (x, y) in original-image pixels -> one overlay per block, and their facts."""
+    result = analyze(model, meta, load_upload(path), layers)
     w, h = result.size
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
-    panels = render_attention(result, (float(x), float(y)), opacity, colormap, mode)
-    info = [{"layer": p.layer, "grid": list(p.grid), "gamma": p.gamma, "query_index": p.query_index, "title": p.title}
-            for p in panels]
-    return (*[p.image for p in panels], info)
+    state = Session(result, [page_layer(b.name, b.maps, b.family) for b in result.blocks])
+    pictures, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
+    info = [{"layer": b.name, "family": b.family, "grid": list(b.maps.grid), "key_grid": list(b.maps.key_grid),
+             "gamma": b.gamma, "query_index": b.query_index((float(x), float(y)))} for b in result.blocks]
+    return (*pictures, info)
 
 
-# -- UI ---------------------------------------------------------------------------------------------
-def describe(model, meta) -> str:
+def blocks_markdown(blocks: list) -> str:
+    rows = [f"| `{name}` | {adapter.family} | {adapter.residual} | {adapter.off_means} |" for name, _, adapter in blocks]
+    return "| block | family | how its output enters | \"off\" means |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def short_family(adapter) -> str:
+    """A block's family in a few words (a traced block: its class and library; the Blocks tab says more)."""
+    return adapter.family.split(", found by")[0]
+
+
+def traced_note(blocks: list) -> str:
+    traced = sum(isinstance(a, TracedAdapter) for *_, a in blocks)
+    if not traced:
+        return ""
+    return f" ({'all' if traced == len(blocks) else traced} found by what {'it computes' if traced == 1 else 'they compute'})"
+
+
+def model_name(model: nn.Module, meta: dict) -> str:
+    c = meta.get("config")
+    if meta.get("source"):
+        return f"`{meta['source']}`"
+    return f"Attention-VGG16 (width ×{c['width']:g})" if c and "width" in c else f"`{type(model).__name__}`"
+
+
+def describe(model: nn.Module, meta: dict, blocks: list) -> str:
+    """The header: the model, where it runs, its blocks, what to do, and the notes a reader needs first."""
     device = next(model.parameters()).device
     where = f"GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "CPU"
+    names = meta.get("class_names")
+    classes = f"{len(names)} classes" if names else "no class names (its output is shown as a score)"
     t = meta.get("training", {})
     acc = f", val top-1 {t['val_top1']:.1%} on {t.get('dataset', '?')}" if "val_top1" in t else ""
-    c = meta["config"]
+    weights = f"{Path(str(meta['weights'])).name} weights, " if meta.get("weights") else ""
+    warning = f"\n\n**{meta['warning']}**" if meta.get("warning") else ""
+    notes = model_notes(meta, {n: g for n, m, _ in blocks if (g := block_gamma(m)) is not None})
     return (f"# vggattn · where does self-attention look?\n"
-            f"Attention-VGG16 (width ×{c['width']:g}, {len(meta['class_names'])} classes, "
-            f"{meta['input_size']} px input{acc}) running on **{where}**. "
-            "Upload an image, then move the pointer over it: each panel shows where the position under it "
-            "attends in one of the three attention layers (computed in your browser); click (or tap) to pin a point.\n\n" + "\n\n".join(model_notes(model, meta)))
+            f"{model_name(model, meta)} ({weights}{classes}, {meta['input_size']} px input{acc}) running on "
+            f"**{where}**, with {len(blocks)} attention block{'s' if len(blocks) != 1 else ''}: " +
+            ", ".join(f"`{n}` ({short_family(a)})" for n, _, a in blocks) + traced_note(blocks) +
+            ". Upload an image, then move the pointer over it: each panel shows where the position under it attends "
+            "in one block (computed in your browser); click (or tap) to pin a point." + warning +
+            "".join(f"\n\n{note}" for note in notes))
 
 
+def panel_height(n: int) -> int:
+    """Panels beside the picture: one row of up to three as tall as the picture, else rows of 240 px."""
+    return PANEL_HEIGHT if n <= PER_ROW else 240
 
 
+def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
+               hover_dtype: str = "float32", session_ttl: int = 3600, layers: list[str] | None = None) -> gr.Blocks:
+    """The app for any model with attention blocks. meta: `vggattn.load_checkpoint`'s or `vggattn.byo.describe`'s;
+    study: the model's `vggattn.study` result (its Dataset tab), if there is one; hover_dtype: how Q and K travel
+    to the page ("float16" halves the bytes; bench/README.md has the error); session_ttl: seconds a session's
+    analysis is kept after it was made (Gradio's State time_to_live); layers: the blocks to show (default all)."""
+    model.eval()
+    blocks = blocks_of(model, meta, layers)
+    n = len(blocks)
+    names = [name for name, *_ in blocks]
+    with torch.no_grad():  # the heads per block, from one forward of a blank image
+        from PIL import Image
 
-
-
-
-def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
-               hover_dtype: str = "float32", session_ttl: int = 3600) -> gr.Blocks:
-    """The app. study: the checkpoint's `vggattn.study` result (its Dataset tab), if there is one;
-    hover_dtype: how Q and K travel to the page ("float16" halves the bytes; bench/README.md has the error);
-    session_ttl: seconds a session's analysis is kept after it was made (Gradio's State time_to_live)."""
+        probe = analyze(model, meta, Image.new("RGB", (meta["input_size"],) * 2, (128, 128, 128)), layers)
+    max_heads = max(b.maps.heads for b in probe.blocks)
+    has_gamma = bool(probe.gammas())
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
-        gr.Markdown(describe(model, meta))
-        # This session's Analysis (~2 MB: a display-sized image and each layer's Q and K), never shared
-        # between users; dropped session_ttl seconds after it was made, and at most STATE_SESSIONS are kept (launch()).
+        gr.Markdown(describe(model, meta, blocks), elem_id="about")
+        # This session's analysis (a display-sized image and each block's maps), never shared between users;
+        # dropped session_ttl seconds after it was made, and at most STATE_SESSIONS are kept (launch()).
         state = gr.State(None, time_to_live=session_ttl)
         point = gr.State(None, time_to_live=session_ttl)  # last clicked (x, y)
         open_tab = gr.State("contribution")  # the tab shown first
-        # The image and the three panels side by side, equally large, above the fold (they stack on a phone)
-        with gr.Row(equal_height=True):
+        height = panel_height(n)
+        # The image and the panels side by side, equally large, above the fold (they stack on a phone)
+        with gr.Row(equal_height=n <= PER_ROW):
             image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: point at or click any pixel",
                                   elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
-            names = [*vggattn.attention_layer_names(model), *(f"attention layer {i + 1}" for i in range(NUM_PANELS))]
-            panels = [gr.Image(label=f"{names[i]}: where the point attends", interactive=False, format="jpeg",
-                               elem_id=f"panel-{i}", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
-                      for i in range(NUM_PANELS)]
-        hover = hover_view(NUM_PANELS, CONTROLS)
+            with gr.Column(scale=min(n, PER_ROW), elem_id="panel-strip"):
+                panels = []
+                for start in range(0, n, PER_ROW):
+                    with gr.Row():
+                        panels += [gr.Image(label=f"{names[i]}: where the point attends", interactive=False, format="jpeg",
+                                            elem_id=f"panel-{i}", height=height, min_width=200)
+                                   for i in range(start, min(n, start + PER_ROW))]
+                        for _ in range(PER_ROW - (min(n, start + PER_ROW) - start) if n > PER_ROW else 0):
+                            gr.HTML("")  # keep the last row's panels as wide as the others
+        hover = hover_view(n, APP_CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 if EXAMPLES:
                     gr.Examples(EXAMPLES, inputs=image, label="Example photos")
-                opacity, colormap, mode, scale, mark = view_controls()
+                heads = []
+                opacity, colormap, mode, scale, mark = view_controls(lambda: heads.append(gr.Radio(
+                    [("mean of heads", "mean")] + [(f"head {h + 1}", str(h)) for h in range(max_heads)], value="mean",
+                    label="Head (blocks with fewer heads show their mean)", elem_id="head", visible=max_heads > 1)))
+                head = heads[0]
             with gr.Column(scale=2):
-                labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions")
-                gammas_md = gr.Markdown(elem_id="gammas")
-                gammas_plot = gr.BarPlot(x="layer", y="gamma", label="Learned γ per layer", height=200)
+                labels = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="predictions",
+                                  visible=bool(meta.get("class_names")))
+                score = gr.Markdown(elem_id="score")
+                gammas_md = gr.Markdown(elem_id="gammas", visible=has_gamma)
+                gammas_plot = gr.BarPlot(x="block", y="gamma", label="Learned γ per block", height=200, visible=has_gamma)
                 seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
-                                interactive=False, format="jpeg", height=200)
+                                interactive=False, format="jpeg", height=200, visible="transform" not in meta)
         readouts = gr.Markdown(elem_id="readouts")
         with gr.Tabs():
             with gr.Tab("Effective contribution") as contribution_tab:
                 gr.Markdown(CONTRIBUTION_HINT)
                 with gr.Row():
-                    contrib = [gr.Image(label=f"{names[i]} · ‖γ·attn‖/‖x‖", interactive=False, format="jpeg",
-                                        elem_id=f"contribution-{i}") for i in range(NUM_PANELS)]
+                    contribution = [gr.Image(label=f"{names[i]} · ‖y − x‖/‖x‖", interactive=False, format="jpeg",
+                                             elem_id=f"contribution-{i}", min_width=160) for i in range(n)]
                 contribution_md = gr.Markdown(elem_id="contribution")
             with gr.Tab("Query dependence") as dependence_tab:
                 dependence_md = gr.Markdown(elem_id="dependence")
                 with gr.Row():
                     mean_maps = [gr.Image(label=f"{names[i]} · mean over queries", interactive=False, format="jpeg",
-                                          elem_id=f"mean-map-{i}") for i in range(NUM_PANELS)]
+                                          elem_id=f"mean-map-{i}", min_width=160) for i in range(n)]
             with gr.Tab("Ablation") as ablation_tab:
-                gr.Markdown("Switch attention layers off (γ = 0 for one forward) and see how the top-5 changes.")
+                gr.Markdown("Replace the chosen blocks' rows for one forward and see how the output changes.")
                 with gr.Row():
-                    layers_off = gr.CheckboxGroup(vggattn.attention_layer_names(model), label="Switch off",
-                                                  elem_id="layers-off")
-                    ablate_button = gr.Button("Run with these layers off", elem_id="ablate")
+                    layers_off = gr.CheckboxGroup(names, label="Blocks", elem_id="layers-off")
+                    how = gr.Radio([(v, k) for k, v in INTERVENTIONS.items()], value="off", label="Replace by",
+                                   elem_id="intervention")
+                    ablate_button = gr.Button("Run", elem_id="ablate")
                 ablation_verdict = gr.Markdown(elem_id="ablation-verdict")
                 ablation = gr.Dataframe(interactive=False, elem_id="ablation")
             with gr.Tab("Grad-CAM") as gradcam_tab:
-                gr.Markdown("Grad-CAM of the top class at the last conv layer: where the *class evidence* is, "
-                            "beside where positions *look*.")
+                gr.Markdown("Grad-CAM of the top class at the model's last conv layer: where the *class evidence* "
+                            "is, beside where positions *look*.")
                 cam = gr.Image(label="Grad-CAM of the top class at the last conv layer", interactive=False, format="jpeg",
                                elem_id="gradcam", height=420)
             with gr.Tab("Export") as export_tab:
@@ -379,74 +509,91 @@ def build_demo(model: torch.nn.Module, meta: dict, study: dict | None = None, ch
                 with gr.Row():
                     export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
                     export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
+            with gr.Tab("Blocks") as blocks_tab:
+                gr.Markdown(blocks_markdown(blocks), elem_id="blocks")
             with gr.Tab("Dataset") as dataset_tab:
                 study_md, study_images = study_view(study, checkpoint)
                 gr.Markdown(study_md, elem_id="study")
-                for name, label in (("interventions.png", "Top-1 change per intervention, 95% CI"),
-                                    ("sink_heatmaps.png", "Where each image's sink is"),
-                                    ("cosine_distance.png", "Do positions differ? (GCNet's cosine distance)"),
-                                    ("distributions.png", "Per-image distributions"),
-                                    ("faithfulness.png", "Faithfulness: deleting a query's top keys, against baselines")):
-                    if name in study_images:
-                        gr.Image(study_images[name], label=label, interactive=False, elem_id=f"study-{name[:-4]}")
-        ui = UI(state=state, point=point, open_tab=open_tab, hover=hover, labels=labels, gammas_md=gammas_md, gammas_plot=gammas_plot,
-                seen=seen, status=status, panels=panels, readouts=readouts, maps=[*contrib, *mean_maps, cam],
-                contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation, ablation_verdict=ablation_verdict,
-                export_file=export_file, export_png=export_png)
+                for name, image_array in study_images.items():
+                    gr.Image(image_array, label=name[:-4].replace("_", " "), interactive=False, elem_id=f"study-{name[:-4]}")
+        ui = UI(state=state, point=point, open_tab=open_tab, hover=hover, labels=labels, score=score,
+                gammas_md=gammas_md, gammas_plot=gammas_plot, seen=seen, status=status, panels=panels,
+                readouts=readouts, contribution=contribution, mean_maps=mean_maps, gradcam=cam,
+                contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation,
+                ablation_verdict=ablation_verdict, export_file=export_file, export_png=export_png)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
+        demo.vggattn_css = CSS
 
         # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
         image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
-            bind(on_image, ui, model, meta, hover_dtype=hover_dtype), image, list(blank(ui)), api_name="upload").then(
-            lambda state, tab, *controls: on_tab(ui, tab, state, *controls), [state, open_tab, opacity, colormap, mode],
-            tab_outputs(ui), api_name="open_tab")  # the open tab's maps, after the page has the image's
-        for tab, name in ((contribution_tab, "contribution"), (dependence_tab, "dependence"), (gradcam_tab, "gradcam"),
-                          (ablation_tab, "ablation"), (export_tab, "export"), (dataset_tab, "dataset")):
-            tab.select(bind(on_tab, ui, name), [state, opacity, colormap, mode], tab_outputs(ui), api_name=False)
+            bind(on_image, ui, model, meta, hover_dtype=hover_dtype, layers=layers), image, list(blank(ui)),
+            api_name="upload").then(
+            lambda state, tab, *controls: on_tab(ui, tab, state, *controls, model=model),
+            [state, open_tab, opacity, colormap, mode], tab_outputs(ui), api_name="open_tab")
+        for tab, name in zip((contribution_tab, dependence_tab, gradcam_tab, ablation_tab, export_tab, blocks_tab,
+                              dataset_tab), TABS):
+            tab.select(bind(on_tab, ui, name, model=model), [state, opacity, colormap, mode], tab_outputs(ui),
+                       api_name=False)
         page_draws = gr.Checkbox(False, visible=False, elem_id="page-draws")  # set by PIN_JS at each click
 
-        def click(state, opacity, colormap, mode, mark, scale, drawn, evt: gr.SelectData):  # Gradio finds evt by
-            return on_click(ui, state, opacity, colormap, mode, mark, evt, scale, bool(drawn))  # annotation (not in a partial)
+        def click(state, opacity, colormap, mode, mark, scale, head, drawn, evt: gr.SelectData):  # Gradio finds evt
+            return on_click(ui, state, opacity, colormap, mode, mark, evt, scale, bool(drawn), head)  # by annotation
 
         # no loading overlay on the panels: the page has drawn the pin already (show_progress hidden)
-        image.select(click, [state, opacity, colormap, mode, mark, scale, page_draws], point_outputs(ui), js=PIN_JS,
-                     api_name="click", show_progress="hidden")
-        controls = [state, point, opacity, colormap, mode, mark, scale, open_tab]
-        for control in (opacity, colormap, mode):
-            control.change(bind(on_controls, ui), controls, [*panels, *ui.maps, contribution_md, dependence_md],
-                           api_name=f"rerender_{control.elem_id}", show_progress="hidden")
-        mark.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_number", show_progress="hidden")
-        scale.change(bind(on_mark, ui), controls[:-1], panels, api_name="rerender_scale", show_progress="hidden")
-        for control in (opacity, colormap, mode, mark, scale):  # the hover view redraws in the page
-            control.change(None, [opacity, colormap, mode, mark, scale], None, js=CONTROLS_JS, queue=False,
-                           api_name=False)
-        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off], [ui.ablation, ui.ablation_verdict],
+        image.select(click, [state, opacity, colormap, mode, mark, scale, head, page_draws], point_outputs(ui),
+                     js=PIN_JS, api_name="click", show_progress="hidden")
+        controls = [opacity, colormap, mode, mark, scale, head]
+        for control in controls:
+            control.change(bind(on_controls, ui), [state, point, *controls, open_tab],
+                           [*panels, *ui.maps, contribution_md, dependence_md], show_progress="hidden",
+                           api_name=f"rerender_{control.elem_id or 'number'}")
+            control.change(None, controls, None, js=CONTROLS_JS, queue=False, api_name=False)  # the page redraws
+        ablate_button.click(bind(on_ablate, ui, model), [state, layers_off, how], [ablation, ablation_verdict],
                             api_name="ablate")
         export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
-                            [ui.export_file, ui.export_png], api_name="export")
+                            [export_file, export_png], api_name="export")
 
         with gr.Row(visible=False):  # the click, for gradio_client: /upload, then /pin in the same session
             pin_x, pin_y = gr.Number(label="x"), gr.Number(label="y")
             pin_button = gr.Button()
-        pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, opacity, colormap, mode, mark, scale],
-                         point_outputs(ui), api_name="pin")
+        pin_button.click(bind(on_point, ui), [state, pin_x, pin_y, *controls], point_outputs(ui), api_name="pin")
         with gr.Row(visible=False):  # stateless endpoints for gradio_client and scripts
             api_image = UploadedImage(type="filepath")
             api_x, api_y = gr.Number(label="x"), gr.Number(label="y")
             api_labels, api_gammas = gr.Label(), gr.JSON()
-            api_panels = [gr.Image() for _ in range(NUM_PANELS)]
+            api_panels = [gr.Image() for _ in range(n)]
             api_info = gr.JSON()
             analyze_button, attention_button = gr.Button(), gr.Button()
-        analyze_button.click(bind(api_analyze, model, meta), api_image, [api_labels, api_gammas], api_name="analyze")
-        attention_button.click(bind(api_attention_at, model, meta), [api_image, api_x, api_y],
+        analyze_button.click(bind(api_analyze, model, meta, layers), api_image, [api_labels, api_gammas],
+                             api_name="analyze")
+        attention_button.click(bind(api_attention_at, model, meta, layers), [api_image, api_x, api_y],
                                [*api_panels, api_info], api_name="attention_at")
     return demo
 
 
+def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD, source: str | None = None) -> dict:
+    """The meta `build_demo` needs for a model in hand. transform: PIL image -> (3, H, W) tensor (default:
+    resize to input_size and normalise with mean and std)."""
+    from .byo import describe as describe_meta
+
+    meta = describe_meta(source or type(model).__name__, input_size, class_names, mean, std, weights="your")
+    if transform is not None:
+        meta["transform"] = transform
+    return meta
+
+
+def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, layers=None,
+           host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
+    """Serve the app for a model in hand: `vggattn.launch(model, transform=..., class_names=...)`."""
+    from .ui import launch as serve
+
+    meta = model_meta(model, transform=transform, class_names=class_names, input_size=input_size)
+    return serve(build_demo(model, meta, layers=layers), host, port, share, **kw)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every layer.")
+    p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every block.")
     add_checkpoint_argument(p, "checkpoint to show (also shipped: checkpoints/vgg16att-imagenette-w025-128"
                                ".safetensors, 85.7%%, 128 px, 1/19 of the FLOPs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
@@ -474,41 +621,32 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(args.threads or max(1, cores // max(1, args.concurrency)))
-    own = wants_own_model(args)
-    if not own:
-        args.checkpoint = args.checkpoint or str(vggattn.DEFAULT_CHECKPOINT)
     try:
-        if own:  # any CNN with non-local blocks (vggattn.app_any)
-            model, meta = load_from_args(args)
-            model.to(resolve_device(args.device))
-        else:
-            model, meta = vggattn.load_checkpoint(args.checkpoint, device=args.device)
-    except (vggattn.CheckpointError, OSError, ValueError) as e:
-        print(f"error: cannot load {'the model' if own else 'checkpoint'}: {e}", file=sys.stderr)
+        model, meta = load_from_args(args)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
         return BAD_INPUT
-    log.info("loaded %s on %s (%d PyTorch threads a forward)", meta.get("source", args.checkpoint),
+    log.info("loaded %s on %s (%d PyTorch threads a forward)", meta.get("source", args.checkpoint or "the shipped checkpoint"),
              next(model.parameters()).device, torch.get_num_threads())
-    if own:
-        from .app_any import build_any_demo
+    weights = str(args.checkpoint) if args.checkpoint else None if wants_own_model(args) else str(DEFAULT_CHECKPOINT)
+    demo = build_demo(model, meta, load_study(weights) if weights else None, weights, hover_dtype=args.hover_dtype,
+                      session_ttl=args.session_ttl, layers=args.layers)
+    from .ui import launch as serve
 
-        weights = None if args.timm else args.checkpoint
-        demo = build_any_demo(model, meta, args.layers, load_study(weights) if weights else None,
-                              hover_dtype=args.hover_dtype, session_ttl=args.session_ttl)
-    else:
-        demo = build_demo(model, meta, load_study(args.checkpoint), args.checkpoint, hover_dtype=args.hover_dtype,
-                          session_ttl=args.session_ttl)
-    launch(demo, args.host, args.port, args.share, concurrency=args.concurrency)
+    serve(demo, args.host, args.port, args.share, concurrency=args.concurrency)
     return 0
 
 
 def __getattr__(name: str):
     """`from app import demo` builds the demo on the shipped checkpoint (lazily, once)."""
     if name == "demo":
-        model, meta = vggattn.load_checkpoint()
-        checkpoint = str(vggattn.DEFAULT_CHECKPOINT)
-        globals()["demo"] = build_demo(model, meta, load_study(checkpoint), checkpoint)
+        model, meta = load_checkpoint()
+        globals()["demo"] = build_demo(model, meta, load_study(DEFAULT_CHECKPOINT), str(DEFAULT_CHECKPOINT))
         return globals()["demo"]
     raise AttributeError(name)
+
+
+__all__ = ["build_demo", "launch", "model_meta", "main", "STATE_SESSIONS"]
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
     model, meta = load_model("mypkg.nets:discriminator", "weights.pth", classes="names.txt", input_size=128)
     model, meta = load_timm("botnet26t_256")        # timm's pretrained weights where its hub is reachable,
                                                     # else random weights and meta["warning"] says so
-    result = analyze_any(model, meta, pil_image)    # one forward: predictions (or the score), every block's maps
-    result.blocks[0].row_map((120, 80))             # (heads, kh, kw): where that pixel's position looks
+    model, meta = load_from_args(args)              # what a CLI's flags name: --model, --timm or a checkpoint
 
 A model whose output is not one logit per class (a GAN discriminator) gets its score instead of a top-5.
 """
@@ -15,19 +14,14 @@ import importlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 
-from .adapters import Adapter, BlockMaps, TracedAdapter, example_input, find_blocks
-from .trace import record_model
-from .analysis import display_copy
-from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict
-from .data import eval_transform, query_index, to_rgb
+from .analysis import blocks_of
+from .checkpoint import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict,
+                         load_checkpoint, resolve_device)
 
 log = logging.getLogger("vggattn.byo")
 
@@ -181,11 +175,15 @@ def wants_own_model(args) -> bool:
 
 
 def load_from_args(args) -> tuple[nn.Module, dict]:
-    """The model and meta that --model / --timm name, with --checkpoint as --model's weights (none: random); a
-    checkpoint whose meta names a vggattn factory builds it without --model (another package's factory must be
-    named with --model: a checkpoint file does not choose code to run). Its blocks are checked at once (none: one
+    """The model and meta a CLI's flags name, on --device: --model / --timm with --checkpoint as --model's
+    weights (none: random); a checkpoint whose meta names a vggattn factory builds it without --model (another
+    package's factory must be named with --model: a checkpoint file does not choose code to run); else the
+    article's model from --checkpoint (default: the shipped one). Its blocks are checked at once (none: one
     sentence naming what the model is made of)."""
-    if args.timm:
+    device = getattr(args, "device", "auto")
+    if not wants_own_model(args):
+        model, meta = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT, device=device)
+    elif args.timm:
         model, meta = load_timm(args.timm, classes=args.classes)
     else:
         spec = args.model or named_model(args.checkpoint)
@@ -194,89 +192,6 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
                                   "(a checkpoint does not choose the code that runs)")
         model, meta = load_model(spec, args.checkpoint, classes=args.classes, input_size=args.input_size,
                                  mean=args.mean, std=args.std)
+    model.to(resolve_device(device))
     blocks_of(model, meta, args.layers)
     return model, meta
-
-
-def blocks_of(model: nn.Module, meta: dict, layers: list[str] | None = None) -> list:
-    """`find_blocks` on an input of the model's size (the first call per model finds traced blocks and keeps them)."""
-    return find_blocks(model, layers, example=example_input(model, meta.get("input_size")))
-
-
-@dataclass
-class BlockResult:
-    """One block's attention on one image (batch of one)."""
-
-    name: str
-    adapter: Adapter
-    maps: BlockMaps
-    image_size: tuple[int, int]  # (width, height) of the original image
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    def query_index(self, xy: tuple[float, float]) -> int:
-        return query_index(xy, self.image_size, self.maps.grid)
-
-    def row_map(self, xy: tuple[float, float]) -> np.ndarray:
-        """(heads, kh, kw) float64: where the position under pixel xy looks (per-image maps: the map itself)."""
-        with torch.no_grad():
-            rows = self.maps.rows(None if self.maps.per_image else [self.query_index(xy)])[0, :, 0]  # (heads, M)
-        return rows.double().cpu().reshape(self.maps.heads, *self.maps.key_grid).numpy()
-
-    def padding_share(self, xy: tuple[float, float]) -> float | None:
-        """The share of the row under pixel xy that falls on padding (mean over heads), or None where none can."""
-        if self.maps.padding is None:
-            return None
-        q = 0 if self.maps.per_image else self.query_index(xy)
-        return float(self.maps.padding[0, :, q].double().mean())
-
-
-@dataclass
-class AnyAnalysis:
-    size: tuple[int, int]  # (width, height) of the image
-    output: torch.Tensor  # the model's raw output for the image
-    class_names: list[str] | None
-    blocks: list[BlockResult] = field(default_factory=list)
-    display: np.ndarray | None = None  # (h, w, 3) uint8 copy to draw on (vggattn.analysis.display_copy)
-    display_jpeg: bytes | None = None  # the same picture as the JPEG the page gets
-    input: torch.Tensor | None = None  # the model's input (1, 3, S, S), for ablation forwards
-
-    def top_k(self, k: int = 5) -> dict[str, float] | None:
-        """{class: probability} when the output is one logit per class, else None (see `score`)."""
-        out = self.output.reshape(-1)
-        if not self.class_names or out.numel() != len(self.class_names):
-            return None
-        p, i = torch.softmax(out.float(), dim=0).topk(min(k, out.numel()))
-        return {self.class_names[j]: float(v) for v, j in zip(p.tolist(), i.tolist())}
-
-    def score(self) -> list[float]:
-        """The raw output values (a discriminator's real/fake score)."""
-        return [float(v) for v in self.output.reshape(-1)[:16]]
-
-
-@torch.no_grad()
-def analyze_any(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] | None = None) -> AnyAnalysis:
-    """One forward with every block's input kept (forward pre-hooks, removed on exit), then each block's maps."""
-    image = to_rgb(image)
-    blocks = blocks_of(model, meta, layers)
-    device = next(model.parameters()).device
-    x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
-    inputs: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_pre_hook(lambda m, args, n=name: inputs.__setitem__(n, args[0].detach()))
-               for name, module, _ in blocks]
-    traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
-    try:  # traced blocks: their weights recorded as the model runs (one forward, no block run twice)
-        output, events = record_model(model, x, traced) if traced else (model(x), {})
-    finally:
-        for h in handles:
-            h.remove()
-    if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
-        output = output[0]
-    result = AnyAnalysis(image.size, output.detach().cpu(), meta.get("class_names"), [], *display_copy(image), x)
-    for name, module, adapter in blocks:
-        if name in inputs:
-            maps = adapter.maps(module, inputs[name], events[name]) if name in events else adapter.maps(module, inputs[name])
-            result.blocks.append(BlockResult(name, adapter, maps, image.size))
-    return result

@@ -5,20 +5,17 @@
     python -m vggattn.explain photo.jpg --model mypkg.nets:discriminator --checkpoint d.pth --input-size 128 --out o/
     python -m vggattn.explain photo.jpg --timm botnet26t_256 --out o/     # any model with non-local blocks
 
-Writes, per image, into OUT/<image stem>/:
-- `figure.png`: the image with each point, the three layers' attention for each point (top-5 cells
-  numbered), Grad-CAM of the top class, each layer's effective contribution and query-averaged map;
-- `<layer>_attention.npy` (points, h, w), `<layer>_contribution.npy` and `<layer>_mean_attention.npy`
-  (h, w), `gradcam.npy` (h, w);
-- `result.json`: predictions, gammas, grids, for each point its query index and readouts in every
-  layer, per layer the mean contribution and query dependence, and the top-5 with each layer's
-  attention switched off (ablation: one extra forward per layer).
+The article's model (the shipped checkpoint, or --checkpoint) or any model with attention blocks (--model,
+--timm). Writes, per image, into OUT/<image stem>/ (`vggattn.export.write_result`):
+- `figure.png`: the image with each point, every block's attention for each point, Grad-CAM of the top
+  class, each block's effective contribution and query-averaged map;
+- `<block>_attention.npy` (points, key rows, key columns: the mean over heads; `_attention_heads.npy` per head),
+  `<block>_contribution.npy` and `<block>_mean_attention.npy`, `gradcam.npy`;
+- `result.json`: predictions (or the model's score), γ, each block's family, grids and what its numbers are,
+  for each point its query cell and readouts in every block (and the share of the row on padding where
+  windows have halos), per block the mean contribution and query dependence, and the top-5 with each block
+  switched off (ablation: one extra forward per block).
 A folder is run as a batch with a progress bar; an image that cannot be read is reported and skipped.
-
-With --model or --timm (any CNN with non-local blocks of a family `vggattn.adapters` knows): per block
-`<block>_attention.npy` (points, key rows, key columns: the mean over heads; `_heads.npy` per head),
-figure.png, and result.json with the family, grids, what the numbers are, and the top-5 (or the model's
-score when its output is not one logit per class).
 """
 
 from __future__ import annotations
@@ -29,11 +26,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis import analyze, display_copy
-from .byo import add_model_arguments, analyze_any, load_from_args, wants_own_model
-from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument, load_checkpoint
+from .analysis import analyze
+from .byo import add_model_arguments, load_from_args
+from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
-from .export import write_any_result, write_result
+from .export import write_result
 from .render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
@@ -90,10 +87,8 @@ def main(argv=None) -> int:
     """0 when every image was explained; 2 for a bad checkpoint or input (bad images are skipped, each named)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    own = wants_own_model(args)
     try:
-        model, meta = (load_from_args(args) if own
-                       else load_checkpoint(args.checkpoint, device=args.device))
+        model, meta = load_from_args(args)
         images = collect_images(args.inputs)
     except (CheckpointError, OSError, ValueError) as e:
         log.error("error: %s", e)
@@ -113,12 +108,7 @@ def main(argv=None) -> int:
             bad = [xy for xy in points if not (0 <= xy[0] < w and 0 <= xy[1] < h)]
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
-            if own:
-                result = analyze_any(model, meta, image, args.layers)
-                write_any_result(result, points, target, display_copy(image)[0], source=str(image_path),
-                                 opacity=args.opacity, colormap=args.colormap)
-                continue
-            result = analyze(model, meta, image)
+            result = analyze(model, meta, image, args.layers)
             write_result(result, points, target, None if args.no_ablation else model, source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap)
         except (ImageLoadError, ValueError) as e:

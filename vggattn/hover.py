@@ -1,16 +1,15 @@
 """What a web page needs to compute any attention row or column itself, sent once per image.
 
-    payload = hover_payload(result)            # JSON-ready dict: per layer Q, K, log Z (base64)
-    row = decode(payload["layers"][0], "q")    # (N, C') float32, as the page decodes it
-    layer = page_layer("stages.3.0", maps)     # any family's block (vggattn.adapters.BlockMaps), batch of one
+    layer = page_layer("stages.3.0", maps)     # any block's vggattn.adapters.BlockMaps, batch of one
     layer.row(i, head=None)                    # float64 (M,): what the page computes (head None: mean of heads)
-    layer.payload("float32")                   # the same layer as the page receives it
+    payload = page_payload(result, [layer])    # JSON-ready dict: the image, per layer Q, K, log Z (base64)
+    q = decode(payload["layers"][0], "q")      # (N, C') float32, as the page decodes it
 
 A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
 log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
 no request. The app's script (vggattn/web/hover.js) reads this format and draws with
-`vggattn.render`'s rules and constants (`page_props`); the server's rows and pictures
-(`LayerCapture.rows`, `render_attention`) are the reference it is tested against.
+`vggattn.render`'s rules and constants (`page_props`); `PageLayer`'s rows and pictures, the same maths in
+numpy, are what the server pins and what the page is tested against.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import log_normalisers
 from .data import query_index
 from .render import attention_picture, page_constants
 from .readouts import SINK_DOMINATED
@@ -36,23 +34,12 @@ def _b64(array: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
 
 
-def hover_payload(result, dtype: str = "float32") -> dict:
-    """Per layer: name, grid, γ, Q and K (N, C') and log Z (N,) as base64 little-endian arrays of `dtype`
-    (log Z always float32) and the image's sink (flat index, share of all attention); and the image: its
-    original size and the display copy as the JPEG data URL the server draws on too.
-    result: a `vggattn.analysis.Analysis` (batch of one)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    layers = []
-    for layer, sink in zip(result.layers, result.sinks()):
-        q, k = layer.query[0].float(), layer.key[0].float()  # (N, C')
-        layers.append({"name": layer.name, "grid": list(layer.grid), "key_grid": list(layer.grid), "heads": 1,
-                       "kind": "qk", "normalise": "softmax", "scale": 1.0, "dim": int(q.shape[1]), "gamma": layer.gamma,
-                       "q": _b64(q.numpy(), dtype), "k": _b64(k.numpy(), dtype),
-                       "logz": _b64(layer.log_normalisers[0].numpy(), "float32"), "sink": [sink[0], sink[1]]})
-    disp_h, disp_w = result.display.shape[:2]
-    return {"version": 2, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
-            "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"), "layers": layers}
+def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log Z_i = logsumexp_j (q_i . k_j) of every row of (..., N, d) Q and (..., M, d) K -> (..., N), a block of
+    rows at a time (never the N x M map), in Q's dtype (float64 from float32 Q and K: what the page computes)."""
+    k = key.to(query.dtype).transpose(-1, -2)
+    return torch.cat([torch.logsumexp(query[..., s:s + chunk, :] @ k, dim=-1)
+                      for s in range(0, query.shape[-2], chunk)], dim=-1)
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -232,7 +219,7 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
             layer.k = maps.key[0].float().cpu().numpy()
             if maps.normalise == "softmax":  # in float64 from the float32 Q and K, as the page computes logits
                 layer.logz = log_normalisers(maps.query[0].float().double() * maps.scale,
-                                             maps.key[0].float().double()).cpu().numpy()
+                                             maps.key[0].float().double()).cpu().numpy()  # (heads, N)
         else:
             layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
         if maps.padding is not None:
@@ -243,9 +230,9 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
     return layer
 
 
-def any_payload(result, layers: list[PageLayer], dtype: str = "float32") -> dict:
-    """The page's payload for any model: `page_layer`s and the image (a `vggattn.byo.AnyAnalysis` with its
-    display copy)."""
+def page_payload(result, layers: list[PageLayer], dtype: str = "float32") -> dict:
+    """What the page gets once per image: its size, the display copy as a JPEG data URL (the server draws on the
+    same pixels), and the `page_layer`s (result: a `vggattn.analysis.Analysis`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     disp_h, disp_w = result.display.shape[:2]

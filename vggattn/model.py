@@ -17,7 +17,6 @@ article's code loads unchanged. Beyond the article, all keyword-only and default
 
 from __future__ import annotations
 
-import threading
 
 from dataclasses import asdict, dataclass
 
@@ -62,34 +61,23 @@ def scaled_channels(channels: int, width: float) -> int:
 
 
 def attend_in_row_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         block_elements: int = 1 << 21, summaries: dict | None = None) -> torch.Tensor:
+                         block_elements: int = 1 << 21) -> torch.Tensor:
     """softmax(Q K^T) V for (B, N, C') Q, K and (B, N, C) V -> (B, N, C), a block of query rows at a time.
 
     The CPU inference path of GlobalAttention: exactly the article's math (Q K^T at Q's own width,
     where SDPA's fused kernel needs Q and K zero-padded to V's), holding one block of at most
     `block_elements` attention weights (8 MB) instead of the N x N map. Faster than the padded fused
     kernel on the CPU; the measurements are in bench/README.md (model speed).
-
-    summaries: a dict to fill, from the same weights, with "log_z" (B, N) float32, each row's log normaliser
-    log sum_j exp(q . k_j) (= max_j l_ij - log max_j w_ij: no more exponentials), and "mean_row"
-    (B, N) float64, the query-averaged row: what `vggattn.AttentionCapture` hands the app (no second pass).
     """
     B, N, _ = query.shape
     out = value.new_empty(B, N, value.shape[-1])
     rows = max(1, block_elements // N)
-    if summaries is not None:
-        log_z, mean_row = query.new_empty(B, N, dtype=torch.float32), torch.zeros(B, N, dtype=torch.float64)
     for b in range(B):
         key_t, v = key[b].transpose(0, 1), value[b]  # (C', N), (N, C)
         for start in range(0, N, rows):
             logits = query[b, start:start + rows] @ key_t  # (rows, N)
             weights = torch.softmax(logits, dim=-1)
             out[b, start:start + rows] = weights @ v  # (no out=: autocast skips out= calls)
-            if summaries is not None:  # log Z = max_j l_j - log max_j w_j (amax: no indices to find)
-                log_z[b, start:start + rows] = logits.amax(1) - torch.log(weights.amax(1))
-                mean_row[b] += weights.sum(0).double()  # a float32 sum of at most `rows` weights a column
-    if summaries is not None:
-        summaries.update(log_z=log_z, mean_row=mean_row / N)
     return out
 
 
@@ -109,7 +97,7 @@ class GlobalAttention(nn.Module):
     map: in CPU inference (autograd and autocast off) a block of query rows at a time
     (`attend_in_row_blocks`), otherwise (training, Grad-CAM, autocast, GPU) through
     `F.scaled_dot_product_attention(..., scale=1.0)`.
-    To see the map, use `vggattn.AttentionCapture`, which keeps this forward's Q and K.
+    To see the maps, `vggattn.analyze` reads Q and K from the block's input (`vggattn.adapters`).
     """
 
     def __init__(self, in_channels: int, *, query_averaged: bool = False):
@@ -122,10 +110,6 @@ class GlobalAttention(nn.Module):
         self.conv_value = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
         # The article also holds an nn.Softmax(dim=-1); it has no state, so the layout is equal.
-        # Threads whose forwards also keep the rows' summaries (log Z, mean row), and what they kept
-        # (vggattn.AttentionCapture sets and reads these; plain attributes, not in the state_dict)
-        self.summaries_for: set[int] = set()
-        self.summaries: dict[int, dict] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -136,11 +120,7 @@ class GlobalAttention(nn.Module):
             context = (mean_attention_row(query, key)[:, None] @ value).transpose(1, 2)  # (B, C, 1): one for all positions
             return x + self.gamma * context.reshape(B, C, 1, 1)
         if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
-            me = threading.get_ident()
-            kept = {} if me in self.summaries_for else None
-            out = attend_in_row_blocks(query, key, value, summaries=kept)
-            if kept is not None:
-                self.summaries[me] = kept
+            out = attend_in_row_blocks(query, key, value)
         else:
             # Zero-padding Q and K to V's width leaves Q K^T unchanged and lets SDPA use its fused
             # kernel (with C' != C it falls back to the N x N math path; bench/train_throughput.py).

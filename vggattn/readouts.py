@@ -1,14 +1,11 @@
 """Numbers that say what an attention layer does, beyond its maps.
 
-    layer = result.layers[0]                       # a LayerCapture (batch of one)
-    row = layer.row(q)[0]                          # (N,) where query q looks
-    entropy(row), entropy(row) / math.log(N)       # nats; 1.0 = uniform, 0 = one cell
-    mean_distance(row, q, layer.grid, (128, 128))  # pixels between the query and what it attends to
+    entropy(row), entropy(row) / math.log(M)       # nats; 1.0 = uniform, 0 = one cell
+    mean_distance(row, q, grid, (128, 128))        # pixels between the query and what it attends to
     top_cells(row, 5)                              # [(index, weight), ...]
-    mean_row, jsd = query_dependence(layer)        # (B, N) map, (B,) mean JS divergence from it
+    js_divergence(rows, mean_row)                  # how far each row is from the image's mean row
 
 All functions take attention rows (non-negative, summing to 1 over the last dimension) as tensors.
-`query_dependence` builds the N x N map a chunk of rows at a time, so memory stays linear in N.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import math
 import numpy as np
 
 import torch
-
-from .capture import LayerCapture
 
 SINK_DOMINATED = 0.5  # an image's layer is sink-dominated when one cell takes at least this share of all attention
 UNSURE_PRECISION = 0.5  # predictions are "unsure" below the confidence where val top-1 precision falls under this
@@ -38,10 +33,11 @@ def cell_centers(grid: tuple[int, int], size_wh: tuple[float, float]) -> torch.T
     return torch.stack([(xs.flatten() + 0.5) * size_wh[0] / w, (ys.flatten() + 0.5) * size_wh[1] / h], dim=1)
 
 
-def mean_distance(row: torch.Tensor, query: int, grid: tuple[int, int], size_wh: tuple[float, float]) -> float:
-    """Expected distance in pixels, in an image of size_wh, from query cell's centre to the attended cells'."""
-    centers = cell_centers(grid, size_wh)  # (N, 2)
-    d = (centers - centers[int(query)]).norm(dim=1)  # (N,)
+def mean_distance(row: torch.Tensor, query: int, grid: tuple[int, int], size_wh: tuple[float, float],
+                  key_grid: tuple[int, int] | None = None) -> float:
+    """Expected distance in pixels, in an image of size_wh, from query cell's centre (on `grid`) to the attended
+    cells' (on key_grid, default the same grid)."""
+    d = (cell_centers(key_grid or grid, size_wh) - cell_centers(grid, size_wh)[int(query)]).norm(dim=1)  # (M,)
     return float((row.double().reshape(-1) * d).sum())
 
 
@@ -61,32 +57,21 @@ def js_divergence(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return 0.5 * kl_p + 0.5 * kl_m
 
 
-@torch.no_grad()
-def query_dependence(layer: LayerCapture, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean_row (B, N), jsd (B,)): the query-averaged map, and the mean JS divergence (nats) of the N
-    rows from it. jsd = 0 when every query looks at the same place; up to ln 2 when the rows are
-    disjoint one-hots. The mean row comes with log Z (`LayerCapture.mean_row`); one more pass over the rows in
-    chunks for the divergences (never the whole N x N map at once)."""
-    n = layer.num_positions
-    starts = range(0, n, chunk)
-    mean_row = layer.mean_row  # (B, N), made with log Z (one pass over the rows)
-    jsd = sum(js_divergence(layer.rows(list(range(s, min(n, s + chunk)))), mean_row[:, None]).sum(1)
-              for s in starts) / n  # (B,)
-    return mean_row.float(), jsd.float()
-
-
 def row_readouts(row: torch.Tensor, query: int, grid: tuple[int, int], input_size: int,
-                 image_size: tuple[int, int], k: int = 5) -> dict:
-    """Entropy, mean distance and top-k cells of one (N,) row, as plain numbers for tables and JSON."""
-    n = grid[0] * grid[1]
+                 image_size: tuple[int, int], k: int = 5, key_grid: tuple[int, int] | None = None) -> dict:
+    """Entropy, mean distance and top-k cells of one (M,) row of a distribution over the key cells (key_grid,
+    default the query grid), as plain numbers for tables and JSON."""
+    key_grid = key_grid or grid
+    m = key_grid[0] * key_grid[1]
     h = float(entropy(row))
     return {
         "query_index": int(query),
         "entropy_nats": h,
-        "entropy_fraction": h / math.log(n) if n > 1 else 0.0,
-        "mean_distance_input_px": mean_distance(row, query, grid, (input_size, input_size)),
-        "mean_distance_image_px": mean_distance(row, query, grid, image_size),
-        "top_cells": [{"index": i, "row": i // grid[1], "col": i % grid[1], "weight": w} for i, w in top_cells(row, k)],
+        "entropy_fraction": h / math.log(m) if m > 1 else 0.0,
+        "mean_distance_input_px": mean_distance(row, query, grid, (input_size, input_size), key_grid),
+        "mean_distance_image_px": mean_distance(row, query, grid, image_size, key_grid),
+        "top_cells": [{"index": i, "row": i // key_grid[1], "col": i % key_grid[1], "weight": w}
+                      for i, w in top_cells(row, k)],
     }
 
 

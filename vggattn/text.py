@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch.nn as nn
 
 from .readouts import SINK_DOMINATED
 
@@ -17,9 +16,9 @@ LIST_CLASSES = 20  # the app's header names at most this many of the classes (an
 
 
 def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_DOMINATED) -> str:
-    """One line saying that a layer is sink-dominated on this image (its most attended cell takes at
+    """One line saying that a block is sink-dominated on this image (its most attended cell takes at
     least `threshold` of all attention), so a map is not read as a finding about the clicked pixel.
-    row: the clicked query's (h, w) attention; sink: (flat index, share) from `Analysis.sinks`."""
+    row: the clicked query's (kh, kw) attention; sink: (flat key cell, share) from `BlockResult.sink`."""
     index, share = sink
     if share < threshold:
         return ""
@@ -35,70 +34,57 @@ def sink_note(row: np.ndarray, sink: tuple[int, float], threshold: float = SINK_
 def unsure_note(result, meta: dict) -> str:
     """One line when the top-1 probability is below the checkpoint's `unsure_below` threshold."""
     threshold = float(meta.get("unsure_below", 0.0))
-    top = float(result.probs.max())
-    if top >= threshold:
+    if result.probs is None or float(result.probs.max()) >= threshold:
         return ""
-    return (f"⚠ Unsure: the top-1 probability {top:.0%} is below {threshold:.0%}, where this model's val top-1 "
-            "precision falls under 50%.")
+    return (f"⚠ Unsure: the top-1 probability {float(result.probs.max()):.0%} is below {threshold:.0%}, where this "
+            "model's val top-1 precision falls under 50%.")
 
 
-def model_notes(model: nn.Module, meta: dict) -> list[str]:
+def model_notes(meta: dict, gammas: dict[str, float]) -> list[str]:
     """What a user must know about the model before reading its output: the only classes it can answer,
-    and whether attention plays any part in its predictions."""
-    from .model import gammas
-
-    names = list(meta["class_names"])
-    shown = ", ".join(names[:LIST_CLASSES])
-    if len(names) > LIST_CLASSES:
-        shown += f", and {len(names) - LIST_CLASSES} more"
-    notes = [f"This model knows {len(names)} classes ({shown}); any image you give it gets one of them, "
-             "whatever it shows."]
-    if all(g == 0.0 for g in gammas(model).values()):
+    and whether attention plays any part in its predictions (every block's γ 0). gammas: {block: γ} of the
+    blocks that have one."""
+    names = list(meta.get("class_names") or [])
+    notes = []
+    if names:
+        shown = ", ".join(names[:LIST_CLASSES])
+        if len(names) > LIST_CLASSES:
+            shown += f", and {len(names) - LIST_CLASSES} more"
+        notes.append(f"This model knows {len(names)} classes ({shown}); any image you give it gets one of them, "
+                     "whatever it shows.")
+    if gammas and all(g == 0.0 for g in gammas.values()):
         notes.append("⚠ Every γ is 0: attention does not affect this model's predictions, and the maps come from "
                      "untrained Q and K (a fresh or untrained model).")
     return notes
 
 
 GAMMA_HINT = ("γ scales what attention adds to each position's features: y = γ · attention(x) + x. "
-              "It starts at 0 (attention off) and is learned; its size says how much the layer relies on attention.")
+              "It starts at 0 (attention off) and is learned; its size says how much the block relies on attention.")
 
 
 def gamma_markdown(result) -> str:
-    """Per layer: grid, γ and the mean effective contribution ‖γ·attn‖/‖x‖, as a markdown table."""
-    rows = [f"| `{layer.name}` | {layer.grid[0]}×{layer.grid[1]} | {layer.gamma:+.4f} | {float(layer.contribution.mean()):.3f} |"
-            for layer in result.layers]
-    return "| layer | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
+    """Per block with a γ: grid, γ and the mean effective contribution ‖y − x‖/‖x‖, as a markdown table."""
+    rows = [f"| `{b.name}` | {b.maps.grid[0]}×{b.maps.grid[1]} | {b.gamma:+.4f} | "
+            f"{'—' if b.contribution is None else f'{float(b.contribution.mean()):.3f}'} |"
+            for b in result.blocks if b.gamma is not None]
+    if not rows:
+        return ""
+    return "| block | grid | γ | mean ‖γ·attn‖/‖x‖ |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\n{GAMMA_HINT}"
 
 
-def readouts_markdown(panels) -> str:
-    """Per layer, a clicked query's entropy, mean attention distance and top-5 cells, as a markdown
-    table, with each layer's sink note (panels: `vggattn.analysis.Panel`s of one click)."""
-    rows = []
-    for p in panels:
-        r = p.readouts
-        cells = ", ".join(f"({c['row']},{c['col']}) {c['weight']:.3f}" for c in r["top_cells"][:5])
-        rows.append(f"| `{p.layer}` | {p.query_index} | {r['entropy_nats']:.3f} | {r['entropy_fraction']:.2f} | "
-                    f"{r['mean_distance_input_px']:.1f} | {cells} |")
-    return ("| layer | query | entropy (nats) | entropy / log N | mean distance (input px) | top-5 cells (row,col) weight |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) +
-            "\n\nEntropy / log N: 1 = the query looks everywhere equally, 0 = at one cell. "
-            "Top-5 cells are numbered on the maps." + sink_notes_markdown(panels))
+def contribution_markdown(result) -> str:
+    """Per block, the mean and largest ‖y − x‖/‖x‖ over positions (`BlockResult.contribution`)."""
+    rows = [f"| `{b.name}` | {c.mean():.3f} | {c.max():.3f} |" if c is not None else
+            f"| `{b.name}` | — (its output is not an update of its input) | — |"
+            for b, c in zip(result.blocks, result.contributions())]
+    return "| block | mean ‖y − x‖/‖x‖ | largest |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def sink_notes_markdown(panels) -> str:
-    """Each sink-dominated layer's note (`vggattn.analysis.sink_note`) as a paragraph; "" when none is."""
-    return "".join(f"\n\n⚠ `{p.layer}`: {p.sink_note}." for p in panels if p.sink_note)
-
-
-def contribution_markdown(layers: list, contributions: list) -> str:
-    """Per layer, the mean and largest ‖γ·attn‖/‖x‖ over positions (`Analysis.contributions`)."""
-    rows = [f"| `{layer.name}` | {c.mean():.3f} | {c.max():.3f} |" for layer, c in zip(layers, contributions)]
-    return "| layer | mean ‖γ·attn‖/‖x‖ | largest |\n|---|---|---|\n" + "\n".join(rows)
-
-
-def dependence_markdown(layers: list, dependence: list[tuple]) -> str:
-    """Per layer, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
-    rows = [f"| `{layer.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" for layer, (_, jsd) in zip(layers, dependence)]
-    return ("| layer | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" + "\n".join(rows) +
-            "\n\n0 means every position attends to the same place (the map does not depend on the query); "
-            "the images show where attention goes on average.")
+def dependence_markdown(result) -> str:
+    """Per block, the mean JS divergence of the rows from the mean row (`Analysis.query_dependence`)."""
+    rows = [f"| `{b.name}` | {jsd:.4f} | {jsd / math.log(2):.1%} |" if jsd is not None else
+            f"| `{b.name}` | — (its rows are no distributions) | — |"
+            for b, (_, jsd) in zip(result.blocks, result.query_dependence())]
+    return ("| block | mean JSD of rows from the mean row (nats) | of the maximum ln 2 |\n|---|---|---|\n" +
+            "\n".join(rows) + "\n\n0 means every position attends to the same place (the map does not depend on "
+            "the query); the images show where attention goes on average.")

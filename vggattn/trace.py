@@ -617,30 +617,47 @@ def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, ta
     return rec, out
 
 
-def record_model(model: nn.Module, x: torch.Tensor, blocks: set[str]) -> tuple[object, dict[str, list[Event]]]:
-    """The model's forward on x with a Recorder inside each named block only (entered by the block's forward
-    pre-hook, left by its forward hook: no cost elsewhere; this thread's forwards only; every hook removed on exit)
-    -> (the output, {block name: the events its forward computed})."""
+@dataclass
+class Seen:
+    """What one block did in a watched forward: its input, its output, and (traced blocks) the calls it made."""
+
+    input: torch.Tensor
+    output: object = None
+    events: list | None = None
+
+
+def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset()) -> tuple[object, dict]:
+    """The model's forward on x keeping each named block's input and output (detached), and inside the `traced`
+    ones a Recorder (entered by the block's forward pre-hook, left by its forward hook: no cost elsewhere) ->
+    (the output, {block name: Seen}). A block that runs twice keeps its first run. This thread's forwards only;
+    every hook is removed on exit, also when the forward raises. The one way vggattn intercepts a forward."""
     modules = dict(model.named_modules())
     me = threading.get_ident()
     active: dict[str, Recorder] = {}
-    events: dict[str, list[Event]] = {}
+    seen: dict[str, Seen] = {}
 
     def enter(module, args, name):
-        if threading.get_ident() == me and name not in events and name not in active:
+        if threading.get_ident() != me or name in seen:
+            return
+        seen[name] = Seen(args[0].detach() if args and isinstance(args[0], torch.Tensor) else None)
+        if name in traced:
             rec = Recorder([a for a in args if isinstance(a, torch.Tensor)])
             rec.__enter__()
             active[name] = rec
 
     def leave(module, args, out, name):
-        if threading.get_ident() == me and name in active:
+        if threading.get_ident() != me or name not in seen or seen[name].output is not None:
+            return
+        seen[name].output = out.detach() if isinstance(out, torch.Tensor) else \
+            tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, (tuple, list)) else out
+        if name in active:
             rec = active.pop(name)
             rec.__exit__(None, None, None)
-            events[name] = rec.events
+            seen[name].events = rec.events
 
     handles = []
     try:
-        for name in blocks:
+        for name in names:
             handles.append(modules[name].register_forward_pre_hook(lambda m, a, n=name: enter(m, a, n)))
             handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: leave(m, a, o, n)))
         out = model(x)
@@ -649,7 +666,7 @@ def record_model(model: nn.Module, x: torch.Tensor, blocks: set[str]) -> tuple[o
             h.remove()
         for rec in reversed(list(active.values())):  # a forward that failed inside a block
             rec.__exit__(None, None, None)
-    return out, events
+    return out, seen
 
 
 def event_groups(events: list[Event]) -> list[list[int]]:
