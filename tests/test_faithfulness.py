@@ -11,6 +11,11 @@ from vggattn import faithfulness, study, study_report
 from test_study import tiny_checkpoint
 
 
+def deleted(rows: torch.Tensor, keys: list[list[int]]) -> torch.Tensor:
+    """faithfulness.delete_keys of one head's rows (N, M) and each query's keys."""
+    return faithfulness.delete_keys(rows[None], torch.tensor(keys), torch.empty(1, *rows.shape))[0]
+
+
 def test_deleting_a_cell_changes_the_output_by_exactly_its_share():
     """Values with mean zero: replacing a key's value by the mean takes its weighted value out of the output, so a
     one-hot row loses all of it, and a 0.7 / 0.3 row over two orthogonal values loses 0.7 of one of them."""
@@ -20,42 +25,72 @@ def test_deleting_a_cell_changes_the_output_by_exactly_its_share():
     values[2, 0], values[3, 1] = -1.0, -1.0  # the mean value is 0
     one_hot = torch.zeros(1, n)
     one_hot[0, 0] = 1.0
-    delta = faithfulness.deletion_delta(one_hot, torch.tensor([[0]]), values, gamma=0.5)
-    torch.testing.assert_close(delta, -0.5 * values[:1])  # the whole of gamma * v_0: its share is 1
+    delta = deleted(one_hot, [[0]]) @ values - one_hot @ values
+    torch.testing.assert_close(delta, -values[:1])  # the whole of v_0: its share is 1
     mixed = torch.zeros(1, n)
     mixed[0, 0], mixed[0, 1] = 0.7, 0.3
-    out = 0.5 * (mixed @ values)  # what attention adds
-    delta = faithfulness.deletion_delta(mixed, torch.tensor([[0]]), values, gamma=0.5)
+    out = mixed @ values  # what attention adds
+    delta = deleted(mixed, [[0]]) @ values - out
     assert float(delta.norm() / out.norm()) == pytest.approx(0.7 / math.sqrt(0.7 ** 2 + 0.3 ** 2))
-    nothing = faithfulness.deletion_delta(mixed, torch.tensor([[4]]), values, gamma=0.5)  # a key of weight 0
+    nothing = deleted(mixed, [[4]]) @ values - out  # a key of weight 0
     assert float(nothing.abs().max()) == 0
+    assert deleted(mixed, [[0, 1]]).sum() == pytest.approx(1.0)  # the row keeps its mass, spread over the keys
 
 
 def test_one_hot_rows_to_a_sink_are_a_broadcast_sink_and_deletion_finds_it():
-    """Every query puts all its weight on key 0 (large logits): deleting its top key removes all of attention's
-    addition (1.0), the bottom or a random key almost nothing; the sink is key 0, its term is the whole output
-    (share 1: a broadcast sink); a linear tail's logit change is the deleted vector times the class weights."""
+    """Every query puts all its weight on key 0: deleting its top key removes all of attention's addition (1.0), the
+    bottom key nothing; the sink is key 0, its term is the whole output (share 1: a broadcast sink), its value's norm
+    against the mean one as made; a linear tail's logit change is the deleted vector times the class weights."""
     torch.manual_seed(0)
-    n, c = 16, 8
-    q = torch.ones(n, 2)
-    k = torch.zeros(n, 2)
-    k[0] = 40.0  # logits 80 for key 0, 0 elsewhere: rows are one-hot to key 0 (to 1e-34)
+    grid, c = (4, 4), 8
+    n = grid[0] * grid[1]
+    rows = torch.zeros(1, n, n)
+    rows[..., 0] = 1.0
     v = torch.randn(n, c)
     v -= v.mean(0)
     x = torch.randn(n, c)
     gamma = 0.3
-    y = x + gamma * v[0]  # every output gets gamma * v_0
+
+    def forward(r: torch.Tensor) -> torch.Tensor:  # (V, 1, N, M) -> the block's outputs x + gamma * A V, (V, C, 4, 4)
+        return (x + gamma * (r[:, 0] @ v)).transpose(1, 2).reshape(len(r), c, *grid)
+
     weights = torch.randn(c, 3)
-    tail = lambda tokens: tokens.sum(1) @ weights  # noqa: E731  (B, N, C) -> (B, 3): linear in the outputs
-    top_class = 1
-    got = faithfulness.image_faithfulness(q, k, v, x, y, gamma, tail, top_class, (torch.randn(n, 2), torch.randn(n, 2)),
+    top_class = 1  # a tail linear in the outputs: logit = sum over positions of y_q . W[:, top_class]
+    grad = weights[:, top_class][None, :, None, None].expand(1, c, *grid)
+    got = faithfulness.image_faithfulness(forward, rows, torch.softmax(torch.randn(1, n, n), -1), grad, grid, grid,
                                           ks=(1, 4))
-    assert got["del:top:1"] == pytest.approx(1.0, abs=1e-6) and got["del:mean_row:1"] == pytest.approx(1.0, abs=1e-6)
-    assert got["del:bottom:1"] < 1e-6 and got["del:bottom:4"] < 1e-6
-    assert got["sink_share"] == pytest.approx(1.0, abs=1e-6) and got["sink_mass"] == pytest.approx(1.0, abs=1e-6)
+    assert got["del:top:1"] == pytest.approx(1.0, abs=1e-5) and got["del:mean_row:1"] == pytest.approx(1.0, abs=1e-5)
+    assert got["del:bottom:1"] < 1e-5 and got["del:bottom:4"] < 1e-5
+    assert got["sink_share"] == pytest.approx(1.0, abs=1e-5) and got["sink_mass"] == pytest.approx(1.0, abs=1e-6)
     assert got["sink_value_ratio"] == pytest.approx(float(v[0].norm() / v.norm(dim=1).mean()), rel=1e-5)
     # deleting key 0 for one query: its output changes by -gamma * v_0 (mean value 0), the logit by that times W
     assert got["logit:top:1"] == pytest.approx(abs(float((-gamma * v[0]) @ weights[:, top_class])), rel=1e-4)
+
+
+def test_the_first_order_logit_change_is_the_change_for_a_small_deletion():
+    """The logit measure is first order: in a small net (conv, the article's block, a ReLU tail), deleting one query's
+    top key changes the top-1 logit, run through the rest of the network, by what the gradient says."""
+    import vggattn
+    from vggattn.adapters import find_blocks
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), vggattn.GlobalAttention(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    model[1].gamma.data.fill_(1.0)
+    x = 3 * torch.randn(1, 3, 6, 6)
+    (name, block, adapter), = find_blocks(model, ["1"])
+    xin, grad = faithfulness.output_gradients(model, x, [name])[name]
+    with torch.no_grad():
+        rows = adapter.maps(block, xin).rows()[0]  # (1, N, N)
+        assert rows.max() > 0.3  # sharp rows: the top key carries much of a query's output
+        top, q = int(model(x).argmax()), int(rows[0].max(1).values.argmax())
+        changed = rows.clone()
+        changed[:, q] = deleted(rows[0, q:q + 1], [[int(rows[0, q].argmax())]])
+        y, y_changed = (adapter.forward(block, xin, rows=r[None]) for r in (rows, changed))
+        exact = float(model[2:](y_changed)[0, top] - model[2:](y)[0, top])
+    first_order = float((grad * (y_changed - y)).sum())
+    assert abs(exact) > 1e-3 and first_order == pytest.approx(exact, rel=0.1)
 
 
 def test_the_study_has_a_faithfulness_section_in_json_report_and_tab(tmp_path):

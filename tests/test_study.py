@@ -4,7 +4,6 @@ direct computation, the bootstrap CI on known cases, and the CLI end to end on a
 import json
 import shutil
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,14 @@ from PIL import Image
 import vggattn
 from conftest import tiny_meta, tiny_model
 from vggattn import study, study_report
+from vggattn.adapters import BlockMaps, Intervention, adapter_for
 from vggattn.readouts import js_divergence
 
 
 def stats_of(a: torch.Tensor, grid, input_size=64, **kw):
-    return study.attention_statistics(lambda s, e: a[s:e], grid, input_size, **kw)
+    """The study's statistics of one image's hand-made rows a (N, M), as one value each."""
+    got = study.batch_statistics(BlockMaps("rows", None, None, grid, grid, weights=a[None, None]), input_size, **kw)
+    return {key: value[0] for key, value in got.items()}
 
 
 def test_one_hot_rows_to_one_cell_are_a_total_sink():
@@ -62,17 +64,19 @@ def test_statistics_match_brute_force_and_do_not_depend_on_row_blocks():
     grid, n = (5, 6), 30
     q, k = torch.randn(n, 4), torch.randn(n, 4)
     x, v = torch.randn(n, 12), torch.randn(n, 12)
-    rows = study.softmax_rows(q, k)
-    big = study.attention_statistics(rows, grid, 96, x=x, value=v, gamma=0.3)
-    small = study.attention_statistics(rows, grid, 96, x=x, value=v, gamma=0.3, block_elements=7)
+    maps = BlockMaps("qk", q[None, None], k[None, None], grid, grid)
+    a = torch.softmax(q @ k.t(), -1).double()
+    out = a @ v.double()
+    delta = (0.3 * out).float()[None]  # what the block adds: gamma * attention output
+    big = {key: val[0] for key, val in study.batch_statistics(maps, 96, x=x[None], delta=delta).items()}
+    small = {key: val[0] for key, val in study.batch_statistics(maps, 96, x=x[None], delta=delta,
+                                                                block_elements=7).items()}
     for key in big:
         assert big[key] == pytest.approx(small[key], rel=1e-5, abs=1e-9), key
-    a = torch.softmax(q @ k.t(), -1).double()
     u = a / a.norm(dim=1, keepdim=True)
     cos = u @ u.t()
     off_diag = ~torch.eye(n, dtype=torch.bool)
     assert big["cosine_distance"] == pytest.approx(float((1 - cos[off_diag]).mean()), rel=1e-6)
-    out = a @ v.double()
     uo = out / out.norm(dim=1, keepdim=True)
     assert big["cosine_distance_output"] == pytest.approx(float((1 - (uo @ uo.t())[off_diag]).mean()), rel=1e-5)
     ux = x.double() / x.double().norm(dim=1, keepdim=True)
@@ -110,9 +114,19 @@ def test_intervention_equals_the_direct_computation_of_one_block(mode):
     block.gamma.data.fill_(1.0)
     x = 3 * torch.randn(2, 16, 5, 4)  # sharp, query-dependent rows
     with torch.no_grad():
-        got, want, plain = study.intervene(block, x, mode), reference_block(block, x, mode), block(x)
+        got, want, plain = adapter_for(block).forward(block, x, mode), reference_block(block, x, mode), block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - plain).abs().max() > 0.1  # the replacement is a real change here
+
+
+def by_hand(model, x: torch.Tensor, modes: dict[str, str]) -> torch.Tensor:
+    """The article's model's logits with the blocks in `modes` replaced by `reference_block`."""
+    with torch.no_grad():
+        h = x
+        for i, m in enumerate(model.features):
+            mode = modes.get(f"features.{i}")
+            h = reference_block(m, h, mode) if mode else m(h)
+        return model.forward_head(h)
 
 
 @pytest.mark.parametrize("modes", [{"features.22": "mean"}, {"features.30": "uniform"},
@@ -121,15 +135,8 @@ def test_intervention_equals_the_direct_computation_of_one_block(mode):
 def test_interventions_through_the_model_equal_the_direct_computation(modes):
     model = tiny_model()
     x = torch.randn(2, 3, 64, 48)
-    with torch.no_grad():
-        h = x
-        for i, m in enumerate(model.features):
-            mode = modes.get(f"features.{i}")
-            h = reference_block(m, h, mode) if mode else m(h)
-        by_index = {int(n.split(".")[1]): m for n, m in modes.items()}
-        first = min(by_index)
-        got = study.run_from(model, model.features[:first](x), first, by_index)
-    torch.testing.assert_close(got, model.forward_head(h), rtol=1e-5, atol=1e-6)
+    got = study.intervention_logits(model, x, {"run": modes})["run"]
+    torch.testing.assert_close(got, by_hand(model, x, modes), rtol=1e-5, atol=1e-6)
 
 
 def test_bootstrap_ci_on_known_cases():
@@ -201,10 +208,8 @@ def test_study_end_to_end_on_a_tiny_model(tmp_path):
     # baseline and all:off against the model run directly on the same images
     ds, targets = study.load_split(data, meta)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
-    with torch.no_grad():
-        base = (model(x).argmax(1).numpy() == targets).mean()
-        with vggattn.gradcam.AttentionOff(model, list(s["layers"])):
-            off = (model(x).argmax(1).numpy() == targets).mean()
+    base = (by_hand(model, x, {}).argmax(1).numpy() == targets).mean()
+    off = (by_hand(model, x, {name: "off" for name in s["layers"]}).argmax(1).numpy() == targets).mean()
     assert s["interventions"]["baseline"]["top1"] == pytest.approx(base)
     assert s["interventions"]["all:off"]["top1"] == pytest.approx(off)
     r = s["interventions"]["all:off"]
@@ -237,23 +242,6 @@ def test_sink_note_flags_a_sink_dominated_layer_only():
     assert sink_note(row, (6, 0.3)) == ""  # the image's layer is not sink-dominated
     other = sink_note(np.roll(row, 1, axis=1), (6, 0.7))  # this row looks elsewhere
     assert other.startswith("sink-dominated image: cell (1, 2) takes 70%")
-
-
-def test_shipped_model_flags_its_sink_layers_on_a_click():
-    """A real checkpoint (its weights matter here): the flag names each image's own sink cell."""
-    from vggattn.analysis import analyze, render_attention
-
-    from vggattn.checkpoint import SMALL_CHECKPOINT
-
-    model, meta = vggattn.load_checkpoint(SMALL_CHECKPOINT, device="cpu")  # its study: two sink-dominated layers
-    result = analyze(model, meta, Image.open(Path(__file__).resolve().parent.parent / "assets" / "church.jpg"))
-    panels = render_attention(result, (30, 40))
-    flagged = [(p, sink) for p, sink in zip(panels, result.sinks()) if p.sink_note]
-    assert flagged, [p.title for p in panels]
-    for p, (index, share) in flagged:
-        assert share >= 0.5 and f"({index // p.grid[1]}, {index % p.grid[1]})" in p.sink_note and "⚠" in p.title
-    for p, (index, share) in zip(panels, result.sinks()):
-        assert bool(p.sink_note) == (share >= 0.5)
 
 
 def test_the_shipped_study_is_found_beside_the_resolved_checkpoint(tmp_path, monkeypatch):
@@ -310,7 +298,6 @@ def test_the_study_of_a_model_of_another_family(tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
-    from vggattn.adapters import Intervention
     from vggattn.zoo import nonlocal_resnet
 
     torch.manual_seed(0)
@@ -365,7 +352,7 @@ def test_the_sanity_check_reinitialises_exactly_what_makes_each_familys_logits()
         assert changed == owned and owned, (name, changed, owned)
     block, adapter = model.blocks["sagan"], find_blocks(model, ["blocks.sagan"])[0][2]
     flat = torch.ones(1, 32, 6, 6)  # every position the same: every row uniform, whatever Q and K are
-    rows = study.mean_head_rows(adapter.maps(block, flat))
+    rows = study.mean_head_rows(adapter.maps(block, flat))  # every query's row, the mean of the heads'
     other = study.mean_head_rows(adapter.maps(reinit_qk(block, adapter, 1), flat))
     assert study.spearman_rows(rows, other, 36) == pytest.approx(1.0)
 

@@ -2,6 +2,7 @@
 resumed, and torchrun with two CPU processes (gloo) against one process."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,21 +19,56 @@ from test_study import tiny_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("grid,images,block", [((6, 7), 5, 1 << 12), ((16, 16), 3, 1 << 22), ((32, 32), 1, 1 << 16)])
-def test_batch_statistics_equal_the_per_image_ones(grid, images, block):
-    """One pass, several images at once, the output's statistics from delta = gamma * A V: the same numbers as
-    `attention_statistics` from the rows and V, image by image (distances 1e-4: those were float32 cdist)."""
-    torch.manual_seed(0)
-    n = grid[0] * grid[1]
-    q, k = torch.randn(images, n, 8) * 2, torch.randn(images, n, 8) * 2
-    x, v, gamma = torch.randn(images, n, 24), torch.randn(images, n, 24), -0.7
-    delta = torch.stack([gamma * (study.softmax_rows(q[b], k[b])(0, n) @ v[b]) for b in range(images)])
-    got = study.batch_statistics(q, k, grid, 128, x=x, delta=delta, block_elements=block)
-    for b in range(images):
-        ref = study.attention_statistics(study.softmax_rows(q[b], k[b]), grid, 128, x=x[b], value=v[b], gamma=gamma)
+def brute_force(a: torch.Tensor, grid, key_grid, input_size: int) -> dict[str, float]:
+    """The row statistics of one image's rows a (N, M), each written out from its definition, in float64."""
+    from vggattn.readouts import cell_centers
+
+    a = a.double()
+    n, m = a.shape
+    mean_row = a.mean(0)
+    u = a / a.norm(dim=1, keepdim=True)
+    off_diag = ~torch.eye(n, dtype=torch.bool)
+    mix = 0.5 * (a + mean_row)
+    kl = lambda p, q: (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # noqa: E731
+    size = (input_size, input_size)
+    dist = torch.cdist(cell_centers(grid, size).double(), cell_centers(key_grid, size).double())  # (N, M)
+    return {"sink_mass": float(mean_row.max()), "sink_index": int(mean_row.argmax()),
+            "top1_weight": float(a.max(1).values.mean()),
+            "cosine_distance": float((1 - (u @ u.t())[off_diag]).mean()) if n > 1 else 0.0,
+            "jsd": float((0.5 * kl(a, mix) + 0.5 * kl(mean_row.expand_as(a), mix)).mean()),
+            "entropy_frac": float(-torch.xlogy(a, a).sum(1).mean() / math.log(m)),
+            "mean_distance_px": float((a * dist).sum(1).mean())}
+
+
+def assert_batched_equal_brute_force(maps, input_size: int, **kw) -> dict:
+    """Every image's batched statistics against `brute_force` of its rows (the mean of its heads' rows)."""
+    got = study.batch_statistics(maps, input_size, **kw)
+    rows = maps.rows().double().mean(1)  # (B, N or 1, M)
+    n = maps.grid[0] * maps.grid[1]
+    for b in range(len(rows)):
+        ref = brute_force(rows[b].expand(n, -1), maps.grid, maps.key_grid, input_size)
         for key, value in ref.items():
             tol = 1e-4 if key == "mean_distance_px" else 1e-5
             assert abs(got[key][b] - value) <= tol * max(1.0, abs(value)), (key, b, got[key][b], value)
+    return got
+
+
+@pytest.mark.parametrize("grid,key_grid,heads,images,block", [((6, 7), (6, 7), 1, 5, 1 << 12),
+                                                              ((16, 16), (16, 16), 1, 3, 1 << 22),
+                                                              ((32, 32), (32, 32), 1, 1, 1 << 16),
+                                                              ((8, 8), (4, 4), 1, 3, 1 << 10),
+                                                              ((6, 6), (6, 6), 4, 2, 1 << 12)])
+def test_batch_statistics_equal_the_per_image_ones(grid, key_grid, heads, images, block):
+    """One pass, several images at once, keys on their own grid, several heads (their rows' mean), with a bias: the
+    same numbers as each image's statistics written out from their definitions (distances 1e-4: float32 sums)."""
+    from vggattn.adapters import BlockMaps
+
+    torch.manual_seed(0)
+    n, m = grid[0] * grid[1], key_grid[0] * key_grid[1]
+    q, k = torch.randn(images, heads, n, 8) * 2, torch.randn(images, heads, m, 8) * 2
+    bias = torch.randn(images, heads, n, m) if heads > 1 else None
+    maps = BlockMaps("t", q, k, grid, key_grid, scale=0.7, bias=bias)
+    assert_batched_equal_brute_force(maps, 128, block_elements=block)
 
 
 def test_records_merge_in_index_order_and_drop_repeats(tmp_path):
@@ -133,24 +169,6 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     assert_same_study(two, one)
 
 
-def test_runs_sharing_segments_equal_each_run_alone():
-    """run_all computes the segments runs share once; each run's logits equal run_from's."""
-    from conftest import tiny_model
-
-    model = tiny_model(num_classes=4)
-    torch.manual_seed(2)
-    x = torch.randn(3, 3, 64, 64)
-    layers = study.attention_indices(model)
-    first = min(layers.values())
-    _, entering = study.entering_blocks(model, model.features[:first](x), first, layers.values())
-    runs = study.run_modes(layers)
-    shared = study.run_all(model, entering, runs)
-    assert set(shared) == set(runs) and len(runs) == 12
-    for key, modes in runs.items():
-        torch.testing.assert_close(shared[key], study.run_from(model, entering[min(modes)], min(modes), modes),
-                                   rtol=0, atol=0, msg=key)
-
-
 def brought_model_study(tmp_path, *, images: int, batch: int) -> list[str]:
     """vggattn.study's arguments for a brought model (tests/byo_models.py's 3-class classifier, seeded weights saved
     as a .pth) on `images` random images of classes a, b, c."""
@@ -199,3 +217,50 @@ def test_torchrun_two_cpu_processes_study_any_model_as_one(tmp_path):
     assert two["world_size"] == 2 and two["images"] == 11
     assert {p.name.split("-")[1] for p in (tmp_path / "two" / "records").glob("part-*.npz")} == {"r0", "r1"}
     assert_same_study(two, one)
+
+
+def random_model(which: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """The article's model (tiny) or a brought one (the zoo's non-local ResNet), random weights whose blocks change
+    their input, with a meta for 64 px inputs and these classes."""
+    from conftest import tiny_meta, tiny_model
+    from vggattn.zoo import nonlocal_resnet
+
+    meta = {**tiny_meta(input_size=64, num_classes=len(classes)), "class_names": classes}
+    if which == "article":
+        return tiny_model(num_classes=len(classes)), meta
+    torch.manual_seed(0)
+    model = nonlocal_resnet(len(classes)).eval()
+    with torch.no_grad():
+        model.nonlocal3.W[1].weight.fill_(0.5)  # the block does something (it starts as the identity)
+    return model, {**meta, "source": "vggattn.zoo:nonlocal_resnet"}
+
+
+@pytest.mark.parametrize("which", ["article", "nonlocal_resnet"])
+def test_every_model_gets_batched_statistics_contribution_and_faithfulness(which, data_root):
+    """The one engine on the article's model and on a brought one, 4 Imagenette images: a real batch's statistics
+    equal each image's written out from its rows; contribution and the output's distances for every block (each
+    one's output has its input's shape); the faithfulness measures for every block."""
+    from vggattn.byo import blocks_of
+    from vggattn.trace import watch
+
+    split = data_root / "val"
+    model, meta = random_model(which, sorted(p.name for p in split.iterdir() if p.is_dir()))
+    blocks = blocks_of(model, meta)
+    ds, _ = study.load_split(split, meta, 4)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        _, seen = watch(model, x, [name for name, *_ in blocks])
+        maps_of = {name: adapter.maps(module, seen[name].input) for name, module, adapter in blocks}
+    for maps in maps_of.values():
+        assert maps.query is not None and len(maps.query) == 4  # Q and K of the whole batch: batched statistics
+        assert_batched_equal_brute_force(maps, 64)
+    s = study.run_study(model, meta, split, limit=4, batch_size=4, workers=0, sanity_images=2, n_boot=20,
+                        faithfulness_images=2, progress=False)
+    assert list(s["layers"]) == [name for name, *_ in blocks]
+    for layer in s["layers"].values():
+        assert layer["contribution"] > 0 and 0 <= layer["cosine_distance_output"] <= 2, layer
+    f = s["faithfulness"]
+    assert f["images"] == 2 and set(f["layers"]) == set(s["layers"])
+    for layer in f["layers"].values():
+        assert all(math.isfinite(p["mean"]) and p["mean"] >= 0 for curve in layer["deletion"].values() for p in curve)
+        assert 0 < layer["sink"]["output_share"] and layer["sink"]["value_norm_ratio"] > 0

@@ -687,3 +687,8 @@ def find_blocks(model: nn.Module, names: list[str] | None = None, *,
                          f"a {'x'.join(map(str, traced.example[1:]))} input{skipped}; it is made of: "
                          f"{', '.join(kinds[:25])}{' ...' if len(kinds) > 25 else ''}")
     return found
+
+
+def output_tensor(out) -> torch.Tensor:
+    """A block's output tensor: the output itself, or the first of a tuple (SAGAN's block returns (out, attention))."""
+    return out if isinstance(out, torch.Tensor) else out[0]

@@ -1,130 +1,213 @@
-"""Does a position's attention row say what its output is made of? Deletion and sink anatomy, per layer.
+"""Does a position's attention row say what its output is made of? Deletion and sink anatomy, per block, for any
+model: every measure is a block forward with its rows replaced (`Adapter.forward(module, x, rows=...)`).
 
-    per_image = image_faithfulness(block, x_in, y_out, tail, top_class, reinit)   # one image, one layer
-    section = summarise(records, layers, n_boot, seed)                          # study.json's "faithfulness"
+    rec = record(model, blocks, x, random_blocks, positions, seed)   # per image and block, as the study records
+    section = summarise(records, layers, n_boot, seed)               # study.json's "faithfulness"
 
 Query-conditioned deletion (no pixels are masked, so no shape leaks): for a query q, the values of the k keys a
-selection names are replaced by the image's mean value, in q's weighted sum only, so q's block output changes by
+selection names are replaced by the image's mean value, in q's weighted sum only: q's row with those weights set to 0
+and their sum spread evenly over the M keys (sum_j w'_j v_j = sum_{j not in S} w_j v_j + (sum_S w) mean_v). Every
+query's own deletion runs at once, one block forward per selection and k; a position's change is its own where its
+output depends only on its own row (every non-local family here). Measured per query, mean over all queries:
 
-    delta_q = gamma * sum_{j in S} A[q, j] * (mean_v - v_j)
+- del: |change of the block's output at q| / |what attention adds there| (the output against that of zero rows);
+- logit: |change of the image's top-1 logit| with only q's output changed, to first order (the logit's gradient at
+  the block's output, from one backward, times the change).
 
-measured relative to what attention adds there, |delta_q| / |y_q - x_q| (all queries; a closed form), and as the
-change of the image's top-1 logit when only q's output changes (`QUERIES` sampled queries, the rest of the network
-run on each). Selections: "top" (q's own k largest weights), against "random" k keys (what uniform rows would
-pick), "bottom" (q's k smallest), "mean_row" (the image's query-averaged row's top k: the same keys for every
-query) and "reinit_qk" (the top k of q's row after re-initialising conv_query/conv_key). A faithful map: "top"
-far above the rest, and above "mean_row" where the rows differ between queries.
+Where the output is not on the query grid, or one map serves every position (GCNet), the whole output is one
+position. Selections: "top" (q's own k largest weights), against "random" k keys (what uniform rows would pick),
+"bottom" (q's k smallest), "mean_row" (the image's query-averaged row's top k: the same keys for every query) and
+"reinit_qk" (the top k of q's row after re-initialising what makes the logits). A faithful map: "top" far above the
+rest, and above "mean_row" where the rows differ between queries.
 
-Sink anatomy: at the image's sink (the most attended key), the value's norm against the mean value norm, and the
-share of each query's attention output that the sink term A[q, s] v_s makes up, |A[q, s] v_s| / |sum_j A[q, j]
-v_j|, averaged over queries. A "nop" sink takes the attention and adds almost nothing (share < 0.1); a
-"broadcast" sink adds one vector, v_s, to every position (share >= 0.5).
+Sink anatomy: at the image's sink (the most attended key), what its value adds when it takes a query's whole
+attention against the mean over keys (each query given the key of its own cell; where the output is per position),
+and the share of what attention adds at each query that the sink's term A[q, s] v_s makes up, averaged over
+queries. A "nop" sink takes the attention and adds almost nothing (share < 0.1); a "broadcast" sink adds one vector
+to every position (share >= 0.5).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
+from .adapters import output_tensor
+from .bootstrap import paired_bootstrap_ci
+
 KS = (1, 4, 16)  # deleted keys
 SELECTIONS = ("top", "random", "bottom", "mean_row", "reinit_qk")
-QUERIES = 4  # sampled queries an image and layer for the logit change
 NOP_BELOW, BROADCAST_FROM = 0.1, 0.5
-BLOCK = 1 << 21  # attention weights alive at once
+VARIANTS = 2  # replaced rows run through the block at once (each (heads, N, M): 64 MB for a 64 x 64 grid)
 
 
-def _tokens(t: torch.Tensor) -> torch.Tensor:  # (1, C, h, w) -> (N, C)
-    return t[0].flatten(1).transpose(0, 1)
+def delete_keys(rows: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rows (heads, N, M) with each query's keys (N, k) deleted, written into `out`: their values replaced by the mean
+    value, so their weights become 0 and their sum is spread evenly over the M keys."""
+    keys = keys.expand(rows.shape[0], -1, -1)  # (heads, N, k)
+    taken = rows.gather(-1, keys).sum(-1, keepdim=True)  # (heads, N, 1)
+    return out.copy_(rows).scatter_(-1, keys, 0.0).add_(taken / rows.shape[-1])
 
 
-def deletion_delta(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(R, C): gamma * sum_{j in keys[r]} rows[r, j] * (mean_v - v_j), the change of each row's block output when
-    the values of its keys (R, k) are replaced by the mean value. rows (R, N), values (N, C)."""
-    mean = values.mean(0)  # (C,)
-    weights = rows.gather(1, keys)  # (R, k)
-    return gamma * (weights[..., None] * (mean - values[keys])).sum(1)
+def own_cells(grid: tuple[int, int], key_grid: tuple[int, int]) -> torch.Tensor:
+    """(N,) the key cell under each query cell (keys on a coarser grid: the cell that covers it)."""
+    rows = torch.arange(grid[0]) * key_grid[0] // grid[0]
+    cols = torch.arange(grid[1]) * key_grid[1] // grid[1]
+    return (rows[:, None] * key_grid[1] + cols[None, :]).flatten()
 
 
-@torch.no_grad()
-def image_faithfulness(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       gamma: float, tail, top_class: int, reinit_qk: tuple[torch.Tensor, torch.Tensor],
-                       seed: int = 0, ks=KS, queries: int = QUERIES) -> dict[str, float]:
-    """One image and layer: q, k (N, C'), v, x, y (N, C) the block's Q, K, V, input and output (position-major);
-    tail(y (B, N, C)) -> logits (B, classes), the network after the block; reinit_qk: (Q, K) with conv_query /
-    conv_key re-initialised. -> {"del:<selection>:<k>": mean over queries of |delta_q| / |y_q - x_q|,
-    "logit:<selection>:<k>": mean over the sampled queries of |change of the top-1 logit|, "sink_value_ratio",
-    "sink_share", "sink_mass"}."""
-    n = q.shape[0]
-    kmax = min(max(ks), n)
-    gen = torch.Generator().manual_seed(seed)
-    random_keys = torch.stack([torch.randperm(n, generator=gen)[:kmax] for _ in range(n)]).to(q.device)  # (N, kmax)
-    added = (y - x).float()  # gamma * attention output, (N, C)
-    added_norm = added.norm(dim=1).clamp_min(1e-12)  # (N,)
-    vf, kt, kt_r = v.float(), k.float().t(), reinit_qk[1].float().t()
-    step = max(1, BLOCK // n)
-    col_sum = torch.zeros(n, dtype=torch.float64, device=q.device)
-    for s0 in range(0, n, step):
-        col_sum += torch.softmax(q[s0:s0 + step].float() @ kt, -1).sum(0, dtype=torch.float64)
-    mean_row = col_sum / n
-    mean_top = mean_row.topk(kmax).indices  # the same keys for every query
-    sink = int(mean_row.argmax())
-    sums = {f"del:{sel}:{kk}": 0.0 for sel in SELECTIONS for kk in ks}
-    sink_share = 0.0
-    sampled = np.linspace(0, n - 1, min(queries, n)).round().astype(int).tolist()
-    deltas = {}  # (query, selection, k) -> delta (C,), for the logit change
-    for s0 in range(0, n, step):
-        rows = torch.softmax(q[s0:s0 + step].float() @ kt, -1)  # (R, N)
-        r = rows.shape[0]
-        chosen = {"top": rows.topk(kmax, 1).indices, "bottom": rows.topk(kmax, 1, largest=False).indices,
-                  "random": random_keys[s0:s0 + r], "mean_row": mean_top.expand(r, -1),
-                  "reinit_qk": torch.softmax(reinit_qk[0][s0:s0 + step].float() @ kt_r, -1).topk(kmax, 1).indices}
-        for sel, keys in chosen.items():
-            for kk in ks:
-                delta = deletion_delta(rows, keys[:, :min(kk, kmax)], vf, gamma)  # (R, C)
-                sums[f"del:{sel}:{kk}"] += float((delta.norm(dim=1) / added_norm[s0:s0 + r]).double().sum())
-                for qi in sampled:
-                    if s0 <= qi < s0 + r:
-                        deltas[(qi, sel, kk)] = delta[qi - s0]
-        sink_share += float((rows[:, sink] * vf[sink].norm() * abs(gamma) / added_norm[s0:s0 + r]).double().sum())
-    out = {key: value / n for key, value in sums.items()}
-    # the logit change: every (query, selection, k) variant of y in one batch through the rest of the network
-    order = list(deltas)
-    batch = y.float()[None].repeat(len(order), 1, 1)  # (V, N, C)
-    for b, (qi, _, _) in enumerate(order):
-        batch[b, qi] += deltas[order[b]]
-    base = tail(y.float()[None])[0, top_class]
-    changed = torch.cat([tail(batch[s:s + 16])[:, top_class] for s in range(0, len(order), 16)])
-    for sel in SELECTIONS:
-        for kk in ks:
-            picked = [abs(float(changed[b] - base)) for b, (_, s, c) in enumerate(order) if s == sel and c == kk]
-            out[f"logit:{sel}:{kk}"] = float(np.mean(picked))
-    norms = vf.norm(dim=1)
-    out.update(sink_value_ratio=float(norms[sink] / norms.mean().clamp_min(1e-12)), sink_share=sink_share / n,
-               sink_mass=float(mean_row[sink]))
+def own_rows(cells: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rows (heads, N, M), written into `out`, in which each query puts all its weight on its own cell's key."""
+    out.zero_()[:, torch.arange(out.shape[1], device=out.device), cells] = 1.0
     return out
 
 
-def _ci(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
-    from .bootstrap import paired_bootstrap_ci
+def sink_rows(rows: torch.Tensor, sink: int, out: torch.Tensor) -> torch.Tensor:
+    """rows (heads, N, M) with every weight but the sink's set to 0, written into `out`."""
+    out.zero_()[..., sink] = rows[..., sink]
+    return out
 
+
+def position_norms(t: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """|t| at each position of a (1, C, h, w) output, (N,); not per position: the whole output's norm, (1,)."""
+    return t[0].flatten(1).norm(dim=0) if per_position else t.norm()[None]
+
+
+def position_dots(g: torch.Tensor, t: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """g . t at each position of (1, C, h, w) outputs, (N,); not per position: over the whole output, (1,)."""
+    return (g * t)[0].flatten(1).sum(0) if per_position else (g * t).sum()[None]
+
+
+@torch.no_grad()
+def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, reinit_rows: torch.Tensor,
+                       grad: torch.Tensor, grid: tuple[int, int], key_grid: tuple[int, int], *, seed: int = 0,
+                       ks=KS) -> dict[str, float]:
+    """One image and block: forward(rows (V, heads, N, M)) -> the block's outputs (V, ...) with those rows; rows
+    (heads, N, M) its own (N = 1: one map for every position); reinit_rows the same after re-initialising what makes
+    the logits; grad (1, ...) the gradient of the image's top-1 logit at the block's output. -> {"del:<selection>:<k>",
+    "logit:<selection>:<k>", "sink_value_ratio", "sink_share", "sink_mass"}."""
+    heads, n, m = rows.shape
+    kmax = min(max(ks), m)
+    head_mean = rows.mean(0)  # (N, M)
+    mean_row = head_mean.mean(0)  # (M,)
+    sink = int(mean_row.argmax())
+    gen = torch.Generator().manual_seed(seed)
+    chosen = {"top": head_mean.topk(kmax, 1).indices,
+              "random": torch.rand(n, m, generator=gen).topk(kmax, 1).indices.to(rows.device),  # k distinct keys
+              "bottom": head_mean.topk(kmax, 1, largest=False).indices,
+              "mean_row": mean_row.topk(kmax).indices.expand(n, -1),
+              "reinit_qk": reinit_rows.mean(0).topk(kmax, 1).indices}
+    per_query = n == grid[0] * grid[1]
+    cells = own_cells(grid, key_grid).to(rows.device)
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # each fills its `out` with replaced rows
+        "as is": lambda out: out.copy_(rows), "zero": lambda out: out.zero_(),
+        "sink": lambda out: sink_rows(rows, sink, out),
+        **{f"{sel}:{k}": (lambda out, keys=keys[:, :min(k, kmax)]: delete_keys(rows, keys, out))
+           for sel, keys in chosen.items() for k in ks},
+        **({"own": lambda out: own_rows(cells, out)} if per_query else {})}
+    names = list(variants)
+    buffer = rows.new_empty(VARIANTS, *rows.shape)
+    outs = {}
+    for s in range(0, len(names), VARIANTS):  # a few replaced rows at a time: bounded memory
+        part = names[s:s + VARIANTS]
+        for i, k in enumerate(part):
+            variants[k](buffer[i])
+        y = forward(buffer[:len(part)])
+        outs |= {k: y[i:i + 1] for i, k in enumerate(part)}
+    y, y0 = outs["as is"], outs["zero"]
+    per_position = per_query and y.dim() == 4 and tuple(y.shape[-2:]) == tuple(grid)
+    added = position_norms(y - y0, per_position).clamp_min(1e-12)  # what attention adds at each position
+    out = {}
+    for sel in SELECTIONS:
+        for k in ks:
+            change = outs[f"{sel}:{k}"] - y
+            out[f"del:{sel}:{k}"] = float((position_norms(change, per_position) / added).double().mean())
+            out[f"logit:{sel}:{k}"] = float(position_dots(grad, change, per_position).abs().double().mean())
+    value_ratio = float("nan")
+    if per_position:  # each query's output with its own cell's key taking all of its attention: that key's value
+        norms = position_norms(outs["own"] - y0, True)
+        value_ratio = float(norms[cells == sink].mean() / norms.mean().clamp_min(1e-12))
+    share = position_norms(outs["sink"] - y0, per_position) / added
+    return {**out, "sink_value_ratio": value_ratio, "sink_share": float(share.double().mean()),
+            "sink_mass": float(mean_row[sink])}
+
+
+def output_gradients(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, tuple]:
+    """{block name: (its input, the gradient of each image's top-1 logit at its output)} from one forward and one
+    backward of x. The outputs are kept in the graph (so not by `trace.watch`, which detaches them); every hook is
+    removed on exit."""
+    modules = dict(model.named_modules())
+    kept: dict[str, tuple] = {}
+
+    def keep(name: str):
+        def hook(module, args, out) -> None:  # returns None: the output stays as it is
+            kept.setdefault(name, (args[0].detach(), output_tensor(out)))
+        return hook
+
+    handles = [modules[name].register_forward_hook(keep(name)) for name in names]
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_())
+            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()  # images are independent in eval mode
+            grads = torch.autograd.grad(score, [kept[n][1] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (kept[n][0], torch.zeros_like(kept[n][1]) if g is None else g) for n, g in zip(names, grads)}
+
+
+@torch.no_grad()
+def record(model: torch.nn.Module, blocks: list, x: torch.Tensor, random_blocks: dict, positions: list[int],
+           seed: int) -> dict[str, np.ndarray]:
+    """`image_faithfulness` of every image of x (B, 3, H, W) in every block whose rows are distributions over the key
+    grid (softmax rows held whole, not windowed), as one record of the faithfulness measures. random_blocks: {name:
+    the block with its logits' parameters re-initialised}; positions: the images' indices in the split."""
+    kept = output_gradients(model, x, [name for name, *_ in blocks])
+    out: dict[str, list] = {"index": list(positions)}
+    for name, module, adapter in blocks:
+        xin, grad = kept[name]
+        maps = adapter.maps(module, xin)
+        if maps.normalise != "softmax" or maps.window is not None:
+            continue
+        reinit = adapter.maps(random_blocks[name], xin)
+        for j, position in enumerate(positions):
+            xj = xin[j:j + 1]
+
+            def forward(rows: torch.Tensor, xj=xj) -> torch.Tensor:
+                return output_tensor(adapter.forward(module, xj.expand(len(rows), *xj.shape[1:]), rows=rows))
+
+            measured = image_faithfulness(forward, maps.image(j).rows()[0].float(), reinit.image(j).rows()[0].float(),
+                                          grad[j:j + 1], maps.grid, maps.key_grid, seed=seed + position)
+            for key, value in measured.items():
+                out.setdefault(f"{name}:{key}", []).append(value)
+    return {key: np.asarray(value) for key, value in out.items()}
+
+
+def _ci(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
     return list(paired_bootstrap_ci(values, np.zeros_like(values), n_boot, seed))
 
 
 def summarise(rec: dict[str, np.ndarray], layers: list[str], n_boot: int, seed: int, ks=KS) -> dict:
-    """study.json's "faithfulness" section from the merged per-image records of the images it was measured on."""
-    out = {"images": int(len(rec["index"])), "ks": list(ks), "selections": list(SELECTIONS), "queries_for_logit": QUERIES,
+    """study.json's "faithfulness" section from the merged per-image records of the images it was measured on (the
+    layers it measured: those among `layers` with records)."""
+    out = {"images": int(len(rec["index"])), "ks": list(ks), "selections": list(SELECTIONS),
            "definitions": {
                "deletion": "values of the selected k keys replaced by the image's mean value in one query's weighted "
-                           "sum; del: |change of that position's block output| / |what attention adds there|, mean "
-                           "over all queries; logit: |change of the top-1 logit| with only that position changed, "
-                           f"mean over {QUERIES} sampled queries",
+                           "sum; del: |change of that position's block output| / |what attention adds there|; logit: "
+                           "|change of the top-1 logit| with only that position changed, to first order (its "
+                           "gradient at the block's output times the change); both the mean over all queries (where "
+                           "the output is not on the query grid or one map serves every position: the whole output)",
                "selections": "top: the query's own k largest weights; random: k random keys (uniform rows' choice); "
                              "bottom: its k smallest; mean_row: the image's mean row's top k; reinit_qk: the top k "
-                             "after re-initialising conv_query/conv_key",
-               "sink": f"nop: the sink term is < {NOP_BELOW} of the attention output; broadcast: >= {BROADCAST_FROM}",
+                             "after re-initialising the parameters that make the logits",
+               "sink": f"nop: the sink term is < {NOP_BELOW} of what attention adds; broadcast: >= {BROADCAST_FROM}; "
+                       "value norm: what the sink's value adds when it takes a query's whole attention, against the "
+                       "mean over keys",
                "ci": f"percentile bootstrap over images, {n_boot} resamples, seed {seed}"},
            "layers": {}}
-    for name in layers:
+    for name in (n for n in layers if f"{n}:sink_mass" in rec):
         layer = {"deletion": {}, "logit": {}}
         for what in ("del", "logit"):
             for sel in SELECTIONS:

@@ -212,9 +212,10 @@ def figures(study: dict) -> dict[str, bytes]:
     out["cosine_distance.png"] = png(fig)
 
     f = study.get("faithfulness")
-    if f:  # deletion curves over k, one panel per layer, 95% CIs as bands
-        fig = Figure(figsize=(4 * len(names), 3.4))
-        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+    measured = list(f["layers"]) if f else []  # the blocks whose rows are distributions
+    if measured:  # deletion curves over k, one panel per layer, 95% CIs as bands
+        fig = Figure(figsize=(4 * len(measured), 3.4))
+        for ax, name in zip(fig.subplots(1, len(measured), squeeze=False)[0], measured):
             for sel, curve in f["layers"][name]["deletion"].items():
                 ks = [p["k"] for p in curve]
                 ax.plot(ks, [p["mean"] for p in curve], marker="o", label=sel)
