@@ -52,7 +52,7 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
     photo = photo or PHOTO
     demo = app.build_demo(model, meta)
     port = free_port()
-    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(f"http://127.0.0.1:{port}/")
@@ -102,7 +102,7 @@ def float16_error(model, meta, images: list[Path]) -> tuple[float, float]:
     """Largest and 99th-percentile |row(float16 Q, K) - row(float32 Q, K)| over every row of every layer."""
     worst, p99 = 0.0, []
     for path in images:
-        result = analyze(model, meta, Image.open(path), gradcam=False)
+        result = analyze(model, meta, Image.open(path))
         full, half = hover_payload(result, "float32"), hover_payload(result, "float16")
         for a, b in zip(full["layers"], half["layers"]):
             rows = []
@@ -135,7 +135,7 @@ def main():
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         for name, (model, m, photo) in runs.items():
             drawn, framed, pins = moves_in_browser(model, m, args.moves, browser, photo, args.clicks)
-            result = analyze(model, m, Image.open(photo), gradcam=False)
+            result = analyze(model, m, Image.open(photo))
             sizes = [payload_bytes(hover_payload(result, d)) for d in ("float32", "float16")]
             grids = " / ".join(f"{layer.grid[0]}²×{layer.query.shape[-1]}" for layer in result.layers)
             rows.append([name, grids, round(percentile(drawn, 50), 2), round(percentile(drawn, 95), 2),

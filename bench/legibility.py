@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     rows = {}  # (renderer, layer) -> [(faint, half)]
     more_than_10 = {}
     for path in files:
-        result = analyze(model, meta, load_rgb(path), gradcam=False)
+        result = analyze(model, meta, load_rgb(path))
         w, h = result.size
         for _ in range(args.points):
             xy = (int(rng.integers(0, w)), int(rng.integers(0, h)))

@@ -38,7 +38,7 @@ def child(size: int, variant: str) -> dict:
             with torch.no_grad():
                 model(vggattn.preprocess(image, meta).contiguous(memory_format=torch.channels_last))  # as analyze
         else:
-            result = vggattn.analyze(model, meta, image, gradcam=False)
+            result = vggattn.analyze(model, meta, image)
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"time_s": median(times[1:]), "first_s": times[0], "peak_rss_mb": peak / 1024, "model_rss_mb": base / 1024}

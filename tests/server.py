@@ -28,7 +28,7 @@ def running_app(real: bool = False):
     study = load_study(checkpoint) if real else None
     demo = app.build_demo(*model_and_meta(real), study, checkpoint)
     port = free_port()
-    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

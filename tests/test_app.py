@@ -9,7 +9,6 @@ import torch
 from vggattn import app
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn.analysis import Analysis
 
 ASSET = app.HERE / "assets" / "church.jpg"
 
@@ -33,22 +32,26 @@ def upload(ui, mm, path=ASSET):
     return app.on_image(ui, *mm, str(path))
 
 
+def describe(model, meta):
+    return app.describe(model, meta, app.blocks_of(model, meta))
+
+
 def test_upload_runs_the_model_once_and_fills_the_page(mm, ui):
     out = upload(ui, mm)
     state, labels, df, seen = out[ui.state], out[ui.labels], out[ui.gammas_plot], out[ui.seen]
-    assert isinstance(state, Analysis) and state.size == (224, 224)
+    assert isinstance(state, app.Session) and state.size == (224, 224)
     assert len(labels) == 5 and abs(sum(labels.values()) - 1) < 1 and all(0 <= p <= 1 for p in labels.values())
-    assert list(df["layer"]) == ["features.14", "features.22", "features.30"]
+    assert list(df["block"]) == ["features.14", "features.22", "features.30"]
     assert "features.22" in out[ui.gammas_md] and "γ" in out[ui.gammas_md]
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
     assert "click" in out[ui.status] and "pointer" in out[ui.status]
     assert all(out[p] is None for p in ui.panels) and out[ui.readouts] == ""
     assert all(out[m] is None for m in ui.maps)  # the tabs' maps are drawn when their tab is open
-    tabs = {tab: app.on_tab(ui, tab, state) for tab in ("contribution", "dependence", "gradcam", "export")}
+    tabs = {tab: app.on_tab(ui, tab, state, model=mm[0]) for tab in ("contribution", "dependence", "gradcam", "export")}
     maps = [tabs["contribution"][m] for m in ui.maps[:3]] + [tabs["dependence"][m] for m in ui.maps[3:6]] + \
         [tabs["gradcam"][ui.maps[6]]]
     assert all(isinstance(m, np.ndarray) for m in maps)  # contribution x3, query-averaged x3, Grad-CAM
-    assert "‖γ·attn‖/‖x‖" in ui.maps[0].label and tabs["gradcam"][ui.open_tab] == "gradcam"
+    assert "‖y − x‖/‖x‖" in ui.maps[0].label and tabs["gradcam"][ui.open_tab] == "gradcam"
     assert "mean over queries" in ui.maps[3].label and "Grad-CAM" in ui.maps[6].label
     assert tabs["contribution"][ui.contribution_md].count("| `features.") == 3 and "largest" in tabs["contribution"][ui.contribution_md]
     assert "features.30" in tabs["dependence"][ui.dependence_md] and "JSD" in tabs["dependence"][ui.dependence_md]
@@ -71,7 +74,7 @@ def test_click_renders_three_titled_overlays_without_the_model(mm, ui, monkeypat
     state = upload(ui, mm)[ui.state]
     monkeypatch.setattr(model, "forward", lambda *a: pytest.fail("a click ran the model"))
     out = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200))
-    assert out[ui.point] == (10, 200) and "query index" in out[ui.status]
+    assert out[ui.point] == (10, 200) and "Pinned: pixel (10, 200)" in out[ui.status]
     assert out[ui.readouts].count("| `features.") == 3 and "entropy" in out[ui.readouts]
     panels = [out[p] for p in ui.panels]
     titles = [p.label for p in ui.panels]  # fixed when the app is built: the numbers are in the readouts
@@ -88,7 +91,7 @@ def test_a_click_the_page_drew_gets_the_readouts_and_no_pictures(mm, ui, monkeyp
     panels (the page's canvases lie over them) and sends the same status and readouts as a full click."""
     state = upload(ui, mm)[ui.state]
     full = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200))
-    monkeypatch.setattr(vggattn.analysis, "attention_picture", lambda *a, **k: pytest.fail("a picture was drawn"))
+    monkeypatch.setattr(vggattn.hover, "attention_picture", lambda *a, **k: pytest.fail("a picture was drawn"))
     light = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200), page_draws=True)
     assert all(light[p] is None for p in ui.panels) and set(light) == set(full)
     assert light[ui.point] == full[ui.point] and light[ui.status] == full[ui.status] and light[ui.readouts] == full[ui.readouts]
@@ -107,9 +110,10 @@ def test_controls_rerender_without_the_model(mm, ui, monkeypatch):
     unclicked = app.on_controls(ui, state, None, 0.5, "jet", "smooth", True)
     assert set(unclicked) == {*ui.maps, *ui.panels, ui.contribution_md, ui.dependence_md}  # nothing clicked yet: the panels are left as they are
     assert all(unclicked[p] == app.gr.update() for p in ui.panels)
-    marked, plain = (app.on_mark(ui, state, (100, 100), 0.5, "jet", "smooth", m) for m in (True, False))
-    assert set(marked) == set(plain) == set(ui.panels)  # the numbering touches the panels only, not the tabs' maps
-    assert not np.array_equal(marked[ui.panels[0]], plain[ui.panels[0]])
+    marked, plain = (app.on_controls(ui, state, (100, 100), 0.5, "jet", "smooth", m, tab="contribution")
+                     for m in (True, False))
+    assert not np.array_equal(marked[ui.panels[0]], plain[ui.panels[0]])  # the numbering redraws the panels
+    assert np.array_equal(marked[ui.maps[0]], plain[ui.maps[0]])  # and not the open tab's maps
 
 
 @pytest.mark.parametrize("state,words", [(None, "Upload an image"), (app.PENDING, "still being analysed")])
@@ -130,18 +134,18 @@ def test_bad_uploads_are_plain_errors(mm, tmp_path):
     with pytest.raises(app.gr.Error, match="not an image in a supported format"):
         app.on_image(app.build_demo(*mm).ui, *mm, str(text))
     with pytest.raises(app.gr.Error, match="upload an image"):
-        app.api_analyze(*mm, None)
+        app.api_analyze(*mm, None, None)
 
 
 def test_stateless_endpoints(mm):
     model, meta = mm
-    labels, gammas = app.api_analyze(model, meta, str(ASSET))
+    labels, gammas = app.api_analyze(model, meta, None, str(ASSET))
     assert len(labels) == 5 and gammas == pytest.approx({"features.14": 0.5, "features.22": 0.5, "features.30": 0.5})
-    *images, info = app.api_attention_at(model, meta, str(ASSET), 0, 0)
+    *images, info = app.api_attention_at(model, meta, None, str(ASSET), 0, 0)
     assert [i["query_index"] for i in info] == [0, 0, 0]
     assert all(im.shape == (224, 224, 3) for im in images)
     with pytest.raises(app.gr.Error, match="outside"):
-        app.api_attention_at(model, meta, str(ASSET), 224, 5)
+        app.api_attention_at(model, meta, None, str(ASSET), 224, 5)
 
 
 def test_bad_checkpoint_exits_with_one_sentence(tmp_path, capsys):
@@ -149,11 +153,11 @@ def test_bad_checkpoint_exits_with_one_sentence(tmp_path, capsys):
     bad.write_bytes(b"garbage" * 10)
     assert app.main(["--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: cannot load checkpoint") and "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: cannot load the model") and "\n" not in err and "Traceback" not in err
 
 
 def test_device_note_in_page(mm):
-    assert "running on **CPU**" in app.describe(*mm) or torch.cuda.is_available()
+    assert "running on **CPU**" in describe(*mm) or torch.cuda.is_available()
 
 
 def test_ablation_compares_top5_with_one_forward(mm, ui):
@@ -168,11 +172,11 @@ def test_ablation_compares_top5_with_one_forward(mm, ui):
     finally:
         del model.forward
     assert calls == [1]
-    assert list(df.columns)[1:] == ["all layers on", "features.14, features.22, features.30 off", "change"]
+    assert list(df.columns)[1:] == ["as computed", "features.14, features.22, features.30: off", "change"]
     assert len(df) == 5 and "Top-1" in verdict
     assert (df["change"].abs() > 0).any()  # gammas are 0.5: switching attention off changes the output
     # ordinary sequences are a warning and a line, never an Error
-    assert "at least one layer" in app.on_ablate(ui, model, state, [])[ui.ablation_verdict]
+    assert "at least one block" in app.on_ablate(ui, model, state, [])[ui.ablation_verdict]
     assert "Upload an image" in app.on_ablate(ui, model, None, ["features.14"])[ui.ablation_verdict]
 
 
@@ -188,7 +192,7 @@ def test_export_writes_a_zip_with_figure_maps_and_numbers(mm, ui):
     assert {"figure.png", "result.json", "gradcam.npy", "features.14_attention.npy", "features.30_mean_attention.npy"} <= names
     result = json.loads(zipfile.ZipFile(archive).read("result.json"))
     assert result["points"][0]["xy"] == [30, 40] and result["points"][0]["layers"]["features.14"]["query_index"] == \
-        state.query_indices((30, 40))["features.14"]
+        vggattn.query_index((30, 40), (224, 224), state.result.blocks[0].maps.grid)
     assert figure.endswith("figure.png")
 
 
@@ -233,7 +237,7 @@ def test_probabilities_use_the_checkpoints_temperature(mm):
     hot = analyze(model, {**meta, "temperature": 0.5}, image)
     torch.testing.assert_close(plain.probs, logits.softmax(-1))
     torch.testing.assert_close(hot.probs, (logits / 0.5).softmax(-1))
-    torch.testing.assert_close(ablate(model, hot, []), hot.probs)  # the same calibration with nothing switched off
+    torch.testing.assert_close(ablate(model, hot, {}), hot.probs)  # the same calibration with nothing switched off
 
 
 def test_unsure_threshold_rule_on_known_predictions():
@@ -246,10 +250,10 @@ def test_unsure_threshold_rule_on_known_predictions():
 
 def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm, ui):
     model, meta = mm
-    header = app.describe(model, meta)
+    header = describe(model, meta)
     assert "knows 10 classes (c0, c1" in header and "any image you give it gets one of them" in header
     assert "Every γ is 0" not in header
-    many = app.describe(model, {**meta, "class_names": [f"k{i}" for i in range(1000)]})  # an ImageNet head
+    many = describe(model, {**meta, "class_names": [f"k{i}" for i in range(1000)]})  # an ImageNet head
     assert "knows 1000 classes (k0, k1" in many and "k19, and 980 more)" in many and "k20" not in many
     sure = app.on_image(ui, model, {**meta, "unsure_below": 0.0}, str(ASSET))[ui.status]
     unsure = app.on_image(ui, model, {**meta, "unsure_below": 0.999}, str(ASSET))[ui.status]
@@ -258,7 +262,7 @@ def test_the_app_says_what_the_model_knows_and_when_it_is_unsure(mm, ui):
 
 def test_a_model_whose_gammas_are_all_zero_is_flagged():
     fresh = vggattn.vgg16_with_attention(10, width=0.125, hidden=32).eval()  # gamma = 0, as initialised
-    header = app.describe(fresh, tiny_meta(input_size=64))
+    header = describe(fresh, tiny_meta(input_size=64))
     assert "Every γ is 0: attention does not affect this model's predictions" in header
 
 
@@ -297,7 +301,7 @@ def test_log_scale_redraws_the_pinned_panels(mm, ui):
     assert linear[ui.status] == logged[ui.status]  # the same point and queries, coloured otherwise
     assert all(not np.array_equal(linear[p], logged[p]) for p in ui.panels)
     c = app.CONTROLS
-    again = app.on_mark(ui, state, (100, 120), c["opacity"], c["colormap"], c["mode"], True, "log")
+    again = app.on_controls(ui, state, (100, 120), c["opacity"], c["colormap"], c["mode"], True, "log")
     assert all(np.array_equal(again[p], logged[p]) for p in ui.panels)
 
 
@@ -305,17 +309,18 @@ def test_controls_before_a_click_leave_every_panel_as_it_is(mm, ui):
     """Gradio reads an empty dict as one missing output (the panels showed "Error"): every output gets
     a no-op update instead."""
     state = upload(ui, mm)[ui.state]
-    for out, outputs in ((app.on_mark(ui, state, None, 0.5, "jet", "smooth", True, "log"), ui.panels),
-                         (app.on_controls(ui, None, None, 0.5, "jet", "smooth", True),
-                          [*ui.panels, *ui.maps, ui.contribution_md, ui.dependence_md])):
-        assert set(out) == set(outputs) and all(v == app.gr.update() for v in out.values())
+    out = app.on_controls(ui, state, None, 0.5, "jet", "smooth", True, "log", tab="export")
+    assert all(out[p] == app.gr.update() for p in ui.panels)
+    out = app.on_controls(ui, None, None, 0.5, "jet", "smooth", True)
+    assert set(out) == {*ui.panels, *ui.maps, ui.contribution_md, ui.dependence_md}
+    assert all(v == app.gr.update() for v in out.values())
 
 
 def test_the_server_splits_the_cores_between_concurrent_events(monkeypatch):
     """`--concurrency N` events run at once, so each forward gets the cores / N PyTorch threads (at least 1;
     two forwards at 2 threads each on 2 cores lost 6% of the uploads under load); `--threads` overrides."""
     served, threads = [], torch.get_num_threads()
-    monkeypatch.setattr(app, "launch", lambda demo, *a, **k: served.append(k))
+    monkeypatch.setattr(app, "serve", lambda demo, *a, **k: served.append(k))
     cores = len(os.sched_getaffinity(0))
     try:
         assert app.main(["--concurrency", "2"]) == 0

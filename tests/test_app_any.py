@@ -1,4 +1,4 @@
-"""The app for any CNN with non-local attention (vggattn.app_any) without a browser: the page's layers
+"""The app on models of every family without a browser: the page's layers
 (vggattn.hover.PageLayer) against each family's adapter, and the handlers on a trained model, a model of every
 family and a discriminator (a score, no top-5)."""
 
@@ -11,13 +11,13 @@ import torch
 import vggattn
 from vggattn import app
 from vggattn.adapters import find_blocks
-from vggattn.byo import analyze_any, describe, load_model
-from vggattn.hover import any_payload, decode, page_layer
+from vggattn.analysis import analyze
+from vggattn.byo import describe, load_model
+from vggattn.hover import decode, page_layer, page_payload
 ZOO_CHECKPOINT = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"
 
 pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
 import byo_models  # noqa: E402  (needs timm)
-from vggattn import app_any  # noqa: E402
 
 ASSET = app.HERE / "assets" / "church.jpg"
 
@@ -28,7 +28,7 @@ def every():
 
     model = byo_models.every_family()
     meta = describe("byo_models:every_family", 64, [f"c{i}" for i in range(5)])
-    return model, meta, analyze_any(model, meta, Image.open(ASSET))
+    return model, meta, analyze(model, meta, Image.open(ASSET))
 
 
 def test_every_family_reaches_the_page_as_its_rows(every):
@@ -92,25 +92,25 @@ def test_a_pinned_picture_marks_the_query_cell_on_its_own_grid(every):
 
 def test_handlers_on_the_trained_non_local_resnet():
     model, meta = load_model("vggattn.zoo:nonlocal_resnet", ZOO_CHECKPOINT)
-    demo = app_any.build_any_demo(model, meta)
+    demo = app.build_demo(model, meta)
     ui = demo.ui
     assert len(ui.panels) == 1
-    none_yet = app_any.on_point(ui, None, 10, 10)  # a click before any upload: a line, not an Error
+    none_yet = app.on_point(ui, None, 10, 10)  # a click before any upload: a line, not an Error
     assert "Upload an image" in none_yet[ui.status] and none_yet[ui.point] is None
-    out = app_any.on_image(ui, model, meta, None, str(ASSET))
+    out = app.on_image(ui, model, meta, str(ASSET))
     state = out[ui.state]
-    assert out[ui.labels]["value"] and next(iter(out[ui.labels]["value"])) == "church"  # the trained model's top-1
+    assert next(iter(out[ui.labels])) == "church"  # the trained model's top-1
     payload = out[ui.hover]
     assert payload["version"] == 3 and payload["layers"][0]["key_grid"] == [8, 8]
-    pinned = app_any.on_point(ui, state, 120, 90)
+    pinned = app.on_point(ui, state, 120, 90)
     assert pinned[ui.point] == (120, 90) and "nonlocal3" in pinned[ui.readouts]
     picture = pinned[ui.panels[0]]
     assert picture.shape == state.result.display.shape
-    assert app_any.on_controls(ui, state, (120, 90), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]].shape == picture.shape
-    light = app_any.on_point(ui, state, 120, 90, pictures=False)  # a pin the page drew: the readouts, no pictures
+    assert app.on_controls(ui, state, (120, 90), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]].shape == picture.shape
+    light = app.on_point(ui, state, 120, 90, pictures=False)  # a pin the page drew: the readouts, no pictures
     assert light[ui.panels[0]] is None and light[ui.readouts] == pinned[ui.readouts]
-    assert app_any.on_controls(ui, state, (9999, 0), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]] == {"__type__": "update"}
-    ablated = app_any.on_ablate(ui, model, state, ["nonlocal3"], "uniform")
+    assert app.on_controls(ui, state, (9999, 0), 0.5, "viridis", "blocky", False, "log", "mean")[ui.panels[0]] == {"__type__": "update"}
+    ablated = app.on_ablate(ui, model, state, ["nonlocal3"], "uniform")
     assert "church" in ablated[ui.ablation_verdict] and list(ablated[ui.ablation].columns)[2] == "nonlocal3: uniform"
     # the ablation's forward equals the adapter's intervention on the block by hand
     from vggattn.adapters import Intervention
@@ -124,28 +124,29 @@ def test_handlers_on_the_trained_non_local_resnet():
 def test_a_discriminator_shows_its_score_not_a_top5():
     model = byo_models.discriminator().eval()
     meta = describe("byo_models:discriminator", 64, None)
-    demo = app_any.build_any_demo(model, meta)
+    demo = app.build_demo(model, meta)
     ui = demo.ui
-    out = app_any.on_image(ui, model, meta, None, str(ASSET))
-    assert out[ui.labels]["visible"] is False and out[ui.score]["visible"] is True
+    assert ui.labels.visible is False  # no class names: no top-5 box
+    out = app.on_image(ui, model, meta, str(ASSET))
+    assert out[ui.labels] is None
     with torch.no_grad():
         score = float(model(out[ui.state].result.input))
-    assert f"{score:+.4f}" in out[ui.score]["value"] and "score" in out[ui.score]["value"]
-    ablated = app_any.on_ablate(ui, model, out[ui.state], ["attn1", "attn2"], "off")
+    assert f"{score:+.4f}" in out[ui.score] and "score" in out[ui.score]
+    ablated = app.on_ablate(ui, model, out[ui.state], ["attn1", "attn2"], "off")
     assert ablated[ui.ablation_verdict].startswith(f"Score {score:+.4f} →")
     assert len(ui.panels) == 2  # SAGAN's Self_Attn and BigGAN's attention
 
 
 def test_the_head_selector_and_the_panel_count_follow_the_model(every):
     model, meta, _ = every
-    demo = app_any.build_any_demo(model, meta)
+    demo = app.build_demo(model, meta)
     config = demo.get_config_file()
     head = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "head")
     assert [c[1] for c in head["props"]["choices"]] == ["mean", "0", "1", "2", "3"]  # BoTNet's 4 heads
     assert len(demo.ui.panels) == 8
     hover = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "hover")
     assert hover["props"]["props"]["num_panels"] == 8 if "props" in hover["props"] else True
-    assert app_any.head_choice("2") == 2 and app_any.head_choice("mean") is None and app_any.head_choice("x") is None
+    assert app.head_choice("2") == 2 and app.head_choice("mean") is None and app.head_choice("x") is None
 
 
 def test_vggattn_launch_serves_a_model_in_hand():
@@ -177,7 +178,7 @@ def test_vggattn_launch_serves_a_model_in_hand():
 def test_vggattn_app_takes_model_and_timm_flags(monkeypatch):
     """`vggattn-app --timm NAME` and `--model ... --checkpoint ...` build the any-model app (serving stubbed)."""
     served = []
-    monkeypatch.setattr(app, "launch", lambda demo, *a, **k: served.append(demo))
+    monkeypatch.setattr(app, "serve", lambda demo, *a, **k: served.append(demo))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert app.main(["--timm", "botnet26t_256"]) == 0
     assert len(served[-1].ui.panels) == 3 and "random weights" in served[-1].config["components"][0]["props"]["value"]
@@ -194,10 +195,10 @@ def test_find_blocks_sees_every_family(every):
     assert len({a.family for *_, a in find_blocks(model)}) == 8 - 1  # two non-local forms share a family
 
 
-def test_any_payload_carries_the_image(every):
+def test_the_payload_carries_the_image(every):
     _, _, result = every
     layers = [page_layer(b.name, b.maps, b.family) for b in result.blocks]
-    payload = any_payload(result, layers, "float16")
+    payload = page_payload(result, layers, "float16")
     assert payload["dtype"] == "float16" and payload["size"] == list(result.size)
     with pytest.raises(ValueError, match="dtype"):
-        any_payload(result, layers, "int8")
+        page_payload(result, layers, "int8")

@@ -153,7 +153,7 @@ def test_a_flood_past_the_queue_gets_queue_full_not_a_hang():
     from server import free_port
 
     port = free_port()
-    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True, concurrency=1, queue_size=2)
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True, concurrency=1, queue_size=2)
     try:
         url = f"http://127.0.0.1:{port}/"
         clients = [Client(url, verbose=False) for _ in range(10)]
@@ -206,4 +206,4 @@ def test_app_with_a_bad_checkpoint_exits_with_one_sentence(tmp_path):
                           env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     assert proc.returncode != 0
     err = proc.stderr.strip()
-    assert err.startswith("error: cannot load checkpoint") and "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("error: cannot load the model") and "Traceback" not in err and err.count("\n") == 0, err

@@ -46,7 +46,7 @@ def served():
     for name, (model, meta) in models().items():
         demo = app_any.build_any_demo(model, meta)
         port = free_port()
-        app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+        app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
         apps.append(demo)
         out[name] = (f"http://127.0.0.1:{port}/", model, meta)
     yield out

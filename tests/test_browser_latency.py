@@ -86,7 +86,7 @@ def test_the_articles_app_pins_without_an_overlay(browser):
 def test_the_any_model_app_pins_without_an_overlay(browser):
     demo = third_party_app()
     port = free_port()
-    app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         check(click_under_latency(browser, f"http://127.0.0.1:{port}/", 5))
     finally:

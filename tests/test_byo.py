@@ -9,6 +9,7 @@ from PIL import Image
 
 from vggattn import byo, explain
 from vggattn import app
+from vggattn.analysis import analyze
 from vggattn.checkpoint import CheckpointError
 from vggattn.data import eval_transform, to_rgb
 
@@ -27,7 +28,7 @@ def test_a_discriminator_gets_its_score_and_every_blocks_rows(tmp_path):
     assert code == 0
     result = json.loads((out / "church" / "result.json").read_text())
     assert result["predictions"] is None and len(result["score"]) == 1  # no class logits: the score
-    blocks = {b["name"]: b for b in result["blocks"]}
+    blocks = {b["name"]: b for b in result["layers"]}
     assert blocks["attn1"]["family"] == "SAGAN Self_Attn" and blocks["attn1"]["grid"] == [16, 16]
     assert blocks["attn2"]["grid"] == [8, 8] and blocks["attn2"]["key_grid"] == [4, 4]  # BigGAN pools its keys
     a1 = np.load(out / "church" / "attn1_attention.npy")
@@ -36,7 +37,7 @@ def test_a_discriminator_gets_its_score_and_every_blocks_rows(tmp_path):
     np.testing.assert_allclose(a1.sum((1, 2)), 1, rtol=1e-5)
     # the rows are the model's own: SAGAN's forward returns its attention
     model, meta = byo.load_model("byo_models:discriminator", tmp_path / "d.pth", input_size=64)
-    result = byo.analyze_any(model, meta, Image.open(ASSET))
+    result = analyze(model, meta, Image.open(ASSET))
     with torch.no_grad():
         x = eval_transform(meta)(to_rgb(Image.open(ASSET))).unsqueeze(0)
         _, attention = model.attn1(model.stem(x))
@@ -55,8 +56,8 @@ def test_dot_product_rows_say_what_they_are_and_classes_come_from_a_file(tmp_pat
     assert explain.main([str(ASSET), "--model", "byo_models:classifier", "--checkpoint", str(tmp_path / "c.pth"),
                          "--classes", str(tmp_path / "names.txt"), "--input-size", "64", "--out", str(out)]) == 0
     result = json.loads((out / "church" / "result.json").read_text())
-    assert set(result["predictions"]) == {"cat", "dog", "bird"} and result["score"] is None
-    (block,) = result["blocks"]
+    assert {p["class"] for p in result["predictions"]} == {"cat", "dog", "bird"} and result["score"] is None
+    (block,) = result["layers"]
     assert "not a softmax" in block["what_the_numbers_are"] and block["key_grid"] == [8, 8]
 
 
@@ -79,7 +80,7 @@ def test_timm_offline_gets_random_weights_with_a_warning(tmp_path, monkeypatch, 
     assert explain.main([str(ASSET), "--timm", "botnet26t_256", "--point", "100,100", "--out", str(out)]) == 0
     result = json.loads((out / "church" / "result.json").read_text())
     assert len(result["predictions"]) == 5
-    heads = [b for b in result["blocks"] if b["heads"] > 1]
+    heads = [b for b in result["layers"] if b["heads"] > 1]
     assert heads and all(b["family"] == "timm BottleneckAttn (BoTNet)" for b in heads)
     name = heads[0]["name"].replace("/", "_")
     per_head = np.load(out / "church" / f"{name}_attention_heads.npy")
@@ -108,7 +109,7 @@ def test_a_safetensors_checkpoint_brings_its_own_class_names_and_input_size(tmp_
         x = torch.randn(1, 3, 96, 96)
         with torch.no_grad():
             assert torch.equal(loaded.eval()(x), model.eval()(x))
-        result = byo.analyze_any(loaded, got, Image.open(ASSET))
+        result = analyze(loaded, got, Image.open(ASSET))
         assert set(result.top_k(3)) == {"a", "b", "c"}
         assert result.blocks[0].maps.grid == (12, 12) and result.blocks[0].maps.key_grid == (6, 6)  # 96 px: 1/8, pooled
     finally:
@@ -123,7 +124,7 @@ def test_a_checkpoint_that_names_its_model_needs_no_model_flag(tmp_path):
     out = tmp_path / "zoo"
     assert explain.main([str(ASSET), "--checkpoint", str(zoo), "--point", "100,100", "--out", str(out)]) == 0
     result = json.loads((out / "church" / "result.json").read_text())
-    assert [b["name"] for b in result["blocks"]] == ["nonlocal3"] and next(iter(result["predictions"])) == "church"
+    assert [b["name"] for b in result["layers"]] == ["nonlocal3"] and result["predictions"][0]["class"] == "church"
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 

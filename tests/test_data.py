@@ -105,5 +105,5 @@ def test_to_rgb_copies_nothing_it_need_not(monkeypatch):
     real = data.to_rgb
     monkeypatch.setattr(analysis, "to_rgb", lambda im: calls.append(im) or real(im))
     monkeypatch.setattr(data, "to_rgb", lambda im: calls.append(im) or real(im))
-    analysis.analyze(tiny_model(), tiny_meta(input_size=64), rgb, gradcam=False)
+    analysis.analyze(tiny_model(), tiny_meta(input_size=64), rgb)
     assert len(calls) == 1 and calls[0] is rgb

@@ -1,5 +1,5 @@
 """Rendering (vggattn.render): levels, upsampling, the weight-as-visibility tint, pixel-rule marks; and
-the panels of a click (vggattn.analysis.render_attention)."""
+the panels of a click (vggattn.hover.PageLayer.picture)."""
 
 import matplotlib
 import numpy as np
@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_meta, tiny_model
-from vggattn.analysis import analyze, render_attention
+from vggattn.analysis import analyze
+from vggattn.hover import page_layer
 from vggattn.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
                             mark_cells, mark_query, marked_indices, overlay, palette, tint_alpha, top_indices, upsample)
 
@@ -116,40 +117,45 @@ def test_attention_picture_leaves_unattended_cells_alone():
     assert diff[100:, 100:].max() == 0  # far from anything attended and from the marks: untouched
 
 
-def test_render_attention_panels_follow_the_click():
+def pages(result):
+    return [page_layer(b.name, b.maps, b.family, "qk") for b in result.blocks]
+
+
+def reference_rows(block):
+    """softmax(Q K^T) of the block's maps, in float64: (N, N)."""
+    q, k = block.maps.query[0, 0].double(), block.maps.key[0, 0].double()
+    return torch.softmax(q @ k.T, dim=-1).numpy()
+
+
+def test_a_clicks_pictures_follow_the_click():
     model, meta = tiny_model(), tiny_meta(input_size=64)
     image = Image.fromarray((np.random.default_rng(0).random((90, 160, 3)) * 255).astype(np.uint8))
     result = analyze(model, meta, image)
     assert result.size == (160, 90) and result.display.shape == (90, 160, 3)
-    panels = render_attention(result, (159, 89))
-    assert [p.query_index for p in panels] == [16 * 16 - 1, 8 * 8 - 1, 4 * 4 - 1]
-    for p, layer in zip(panels, result.layers):
-        assert p.image.shape == (90, 160, 3)
-        np.testing.assert_allclose(p.attention_row.sum(), 1.0, rtol=1e-12)
-        np.testing.assert_allclose(p.attention_row.ravel(), layer.row(p.query_index)[0].numpy(), atol=1e-6)
-        top = int(p.attention_row.argmax())
-        peak = p.attention_row.max()
-        assert (f"max {peak:.2f}" if peak >= 0.01 else f"max {peak:.1e}") in p.title, p.title
-        assert f"at cell ({top // p.grid[1]}, {top % p.grid[1]})" in p.title
-    columns = render_attention(result, (10, 10), view="column")
-    assert all(not np.array_equal(c.image, r.image) for c, r in zip(columns, render_attention(result, (10, 10))))
-    with pytest.raises(ValueError, match="outside"):
-        render_attention(result, (160, 0))
+    style = dict(scale="linear", mode="smooth", colormap="inferno", opacity=0.8, top_k=5)
+    for layer, block in zip(pages(result), result.blocks):
+        rgb, cell, values = layer.picture(result.display, result.size, (159, 89), **style)
+        assert cell == layer.n - 1 and rgb.shape == (90, 160, 3)  # the bottom-right query
+        np.testing.assert_allclose(values.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(values.ravel(), reference_rows(block)[cell], atol=1e-9)
+        column, _, _ = layer.picture(result.display, result.size, (10, 10), view="column", **style)
+        row, _, _ = layer.picture(result.display, result.size, (10, 10), **style)
+        assert not np.array_equal(column, row)
 
 
 def test_column_equals_the_full_maps_column():
     model, meta = tiny_model(), tiny_meta(input_size=64)
     result = analyze(model, meta, Image.new("RGB", (64, 64), (100, 50, 20)))
-    for layer in result.layers:
-        for j in (0, layer.num_positions - 1):
-            np.testing.assert_allclose(layer.column(j)[0].numpy(), layer.attention[0, :, j].numpy(), atol=1e-6)
+    for layer, block in zip(pages(result), result.blocks):
+        for j in (0, layer.m - 1):
+            np.testing.assert_allclose(layer.column(j), reference_rows(block)[:, j], atol=1e-9)
 
 
 def test_large_image_is_drawn_on_a_small_copy():
     model, meta = tiny_model(), tiny_meta(input_size=64)
     result = analyze(model, meta, Image.new("RGB", (3000, 1000), (10, 20, 30)))
     assert result.size == (3000, 1000) and result.display.shape == (171, 512, 3)
-    assert render_attention(result, (2999, 999))[0].image.shape == (171, 512, 3)
+    assert pages(result)[0].picture(result.display, result.size, (2999, 999))[0].shape == (171, 512, 3)
     assert torch.isfinite(result.probs).all()
     decoded = np.asarray(Image.open(__import__("io").BytesIO(result.display_jpeg)).convert("RGB"))
     assert np.array_equal(decoded, result.display)  # the server draws on the very JPEG the page gets

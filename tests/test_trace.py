@@ -263,11 +263,12 @@ def test_a_model_of_third_party_blocks_in_explain(tmp_path):
     assert explain.main([str(HERE / "assets" / "church.jpg"), "--model", "byo_models:third_party", "--input-size", "64",
                          "--point", "0,0", "--point", "120,80", "--out", str(out)]) == 0
     result = json.loads((out / "church" / "result.json").read_text())
-    names = [b["name"] for b in result["blocks"]]
+    names = [b["name"] for b in result["layers"]]
     assert names == ["nonlocal2d", "halo", "vae_mid.attentions.0", "context", "reference"]
-    halo = result["blocks"][1]
-    assert halo["heads"] == 2 and len(halo["padding_share"]) == 2 and halo["padding_share"][0] > 0  # a corner
-    assert halo["padding_share"][1] == 0  # (120, 80): cell (5, 8) of 16x16, its window (rows 3-8, cols 7-12) inside
+    halo = result["layers"][1]
+    shares = [p["layers"]["halo"]["padding_share"] for p in result["points"]]
+    assert halo["heads"] == 2 and shares[0] > 0  # a corner
+    assert shares[1] == 0  # (120, 80): cell (5, 8) of 16x16, its window (rows 3-8, cols 7-12) inside
     rows = np.load(out / "church" / "nonlocal2d_attention.npy")
     assert rows.shape == (2, 8, 8)  # keys sub-sampled: an 8x8 key grid
     np.testing.assert_allclose(rows.sum((1, 2)), 1, rtol=1e-5)
@@ -278,16 +279,16 @@ def test_the_app_on_third_party_blocks():
     rows, a pinned point's readouts with the halo's share on padding, and an ablation through the traced block."""
     import numpy as np
 
-    from vggattn import app_any
+    from vggattn import app
     from vggattn.app import HERE
     from vggattn.byo import describe
 
     model = byo_models.third_party()
     meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])
-    demo = app_any.build_any_demo(model, meta)
+    demo = app.build_demo(model, meta)
     ui = demo.ui
     assert len(ui.panels) == 5
-    out = app_any.on_image(ui, model, meta, None, str(HERE / "assets" / "church.jpg"))
+    out = app.on_image(ui, model, meta, str(HERE / "assets" / "church.jpg"))
     state = out[ui.state]
     kinds = {layer.name: layer.kind for layer in state.layers}
     assert kinds == {"nonlocal2d": "qk", "halo": "window", "vae_mid.attentions.0": "qk", "context": "map",
@@ -302,9 +303,9 @@ def test_the_app_on_third_party_blocks():
                 np.testing.assert_allclose(layer.column(j), want[:, j].numpy(), rtol=1e-5, atol=1e-6, err_msg=layer.name)
     halo = next(layer for layer in state.layers if layer.kind == "window")
     assert halo.values_.shape[-1] == 36 < halo.m  # 6 x 6 keys a row, sent instead of the 256 cells
-    pinned = app_any.on_point(ui, state, 0, 0)
+    pinned = app.on_point(ui, state, 0, 0)
     assert "of the row on padding" in pinned[ui.readouts] and "vae_mid.attentions.0" in pinned[ui.readouts]
-    ablated = app_any.on_ablate(ui, model, state, ["halo", "vae_mid.attentions.0"], "uniform")
+    ablated = app.on_ablate(ui, model, state, ["halo", "vae_mid.attentions.0"], "uniform")
     with torch.no_grad(), adapters.Intervention(model, {"halo": "uniform", "vae_mid.attentions.0": "uniform"}):
         expected = torch.softmax(model(state.result.input), -1)[0]
     with torch.no_grad():
@@ -477,16 +478,17 @@ def test_timm_halonets_are_found_and_lambda_layers_named():
 
 
 def test_one_forward_records_every_traced_block_as_running_it_alone_does():
-    """analyze_any records the traced blocks' weights while the model runs (a Recorder inside each block only):
+    """analyze records the traced blocks' weights while the model runs (a Recorder inside each block only):
     the same rows as each block run on its own input, and no hook left behind."""
     from PIL import Image
 
     from vggattn.app import HERE
-    from vggattn.byo import analyze_any, describe
+    from vggattn.analysis import analyze
+    from vggattn.byo import describe
 
     model = byo_models.third_party()
     meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])
-    result = analyze_any(model, meta, Image.open(HERE / "assets" / "church.jpg"))
+    result = analyze(model, meta, Image.open(HERE / "assets" / "church.jpg"))
     inputs = {}
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, m in model.named_modules()
                if n in {b.name for b in result.blocks}]

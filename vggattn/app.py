@@ -53,6 +53,7 @@ from .text import contribution_markdown, dependence_markdown, gamma_markdown, mo
 from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
+from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
@@ -223,9 +224,9 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
 
 
 def render_point(state: Session, xy, opacity, colormap, mode, mark, scale, head, pictures: bool = True
-                 ) -> tuple[list, str]:
-    """Every block's picture for pixel xy (what the page draws for it; pictures False: None each) and the
-    readouts table with each sink-dominated block's note."""
+                 ) -> tuple[list, str, str]:
+    """Every block's picture for pixel xy (what the page draws for it; pictures False: None each), the readouts
+    table, and each sink-dominated block's note (also under the table)."""
     style = dict(scale=scale, mode=mode, colormap=colormap, opacity=opacity, top_k=TOP_K if mark else 0)
     drawn, lines, notes = [], [], []
     h = head_choice(head)
@@ -259,7 +260,7 @@ def render_point(state: Session, xy, opacity, colormap, mode, mark, scale, head,
              "top cells (row, col) weight | image's sink |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) +
              "\n\nEntropy: 100% = the query looks everywhere equally, 0% = at one cell. Top cells are numbered on "
              "the maps." + "".join(notes))
-    return drawn, table
+    return drawn, table, "".join(notes)
 
 
 def point_outputs(ui: UI) -> list:
@@ -276,8 +277,8 @@ def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS
     if refused:
         return refused
     x, y = clamped_point(state, x, y)
-    drawn, table = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head, pictures)
-    status = f"Pinned: pixel ({x}, {y}); its numbers per block are below."
+    drawn, table, notes = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head, pictures)
+    status = f"Pinned: pixel ({x}, {y}); its numbers per block are below.{notes}"
     return {ui.point: (x, y), ui.status: status, **panel_updates(ui, drawn if pictures else None), ui.readouts: table}
 
 
@@ -365,7 +366,7 @@ def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
     state = Session(result, [page_layer(b.name, b.maps, b.family) for b in result.blocks])
-    pictures, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
+    pictures, _, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
     info = [{"layer": b.name, "family": b.family, "grid": list(b.maps.grid), "key_grid": list(b.maps.key_grid),
              "gamma": b.gamma, "query_index": b.query_index((float(x), float(y)))} for b in result.blocks]
     return (*pictures, info)
@@ -586,8 +587,6 @@ def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size
 def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, layers=None,
            host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
     """Serve the app for a model in hand: `vggattn.launch(model, transform=..., class_names=...)`."""
-    from .ui import launch as serve
-
     meta = model_meta(model, transform=transform, class_names=class_names, input_size=input_size)
     return serve(build_demo(model, meta, layers=layers), host, port, share, **kw)
 
@@ -631,8 +630,6 @@ def main(argv=None) -> int:
     weights = str(args.checkpoint) if args.checkpoint else None if wants_own_model(args) else str(DEFAULT_CHECKPOINT)
     demo = build_demo(model, meta, load_study(weights) if weights else None, weights, hover_dtype=args.hover_dtype,
                       session_ttl=args.session_ttl, layers=args.layers)
-    from .ui import launch as serve
-
     serve(demo, args.host, args.port, args.share, concurrency=args.concurrency)
     return 0
 
