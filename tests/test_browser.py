@@ -72,7 +72,7 @@ def open_upload_and_click_centre(view, url: str) -> None:
                            "document.querySelector('#predictions').innerText.includes('%')", timeout=60_000)
     img = view.locator("#input-image img").first
     img.wait_for(state="visible", timeout=30_000)
-    click_image_at(img, 0.5, 0.5)
+    click_image_at(img, 112.5 / 224, 112.5 / 224)  # the middle of pixel (112, 112), not its corner
     view.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel (112, 112)')",
                            timeout=30_000)
 
@@ -169,23 +169,27 @@ def test_hover_pixel_is_the_click_pixel(page):
 
 
 def test_browser_rows_and_columns_equal_the_servers(page):
-    """The page's row of a query equals LayerCapture.row(q) to 1e-4, its column A[:, j] the full map's."""
+    """The page's row of a query equals the article's softmax(q . K) from the block's Q and K to 1e-4, its column
+    A[:, j] the full map's."""
     import numpy as np
     from PIL import Image
+
+    import torch
 
     import vggattn
     from vggattn.analysis import analyze
 
     result = analyze(*vggattn.load_checkpoint(device="cpu"), Image.open(app.HERE / "assets" / "church.jpg"))
-    for li, (layer, (sink, _)) in enumerate(zip(result.layers, result.sinks())):
-        n = layer.num_positions
+    for li, block in enumerate(result.blocks):
+        sink = block.sink[0]
+        full = torch.softmax(block.maps.query[0, 0] @ block.maps.key[0, 0].T, dim=-1).numpy()  # (N, N)
+        n = len(full)
         for q in sorted({0, n // 3, n - 1, sink}):
             js = np.array(page.evaluate("([l, q]) => window.vggattnHover.row(l, q)", [li, q]))
-            np.testing.assert_allclose(js, layer.row(q)[0].numpy(), atol=1e-4, rtol=0)
-        full = layer.attention[0]
+            np.testing.assert_allclose(js, full[q], atol=1e-4, rtol=0)
         for j in sorted({sink, n // 2}):
             js = np.array(page.evaluate("([l, j]) => window.vggattnHover.column(l, j)", [li, j]))
-            np.testing.assert_allclose(js, full[:, j].numpy(), atol=1e-4, rtol=0)
+            np.testing.assert_allclose(js, full[:, j], atol=1e-4, rtol=0)
 
 
 def test_scale_control_reaches_the_page(page):
@@ -208,7 +212,7 @@ def page_picture(view, layer: int, x: int, y: int, how: str):
 
 def test_page_and_server_draw_the_same_pictures(page, tmp_path):
     """One picture, two renderers: for a photo the server draws on a smaller copy (700x450 -> 512x329), the page's
-    hover render equals the server's pinned render (`render_attention`) within 2/255 at every pixel, for linear and
+    hover render equals the server's pinned render (`PageLayer.picture`) within 2/255 at every pixel, for linear and
     log, smooth and blocky, row and column, numbered or not, in every layer."""
     import itertools
 
@@ -216,11 +220,13 @@ def test_page_and_server_draw_the_same_pictures(page, tmp_path):
     from PIL import Image
 
     import vggattn
-    from vggattn.analysis import analyze, render_attention
+    from vggattn.analysis import analyze
+    from vggattn.hover import page_layer
 
     photo = Image.open(app.HERE / "assets" / "parachute.jpg").convert("RGB").resize((700, 450))
     photo.save(tmp_path / "wide.png")
     result = analyze(*vggattn.load_checkpoint(device="cpu"), photo)
+    layers = [page_layer(b.name, b.maps, b.family) for b in result.blocks]  # as the app sends them
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
         view.goto(page.url)
@@ -234,12 +240,13 @@ def test_page_and_server_draw_the_same_pictures(page, tmp_path):
                 itertools.cycle([(350, 225), (0, 0), (699, 449), (123, 401), (612, 37)])):
             controls = {"opacity": 0.8, "colormap": "inferno" if mark else "jet", "mode": mode, "mark": mark, "scale": scale}
             view.evaluate("(c) => window.vggattnHover.setControls(c)", controls)
-            panels = render_attention(result, (x, y), controls["opacity"], controls["colormap"], mode,
-                                      top_k=5 if mark else 0, scale=scale, view=how)
-            for li, panel in enumerate(panels):
+            for li, layer in enumerate(layers):
+                picture, _, _ = layer.picture(result.display, result.size, (x, y), view=how, scale=scale, mode=mode,
+                                              colormap=controls["colormap"], opacity=controls["opacity"],
+                                              top_k=5 if mark else 0)
                 drawn = page_picture(view, li, x, y, how)
-                assert drawn.shape == panel.image.shape == (329, 512, 3)
-                diff = np.abs(drawn.astype(int) - panel.image.astype(int))
+                assert drawn.shape == picture.shape == (329, 512, 3)
+                diff = np.abs(drawn.astype(int) - picture.astype(int))
                 worst[(scale, mode, how, mark, li)] = (int(diff.max()), int((diff > 0).any(-1).sum()))
         print("largest difference, pixels differing:", sorted(set(worst.values())))
         assert all(d <= 2 for d, _ in worst.values()), {k: v for k, v in worst.items() if v[0] > 2}
@@ -255,25 +262,25 @@ def test_column_view_of_a_sink_lights_every_query(page):
     import numpy as np
     import torch
 
-    from vggattn.capture import LayerCapture
-    from vggattn.hover import hover_payload
+    from vggattn.adapters import BlockMaps
+    from vggattn.hover import page_layer, page_payload
     from vggattn.render import palette
 
     grid, sink = (8, 8), 19
-    key = torch.zeros(1, 64, 4)
-    key[0, sink, 0] = 10.0
-    query = torch.zeros(1, 64, 4)
-    query[0, :, 0] = 10.0  # q_i . k_sink = 100, every other logit 0: one-hot rows
-    layers = [LayerCapture(f"l{i}", 0.1, grid, query, key, torch.zeros(1, *grid)) for i in range(3)]
-    fake = types.SimpleNamespace(display=np.full((64, 64, 3), 128, np.uint8), display_jpeg=jpeg_of(np.full((64, 64, 3), 128, np.uint8)),
-                                 size=(64, 64), layers=layers, sinks=lambda: [(sink, 1.0)] * 3)
+    key = torch.zeros(1, 1, 64, 4)
+    key[0, 0, sink, 0] = 10.0
+    query = torch.zeros(1, 1, 64, 4)
+    query[0, 0, :, 0] = 10.0  # q_i . k_sink = 100, every other logit 0: one-hot rows
+    layers = [page_layer(f"l{i}", BlockMaps("test", query, key, grid, grid), "test", "qk") for i in range(3)]
+    fake = types.SimpleNamespace(display=np.full((64, 64, 3), 128, np.uint8), size=(64, 64),
+                                 display_jpeg=jpeg_of(np.full((64, 64, 3), 128, np.uint8)))
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
         view.goto(page.url)
         view.wait_for_function("window.vggattnHover && document.querySelector('#panel-2')", timeout=60_000)
         view.evaluate("(p) => { window.vggattnHover.load(p); window.vggattnHover.setControls("
                       "{opacity: 1, colormap: 'jet', mark: false}); window.vggattnHover.setView('column'); }",
-                      hover_payload(fake))
+                      page_payload(fake, layers))
         top = palette("jet")[-1].tolist()
         pick = """([x, y]) => { window.vggattnHover.draw(x, y);
             return [0,1,2].map(i => { const c = document.querySelector(`#panel-${i} canvas.vggattn-hover`);
@@ -345,7 +352,7 @@ def test_tabs_contribution_ablation_and_export(page):
     page.locator("#layers-off").get_by_label("features.14").check()
     page.locator("#ablate").click()
     page.wait_for_function("document.querySelector('#ablation-verdict').innerText.includes('Top-1')", timeout=30_000)
-    assert "features.14 off" in page.locator("#ablation").inner_text()
+    assert "features.14: off" in page.locator("#ablation").inner_text()
 
     page.get_by_role("tab", name="Grad-CAM").click()
     page.wait_for_function("document.querySelector('#gradcam img')", timeout=30_000)
@@ -582,7 +589,7 @@ def test_each_panel_has_a_colour_scale_with_real_numbers(page):
     from PIL import Image
 
     import vggattn
-    from vggattn.analysis import analyze, attention_at
+    from vggattn.analysis import analyze
 
     result = analyze(*vggattn.load_checkpoint(device="cpu"), Image.open(app.HERE / "assets" / "church.jpg"))
     if page.evaluate("!(window.vggattnHover && window.vggattnHover.state().layers === 3)"):  # run alone: upload
@@ -590,8 +597,8 @@ def test_each_panel_has_a_colour_scale_with_real_numbers(page):
         page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
     page.evaluate("window.vggattnHover.setView('row'); window.vggattnHover.draw(60, 150)")
     legends = page.evaluate("[0,1,2].map(i => document.querySelector(`#panel-${i} .vggattn-legend`).innerText)")
-    for text, (row, _), layer, (sink, share) in zip(legends, attention_at(result, (60, 150)), result.layers,
-                                                     result.sinks()):
+    for text, block in zip(legends, result.blocks):
+        row, (_, share) = block.row_map((60, 150))[0], block.sink
         r, c = np.unravel_index(int(row.argmax()), row.shape)
         top = float(row.max())
         shown = f"{top:.2f}" if top >= 0.01 else f"{top:.1e}".replace("e-0", "e-")

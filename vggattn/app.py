@@ -46,6 +46,7 @@ from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_
                          add_checkpoint_argument, load_checkpoint)
 from .export import map_picture, write_result
 from .hover import PageLayer, page_layer, page_payload
+from .data import query_index
 from .readouts import mean_distance
 from .render import TOP_K, top_indices
 from .study import load_study
@@ -278,7 +279,9 @@ def on_point(ui: UI, state, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS
         return refused
     x, y = clamped_point(state, x, y)
     drawn, table, notes = render_point(state, (x, y), opacity, colormap, mode, mark, scale, head, pictures)
-    status = f"Pinned: pixel ({x}, {y}); its numbers per block are below.{notes}"
+    queries = ", ".join(f"{layer.name}: {query_index((x, y), state.size, layer.grid)}" for layer in state.layers
+                        if layer.kind != "map")
+    status = f"Pinned: pixel ({x}, {y}) → query index per block: {queries}; its numbers are below.{notes}"
     return {ui.point: (x, y), ui.status: status, **panel_updates(ui, drawn if pictures else None), ui.readouts: table}
 
 
@@ -450,15 +453,19 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         with gr.Row(equal_height=n <= PER_ROW):
             image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Your image: point at or click any pixel",
                                   elem_id="input-image", height=PANEL_HEIGHT, scale=1, min_width=PANEL_MIN_WIDTH)
-            with gr.Column(scale=min(n, PER_ROW), elem_id="panel-strip"):
-                panels = []
-                for start in range(0, n, PER_ROW):
-                    with gr.Row():
-                        panels += [gr.Image(label=f"{names[i]}: where the point attends", interactive=False, format="jpeg",
-                                            elem_id=f"panel-{i}", height=height, min_width=200)
-                                   for i in range(start, min(n, start + PER_ROW))]
-                        for _ in range(PER_ROW - (min(n, start + PER_ROW) - start) if n > PER_ROW else 0):
-                            gr.HTML("")  # keep the last row's panels as wide as the others
+            panel = functools.partial(gr.Image, interactive=False, format="jpeg", height=height)
+            if n <= PER_ROW:  # as large as the picture, beside it
+                panels = [panel(label=f"{names[i]}: where the point attends", elem_id=f"panel-{i}", scale=1,
+                                min_width=PANEL_MIN_WIDTH) for i in range(n)]
+            else:  # rows of three in a strip that scrolls
+                with gr.Column(scale=PER_ROW, elem_id="panel-strip"):
+                    panels = []
+                    for start in range(0, n, PER_ROW):
+                        with gr.Row():
+                            panels += [panel(label=f"{names[i]}: where the point attends", elem_id=f"panel-{i}",
+                                             min_width=200) for i in range(start, min(n, start + PER_ROW))]
+                            for _ in range(PER_ROW - (min(n, start + PER_ROW) - start)):
+                                gr.HTML("")  # keep the last row's panels as wide as the others
         hover = hover_view(n, APP_CONTROLS)
         status = gr.Markdown("Upload an image to begin.", elem_id="status")
         with gr.Row():
