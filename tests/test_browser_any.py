@@ -18,8 +18,8 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 
 import byo_models  # noqa: E402
 from server import free_port  # noqa: E402
-from vggattn import app_any  # noqa: E402
-from vggattn.byo import analyze_any, describe, load_model, load_timm  # noqa: E402
+from vggattn.analysis import analyze  # noqa: E402
+from vggattn.byo import describe, load_model, load_timm  # noqa: E402
 from vggattn.data import open_image  # noqa: E402
 from vggattn.hover import page_layer  # noqa: E402
 
@@ -44,7 +44,7 @@ def served():
     """name -> (url, model, meta): one app per model, started once for the module."""
     apps, out = [], {}
     for name, (model, meta) in models().items():
-        demo = app_any.build_any_demo(model, meta)
+        demo = app.build_demo(model, meta)
         port = free_port()
         app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
         apps.append(demo)
@@ -70,7 +70,7 @@ def uploaded(browser, url: str, width: int = 1440, height: int = 900, path=CHURC
 
 
 def server_layers(model, meta, path=CHURCH):
-    result = analyze_any(model, meta, open_image(path))
+    result = analyze(model, meta, open_image(path))
     return result, [page_layer(b.name, b.maps, b.family) for b in result.blocks]
 
 
@@ -154,6 +154,7 @@ def test_hover_click_heads_and_column_view(browser, served, name):
         page.wait_for_function(f"document.querySelectorAll('canvas.vggattn-hover[data-view=column]').length === {n}",
                                timeout=10_000)
         page.locator("input.vggattn-column").uncheck()
+        page.get_by_role("tab", name="Ablation").click()
         page.locator("#ablate").scroll_into_view_if_needed()
         page.locator("#layers-off").get_by_label(layers[0].name).check()
         page.locator("#ablate").click()

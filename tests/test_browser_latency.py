@@ -23,11 +23,10 @@ def third_party_app():
     pytest.importorskip("mmcv.cnn", reason="mmcv-lite is a test-only extra (requirements.txt pins it)")
     pytest.importorskip("diffusers", reason="diffusers is a test-only extra (requirements.txt pins it)")
     import byo_models
-    from vggattn import app_any
     from vggattn.byo import describe
 
     model = byo_models.third_party()
-    return app_any.build_any_demo(model, describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))
+    return app.build_demo(model, describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))
 
 
 def click_under_latency(browser, url: str, panels: int) -> dict:
