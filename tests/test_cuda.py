@@ -13,8 +13,10 @@ import vggattn
 from conftest import tiny_meta, tiny_model
 from test_train import run, toy_data  # noqa: F401  (fixture)
 from vggattn import study
-from vggattn.analysis import analyze, attention_at
+from vggattn.adapters import find_blocks
+from vggattn.analysis import analyze
 from vggattn.checkpoint import resolve_device
+from vggattn.trace import watch
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (make gpu-check runs these on one)")]
@@ -43,21 +45,22 @@ def test_device_auto_picks_cuda():
 
 
 def test_capture_on_cuda_equals_cpu():
+    """The one capture (watch + the adapters' maps) on CUDA reads the rows it reads on the CPU."""
     model, meta = shipped_or_tiny()
     x = torch.randn(2, 3, meta["input_size"], meta["input_size"])
-    with torch.no_grad(), vggattn.AttentionCapture(model) as cpu:
-        logits_cpu = model(x)
-    q_cpu = [layer.rows([0, layer.num_positions // 2, layer.num_positions - 1]) for layer in cpu.layers]  # read first
-    gpu_model = model.to("cuda")
-    with torch.no_grad(), vggattn.AttentionCapture(gpu_model) as gpu:
-        logits_gpu = gpu_model(x.cuda())
-    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-3, atol=1e-4)
-    for a, b, want in zip(cpu.layers, gpu.layers, q_cpu):
-        assert a.name == b.name and a.grid == b.grid
-        q = [0, a.num_positions // 2, a.num_positions - 1]
-        torch.testing.assert_close(b.rows(q).cpu(), want, rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(a.rows(q), want)  # a CPU capture still reads after the model moved
+
+    def rows(m, x):
+        blocks = find_blocks(m)
+        with torch.no_grad():
+            out, seen = watch(m, x, [n for n, *_ in blocks])
+            maps = [a.maps(mod, seen[n].input) for n, mod, a in blocks]
+            return out, [mp.rows([0, mp.grid[0] * mp.grid[1] // 2, mp.grid[0] * mp.grid[1] - 1]) for mp in maps]
+    logits_cpu, rows_cpu = rows(model, x)
+    logits_gpu, rows_gpu = rows(model.to("cuda"), x.cuda())
     model.to("cpu")
+    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-3, atol=1e-4)
+    for a, b in zip(rows_cpu, rows_gpu):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -92,9 +95,10 @@ def test_analysis_on_cuda_equals_cpu():
     model.to("cpu")
     assert list(cpu.top_k(5)) == list(gpu.top_k(5))
     torch.testing.assert_close(gpu.probs, cpu.probs, rtol=1e-3, atol=1e-4)
-    for (row_c, r_c), (row_g, r_g) in zip(attention_at(cpu, (60, 80)), attention_at(gpu, (60, 80))):
-        np.testing.assert_allclose(row_g, row_c, rtol=1e-3, atol=1e-4)
-        assert r_c["query_index"] == r_g["query_index"]
+    for c, g in zip(cpu.blocks, gpu.blocks):
+        np.testing.assert_allclose(g.row_map((60, 80)), c.row_map((60, 80)), rtol=1e-3, atol=1e-4)
+        assert c.query_index((60, 80)) == g.query_index((60, 80))
+        np.testing.assert_allclose(g.contribution, c.contribution, rtol=1e-3, atol=1e-4)
 
 
 def test_study_on_cuda_equals_cpu(tmp_path):
