@@ -46,7 +46,8 @@ def test_upload_runs_the_model_once_and_fills_the_page(mm, ui):
     assert seen.shape == (64, 64, 3) and seen.dtype == np.uint8
     assert "click" in out[ui.status] and "pointer" in out[ui.status]
     assert all(out[p] is None for p in ui.panels) and out[ui.readouts] == ""
-    assert all(out[m] is None for m in ui.maps)  # the tabs' maps are drawn when their tab is open
+    assert all(isinstance(out[m], np.ndarray) for m in ui.contribution)  # the open tab's maps come with the upload
+    assert all(out[m] is None for m in [*ui.mean_maps, ui.gradcam])  # the others' when their tab is opened
     tabs = {tab: app.on_tab(ui, tab, state, model=mm[0]) for tab in ("contribution", "dependence", "gradcam", "export")}
     maps = [tabs["contribution"][m] for m in ui.maps[:3]] + [tabs["dependence"][m] for m in ui.maps[3:6]] + \
         [tabs["gradcam"][ui.maps[6]]]

@@ -98,7 +98,7 @@ def test_upload_sends_the_payload_and_a_new_upload_drops_it():
     assert app.on_image(ui, model, meta, None)[ui.hover] is None
     half = app.build_demo(model, meta, hover_dtype="float16")  # the upload event as the demo wires it
     upload = next(f.fn for f in half.fns.values() if f.api_name == "upload")
-    sent = upload(str(ASSET))[half.ui.hover]
+    sent = upload(str(ASSET), "contribution", 0.8, "inferno", "smooth")[half.ui.hover]
     assert sent["dtype"] == "float16" and payload_bytes(sent) < payload_bytes(out[ui.hover])
 
 

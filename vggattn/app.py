@@ -201,9 +201,11 @@ def prediction_outputs(ui: UI, result: Analysis) -> dict:
 
 
 def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "float32",
-             layers: list[str] | None = None) -> dict:
-    """New upload (or example): run the model once; show predictions, γ, the model's input, and send the page
-    what it needs to draw the maps under the pointer. Everything of the previous image is reset."""
+             layers: list[str] | None = None, tab: str = "contribution", opacity=CONTROLS["opacity"],
+             colormap=CONTROLS["colormap"], mode=CONTROLS["mode"]) -> dict:
+    """New upload (or example): run the model once; show predictions, γ, the model's input and the open tab's
+    maps, and send the page what it needs to draw the maps under the pointer, all in one answer (one round
+    trip). Everything of the previous image is reset."""
     if not path:
         return blank(ui)
     try:
@@ -214,8 +216,9 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
                   f"each of the {len(pages)} attention blocks; **click** to pin a point and read its numbers.")
         note = unsure_note(result, meta)
         gammas = result.gammas()
-        return blank(ui) | {
-            ui.state: Session(result, pages), ui.hover: page_payload(result, pages, hover_dtype),
+        session = Session(result, pages)
+        return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
+            ui.state: session, ui.hover: page_payload(result, pages, hover_dtype),
             ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
             ui.gammas_md: gamma_markdown(result),
             ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
@@ -533,11 +536,12 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.vggattn_css = CSS
 
         # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
-        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
-            bind(on_image, ui, model, meta, hover_dtype=hover_dtype, layers=layers), image, list(blank(ui)),
-            api_name="upload").then(
-            lambda state, tab, *controls: on_tab(ui, tab, state, *controls, model=model),
-            [state, open_tab, opacity, colormap, mode], tab_outputs(ui), api_name="open_tab")
+        # An upload is one round trip: the analysis, the payload and the open tab's maps in one answer. Beside it,
+        # not before it, the old image's state goes at once (no queue), so a click meanwhile cannot pin on it.
+        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending")
+        def upload(path, tab, opacity, colormap, mode):
+            return on_image(ui, model, meta, path, hover_dtype, layers, tab, opacity, colormap, mode)
+        image.change(upload, [image, open_tab, opacity, colormap, mode], list(blank(ui)), api_name="upload")
         for tab, name in zip((contribution_tab, dependence_tab, gradcam_tab, ablation_tab, export_tab, blocks_tab,
                               dataset_tab), TABS):
             tab.select(bind(on_tab, ui, name, model=model), [state, opacity, colormap, mode], tab_outputs(ui),
