@@ -1,6 +1,8 @@
 """Adapters (vggattn.adapters) of every non-local block family, against direct computations on random weights:
 the rows to 1e-5, and the block's output as its own forward gives it, with and without interventions."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -197,3 +199,64 @@ def test_the_query_averaged_arm_is_one_map_per_image():
         assert maps.per_image
         torch.testing.assert_close(maps.rows()[:, 0, 0], mean_row, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(adapter.forward(block, x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def net_of_one_block():
+    torch.manual_seed(0)
+    block = GlobalAttention(16)
+    block.gamma.data.fill_(1.0)
+    return nn.Sequential(block).eval(), block, torch.randn(1, 16, 6, 5)
+
+
+def test_an_intervention_runs_no_own_forward_of_the_block_and_only_in_its_thread(monkeypatch):
+    from vggattn import model as model_code
+
+    net, block, x = net_of_one_block()
+    with torch.no_grad():
+        plain, mean = block(x), adapters.adapter_for(block).forward(block, x, "mean")
+    own, calls = model_code.attend_in_row_blocks, []
+    monkeypatch.setattr(model_code, "attend_in_row_blocks",
+                        lambda *a, **k: calls.append(threading.get_ident()) or own(*a, **k))
+    barrier, seen = threading.Barrier(2), {}
+
+    def other():
+        barrier.wait()  # runs while the main thread holds the intervention
+        with torch.no_grad():
+            seen["other"] = net(x)
+        barrier.wait()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with torch.no_grad(), adapters.Intervention(net, {"0": "mean"}):
+        barrier.wait()
+        barrier.wait()
+        replaced = net(x)
+    t.join()
+    assert calls == [t.ident]  # the block's own attention ran in the other thread only
+    torch.testing.assert_close(seen["other"], plain)
+    torch.testing.assert_close(replaced, mean)
+    assert "forward" not in vars(block)  # the class's forward again
+
+
+def test_interventions_of_two_threads_end_in_any_order_and_on_errors():
+    net, block, x = net_of_one_block()
+    with torch.no_grad():
+        plain = net(x)
+    entered, first_left, got = threading.Event(), threading.Event(), {}
+
+    def other():
+        with torch.no_grad(), adapters.Intervention(net, {"0": "off"}):
+            entered.set()
+            first_left.wait()
+            got["off"] = net(x)  # still replaced here after the main thread's intervention ended
+
+    t = threading.Thread(target=other)
+    t.start()
+    with pytest.raises(RuntimeError, match="boom"), adapters.Intervention(net, {"0": "uniform"}):
+        entered.wait()
+        raise RuntimeError("boom")
+    with torch.no_grad():
+        assert torch.equal(net(x), plain)  # this thread: the block as it is
+    first_left.set()
+    t.join()
+    assert torch.equal(got["off"], x) and "forward" not in vars(block)

@@ -12,9 +12,10 @@ from PIL import Image
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn import study, study_report
+from vggattn import adapters, study, study_report
 from vggattn.adapters import BlockMaps, Intervention, adapter_for
 from vggattn.readouts import js_divergence
+from vggattn.trace import watch
 
 
 def stats_of(a: torch.Tensor, grid, input_size=64, **kw):
@@ -137,6 +138,55 @@ def test_interventions_through_the_model_equal_the_direct_computation(modes):
     x = torch.randn(2, 3, 64, 48)
     got = study.intervention_logits(model, x, {"run": modes})["run"]
     torch.testing.assert_close(got, by_hand(model, x, modes), rtol=1e-5, atol=1e-6)
+
+
+def test_branched_runs_equal_the_direct_computation_and_keep_the_baselines_blocks():
+    model = tiny_model()
+    x = torch.randn(2, 3, 64, 48)
+    blocks = adapters.find_blocks(model)
+    names = [name for name, *_ in blocks]
+    runs = study.run_modes(names)
+    logits, seen = study.branched_forward(model, x, blocks, runs)
+    assert set(logits) == {"baseline", *runs}
+    torch.testing.assert_close(logits["baseline"], by_hand(model, x, {}), rtol=1e-5, atol=1e-6)
+    for key, modes in runs.items():
+        torch.testing.assert_close(logits[key], by_hand(model, x, modes), rtol=1e-5, atol=1e-6, msg=key)
+    _, watched = watch(model, x, names)
+    for name in names:
+        torch.testing.assert_close(seen[name].input, watched[name].input, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen[name].output, watched[name].output, rtol=1e-5, atol=1e-6)
+
+
+class AroundTheBlock(torch.nn.Module):
+    """A shortcut around an attention block: its input is added to its output, which branches of one batch
+    cannot share."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.block = torch.nn.Conv2d(3, 16, 3, padding=1), vggattn.GlobalAttention(16)
+        torch.nn.init.constant_(self.block.gamma, 0.5)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head((self.block(h) + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_a_model_that_mixes_branches_gets_one_forward_a_run(images):
+    model = AroundTheBlock().eval()
+    x = torch.randn(images, 3, 8, 8)
+    blocks = adapters.find_blocks(model)
+    runs = study.run_modes(["block"])
+    logits, seen = study.branched_forward(model, x, blocks, runs)
+    with torch.no_grad():
+        torch.testing.assert_close(logits["baseline"], model(x))
+        for key, modes in runs.items():
+            h = model.stem(x)
+            expected = model.head((reference_block(model.block, h, modes["block"]) + h).mean((2, 3)))
+            torch.testing.assert_close(logits[key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(seen["block"].input, model.stem(x).detach())
 
 
 def test_bootstrap_ci_on_known_cases():

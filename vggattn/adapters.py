@@ -17,7 +17,9 @@ family is tested against its block's own forward (tests/test_adapters.py).
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -520,10 +522,58 @@ def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
     return reset(copy.deepcopy(model), seed).eval()
 
 
+_REPLACED: dict[nn.Module, tuple[object, dict]] = {}  # module -> (its own instance forward or None, {thread id:
+# that thread's forward of the module})
+_REPLACED_LOCK = threading.Lock()
+
+
+def _dispatcher(own, threads: dict):
+    """A module's forward while some thread replaces it: the calling thread's replacement, else `own`. A call made
+    from inside the replacement (an adapter re-running the block's code) reaches `own`."""
+    def forward(*args, **kwargs):
+        me = threading.get_ident()
+        replacement = threads.get(me)
+        if replacement is None:
+            return own(*args, **kwargs)
+        threads[me] = None
+        try:
+            return replacement(*args, **kwargs)
+        finally:
+            threads[me] = replacement
+    return forward
+
+
+@contextmanager
+def replaced_forward(module: nn.Module, forward):
+    """In the entering thread only, `module(...)` runs `forward(...)` instead of the module's own forward (its hooks
+    still run around it) until exit, also on exceptions; every other thread runs the module as it is."""
+    me = threading.get_ident()
+    with _REPLACED_LOCK:
+        if module not in _REPLACED:
+            _REPLACED[module] = (module.__dict__.get("forward"), {})
+            module.forward = _dispatcher(module.forward, _REPLACED[module][1])
+        saved, threads = _REPLACED[module]
+        before = threads.get(me)
+        threads[me] = forward
+    try:
+        yield
+    finally:
+        with _REPLACED_LOCK:
+            if before is None:
+                del threads[me]
+            else:
+                threads[me] = before
+            if not threads:  # no thread replaces it: the module's forward as it was
+                del _REPLACED[module], module.forward
+                if saved is not None:
+                    module.forward = saved
+
+
 class Intervention:
     """Context manager: the named blocks' forwards (in the entering thread only) run with their rows replaced,
-    {name: "off" | "mean" | "uniform"}; every hook is removed on exit, exceptions are never swallowed. The one
-    way the app's ablation and the study switch attention off or replace it, for any family."""
+    {name: "off" | "mean" | "uniform"}, in place of the block's own forward (`replaced_forward`); restored on exit,
+    exceptions are never swallowed. The one way the app's ablation and the study switch attention off or replace
+    it, for any family."""
 
     def __init__(self, model: nn.Module, modes: dict[str, str]):
         modules = dict(model.named_modules())
@@ -535,35 +585,24 @@ class Intervention:
         if bad:
             raise ValueError(f"modes must be among {MODES}, got {bad}")
         self.modes, self.found = dict(modes), found
-        self._owner, self._handles = None, []
+        self._stack = ExitStack()
 
     def __enter__(self) -> "Intervention":
-        import threading
-
-        self._owner = threading.get_ident()
-        try:
+        with ExitStack() as stack:
             for name, mode in self.modes.items():
                 module, adapter = self.found[name]
-                self._handles.append(module.register_forward_hook(self._hook(adapter, mode)))
-        except BaseException:
-            self.__exit__()
-            raise
+                stack.enter_context(replaced_forward(module, intervened(module, adapter, mode)))
+            self._stack = stack.pop_all()
         return self
 
-    def _hook(self, adapter: Adapter, mode: str):
-        import threading
-
-        def hook(module, args, output):
-            if threading.get_ident() == self._owner:
-                return adapter.forward(module, args[0], mode)
-            return None
-        return hook
-
     def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._stack.close()
         return False
+
+
+def intervened(module: nn.Module, adapter: Adapter, mode: str):
+    """The block's forward with its rows replaced by `mode` (for `replaced_forward`)."""
+    return lambda x, *args, **kwargs: adapter.forward(module, x, mode)
 
 
 ADAPTERS: tuple[Adapter, ...] = (GlobalAttentionAdapter(), SelfAttnAdapter(), BigGANAttentionAdapter(), NonLocalAdapter(),

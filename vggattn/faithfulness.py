@@ -176,7 +176,7 @@ def record(model: torch.nn.Module, blocks: list, x: torch.Tensor, random_blocks:
             xj = xin[j:j + 1]
 
             def forward(rows: torch.Tensor, xj=xj) -> torch.Tensor:
-                return output_tensor(adapter.forward(module, xj.expand(len(rows), *xj.shape[1:]), rows=rows))
+                return output_tensor(adapter.forward(module, xj.expand(len(rows), *xj.shape[1:]).contiguous(), rows=rows))
 
             measured = image_faithfulness(forward, maps.image(j).rows()[0].float(), reinit.image(j).rows()[0].float(),
                                           grad[j:j + 1], maps.grid, maps.key_grid, seed=seed + position)

@@ -24,7 +24,8 @@ The output's measures need y of x's shape (NaN otherwise); rows that are no dist
 
 Interventions (top-1/top-5 over the split; paired bootstrap 95% CI of the top-1 change): each block and all of
 them `off`, `mean` (every row replaced by the image's mean row: GCNet's query-independent block, no retraining),
-`uniform` (every row 1/M: average pooling of the values), each a whole forward under `adapters.Intervention`.
+`uniform` (every row 1/M: average pooling of the values), all of them and the baseline in one forward whose runs
+share what they compute until the first block they differ in (`branched_forward`).
 Sanity check (Adebayo et al. 2018): the rows' Spearman correlation with the same block's rows after
 re-initialising what makes its logits (`Adapter.qk_modules`), and in a fully re-initialised model.
 Faithfulness (`vggattn.faithfulness`): deleting a query's top keys against baselines, and the sink's anatomy.
@@ -42,6 +43,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,15 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from . import faithfulness
-from .adapters import BlockMaps, Intervention, output_tensor, randomised_copy, reinit_qk
+from .adapters import (BlockMaps, Intervention, _cat_outputs, output_tensor, randomised_copy, reinit_qk,
+                       replaced_forward)
 from .bootstrap import paired_bootstrap_ci
 from .byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
 from .checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
 from .data import eval_transform, load_rgb
 from .readouts import SINK_DOMINATED, cell_centers
 from .study_report import MODES, headline, write_study
-from .trace import watch
+from .trace import Seen, watch
 
 log = logging.getLogger("vggattn.study")
 
@@ -370,6 +373,66 @@ def intervention_logits(model: torch.nn.Module, x: torch.Tensor, runs: dict[str,
     return out
 
 
+class Branches:
+    """The runs one forward carries side by side: the batch is `len(self.runs)` branches of B images, each branch
+    the runs that have computed the same so far (the first holds "baseline")."""
+
+    def __init__(self, runs: dict[str, dict[str, str]], b: int):
+        self.modes, self.b = {"baseline": {}, **runs}, b
+        self.runs = [list(self.modes)]
+        self.seen: dict[str, Seen] = {}
+
+    def forward(self, name: str, module, adapter):
+        """The block's forward for `replaced_forward`: `split` at each call."""
+        return lambda x, *args, **kwargs: self.split(name, module, adapter, x)
+
+    def split(self, name: str, module, adapter, x: torch.Tensor):
+        """The block's output for every branch of x: each branch split by its runs' modes here (its own forward
+        first), the new branches' outputs in order; the baseline's input and output kept in `seen` (first call)."""
+        if len(x) != len(self.runs) * self.b:
+            raise BranchError(f"{name} got a batch of {len(x)}, not {len(self.runs)} branches of {self.b}")
+        outs, runs = [], []
+        for i, branch in enumerate(self.runs):
+            xi = x[i * self.b:(i + 1) * self.b]
+            by_mode: dict[str | None, list[str]] = {}
+            for run in branch:
+                by_mode.setdefault(self.modes[run].get(name), []).append(run)
+            for mode in sorted(by_mode, key=lambda m: m is not None):  # the own forward first: baseline stays first
+                outs.append(module.forward(xi) if mode is None else adapter.forward(module, xi, mode))
+                runs.append(by_mode[mode])
+        self.seen.setdefault(name, Seen(x[:self.b], output_tensor(outs[0])))
+        self.runs = runs
+        return _cat_outputs(outs)
+
+
+class BranchError(RuntimeError):
+    """The model mixed branches (a block's input used after it, a batch size kept from before a block)."""
+
+
+@torch.no_grad()
+def branched_forward(model: torch.nn.Module, x: torch.Tensor, blocks: list,
+                     runs: dict[str, dict[str, str]]) -> tuple[dict[str, torch.Tensor], dict[str, Seen]]:
+    """({"baseline" and every run: the model's logits on x}, {block: Seen(its input, its output) in the baseline})
+    from one forward in which runs share what they compute until they differ (`Branches`): the part of the model
+    before the first block runs once, each block runs its own forward once per branch and each intervention only
+    where a run asks for it. A model that mixes branches (e.g. a shortcut around a block: an error or a wrong batch
+    at the end) gets one forward a run instead (`trace.watch`, `intervention_logits`)."""
+    branches = Branches(runs, len(x))
+    try:
+        with ExitStack() as stack:
+            for name, module, adapter in blocks:
+                stack.enter_context(replaced_forward(module, branches.forward(name, module, adapter)))
+            logits = model(x)
+        if len(logits) != len(branches.runs) * len(x) or len(branches.seen) != len(blocks):
+            raise BranchError(f"{len(logits)} logits for {len(branches.runs)} branches of {len(x)}")
+    except RuntimeError as err:  # BranchError, or a shape error from branches mixed
+        log.info("runs one forward each: %s", err)
+        base, seen = watch(model, x, [name for name, *_ in blocks])
+        return {"baseline": base} | intervention_logits(model, x, runs), seen
+    parts = logits.split(len(x))
+    return {run: parts[i] for i, branch in enumerate(branches.runs) for run in branch}, branches.seen
+
+
 def gamma_of(module: torch.nn.Module) -> float:
     """The block's scalar `gamma` parameter (the residual's weight), NaN when it has none."""
     gamma = getattr(module, "gamma", None)
@@ -427,8 +490,8 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     """The whole study of any model with attention blocks (`byo.blocks_of`; layers: by module name) as the
     JSON-ready dict `study.json` holds.
 
-    Per batch: one forward keeping each block's input and output (`trace.watch`); every intervention run as a
-    whole forward under `Intervention`; the statistics of every image of the batch at once (`batch_statistics`);
+    Per batch: one forward giving the baseline, every intervention run and each block's input and output in the
+    baseline (`branched_forward`); the statistics of every image of the batch at once (`batch_statistics`);
     the sanity check on the images among `sanity_images` evenly spaced ones (the parameters that make a block's
     logits re-initialised, `adapters.reinit_qk`; and the whole model, `adapters.randomised_copy`). Each batch's
     per-image results go to `records` as they are made. resume: skip the images `records` holds already. rank /
@@ -460,7 +523,8 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     random_blocks = {name: reinit_qk(module, adapter, seed + 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
     t0 = time.perf_counter()
     batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
-    loader = DataLoader(Subset(ds, todo), batch_size, num_workers=workers)
+    loader = DataLoader(Subset(ds, todo), batch_size,  # workers pay their start-up back over several batches only
+                        num_workers=workers if len(batches) > workers else 0)
     for positions, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc="study", unit="batch",
                                   disable=not progress):
         x, y, b = x.to(device), y.to(device), len(y)
@@ -471,8 +535,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
         if all(p in done_before for p in positions):  # resumed for the faithfulness measures only
             continue
         record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
-        base, seen = watch(model, x, names)
-        logits = {"baseline": base} | intervention_logits(model, x, runs)
+        logits, seen = branched_forward(model, x, blocks, runs)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
