@@ -16,6 +16,7 @@ exports without running the model again (Grad-CAM: one forward and backward, whe
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from PIL import Image
 from .adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
+from .hover import page_layer
 from .readouts import js_divergence
 from .trace import watch
 
@@ -92,24 +94,29 @@ class BlockResult:
         q = 0 if self.maps.per_image else self.query_index(xy)
         return float(self.maps.padding[0, :, q].double().mean())
 
+    @functools.cached_property
     def mean_row(self) -> np.ndarray:
-        """(M,) float64: every query and head's mean weight on each key cell (a distribution for softmax rows)."""
+        """(M,) float64: every query and head's mean weight on each key cell (a distribution for softmax rows);
+        computed once."""
         with torch.no_grad():
             return self.maps.mean_row()[0, :, 0].double().mean(0).cpu().numpy()
+
+    def page(self, kind: str | None = None):
+        """This block as the page gets it (`vggattn.hover.page_layer`), with its sink."""
+        return page_layer(self.name, self.maps, self.family, kind, self.sink)
 
     @property
     def sink(self) -> tuple[int, float] | None:
         """The image's sink, for rows that are distributions: (key cell, its share of all attention)."""
         if self.maps.normalise != "softmax":
             return None
-        mean = self.mean_row()
-        return int(mean.argmax()), float(mean.max())
+        return int(self.mean_row.argmax()), float(self.mean_row.max())
 
     def query_dependence(self) -> tuple[np.ndarray, float | None]:
         """(query-averaged map (kh, kw), mean JS divergence (nats) of the rows from it); the divergence is None
         where rows are no distributions, 0 for one map per image. Rows are the mean of the heads' rows, read a
         block of queries at a time (never the whole N x M map at once)."""
-        mean = self.mean_row()
+        mean = self.mean_row
         mean_map = mean.reshape(self.maps.key_grid)
         if self.maps.normalise != "softmax":
             return mean_map, None

@@ -45,7 +45,7 @@ from .byo import add_model_arguments, load_from_args, wants_own_model
 from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from .export import map_picture, write_result
-from .hover import PageLayer, page_layer, page_payload
+from .hover import PageLayer, page_payload
 from .data import query_index
 from .readouts import mean_distance
 from .render import TOP_K, top_indices
@@ -210,7 +210,7 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
         return blank(ui)
     try:
         result = analyze(model, meta, load_upload(path), layers)
-        pages = [page_layer(b.name, b.maps, b.family) for b in result.blocks]
+        pages = [b.page() for b in result.blocks]
         w, h = result.size
         status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
                   f"each of the {len(pages)} attention blocks; **click** to pin a point and read its numbers.")
@@ -371,7 +371,7 @@ def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"
     w, h = result.size
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
-    state = Session(result, [page_layer(b.name, b.maps, b.family) for b in result.blocks])
+    state = Session(result, [b.page() for b in result.blocks])
     pictures, _, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
     info = [{"layer": b.name, "family": b.family, "grid": list(b.maps.grid), "key_grid": list(b.maps.key_grid),
              "gamma": b.gamma, "query_index": b.query_index((float(x), float(y)))} for b in result.blocks]

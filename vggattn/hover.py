@@ -198,9 +198,11 @@ class PageLayer:
         return out
 
 
-def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> PageLayer:
+def page_layer(name: str, maps, family: str = "", kind: str | None = None,
+               sink: tuple[int, float] | None = None) -> PageLayer:
     """A block's `vggattn.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one map per
-    image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else "qk"."""
+    image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else "qk".
+    sink: the image's sink when the caller has it (`BlockResult.sink`), else computed here for softmax rows."""
     with torch.no_grad():
         heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
         if kind is None:
@@ -224,7 +226,9 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None) -> Pa
             layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
         if maps.padding is not None:
             layer.padding = maps.padding[0].double().cpu().numpy()
-        if maps.normalise == "softmax":
+        if sink is not None:
+            layer.sink = sink
+        elif maps.normalise == "softmax":
             mean = maps.mean_row()[0, :, 0].float().mean(0)  # (M,): every query and head's share of each key
             layer.sink = (int(mean.argmax()), float(mean.max()))
     return layer
