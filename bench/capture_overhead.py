@@ -1,4 +1,5 @@
-"""Capture overhead: a forward with AttentionCapture vs the same forward without, batch 1, CPU.
+"""Capture overhead: a forward under `vggattn.trace.watch` with every block's maps read (what `analyze` keeps) vs
+the same forward without, batch 1, CPU.
 
     python bench/capture_overhead.py [--repeats 300]
 
@@ -14,6 +15,8 @@ from common import interleaved, median, report
 
 import vggattn
 from tests_util import full_width_model
+from vggattn.adapters import find_blocks
+from vggattn.trace import watch
 
 
 def main():
@@ -30,13 +33,14 @@ def main():
         def plain():
             model(x)
 
+        blocks = find_blocks(model)
+
         @torch.no_grad()
         def captured():
-            with vggattn.AttentionCapture(model) as cap:
-                model(x)
-            return cap
+            _, seen = watch(model, x, [name for name, *_ in blocks])
+            return [adapter.maps(module, seen[name].input) for name, module, adapter in blocks]
 
-        kept = sum(layer.nbytes for layer in captured().layers)
+        kept = sum(t.numel() * t.element_size() for maps in captured() for t in (maps.query, maps.key))
         t = interleaved({"plain": plain, "capture": captured}, repeats)
         rows.append([name, size, round(median(t["plain"]) * 1e3, 2), round(median(t["capture"]) * 1e3, 2),
                      round(median(t["capture"]) / median(t["plain"]), 3), round(min(t["capture"]) / min(t["plain"]), 3),

@@ -30,7 +30,7 @@ from vggattn import app
 import vggattn
 from tests_util import full_width_meta, full_width_model
 from vggattn.analysis import analyze
-from vggattn.hover import decode, hover_payload, payload_bytes
+from vggattn.hover import decode, page_layer, page_payload, payload_bytes
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -98,6 +98,11 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
         demo.close()
 
 
+def hover_payload(result, dtype: str) -> dict:
+    """The page's payload with every block sent as Q and K (the article's blocks: what its page gets)."""
+    return page_payload(result, [page_layer(b.name, b.maps, b.family, "qk") for b in result.blocks], dtype)
+
+
 def float16_error(model, meta, images: list[Path]) -> tuple[float, float]:
     """Largest and 99th-percentile |row(float16 Q, K) - row(float32 Q, K)| over every row of every layer."""
     worst, p99 = 0.0, []
@@ -137,7 +142,7 @@ def main():
             drawn, framed, pins = moves_in_browser(model, m, args.moves, browser, photo, args.clicks)
             result = analyze(model, m, Image.open(photo))
             sizes = [payload_bytes(hover_payload(result, d)) for d in ("float32", "float16")]
-            grids = " / ".join(f"{layer.grid[0]}²×{layer.query.shape[-1]}" for layer in result.layers)
+            grids = " / ".join(f"{b.maps.grid[0]}²×{b.maps.query.shape[-1]}" for b in result.blocks)
             rows.append([name, grids, round(percentile(drawn, 50), 2), round(percentile(drawn, 95), 2),
                          round(percentile(framed, 50), 2), round(percentile(framed, 95), 2),
                          round(percentile(pins, 50), 2), round(percentile(pins, 95), 2),

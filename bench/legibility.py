@@ -20,7 +20,8 @@ from common import machine
 
 import vggattn
 from vggattn import app
-from vggattn.analysis import analyze, attention_at, render_map
+from vggattn.analysis import analyze
+from vggattn.export import map_picture
 from vggattn.data import load_rgb
 from vggattn.render import cell_rect
 
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         w, h = result.size
         for _ in range(args.points):
             xy = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-            for layer, (row, _) in zip(result.layers, attention_at(result, xy)):
+            for layer in result.blocks:
+                row = layer.row_map(xy)[0]
                 flat = row.reshape(-1)
                 faint = np.nonzero(flat < 0.01 * flat.max())[0]
                 order = np.argsort(-flat, kind="stable")
@@ -78,18 +80,18 @@ def main(argv=None) -> int:
                 more_than_10[layer.name] = more_than_10.get(layer.name, 0) + (need > 10)
                 half = order[:min(need, 10)]
                 drawn = {"before": before_overlay(result.display, row),
-                         "after": render_map(result, row, c["opacity"], c["colormap"], c["mode"], c["scale"])}
+                         "after": map_picture(result, row, c["opacity"], c["colormap"], c["mode"], c["scale"])}
                 for name, image in drawn.items():
                     rows.setdefault((name, layer.name), []).append(
-                        (cell_changes(result.display, image, layer.grid, faint) if len(faint) else np.nan,
-                         cell_changes(result.display, image, layer.grid, half)))
+                        (cell_changes(result.display, image, layer.maps.grid, faint) if len(faint) else np.nan,
+                         cell_changes(result.display, image, layer.maps.grid, half)))
     print(f"# legibility: {len(files)} val photos x {args.points} points, shipped checkpoint; {machine()}")
     print(f"after = app.CONTROLS {c}\n")
     print("| renderer | layer | rows | faint cells: mean change /255 | half-mass cells: mean change /255 | rows needing > 10 cells |")
     print("|---|---|---|---|---|---|")
     for renderer in ("before", "after"):
         every = []
-        for layer in [layer.name for layer in result.layers]:
+        for layer in [layer.name for layer in result.blocks]:
             v = np.array(rows[(renderer, layer)])
             every.append(v)
             print(f"| {renderer} | {layer} | {len(v)} | {np.nanmean(v[:, 0]):.1f} | {np.mean(v[:, 1]):.1f} | "

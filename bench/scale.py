@@ -4,9 +4,9 @@
     python bench/scale.py [--sizes 224,448,640]
 
 Each (size, variant) runs in a fresh process so its peak RSS is its own. "forward": the model alone
-on the preprocessed image (channels_last, like analyze); "analyze": vggattn.analyze (forward with
-AttentionCapture, Q/K kept per layer, no Grad-CAM). Capture storage is compared with the fp32
-N x N maps it replaces.
+on the preprocessed image (channels_last, like analyze); "analyze": vggattn.analyze (the forward keeping
+each block's input and output, Q/K kept per block, no Grad-CAM). Capture storage (Q and K) is compared with the
+fp32 N x N maps it replaces.
 Target: at 448 px, capture storage at most a tenth of the N x N maps.
 """
 
@@ -43,8 +43,9 @@ def child(size: int, variant: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"time_s": median(times[1:]), "first_s": times[0], "peak_rss_mb": peak / 1024, "model_rss_mb": base / 1024}
     if result is not None:
-        out["layers"] = [{"name": layer.name, "grid": layer.grid, "capture_bytes": layer.nbytes,
-                          "nxn_bytes": layer.num_positions ** 2 * 4} for layer in result.layers]
+        out["layers"] = [{"name": b.name, "grid": b.maps.grid,
+                          "capture_bytes": sum(t.numel() * t.element_size() for t in (b.maps.query, b.maps.key)),
+                          "nxn_bytes": (b.maps.grid[0] * b.maps.grid[1]) ** 2 * 4} for b in result.blocks]
     return out
 
 

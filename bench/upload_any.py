@@ -2,12 +2,12 @@
 
     python bench/upload_any.py [--runs 15]
 
-The church photo, for: the article's default checkpoint (the app's `on_image` and the open tab's maps, as
-`upload_cost.py` times it), the shipped non-local ResNet and timm's botnet26t_256 and halonet26t (random weights:
-the any-model app's `on_image`, which runs the model once, reads every block and builds the page's payload;
-halonet26t's blocks are found by tracing), and the classifier of third-party blocks of tests/byo_models.py (mmcv,
-timm, diffusers, all traced). Per model, interleaved rounds of: the forward alone on the preprocessed image, and the
-upload. Target: upload <= 1.5x the forward.
+The church photo, for: the article's default checkpoint, the shipped non-local ResNet and timm's botnet26t_256 and
+halonet26t (random weights; halonet26t's blocks are found by tracing), and the classifier of third-party blocks of
+tests/byo_models.py (mmcv, timm, diffusers, all traced). The upload is what the one app's server does for it: `on_image`
+(the model once, every block's maps, the page's payload) and the open tab's maps (`on_tab` for "Effective
+contribution", open when the page loads). Per model, interleaved rounds of: the forward alone on the preprocessed
+image, and the upload. Target: upload <= 1.5x the forward.
 """
 
 import argparse
@@ -26,22 +26,19 @@ PHOTO = ROOT / "assets" / "church.jpg"
 
 def article():
     import vggattn
+
+    return any_model(*vggattn.load_checkpoint(device="cpu"))
+
+
+def any_model(model, meta):
     from vggattn import app
 
-    model, meta = vggattn.load_checkpoint(device="cpu")
     ui = app.build_demo(model, meta).ui
 
     def upload():
         state = app.on_image(ui, model, meta, str(PHOTO))[ui.state]
         app.on_tab(ui, "contribution", state)
     return model, meta, upload
-
-
-def any_model(model, meta):
-    from vggattn import app_any
-
-    ui = app_any.build_any_demo(model, meta).ui
-    return model, meta, lambda: app_any.on_image(ui, model, meta, None, str(PHOTO))
 
 
 def main(argv=None) -> int:

@@ -4,8 +4,9 @@
 
 For the shipped checkpoint on the church photo, the median over --runs of:
 - forward: the model alone on the preprocessed image (the bound an upload is measured against);
-- analyze: `analyze` (decode, preprocess, the forward with capture, Grad-CAM, the display copy);
-- hover payload: log Z and the mean row of every layer (one pass over the rows), base64;
+- analyze: `analyze` (decode, preprocess, the forward keeping each block's input and output, every block's maps,
+  the display copy; Grad-CAM is made when its tab opens);
+- page payload: every block's layer for the page (log Z and the mean row: one pass over the rows), base64;
 - upload (server): what one upload costs the server: the app's `on_image` handler and the open tab's maps
   (`on_tab` for the first tab, "Effective contribution", which is open when the page loads);
 - query dependence tab: what opening the "Query dependence" tab adds (the JSD over every row).
@@ -25,7 +26,7 @@ import vggattn
 from vggattn import app
 from vggattn.analysis import analyze
 from vggattn.data import eval_transform
-from vggattn.hover import hover_payload
+from vggattn.hover import page_layer, page_payload
 
 
 def main():
@@ -39,7 +40,7 @@ def main():
     x = eval_transform(meta)(image.convert("RGB")).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     out = app.on_image(ui, model, meta, str(photo))  # warm-up
     app.on_tab(ui, "contribution", out[ui.state])
-    parts = {"forward": [], "analyze": [], "hover payload": [], "upload (server)": [], "query dependence tab": []}
+    parts = {"forward": [], "analyze": [], "page payload": [], "upload (server)": [], "query dependence tab": []}
     for _ in range(args.runs):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -47,7 +48,7 @@ def main():
         t1 = time.perf_counter()
         result = analyze(model, meta, image)
         t2 = time.perf_counter()
-        hover_payload(result)
+        page_payload(result, [page_layer(b.name, b.maps, b.family) for b in result.blocks])
         t3 = time.perf_counter()
         state = app.on_image(ui, model, meta, str(photo))[ui.state]
         app.on_tab(ui, "contribution", state)
