@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from common import interleaved, median, report
 
 from vggattn.evaluate import count_flops, count_params
-from vggattn.model import VGG16WithAttention
+from vggattn.models.vgg import VGG16WithAttention
 
 ARMS = {"attention": True, "none": False, "global": "global"}
 

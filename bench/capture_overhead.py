@@ -1,4 +1,4 @@
-"""Capture overhead: a forward under `vggattn.trace.watch` with every block's maps read (what `analyze` keeps) vs
+"""Capture overhead: a forward under `vggattn.attention.trace.watch` with every block's maps read (what `analyze` keeps) vs
 the same forward without, batch 1, CPU.
 
     python bench/capture_overhead.py [--repeats 300]
@@ -15,8 +15,8 @@ from common import interleaved, median, report
 
 import vggattn
 from tests_util import full_width_model
-from vggattn.adapters import find_blocks
-from vggattn.trace import watch
+from vggattn.attention.adapters import find_blocks
+from vggattn.attention.trace import watch
 
 
 def main():

@@ -30,7 +30,7 @@ from vggattn import app
 import vggattn
 from tests_util import full_width_meta, full_width_model
 from vggattn.analysis import analyze
-from vggattn.hover import decode, page_layer, page_payload, payload_bytes
+from vggattn.view.hover import decode, page_layer, page_payload, payload_bytes
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

@@ -9,7 +9,7 @@ left out, as they are the same before and after). Per row, two sets of cells:
 - half: the smallest set of cells holding half the row's weight, at most 10 (rows needing more are counted);
 and the mean |RGB change| the overlay makes to the photo in each (mean over the cell's pixels and channels,
 then over cells, then over rows), in /255. "before" is the previous renderer (min-max, jet, opacity 0.5,
-one blend of equal strength everywhere), re-typed here; "after" is vggattn.render with app.CONTROLS.
+one blend of equal strength everywhere), re-typed here; "after" is vggattn.view.render with app.CONTROLS.
 Target (issue 19): faint <= 8, half >= 50.
 """
 
@@ -21,9 +21,9 @@ from common import machine
 import vggattn
 from vggattn import app
 from vggattn.analysis import analyze
-from vggattn.export import map_picture
+from vggattn.view.export import map_picture
 from vggattn.data import load_rgb
-from vggattn.render import cell_rect
+from vggattn.view.render import cell_rect
 
 DATA = vggattn.checkpoint.DEFAULT_CHECKPOINT.parent.parent.parent / "shared" / "data" / "imagenette2-224" / "val"
 
@@ -32,7 +32,7 @@ def before_overlay(display: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
     """The renderer this replaces: min-max to [0, 1], PIL bilinear, jet, Image.blend at opacity 0.5."""
     from PIL import Image
 
-    from vggattn.render import _palette
+    from vggattn.view.render import _palette
 
     m = grid_map.astype(np.float32)
     m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)

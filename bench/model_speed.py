@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import interleaved, median, report
 from tests_util import article_twin, full_width_model
 
-from vggattn.model import VGG16WithAttention, attend_in_row_blocks
+from vggattn.models.vgg import VGG16WithAttention, attend_in_row_blocks
 
 
 def attention_kernels(batches: list[int], repeats: int) -> None:

@@ -30,7 +30,7 @@ from common import ROOT, report
 from vggattn import study
 from vggattn.byo import add_model_arguments, blocks_of, load_from_args
 from vggattn.checkpoint import add_checkpoint_argument
-from vggattn.trace import watch
+from vggattn.attention.trace import watch
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"
 FULL_SPLIT, FULL_SANITY, FULL_FAITHFULNESS = 3925, 256, 64  # the shipped study's shares
@@ -76,8 +76,8 @@ def statistics(model, meta, blocks, xs) -> float:
 
 
 def faithfulness_time(model, blocks, x) -> float:
-    from vggattn import faithfulness
-    from vggattn.adapters import reinit_qk
+    from vggattn.study import faithfulness
+    from vggattn.attention.adapters import reinit_qk
 
     random_blocks = {name: reinit_qk(module, adapter, 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
     faithfulness.record(model, blocks, x[:1], random_blocks, [0], 0)  # warm: the first image's one-off costs

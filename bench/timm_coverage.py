@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from vggattn.adapters import TracedAdapter, find_blocks, traced_blocks
+from vggattn.attention.adapters import TracedAdapter, find_blocks, traced_blocks
 
 PATTERNS = ["*botnet*", "*botnext*", "*halo*", "*lambda*", "gcres*", "gc_*"]
 

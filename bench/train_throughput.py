@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import article_reference, interleaved, median, report
 
-from vggattn.model import GlobalAttention, VGG16WithAttention
+from vggattn.models.vgg import GlobalAttention, VGG16WithAttention
 from vggattn.train import cpu_has_native_bf16
 
 article = article_reference()

@@ -26,7 +26,7 @@ import vggattn
 from vggattn import app
 from vggattn.analysis import analyze
 from vggattn.data import eval_transform
-from vggattn.hover import page_layer, page_payload
+from vggattn.view.hover import page_layer, page_payload
 
 
 def main():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vggattn.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
 from vggattn.evaluate import expected_calibration_error, fit_temperature
-from vggattn.model import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas
+from vggattn.models.vgg import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas
 
 NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn", "garbage truck",
          "gas pump", "golf ball", "parachute"]  # ../shared/data/README.md, in wnid order

@@ -3,7 +3,7 @@
     python scripts/unsure_threshold.py --checkpoint checkpoints/vgg16att-imagenette-w05-256.safetensors \
         --data ../shared/data/imagenette2-224/val
 
-Rule (vggattn.readouts.unsure_threshold): the largest top-1 probability c (after the checkpoint's
+Rule (vggattn.attention.readouts.unsure_threshold): the largest top-1 probability c (after the checkpoint's
 temperature) such that the val predictions with probability <= c are right less than half the
 time. The app marks a prediction below it as unsure. Writes meta["unsure_below"] and
 meta["training"]["unsure"] (the rule, the number, how many val predictions fall below it).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vggattn.readouts import unsure_threshold
+from vggattn.attention.readouts import unsure_threshold
 from vggattn.checkpoint import load_checkpoint, save_checkpoint
 from vggattn.evaluate import predict_logits
 

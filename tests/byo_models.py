@@ -2,7 +2,7 @@
 
 import torch.nn as nn
 
-from vggattn.families import BigGANAttention, NonLocalBlock2D, SelfAttn
+from vggattn.models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 
 
 class Discriminator(nn.Module):
@@ -51,7 +51,7 @@ class EveryFamily(nn.Module):
         from timm.layers import GlobalContext, NonLocalAttn
         from timm.layers.bottleneck_attn import BottleneckAttn
 
-        from vggattn.model import GlobalAttention
+        from vggattn.models.vgg import GlobalAttention
 
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, 4), nn.ReLU())

@@ -1,4 +1,4 @@
-"""Adapters (vggattn.adapters) of every non-local block family, against direct computations on random weights:
+"""Adapters (vggattn.attention.adapters) of every non-local block family, against direct computations on random weights:
 the rows to 1e-5, and the block's output as its own forward gives it, with and without interventions."""
 
 import threading
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vggattn import adapters
-from vggattn.families import BigGANAttention, NonLocalBlock2D, SelfAttn
-from vggattn.model import GlobalAttention
+from vggattn.attention import adapters
+from vggattn.models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
+from vggattn.models.vgg import GlobalAttention
 from byo_models import randomised
 
 timm = pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
@@ -209,7 +209,7 @@ def net_of_one_block():
 
 
 def test_an_intervention_runs_no_own_forward_of_the_block_and_only_in_its_thread(monkeypatch):
-    from vggattn import model as model_code
+    from vggattn.models import vgg as model_code
 
     net, block, x = net_of_one_block()
     with torch.no_grad():

@@ -92,7 +92,7 @@ def test_a_click_the_page_drew_gets_the_readouts_and_no_pictures(mm, ui, monkeyp
     panels (the page's canvases lie over them) and sends the same status and readouts as a full click."""
     state = upload(ui, mm)[ui.state]
     full = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200))
-    monkeypatch.setattr(vggattn.hover, "attention_picture", lambda *a, **k: pytest.fail("a picture was drawn"))
+    monkeypatch.setattr(vggattn.view.hover, "attention_picture", lambda *a, **k: pytest.fail("a picture was drawn"))
     light = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(10, 200), page_draws=True)
     assert all(light[p] is None for p in ui.panels) and set(light) == set(full)
     assert light[ui.point] == full[ui.point] and light[ui.status] == full[ui.status] and light[ui.readouts] == full[ui.readouts]
@@ -242,7 +242,7 @@ def test_probabilities_use_the_checkpoints_temperature(mm):
 
 
 def test_unsure_threshold_rule_on_known_predictions():
-    from vggattn.readouts import unsure_threshold
+    from vggattn.attention.readouts import unsure_threshold
 
     # the 3 least confident are right 1 time in 3 (< 50%), the 4 least confident 2 in 4 (not under 50%)
     assert unsure_threshold(np.array([0.9, 0.1, 0.4, 0.2, 0.3]), np.array([1, 0, 1, 0, 1])) == pytest.approx(0.3)

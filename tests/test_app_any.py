@@ -1,5 +1,5 @@
 """The app on models of every family without a browser: the page's layers
-(vggattn.hover.PageLayer) against each family's adapter, and the handlers on a trained model, a model of every
+(vggattn.view.hover.PageLayer) against each family's adapter, and the handlers on a trained model, a model of every
 family and a discriminator (a score, no top-5)."""
 
 import json
@@ -10,10 +10,10 @@ import torch
 
 import vggattn
 from vggattn import app
-from vggattn.adapters import find_blocks
+from vggattn.attention.adapters import find_blocks
 from vggattn.analysis import analyze
 from vggattn.byo import describe, load_model
-from vggattn.hover import decode, page_layer, page_payload
+from vggattn.view.hover import decode, page_layer, page_payload
 ZOO_CHECKPOINT = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"
 
 pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
@@ -72,7 +72,7 @@ def test_every_family_reaches_the_page_as_its_rows(every):
 def test_a_pinned_picture_marks_the_query_cell_on_its_own_grid(every):
     """BigGAN's keys sit on a half grid: the row is drawn on the 8x8 key grid, the query's frame on the 16x16 grid;
     the column the other way round."""
-    from vggattn.render import attention_picture
+    from vggattn.view.render import attention_picture
 
     _, _, result = every
     block = next(b for b in result.blocks if b.name == "blocks.biggan")
@@ -113,7 +113,7 @@ def test_handlers_on_the_trained_non_local_resnet():
     ablated = app.on_ablate(ui, model, state, ["nonlocal3"], "uniform")
     assert "church" in ablated[ui.ablation_verdict] and list(ablated[ui.ablation].columns)[2] == "nonlocal3: uniform"
     # the ablation's forward equals the adapter's intervention on the block by hand
-    from vggattn.adapters import Intervention
+    from vggattn.attention.adapters import Intervention
 
     with torch.no_grad(), Intervention(model, {"nonlocal3": "uniform"}):
         expected = torch.softmax(model(state.result.input), -1)[0]

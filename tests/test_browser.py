@@ -221,7 +221,7 @@ def test_page_and_server_draw_the_same_pictures(page, tmp_path):
 
     import vggattn
     from vggattn.analysis import analyze
-    from vggattn.hover import page_layer
+    from vggattn.view.hover import page_layer
 
     photo = Image.open(app.HERE / "assets" / "parachute.jpg").convert("RGB").resize((700, 450))
     photo.save(tmp_path / "wide.png")
@@ -262,9 +262,9 @@ def test_column_view_of_a_sink_lights_every_query(page):
     import numpy as np
     import torch
 
-    from vggattn.adapters import BlockMaps
-    from vggattn.hover import page_layer, page_payload
-    from vggattn.render import palette
+    from vggattn.attention.adapters import BlockMaps
+    from vggattn.view.hover import page_layer, page_payload
+    from vggattn.view.render import palette
 
     grid, sink = (8, 8), 19
     key = torch.zeros(1, 1, 64, 4)

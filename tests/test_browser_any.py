@@ -21,7 +21,7 @@ from server import free_port  # noqa: E402
 from vggattn.analysis import analyze  # noqa: E402
 from vggattn.byo import describe, load_model, load_timm  # noqa: E402
 from vggattn.data import open_image  # noqa: E402
-from vggattn.hover import page_layer  # noqa: E402
+from vggattn.view.hover import page_layer  # noqa: E402
 
 CHURCH = app.HERE / "assets" / "church.jpg"
 ZOO = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"

@@ -1,4 +1,4 @@
-"""The one capture: `vggattn.trace.watch` keeps each block's input and output in one forward, the adapters read
+"""The one capture: `vggattn.attention.trace.watch` keeps each block's input and output in one forward, the adapters read
 the block's rows from that input; on the article's model (tiny, random weights) against the article's maths."""
 
 import threading
@@ -8,9 +8,9 @@ import torch
 
 import vggattn
 from conftest import tiny_model
-from vggattn.adapters import find_blocks
+from vggattn.attention.adapters import find_blocks
 from vggattn.analysis import contribution_map
-from vggattn.trace import watch
+from vggattn.attention.trace import watch
 
 NAMES = ["features.14", "features.22", "features.30"]
 

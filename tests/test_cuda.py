@@ -13,10 +13,10 @@ import vggattn
 from conftest import tiny_meta, tiny_model
 from test_train import run, toy_data  # noqa: F401  (fixture)
 from vggattn import study
-from vggattn.adapters import find_blocks
+from vggattn.attention.adapters import find_blocks
 from vggattn.analysis import analyze
 from vggattn.checkpoint import resolve_device
-from vggattn.trace import watch
+from vggattn.attention.trace import watch
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (make gpu-check runs these on one)")]

@@ -1,4 +1,4 @@
-"""Faithfulness (vggattn.faithfulness) on hand-made attention where the answers are known, and in the study."""
+"""Faithfulness (vggattn.study.faithfulness) on hand-made attention where the answers are known, and in the study."""
 
 import json
 import math
@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from vggattn import faithfulness, study, study_report
+from vggattn import study
+
+
+from vggattn.study import report as study_report
+from vggattn.study import faithfulness
 from test_study import tiny_checkpoint
 
 
@@ -71,7 +75,7 @@ def test_the_first_order_logit_change_is_the_change_for_a_small_deletion():
     """The logit measure is first order: in a small net (conv, the article's block, a ReLU tail), deleting one query's
     top key changes the top-1 logit, run through the rest of the network, by what the gradient says."""
     import vggattn
-    from vggattn.adapters import find_blocks
+    from vggattn.attention.adapters import find_blocks
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), vggattn.GlobalAttention(16), torch.nn.ReLU(),

@@ -1,5 +1,5 @@
-"""The page's payload (vggattn.hover): what the page computes rows and columns from, against the block's rows
-(vggattn.adapters); and the app's handlers that send it."""
+"""The page's payload (vggattn.view.hover): what the page computes rows and columns from, against the block's rows
+(vggattn.attention.adapters); and the app's handlers that send it."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.hover import decode, log_normalisers, page_layer, page_payload, page_props, payload_bytes
-from vggattn.render import COLORMAPS
+from vggattn.view.hover import decode, log_normalisers, page_layer, page_payload, page_props, payload_bytes
+from vggattn.view.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
 
@@ -75,7 +75,7 @@ def test_float16_payload_halves_q_and_k_and_stays_close(result):
 def test_page_props_carry_the_servers_palettes_and_constants():
     import matplotlib
 
-    from vggattn import render
+    from vggattn.view import render
 
     props = page_props(3, app.APP_CONTROLS)
     assert set(props["palettes"]) == set(COLORMAPS)
@@ -106,7 +106,7 @@ def test_pin_endpoint_and_a_click_draw_the_rows_of_the_blocks_own_convs():
     """/pin and a click pin pixel (30, 40): each panel is the picture of that position's row, computed here from the
     block's own convs on the block's input (softmax(q_i . K)), not from the capture the app reads."""
     from vggattn.data import query_index
-    from vggattn.render import attention_picture
+    from vggattn.view.render import attention_picture
 
     model, meta = tiny_model(), tiny_meta(input_size=64)
     ui = app.build_demo(model, meta).ui

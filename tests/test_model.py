@@ -4,8 +4,8 @@ import torch
 import article_reference as article
 import vggattn
 from conftest import tiny_model
-from vggattn.adapters import adapter_for
-from vggattn.model import attend_in_row_blocks, fold_batchnorm, unfold_batchnorm
+from vggattn.attention.adapters import adapter_for
+from vggattn.models.vgg import attend_in_row_blocks, fold_batchnorm, unfold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_from_torchvision_rejects_other_architectures():
 
 
 def test_article_attention_names_follow_from_the_config():
-    from vggattn.model import ARTICLE_ATTENTION_NAMES
+    from vggattn.models.vgg import ARTICLE_ATTENTION_NAMES
 
     assert tuple(vggattn.attention_layer_names(tiny_model())) == ARTICLE_ATTENTION_NAMES
 
@@ -197,7 +197,7 @@ def test_global_attention_is_the_query_averaged_block_with_the_articles_state_di
 
 
 def test_mean_attention_row_does_not_depend_on_the_row_blocks():
-    from vggattn.model import mean_attention_row
+    from vggattn.models.vgg import mean_attention_row
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 30, 4), torch.randn(2, 30, 4)

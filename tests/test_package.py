@@ -53,13 +53,13 @@ def test_the_wheel_holds_the_library_and_its_web_files_only(venv):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"vggattn", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    assert {"vggattn/web/hover.js", "vggattn/web/hover.css", "vggattn/web/hover.html"} <= set(names)
+    assert {"vggattn/view/web/hover.js", "vggattn/view/web/hover.css", "vggattn/view/web/hover.html"} <= set(names)
 
 
 def test_import_comes_from_the_fresh_venv(venv):
     _, env, site, tmp = venv
-    out = run(env / "bin/python", "-c", "import vggattn, vggattn.ui; print(vggattn.__file__); "
-              "print(vggattn.ui.WEB.joinpath('hover.js').is_file())", cwd=tmp)
+    out = run(env / "bin/python", "-c", "import vggattn, vggattn.app.ui; print(vggattn.__file__); "
+              "print(vggattn.app.ui.WEB.joinpath('hover.js').is_file())", cwd=tmp)
     assert out.returncode == 0, out.stderr
     where, web = out.stdout.split()
     assert Path(where).is_relative_to(site) and web == "True"
@@ -98,30 +98,50 @@ def test_the_readmes_speak_to_users_not_of_issue_numbers():
 
 
 def package_imports() -> dict[str, set[str]]:
-    """vggattn's modules -> the vggattn modules each imports, at the top or inside a function (a lazy import is
-    still a dependency)."""
+    """vggattn's modules ("app", "attention.adapters", ...) -> the vggattn modules each imports, at the top or inside
+    a function (a lazy import is still a dependency); importing a submodule imports its packages first."""
     import ast
 
     pkg = ROOT / "vggattn"
-    modules = {p.stem for p in pkg.glob("*.py")}
+    names = {}  # module name -> file
+    for path in pkg.rglob("*.py"):
+        parts = path.relative_to(pkg).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
+        names[".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)] = path
+    modules = set(names) - {""}
+
+    def known(target: str) -> set[str]:
+        """The modules an import of `target` runs: its packages and the longest known module it names."""
+        parts = [p for p in target.split(".") if p]
+        return {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & modules
+
     graph = {}
-    for name in modules:
+    for name, path in names.items():
+        if not name:
+            continue
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps = set()
-        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text(encoding="utf-8"))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level >= 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+                base = package[:len(package) - (node.level - 1)]
+                if node.module:
+                    deps |= known(".".join([*base, node.module]))
+                else:
+                    deps |= set().union(*(known(".".join([*base, a.name])) for a in node.names))
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vggattn."):
-                deps.add(node.module.split(".")[1])
+                deps |= known(node.module.split(".", 1)[1])
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vggattn.")}
-        graph[name] = (deps & modules) - {name}
+                deps |= set().union(set(), *(known(a.name.split(".", 1)[1]) for a in node.names if a.name.startswith("vggattn.")))
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}  # loading already
+        graph[name] = deps - {name} - ancestors
     return graph
 
 
 def test_no_import_circles_in_the_package():
     """No module of vggattn imports one that imports it back, directly or around a circle (lazy imports count)."""
     graph = package_imports()
-    assert {"app", "analysis", "ui", "trace", "adapters", "study"} <= set(graph)
+    assert {"app", "app.ui", "analysis", "attention.trace", "attention.adapters", "study", "view.hover"} <= set(graph)
 
     def reaches(start, goal, seen=()):
         return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])

@@ -8,10 +8,10 @@ import torch.nn as nn
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn.adapters import BlockMaps, Intervention, adapter_for
+from vggattn.attention.adapters import BlockMaps, Intervention, adapter_for
 from vggattn.analysis import BlockResult, ablate, analyze, contribution_map, with_gradcam
 from vggattn.gradcam import grad_cam
-from vggattn.readouts import entropy, js_divergence, mean_distance, row_readouts, top_cells
+from vggattn.attention.readouts import entropy, js_divergence, mean_distance, row_readouts, top_cells
 
 
 def capture(query, key, grid):

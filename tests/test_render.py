@@ -1,5 +1,5 @@
-"""Rendering (vggattn.render): levels, upsampling, the weight-as-visibility tint, pixel-rule marks; and
-the panels of a click (vggattn.hover.PageLayer.picture)."""
+"""Rendering (vggattn.view.render): levels, upsampling, the weight-as-visibility tint, pixel-rule marks; and
+the panels of a click (vggattn.view.hover.PageLayer.picture)."""
 
 import matplotlib
 import numpy as np
@@ -9,8 +9,8 @@ from PIL import Image
 
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.hover import page_layer
-from vggattn.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
+from vggattn.view.hover import page_layer
+from vggattn.view.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
                             mark_cells, mark_query, marked_indices, overlay, palette, tint_alpha, top_indices, upsample)
 
 

@@ -12,10 +12,12 @@ from PIL import Image
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn import adapters, study, study_report
-from vggattn.adapters import BlockMaps, Intervention, adapter_for
-from vggattn.readouts import js_divergence
-from vggattn.trace import watch
+from vggattn import study
+from vggattn.attention import adapters
+from vggattn.study import report as study_report
+from vggattn.attention.adapters import BlockMaps, Intervention, adapter_for
+from vggattn.attention.readouts import js_divergence
+from vggattn.attention.trace import watch
 
 
 def stats_of(a: torch.Tensor, grid, input_size=64, **kw):
@@ -283,7 +285,7 @@ def test_limit_and_mismatch_through_the_cli(tmp_path, caplog):
 
 
 def test_sink_note_flags_a_sink_dominated_layer_only():
-    from vggattn.text import sink_note
+    from vggattn.view.text import sink_note
 
     row = np.full((4, 4), 0.06 / 15)
     row[1, 2] = 0.94
@@ -392,7 +394,7 @@ def test_the_sanity_check_reinitialises_exactly_what_makes_each_familys_logits()
     not depend on those parameters (all positions alike) the rows keep their ranks: Spearman 1, the check fails."""
     pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm]")
     import byo_models
-    from vggattn.adapters import find_blocks, reinit_qk
+    from vggattn.attention.adapters import find_blocks, reinit_qk
 
     model = byo_models.every_family()
     for name, block, adapter in find_blocks(model):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def brute_force(a: torch.Tensor, grid, key_grid, input_size: int) -> dict[str, float]:
     """The row statistics of one image's rows a (N, M), each written out from its definition, in float64."""
-    from vggattn.readouts import cell_centers
+    from vggattn.attention.readouts import cell_centers
 
     a = a.double()
     n, m = a.shape
@@ -61,7 +61,7 @@ def assert_batched_equal_brute_force(maps, input_size: int, **kw) -> dict:
 def test_batch_statistics_equal_the_per_image_ones(grid, key_grid, heads, images, block):
     """One pass, several images at once, keys on their own grid, several heads (their rows' mean), with a bias: the
     same numbers as each image's statistics written out from their definitions (distances 1e-4: float32 sums)."""
-    from vggattn.adapters import BlockMaps
+    from vggattn.attention.adapters import BlockMaps
 
     torch.manual_seed(0)
     n, m = grid[0] * grid[1], key_grid[0] * key_grid[1]
@@ -241,7 +241,7 @@ def test_every_model_gets_batched_statistics_contribution_and_faithfulness(which
     equal each image's written out from its rows; contribution and the output's distances for every block (each
     one's output has its input's shape); the faithfulness measures for every block."""
     from vggattn.byo import blocks_of
-    from vggattn.trace import watch
+    from vggattn.attention.trace import watch
 
     split = data_root / "val"
     model, meta = random_model(which, sorted(p.name for p in split.iterdir() if p.is_dir()))

@@ -1,4 +1,4 @@
-"""Attention found by what the code computes (vggattn.trace, adapters.TracedAdapter), on the libraries' own blocks:
+"""Attention found by what the code computes (vggattn.attention.trace, adapters.TracedAdapter), on the libraries' own blocks:
 each block's rows against a direct computation from its own submodules (1e-5), its output rebuilt from the rows
 (the block's forward with its weights replaced by the rows on the grids) against its own forward, interventions
 against the block's maths by hand, and what is no map over positions named and skipped."""
@@ -10,9 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vggattn import adapters, explain
-from vggattn.adapters import TracedAdapter, find_blocks
-from vggattn.trace import NotAttention
+from vggattn import explain
+
+from vggattn.attention import adapters
+from vggattn.attention.adapters import TracedAdapter, find_blocks
+from vggattn.attention.trace import NotAttention
 
 mmcv_cnn = pytest.importorskip("mmcv.cnn", reason="mmcv-lite is a test-only extra (requirements.txt pins it)")
 timm = pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
@@ -189,7 +191,7 @@ def test_the_reference_nonlocal_code(form):
 
 
 def test_the_families_we_have_adapters_for_read_the_same_when_traced():
-    """Every family of vggattn.adapters (the article's GlobalAttention, SAGAN, BigGAN, Wang et al.'s two forms,
+    """Every family of vggattn.attention.adapters (the article's GlobalAttention, SAGAN, BigGAN, Wang et al.'s two forms,
     timm's NonLocalAttn, BottleneckAttn and GlobalContext) read by tracing: the adapters' rows (tested against
     the families' maths in test_adapters.py) and their interventions."""
     model = byo_models.every_family()

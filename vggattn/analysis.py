@@ -2,14 +2,14 @@
 
     result = analyze(model, meta, pil_image)        # one forward: every block's maps, its input's change
     result.top_k(5)                                 # {"church": 0.93, ...}, or None (see result.score())
-    block = result.blocks[0]                        # BlockResult: name, adapter, maps (vggattn.adapters.BlockMaps)
+    block = result.blocks[0]                        # BlockResult: name, adapter, maps (vggattn.attention.adapters.BlockMaps)
     block.row_map((120, 80))                        # (heads, kh, kw): where that pixel's position looks
     result.query_dependence()                       # per block: query-averaged map and mean JSD (or None)
     result.contributions()                          # per block: ||block(x) - x|| / ||x|| per position (or None)
     ablate(model, result, {"features.22": "off"})   # probabilities with that block switched off
 
-The blocks are found by `vggattn.adapters.find_blocks` (a family's adapter, or by what their code computes);
-one forward keeps each block's input and output (`vggattn.trace.watch`). `Analysis` holds a display-sized copy
+The blocks are found by `vggattn.attention.adapters.find_blocks` (a family's adapter, or by what their code computes);
+one forward keeps each block's input and output (`vggattn.attention.trace.watch`). `Analysis` holds a display-sized copy
 of the image, the output and each block's maps, so an app can keep one per session and answer clicks, tabs and
 exports without running the model again (Grad-CAM: one forward and backward, when first asked for).
 """
@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
+from .attention.adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
-from .hover import page_layer
-from .readouts import js_divergence
-from .trace import watch
+from .view.hover import page_layer
+from .attention.readouts import js_divergence
+from .attention.trace import watch
 
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
 DISPLAY_JPEG_QUALITY = 90
@@ -102,7 +102,7 @@ class BlockResult:
             return self.maps.mean_row()[0, :, 0].double().mean(0).cpu().numpy()
 
     def page(self, kind: str | None = None):
-        """This block as the page gets it (`vggattn.hover.page_layer`), with its sink."""
+        """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink."""
         return page_layer(self.name, self.maps, self.family, kind, self.sink)
 
     @property
@@ -194,7 +194,7 @@ def contribution_map(x: torch.Tensor, y) -> np.ndarray | None:
 @torch.no_grad()
 def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] | None = None) -> Analysis:
     """Run the model once on the whole image and keep what clicks, tabs and exports need: every block's input
-    and output (`vggattn.trace.watch`), then each block's maps."""
+    and output (`vggattn.attention.trace.watch`), then each block's maps."""
     image = to_rgb(image)  # once: open_image's RGB image comes back as it is
     blocks = blocks_of(model, meta, layers)
     device = next(model.parameters()).device
@@ -229,7 +229,7 @@ def with_gradcam(model: nn.Module, result: Analysis) -> np.ndarray | None:
 @torch.no_grad()
 def ablate(model: nn.Module, result: Analysis, modes: dict[str, str]) -> torch.Tensor:
     """The model's output for the analysed input with the named blocks' rows replaced ({block: "off", "mean" or
-    "uniform"}, `vggattn.adapters.Intervention`) for one forward: probabilities (softmax with the result's
+    "uniform"}, `vggattn.attention.adapters.Intervention`) for one forward: probabilities (softmax with the result's
     temperature) for a classifier, else the raw output, flattened. Other users of the model are unaffected."""
     device = next(model.parameters()).device
     with Intervention(model, modes):

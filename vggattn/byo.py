@@ -1,4 +1,4 @@
-"""Bring your own model: any CNN with non-local attention blocks (`vggattn.adapters`), from a factory or timm.
+"""Bring your own model: any CNN with non-local attention blocks (`vggattn.attention.adapters`), from a factory or timm.
 
     model, meta = load_model("mypkg.nets:discriminator", "weights.pth", classes="names.txt", input_size=128)
     model, meta = load_timm("botnet26t_256")        # timm's pretrained weights where its hub is reachable,

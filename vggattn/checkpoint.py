@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .model import ModelConfig, VGG16WithAttention
+from .models.vgg import ModelConfig, VGG16WithAttention
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS / "vgg16att-imagenette-w05-256.safetensors"  # 90.0% val top-1, 64x64 first grid

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb, per_class_subset
-from .model import GlobalAttention, VGG16WithAttention
+from .models.vgg import GlobalAttention, VGG16WithAttention
 
 log = logging.getLogger("vggattn.evaluate")
 

@@ -6,7 +6,7 @@
     python -m vggattn.explain photo.jpg --timm botnet26t_256 --out o/     # any model with non-local blocks
 
 The article's model (the shipped checkpoint, or --checkpoint) or any model with attention blocks (--model,
---timm). Writes, per image, into OUT/<image stem>/ (`vggattn.export.write_result`):
+--timm). Writes, per image, into OUT/<image stem>/ (`vggattn.view.export.write_result`):
 - `figure.png`: the image with each point, every block's attention for each point, Grad-CAM of the top
   class, each block's effective contribution and query-averaged map;
 - `<block>_attention.npy` (points, key rows, key columns: the mean over heads; `_attention_heads.npy` per head),
@@ -30,8 +30,8 @@ from .analysis import analyze
 from .byo import add_model_arguments, load_from_args
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
-from .export import write_result
-from .render import COLORMAPS
+from .view.export import write_result
+from .view.render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import HUB_ID, WEIGHTS_NAME, imagenet_meta, resolve, save_checkpoint  # noqa: F401 (hub.resolve, hub.HUB_ID)
-from .model import VGG16WithAttention
+from .models.vgg import VGG16WithAttention
 
 def from_pretrained(source: str | os.PathLike, device: str = "cpu") -> VGG16WithAttention:
     """A checkpoint file, a folder saved by `save_pretrained` or a Hugging Face Hub id -> the model

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from .checkpoint import BAD_INPUT, CheckpointError
-from .model import ARTICLE_ATTENTION_NAMES
+from .models.vgg import ARTICLE_ATTENTION_NAMES
 
 log = logging.getLogger("vggattn.plots")
 
@@ -28,7 +28,7 @@ def read_log(path: str | Path) -> list[dict]:
 def history_from_checkpoints(paths: list[str | Path]) -> list[dict]:
     """One record per checkpoint: its epoch and its model's gammas (read from the weights)."""
     from .checkpoint import load_checkpoint
-    from .model import gammas
+    from .models.vgg import gammas
 
     records = []
     for i, path in enumerate(paths, start=1):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
                          save_checkpoint)
 from .data import eval_transform, load_rgb, per_class_subset, train_transform
-from .model import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
+from .models.vgg import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
                     unfold_batchnorm)
 
 log = logging.getLogger("vggattn.train")

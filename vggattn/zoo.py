@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .families import NonLocalBlock2D
+from .models.families import NonLocalBlock2D
 
 
 class BasicBlock(nn.Module):

@@ -6,7 +6,7 @@ names of their reference code, so that those projects' checkpoints load into the
     NonLocalBlock2D(256, mode="dot")      # Non-local (Wang et al. 2018): g, theta, phi, W (conv + BatchNorm)
 
 timm's `NonLocalAttn`, `BottleneckAttn` and `GlobalContext` are used from timm itself (`vggattn[timm]`);
-`vggattn.adapters` reads all of them, and the article's `GlobalAttention`, the same way.
+`vggattn.attention.adapters` reads all of them, and the article's `GlobalAttention`, the same way.
 """
 
 from __future__ import annotations

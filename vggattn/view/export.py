@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import Analysis, ablate, with_gradcam
-from .checkpoint import atomic_write
-from .readouts import row_readouts
+from ..analysis import Analysis, ablate, with_gradcam
+from ..checkpoint import atomic_write
+from ..attention.readouts import row_readouts
 from .render import attention_picture, mark_query, overlay, upsample, map_levels
 
 
@@ -34,7 +34,7 @@ def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
 
 def point_readouts(result: Analysis, xy: tuple[float, float], k: int = 5) -> dict:
     """{block: readouts} of pixel xy: the query cell, and for rows that are distributions entropy, mean distance
-    and top cells (`vggattn.readouts.row_readouts`, mean of heads); the share on padding where there is one."""
+    and top cells (`vggattn.attention.readouts.row_readouts`, mean of heads); the share on padding where there is one."""
     out = {}
     for block in result.blocks:
         q = 0 if block.maps.per_image else block.query_index(xy)
@@ -78,7 +78,7 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
 
 def map_picture(result: Analysis, grid_map: np.ndarray, opacity: float = 0.8, colormap: str = "inferno",
                 mode: str = "smooth", scale: str = "linear") -> np.ndarray:
-    """Any non-negative (h, w) map over the display copy (`vggattn.render.map_levels`) -> (H, W, 3) uint8."""
+    """Any non-negative (h, w) map over the display copy (`vggattn.view.render.map_levels`) -> (H, W, 3) uint8."""
     disp_h, disp_w = result.display.shape[:2]
     return overlay(result.display, upsample(map_levels(grid_map, scale), (disp_w, disp_h), mode), colormap, opacity)
 

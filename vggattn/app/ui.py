@@ -11,16 +11,16 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .data import ImageLoadError, open_image
-from .hover import page_props
-from .render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
-from .study_report import figures as study_figures, missing_study_markdown, summary_markdown
+from ..data import ImageLoadError, open_image
+from ..view.hover import page_props
+from ..view.render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
+from ..study.report import figures as study_figures, missing_study_markdown, summary_markdown
 
-HERE = Path(__file__).resolve().parent.parent  # the checkout (assets/); an installed package has no examples
+HERE = Path(__file__).resolve().parents[2]  # the checkout (assets/); an installed package has no examples
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 PENDING = "pending"  # state value while a new upload is being analysed
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
-WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
+WEB = Path(__file__).resolve().parents[1] / "view" / "web"  # the hover view's script, template and style
 CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "

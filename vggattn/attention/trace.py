@@ -2,7 +2,7 @@
 
     found = discover(model, example)          # {module name: Found} of every module whose forward computes attention
     layout = Layout.of(block, x)               # where each query and key of its attention sits on x's grid
-    maps = TracedAdapter(block).maps(block, x) # vggattn.adapters.BlockMaps, as for any other block
+    maps = TracedAdapter(block).maps(block, x) # vggattn.attention.adapters.BlockMaps, as for any other block
     TracedAdapter(block).forward(block, x, mode="mean")  # the block's own forward with its rows replaced
 
 One `TorchFunctionMode` (`Recorder`) sees every torch call of a forward and keeps, per tensor, the call that made

@@ -1,6 +1,6 @@
 """What a web page needs to compute any attention row or column itself, sent once per image.
 
-    layer = page_layer("stages.3.0", maps)     # any block's vggattn.adapters.BlockMaps, batch of one
+    layer = page_layer("stages.3.0", maps)     # any block's vggattn.attention.adapters.BlockMaps, batch of one
     layer.row(i, head=None)                    # float64 (M,): what the page computes (head None: mean of heads)
     payload = page_payload(result, [layer])    # JSON-ready dict: the image, per layer Q, K, log Z (base64)
     q = decode(payload["layers"][0], "q")      # (N, C') float32, as the page decodes it
@@ -8,7 +8,7 @@
 A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
 log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
 no request. The app's script (vggattn/web/hover.js) reads this format and draws with
-`vggattn.render`'s rules and constants (`page_props`); `PageLayer`'s rows and pictures, the same maths in
+`vggattn.view.render`'s rules and constants (`page_props`); `PageLayer`'s rows and pictures, the same maths in
 numpy, are what the server pins and what the page is tested against.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import query_index
+from ..data import query_index
 from .render import attention_picture, page_constants
-from .readouts import SINK_DOMINATED
+from ..attention.readouts import SINK_DOMINATED
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
 CELLS = "<i4"  # a windowed layer's key cells (int32; -1: padding)
@@ -65,7 +65,7 @@ def payload_bytes(payload: dict) -> int:
 
 def page_props(num_panels: int, controls: dict) -> dict:
     """Everything the page's script is told once, at load: the rendering constants and palettes
-    (`vggattn.render.page_constants`), the panel count, the sink rule and the controls' initial values."""
+    (`vggattn.view.render.page_constants`), the panel count, the sink rule and the controls' initial values."""
     return {**page_constants(), "num_panels": num_panels, "sink_dominated": SINK_DOMINATED, "controls": dict(controls)}
 
 
@@ -165,7 +165,7 @@ class PageLayer:
                 view: str = "row", draw: bool = True, **style) -> tuple[np.ndarray | None, int, np.ndarray]:
         """hover.js's picture() for original-image pixel xy on the display copy: (RGB, the cell index under xy
         (on the query grid for a row, the key grid for a column), the values drawn). style: scale, mode,
-        colormap, opacity, top_k of `vggattn.render.attention_picture`."""
+        colormap, opacity, top_k of `vggattn.view.render.attention_picture`."""
         view = "row" if self.kind == "map" else view
         w, h = size
         disp_h, disp_w = display.shape[:2]
@@ -200,7 +200,7 @@ class PageLayer:
 
 def page_layer(name: str, maps, family: str = "", kind: str | None = None,
                sink: tuple[int, float] | None = None) -> PageLayer:
-    """A block's `vggattn.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one map per
+    """A block's `vggattn.attention.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one map per
     image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else "qk".
     sink: the image's sink when the caller has it (`BlockResult.sink`), else computed here for softmax rows."""
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """The words a person reads: notes, hints and markdown tables about a model, an image and a click.
 
-Everything here turns numbers computed elsewhere (`vggattn.analysis`, `vggattn.readouts`) into text;
+Everything here turns numbers computed elsewhere (`vggattn.analysis`, `vggattn.attention.readouts`) into text;
 nothing here computes a statistic. The app and the exports use it.
 """
 
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .readouts import SINK_DOMINATED
+from ..attention.readouts import SINK_DOMINATED
 
 LIST_CLASSES = 20  # the app's header names at most this many of the classes (an ImageNet model has 1000)
 

@@ -6,7 +6,7 @@
     python -m vggattn.study --model vggattn.zoo:nonlocal_resnet \
         --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors --data .../val --out study/
 
-One engine for every model: its attention blocks are found and read through `vggattn.adapters`. Writes
+One engine for every model: its attention blocks are found and read through `vggattn.attention.adapters`. Writes
 `study.json` (the contract below), `report.html` (self-contained: figures embedded) and the figures as PNG.
 Per block and image, with A the N x M attention (N query positions, M key positions; several heads: the mean of
 the heads' rows; rows sum to 1):
@@ -28,7 +28,7 @@ them `off`, `mean` (every row replaced by the image's mean row: GCNet's query-in
 share what they compute until the first block they differ in (`branched_forward`).
 Sanity check (Adebayo et al. 2018): the rows' Spearman correlation with the same block's rows after
 re-initialising what makes its logits (`Adapter.qk_modules`), and in a fully re-initialised model.
-Faithfulness (`vggattn.faithfulness`): deleting a query's top keys against baselines, and the sink's anatomy.
+Faithfulness (`vggattn.study.faithfulness`): deleting a query's top keys against baselines, and the sink's anatomy.
 
 Memory: the statistics build the rows a block of at most `STAT_BLOCK_ELEMENTS` weights at a time, so a 448 px
 full-width study runs in bounded memory.
@@ -53,15 +53,15 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from . import faithfulness
-from .adapters import (BlockMaps, Intervention, _cat_outputs, output_tensor, randomised_copy, reinit_qk,
+from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, output_tensor, randomised_copy, reinit_qk,
                        replaced_forward)
 from .bootstrap import paired_bootstrap_ci
-from .byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
-from .checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
-from .data import eval_transform, load_rgb
-from .readouts import SINK_DOMINATED, cell_centers
-from .study_report import MODES, headline, write_study
-from .trace import Seen, watch
+from ..byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
+from ..checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
+from ..data import eval_transform, load_rgb
+from ..attention.readouts import SINK_DOMINATED, cell_centers
+from .report import MODES, headline, write_study
+from ..attention.trace import Seen, watch
 
 log = logging.getLogger("vggattn.study")
 
@@ -402,7 +402,7 @@ class Branches:
                 runs.append(by_mode[mode])
         self.seen.setdefault(name, Seen(x[:self.b], output_tensor(outs[0])))
         self.runs = runs
-        return _cat_outputs(outs)
+        return cat_outputs(outs)
 
 
 class BranchError(RuntimeError):
@@ -496,7 +496,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     logits re-initialised, `adapters.reinit_qk`; and the whole model, `adapters.randomised_copy`). Each batch's
     per-image results go to `records` as they are made. resume: skip the images `records` holds already. rank /
     world: this process's share of the images (`shard`); only world == 1 returns the study (ranks merge with
-    `summarise` once all have written). faithfulness_images: evenly spaced images on which `vggattn.faithfulness`
+    `summarise` once all have written). faithfulness_images: evenly spaced images on which `vggattn.study.faithfulness`
     measures deletion and the sink's anatomy (records of their own: a finished study gains them with resume).
     """
     model = model.eval()
@@ -676,7 +676,7 @@ def study_path(checkpoint: str | Path) -> Path:
 def load_study(checkpoint: str | Path) -> dict | None:
     """The study shipped beside a checkpoint, which is resolved as `load_checkpoint` resolves it (a file, a
     folder holding model.safetensors, or a Hub id in huggingface_hub's cache); None when there is none."""
-    from .checkpoint import resolve
+    from ..checkpoint import resolve
 
     try:
         path = study_path(resolve(checkpoint))
@@ -699,7 +699,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
     p.add_argument("--faithfulness-images", type=int, default=64, help="images for the deletion and sink "
-                   "measures (vggattn.faithfulness; 0 = skip)")
+                   "measures (vggattn.study.faithfulness; 0 = skip)")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
                    "records in OUT/records and study only the images they miss")
     add_model_arguments(p)
@@ -746,7 +746,7 @@ def finish(study: dict, args, meta: dict) -> int:
         Path(args.checkpoint or DEFAULT_CHECKPOINT).name
     paths = write_study(study, args.out)
     if args.ship:
-        from .checkpoint import resolve
+        from ..checkpoint import resolve
 
         target = study_path(resolve(args.checkpoint))  # a folder: beside its model.safetensors
         target.write_text(json.dumps(study, indent=1))

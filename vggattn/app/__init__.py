@@ -6,9 +6,9 @@
     vggattn-app --model vggattn.zoo:nonlocal_resnet --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors
     vggattn.launch(model, transform=my_transform, class_names=names)    # a model in hand, from Python
 
-One app for every model: the blocks are found by `vggattn.adapters.find_blocks` (the article's GlobalAttention
+One app for every model: the blocks are found by `vggattn.attention.adapters.find_blocks` (the article's GlobalAttention
 among them), the model runs once per upload (`vggattn.analysis.analyze`), and the page gets each block's
-queries and keys, or its rows where that is smaller (`vggattn.hover.page_layer`), and draws the maps under the
+queries and keys, or its rows where that is smaller (`vggattn.view.hover.page_layer`), and draws the maps under the
 pointer itself (vggattn/web/hover.js), with no request per move. A click pins a point: the page draws it, and
 the server sends its readouts (its pictures, the page's maths in numpy, where no page script draws:
 `/pin`, `/attention_at`). The tabs (contribution, query dependence, ablation, Grad-CAM, export, blocks, the
@@ -39,18 +39,18 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .adapters import MODES, TracedAdapter
-from .analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
-from .byo import add_model_arguments, load_from_args, wants_own_model
-from .checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
+from ..attention.adapters import MODES, TracedAdapter
+from ..analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
+from ..byo import add_model_arguments, load_from_args, wants_own_model
+from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
-from .export import map_picture, write_result
-from .hover import PageLayer, page_payload
-from .data import query_index
-from .readouts import mean_distance
-from .render import TOP_K, top_indices
-from .study import load_study
-from .text import contribution_markdown, dependence_markdown, gamma_markdown, model_notes, sink_note, unsure_note
+from ..view.export import map_picture, write_result
+from ..view.hover import PageLayer, page_payload
+from ..data import query_index
+from ..attention.readouts import mean_distance
+from ..view.render import TOP_K, top_indices
+from ..study import load_study
+from ..view.text import contribution_markdown, dependence_markdown, gamma_markdown, model_notes, sink_note, unsure_note
 from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
@@ -95,7 +95,7 @@ class UI:
     state: gr.State
     point: gr.State
     open_tab: gr.State  # which tab is open: only its maps are drawn
-    hover: gr.HTML  # the page's copy of each block's maps (vggattn.hover), for maps under the pointer
+    hover: gr.HTML  # the page's copy of each block's maps (vggattn.view.hover), for maps under the pointer
     labels: gr.Label
     score: gr.Markdown  # a model without class logits: its output
     gammas_md: gr.Markdown
@@ -587,7 +587,7 @@ def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size
                std=IMAGENET_STD, source: str | None = None) -> dict:
     """The meta `build_demo` needs for a model in hand. transform: PIL image -> (3, H, W) tensor (default:
     resize to input_size and normalise with mean and std)."""
-    from .byo import describe as describe_meta
+    from ..byo import describe as describe_meta
 
     meta = describe_meta(source or type(model).__name__, input_size, class_names, mean, std, weights="your")
     if transform is not None:

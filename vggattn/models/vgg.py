@@ -97,7 +97,7 @@ class GlobalAttention(nn.Module):
     map: in CPU inference (autograd and autocast off) a block of query rows at a time
     (`attend_in_row_blocks`), otherwise (training, Grad-CAM, autocast, GPU) through
     `F.scaled_dot_product_attention(..., scale=1.0)`.
-    To see the maps, `vggattn.analyze` reads Q and K from the block's input (`vggattn.adapters`).
+    To see the maps, `vggattn.analyze` reads Q and K from the block's input (`vggattn.attention.adapters`).
     """
 
     def __init__(self, in_channels: int, *, query_averaged: bool = False):

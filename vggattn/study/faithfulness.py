@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .adapters import output_tensor
+from ..attention.adapters import output_tensor
 from .bootstrap import paired_bootstrap_ci
 
 KS = (1, 4, 16)  # deleted keys

@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import BigGANAttention, NonLocalBlock2D, SelfAttn
-from .model import GlobalAttention, mean_attention_row
+from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
+from ..models.vgg import GlobalAttention, mean_attention_row
 from .trace import Layout, NotAttention, discover, record
 
-log = logging.getLogger("vggattn.adapters")
+log = logging.getLogger("vggattn.attention.adapters")
 
 MODES = ("off", "mean", "uniform")
 
@@ -353,7 +353,7 @@ class TimmGlobalContextAdapter(Adapter):
         return x
 
 
-def _cat_outputs(outs: list):
+def cat_outputs(outs: list):
     """Per-image outputs of a block (tensors, or tuples holding tensors) as one batch."""
     if isinstance(outs[0], torch.Tensor):
         return torch.cat(outs)
@@ -362,7 +362,7 @@ def _cat_outputs(outs: list):
 
 
 class TracedAdapter(Adapter):
-    """Any block whose forward computes attention, read from what it computes (`vggattn.trace`): no class names.
+    """Any block whose forward computes attention, read from what it computes (`vggattn.attention.trace`): no class names.
     Its rows are the weights with which each key position's value enters a query's output, on the grids the
     tangents place them on; interventions run the block's own forward with its weights replaced."""
 
@@ -387,7 +387,7 @@ class TracedAdapter(Adapter):
 
     def maps(self, module, x, events: list | None = None):
         """The block's maps on x (B, C, H, W). events: the block's events from a forward already recorded (one image,
-        `vggattn.trace.Recorder` over the whole model: no second run of the block); None runs the block per image."""
+        `vggattn.attention.trace.Recorder` over the whole model: no second run of the block); None runs the block per image."""
         lay = self.layout(module, x)
         if events is not None:
             return self._maps(lay, [events])
@@ -456,7 +456,7 @@ class TracedAdapter(Adapter):
             replace = {i: self._replacement(lay, mode, None if rows is None else rows[j], head, cell, *offsets[i])
                        for i in lay.group}
             outs.append(record(module, x[j:j + 1], replace=replace)[1])
-        return _cat_outputs(outs)
+        return cat_outputs(outs)
 
     def _rebuilt(self, module, x, lay: Layout, values: torch.Tensor):
         """The block's forward with its weights put back from windowed rows (B, heads, N, K) (their own order)."""
@@ -467,7 +467,7 @@ class TracedAdapter(Adapter):
                 flat[lay.lq, lay.iq] = v.to(flat.dtype)
                 return flat.reshape(w.shape)
             outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn})[1])
-        return _cat_outputs(outs)
+        return cat_outputs(outs)
 
     @staticmethod
     def _replacement(lay: Layout, mode, rows, head, cell, start, stop):
@@ -694,7 +694,7 @@ def find_blocks(model: nn.Module, names: list[str] | None = None, *,
                 example: torch.Tensor | None = None) -> list[tuple[str, nn.Module, Adapter]]:
     """Every attention block in `model`, in module order: (name, module, adapter). A module of a family we have an
     adapter for is found by its class; any other whose forward computes attention is found by running the model on
-    `example` (`example_input` when None) and reading what it computes (`vggattn.trace`). names: point at modules by
+    `example` (`example_input` when None) and reading what it computes (`vggattn.attention.trace`). names: point at modules by
     name instead. Nothing found is one sentence naming what the model is made of."""
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}

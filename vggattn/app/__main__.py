@@ -1,0 +1,5 @@
+"""`python -m vggattn.app`."""
+
+from . import main
+
+raise SystemExit(main())

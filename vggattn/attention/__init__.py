@@ -1,0 +1,1 @@
+"""What attention a model computes: finding it (trace), reading it (adapters), its numbers (readouts)."""

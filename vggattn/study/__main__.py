@@ -1,0 +1,5 @@
+"""`python -m vggattn.study`."""
+
+from . import main
+
+raise SystemExit(main())
