@@ -1,6 +1,5 @@
-"""The pieces of the page both apps share (the article's, vggattn.app, and any model's, vggattn.app_any): the
-controls and their initial values, the upload component, the hover view, refusing and clamping a point, the
-Dataset tab's view, session memory and serving. Neither app imports the other for these.
+"""The app's page pieces (vggattn.app wires them): the controls and their initial values, the upload component,
+the hover view, refusing and clamping a point, the Dataset tab's view, session memory and serving.
 """
 
 from __future__ import annotations
