@@ -29,7 +29,7 @@ from PIL import Image
 from .attention.adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
-from .view.hover import page_layer
+from .view.hover import page_layer, row_summaries
 from .attention.readouts import js_divergence
 from .attention.trace import watch
 
@@ -95,15 +95,31 @@ class BlockResult:
         return float(self.maps.padding[0, :, q].double().mean())
 
     @functools.cached_property
+    def summaries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(log Z (heads, N), mean row (heads, M)) float64 of softmax rows of queries and keys, from one pass over the
+        rows in float64 from the float32 Q and K (what the page computes its rows and columns in); None for other
+        maps. Computed once."""
+        m = self.maps
+        if m.query is None or m.window is not None or m.weights is not None or m.bias is not None \
+                or m.normalise != "softmax":
+            return None
+        with torch.no_grad():
+            log_z, mean = row_summaries(m.query[0].float().double() * m.scale, m.key[0].float().double())
+        return log_z.cpu().numpy(), mean.cpu().numpy()
+
+    @functools.cached_property
     def mean_row(self) -> np.ndarray:
         """(M,) float64: every query and head's mean weight on each key cell (a distribution for softmax rows);
         computed once."""
+        if self.summaries is not None:
+            return self.summaries[1].mean(0)
         with torch.no_grad():
             return self.maps.mean_row()[0, :, 0].double().mean(0).cpu().numpy()
 
     def page(self, kind: str | None = None):
-        """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink."""
-        return page_layer(self.name, self.maps, self.family, kind, self.sink)
+        """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink and log Z."""
+        return page_layer(self.name, self.maps, self.family, kind, self.sink,
+                          None if self.summaries is None else self.summaries[0])
 
     @property
     def sink(self) -> tuple[int, float] | None:

@@ -9,10 +9,10 @@ the hook's tensor is the one the ReLU overwrote). One forward and one backward t
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn as nn
+
+from .attention.trace import watch
 
 
 def last_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -28,23 +28,15 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_index: int | torch.Tensor 
     layer = layer or last_conv(model)
     if layer is None:
         return None
-    me, kept = threading.get_ident(), []
-
-    def keep(module, args, out):
-        if threading.get_ident() == me and not kept:
-            kept.append(out)
-    handle = layer.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            logits = model(x.detach().requires_grad_(True))  # the input needs grad, so A has a graph
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            if class_index is None:
-                class_index = logits.argmax(1)
-            cls = torch.as_tensor(class_index, device=logits.device).expand(logits.shape[0])
-            score = logits.float().gather(1, cls[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, kept[0])
-    finally:
-        handle.remove()
-    a = kept[0].detach().float()
+    name = next(n for n, m in model.named_modules() if m is layer)
+    with torch.enable_grad():  # the input needs grad, so A has a graph
+        logits, seen = watch(model, x.detach().requires_grad_(True), [name], keep_graph=True)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        if class_index is None:
+            class_index = logits.argmax(1)
+        cls = torch.as_tensor(class_index, device=logits.device).expand(logits.shape[0])
+        score = logits.float().gather(1, cls[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, seen[name].output)
+    a = seen[name].output.detach().float()
     weights = grad.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     return torch.relu((weights * a).sum(1))  # (B, h, w)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
-from .trace import Layout, NotAttention, discover, record
+from .trace import Layout, NotAttention, discover, record, watch
 
 log = logging.getLogger("vggattn.attention.adapters")
 
@@ -659,16 +659,9 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             log.warning("%s", line)
             _TRACED[model] = Traced({}, [line], tuple(example.shape))
             return _TRACED[model]
-        inputs: dict[str, torch.Tensor] = {}
-        handles = [modules[f.name].register_forward_pre_hook(
-            lambda m, a, n=f.name: inputs.setdefault(n, a[0].detach()) if a and isinstance(a[0], torch.Tensor)
-            else None) for f in found]
-        try:
-            with torch.no_grad():
-                model(example)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.no_grad():
+            _, seen = watch(model, example, [f.name for f in found])
+        inputs = {name: s.input for name, s in seen.items() if s.input is not None}
         blocks, skipped = {}, []
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])

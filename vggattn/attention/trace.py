@@ -626,11 +626,13 @@ class Seen:
     events: list | None = None
 
 
-def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset()) -> tuple[object, dict]:
-    """The model's forward on x keeping each named block's input and output (detached), and inside the `traced`
-    ones a Recorder (entered by the block's forward pre-hook, left by its forward hook: no cost elsewhere) ->
-    (the output, {block name: Seen}). A block that runs twice keeps its first run. This thread's forwards only;
-    every hook is removed on exit, also when the forward raises. The one way vggattn intercepts a forward."""
+def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset(),
+          keep_graph: bool = False) -> tuple[object, dict]:
+    """The model's forward on x keeping each named block's input and output (detached; keep_graph: as they are, for a
+    gradient at them), and inside the `traced` ones a Recorder (entered by the block's forward pre-hook, left by its
+    forward hook: no cost elsewhere) -> (the output, {block name: Seen}). A block that runs twice keeps its first run.
+    This thread's forwards only; every hook is removed on exit, also when the forward raises. The one way vggattn
+    observes a forward (`Intervention` is the one way it changes one)."""
     modules = dict(model.named_modules())
     me = threading.get_ident()
     active: dict[str, Recorder] = {}
@@ -639,7 +641,8 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     def enter(module, args, name):
         if threading.get_ident() != me or name in seen:
             return
-        seen[name] = Seen(args[0].detach() if args and isinstance(args[0], torch.Tensor) else None)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        seen[name] = Seen(first if keep_graph or first is None else first.detach())
         if name in traced:
             rec = Recorder([a for a in args if isinstance(a, torch.Tensor)])
             rec.__enter__()
@@ -648,8 +651,11 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     def leave(module, args, out, name):
         if threading.get_ident() != me or name not in seen or seen[name].output is not None:
             return
-        seen[name].output = out.detach() if isinstance(out, torch.Tensor) else \
-            tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, (tuple, list)) else out
+        if keep_graph:
+            seen[name].output = out
+        else:
+            seen[name].output = out.detach() if isinstance(out, torch.Tensor) else \
+                tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, (tuple, list)) else out
         if name in active:
             rec = active.pop(name)
             rec.__exit__(None, None, None)

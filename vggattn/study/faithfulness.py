@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..attention.adapters import output_tensor
+from ..attention.trace import watch
 from .bootstrap import paired_bootstrap_ci
 
 KS = (1, 4, 16)  # deleted keys
@@ -136,26 +137,14 @@ def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: to
 
 def output_gradients(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, tuple]:
     """{block name: (its input, the gradient of each image's top-1 logit at its output)} from one forward and one
-    backward of x. The outputs are kept in the graph (so not by `trace.watch`, which detaches them); every hook is
-    removed on exit."""
-    modules = dict(model.named_modules())
-    kept: dict[str, tuple] = {}
-
-    def keep(name: str):
-        def hook(module, args, out) -> None:  # returns None: the output stays as it is
-            kept.setdefault(name, (args[0].detach(), output_tensor(out)))
-        return hook
-
-    handles = [modules[name].register_forward_hook(keep(name)) for name in names]
-    try:
-        with torch.enable_grad():
-            logits = model(x.detach().requires_grad_())
-            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()  # images are independent in eval mode
-            grads = torch.autograd.grad(score, [kept[n][1] for n in names], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (kept[n][0], torch.zeros_like(kept[n][1]) if g is None else g) for n, g in zip(names, grads)}
+    backward of x (`trace.watch` keeping the outputs in the graph)."""
+    with torch.enable_grad():
+        logits, seen = watch(model, x.detach().requires_grad_(), names, keep_graph=True)
+        outputs = [output_tensor(seen[n].output) for n in names]
+        score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()  # images are independent in eval mode
+        grads = torch.autograd.grad(score, outputs, allow_unused=True)
+    return {n: (seen[n].input.detach(), torch.zeros_like(out) if g is None else g)
+            for n, out, g in zip(names, outputs, grads)}
 
 
 @torch.no_grad()

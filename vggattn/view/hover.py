@@ -37,9 +37,20 @@ def _b64(array: np.ndarray, dtype: str) -> str:
 def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """log Z_i = logsumexp_j (q_i . k_j) of every row of (..., N, d) Q and (..., M, d) K -> (..., N), a block of
     rows at a time (never the N x M map), in Q's dtype (float64 from float32 Q and K: what the page computes)."""
+    return row_summaries(query, key, chunk)[0]
+
+
+def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z (..., N), the mean row (..., M)) of the rows softmax(q_i . K) of (..., N, d) Q and (..., M, d) K, in
+    Q's dtype, from one pass over the rows a block at a time (never the N x M map)."""
     k = key.to(query.dtype).transpose(-1, -2)
-    return torch.cat([torch.logsumexp(query[..., s:s + chunk, :] @ k, dim=-1)
-                      for s in range(0, query.shape[-2], chunk)], dim=-1)
+    n, parts, total = query.shape[-2], [], 0
+    for s in range(0, n, chunk):
+        logits = query[..., s:s + chunk, :] @ k  # (..., R, M)
+        log_z = torch.logsumexp(logits, dim=-1)  # (..., R)
+        total = total + torch.exp(logits.sub_(log_z[..., None])).sum(-2)  # the rows, summed over the queries
+        parts.append(log_z)
+    return torch.cat(parts, dim=-1), total / n
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -198,11 +209,12 @@ class PageLayer:
         return out
 
 
-def page_layer(name: str, maps, family: str = "", kind: str | None = None,
-               sink: tuple[int, float] | None = None) -> PageLayer:
-    """A block's `vggattn.attention.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one map per
-    image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else "qk".
-    sink: the image's sink when the caller has it (`BlockResult.sink`), else computed here for softmax rows."""
+def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink: tuple[int, float] | None = None,
+               logz: np.ndarray | None = None) -> PageLayer:
+    """A block's `vggattn.attention.adapters.BlockMaps` (batch of one) as the page gets it. kind None: "map" for one
+    map per image, "rows" where there are relative-position logits or the N x M rows are smaller than Q and K, else
+    "qk". sink, logz: the image's sink and the rows' log Z (heads, N) float64 when the caller has them
+    (`BlockResult.page`), else computed here."""
     with torch.no_grad():
         heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
         if kind is None:
@@ -219,9 +231,13 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None,
         elif kind == "qk":
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
-            if maps.normalise == "softmax":  # in float64 from the float32 Q and K, as the page computes logits
-                layer.logz = log_normalisers(maps.query[0].float().double() * maps.scale,
-                                             maps.key[0].float().double()).cpu().numpy()  # (heads, N)
+            if maps.normalise == "softmax" and logz is None:  # in float64 from the float32 Q and K, as the page
+                logz_t, mean = row_summaries(maps.query[0].float().double() * maps.scale, maps.key[0].float().double())
+                layer.logz = logz_t.cpu().numpy()  # (heads, N)
+                if sink is None:  # every query and head's share of each key
+                    sink = (int(mean.mean(0).argmax()), float(mean.mean(0).max()))
+            elif maps.normalise == "softmax":
+                layer.logz = logz
         else:
             layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
         if maps.padding is not None:
