@@ -55,7 +55,9 @@ def test_every_family_reaches_the_page_as_its_rows(every):
                 np.testing.assert_allclose(layer.row(i, head=layer.heads - 1), want[-1].numpy(), rtol=1e-6, atol=1e-6)
             if not maps.per_image:
                 for j in (0, layer.m // 2, layer.m - 1):
-                    np.testing.assert_allclose(layer.column(j), rows[:, :, j].mean(0).numpy(), rtol=1e-6, atol=1e-6,
+                    # columns use log Z from a float32 pass: off by ~6e-8 |logit| relatively (random weights: logits
+                    # in the hundreds), far below a colour level (1/255)
+                    np.testing.assert_allclose(layer.column(j), rows[:, :, j].mean(0).numpy(), rtol=1e-4, atol=1e-6,
                                                err_msg=f"{block.name} {kind} column")
     assert kinds_seen == {"qk", "rows", "map"}
     by_name = {b.name: page_layer(b.name, b.maps, b.family) for b in result.blocks}

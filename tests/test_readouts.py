@@ -77,7 +77,7 @@ def test_query_dependence_uniform_attention_is_zero():
     layer = capture(torch.zeros(20, 2), torch.randn(20, 2), grid)  # Q = 0: every row uniform
     mean_row, jsd = query_dependence(layer)
     torch.testing.assert_close(mean_row, torch.full((20,), 1 / 20, dtype=torch.float64))
-    assert float(jsd) == pytest.approx(0.0, abs=1e-7)
+    assert float(jsd) == pytest.approx(0.0, abs=1e-6)  # float32 rows
 
 
 def test_query_dependence_one_hot_rows_by_hand():

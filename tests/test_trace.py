@@ -302,7 +302,7 @@ def test_the_app_on_third_party_blocks():
                                        atol=1e-6, err_msg=layer.name)
         if layer.kind != "map":
             for j in (0, 37, layer.m - 1):  # columns too: every query's weight on key cell j
-                np.testing.assert_allclose(layer.column(j), want[:, j].numpy(), rtol=1e-5, atol=1e-6, err_msg=layer.name)
+                np.testing.assert_allclose(layer.column(j), want[:, j].numpy(), rtol=1e-4, atol=1e-6, err_msg=layer.name)
     halo = next(layer for layer in state.layers if layer.kind == "window")
     assert halo.values_.shape[-1] == 36 < halo.m  # 6 x 6 keys a row, sent instead of the 256 cells
     pinned = app.on_point(ui, state, 0, 0)

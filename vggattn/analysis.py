@@ -96,16 +96,15 @@ class BlockResult:
 
     @functools.cached_property
     def summaries(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(log Z (heads, N), mean row (heads, M)) float64 of softmax rows of queries and keys, from one pass over the
-        rows in float64 from the float32 Q and K (what the page computes its rows and columns in); None for other
-        maps. Computed once."""
+        """(log Z (heads, N), mean row (heads, M)) as float64 arrays, of softmax rows of queries and keys, from one
+        float32 pass over the rows (`vggattn.view.hover.row_summaries`); None for other maps. Computed once."""
         m = self.maps
         if m.query is None or m.window is not None or m.weights is not None or m.bias is not None \
                 or m.normalise != "softmax":
             return None
         with torch.no_grad():
-            log_z, mean = row_summaries(m.query[0].float().double() * m.scale, m.key[0].float().double())
-        return log_z.cpu().numpy(), mean.cpu().numpy()
+            log_z, mean = row_summaries(m.query[0].float() * m.scale, m.key[0].float())
+        return log_z.double().cpu().numpy(), mean.double().cpu().numpy()
 
     @functools.cached_property
     def mean_row(self) -> np.ndarray:

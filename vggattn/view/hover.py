@@ -42,15 +42,19 @@ def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -
 
 def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(log Z (..., N), the mean row (..., M)) of the rows softmax(q_i . K) of (..., N, d) Q and (..., M, d) K, in
-    Q's dtype, from one pass over the rows a block at a time (never the N x M map)."""
+    Q's dtype, from one pass over the rows a block at a time with one exponential a weight (never
+    the N x M map). In float32, log Z carries the logits' rounding, about 6e-8 |logit|: a column exp(q k_j - log Z)
+    is that far off relatively (1e-5 for logits near 100), far below a colour level."""
     k = key.to(query.dtype).transpose(-1, -2)
     n, parts, total = query.shape[-2], [], 0
     for s in range(0, n, chunk):
         logits = query[..., s:s + chunk, :] @ k  # (..., R, M)
-        log_z = torch.logsumexp(logits, dim=-1)  # (..., R)
-        total = total + torch.exp(logits.sub_(log_z[..., None])).sum(-2)  # the rows, summed over the queries
-        parts.append(log_z)
-    return torch.cat(parts, dim=-1), total / n
+        top = logits.amax(-1, keepdim=True)  # (..., R, 1)
+        weights = torch.exp(logits.sub_(top))  # unnormalised rows, in place
+        z = weights.sum(-1, keepdim=True)  # (..., R, 1)
+        total = total + (z.reciprocal().transpose(-1, -2) @ weights)[..., 0, :].double()  # the rows, summed over queries
+        parts.append((top + torch.log(z))[..., 0])
+    return torch.cat(parts, dim=-1), (total / n).to(query.dtype)
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -231,9 +235,9 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
         elif kind == "qk":
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
-            if maps.normalise == "softmax" and logz is None:  # in float64 from the float32 Q and K, as the page
-                logz_t, mean = row_summaries(maps.query[0].float().double() * maps.scale, maps.key[0].float().double())
-                layer.logz = logz_t.cpu().numpy()  # (heads, N)
+            if maps.normalise == "softmax" and logz is None:
+                logz_t, mean = row_summaries(maps.query[0].float() * maps.scale, maps.key[0].float())
+                layer.logz = logz_t.double().cpu().numpy()  # (heads, N)
                 if sink is None:  # every query and head's share of each key
                     sink = (int(mean.mean(0).argmax()), float(mean.mean(0).max()))
             elif maps.normalise == "softmax":
