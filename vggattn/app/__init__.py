@@ -536,12 +536,13 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.vggattn_css = CSS
 
         # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
-        # An upload is one round trip: the analysis, the payload and the open tab's maps in one answer. Beside it,
-        # not before it, the old image's state goes at once (no queue), so a click meanwhile cannot pin on it.
-        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending")
+        # First the old image's state goes (no queue), so a click meanwhile cannot pin on it; then one answer holds
+        # the analysis, the payload and the open tab's maps. (Sent side by side instead, the first step could land
+        # after the second and leave the session "pending": clicks were refused after uploads.)
         def upload(path, tab, opacity, colormap, mode):
             return on_image(ui, model, meta, path, hover_dtype, layers, tab, opacity, colormap, mode)
-        image.change(upload, [image, open_tab, opacity, colormap, mode], list(blank(ui)), api_name="upload")
+        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
+            upload, [image, open_tab, opacity, colormap, mode], list(blank(ui)), api_name="upload")
         for tab, name in zip((contribution_tab, dependence_tab, gradcam_tab, ablation_tab, export_tab, blocks_tab,
                               dataset_tab), TABS):
             tab.select(bind(on_tab, ui, name, model=model), [state, opacity, colormap, mode], tab_outputs(ui),
