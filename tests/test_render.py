@@ -148,7 +148,7 @@ def test_column_equals_the_full_maps_column():
     result = analyze(model, meta, Image.new("RGB", (64, 64), (100, 50, 20)))
     for layer, block in zip(pages(result), result.blocks):
         for j in (0, layer.m - 1):
-            np.testing.assert_allclose(layer.column(j), reference_rows(block)[:, j], atol=1e-9)
+            np.testing.assert_allclose(layer.column(j), reference_rows(block)[:, j], rtol=1e-5, atol=1e-9)  # float32 log Z
 
 
 def test_large_image_is_drawn_on_a_small_copy():
