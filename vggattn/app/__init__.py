@@ -395,6 +395,14 @@ def traced_note(blocks: list) -> str:
     return f" ({'all' if traced == len(blocks) else traced} found by what {'it computes' if traced == 1 else 'they compute'})"
 
 
+def block_list(blocks: list) -> str:
+    """The blocks by name, each with its family, or the family once when they share it."""
+    families = {short_family(a) for *_, a in blocks}
+    if len(families) == 1 and len(blocks) > 1:
+        return ", ".join(f"`{n}`" for n, *_ in blocks) + f", all {families.pop()}"
+    return ", ".join(f"`{n}` ({short_family(a)})" for n, _, a in blocks)
+
+
 def model_name(model: nn.Module, meta: dict) -> str:
     c = meta.get("config")
     if meta.get("source"):
@@ -416,7 +424,7 @@ def describe(model: nn.Module, meta: dict, blocks: list) -> str:
     return (f"# vggattn · where does self-attention look?\n"
             f"{model_name(model, meta)} ({weights}{classes}, {meta['input_size']} px input{acc}) running on "
             f"**{where}**, with {len(blocks)} attention block{'s' if len(blocks) != 1 else ''}: " +
-            ", ".join(f"`{n}` ({short_family(a)})" for n, _, a in blocks) + traced_note(blocks) +
+            block_list(blocks) + traced_note(blocks) +
             ". Upload an image, then move the pointer over it: each panel shows where the position under it attends "
             "in one block (computed in your browser); click (or tap) to pin a point." + warning +
             "".join(f"\n\n{note}" for note in notes))
