@@ -8,7 +8,7 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.view.hover import decode, log_normalisers, page_layer, page_payload, page_props, payload_bytes
+from vggattn.view.hover import decode, page_layer, row_summaries, page_payload, page_props, payload_bytes
 from vggattn.view.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -48,14 +48,21 @@ def test_float32_payload_is_the_blocks_q_and_k(result):
             np.testing.assert_allclose(np.exp(q @ k[j] - logz), attention[:, j], rtol=1e-5, atol=1e-9)  # float32 log Z
 
 
-def test_log_normalisers_in_blocks_equal_logsumexp():
+def test_row_summaries_in_blocks_equal_the_whole_softmax():
+    """log Z and the mean row from one pass a block of rows at a time equal logsumexp and the mean of the whole
+    softmax map (float64 to 1e-12; float32 to its rounding), whatever the block size."""
     torch.manual_seed(0)
-    q, k = torch.randn(300, 8) * 3, torch.randn(300, 8) * 3
-    expected = torch.logsumexp(q.double() @ k.double().T, dim=-1)
+    q, k = torch.randn(300, 8) * 3, torch.randn(250, 8) * 3
+    logits = q.double() @ k.double().T  # (300, 250)
+    want_z, want_mean = torch.logsumexp(logits, dim=-1), torch.softmax(logits, dim=-1).mean(0)
     for chunk in (1, 7, 300, 1024):
-        got = log_normalisers(q[None].double(), k[None].double(), chunk=chunk)[0]
-        assert got.dtype == torch.float64 and got.shape == (300,)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
+        z, mean = row_summaries(q[None].double(), k[None].double(), chunk=chunk)
+        assert z.shape == (1, 300) and mean.shape == (1, 250) and z.dtype == torch.float64
+        torch.testing.assert_close(z[0], want_z, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(mean[0], want_mean, rtol=1e-12, atol=1e-12)
+        z, mean = row_summaries(q[None], k[None], chunk=chunk)
+        torch.testing.assert_close(z[0].double(), want_z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean[0].double(), want_mean, rtol=1e-4, atol=1e-7)
 
 
 def test_float16_payload_halves_q_and_k_and_stays_close(result):

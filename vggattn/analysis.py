@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -259,10 +258,3 @@ def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     img = (x[0].cpu().float() * std + mean).clamp(0, 1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def entropy_fraction(row: np.ndarray) -> float:
-    """H(row) / ln M of a distribution over M cells (1: uniform, 0: one cell)."""
-    p = row.reshape(-1)
-    h = float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
-    return h / math.log(p.size) if p.size > 1 else 0.0

@@ -66,7 +66,9 @@ PER_ROW = 3  # panels a row beside the picture
 PANEL_HEIGHT = 340  # px: the image and up to three panels fit above the fold at 1440x900
 PANEL_MIN_WIDTH = 240  # px: below this the row wraps (a phone shows them one under another)
 STRIP_HEIGHT = 600  # px: more than two rows of panels scroll in a strip of this height (1440x900 screen)
-CSS = f"#panel-strip {{ max-height: {STRIP_HEIGHT}px; overflow-y: auto; flex-wrap: nowrap !important; }}"
+CSS = (f"#panel-strip {{ max-height: {STRIP_HEIGHT}px; overflow-y: auto; flex-wrap: nowrap !important; }}"
+       # the readouts table scrolls sideways on a phone instead of squeezing its columns to a letter wide
+       "#readouts table { display: block; overflow-x: auto; } #readouts th, #readouts td { white-space: nowrap; }")
 INTERVENTIONS = {"off": "off (the block passes its input on)", "mean": "mean row (every query the image's mean row)",
                  "uniform": "uniform rows (average pooling of the values)"}
 CONTRIBUTION_HINT = ("How much a block actually changes the features at each position: ‖y − x‖ / ‖x‖ with x its "

@@ -34,12 +34,6 @@ def _b64(array: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
 
 
-def log_normalisers(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log Z_i = logsumexp_j (q_i . k_j) of every row of (..., N, d) Q and (..., M, d) K -> (..., N), a block of
-    rows at a time (never the N x M map), in Q's dtype (float64 from float32 Q and K: what the page computes)."""
-    return row_summaries(query, key, chunk)[0]
-
-
 def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(log Z (..., N), the mean row (..., M)) of the rows softmax(q_i . K) of (..., N, d) Q and (..., M, d) K, in
     Q's dtype, from one pass over the rows a block at a time with one exponential a weight (never
