@@ -112,7 +112,7 @@ class BlockMaps:
         return total / n
 
 
-def _tokens(t: torch.Tensor, heads: int = 1) -> torch.Tensor:
+def tokens(t: torch.Tensor, heads: int = 1) -> torch.Tensor:
     """(B, heads * C, h, w) -> (B, heads, h * w, C)."""
     B, C, h, w = t.shape
     return t.reshape(B, heads, C // heads, h * w).transpose(-1, -2)
@@ -181,13 +181,13 @@ class GlobalAttentionAdapter(Adapter):
     def maps(self, module, x):
         q, k = module.conv_query(x), module.conv_key(x)
         if module.query_averaged:
-            rows = mean_attention_row(_tokens(q)[:, 0], _tokens(k)[:, 0])[:, None, None]  # (B, 1, 1, N), row blocks
+            rows = mean_attention_row(tokens(q)[:, 0], tokens(k)[:, 0])[:, None, None]  # (B, 1, 1, N), row blocks
             return BlockMaps("global-attention (query-averaged)", None, torch.log(rows.clamp_min(1e-30)), _grid(x),
                              _grid(x), meaning="the image's query-averaged row: one map for every position")
-        return BlockMaps("global-attention", _tokens(q), _tokens(k), _grid(x), _grid(x))
+        return BlockMaps("global-attention", tokens(q), tokens(k), _grid(x), _grid(x))
 
     def values(self, module, x):
-        return _tokens(module.conv_value(x))
+        return tokens(module.conv_value(x))
 
     def output(self, module, x, attended, rows):
         B, C, H, W = x.shape
@@ -206,10 +206,10 @@ class SelfAttnAdapter(Adapter):
         return isinstance(module, SelfAttn) or (type(module).__name__ == "Self_Attn" and hasattr(module, "query_conv"))
 
     def maps(self, module, x):
-        return BlockMaps("sagan", _tokens(module.query_conv(x)), _tokens(module.key_conv(x)), _grid(x), _grid(x))
+        return BlockMaps("sagan", tokens(module.query_conv(x)), tokens(module.key_conv(x)), _grid(x), _grid(x))
 
     def values(self, module, x):
-        return _tokens(module.value_conv(x))
+        return tokens(module.value_conv(x))
 
     def output(self, module, x, attended, rows):
         B, C, H, W = x.shape
@@ -230,10 +230,10 @@ class BigGANAttentionAdapter(Adapter):
 
     def maps(self, module, x):
         phi = F.max_pool2d(module.phi(x), [2, 2])
-        return BlockMaps("biggan", _tokens(module.theta(x)), _tokens(phi), _grid(x), _grid(phi))
+        return BlockMaps("biggan", tokens(module.theta(x)), tokens(phi), _grid(x), _grid(phi))
 
     def values(self, module, x):
-        return _tokens(F.max_pool2d(module.g(x), [2, 2]))
+        return tokens(F.max_pool2d(module.g(x), [2, 2]))
 
     def output(self, module, x, attended, rows):
         B, C, H, W = x.shape
@@ -251,14 +251,14 @@ class NonLocalAdapter(Adapter):
     def maps(self, module, x):
         phi = module.phi(x)
         dot = module.mode == "dot"
-        return BlockMaps("non-local " + ("dot product" if dot else "embedded Gaussian"), _tokens(module.theta(x)),
-                         _tokens(phi), _grid(x), _grid(phi), normalise="mean" if dot else "softmax",
+        return BlockMaps("non-local " + ("dot product" if dot else "embedded Gaussian"), tokens(module.theta(x)),
+                         tokens(phi), _grid(x), _grid(phi), normalise="mean" if dot else "softmax",
                          meaning=("f / M: the dot product theta·phi divided by the number of key positions, not a "
                                   "softmax (rows need not sum to 1, weights can be negative)") if dot else
                          BlockMaps.meaning)
 
     def values(self, module, x):
-        return _tokens(module.g(x))
+        return tokens(module.g(x))
 
     def output(self, module, x, attended, rows):
         B = x.shape[0]
@@ -274,11 +274,11 @@ class TimmNonLocalAdapter(Adapter):
         return type(module).__name__ == "NonLocalAttn" and all(hasattr(module, n) for n in ("t", "p", "g", "z", "norm"))
 
     def maps(self, module, x):
-        return BlockMaps("timm non-local", _tokens(module.t(x)), _tokens(module.p(x)), _grid(x), _grid(x),
+        return BlockMaps("timm non-local", tokens(module.t(x)), tokens(module.p(x)), _grid(x), _grid(x),
                          scale=float(module.scale))
 
     def values(self, module, x):
-        return _tokens(module.g(x))
+        return tokens(module.g(x))
 
     def output(self, module, x, attended, rows):
         B, _, H, W = x.shape
@@ -303,7 +303,7 @@ class TimmBottleneckAdapter(Adapter):
         B = x.shape[0]
         q, k, _ = self._split(module, x)
         heads = module.num_heads
-        query, key = _tokens(q, heads), _tokens(k, heads)  # (B, heads, N, d)
+        query, key = tokens(q, heads), tokens(k, heads)  # (B, heads, N, d)
         bias = module.pos_embed(query.reshape(B * heads, *query.shape[2:]))  # (B * heads, N, N)
         bias = bias.reshape(B, heads, *bias.shape[1:])
         if module.scale_pos_embed:  # (q k + rel) * scale
@@ -313,7 +313,7 @@ class TimmBottleneckAdapter(Adapter):
                                  "relative-position logits; each row sums to 1")
 
     def values(self, module, x):
-        return _tokens(self._split(module, x)[2], module.num_heads)
+        return tokens(self._split(module, x)[2], module.num_heads)
 
     def output(self, module, x, attended, rows):
         B, _, H, W = x.shape
@@ -341,7 +341,7 @@ class TimmGlobalContextAdapter(Adapter):
                                  "positions); no query changes it")
 
     def values(self, module, x):
-        return _tokens(x)
+        return tokens(x)
 
     def output(self, module, x, attended, rows):
         B, C = x.shape[:2]

@@ -53,8 +53,9 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from . import faithfulness
+from ..analysis import block_gamma
 from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, output_tensor, randomised_copy, reinit_qk,
-                       replaced_forward)
+                                  replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
 from ..byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
 from ..checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
@@ -245,11 +246,6 @@ def output_statistics(x: torch.Tensor | None, delta: torch.Tensor | None) -> dic
     return out
 
 
-def tokens(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H * W, C), position-major."""
-    return t.flatten(2).transpose(1, 2)
-
-
 # -- the dataset -----------------------------------------------------------------------------------
 
 def class_mapping(folders: list[str], meta: dict) -> list[int]:
@@ -433,12 +429,6 @@ def branched_forward(model: torch.nn.Module, x: torch.Tensor, blocks: list,
     return {run: parts[i] for i, branch in enumerate(branches.runs) for run in branch}, branches.seen
 
 
-def gamma_of(module: torch.nn.Module) -> float:
-    """The block's scalar `gamma` parameter (the residual's weight), NaN when it has none."""
-    gamma = getattr(module, "gamma", None)
-    return float(gamma) if isinstance(gamma, torch.Tensor) and gamma.numel() == 1 else float("nan")
-
-
 def sampled_queries(maps: BlockMaps) -> list[int]:
     """The sanity Spearman's query rows: at most `SANITY_QUERIES`, every k-th position (one for a per-image map)."""
     n = 1 if maps.per_image else maps.grid[0] * maps.grid[1]
@@ -459,8 +449,8 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
         record[f"{name}:sanity:{kind}"] = np.full(b, np.nan)
         for stat in SANITY_STATS:
             record[f"{name}:sanity:{kind}:{stat}"] = np.full(b, np.nan)
-    xs = tokens(x) if x.dim() == 4 else None
-    delta = tokens(y - x) if xs is not None and y.shape == x.shape else None
+    xs = tokens(x)[:, 0] if x.dim() == 4 else None  # (B, N, C)
+    delta = tokens(y - x)[:, 0] if xs is not None and y.shape == x.shape else None
     softmax = maps.normalise == "softmax"
     stats = batch_statistics(maps, input_size, x=xs, delta=delta) if softmax else output_statistics(xs, delta)
     for stat, values in stats.items():
@@ -590,7 +580,7 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
                                            "(every k-th position, k = ceil(N / that))",
                             "heads": "several heads: the statistics of the mean of the heads' rows"},
             "layers": {name: {**layer_summary({stat: rec[f"{name}:{stat}"] for stat in STATS}, rec[f"{name}:sink"],
-                                              tuple(int(v) for v in rec[f"{name}:key_grid"][0]), gamma_of(module),
+                                              tuple(int(v) for v in rec[f"{name}:key_grid"][0]), float(np.nan if block_gamma(module) is None else block_gamma(module)),
                                               rec["target"], class_names),
                               "query_grid": [int(v) for v in rec[f"{name}:grid"][0]], "family": adapter.family}
                        for name, module, adapter in blocks},
