@@ -5,8 +5,8 @@
 The church photo, for: the article's default checkpoint, the shipped non-local ResNet and timm's botnet26t_256 and
 halonet26t (random weights; halonet26t's blocks are found by tracing), and the classifier of third-party blocks of
 tests/byo_models.py (mmcv, timm, diffusers, all traced). The upload is what the one app's server does for it: `on_image`
-(the model once, every block's maps, the page's payload) and the open tab's maps (`on_tab` for "Effective
-contribution", open when the page loads). Per model, interleaved rounds of: the forward alone on the preprocessed
+(the model once, every block's maps, the page's payload and the open tab's maps: "Effective contribution", open when
+the page loads). Per model, interleaved rounds of: the forward alone on the preprocessed
 image, and the upload. Target: upload <= 1.5x the forward.
 """
 
@@ -36,14 +36,14 @@ def any_model(model, meta):
     ui = app.build_demo(model, meta).ui
 
     def upload():
-        state = app.on_image(ui, model, meta, str(PHOTO))[ui.state]
-        app.on_tab(ui, "contribution", state)
+        app.on_image(ui, model, meta, str(PHOTO), tab="contribution")
     return model, meta, upload
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15, help="interleaved rounds per model")
+    p.add_argument("--only", default="", help="run the models whose name contains this (default: all)")
     args = p.parse_args(argv)
     import byo_models
     from PIL import Image
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
                  byo_models.third_party(), describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))}
     rows = []
     for name, make in cases.items():
+        if args.only.lower() not in name.lower():
+            continue
         model, meta, upload = make()
         image = open_image(PHOTO) if isinstance(PHOTO, str) else Image.open(PHOTO).convert("RGB")
         x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0)

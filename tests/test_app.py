@@ -330,3 +330,31 @@ def test_the_server_splits_the_cores_between_concurrent_events(monkeypatch):
         assert served[-1]["concurrency"] == 1 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_freed_memory_goes_back_only_once_the_process_has_grown(monkeypatch):
+    """malloc_trim hands freed pages back (the RSS under load), but the next forward faults them in again: it runs
+    only once the process has grown by TRIM_GROWTH since the last time."""
+    from vggattn.app import ui as page
+
+    trims, rss = [], [500 << 20]
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            rss[0] -= 100 << 20  # what a trim gives back
+
+    monkeypatch.setattr(page.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(page, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(page, "_resident_after_trim", [0])
+    page.release_memory()  # 500 MB over nothing: trimmed, to 400 MB
+    assert len(trims) == 1
+    rss[0] += page.TRIM_GROWTH - (1 << 20)
+    page.release_memory()  # grown by less than TRIM_GROWTH: kept
+    assert len(trims) == 1
+    rss[0] += 2 << 20
+    page.release_memory()  # now more: trimmed
+    assert len(trims) == 2
+    monkeypatch.setattr(page, "resident_bytes", lambda: None)  # nothing to read (not Linux): trim every time
+    page.release_memory()
+    assert len(trims) == 3

@@ -1,6 +1,8 @@
 """The page's payload (vggattn.view.hover): what the page computes rows and columns from, against the block's rows
 (vggattn.attention.adapters); and the app's handlers that send it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,28 @@ def test_row_summaries_in_blocks_equal_the_whole_softmax():
         z, mean = row_summaries(q[None], k[None], chunk=chunk)
         torch.testing.assert_close(z[0].double(), want_z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mean[0].double(), want_mean, rtol=1e-4, atol=1e-7)
+
+
+def test_log_z_and_mean_row_read_from_the_articles_forward_equal_the_whole_softmax():
+    """The article's block computes its rows itself (a block of query rows at a time: three blocks of rows at 192 px),
+    so an upload reads log Z and the mean row from its softmax calls (`trace.RowSums`) instead of computing them
+    again; they equal logsumexp and the mean of the whole map from the block's own Q and K in float64."""
+    from PIL import Image
+    res = analyze(tiny_model(), tiny_meta(input_size=192), Image.open(ASSET))
+    assert res.blocks[0].maps.grid == (48, 48)  # 2,304 queries: rows of 910 at a time
+    for b in res.blocks:
+        assert b.row_sums is not None, b.name
+        q, k = b.maps.query[0, 0].double(), b.maps.key[0, 0].double()
+        logits = q @ k.T
+        log_z, mean = b.summaries
+        np.testing.assert_allclose(log_z[0], torch.logsumexp(logits, -1).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mean[0], torch.softmax(logits, -1).mean(0).numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b.mean_row, mean[0])
+    # without what the forward computed (SDPA on a GPU or under autograd calls no softmax), one pass computes them
+    for b in res.blocks:
+        computed = dataclasses.replace(b, row_sums=None)
+        np.testing.assert_allclose(computed.summaries[0], b.summaries[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(computed.summaries[1], b.summaries[1], rtol=1e-4, atol=1e-7)
 
 
 def test_float16_payload_halves_q_and_k_and_stays_close(result):

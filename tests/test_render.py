@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
 from vggattn.view.hover import page_layer
-from vggattn.view.render import (FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
+from vggattn.view.render import (COLORMAPS, FULL_AT, LOG_DECADES, MARK_COLOR, QUERY_COLOR, attention_picture, cell_rect, map_levels,
                             mark_cells, mark_query, marked_indices, overlay, palette, tint_alpha, top_indices, upsample)
 
 
@@ -61,6 +61,23 @@ def test_tint_fades_with_the_weight():
         overlay(img, np.full((8, 8), 2.0))
     with pytest.raises(ValueError, match="colormap"):
         palette("rainbow-unicorn")
+
+
+def test_overlay_is_the_page_blend_per_pixel():
+    """Every pixel is base + (colour - base) * alpha at its level, in float64, rounded half to even (the page's
+    Uint8ClampedArray), for every colormap and a few opacities (the overlay reads a table of those values)."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    heat = rng.random((40, 50))
+    heat[:5] = 0.0
+    heat[5:8] = 1.0
+    for colormap in COLORMAPS:
+        for opacity in (0.0, 0.35, 0.8, 1.0):
+            level = np.clip(np.floor(heat * 255 + 0.5), 0, 255).astype(int)
+            alpha = opacity * np.minimum(1.0, level / (255 * FULL_AT))
+            colour = palette(colormap)[level].astype(np.float64)
+            want = np.rint(img + (colour - img) * alpha[..., None]).astype(np.uint8)
+            assert np.array_equal(overlay(img, heat, colormap, opacity), want), (colormap, opacity)
 
 
 def test_cell_rects_tile_the_picture_exactly_once():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,9 +57,17 @@ def block_gamma(module: nn.Module) -> float | None:
     return float(gamma.detach().reshape(())) if isinstance(gamma, torch.Tensor) and gamma.numel() == 1 else None
 
 
+_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def blocks_of(model: nn.Module, meta: dict, layers: list[str] | None = None) -> list:
-    """`find_blocks` on an input of the model's size (the first call per model finds traced blocks and keeps them)."""
-    return find_blocks(model, layers, example=example_input(model, meta.get("input_size")))
+    """`find_blocks` on an input of the model's size, once per model and choice of layers (a model's modules are
+    not expected to change once it is being analysed)."""
+    found = _BLOCKS.setdefault(model, {})
+    key = None if layers is None else tuple(layers)
+    if key not in found:
+        found[key] = find_blocks(model, layers, example=example_input(model, meta.get("input_size")))
+    return list(found[key])
 
 
 @dataclass
@@ -72,6 +81,7 @@ class BlockResult:
     gamma: float | None = None  # the block's learned γ, where it has one
     contribution: np.ndarray | None = None  # (h, w) ||block(x) - x|| / ||x|| per position; None where y and x differ
     # in shape (the block is no residual update of its input)
+    row_sums: tuple | None = None  # (log Z, the rows' sum) as the forward computed them (`trace.RowSums`), if it did
 
     @property
     def family(self) -> str:
@@ -95,12 +105,18 @@ class BlockResult:
 
     @functools.cached_property
     def summaries(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(log Z (heads, N), mean row (heads, M)) as float64 arrays, of softmax rows of queries and keys, from one
-        float32 pass over the rows (`vggattn.view.hover.row_summaries`); None for other maps. Computed once."""
+        """(log Z (heads, N), mean row (heads, M)) as float64 arrays, of softmax rows of queries and keys: as the
+        block's forward computed them where it did (`row_sums`), else from one float32 pass over the rows
+        (`vggattn.view.hover.row_summaries`); None for other maps. Computed once."""
         m = self.maps
         if m.query is None or m.window is not None or m.weights is not None or m.bias is not None \
                 or m.normalise != "softmax":
             return None
+        heads, n, k = m.query.shape[1], m.query.shape[2], m.key.shape[2]
+        if self.row_sums is not None and heads == 1 and self.row_sums[0].numel() == n \
+                and self.row_sums[1].numel() == k:
+            log_z, total = self.row_sums
+            return log_z.reshape(1, n).cpu().numpy(), (total / n).reshape(1, k).cpu().numpy()
         with torch.no_grad():
             log_z, mean = row_summaries(m.query[0].float() * m.scale, m.key[0].float())
         return log_z.double().cpu().numpy(), mean.double().cpu().numpy()
@@ -214,7 +230,8 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     device = next(model.parameters()).device
     x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
     traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
-    output, seen = watch(model, x, [name for name, *_ in blocks], traced)
+    summarised = {name for name, _, adapter in blocks if adapter.softmax_rows}
+    output, seen = watch(model, x, [name for name, *_ in blocks], traced, summarised=summarised)
     if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
         output = output[0]
     result = Analysis(image.size, output.detach().float().cpu(), meta.get("class_names"), [], *display_copy(image),
@@ -226,7 +243,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
         kept = seen[name]
         maps = adapter.maps(module, kept.input, kept.events) if name in traced else adapter.maps(module, kept.input)
         result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
-                                         contribution_map(kept.input, kept.output)))
+                                         contribution_map(kept.input, kept.output), kept.row_sums))
     return result
 
 

@@ -5,6 +5,7 @@ the hover view, refusing and clamping a point, the Dataset tab's view, session m
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -48,13 +49,32 @@ def load_upload(path: str | None) -> Image.Image:
         raise gr.Error(str(e)) from None
 
 
+TRIM_GROWTH = 64 << 20  # bytes the process may grow by before freed heap pages are handed back
+_resident_after_trim = [0]
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux's /proc/self/statm), or None where there is none to read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def release_memory() -> None:
-    """Hand freed heap pages back to the OS after an analysis (glibc keeps them otherwise: under
-    concurrent uploads the server's RSS then stays at its peak; bench/README.md, load run)."""
+    """Hand freed heap pages back to the OS after an analysis (glibc keeps them otherwise: under concurrent uploads
+    the server's RSS then stays at its peak; bench/README.md, load run), once the process has grown by TRIM_GROWTH
+    since the last time: the pages handed back are faulted in again by the next forward (1.5 ms of a 10 ms one),
+    which a small model's upload need not pay."""
+    rss = resident_bytes()
+    if rss is not None and rss - _resident_after_trim[0] < TRIM_GROWTH:
+        return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
+        return
+    _resident_after_trim[0] = resident_bytes() or 0
 
 
 def click_problem(state) -> str | None:
@@ -138,5 +158,9 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     if getattr(demo, "vggattn_css", None):  # the any-model app's panel strip (Gradio 6 takes CSS at launch)
         kw.setdefault("css", demo.vggattn_css)
+    # run_history off: Gradio would otherwise copy every event's inputs and outputs (an upload's payload is about
+    # a megabyte) into the browser's localStorage, re-reading and re-writing that history at every event: the page
+    # spent 0.6-1 s of each upload on it, more with every upload (bench/README.md, the page's upload round trip)
+    kw.setdefault("run_history", False)
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
                        enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)

@@ -129,6 +129,10 @@ class Adapter:
     residual = "?"  # how the attended values enter the block's output, in words
     off_means = "the block returns its input x"
     qk_modules: tuple[str, ...] = ()  # the submodules whose parameters make the logits (the sanity check's)
+    # the block's own forward computes its rows as softmax(logits of `maps`) over the last axis, a row per query in
+    # query order (on the CPU without autograd at least): its log normalisers and mean row are then read as it runs
+    # (`vggattn.attention.trace.RowSums`), not computed again
+    softmax_rows = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -174,6 +178,7 @@ class GlobalAttentionAdapter(Adapter):
     family = "vggattn GlobalAttention (the article's)"
     qk_modules = ("conv_query", "conv_key")
     residual = "x + γ · out"
+    softmax_rows = True
 
     def matches(self, module):
         return isinstance(module, GlobalAttention)

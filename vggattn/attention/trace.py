@@ -617,6 +617,37 @@ def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, ta
     return rec, out
 
 
+class RowSums(TorchFunctionMode):
+    """Inside a block whose forward computes its rows itself as a softmax over the last axis, a query's row a row and
+    in query order (`Adapter.softmax_rows`), the rows' log normalisers and their sum over queries, read from each
+    softmax's input and output as the forward runs: log Z = the largest logit - log(the largest weight), and a
+    sum over the rows. Two passes over weights the forward makes anyway, no exponential of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.logz: list[torch.Tensor] = []
+        self.total: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") in SOFTMAX and isinstance(out, torch.Tensor) and args \
+                and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape and out.dim() >= 2:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (-1, out.dim() - 1):
+                with torch.no_grad():
+                    w = out.detach().reshape(-1, out.shape[-1])
+                    top = args[0].detach().reshape(-1, out.shape[-1]).amax(-1).double()
+                    self.logz.append(top - w.amax(-1).double().log())  # its largest weight is exp(0) / Z'
+                    part = w.sum(0).double()
+                    self.total = part if self.total is None else self.total + part
+        return out
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(log Z (R,), the rows' sum (M,)) in float64, of the R rows seen; None when no softmax ran."""
+        return None if self.total is None else (torch.cat(self.logz), self.total)
+
+
 @dataclass
 class Seen:
     """What one block did in a watched forward: its input, its output, and (traced blocks) the calls it made."""
@@ -624,18 +655,20 @@ class Seen:
     input: torch.Tensor
     output: object = None
     events: list | None = None
+    row_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # `summarised` blocks: RowSums.result()
 
 
 def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset(),
-          keep_graph: bool = False) -> tuple[object, dict]:
+          keep_graph: bool = False, summarised: set[str] = frozenset()) -> tuple[object, dict]:
     """The model's forward on x keeping each named block's input and output (detached; keep_graph: as they are, for a
     gradient at them), and inside the `traced` ones a Recorder (entered by the block's forward pre-hook, left by its
-    forward hook: no cost elsewhere) -> (the output, {block name: Seen}). A block that runs twice keeps its first run.
+    forward hook: no cost elsewhere), and inside the `summarised` ones a RowSums
+    -> (the output, {block name: Seen}). A block that runs twice keeps its first run.
     This thread's forwards only; every hook is removed on exit, also when the forward raises. The one way vggattn
     observes a forward (`Intervention` is the one way it changes one)."""
     modules = dict(model.named_modules())
     me = threading.get_ident()
-    active: dict[str, Recorder] = {}
+    active: dict[str, TorchFunctionMode] = {}
     seen: dict[str, Seen] = {}
 
     def enter(module, args, name):
@@ -643,10 +676,10 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
             return
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         seen[name] = Seen(first if keep_graph or first is None else first.detach())
-        if name in traced:
-            rec = Recorder([a for a in args if isinstance(a, torch.Tensor)])
-            rec.__enter__()
-            active[name] = rec
+        if name in traced or name in summarised:
+            mode = Recorder([a for a in args if isinstance(a, torch.Tensor)]) if name in traced else RowSums()
+            mode.__enter__()
+            active[name] = mode
 
     def leave(module, args, out, name):
         if threading.get_ident() != me or name not in seen or seen[name].output is not None:
@@ -657,9 +690,12 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
             seen[name].output = out.detach() if isinstance(out, torch.Tensor) else \
                 tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, (tuple, list)) else out
         if name in active:
-            rec = active.pop(name)
-            rec.__exit__(None, None, None)
-            seen[name].events = rec.events
+            mode = active.pop(name)
+            mode.__exit__(None, None, None)
+            if isinstance(mode, Recorder):
+                seen[name].events = mode.events
+            else:
+                seen[name].row_sums = mode.result()
 
     handles = []
     try:
@@ -670,8 +706,8 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     finally:
         for h in handles:
             h.remove()
-        for rec in reversed(list(active.values())):  # a forward that failed inside a block
-            rec.__exit__(None, None, None)
+        for mode in reversed(list(active.values())):  # a forward that failed inside a block
+            mode.__exit__(None, None, None)
     return out, seen
 
 

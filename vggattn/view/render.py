@@ -121,11 +121,22 @@ def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "inferno", opac
     heat = np.asarray(heat, dtype=np.float64)
     if heat.size and (heat.min() < -1e-6 or heat.max() > 1 + 1e-6):
         raise ValueError("heat must lie in [0, 1]")
-    level = np.clip(np.floor(heat * 255 + 0.5), 0, 255).astype(np.intp)
-    colour, alpha = palette(colormap).astype(np.float64), tint_alpha(opacity)
-    base = image.astype(np.float64)
-    # base + (colour - base) * alpha, rounded half to even: what the page's Uint8ClampedArray stores
-    return np.rint(base + (colour[level] - base) * alpha[level][..., None]).astype(np.uint8)
+    level = np.clip(np.floor(heat * 255 + 0.5), 0, 255).astype(np.intp) << 8
+    table, out = _blend_table(colormap, float(opacity)), np.empty_like(image)
+    for c in range(3):
+        out[..., c] = table[c][level + image[..., c]]
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _blend_table(colormap: str, opacity: float) -> np.ndarray:
+    """(3 channels, 256 levels x 256 photo values) uint8: every tinted value `overlay` can make, computed once per
+    colormap and opacity as base + (colour - base) * alpha in float64, rounded half to even: what the page's
+    Uint8ClampedArray stores."""
+    colour, alpha = palette(colormap).astype(np.float64).T, tint_alpha(opacity)  # (3, 256), (256,)
+    base = np.arange(256, dtype=np.float64)[None, None, :]
+    table = np.rint(base + (colour[:, :, None] - base) * alpha[None, :, None]).astype(np.uint8)  # (3, level, base)
+    return table.reshape(3, -1)
 
 
 def cell_rect(index: int, grid: tuple[int, int], size_wh: tuple[int, int]) -> tuple[int, int, int, int]:
