@@ -117,8 +117,13 @@ def test_controls_rerender_without_the_model(mm, ui, monkeypatch):
     assert np.array_equal(marked[ui.maps[0]], plain[ui.maps[0]])  # and not the open tab's maps
 
 
-@pytest.mark.parametrize("state,words", [(None, "Upload an image"), (app.PENDING, "still being analysed")])
-def test_click_before_upload_or_mid_upload_is_a_message(ui, state, words):
+@pytest.mark.parametrize("stale,words", [(None, "Upload an image"), (True, "still being analysed")])
+def test_click_before_upload_or_mid_upload_is_a_message(mm, ui, stale, words):
+    state = None
+    if stale:  # the upload event of a second image has begun: the first image's analysis is marked stale
+        state = upload(ui, mm)[ui.state]
+        app.on_upload(ui, *mm, None, state)
+        assert state.stale
     out = app.on_click(ui, state, 0.5, "jet", "smooth", True, select(1, 1))
     assert out[ui.point] is None and words in out[ui.status] and set(out) == set(app.point_outputs(ui))
     assert all(out[p] == app.gr.update() for p in [*ui.panels, ui.readouts])  # a warning, not an error
@@ -132,8 +137,15 @@ def test_click_outside_is_clamped(mm, ui):
 def test_bad_uploads_are_plain_errors(mm, tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
+    ui = app.build_demo(*mm).ui
     with pytest.raises(app.gr.Error, match="not an image in a supported format"):
-        app.on_image(app.build_demo(*mm).ui, *mm, str(text))
+        app.on_image(ui, *mm, str(text))
+    # the upload event: a warning, and an empty app that says why (not the previous image's analysis)
+    before = upload(ui, mm)[ui.state]
+    with pytest.warns(UserWarning, match="not an image in a supported format"):
+        out = app.on_upload(ui, *mm, str(text), before)
+    assert out[ui.state] is None and out[ui.hover] is None and "not an image" in out[ui.status]
+    assert before.stale
     with pytest.raises(app.gr.Error, match="upload an image"):
         app.api_analyze(*mm, None, None)
 

@@ -51,7 +51,7 @@ from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
 from ..study import load_study
 from ..view.text import contribution_markdown, dependence_markdown, gamma_markdown, model_notes, sink_note, unsure_note
-from .ui import (CONTROLS, EXAMPLES, PENDING, PIN_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+from .ui import (CONTROLS, EXAMPLES, PIN_JS, UPLOAD_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
 from .ui import launch as serve
@@ -84,6 +84,8 @@ class Session:
 
     result: Analysis
     layers: list[PageLayer]
+    path: str | None = None  # the file analysed
+    stale: bool = False  # a newer upload of this session is being analysed (`on_upload`)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -184,12 +186,6 @@ def blank(ui: UI) -> dict:
             ui.export_file: None, ui.export_png: None}
 
 
-def mark_pending(ui: UI) -> dict:
-    """First step of an upload: drop the old analysis, its pinned point and the page's copy of it, so a click, a
-    control or a pointer move meanwhile cannot show (or fail on) the previous image."""
-    return {ui.state: PENDING, ui.point: None, ui.hover: None}
-
-
 def prediction_outputs(ui: UI, result: Analysis) -> dict:
     """The top-5, or (a model whose output is not one logit per class) its output values in words."""
     top = result.top_k(5)
@@ -212,21 +208,58 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
         return blank(ui)
     try:
         result = analyze(model, meta, load_upload(path), layers)
-        pages = [b.page() for b in result.blocks]
-        w, h = result.size
-        status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
-                  f"each of the {len(pages)} attention blocks; **click** to pin a point and read its numbers.")
-        note = unsure_note(result, meta)
-        gammas = result.gammas()
-        session = Session(result, pages)
-        return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
-            ui.state: session, ui.hover: page_payload(result, pages, hover_dtype),
-            ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
-            ui.gammas_md: gamma_markdown(result),
-            ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
-            ui.seen: result.model_view}
+        session = Session(result, [b.page() for b in result.blocks], path=str(path))
+        return session_outputs(ui, model, meta, session, hover_dtype, tab, opacity, colormap, mode)
     finally:
         release_memory()
+
+
+def session_outputs(ui: UI, model: nn.Module, meta: dict, session: Session, hover_dtype: str = "float32",
+                    tab: str = "contribution", opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
+                    mode=CONTROLS["mode"]) -> dict:
+    """Everything an upload answers for an analysed image (`on_image`), from its session."""
+    result, pages = session.result, session.layers
+    w, h = result.size
+    status = (f"Analysed a {w}×{h} image. **Move the pointer over it** to see where each position attends in "
+              f"each of the {len(pages)} attention blocks; **click** to pin a point and read its numbers.")
+    note = unsure_note(result, meta)
+    gammas = result.gammas()
+    return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
+        ui.state: session, ui.hover: page_payload(result, pages, hover_dtype),
+        ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
+        ui.gammas_md: gamma_markdown(result),
+        ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
+        ui.seen: result.model_view}
+
+
+def on_upload(ui: UI, model: nn.Module, meta: dict, path, state=None, hover_dtype: str = "float32",
+              layers: list[str] | None = None, tab: str = "contribution", opacity=CONTROLS["opacity"],
+              colormap=CONTROLS["colormap"], mode=CONTROLS["mode"], busy: dict | None = None,
+              session_id: str | None = None) -> dict:
+    """The upload event, one request: the previous image's analysis is marked stale first (a session's events share
+    its state object, so a click, a control or a tab meanwhile is refused, not drawn on the old image; the page's
+    script has already dropped its copy), then `on_image`. A file that cannot be read is a warning and an empty
+    app (the status says why), never the previous image's analysis under the new picture.
+
+    Gradio's image fires its change event twice for one upload: `busy` ({session id: the file it is analysing})
+    makes the second a no-op while the first runs, and a file the session has just analysed is answered from its
+    analysis, not run again."""
+    if path and isinstance(state, Session) and not state.stale and state.path == str(path):
+        return session_outputs(ui, model, meta, state, hover_dtype, tab, opacity, colormap, mode)
+    if busy is not None and path and busy.get(session_id) == str(path):
+        return {c: gr.skip() for c in blank(ui)}
+    if isinstance(state, Session):
+        state.stale = True
+    if busy is not None:
+        busy[session_id] = str(path)
+    try:
+        return on_image(ui, model, meta, path, hover_dtype, layers, tab, opacity, colormap, mode)
+    except gr.Error as e:
+        gr.Warning(e.message)
+        return blank(ui) | {ui.status: f"**That file could not be analysed.** {e.message}"}
+    finally:
+        if busy is not None and busy.get(session_id) == str(path):
+            del busy[session_id]
 
 
 def render_point(state: Session, xy, opacity, colormap, mode, mark, scale, head, pictures: bool = True
@@ -545,14 +578,16 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_css = CSS
 
-        # Each event's outputs are the keys its handler returns (blank, mark_pending, point_outputs, ...)
-        # First the old image's state goes (no queue), so a click meanwhile cannot pin on it; then one answer holds
-        # the analysis, the payload and the open tab's maps. (Sent side by side instead, the first step could land
-        # after the second and leave the session "pending": clicks were refused after uploads.)
-        def upload(path, tab, opacity, colormap, mode):
-            return on_image(ui, model, meta, path, hover_dtype, layers, tab, opacity, colormap, mode)
-        image.change(bind(mark_pending, ui), None, list(mark_pending(ui)), queue=False, api_name="mark_pending").then(
-            upload, [image, open_tab, opacity, colormap, mode], list(blank(ui)), api_name="upload")
+        # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one
+        # request: the page drops its copy of the old maps at once (UPLOAD_JS), the server marks the old analysis
+        # stale, and one answer holds the analysis, the payload and the open tab's maps.
+        busy: dict = {}  # session id -> the file its upload event is analysing
+
+        def upload(path, state, tab, opacity, colormap, mode, request: gr.Request):
+            return on_upload(ui, model, meta, path, state, hover_dtype, layers, tab, opacity, colormap, mode, busy,
+                             getattr(request, "session_hash", None))
+        image.change(upload, [image, state, open_tab, opacity, colormap, mode], list(blank(ui)), js=UPLOAD_JS,
+                     api_name="upload")
         for tab, name in zip((contribution_tab, dependence_tab, gradcam_tab, ablation_tab, export_tab, blocks_tab,
                               dataset_tab), TABS):
             tab.select(bind(on_tab, ui, name, model=model), [state, opacity, colormap, mode], tab_outputs(ui),

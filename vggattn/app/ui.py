@@ -18,13 +18,14 @@ from ..study.report import figures as study_figures, missing_study_markdown, sum
 
 HERE = Path(__file__).resolve().parents[2]  # the checkout (assets/); an installed package has no examples
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-PENDING = "pending"  # state value while a new upload is being analysed
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 WEB = Path(__file__).resolve().parents[1] / "view" / "web"  # the hover view's script, template and style
 CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")
+# An upload: the page drops its copy of the old image's maps before the request goes (the server marks them stale)
+UPLOAD_JS = "(...inputs) => { if (window.vggattnHover) window.vggattnHover.load(null); return inputs; }"
 # A click's last input: whether the page's script has drawn this pin (then the server draws no pictures)
 PIN_JS = ("(...inputs) => { const h = window.vggattnHover; "
           "inputs[inputs.length - 1] = !!(h && h.drawsPins && h.drawsPins()); return inputs; }")
@@ -80,7 +81,7 @@ def release_memory() -> None:
 def click_problem(state) -> str | None:
     if state is None:
         return "Upload an image (or pick an example) first."
-    if isinstance(state, str):
+    if getattr(state, "stale", False):
         return "The new image is still being analysed; try again in a moment."
     return None
 
