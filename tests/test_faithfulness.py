@@ -129,3 +129,51 @@ def test_the_study_has_a_faithfulness_section_in_json_report_and_tab(tmp_path):
     np.testing.assert_allclose(again["faithfulness"]["layers"]["features.14"]["deletion"]["top"][0]["mean"],
                                f["layers"]["features.14"]["deletion"]["top"][0]["mean"], rtol=1e-6)
     assert again["interventions"] == s["interventions"]
+
+
+class First(torch.nn.Module):
+    """A block's output, or the first of the outputs it returns (SAGAN's block returns (out, attention))."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        out = self.block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", ["article", "nonlocal-subsampled", "sagan", "biggan", "gcnet"])
+def test_the_fast_path_from_attended_values_equals_the_blocks_own_forward(family, monkeypatch):
+    """For a family adapter, faithfulness builds each replaced row's attended values directly (a deletion: the
+    block's own, less the deleted keys' terms, plus their weight times the mean value) and runs only the block's
+    output on them; every measure equals the one from the block's forward with the whole replaced rows."""
+    import timm
+
+    from conftest import tiny_model
+    from vggattn.attention.adapters import find_blocks
+    from vggattn.models import families
+
+    torch.manual_seed(0)
+    if family == "article":
+        model = tiny_model()
+    else:
+        block = {"nonlocal-subsampled": lambda: families.NonLocalBlock2D(32, mode="embedded", sub_sample=True),
+                 "sagan": lambda: families.SelfAttn(32), "biggan": lambda: families.BigGANAttention(32),
+                 # a hidden layer of 16 channels: with timm's default 2, its LayerNorm of two numbers is a step
+                 # function, and float32 rounding alone moves the output
+                 "gcnet": lambda: timm.layers.GlobalContext(32, rd_ratio=0.5)}[family]()
+        for p in block.parameters():  # no zero-initialised gamma or last conv: attention changes the output
+            p.data.normal_(0, 0.3)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1), First(block), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten(), torch.nn.Linear(32, 5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    blocks = find_blocks(model, example=x[:1])
+    assert blocks and all(adapter.family for *_, adapter in blocks)
+    random_blocks = {name: module for name, module, _ in blocks}
+    fast = faithfulness.record(model, blocks, x, random_blocks, [0, 1], seed=0)
+    monkeypatch.setattr(faithfulness, "TracedAdapter", object)  # every adapter takes the rows' path
+    dense = faithfulness.record(model, blocks, x, random_blocks, [0, 1], seed=0)
+    assert fast.keys() == dense.keys() and len(fast) > 1
+    for key in fast:  # float32 rounding of two sums that differ in order: 1e-5 of attention's addition at most
+        np.testing.assert_allclose(fast[key], dense[key], rtol=1e-3, atol=1e-5, err_msg=key)

@@ -1,5 +1,6 @@
 """Does a position's attention row say what its output is made of? Deletion and sink anatomy, per block, for any
-model: every measure is a block forward with its rows replaced (`Adapter.forward(module, x, rows=...)`).
+model: every measure is a block forward with its rows replaced (`Adapter.forward(module, x, rows=...)`; for a
+family adapter, its output from attended values computed without an N x M product per replaced row).
 
     rec = record(model, blocks, x, random_blocks, positions, seed)   # per image and block, as the study records
     section = summarise(records, layers, n_boot, seed)               # study.json's "faithfulness"
@@ -34,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..attention.adapters import output_tensor
+from ..attention.adapters import TracedAdapter, output_tensor
 from ..attention.trace import watch
 from .bootstrap import paired_bootstrap_ci
 
@@ -81,14 +82,47 @@ def position_dots(g: torch.Tensor, t: torch.Tensor, per_position: bool) -> torch
     return (g * t)[0].flatten(1).sum(0) if per_position else (g * t).sum()[None]
 
 
+def deleted_terms(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """(heads, N, Cv): sum over each query's deleted keys (N, k) of weight x value, a block of queries at a time."""
+    out = values.new_empty(rows.shape[0], rows.shape[1], values.shape[-1])
+    for s in range(0, rows.shape[1], chunk):
+        k = keys[s:s + chunk]  # (R, k)
+        w = rows[:, s:s + chunk].gather(-1, k.expand(rows.shape[0], -1, -1))  # (heads, R, k)
+        out[:, s:s + chunk] = (w.unsqueeze(-1) * values[:, k]).sum(-2)  # values[:, k]: (heads, R, k, Cv)
+    return out
+
+
+def attended_variants(rows: torch.Tensor, values: torch.Tensor, sink: int, chosen: dict, ks, kmax: int,
+                      cells: torch.Tensor | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The variants of `image_faithfulness` as attended values (heads, N, Cv) rather than rows: a deletion is the
+    block's own attended values less its deleted keys' terms plus their weight times the mean value (the rows of
+    `delete_keys` times the values, without an N x M product per deletion)."""
+    base = rows @ values  # (heads, N, Cv)
+    mean_v = values.mean(-2, keepdim=True)  # (heads, 1, Cv)
+
+    def deleted(out, keys):
+        taken = rows.gather(-1, keys.expand(rows.shape[0], -1, -1)).sum(-1, keepdim=True)  # (heads, N, 1)
+        return out.copy_(base).sub_(deleted_terms(rows, keys, values)).add_(taken * mean_v)
+
+    variants = {"as is": lambda out: out.copy_(base), "zero": lambda out: out.zero_(),
+                "sink": lambda out: torch.mul(rows[..., sink, None], values[:, sink, None, :], out=out),
+                **{f"{sel}:{k}": (lambda out, keys=keys[:, :min(k, kmax)]: deleted(out, keys))
+                   for sel, keys in chosen.items() for k in ks}}
+    if cells is not None:
+        variants["own"] = lambda out: out.copy_(values[:, cells])
+    return variants
+
+
 @torch.no_grad()
 def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, reinit_rows: torch.Tensor,
                        grad: torch.Tensor, grid: tuple[int, int], key_grid: tuple[int, int], *, seed: int = 0,
-                       ks=KS) -> dict[str, float]:
+                       ks=KS, values: torch.Tensor | None = None) -> dict[str, float]:
     """One image and block: forward(rows (V, heads, N, M)) -> the block's outputs (V, ...) with those rows; rows
     (heads, N, M) its own (N = 1: one map for every position); reinit_rows the same after re-initialising what makes
-    the logits; grad (1, ...) the gradient of the image's top-1 logit at the block's output. -> {"del:<selection>:<k>",
-    "logit:<selection>:<k>", "sink_value_ratio", "sink_share", "sink_mass"}."""
+    the logits; grad (1, ...) the gradient of the image's top-1 logit at the block's output. With `values` (heads, M,
+    Cv), what each key contributes, forward takes attended values (V, heads, N, Cv) instead of rows (the fast path
+    for blocks whose output is a function of them). -> {"del:<selection>:<k>", "logit:<selection>:<k>",
+    "sink_value_ratio", "sink_share", "sink_mass"}."""
     heads, n, m = rows.shape
     kmax = min(max(ks), m)
     head_mean = rows.mean(0)  # (N, M)
@@ -102,17 +136,23 @@ def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: to
               "reinit_qk": reinit_rows.mean(0).topk(kmax, 1).indices}
     per_query = n == grid[0] * grid[1]
     cells = own_cells(grid, key_grid).to(rows.device)
-    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # each fills its `out` with replaced rows
-        "as is": lambda out: out.copy_(rows), "zero": lambda out: out.zero_(),
-        "sink": lambda out: sink_rows(rows, sink, out),
-        **{f"{sel}:{k}": (lambda out, keys=keys[:, :min(k, kmax)]: delete_keys(rows, keys, out))
-           for sel, keys in chosen.items() for k in ks},
-        **({"own": lambda out: own_rows(cells, out)} if per_query else {})}
+    if values is not None:
+        variants = attended_variants(rows, values.to(rows.dtype), sink, chosen, ks, kmax, cells if per_query else None)
+        buffer = rows.new_empty(len(variants), heads, n, values.shape[-1])  # attended values: N x Cv each
+        batch = len(variants)
+    else:
+        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # each fills its `out` with replaced rows
+            "as is": lambda out: out.copy_(rows), "zero": lambda out: out.zero_(),
+            "sink": lambda out: sink_rows(rows, sink, out),
+            **{f"{sel}:{k}": (lambda out, keys=keys[:, :min(k, kmax)]: delete_keys(rows, keys, out))
+               for sel, keys in chosen.items() for k in ks},
+            **({"own": lambda out: own_rows(cells, out)} if per_query else {})}
+        buffer = rows.new_empty(VARIANTS, *rows.shape)
+        batch = VARIANTS
     names = list(variants)
-    buffer = rows.new_empty(VARIANTS, *rows.shape)
     outs = {}
-    for s in range(0, len(names), VARIANTS):  # a few replaced rows at a time: bounded memory
-        part = names[s:s + VARIANTS]
+    for s in range(0, len(names), batch):  # a few replaced rows at a time: bounded memory
+        part = names[s:s + batch]
         for i, k in enumerate(part):
             variants[k](buffer[i])
         y = forward(buffer[:len(part)])
@@ -164,11 +204,20 @@ def record(model: torch.nn.Module, blocks: list, x: torch.Tensor, random_blocks:
         for j, position in enumerate(positions):
             xj = xin[j:j + 1]
 
-            def forward(rows: torch.Tensor, xj=xj) -> torch.Tensor:
-                return output_tensor(adapter.forward(module, xj.expand(len(rows), *xj.shape[1:]).contiguous(), rows=rows))
+            rows = maps.image(j).rows()[0].float()
+            values = None if isinstance(adapter, TracedAdapter) else adapter.values(module, xj)[0].float()
 
-            measured = image_faithfulness(forward, maps.image(j).rows()[0].float(), reinit.image(j).rows()[0].float(),
-                                          grad[j:j + 1], maps.grid, maps.key_grid, seed=seed + position)
+            def forward(replaced: torch.Tensor, xj=xj, rows=rows) -> torch.Tensor:
+                xs = xj.expand(len(replaced), *xj.shape[1:]).contiguous()
+                if values is None:  # the block's own code with its rows replaced
+                    return output_tensor(adapter.forward(module, xs, rows=replaced))
+                if replaced.shape[2] == 1 and not maps.per_image:
+                    replaced = replaced.expand(-1, -1, maps.grid[0] * maps.grid[1], -1)
+                return output_tensor(adapter.output(module, xs, replaced.to(xj.dtype),
+                                                    rows[None].expand(len(replaced), *rows.shape)))
+
+            measured = image_faithfulness(forward, rows, reinit.image(j).rows()[0].float(), grad[j:j + 1], maps.grid,
+                                          maps.key_grid, seed=seed + position, values=values)
             for key, value in measured.items():
                 out.setdefault(f"{name}:{key}", []).append(value)
     return {key: np.asarray(value) for key, value in out.items()}
