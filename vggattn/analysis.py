@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .attention.adapters import Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks
+from .attention.adapters import (Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks,
+                                 locate_tokens)
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
 from .view.hover import page_layer, row_summaries
@@ -232,6 +233,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
     summarised = {name for name, _, adapter in blocks if adapter.softmax_rows}
     output, seen = watch(model, x, [name for name, *_ in blocks], traced, summarised=summarised)
+    locate_tokens(model, x, blocks, {name: s.input for name, s in seen.items() if s.input is not None})
     if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
         output = output[0]
     result = Analysis(image.size, output.detach().float().cpu(), meta.get("class_names"), [], *display_copy(image),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
-from .trace import Layout, NotAttention, discover, record, watch
+from .trace import Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places, watch
 
 log = logging.getLogger("vggattn.attention.adapters")
 
@@ -53,6 +53,8 @@ class BlockMaps:
     padding: torch.Tensor | None = None  # (B, heads, N or 1): each row's share on keys that fall on padding
     window: tuple[torch.Tensor, torch.Tensor] | None = None  # windowed rows, sparse: (values, key cells), each
     # (B, heads, N, K): a row's K keys (its window) and where they fall (-1: padding); instead of weights
+    prefix: torch.Tensor | None = None  # (B, heads, N, P) tokens: each row's weight on each prefix token (no place)
+    prefix_names: list[str] | None = None  # their names ("cls_token", "reg_token[0]", ...)
 
     @property
     def heads(self) -> int:
@@ -379,12 +381,13 @@ class TracedAdapter(Adapter):
         self.family = f"{cls.__name__} ({cls.__module__.split('.')[0]}), found by what it computes"
         self.attention = attention
         self.qk_modules: tuple[str, ...] = ()
+        self.places: dict[tuple, TokenPlaces] = {}  # a block of tokens: where they sit, per input shape (`locate_tokens`)
 
     def matches(self, module):
         return False
 
     def layout(self, module: nn.Module, x: torch.Tensor) -> Layout:
-        lay = Layout.of(module, x, self.attention)
+        lay = Layout.of(module, x, self.attention, self.places.get(tuple(x.shape[1:])))
         names = dict(module.named_modules())
         made = [n for n in lay.qk_modules if n in names and any(True for _ in names[n].parameters(recurse=False))]
         self.qk_modules = tuple(made)
@@ -403,7 +406,7 @@ class TracedAdapter(Adapter):
         return self._maps(lay, per_image)
 
     def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
-        parts = []
+        parts, prefix_w = [], []
         for events in per_image:
             evs = [events[i] for i in lay.group]
             w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
@@ -420,6 +423,11 @@ class TracedAdapter(Adapter):
             on = cells >= 0
             m = lay.key_grid[0] * lay.key_grid[1]
             pad = (rows * ~on).sum(-1) if lay.padded else None
+            if lay.kprefix is not None:  # the weight on each prefix token, beside the share on all of them
+                which = lay.kprefix.to(w.device)[lay.lq]  # (heads, N, nk)
+                count = len(lay.prefix_names or []) or int(lay.kprefix.max()) + 1
+                prefix_w.append(rows.new_zeros(*rows.shape[:2], count).scatter_add_(
+                    -1, which.clamp_min(0), rows * (which >= 0)))
             if lay.windowed:  # each query sees a window of the keys: kept sparse (N x K, not N x M)
                 parts.append(((rows, cells), pad))
                 continue
@@ -437,8 +445,10 @@ class TracedAdapter(Adapter):
             window = (torch.stack([p[0][0] for p in parts]), torch.stack([p[0][1] for p in parts]))
             return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
                              padding=pad, window=window)
+        prefix = torch.stack(prefix_w) if prefix_w else None
         return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
-                         weights=torch.stack([p[0] for p in parts]), padding=pad)
+                         weights=torch.stack([p[0] for p in parts]), padding=pad, prefix=prefix,
+                         prefix_names=lay.prefix_names if prefix is not None else None)
 
     def forward(self, module, x, mode=None, rows=None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows
@@ -667,9 +677,15 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
         with torch.no_grad():
             _, seen = watch(model, example, [f.name for f in found])
         inputs = {name: s.input for name, s in seen.items() if s.input is not None}
+        tokens = [f.name for f in found if f.name in inputs and inputs[f.name].dim() == 3]
+        places = token_places(model, example, tokens) if tokens else {}
+        if places:
+            name_prefix(model, example, places)
         blocks, skipped = {}, []
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])
+            if f.name in places:
+                adapter.places[tuple(inputs[f.name].shape[1:])] = places[f.name]
             try:
                 if f.name not in inputs:
                     raise NotAttention("it takes no tensor input")
@@ -686,6 +702,26 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
         log.warning("%s", line)
     _TRACED[model] = Traced(blocks, skipped, tuple(example.shape))
     return _TRACED[model]
+
+
+def locate_tokens(model: nn.Module, x: torch.Tensor, blocks: list, inputs: dict[str, torch.Tensor]) -> None:
+    """Give each traced block whose input is tokens (B, T, C) where its tokens sit for an input of x's size
+    (`vggattn.attention.trace.token_places`, one pass of the model per new input size). inputs: {block name: its
+    input in a forward of x}."""
+    todo = [name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter) and name in inputs
+            and inputs[name].dim() == 3 and tuple(inputs[name].shape[1:]) not in adapter.places]
+    if not todo:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        places = token_places(model, x[:1], todo)
+        name_prefix(model, x[:1], places)
+    finally:
+        model.train(was_training)
+    for name, _, adapter in blocks:
+        if name in places:
+            adapter.places[tuple(inputs[name].shape[1:])] = places[name]
 
 
 def find_blocks(model: nn.Module, names: list[str] | None = None, *,

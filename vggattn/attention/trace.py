@@ -132,10 +132,11 @@ class Recorder(TorchFunctionMode):
     weights of those events before the product runs (interventions). tangents: hold norm statistics constant."""
 
     def __init__(self, inputs, *, keep: bool = True, replace: dict | None = None, tangents: bool = False,
-                 stack: list | None = None):
+                 stack: list | None = None, drop_attended: bool = False):
         super().__init__()
         self._nodes: dict[int, tuple] = {}
         self.keep, self.replace, self.tangents = keep, replace or {}, tangents
+        self.drop_attended = drop_attended  # an attention's output gets no tangent (`token_places`)
         self.stack = stack if stack is not None else []  # module names, innermost last (the discovery's hooks)
         self.events: list[Event] = []
         self.event_modules: list[list[str]] = []  # the module stack at each event
@@ -159,17 +160,32 @@ class Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == SDPA:
-            return self._sdpa(args, kwargs)
+            return self._dropped(self._sdpa(args, kwargs))
         if name in NORMS and self.tangents:
             out = self._norm_constant_stats(name, args, kwargs)
             if out is not None:
                 self._record(name, args, kwargs, out)
                 return out
+        made = len(self.events)
         if name in PRODUCTS:
             args = self._product(name, args, kwargs)
         out = func(*args, **kwargs)
         self._record(name, args, kwargs, out)
-        return out
+        return self._dropped(out) if len(self.events) > made else out
+
+    def _dropped(self, out):
+        """An attention's output, with no tangent when `drop_attended` (so a token's tangent is only what its own
+        residual stream carries)."""
+        if not self.drop_attended or not isinstance(out, torch.Tensor):
+            return out
+        primal, tangent = fwAD.unpack_dual(out)
+        if tangent is None:
+            return out
+        new = fwAD.make_dual(primal, torch.zeros_like(primal))
+        node = self.node(out)
+        if node is not None:
+            self._set(new, node)
+        return new
 
     # -- provenance --------------------------------------------------------------------------------------------------
     def _record(self, name, args, kwargs, out) -> None:
@@ -469,16 +485,18 @@ def positions(t1: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor) -> Positions
     return Positions(y, x, valid, res.clamp_min(0).sqrt())
 
 
-def grid_cells(pos: Positions, hw: tuple[int, int], what: str) -> tuple[torch.Tensor, tuple[int, int], int]:
+def grid_cells(pos: Positions, hw: tuple[int, int], what: str, max_stride: int = 1) -> tuple[torch.Tensor, tuple[int, int], int]:
     """Each token's cell on its grid (-1: padding): the finest grid of stride s over the H x W input (ceil(H/s) x
     ceil(W/s) cells: s = 1 the input's own, larger for pooled, sub-sampled or strided tokens) on which no two tokens
-    of one lead share a cell and all tokens together cover every cell. -> (cells (lead..., n), grid, stride)."""
+    of one lead share a cell and all tokens together cover every cell; a token may mix places up to SPREAD_LIMIT
+    cells of that grid apart (`max_stride`: the coarsest grid the tokens can be on, e.g. a ViT's patch size in
+    pixels). -> (cells (lead..., n), grid, stride)."""
     H, W = hw
     ok = pos.valid
     if not bool(ok.any()):
         raise NotAttention(f"its {what} carry no position of the block's input")
     spread = float(pos.spread[ok].max())
-    if spread > SPREAD_LIMIT:
+    if spread > SPREAD_LIMIT * max_stride:
         raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: attention "
                            "over channels, or a lambda layer)")
     y, x = pos.y[ok], pos.x[ok]
@@ -497,6 +515,9 @@ def grid_cells(pos: Positions, hw: tuple[int, int], what: str) -> tuple[torch.Te
             continue  # some cell has no token
         flat = cells.reshape(-1, n)
         if all(int(torch.unique(r[r >= 0]).numel()) == int((r >= 0).sum()) for r in flat):
+            if spread > SPREAD_LIMIT * s:
+                raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: "
+                                   "attention over channels, or a lambda layer)")
             return cells, (gh, gw), s
     raise NotAttention(f"its {n} {what} lie on no regular grid over the block's {H}x{W} input")
 
@@ -538,6 +559,8 @@ class Layout:
     scale: float | None
     normalise: str  # "softmax" or "mean" (dot product / M): Q and K make the rows; "weights": the rows are given
     sums_to_one: bool  # every row is a distribution over the key cells (a softmax over the keys, none on padding)
+    kprefix: torch.Tensor | None = None  # (L, nk) tokens: which prefix token each key is (-1: a place on the grid)
+    prefix_names: list[str] | None = None  # the prefix tokens' names (`TokenPlaces.names`)
 
     @property
     def windowed(self) -> bool:
@@ -545,12 +568,13 @@ class Layout:
         return not self.qk and not self.per_image and self.kcell.shape[1] < self.key_grid[0] * self.key_grid[1]
 
     @staticmethod
-    def of(block: nn.Module, x: torch.Tensor, attention: int = 0) -> "Layout":
-        """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape)."""
+    def of(block: nn.Module, x: torch.Tensor, attention: int = 0, places: "TokenPlaces | None" = None) -> "Layout":
+        """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape); tokens
+        (B, T, C) need their `places` on the image (`token_places`)."""
         key = (tuple(x.shape[1:]), x.dtype, str(x.device), attention)
         cache = _LAYOUTS.setdefault(block, {})
         if key not in cache:
-            cache[key] = _layout(block, x[:1].detach(), attention)
+            cache[key] = _layout(block, x[:1].detach(), attention, places)
         return cache[key]
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -649,6 +673,115 @@ class RowSums(TorchFunctionMode):
 
 
 @dataclass
+class TokenPlaces:
+    """Where each token of a block's (B, T, C) input sits on the model's input image."""
+
+    positions: Positions  # per token (T,): y and x in pixels; valid False: made from no place (a prefix token)
+    hw: tuple[int, int]  # the image's (H, W)
+    names: list[str] | None = None  # each prefix token's name (`name_prefix`), in order
+
+    @property
+    def prefix(self) -> list[int]:
+        """The tokens with no place on the image (a class token, a distillation token, registers), in order."""
+        return [int(i) for i in torch.nonzero(~self.positions.valid).flatten()]
+
+
+def token_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, TokenPlaces]:
+    """Where each token of the named blocks' inputs sits on the model's input image x (1, C, H, W), for the blocks
+    whose input is tokens (B, T, C): forward-mode tangents of the image's coordinates through the whole model, with
+    every attention's output given no tangent, so a token carries the place its residual stream started from (a patch:
+    its pixels; a class token or a register, made from parameters: none) however many blocks it went through, and
+    norms over positions held constant. Derived from the model's code, not from its name."""
+    modules = dict(model.named_modules())
+    passes: list[dict] = []
+
+    def keep(module, args, name):  # a block that runs twice keeps its first input
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if first is not None and first.dim() == 3 and name not in passes[-1]:
+            passes[-1][name] = fwAD.unpack_dual(first).tangent
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
+    inputs, hw, _ = _input_tangents(x[:1], None)
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            for t in inputs:
+                passes.append({})
+                with Recorder([], keep=False, tangents=True, drop_attended=True):
+                    model(fwAD.make_dual(x[:1].detach(), t.contiguous()))
+    finally:
+        for h in handles:
+            h.remove()
+    seen = {n: [p.get(n) for p in passes] for n in names}
+    out = {}
+    for n, tangents in seen.items():
+        if len(tangents) == 3 and all(t is not None for t in tangents):
+            out[n] = TokenPlaces(positions(*(t[0] for t in tangents)), hw)
+    return out
+
+
+def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces]) -> None:
+    """Name each block's prefix tokens by the parameter they are made from: the model's token-shaped parameters
+    (1, k, D) are changed one at a time, and a prefix token at the input of the first block (in the forward's order)
+    of its token count that changes with one and no patch token does is that parameter's (its k-th row:
+    "reg_token[2]"); any other is "prefix <i>". Later blocks keep their tokens' names (the residual stream keeps
+    the tokens in place, as `token_places` reads it). Sets places' names."""
+    order: list[str] = []
+    handles = [dict(model.named_modules())[n].register_forward_pre_hook(
+        lambda m, a, n=n: order.append(n) if n not in order else None) for n in places]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    firsts: dict[tuple, str] = {}
+    for n in order:
+        firsts.setdefault((places[n].positions.y.shape[-1], tuple(places[n].prefix)), n)
+    names = list(firsts.values())
+    modules = dict(model.named_modules())
+    dims = {places[n].positions.y.shape[-1] for n in names}
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, name):
+        if name not in got and args and isinstance(args[0], torch.Tensor):
+            got[name] = args[0].detach().clone()
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
+    found: dict[str, dict[int, str]] = {n: {} for n in names}
+    try:
+        with torch.no_grad():
+            model(x[:1])
+            base, got = got, {}
+            width = {n: base[n].shape[-1] for n in base}
+            for pname, p in model.named_parameters():
+                if p.dim() != 3 or p.shape[0] != 1 or p.shape[1] > max(dims) or p.shape[-1] not in width.values():
+                    continue
+                saved = p.detach().clone()
+                p.add_(1.0 + p.abs())
+                try:
+                    model(x[:1])
+                finally:
+                    p.copy_(saved)
+                for n in names:
+                    if n not in got or n not in base:
+                        continue
+                    changed = (got[n][0] - base[n][0]).abs().amax(-1) > 1e-6 * base[n].abs().amax().clamp_min(1e-30)
+                    prefix = places[n].prefix
+                    if bool(changed[places[n].positions.valid].any()):
+                        continue  # it reaches the patches too (a position embedding)
+                    hit = [i for i in prefix if bool(changed[i])]
+                    for r, i in enumerate(hit):
+                        found[n].setdefault(i, pname if len(hit) == 1 else f"{pname}[{r}]")
+                got = {}
+    finally:
+        for h in handles:
+            h.remove()
+    for n, p in places.items():
+        first = firsts.get((p.positions.y.shape[-1], tuple(p.prefix)), n)
+        p.names = [found.get(first, {}).get(i, f"prefix {j}") for j, i in enumerate(p.prefix)]
+
+
+@dataclass
 class Seen:
     """What one block did in a watched forward: its input, its output, and (traced blocks) the calls it made."""
 
@@ -735,18 +868,35 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-2:])
 
 
-def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
-    if x.dim() != 4:
-        raise NotAttention(f"its input is {tuple(x.shape)}, not an image grid (B, C, H, W)")
-    B, C, H, W = x.shape
+def _input_tangents(x: torch.Tensor, places: "TokenPlaces | None") -> tuple[list, tuple[int, int], int]:
+    """The three tangents of a block input that carry its positions (r_c, r_c * y, r_c * x), the grid they are on, and
+    the coarsest stride its tokens may sit on: an image grid (B, C, H, W) carries its own; tokens (B, T, C) carry
+    where `places` puts them on the model's input image (none for a prefix token)."""
     gen = torch.Generator().manual_seed(0)
-    r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, C, 1, 1)
-    ys = torch.arange(H, dtype=x.dtype, device=x.device).reshape(1, 1, H, 1)
-    xs = torch.arange(W, dtype=x.dtype, device=x.device).reshape(1, 1, 1, W)
+    if x.dim() == 4:
+        B, C, H, W = x.shape
+        r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, C, 1, 1)
+        ys = torch.arange(H, dtype=x.dtype, device=x.device).reshape(1, 1, H, 1)
+        xs = torch.arange(W, dtype=x.dtype, device=x.device).reshape(1, 1, 1, W)
+        return [r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)], (H, W), 1
+    if x.dim() != 3 or places is None or places.positions.y.shape[-1] != x.shape[1]:
+        raise NotAttention(f"its input is {tuple(x.shape)}: neither an image grid (B, C, H, W) nor tokens whose "
+                           "places on the image are known")
+    B, T, C = x.shape
+    pos = places.positions
+    on = pos.valid.reshape(1, T, 1).to(x.dtype).to(x.device)
+    r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, 1, C) * on
+    ys = torch.where(pos.valid, pos.y, 0).to(x.dtype).to(x.device).reshape(1, T, 1)
+    xs = torch.where(pos.valid, pos.x, 0).to(x.dtype).to(x.device).reshape(1, T, 1)
+    return [r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)], places.hw, 32
+
+
+def _layout(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None) -> Layout:
+    inputs, (H, W), max_stride = _input_tangents(x, places)
     passes, reason = [], ""
     try:
         with torch.no_grad(), fwAD.dual_level():
-            for t in (r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)):
+            for t in inputs:
                 rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True, track=True)
                 tan = lambda z: None if z is None else fwAD.unpack_dual(z).tangent  # noqa: E731
                 prim = lambda z: None if z is None else fwAD.unpack_dual(z).primal  # noqa: E731
@@ -784,14 +934,14 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
     vt = tangents("tv", False)
     if vt is None:
         raise NotAttention("its values do not come from the block's input")
-    kcell, key_grid, _ = grid_cells(positions(*vt), (H, W), "keys")
+    kcell, key_grid, _ = grid_cells(positions(*vt), (H, W), "keys", max_stride)
     per_image, note = nq == 1, ""
     if per_image:
         lq, iq, grid, heads = torch.arange(L)[:, None], torch.zeros(L, 1, dtype=torch.long), (H, W), L
     else:
         qt = tangents("tq", True)
         if qt is not None:
-            qcell, grid, _ = grid_cells(positions(*qt), (H, W), "queries")
+            qcell, grid, _ = grid_cells(positions(*qt), (H, W), "queries", max_stride)
         else:  # no queries to follow: only the concatenation form's pairs are known to be laid out row-major
             rm = row_major(nq, (H, W)) if ev.kind == "concat" else None
             if rm is None:
@@ -799,7 +949,7 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
                                    "input (attention over channels, or a lambda layer)")
             qcell, grid = rm[0].expand(L, nq), rm[1]
             note = " Query positions assumed in row-major order (the code makes no queries to follow)."
-        lq, iq, heads = _heads(qcell, grid)
+        lq, iq, heads = _heads(qcell, grid, unplaced=places is not None)
     padded = bool((kcell < 0).any())
     qk, lk, key_order, normalise = False, None, None, "weights"
     M = key_grid[0] * key_grid[1]
@@ -828,28 +978,38 @@ def _layout(block: nn.Module, x: torch.Tensor, attention: int) -> Layout:
     else:
         meaning = ("the pairwise weights of a concatenation form (ReLU of a projection of [q, k], scaled): rows "
                    "need not sum to 1")
-    if padded:
+    if padded and places is not None:
+        meaning += ("; keys with no place on the image (prefix tokens: a class token, registers) are not on the map "
+                    "(each row's share on them is reported)")
+    elif padded:
         meaning += "; keys on padding are not on the map (each row's share on padding is reported)"
     if per_image:
         meaning = "one map per image: where the pooled context comes from, no query changes it; " + meaning
     sizes = [passes[0][i]["w"].shape[-2] for i in group]
+    kprefix = None
+    if places is not None and places.prefix and bool(((kcell < 0).sum(-1) == len(places.prefix)).all()):
+        kprefix = torch.full_like(kcell, -1)  # a lead's unplaced keys, in order, are the prefix tokens in order
+        kprefix[kcell < 0] = torch.arange(len(places.prefix)).repeat(kcell.shape[0])
     return Layout(group, sizes, tuple(grid), tuple(key_grid), int(heads), lq, iq, kcell, per_image, qk, lk, key_order,
                   padded, meaning + "." + note, ev.qk_modules, ev.kind, ev.scale, normalise,
-                  ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded)
+                  ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded, kprefix,
+                  None if places is None else places.names)
 
 
-def _heads(qcell: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rows per grid cell: the (lead, query) entries at each cell, in lead order, are its heads."""
+def _heads(qcell: torch.Tensor, grid: tuple[int, int], unplaced: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows per grid cell: the (lead, query) entries at each cell, in lead order, are its heads. unplaced: queries
+    with no place (a prefix token's) are left out of the grid's rows, else they are no attention over positions."""
     L, nq = qcell.shape
     n = grid[0] * grid[1]
     flat = qcell.reshape(-1)
-    if bool((flat < 0).any()):
+    if bool((flat < 0).any()) and not unplaced:
         raise NotAttention("some of its queries carry no position")
-    counts = torch.bincount(flat, minlength=n)
+    counts = torch.bincount(flat[flat >= 0], minlength=n)
     heads = int(counts[0])
     if heads == 0 or not bool((counts == heads).all()):
         raise NotAttention(f"its queries do not cover the {grid[0]}x{grid[1]} grid evenly")
     order = torch.argsort(flat * (L * nq) + torch.arange(L * nq), stable=True)  # by cell, then lead order
+    order = order[flat[order] >= 0]  # queries with no place last out
     sel = order.reshape(n, heads).T  # (heads, N)
     return sel // nq, sel % nq, heads
 

@@ -34,14 +34,19 @@ def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
 
 def point_readouts(result: Analysis, xy: tuple[float, float], k: int = 5) -> dict:
     """{block: readouts} of pixel xy: the query cell, and for rows that are distributions entropy, mean distance
-    and top cells (`vggattn.attention.readouts.row_readouts`, mean of heads); the share on padding where there is one."""
+    and top cells (`vggattn.attention.readouts.row_readouts`, mean of heads); the share on padding where there is one;
+    a transformer's weights on its prefix tokens (class, registers) by name, and their share of the row."""
     out = {}
     for block in result.blocks:
         q = 0 if block.maps.per_image else block.query_index(xy)
         row = torch.from_numpy(block.row_map(xy).mean(0).reshape(-1))
         entry = {"query_index": q} if block.maps.normalise != "softmax" else row_readouts(
             row, q, block.maps.grid, result.input_size, result.size, k, block.maps.key_grid)
-        if block.maps.padding is not None:
+        if block.maps.prefix is not None:  # tokens: the weight on each prefix token by name (mean of heads)
+            weights = block.maps.prefix[0, :, q].double().mean(0).tolist()
+            entry["prefix_share"] = float(sum(weights))
+            entry["prefix"] = dict(zip(block.maps.prefix_names or [f"prefix {i}" for i in range(len(weights))], weights))
+        elif block.maps.padding is not None:
             entry["padding_share"] = block.padding_share(xy)
         out[block.name] = entry
     return out

@@ -1,0 +1,103 @@
+"""Vision transformers found by what they compute: each block's rows against the model's own attention weights, the
+prefix tokens (class, distillation, registers) told apart from the patches by the model's code, not by its name."""
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vggattn.attention.adapters import TracedAdapter, find_blocks, locate_tokens  # noqa: E402
+from vggattn.attention.trace import token_places, watch  # noqa: E402
+
+MODELS = {  # name: (timm name, keyword arguments: small and random, prefix tokens, grid)
+    "vit": ("vit_tiny_patch16_224", {"img_size": 64}, 1, (4, 4)),
+    "deit distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 64}, 2, (4, 4)),
+    "vit + 4 registers": ("vit_tiny_patch16_224", {"img_size": 64, "reg_tokens": 4}, 5, (4, 4)),
+    "dinov2 (non-square)": ("vit_small_patch14_dinov2", {"img_size": (42, 70), "depth": 3}, 1, (3, 5)),
+    "dinov2 + 4 registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 56, "depth": 3}, 5, (4, 4)),
+}
+
+
+def own_attention(model, x):
+    """{block name: the softmax weights (1, heads, T, T) the model's own (unfused) attention computed}."""
+    got, handles = {}, []
+    for name, m in model.named_modules():
+        if name.endswith(".attn") and hasattr(m, "attn_drop"):
+            m.fused_attn = False
+            handles.append(m.attn_drop.register_forward_pre_hook(lambda mod, a, n=name: got.setdefault(n, a[0])))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_every_blocks_rows_are_the_models_own_attention(case):
+    name, kw, prefix, grid = MODELS[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
+    h, w = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
+    x = torch.randn(1, 3, h, w)
+    blocks = find_blocks(model, example=x)
+    assert [b[0] for b in blocks] == [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+    want = own_attention(model, x)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True  # found again through scaled_dot_product_attention: hooks see no weights there
+    _, seen = watch(model, x, [b[0] for b in blocks], {b[0] for b in blocks})
+    locate_tokens(model, x, blocks, {n: s.input for n, s in seen.items()})
+    for bname, module, adapter in blocks:
+        assert isinstance(adapter, TracedAdapter)
+        maps = adapter.maps(module, seen[bname].input, seen[bname].events)
+        assert maps.grid == grid and maps.key_grid == grid and maps.heads == module.num_heads
+        a = want[bname][0]  # (heads, T, T): patches after the prefix, row-major
+        rows = maps.rows()[0]  # (heads, N, M) on the grid
+        torch.testing.assert_close(rows, a[:, prefix:, prefix:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps.padding[0], a[:, prefix:, :prefix].sum(-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps.prefix[0], a[:, prefix:, :prefix], rtol=1e-5, atol=1e-6)
+        assert maps.prefix_names[0] == "cls_token" and len(maps.prefix_names) == prefix
+        assert "prefix tokens" in maps.meaning
+
+
+def test_token_places_are_the_patch_centres_and_no_place_for_the_prefix():
+    """The class token and registers are made from parameters: no place; a patch token sits inside its patch
+    (its place read from the tangents through the patch embedding, random weights) in every block."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(48, 64), reg_tokens=3).eval()
+    places = token_places(model, torch.randn(1, 3, 48, 64), ["blocks.0.attn", "blocks.11.attn"])
+    for p in places.values():
+        assert p.prefix == [0, 1, 2, 3] and p.hw == (48, 64)
+        ys, xs = p.positions.y[4:].reshape(3, 4), p.positions.x[4:].reshape(3, 4)
+        cy, cx = torch.arange(3)[:, None] * 16 + 7.5, torch.arange(4)[None] * 16 + 7.5
+        assert float((ys - cy).abs().max()) < 8 and float((xs - cx).abs().max()) < 8
+
+
+def test_explain_writes_the_prefix_tokens_weights_by_name(tmp_path):
+    """vggattn-explain on a ViT with registers (random weights): each point's row per block on the grid and its
+    weight on the class token and each register by name, which with the grid's weights make the whole row."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import describe
+    from vggattn.view.export import point_readouts
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, num_classes=3,
+                              depth=2).eval()
+    meta = describe("timm:vit_tiny_patch16_224", 64, ["a", "b", "c"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    result = analyze(model, meta, image)
+    readouts = point_readouts(result, (40.0, 10.0))
+    want = own_attention(model, result.input)
+    for block in result.blocks:
+        r = readouts[block.name]
+        assert list(r["prefix"]) == ["cls_token", "reg_token[0]", "reg_token[1]"]
+        q = block.query_index((40.0, 10.0))
+        a = want[block.name][0].double().mean(0)  # (T, T), mean of heads
+        np.testing.assert_allclose(list(r["prefix"].values()), a[3 + q, :3].numpy(), rtol=1e-5, atol=1e-7)
+        assert r["prefix_share"] + float(a[3 + q, 3:].sum()) == pytest.approx(1.0, abs=1e-5)
+    json.dumps(readouts)  # plain numbers
