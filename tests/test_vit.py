@@ -1,6 +1,8 @@
 """Vision transformers found by what they compute: each block's rows against the model's own attention weights, the
 prefix tokens (class, distillation, registers) told apart from the patches by the model's code, not by its name."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ timm = pytest.importorskip("timm")
 
 from vggattn.attention.adapters import TracedAdapter, find_blocks, locate_tokens  # noqa: E402
 from vggattn.attention.trace import token_places, watch  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 MODELS = {  # name: (timm name, keyword arguments: small and random, prefix tokens, grid)
     "vit": ("vit_tiny_patch16_224", {"img_size": 64}, 1, (4, 4)),
@@ -101,3 +105,84 @@ def test_explain_writes_the_prefix_tokens_weights_by_name(tmp_path):
         np.testing.assert_allclose(list(r["prefix"].values()), a[3 + q, :3].numpy(), rtol=1e-5, atol=1e-7)
         assert r["prefix_share"] + float(a[3 + q, 3:].sum()) == pytest.approx(1.0, abs=1e-5)
     json.dumps(readouts)  # plain numbers
+
+
+HF = {  # transformers' models (random, small), attention through scaled_dot_product_attention
+    "hf vit": ("ViTConfig", "ViTForImageClassification", {}, 1),
+    "hf dinov2 + 4 registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
+                                {"num_register_tokens": 4}, 5),
+}
+
+
+class Logits(torch.nn.Module):
+    """A transformers classifier as a model of images -> logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("case", list(HF))
+def test_transformers_vits_under_sdpa_give_their_own_attention(case):
+    """transformers returns no attentions under SDPA; the rows come from the computation all the same, and equal
+    the eager implementation's returned attentions (same weights) for every layer, with the prefix by name."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, kw, prefix = HF[case]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=128, image_size=56, patch_size=14, num_labels=3, **kw)
+    config._attn_implementation = "eager"
+    eager = getattr(transformers, model_cls)(config).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        want = eager(pixel_values=x, output_attentions=True).attentions  # per layer (1, heads, T, T)
+    eager.config._attn_implementation = "sdpa"
+    model = Logits(eager)
+    blocks = find_blocks(model, example=x)
+    assert len(blocks) == 2 and all(isinstance(a, TracedAdapter) for *_, a in blocks)
+    _, seen = watch(model, x, [b[0] for b in blocks], {b[0] for b in blocks})
+    assert all(ev.kind == "sdpa" for b in blocks for ev in seen[b[0]].events)
+    locate_tokens(model, x, blocks, {n: s.input for n, s in seen.items()})
+    for (bname, module, adapter), a in zip(blocks, want):
+        maps = adapter.maps(module, seen[bname].input, seen[bname].events)
+        assert maps.grid == (4, 4) and maps.heads == 4
+        torch.testing.assert_close(maps.rows()[0], a[0][:, prefix:, prefix:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps.prefix[0], a[0][:, prefix:, :prefix], rtol=1e-5, atol=1e-6)
+        assert maps.prefix_names[0].endswith("cls_token")
+        if prefix > 1:
+            assert maps.prefix_names[1:] == [f"{maps.prefix_names[1].split('[')[0]}[{i}]" for i in range(prefix - 1)]
+
+
+def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachable_hub(tmp_path, monkeypatch):
+    """`vggattn-explain --hf FOLDER` (a DINOv2 with registers saved with save_pretrained, random weights): every
+    layer's rows on the patch grid and each point's weights on the class token and the registers by name; a Hub id
+    while the Hub is unreachable is one sentence."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from vggattn import explain
+    from vggattn.checkpoint import CheckpointError
+    from vggattn.byo import load_hf
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=128, image_size=56, patch_size=14,
+                                                    num_register_tokens=4, num_labels=3,
+                                                    id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    transformers.Dinov2WithRegistersForImageClassification(config).save_pretrained(tmp_path / "dino")
+    image = ASSETS / "church.jpg"
+    assert explain.main([str(image), "--hf", str(tmp_path / "dino"), "--out", str(tmp_path / "out"),
+                         "--no-ablation"]) == 0
+    result = json.loads(next((tmp_path / "out").glob("*/result.json")).read_text())
+    assert [b["grid"] for b in result["layers"]] == [[4, 4], [4, 4]]
+    for readouts in result["points"][0]["layers"].values():
+        names = list(readouts["prefix"])
+        assert names[0].endswith("cls_token") and [n.split(".")[-1] for n in names[1:]] == \
+            [f"register_tokens[{i}]" for i in range(4)]
+        assert 0 < readouts["prefix_share"] < 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not reachable from here"):
+        load_hf("facebook/dinov2-with-registers-small")

@@ -3,7 +3,7 @@
     model, meta = load_model("mypkg.nets:discriminator", "weights.pth", classes="names.txt", input_size=128)
     model, meta = load_timm("botnet26t_256")        # timm's pretrained weights where its hub is reachable,
                                                     # else random weights and meta["warning"] says so
-    model, meta = load_from_args(args)              # what a CLI's flags name: --model, --timm or a checkpoint
+    model, meta = load_from_args(args)              # what a CLI's flags name: --model, --timm, --hf or a checkpoint
 
 A model whose output is not one logit per class (a GAN discriminator) gets its score instead of a top-5.
 """
@@ -135,12 +135,55 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None)
     return model.eval(), meta
 
 
+class ImageLogits(nn.Module):
+    """A transformers image classifier as a model of images (B, 3, H, W) -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def load_hf(name: str, *, classes: str | None = None) -> tuple[nn.Module, dict]:
+    """A transformers image classifier (ViT, DINOv2, DINOv2 with registers, ...) from a folder saved with
+    `save_pretrained` or a Hub id, with scaled_dot_product_attention (vggattn reads its rows from the computation,
+    where transformers returns none). Input size from its config; mean and std from its preprocessor where saved."""
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError('--hf needs transformers: pip install "vggattn[hf]"') from None
+    local = Path(name).is_dir()
+    if not local and not hub_reachable():
+        raise CheckpointError(f"the Hugging Face Hub is not reachable from here, so {name} cannot be fetched (not even "
+                              "its config, so no random stand-in either); give a folder saved with save_pretrained")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(name, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001 (one sentence, whatever transformers raises)
+        raise CheckpointError(f"transformers could not load {name}: {str(e).splitlines()[0][:200]}") from None
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+        mean, std = list(processor.image_mean), list(processor.image_std)
+    except Exception:  # noqa: BLE001 (no preprocessor saved: ImageNet's normalisation)
+        pass
+    size = model.config.image_size
+    size = size if isinstance(size, int) else size[0]
+    labels = getattr(model.config, "id2label", None) or {}
+    names = read_class_names(classes) if classes else [labels[i] for i in sorted(labels)] if labels else None
+    meta = describe(f"hf:{name}", int(size), names, mean, std, weights="pretrained")
+    return ImageLogits(model).eval(), meta
+
+
 def add_model_arguments(parser) -> None:
     """The flags that bring a model of your own, the same in every CLI that takes one."""
     own = parser.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")
     own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
                      "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
     own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
+    own.add_argument("--hf", metavar="NAME_OR_FOLDER", help="a transformers image classifier: a folder saved with "
+                     "save_pretrained, or a Hub id (ViT, DINOv2, DINOv2 with registers, ...)")
     own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
     own.add_argument("--input-size", type=int, help="square input size for --model (default: the checkpoint's, "
                      "else 224)")
@@ -170,7 +213,7 @@ def named_model(checkpoint) -> str | None:
 
 def wants_own_model(args) -> bool:
     """--model, --timm, or a --checkpoint whose meta names its model: any CNN (not the article's VGG16)."""
-    return bool(getattr(args, "model", None) or getattr(args, "timm", None)
+    return bool(getattr(args, "model", None) or getattr(args, "timm", None) or getattr(args, "hf", None)
                 or named_model(getattr(args, "checkpoint", None)))
 
 
@@ -185,6 +228,8 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
         model, meta = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT, device=device)
     elif args.timm:
         model, meta = load_timm(args.timm, classes=args.classes)
+    elif getattr(args, "hf", None):
+        model, meta = load_hf(args.hf, classes=args.classes)
     else:
         spec = args.model or named_model(args.checkpoint)
         if not args.model and not spec.startswith("vggattn."):

@@ -594,8 +594,9 @@ class _Tracking:
     """Forward hooks on every submodule that keep the names of the modules running (this thread's only) on a stack;
     removed on exit."""
 
-    def __init__(self, root: nn.Module, stack: list, inputs: dict | None = None):
+    def __init__(self, root: nn.Module, stack: list, inputs: dict | None = None, model_input=None):
         self.root, self.stack, self.inputs, self.handles = root, stack, inputs, []
+        self.model_input = model_input  # a module fed this very tensor is the model (a wrapper, a backbone): no shape
 
     def __enter__(self):
         me = threading.get_ident()
@@ -605,7 +606,7 @@ class _Tracking:
                 self.stack.append(name)
                 if self.inputs is not None and name not in self.inputs:
                     first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                    self.inputs[name] = None if first is None else tuple(first.shape)
+                    self.inputs[name] = None if first is None or first is self.model_input else tuple(first.shape)
 
         def post(module, args, out):
             if threading.get_ident() == me and self.stack:
@@ -756,8 +757,8 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
             for pname, p in model.named_parameters():
                 if p.dim() != 3 or p.shape[0] != 1 or p.shape[1] > max(dims) or p.shape[-1] not in width.values():
                     continue
-                saved = p.detach().clone()
-                p.add_(1.0 + p.abs())
+                saved = p.detach().clone()  # a random change (a constant one vanishes in a LayerNorm)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs()))
                 try:
                     model(x[:1])
                 finally:
@@ -1050,11 +1051,13 @@ class Found:
 
 def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
-    the innermost module running it that takes an image grid (B, C, H, W) as its first input."""
+    the innermost module running it that takes an image grid (B, C, H, W) as its first input, other than the
+    model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with none, to the
+    innermost module running it."""
     stack: list = []
     shapes: dict = {}
     rec = Recorder([example], keep=False, stack=stack)
-    with torch.no_grad(), _Tracking(model, stack, shapes), rec:
+    with torch.no_grad(), _Tracking(model, stack, shapes, example), rec:
         model(example)
     found: dict[str, Found] = {}
     groups = event_groups(rec.events)
