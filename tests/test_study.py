@@ -421,3 +421,25 @@ def test_the_study_of_a_timm_model_offline(tmp_path, monkeypatch, data_root):
     assert s["images"] == 4 and s["checkpoint"] == "timm:botnet26t_256"
     assert len(s["layers"]) >= 2 and all("BottleneckAttn" in v["family"] for v in s["layers"].values())
     assert all(0 < v["sink_mass"] <= 1 for v in s["layers"].values())
+
+
+def test_the_report_says_what_does_not_apply_instead_of_nan():
+    """A layer whose rows are no distributions over its grid (a transformer's: a share on the prefix tokens) has
+    no sink statistics: the headline says so in words and the table shows "—", never "nan%"."""
+    from vggattn.study.report import headline, layer_table
+
+    nan = float("nan")
+    numbers = {"grid": [4, 4], "gamma": 0.5, "sink_mass": 0.25, "sink_dominated_share": 0.5,
+               "sink_border_share": 1.0, "cosine_distance": 0.3, "cosine_distance_input": 0.2,
+               "cosine_distance_output": 0.1, "top1_weight": 0.4, "jsd": 0.2, "entropy_frac": 0.8,
+               "mean_distance_px": 12.0, "contribution": 0.01}
+    tokens = {**numbers, "gamma": None, "sink_mass": nan, "sink_dominated_share": 0.0, "sink_border_share": 0.0,
+              "cosine_distance": nan, "cosine_distance_input": nan, "top1_weight": nan, "jsd": nan,
+              "entropy_frac": nan}
+    study_dict = {"layers": {"cnn": numbers, "vit": tokens}, "interventions": {"baseline": {"top1": 0.9}}}
+    cnn, vit = headline(study_dict)
+    assert "takes 25% of all attention" in cnn and "cosine distance 0.30" in cnn
+    assert "nan" not in vit.lower() and "no sink statistics" in vit and "no cosine distance" in vit
+    table = layer_table(study_dict)
+    assert table[2][3:6] == ["—", "—", "—"] and table[2][2] == "—" and "nan" not in str(table).lower()
+    assert table[1][3:6] == ["0.250", "50%", "100%"]

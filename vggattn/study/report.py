@@ -20,16 +20,37 @@ import numpy as np
 MODES = ("off", "mean", "uniform")  # the interventions, as vggattn.study runs them
 
 
+def finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
+def fmt(v, spec: str) -> str:
+    """A number as `spec` formats it, or "—" where there is none (NaN: the measure does not apply)."""
+    return format(v, spec) if finite(v) else "—"
+
+
+def percent(v) -> str:
+    return f"{100 * v:.0f}%" if finite(v) else "—"
+
+
 def headline(study: dict) -> list[str]:
     """One sentence per layer and per finding, from the numbers."""
     lines = []
     base = study["interventions"]["baseline"]["top1"]
     for name, s in study["layers"].items():
         h, w = s["grid"]
-        text = (f"{name} ({h}x{w}): the most attended cell takes {100 * s['sink_mass']:.0f}% of all attention on "
-                f"average (sink-dominated in {100 * s['sink_dominated_share']:.0f}% of images, "
-                f"{100 * s['sink_border_share']:.0f}% of sinks on the border); rows differ by cosine distance "
-                f"{s['cosine_distance']:.2f} (input features {s['cosine_distance_input']:.2f}).")
+        if finite(s["sink_mass"]):
+            text = (f"{name} ({h}x{w}): the most attended cell takes {100 * s['sink_mass']:.0f}% of all attention "
+                    f"on average (sink-dominated in {100 * s['sink_dominated_share']:.0f}% of images, "
+                    f"{100 * s['sink_border_share']:.0f}% of sinks on the border);")
+        else:
+            text = (f"{name} ({h}x{w}): its rows are no distributions over its grid (a share falls off it, on "
+                    "prefix tokens or padding, or no softmax makes them), so it has no sink statistics;")
+        if finite(s["cosine_distance"]):
+            text += (f" rows differ by cosine distance {s['cosine_distance']:.2f} (input features "
+                     f"{fmt(s['cosine_distance_input'], '.2f')}).")
+        else:
+            text += " no cosine distance between its rows."
         iv = study["interventions"]
         parts = []
         for mode in MODES:
@@ -49,11 +70,14 @@ def layer_table(study: dict) -> list[list]:
               "cos dist (input)", "cos dist (output)", "JSD", "entropy / ln N", "mean dist px", "contribution"]
     rows = [header]
     for name, s in study["layers"].items():
-        rows.append([name, "{}x{}".format(*s["grid"]), f"{s['gamma']:+.4f}", f"{s['sink_mass']:.3f}",
-                     f"{100 * s['sink_dominated_share']:.0f}%", f"{100 * s['sink_border_share']:.0f}%",
-                     f"{s['top1_weight']:.3f}", f"{s['cosine_distance']:.3f}", f"{s['cosine_distance_input']:.3f}",
-                     f"{s['cosine_distance_output']:.3f}", f"{s['jsd']:.3f}", f"{s['entropy_frac']:.3f}",
-                     f"{s['mean_distance_px']:.1f}", f"{s['contribution']:.4f}"])
+        sinks = finite(s["sink_mass"])  # the sink shares mean nothing without a sink
+        rows.append([name, "{}x{}".format(*s["grid"]), fmt(s["gamma"], "+.4f"), fmt(s["sink_mass"], ".3f"),
+                     percent(s["sink_dominated_share"] if sinks else None),
+                     percent(s["sink_border_share"] if sinks else None),
+                     fmt(s["top1_weight"], ".3f"), fmt(s["cosine_distance"], ".3f"),
+                     fmt(s["cosine_distance_input"], ".3f"), fmt(s["cosine_distance_output"], ".3f"),
+                     fmt(s["jsd"], ".3f"), fmt(s["entropy_frac"], ".3f"), fmt(s["mean_distance_px"], ".1f"),
+                     fmt(s["contribution"], ".4f")])
     return rows
 
 
@@ -73,9 +97,9 @@ def sanity_table(study: dict) -> list[list]:
     rows = [["layer", "Spearman vs Q/K re-init", "Spearman vs full re-init", "passes",
              "sink mass (Q/K re-init)", "cos dist (Q/K re-init)"]]
     for name, s in study["sanity"].get("layers", {}).items():
-        rows.append([name, f"{s['spearman_qk_reinit']:.3f}", f"{s['spearman_full_reinit']:.3f}",
-                     "yes" if s["passes"] else "NO", f"{s['qk_reinit'].get('sink_mass', float('nan')):.3f}",
-                     f"{s['qk_reinit'].get('cosine_distance', float('nan')):.3f}"])
+        rows.append([name, fmt(s["spearman_qk_reinit"], ".3f"), fmt(s["spearman_full_reinit"], ".3f"),
+                     "yes" if s["passes"] else "NO", fmt(s["qk_reinit"].get("sink_mass"), ".3f"),
+                     fmt(s["qk_reinit"].get("cosine_distance"), ".3f")])
     return rows
 
 
@@ -242,7 +266,7 @@ def report_html(study: dict, images: dict[str, bytes]) -> str:
     stats = ("sink_mass", "jsd", "cosine_distance", "entropy_frac")
     class_rows = [["class"] + [f"{n} {s}" for n in study["layers"] for s in stats]]
     for c in next(iter(study["layers"].values()))["per_class"]:
-        class_rows.append([c] + [f"{study['layers'][n]['per_class'][c][s]:.3f}" for n in study["layers"] for s in stats])
+        class_rows.append([c] + [fmt(study["layers"][n]["per_class"][c][s], ".3f") for n in study["layers"] for s in stats])
     defs = study["definitions"]
     sanity = study["sanity"]
     faithfulness_html = ""
