@@ -186,3 +186,36 @@ def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachab
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="not reachable from here"):
         load_hf("facebook/dinov2-with-registers-small")
+
+
+def test_swin_rows_are_its_window_attention_with_the_shift_undone():
+    """Swin's blocks take (B, H, W, C) grids (channels last), shift them cyclically and attend within windows: read
+    from the computation, each query's row lies on the key cells of its (shifted) window in the image's own
+    coordinates, and equals the model's own window attention weights, for plain and shifted blocks."""
+    from timm.models.swin_transformer import window_partition
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                              depths=(2, 2, 2, 2), num_classes=3).eval()
+    x = torch.randn(1, 3, 56, 56)
+    blocks = find_blocks(model, example=x)
+    names = [b[0] for b in blocks]
+    assert names[:2] == ["layers.0.blocks.0", "layers.0.blocks.1"]
+    want = {}
+    for name, module, _ in blocks[:2]:  # the first stage: 14x14 tokens, 7x7 windows, shift 0 then 3
+        module.attn.fused_attn = False
+        module.attn.attn_drop.register_forward_pre_hook(lambda m, a, n=name: want.setdefault(n, a[0]))
+    _, seen = watch(model, x, names[:2], set(names[:2]))
+    for name, module, adapter in blocks[:2]:
+        maps = adapter.maps(module, seen[name].input, seen[name].events)
+        assert maps.grid == (14, 14) and maps.heads == module.attn.num_heads
+        shift = module.shift_size
+        cells = torch.arange(196).reshape(1, 14, 14, 1)
+        cells = torch.roll(cells, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        cells = window_partition(cells, (7, 7)).reshape(-1, 49)  # (windows, 49): each window's cells in order
+        expect = torch.zeros(module.attn.num_heads, 196, 196)
+        a = want[name]  # (windows, heads, 49, 49)
+        for w in range(cells.shape[0]):
+            expect[:, cells[w][:, None], cells[w][None, :]] = a[w]
+        torch.testing.assert_close(maps.rows()[0], expect, rtol=1e-5, atol=1e-6)
+    assert any(blocks[1][1].shift_size)  # the second block is the shifted one

@@ -678,9 +678,13 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             _, seen = watch(model, example, [f.name for f in found])
         inputs = {name: s.input for name, s in seen.items() if s.input is not None}
         tokens = [f.name for f in found if f.name in inputs and inputs[f.name].dim() == 3]
-        places = token_places(model, example, tokens) if tokens else {}
-        if places:
-            name_prefix(model, example, places)
+        places, unplaced = {}, ""
+        if tokens:
+            try:
+                places = token_places(model, example, tokens)
+                name_prefix(model, example, places)
+            except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an op with no forward-mode formula
+                places, unplaced = {}, (str(err).splitlines() or [type(err).__name__])[0][:160]
         blocks, skipped = {}, []
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])
@@ -689,6 +693,8 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             try:
                 if f.name not in inputs:
                     raise NotAttention("it takes no tensor input")
+                if f.name in tokens and unplaced:
+                    raise NotAttention(f"where its tokens sit could not be read ({unplaced})")
                 adapter.layout(module, inputs[f.name])
             except NotAttention as err:
                 skipped.append(f"{f.name} ({type(module).__name__}): not an attention block over positions: {err}")

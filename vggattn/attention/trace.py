@@ -869,11 +869,19 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-2:])
 
 
-def _input_tangents(x: torch.Tensor, places: "TokenPlaces | None") -> tuple[list, tuple[int, int], int]:
+def _input_tangents(x: torch.Tensor, places: "TokenPlaces | None", channels_last: bool = False
+                    ) -> tuple[list, tuple[int, int], int]:
     """The three tangents of a block input that carry its positions (r_c, r_c * y, r_c * x), the grid they are on, and
     the coarsest stride its tokens may sit on: an image grid (B, C, H, W) carries its own; tokens (B, T, C) carry
-    where `places` puts them on the model's input image (none for a prefix token)."""
+    where `places` puts them on the model's input image (none for a prefix token); channels_last: the grid is
+    (B, H, W, C)."""
     gen = torch.Generator().manual_seed(0)
+    if x.dim() == 4 and channels_last:  # (B, H, W, C), as Swin's blocks take it
+        B, H, W, C = x.shape
+        r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, 1, 1, C)
+        ys = torch.arange(H, dtype=x.dtype, device=x.device).reshape(1, H, 1, 1)
+        xs = torch.arange(W, dtype=x.dtype, device=x.device).reshape(1, 1, W, 1)
+        return [r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)], (H, W), 1
     if x.dim() == 4:
         B, C, H, W = x.shape
         r = (0.5 + torch.rand(C, generator=gen, dtype=torch.float64)).to(x.dtype).to(x.device).reshape(1, C, 1, 1)
@@ -893,7 +901,22 @@ def _input_tangents(x: torch.Tensor, places: "TokenPlaces | None") -> tuple[list
 
 
 def _layout(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None) -> Layout:
-    inputs, (H, W), max_stride = _input_tangents(x, places)
+    """The layout as `Layout.of` gives it; a 4-D input is read as (B, C, H, W), and where its keys are then no
+    positions, as (B, H, W, C) (channels last, as Swin's blocks take it)."""
+    try:
+        return _layout_read(block, x, attention, places)
+    except NotAttention as first:
+        if x.dim() != 4 or places is not None:
+            raise
+        try:
+            return _layout_read(block, x, attention, None, channels_last=True)
+        except NotAttention:
+            raise first from None
+
+
+def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None,
+                 channels_last: bool = False) -> Layout:
+    inputs, (H, W), max_stride = _input_tangents(x, places, channels_last)
     passes, reason = [], ""
     try:
         with torch.no_grad(), fwAD.dual_level():
