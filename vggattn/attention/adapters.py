@@ -693,6 +693,9 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             try:
                 if f.name not in inputs:
                     raise NotAttention("it takes no tensor input")
+                if inputs[f.name].shape[0] != example.shape[0]:  # windows (MaxViT) or patches stacked on the batch
+                    raise NotAttention(f"its input stacks {inputs[f.name].shape[0]} pieces of each image on the batch "
+                                       "axis (windows or patches): its grid is a piece's, not the image's")
                 if f.name in tokens and unplaced:
                     raise NotAttention(f"where its tokens sit could not be read ({unplaced})")
                 adapter.layout(module, inputs[f.name])
