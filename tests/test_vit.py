@@ -60,6 +60,9 @@ def test_every_blocks_rows_are_the_models_own_attention(case):
         torch.testing.assert_close(rows, a[:, prefix:, prefix:], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(maps.padding[0], a[:, prefix:, :prefix].sum(-1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(maps.prefix[0], a[:, prefix:, :prefix], rtol=1e-5, atol=1e-6)
+        # the prefix tokens' own rows (the class token's over the patches: DINO's view), grid then prefix
+        torch.testing.assert_close(maps.prefix_rows[0], torch.cat([a[:, :prefix, prefix:], a[:, :prefix, :prefix]], -1),
+                                   rtol=1e-5, atol=1e-6)
         assert maps.prefix_names[0] == "cls_token" and len(maps.prefix_names) == prefix
         assert "prefix tokens" in maps.meaning
 
@@ -151,6 +154,7 @@ def test_transformers_vits_under_sdpa_give_their_own_attention(case):
         assert maps.grid == (4, 4) and maps.heads == 4
         torch.testing.assert_close(maps.rows()[0], a[0][:, prefix:, prefix:], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(maps.prefix[0], a[0][:, prefix:, :prefix], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps.prefix_rows[0][..., :16], a[0][:, :prefix, prefix:], rtol=1e-5, atol=1e-6)
         assert maps.prefix_names[0].endswith("cls_token")
         if prefix > 1:
             assert maps.prefix_names[1:] == [f"{maps.prefix_names[1].split('[')[0]}[{i}]" for i in range(prefix - 1)]
@@ -176,8 +180,15 @@ def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachab
     image = ASSETS / "church.jpg"
     assert explain.main([str(image), "--hf", str(tmp_path / "dino"), "--out", str(tmp_path / "out"),
                          "--no-ablation"]) == 0
-    result = json.loads(next((tmp_path / "out").glob("*/result.json")).read_text())
+    folder = next((tmp_path / "out").glob("*/result.json")).parent
+    result = json.loads((folder / "result.json").read_text())
     assert [b["grid"] for b in result["layers"]] == [[4, 4], [4, 4]]
+    for layer in result["layers"]:  # the class token's and each register's own row: DINO's view of the image
+        rows = layer["prefix_rows"]
+        assert len(rows) == 5 and all(0 < r["share_on_patches"] < 1 for r in rows.values())
+        assert all(abs(r["share_on_patches"] + sum(r["on_prefix"].values()) - 1) < 1e-5 for r in rows.values())
+    cls_rows = __import__("numpy").load(folder / f"{result['layers'][0]['name']}_prefix_rows.npy")
+    assert cls_rows.shape == (5, 4, 4)
     for readouts in result["points"][0]["layers"].values():
         names = list(readouts["prefix"])
         assert names[0].endswith("cls_token") and [n.split(".")[-1] for n in names[1:]] == \

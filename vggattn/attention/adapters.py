@@ -55,6 +55,8 @@ class BlockMaps:
     # (B, heads, N, K): a row's K keys (its window) and where they fall (-1: padding); instead of weights
     prefix: torch.Tensor | None = None  # (B, heads, N, P) tokens: each row's weight on each prefix token (no place)
     prefix_names: list[str] | None = None  # their names ("cls_token", "reg_token[0]", ...)
+    prefix_rows: torch.Tensor | None = None  # (B, heads, P, M + P) each prefix token's own row: its weights on the
+    # key grid, then on the prefix tokens (the class token's row over the patches: DINO's view)
 
     @property
     def heads(self) -> int:
@@ -406,7 +408,7 @@ class TracedAdapter(Adapter):
         return self._maps(lay, per_image)
 
     def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
-        parts, prefix_w = [], []
+        parts, prefix_w, prefix_r = [], [], []
         for events in per_image:
             evs = [events[i] for i in lay.group]
             w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
@@ -428,6 +430,13 @@ class TracedAdapter(Adapter):
                 count = len(lay.prefix_names or []) or int(lay.kprefix.max()) + 1
                 prefix_w.append(rows.new_zeros(*rows.shape[:2], count).scatter_add_(
                     -1, which.clamp_min(0), rows * (which >= 0)))
+                if lay.prefix_queries is not None:  # the prefix tokens' own rows: on the grid, then on the prefix
+                    lead = lay.lq[:, :1].expand_as(lay.prefix_queries)
+                    own = w[lead, lay.prefix_queries]  # (heads, P, nk)
+                    kc, kp = lay.kcell.to(w.device)[lead], lay.kprefix.to(w.device)[lead]
+                    on_grid = own.new_zeros(*own.shape[:2], m).scatter_add_(-1, kc.clamp_min(0), own * (kc >= 0))
+                    on_prefix = own.new_zeros(*own.shape[:2], count).scatter_add_(-1, kp.clamp_min(0), own * (kp >= 0))
+                    prefix_r.append(torch.cat([on_grid, on_prefix], -1))
             if lay.windowed:  # each query sees a window of the keys: kept sparse (N x K, not N x M)
                 parts.append(((rows, cells), pad))
                 continue
@@ -448,7 +457,8 @@ class TracedAdapter(Adapter):
         prefix = torch.stack(prefix_w) if prefix_w else None
         return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
                          weights=torch.stack([p[0] for p in parts]), padding=pad, prefix=prefix,
-                         prefix_names=lay.prefix_names if prefix is not None else None)
+                         prefix_names=lay.prefix_names if prefix is not None else None,
+                         prefix_rows=torch.stack(prefix_r) if prefix_r else None)
 
     def forward(self, module, x, mode=None, rows=None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows

@@ -561,6 +561,7 @@ class Layout:
     sums_to_one: bool  # every row is a distribution over the key cells (a softmax over the keys, none on padding)
     kprefix: torch.Tensor | None = None  # (L, nk) tokens: which prefix token each key is (-1: a place on the grid)
     prefix_names: list[str] | None = None  # the prefix tokens' names (`TokenPlaces.names`)
+    prefix_queries: torch.Tensor | None = None  # (heads, P) tokens: the query index of each prefix token's row
 
     @property
     def windowed(self) -> bool:
@@ -959,7 +960,7 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
     if vt is None:
         raise NotAttention("its values do not come from the block's input")
     kcell, key_grid, _ = grid_cells(positions(*vt), (H, W), "keys", max_stride)
-    per_image, note = nq == 1, ""
+    per_image, note, qt = nq == 1, "", None
     if per_image:
         lq, iq, grid, heads = torch.arange(L)[:, None], torch.zeros(L, 1, dtype=torch.long), (H, W), L
     else:
@@ -1010,14 +1011,18 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
     if per_image:
         meaning = "one map per image: where the pooled context comes from, no query changes it; " + meaning
     sizes = [passes[0][i]["w"].shape[-2] for i in group]
-    kprefix = None
+    kprefix = pq = None
     if places is not None and places.prefix and bool(((kcell < 0).sum(-1) == len(places.prefix)).all()):
         kprefix = torch.full_like(kcell, -1)  # a lead's unplaced keys, in order, are the prefix tokens in order
         kprefix[kcell < 0] = torch.arange(len(places.prefix)).repeat(kcell.shape[0])
+        if not per_image and qt is not None and bool((lq == lq[:, :1]).all()):  # one lead a head: its prefix rows
+            unplaced = [torch.nonzero(qcell[int(lead)] < 0).flatten() for lead in lq[:, 0]]
+            if all(u.numel() == len(places.prefix) for u in unplaced):
+                pq = torch.stack(unplaced)
     return Layout(group, sizes, tuple(grid), tuple(key_grid), int(heads), lq, iq, kcell, per_image, qk, lk, key_order,
                   padded, meaning + "." + note, ev.qk_modules, ev.kind, ev.scale, normalise,
                   ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded, kprefix,
-                  None if places is None else places.names)
+                  None if places is None else places.names, pq)
 
 
 def _heads(qcell: torch.Tensor, grid: tuple[int, int], unplaced: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:

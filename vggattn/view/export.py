@@ -65,6 +65,14 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
         if block.contribution is not None:
             entry |= {"mean_contribution": float(block.contribution.mean()),
                       "max_contribution": float(block.contribution.max())}
+        if m.prefix_rows is not None:  # each prefix token's own row (mean of heads): its share on the patches
+            kcells = m.key_grid[0] * m.key_grid[1]
+            rows = m.prefix_rows[0].double().mean(0)  # (P, M + P)
+            names = m.prefix_names or [f"prefix {i}" for i in range(rows.shape[0])]
+            entry["prefix_rows"] = {n: {"share_on_patches": float(r[:kcells].sum()),
+                                        "top_cell": list(divmod(int(r[:kcells].argmax()), m.key_grid[1])),
+                                        "on_prefix": dict(zip(names, map(float, r[kcells:])))}
+                                    for n, r in zip(names, rows)}
         if model is not None and probs is not None:
             entry["top5_attention_off"] = ranked_predictions(ablate(model, result, {block.name: "off"}),
                                                              result.class_names)
@@ -165,6 +173,10 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
         save(f"{safe}_mean_attention.npy", mean_map)
         if block.contribution is not None:
             save(f"{safe}_contribution.npy", block.contribution)
+        if block.maps.prefix_rows is not None:  # tokens: each prefix token's row on the key grid, mean of heads
+            m = block.maps.key_grid[0] * block.maps.key_grid[1]
+            rows = block.maps.prefix_rows[0, :, :, :m].double().mean(0).cpu().numpy()
+            save(f"{safe}_prefix_rows.npy", rows.reshape(-1, *block.maps.key_grid))
     if result.gradcam is not None:
         save("gradcam.npy", result.gradcam)
     summary["files"] = sorted(files)
