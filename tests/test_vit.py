@@ -230,3 +230,31 @@ def test_swin_rows_are_its_window_attention_with_the_shift_undone():
             expect[:, cells[w][:, None], cells[w][None, :]] = a[w]
         torch.testing.assert_close(maps.rows()[0], expect, rtol=1e-5, atol=1e-6)
     assert any(blocks[1][1].shift_size)  # the second block is the shifted one
+
+
+def test_the_apps_readouts_give_a_pinned_points_weights_on_the_prefix_tokens():
+    """The app on a ViT with registers (random weights): a pinned point's readouts give its row's share on the
+    prefix tokens and each one's weight by name (the model's own attention), not "not a distribution"."""
+    import os
+    import re
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from vggattn import app
+    from vggattn.byo import describe
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, depth=2,
+                              num_classes=3).eval()
+    meta = describe("timm:vit_tiny_patch16_224", 64, ["a", "b", "c"])
+    ui = app.build_demo(model, meta).ui
+    state = app.on_image(ui, model, meta, str(ASSETS / "church.jpg"))[ui.state]
+    table = app.on_point(ui, state, 100, 30)[ui.readouts]
+    want = own_attention(model, state.result.input)
+    for layer in state.layers:
+        line = next(x for x in table.splitlines() if x.startswith(f"| `{layer.name}`"))
+        assert "not a distribution" not in line
+        q = state.result.blocks[0].query_index((100, 30))
+        a = want[layer.name][0].double().mean(0)[3 + q, :3]  # mean of heads: cls, reg 0, reg 1
+        shown = [float(v) for v in re.findall(r"(?:cls_token|reg_token\[\d\]) ([0-9.]+)", line)]
+        assert shown == pytest.approx(a.tolist(), abs=6e-4)  # three decimals
+        assert f"{float(a.sum()):.0%} of the row on the prefix tokens" in line

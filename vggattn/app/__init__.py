@@ -283,8 +283,12 @@ def render_point(state: Session, xy, opacity, colormap, mode, mark, scale, head,
             far = "—" if layer.kind == "map" else f"{mean_distance(torch.from_numpy(flat), cell, layer.grid, (result.input_size,) * 2, layer.key_grid):.1f}"
         else:
             spread, far = "— (not a distribution: " + ("f/M)" if layer.normalise == "mean" else "see the Blocks tab)"), "—"
+        prefix = None if layer.kind == "map" else layer.prefix_weights(cell, h)
         pad = None if layer.kind == "map" else layer.padding_share(cell, h)
-        if pad is not None:
+        if prefix is not None:  # a transformer's row: the rest of it is on its class token and registers
+            spread = (f"{sum(prefix.values()):.0%} of the row on the prefix tokens ("
+                      + ", ".join(f"{n.split('.')[-1]} {w:.3f}" for n, w in prefix.items()) + "); the map shows the rest")
+        elif pad is not None:
             spread += f"; {pad:.0%} of the row on padding"
         cells = ", ".join(f"({j // kw},{j % kw}) {flat[j]:.3f}" for j in top)
         where = "one map per image" if layer.kind == "map" else f"({cell // gw}, {cell % gw}) of {layer.grid[0]}×{gw}"

@@ -104,6 +104,16 @@ class PageLayer:
     padding: np.ndarray | None = None  # (heads, N) each row's share on keys that fall on padding (server side only)
     values_: np.ndarray | None = None  # "window": (heads, N, K) float32 weights of each row's keys
     cells_: np.ndarray | None = None  # "window": (heads, N, K) int32 key cell of each (-1: padding)
+    prefix: np.ndarray | None = None  # tokens: (heads, N, P) each row's weight on each prefix token (server side)
+    prefix_names: list[str] | None = None
+
+    def prefix_weights(self, i: int, head: int | None = None) -> dict[str, float] | None:
+        """Query i's weight on each prefix token (class, registers) by name (mean over heads), or None."""
+        if self.prefix is None:
+            return None
+        w = np.mean([self.prefix[h, i] for h in self._heads(head)], axis=0)
+        names = self.prefix_names or [f"prefix {j}" for j in range(len(w))]
+        return dict(zip(names, map(float, w)))
 
     def padding_share(self, i: int, head: int | None = None) -> float | None:
         """The share of query i's row that falls on padding (windows with halos), or None where none can."""
@@ -240,6 +250,8 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
             layer.rows_ = maps.rows(dtype=torch.float64)[0].float().cpu().numpy()  # (heads, N or 1, M)
         if maps.padding is not None:
             layer.padding = maps.padding[0].double().cpu().numpy()
+        if maps.prefix is not None:
+            layer.prefix, layer.prefix_names = maps.prefix[0].double().cpu().numpy(), maps.prefix_names
         if sink is not None:
             layer.sink = sink
         elif maps.normalise == "softmax":
