@@ -258,3 +258,42 @@ def test_the_apps_readouts_give_a_pinned_points_weights_on_the_prefix_tokens():
         shown = [float(v) for v in re.findall(r"(?:cls_token|reg_token\[\d\]) ([0-9.]+)", line)]
         assert shown == pytest.approx(a.tolist(), abs=6e-4)  # three decimals
         assert f"{float(a.sum()):.0%} of the row on the prefix tokens" in line
+
+
+def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_path):
+    """run_study on a ViT with registers (random weights, six random images): per layer, the patches' mean weight on
+    each prefix token by name, equal to the mean over images, heads and patch queries of the model's own attention,
+    with CIs; the report's headline says it in words."""
+    import numpy as np
+    from PIL import Image
+
+    from vggattn import study
+    from vggattn.byo import describe
+    from vggattn.study.report import headline
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, depth=2,
+                              num_classes=2).eval()
+    meta = describe("timm:vit_tiny_patch16_224", 64, ["a", "b"])
+    s = study.run_study(model, meta, tmp_path / "data", batch_size=4, workers=0, sanity_images=0, n_boot=50,
+                        progress=False, faithfulness_images=0)
+    from vggattn.data import eval_transform
+    images = [eval_transform(meta)(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "data").rglob("*.png"))]
+    want = {n: [] for n in s["layers"]}
+    for x in images:
+        for n, a in own_attention(model, x[None]).items():
+            want[n].append(a[0, :, 3:, :3].double().mean((0, 1)))  # heads and patch queries: (3,)
+    for name, layer in s["layers"].items():
+        p = layer["prefix"]
+        assert p["tokens"] == ["cls_token", "reg_token[0]", "reg_token[1]"]
+        expect = torch.stack(want[name]).mean(0)
+        assert list(p["share"].values()) == pytest.approx(expect.tolist(), abs=1e-6)
+        assert p["total"] == pytest.approx(float(expect.sum()), abs=1e-6)
+        assert all(lo <= p["share"][t] <= hi for t, (lo, hi) in p["share_ci95"].items())
+        assert len(p["per_head"]["cls_token"]) == 3
+    assert all("of their attention to the prefix tokens (cls_token" in line for line in headline(s))

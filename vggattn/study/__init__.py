@@ -455,6 +455,8 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
     stats = batch_statistics(maps, input_size, x=xs, delta=delta) if softmax else output_statistics(xs, delta)
     for stat, values in stats.items():
         record[f"{name}:sink" if stat == "sink_index" else f"{name}:{stat}"] = values
+    if maps.prefix is not None:  # a transformer: each head's mean weight (over the patch queries) on each prefix token
+        record[f"{name}:prefix"] = maps.prefix.double().mean(2).cpu().numpy()  # (B, heads, P)
     if not in_sanity:
         return record
     others = {"qk": adapter.maps(random_block, x[in_sanity]), "full": adapter.maps(random_module, random_input)}
@@ -582,12 +584,36 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
             "layers": {name: {**layer_summary({stat: rec[f"{name}:{stat}"] for stat in STATS}, rec[f"{name}:sink"],
                                               tuple(int(v) for v in rec[f"{name}:key_grid"][0]), float(np.nan if block_gamma(module) is None else block_gamma(module)),
                                               rec["target"], class_names),
-                              "query_grid": [int(v) for v in rec[f"{name}:grid"][0]], "family": adapter.family}
+                              "query_grid": [int(v) for v in rec[f"{name}:grid"][0]], "family": adapter.family,
+                              **prefix_summary(rec.get(f"{name}:prefix"), adapter, n_boot, seed)}
                        for name, module, adapter in blocks},
             "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs},
                                                   {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed),
             "sanity": sanity_summary(sanity),
             **({"faithfulness": faith} if faith and faith["layers"] else {})}
+
+
+def prefix_summary(shares: np.ndarray | None, adapter, n_boot: int, seed: int) -> dict:
+    """A transformer layer's attention on its prefix tokens, from the per-image (heads, P) mean weights of the patch
+    queries: {"prefix": {"tokens", "share" (the mean over images and heads, with a 95% CI over images), "per_head"}},
+    or {} for a layer without prefix tokens."""
+    if shares is None:
+        return {}
+    places = getattr(adapter, "places", {}) or {}
+    names = next((p.names for p in places.values() if p.names), None) or [f"prefix {j}" for j in range(shares.shape[-1])]
+    per_image = shares.mean(1)  # (images, P): mean of heads
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(per_image), (n_boot, len(per_image)))
+    total = per_image.sum(1)
+    return {"prefix": {
+        "tokens": list(names),
+        "share": {n: float(per_image[:, j].mean()) for j, n in enumerate(names)},
+        "share_ci95": {n: [float(v) for v in np.percentile(per_image[picks, j].mean(1), [2.5, 97.5])]
+                       for j, n in enumerate(names)},
+        "total": float(total.mean()), "total_ci95": [float(v) for v in np.percentile(total[picks].mean(1), [2.5, 97.5])],
+        "per_head": {n: shares[:, :, j].mean(0).tolist() for j, n in enumerate(names)},
+        "definition": "the mean weight of the patch queries' rows on each prefix token (class, registers), "
+                      "over queries, heads and images; CIs: percentile bootstrap over images"}}
 
 
 def nanmean(v: np.ndarray) -> float:

@@ -51,6 +51,12 @@ def headline(study: dict) -> list[str]:
                      f"{fmt(s['cosine_distance_input'], '.2f')}).")
         else:
             text += " no cosine distance between its rows."
+        if s.get("prefix"):
+            p = s["prefix"]
+            lo, hi = p["total_ci95"]
+            text += (f" The patches give {100 * p['total']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] of their attention to"
+                     " the prefix tokens (" + ", ".join(f"{n.split('.')[-1]} {100 * v:.0f}%" for n, v in p["share"].items())
+                     + ").")
         iv = study["interventions"]
         parts = []
         for mode in MODES:
