@@ -146,6 +146,11 @@ def test_bad_uploads_are_plain_errors(mm, tmp_path):
         out = app.on_upload(ui, *mm, str(text), before)
     assert out[ui.state] is None and out[ui.hover] is None and "not an image" in out[ui.status]
     assert before.stale
+    busy = {}  # as the demo wires it: the second change event of the same bad upload warns no second time
+    with pytest.warns(UserWarning, match="not an image"):
+        app.on_upload(ui, *mm, str(text), None, busy=busy, session_id="s")
+    again = app.on_upload(ui, *mm, str(text), None, busy=busy, session_id="s")
+    assert all(v == app.gr.skip() for v in again.values())
     with pytest.raises(app.gr.Error, match="upload an image"):
         app.api_analyze(*mm, None, None)
 

@@ -252,13 +252,15 @@ def on_upload(ui: UI, model: nn.Module, meta: dict, path, state=None, hover_dtyp
         state.stale = True
     if busy is not None:
         busy[session_id] = str(path)
+    failed = False
     try:
         return on_image(ui, model, meta, path, hover_dtype, layers, tab, opacity, colormap, mode)
     except gr.Error as e:
+        failed = True  # the file stays marked: the upload's second change event then adds no second warning
         gr.Warning(e.message)
         return blank(ui) | {ui.status: f"**That file could not be analysed.** {e.message}"}
     finally:
-        if busy is not None and busy.get(session_id) == str(path):
+        if busy is not None and busy.get(session_id) == str(path) and not failed:
             del busy[session_id]
 
 
