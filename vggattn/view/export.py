@@ -103,7 +103,8 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     n = len(result.blocks)
-    rows = len(points) + 2
+    tokens = any(b.maps.prefix_rows is not None for b in result.blocks)  # a transformer: a row for its class token
+    rows = len(points) + 2 + tokens
     fig = Figure(figsize=(3.2 * (n + 1), 3.2 * rows))
     axes = fig.subplots(rows, n + 1, squeeze=False)
     h, w = result.display.shape[:2]
@@ -143,6 +144,19 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
         axes[r, c].imshow(map_picture(result, mean_map, opacity, colormap, mode))
         said = f"JSD from mean {jsd:.3f} nats" if jsd is not None else "(rows are no distributions)"
         axes[r, c].set_title(f"{block.name} mean over queries\n{said}", fontsize=8)
+    if tokens:  # the first prefix token's own row over the patches (the class token's: DINO's view)
+        r += 1
+        axes[r, 0].text(0.02, 0.98, "the first prefix token's row\n(the class token: where it\nlooks among the patches;\n"
+                        "mean of heads, on the\npatches only)", va="top", ha="left", fontsize=8)
+        for c, block in enumerate(result.blocks, start=1):
+            m = block.maps
+            if m.prefix_rows is None:
+                continue
+            cells = m.key_grid[0] * m.key_grid[1]
+            row = m.prefix_rows[0, :, 0, :cells].double().mean(0).cpu().numpy().reshape(m.key_grid)
+            axes[r, c].imshow(map_picture(result, row, opacity, colormap, mode))
+            name = (m.prefix_names or ["prefix 0"])[0].split(".")[-1]
+            axes[r, c].set_title(f"{block.name}: {name} → patches\n{row.sum():.0%} of its row on them", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
