@@ -299,3 +299,39 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
         assert all(lo <= p["share"][t] <= hi for t, (lo, hi) in p["share_ci95"].items())
         assert len(p["per_head"]["cls_token"]) == 3
     assert all("of their attention to the prefix tokens (cls_token" in line for line in headline(s))
+
+
+def test_explain_gives_the_norms_of_the_tokens_entering_each_block_and_flags_high_norm_patches():
+    """Per transformer block, result.json holds the norm of each prefix token and the median and largest patch norm
+    of the block's input, and lists the patches over 4x the median (Darcet et al.'s high-norm tokens): one patch
+    token made large by hand is the one flagged."""
+    import numpy as np
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import describe
+    from vggattn.view.export import summarize
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, depth=2,
+                              num_classes=3).eval()
+    meta = describe("timm:vit_tiny_patch16_224", 64, ["a", "b", "c"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def loud(module, args):  # the patch at (1, 2) (token 3 + 6) enters block 1 ten times as large
+        x = args[0].clone()
+        x[:, 3 + 6] *= 10
+        return (x,)
+
+    handle = model.blocks[1].register_forward_pre_hook(loud)
+    try:
+        result = analyze(model, meta, image)
+    finally:
+        handle.remove()
+    layers = {entry["name"]: entry for entry in summarize(result, [(10.0, 10.0)])["layers"]}
+    for block in result.blocks:  # the norms are those of the tokens entering the block's attention
+        norms = layers[block.name]["token_norms"]
+        assert list(norms["prefix"]) == ["cls_token", "reg_token[0]", "reg_token[1]"]
+        assert norms["patch_max"] >= norms["patch_median"] > 0
+    assert layers["blocks.1.attn"]["token_norms"]["high_norm_patches"] == [[1, 2]]
+    assert layers["blocks.0.attn"]["token_norms"]["high_norm_patches"] == []

@@ -83,6 +83,8 @@ class BlockResult:
     contribution: np.ndarray | None = None  # (h, w) ||block(x) - x|| / ||x|| per position; None where y and x differ
     # in shape (the block is no residual update of its input)
     row_sums: tuple | None = None  # (log Z, the rows' sum) as the forward computed them (`trace.RowSums`), if it did
+    token_norms: np.ndarray | None = None  # a transformer's block: the L2 norm of each token of the residual stream
+    # entering it (T,), as Darcet et al. measure them (`residual_stream`)
 
     @property
     def family(self) -> str:
@@ -232,7 +234,9 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
     traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
     summarised = {name for name, _, adapter in blocks if adapter.softmax_rows}
-    output, seen = watch(model, x, [name for name, *_ in blocks], traced, summarised=summarised)
+    names = [name for name, *_ in blocks]
+    ancestors = {a for n in traced for a in _ancestors(n)} - set(names)  # a transformer's residual stream
+    output, seen = watch(model, x, names + sorted(ancestors), traced, summarised=summarised)
     locate_tokens(model, x, blocks, {name: s.input for name, s in seen.items() if s.input is not None})
     if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)
         output = output[0]
@@ -244,9 +248,29 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
             continue
         kept = seen[name]
         maps = adapter.maps(module, kept.input, kept.events) if name in traced else adapter.maps(module, kept.input)
+        stream = residual_stream(name, seen) if maps.prefix is not None else None
         result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
-                                         contribution_map(kept.input, kept.output), kept.row_sums))
+                                         contribution_map(kept.input, kept.output), kept.row_sums,
+                                         None if stream is None else stream[0].float().norm(dim=-1).cpu().numpy()))
     return result
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def residual_stream(name: str, seen: dict):
+    """The tokens of the residual stream at a transformer's attention `name`: the input of its nearest enclosing
+    module that takes other tokens of the same shape than the attention does (the attention's own input is
+    normalised: a block's input is not), else the attention's own input."""
+    own = seen[name].input
+    for a in _ancestors(name):
+        t = seen.get(a)
+        if t is not None and isinstance(t.input, torch.Tensor) and t.input.shape == own.shape \
+                and t.input.data_ptr() != own.data_ptr():
+            return t.input
+    return own
 
 
 def with_gradcam(model: nn.Module, result: Analysis) -> np.ndarray | None:

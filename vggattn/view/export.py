@@ -32,6 +32,9 @@ def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
     return [{"class": class_names[j], "index": j, "prob": float(v)} for v, j in zip(p.tolist(), i.tolist())]
 
 
+HIGH_NORM = 4.0  # a patch token this many times the median patch norm is flagged as high-norm (result.json)
+
+
 def point_readouts(result: Analysis, xy: tuple[float, float], k: int = 5) -> dict:
     """{block: readouts} of pixel xy: the query cell, and for rows that are distributions entropy, mean distance
     and top cells (`vggattn.attention.readouts.row_readouts`, mean of heads); the share on padding where there is one;
@@ -65,6 +68,16 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
         if block.contribution is not None:
             entry |= {"mean_contribution": float(block.contribution.mean()),
                       "max_contribution": float(block.contribution.max())}
+        if block.token_norms is not None and m.prefix is not None:  # the residual stream entering the block
+            norms, prefix = block.token_norms, m.prefix.shape[-1]
+            patches = norms[prefix:]
+            median = float(np.median(patches))
+            high = np.nonzero(patches > HIGH_NORM * median)[0]
+            entry["token_norms"] = {
+                "prefix": dict(zip(m.prefix_names or [f"prefix {i}" for i in range(prefix)], map(float, norms[:prefix]))),
+                "patch_median": median, "patch_max": float(patches.max()),
+                "high_norm_patches": [list(divmod(int(i), m.grid[1])) for i in high],
+                "high_norm_rule": f"a patch token whose norm is over {HIGH_NORM:g}x the median patch token's"}
         if m.prefix_rows is not None:  # each prefix token's own row (mean of heads): its share on the patches
             kcells = m.key_grid[0] * m.key_grid[1]
             rows = m.prefix_rows[0].double().mean(0)  # (P, M + P)
