@@ -19,6 +19,9 @@ MODELS = {  # name: (timm name, keyword arguments: small and random, prefix toke
     "vit + 4 registers": ("vit_tiny_patch16_224", {"img_size": 64, "reg_tokens": 4}, 5, (4, 4)),
     "dinov2 (non-square)": ("vit_small_patch14_dinov2", {"img_size": (42, 70), "depth": 3}, 1, (3, 5)),
     "dinov2 + 4 registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 56, "depth": 3}, 5, (4, 4)),
+    "beit (relative position bias)": ("beit_base_patch16_224", {"img_size": 64, "depth": 2, "embed_dim": 96,
+                                                                "num_heads": 3}, 1, (4, 4)),
+    "eva02 (rotary positions)": ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2}, 1, (4, 4)),
 }
 
 
