@@ -235,7 +235,8 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
     summarised = {name for name, _, adapter in blocks if adapter.softmax_rows}
     names = [name for name, *_ in blocks]
-    ancestors = {a for n in traced for a in _ancestors(n)} - set(names)  # a transformer's residual stream
+    tokens = {name for name, _, adapter in blocks if getattr(adapter, "places", None)}  # blocks of tokens
+    ancestors = {a for n in tokens for a in _ancestors(n)} - set(names)  # where their residual stream is read
     output, seen = watch(model, x, names + sorted(ancestors), traced, summarised=summarised)
     locate_tokens(model, x, blocks, {name: s.input for name, s in seen.items() if s.input is not None})
     if isinstance(output, (tuple, list)):  # e.g. a discriminator returning (score, features)

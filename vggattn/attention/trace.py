@@ -696,10 +696,11 @@ def token_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[st
     norms over positions held constant. Derived from the model's code, not from its name."""
     modules = dict(model.named_modules())
     passes: list[dict] = []
+    me = threading.get_ident()
 
-    def keep(module, args, name):  # a block that runs twice keeps its first input
+    def keep(module, args, name):  # a block that runs twice keeps its first input; other threads' forwards pass
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if first is not None and first.dim() == 3 and name not in passes[-1]:
+        if threading.get_ident() == me and first is not None and first.dim() == 3 and name not in passes[-1]:
             passes[-1][name] = fwAD.unpack_dual(first).tangent
 
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
@@ -728,8 +729,9 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
     "reg_token[2]"); any other is "prefix <i>". Later blocks keep their tokens' names (the residual stream keeps
     the tokens in place, as `token_places` reads it). Sets places' names."""
     order: list[str] = []
+    me = threading.get_ident()
     handles = [dict(model.named_modules())[n].register_forward_pre_hook(
-        lambda m, a, n=n: order.append(n) if n not in order else None) for n in places]
+        lambda m, a, n=n: order.append(n) if n not in order and threading.get_ident() == me else None) for n in places]
     try:
         with torch.no_grad():
             model(x[:1])
@@ -745,7 +747,7 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
     got: dict[str, torch.Tensor] = {}
 
     def keep(module, args, name):
-        if name not in got and args and isinstance(args[0], torch.Tensor):
+        if threading.get_ident() == me and name not in got and args and isinstance(args[0], torch.Tensor):
             got[name] = args[0].detach().clone()
 
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
@@ -758,12 +760,11 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
             for pname, p in model.named_parameters():
                 if p.dim() != 3 or p.shape[0] != 1 or p.shape[1] > max(dims) or p.shape[-1] not in width.values():
                     continue
-                saved = p.detach().clone()  # a random change (a constant one vanishes in a LayerNorm)
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs()))
-                try:
-                    model(x[:1])
-                finally:
-                    p.copy_(saved)
+                # a random change (a constant one vanishes in a LayerNorm) for this call only (functional_call puts
+                # the parameter back after it; it swaps it meanwhile, so names are read where the model is found,
+                # before an app serves anyone: `find_blocks` at load, on an input of the size the app analyses)
+                changed = p + torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs())
+                torch.func.functional_call(model, {pname: changed}, (x[:1],), strict=False)
                 for n in names:
                     if n not in got or n not in base:
                         continue
