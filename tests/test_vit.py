@@ -68,6 +68,14 @@ def test_every_blocks_rows_are_the_models_own_attention(case):
                                    rtol=1e-5, atol=1e-6)
         assert maps.prefix_names[0] == "cls_token" and len(maps.prefix_names) == prefix
         assert "prefix tokens" in maps.meaning
+        if "bias" in case:  # relative positions add logits: no Q and K make its rows
+            assert maps.tokens_qk is None
+            continue
+        # every row (patches', then the prefix tokens') from Q and K: softmax over the grid's keys, then the prefix's
+        q, k = maps.tokens_qk
+        full = torch.softmax(q[0].double() @ k[0].double().transpose(-1, -2), -1)
+        order = torch.cat([torch.arange(prefix, a.shape[-1]), torch.arange(prefix)])
+        torch.testing.assert_close(full.float(), a[:, order][:, :, order], rtol=1e-5, atol=1e-6)
 
 
 def test_token_places_are_the_patch_centres_and_no_place_for_the_prefix():
@@ -338,3 +346,47 @@ def test_explain_gives_the_norms_of_the_tokens_entering_each_block_and_flags_hig
         assert norms["patch_max"] >= norms["patch_median"] > 0
     assert layers["blocks.1.attn"]["token_norms"]["high_norm_patches"] == [[1, 2]]
     assert layers["blocks.0.attn"]["token_norms"]["high_norm_patches"] == []
+
+
+@pytest.mark.parametrize("case", ["vit + 4 registers", "beit (relative position bias)"])
+def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
+    """What the page gets for a transformer: every patch's row over the grid and the prefix tokens (not
+    renormalised), and each prefix token's own row, from Q and K (ViT) or as rows (BEiT's position bias), through
+    the payload's bytes; equal to the model's own attention, mean of heads and per head."""
+    import numpy as np
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import describe
+    from vggattn.view.hover import PageLayer, decode, page_payload
+
+    name, kw, prefix, grid = MODELS[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kw).eval()
+    meta = describe(f"timm:{name}", kw["img_size"], ["a", "b", "c"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    result = analyze(model, meta, image)
+    want = own_attention(model, result.input)
+    layers = [b.page() for b in result.blocks]
+    payload = page_payload(result, layers)
+    n = grid[0] * grid[1]
+    order = torch.cat([torch.arange(prefix, n + prefix), torch.arange(prefix)])  # the page's: grid, then prefix
+    for block, layer, sent in zip(result.blocks, layers, payload["layers"]):
+        assert layer.kind == ("rows" if "bias" in case else "qk") and layer.tokens == prefix
+        assert sent["prefix"][0] == "cls_token"
+        a = want[block.name][0].double()[:, order][:, :, order]  # (heads, T, T) in the page's order
+        back = PageLayer(layer.name, "", "", layer.grid, layer.key_grid, layer.heads, layer.kind, layer.normalise,
+                         layer.scale, prefix_names=sent["prefix"])  # decoded from the payload's bytes
+        if layer.kind == "qk":
+            back.q, back.k = decode(sent, "q"), decode(sent, "k")
+        else:
+            back.rows_, back.prefix, back.prefix_rows = decode(sent, "rows"), decode(sent, "prefix_w"), \
+                decode(sent, "prefix_rows")
+        for i in (0, n - 1, n, n + prefix - 1):  # patches, the class token, the last register
+            for head in (None, 1):
+                expect = a.mean(0)[i] if head is None else a[head, i]
+                np.testing.assert_allclose(back.full_row(i, head), expect.numpy(), rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(back.row(i, head), expect[:n].numpy(), rtol=1e-5, atol=1e-7)
+        weights = back.prefix_weights(3)
+        assert list(weights)[0] == "cls_token"
+        np.testing.assert_allclose(list(weights.values()), a.mean(0)[3, n:].numpy(), rtol=1e-5, atol=1e-7)

@@ -55,3 +55,17 @@ class NonLocalResNet(nn.Module):
 
 def nonlocal_resnet(num_classes: int = 10) -> NonLocalResNet:
     return NonLocalResNet(num_classes)
+
+
+def vit_imagenette(num_classes: int = 10, registers: int = 0):
+    """A small ViT for 96 px Imagenette (needs timm): 8 px patches (a 12x12 grid), width 192, 6 blocks of 3 heads, a
+    class token, `registers` register tokens (Darcet et al. 2023), learned positions on the patches only."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=96, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=num_classes,
+                             reg_tokens=registers, no_embed_class=True)
+
+
+def vit_imagenette_reg4(num_classes: int = 10):
+    """`vit_imagenette` with 4 registers."""
+    return vit_imagenette(num_classes, registers=4)

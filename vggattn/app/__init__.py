@@ -26,8 +26,11 @@ import argparse
 import functools
 import logging
 import os
+import secrets
 import shutil
 import sys
+import threading
+from collections import OrderedDict
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ from ..byo import add_model_arguments, load_from_args, wants_own_model
 from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
+from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
 from ..view.hover import PageLayer, page_payload
 from ..data import query_index
 from ..attention.readouts import mean_distance
@@ -76,6 +80,38 @@ CONTRIBUTION_HINT = ("How much a block actually changes the features at each pos
                      "untouched). A γ alone says little, because the attention output's size varies.")
 EXPORT_DIR = Path(tempfile.gettempdir()) / "vggattn-exports"  # zips older than an hour are removed
 TABS = ("contribution", "dependence", "gradcam", "ablation", "export", "blocks", "dataset")
+
+
+# Layers an upload's payload left out (over its budget: a big transformer's), kept for the page to fetch when it shows
+# them: an unguessable key per upload -> (its page layers, their dtype); the newest DEFERRED_KEEP uploads only
+DEFERRED: "OrderedDict[str, tuple[list[PageLayer], str]]" = OrderedDict()
+DEFERRED_KEEP = 16
+_deferred_lock = threading.Lock()
+LAYER_ROUTE = "vggattn/layer"  # GET vggattn/layer/<key>/<index> -> that layer's payload (JSON)
+
+
+def deferred_payload(result: Analysis, pages: list[PageLayer], dtype: str) -> dict:
+    """The upload's payload within `vggattn.view.hover.PAYLOAD_BUDGET`; the layers left out are kept for
+    `layer_answer`."""
+    key = secrets.token_urlsafe(16)
+    payload = page_payload(result, pages, dtype, hover_module.PAYLOAD_BUDGET, fetch=f"{LAYER_ROUTE}/{key}/")
+    if "fetch" in payload:
+        with _deferred_lock:
+            DEFERRED[key] = (pages, dtype)
+            while len(DEFERRED) > DEFERRED_KEEP:
+                DEFERRED.popitem(last=False)
+    return payload
+
+
+def layer_answer(key: str, index: int):
+    """One layer of an upload's payload that was sent later (its panel came on screen), or a 404 that says why."""
+    from fastapi.responses import JSONResponse
+
+    with _deferred_lock:
+        held = DEFERRED.get(key)
+    if held is None or not 0 <= index < len(held[0]):
+        return JSONResponse({"error": "this image's layers are no longer kept here: upload it again"}, status_code=404)
+    return JSONResponse(held[0][index].payload(held[1]))
 
 
 @dataclass
@@ -225,7 +261,7 @@ def session_outputs(ui: UI, model: nn.Module, meta: dict, session: Session, hove
     note = unsure_note(result, meta)
     gammas = result.gammas()
     return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
-        ui.state: session, ui.hover: page_payload(result, pages, hover_dtype),
+        ui.state: session, ui.hover: deferred_payload(result, pages, hover_dtype),
         ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
         ui.gammas_md: gamma_markdown(result),
         ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
@@ -582,6 +618,7 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation,
                 ablation_verdict=ablation_verdict, export_file=export_file, export_png=export_png)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
+        demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]  # added by launch()
         demo.vggattn_css = CSS
 
         # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one

@@ -163,5 +163,11 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     # a megabyte) into the browser's localStorage, re-reading and re-writing that history at every event: the page
     # spent 0.6-1 s of each upload on it, more with every upload (bench/README.md, the page's upload round trip)
     kw.setdefault("run_history", False)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb",
-                       enable_monitoring=False, show_error=True, state_session_capacity=STATE_SESSIONS, **kw)
+    block = not kw.pop("prevent_thread_lock", False)
+    out = demo.launch(server_name=host, server_port=port, share=share, max_file_size="25mb", enable_monitoring=False,
+                      show_error=True, state_session_capacity=STATE_SESSIONS, prevent_thread_lock=True, **kw)
+    for path, answer in getattr(demo, "vggattn_routes", []):  # plain GET routes beside Gradio's (layers sent later)
+        demo.server_app.add_api_route(path, answer, methods=["GET"])
+    if block:
+        demo.block_thread()
+    return out

@@ -57,6 +57,8 @@ class BlockMaps:
     prefix_names: list[str] | None = None  # their names ("cls_token", "reg_token[0]", ...)
     prefix_rows: torch.Tensor | None = None  # (B, heads, P, M + P) each prefix token's own row: its weights on the
     # key grid, then on the prefix tokens (the class token's row over the patches: DINO's view)
+    tokens_qk: tuple[torch.Tensor, torch.Tensor] | None = None  # tokens whose every row is softmax(scale Q K^T):
+    # Q (B, heads, N + P, d) with the scale in it and K (B, heads, M + P, d), grid cells first, then the prefix tokens
 
     @property
     def heads(self) -> int:
@@ -96,7 +98,9 @@ class BlockMaps:
         pick = lambda t: None if t is None else t[j:j + 1]  # noqa: E731
         return BlockMaps(self.family, pick(self.query), pick(self.key), self.grid, self.key_grid, self.scale,
                          pick(self.bias), self.normalise, self.meaning, pick(self.weights), pick(self.padding),
-                         None if self.window is None else (pick(self.window[0]), pick(self.window[1])))
+                         None if self.window is None else (pick(self.window[0]), pick(self.window[1])),
+                         pick(self.prefix), self.prefix_names, pick(self.prefix_rows),
+                         None if self.tokens_qk is None else (pick(self.tokens_qk[0]), pick(self.tokens_qk[1])))
 
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
@@ -408,7 +412,7 @@ class TracedAdapter(Adapter):
         return self._maps(lay, per_image)
 
     def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
-        parts, prefix_w, prefix_r = [], [], []
+        parts, prefix_w, prefix_r, token_qk = [], [], [], []
         for events in per_image:
             evs = [events[i] for i in lay.group]
             w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
@@ -420,6 +424,13 @@ class TracedAdapter(Adapter):
                 k = k.reshape(w.shape[0], -1, k.shape[-1])
                 parts.append((q[lay.lq, lay.iq], k[lay.lk][:, lay.key_order]))
                 continue
+            if lay.token_keys is not None:  # every row from Q and K: the page computes them (prefix rows too)
+                q = torch.cat([e.query for e in evs], dim=-2) if len(evs) > 1 else evs[0].query
+                q = q.expand(*evs[0].weights.shape[:-2], *q.shape[-2:]).reshape(w.shape[0], -1, q.shape[-1])
+                k = evs[0].key.expand(*evs[0].weights.shape[:-2], *evs[0].key.shape[-2:])
+                k = k.reshape(w.shape[0], -1, k.shape[-1])
+                at = torch.cat([lay.iq, lay.prefix_queries], 1)
+                token_qk.append((q[lay.lq[:, :1].expand_as(at), at] * lay.scale, k[lay.lq[:, 0]][:, lay.token_keys]))
             rows = w[lay.lq, lay.iq]  # (heads, N, nk)
             cells = lay.kcell.to(w.device)[lay.lq]  # (heads, N, nk)
             on = cells >= 0
@@ -458,7 +469,9 @@ class TracedAdapter(Adapter):
         return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
                          weights=torch.stack([p[0] for p in parts]), padding=pad, prefix=prefix,
                          prefix_names=lay.prefix_names if prefix is not None else None,
-                         prefix_rows=torch.stack(prefix_r) if prefix_r else None)
+                         prefix_rows=torch.stack(prefix_r) if prefix_r else None,
+                         tokens_qk=(torch.stack([t[0] for t in token_qk]), torch.stack([t[1] for t in token_qk]))
+                         if token_qk else None)
 
     def forward(self, module, x, mode=None, rows=None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows

@@ -562,6 +562,8 @@ class Layout:
     kprefix: torch.Tensor | None = None  # (L, nk) tokens: which prefix token each key is (-1: a place on the grid)
     prefix_names: list[str] | None = None  # the prefix tokens' names (`TokenPlaces.names`)
     prefix_queries: torch.Tensor | None = None  # (heads, P) tokens: the query index of each prefix token's row
+    token_keys: torch.Tensor | None = None  # (M + P,) tokens whose rows are softmax(scale Q K^T) over all their keys:
+    # the key index of each grid cell, then of each prefix token (the page computes every row, prefix rows too)
 
     @property
     def windowed(self) -> bool:
@@ -1020,10 +1022,27 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
             unplaced = [torch.nonzero(qcell[int(lead)] < 0).flatten() for lead in lq[:, 0]]
             if all(u.numel() == len(places.prefix) for u in unplaced):
                 pq = torch.stack(unplaced)
+    token_keys = None
+    if pq is not None and first["q"] is not None and not ev.additive and ev.scale is not None and not per_image \
+            and ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and nk == M + len(places.prefix):
+        lead = int(lq[0, 0])
+        placed, cells = torch.nonzero(kcell[lead] >= 0).flatten(), kcell[lead]
+        order = torch.cat([placed[torch.argsort(cells[placed])], torch.nonzero(kprefix[lead] >= 0).flatten()])
+        if torch.equal(torch.sort(cells[placed]).values, torch.arange(M)) and \
+                all(torch.equal(kcell[int(h)], kcell[lead]) for h in lq[:, 0]):
+            q = _flat(_cat([passes[0][i]["q"] for i in group]).expand(*lead_shape, nq, -1))
+            k = _flat(first["k"].expand(*lead_shape, nk, -1))
+            rows_at = torch.cat([iq, pq], 1)  # (heads, N + P): grid queries, then prefix queries
+            qq = q[lq[:, :1].expand_as(rows_at), rows_at].double()
+            kk = k[lq[:, 0]][:, order].double()
+            rows = torch.softmax(ev.scale * qq @ kk.transpose(-1, -2), -1)
+            expect = _flat(weights)[lq[:, :1].expand_as(rows_at), rows_at][..., order].double()
+            if torch.allclose(rows, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max().clamp_min(1e-30))):
+                token_keys = order
     return Layout(group, sizes, tuple(grid), tuple(key_grid), int(heads), lq, iq, kcell, per_image, qk, lk, key_order,
                   padded, meaning + "." + note, ev.qk_modules, ev.kind, ev.scale, normalise,
                   ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded, kprefix,
-                  None if places is None else places.names, pq)
+                  None if places is None else places.names, pq, token_keys)
 
 
 def _heads(qcell: torch.Tensor, grid: tuple[int, int], unplaced: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -52,8 +52,9 @@ def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> 
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
-    """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d)),
-    "logz" -> (N,) ((heads, N)), "rows" -> (heads, N or 1, M)."""
+    """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d); with
+    prefix tokens N + P, M + P), "logz" -> (N,) ((heads, N or N + P)), "rows" -> (heads, N or 1, M), "prefix_w" ->
+    (heads, N, P), "prefix_rows" -> (heads, P, M + P)."""
     logz_dtype = layer.get("logz_dtype", "float32")
     raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES[logz_dtype if name == "logz" else dtype])
     raw = raw.astype(np.float64 if name == "logz" and logz_dtype == "float64" else np.float32)
@@ -62,8 +63,11 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     m = layer.get("key_grid", layer["grid"])[0] * layer.get("key_grid", layer["grid"])[1]
     if name == "rows":
         return raw.reshape(heads, -1, m)
+    if name in ("prefix_w", "prefix_rows"):
+        p = len(layer["prefix"])
+        return raw.reshape(heads, n, p) if name == "prefix_w" else raw.reshape(heads, p, m + p)
     if name == "logz":
-        return raw if heads == 1 else raw.reshape(heads, n)
+        return raw if heads == 1 else raw.reshape(heads, -1)
     return raw.reshape(-1, layer["dim"]) if heads == 1 else raw.reshape(heads, -1, layer["dim"])
 
 
@@ -104,14 +108,36 @@ class PageLayer:
     padding: np.ndarray | None = None  # (heads, N) each row's share on keys that fall on padding (server side only)
     values_: np.ndarray | None = None  # "window": (heads, N, K) float32 weights of each row's keys
     cells_: np.ndarray | None = None  # "window": (heads, N, K) int32 key cell of each (-1: padding)
-    prefix: np.ndarray | None = None  # tokens: (heads, N, P) each row's weight on each prefix token (server side)
+    prefix: np.ndarray | None = None  # tokens: (heads, N, P) each row's weight on each prefix token
     prefix_names: list[str] | None = None
+    prefix_rows: np.ndarray | None = None  # tokens, "rows": (heads, P, M + P) the prefix tokens' own rows
+    # tokens, "qk": q holds N + P rows (the grid's, then the prefix tokens') and k M + P keys, in that order
+
+    @property
+    def tokens(self) -> int:
+        """How many prefix tokens (class, registers) the page can show as tiles and pick as queries (0: none)."""
+        return len(self.prefix_names) if self.prefix_names and (self.q is not None or self.prefix_rows is not None) else 0
+
+    def full_row(self, i: int, head: int | None = None) -> np.ndarray:
+        """(M + P,) float64: row i's weights on the key grid, then on each prefix token, as they are (a row of a
+        softmax over all M + P keys: the grid's part is not renormalised). i < N: a grid query; N + p: prefix token
+        p's own row (the class token's: DINO's view)."""
+        return self._mean([self._head_full_row(h, i) for h in self._heads(head)])
+
+    def _head_full_row(self, h: int, i: int) -> np.ndarray:
+        if self.kind == "qk":
+            logits = self.k[h].astype(np.float64) @ self.q[h, i].astype(np.float64)
+            e = np.exp(logits - logits.max())
+            return e / e.sum()
+        if i >= self.n:
+            return self.prefix_rows[h, i - self.n].astype(np.float64)
+        return np.concatenate([self.rows_[h, i].astype(np.float64), self.prefix[h, i].astype(np.float64)])
 
     def prefix_weights(self, i: int, head: int | None = None) -> dict[str, float] | None:
         """Query i's weight on each prefix token (class, registers) by name (mean over heads), or None."""
-        if self.prefix is None:
+        if self.prefix is None and not self.tokens:
             return None
-        w = np.mean([self.prefix[h, i] for h in self._heads(head)], axis=0)
+        w = self.full_row(i, head)[self.m:] if self.tokens else np.mean([self.prefix[h, i] for h in self._heads(head)], axis=0)
         names = self.prefix_names or [f"prefix {j}" for j in range(len(w))]
         return dict(zip(names, map(float, w)))
 
@@ -150,6 +176,8 @@ class PageLayer:
         return self._mean([self._head_row(h, i) for h in self._heads(head)])
 
     def _head_row(self, h: int, i: int | None) -> np.ndarray:
+        if self.tokens:
+            return self._head_full_row(h, i)[:self.m]
         if self.kind == "window":  # the row's keys scattered onto the key grid, in key order (as the page adds)
             out = np.zeros(self.m)
             for v, c in zip(self.values_[h, i].astype(np.float64), self.cells_[h, i]):
@@ -175,10 +203,10 @@ class PageLayer:
             return np.where(self.cells_[h] == j, self.values_[h].astype(np.float64), 0.0).sum(-1)
         if self.kind == "rows":
             return self.rows_[h, :, j].astype(np.float64)
-        logits = (self.q[h].astype(np.float64) @ self.k[h, j].astype(np.float64)) * self.scale
+        logits = (self.q[h, :self.n].astype(np.float64) @ self.k[h, j].astype(np.float64)) * self.scale
         if self.normalise == "mean":
             return logits / self.m
-        return np.exp(logits - self.logz[h].astype(np.float64))
+        return np.exp(logits - self.logz[h, :self.n].astype(np.float64))
 
     def picture(self, display: np.ndarray, size: tuple[int, int], xy: tuple[float, float], head: int | None = None,
                 view: str = "row", draw: bool = True, **style) -> tuple[np.ndarray | None, int, np.ndarray]:
@@ -205,6 +233,10 @@ class PageLayer:
         out = {"name": self.name, "family": self.family, "meaning": self.meaning, "grid": list(self.grid),
                "key_grid": list(self.key_grid), "heads": self.heads, "kind": self.kind, "normalise": self.normalise,
                "scale": self.scale, "sink": list(self.sink) if self.sink else None}
+        if self.tokens:  # the tiles: prefix tokens by name; "rows" also sends their weights and own rows
+            out["prefix"] = list(self.prefix_names)
+            if self.kind == "rows":
+                out.update(prefix_w=_b64(self.prefix, dtype), prefix_rows=_b64(self.prefix_rows, dtype))
         if self.kind == "qk":
             out.update(dim=int(self.q.shape[-1]), q=_b64(self.q, dtype), k=_b64(self.k, dtype))
             if self.logz is not None:
@@ -225,17 +257,28 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
     (`BlockResult.page`), else computed here."""
     with torch.no_grad():
         heads, n, m = maps.heads, maps.grid[0] * maps.grid[1], maps.key_grid[0] * maps.key_grid[1]
+        tokens = maps.tokens_qk is not None and kind in (None, "qk")
+        if tokens:  # a transformer: every row, the prefix tokens' too, from Q and K over the grid and prefix keys
+            kind = "qk"
         if kind is None:
             d = 0 if maps.per_image or maps.query is None else maps.query.shape[-1]
             kind = "map" if maps.per_image else "window" if maps.window is not None else "rows" \
                 if maps.bias is not None or maps.query is None or n * m <= (n + m) * d else "qk"
-        if kind == "qk" and (maps.per_image or maps.bias is not None or maps.query is None):
+        if kind == "qk" and not tokens and (maps.per_image or maps.bias is not None or maps.query is None):
             raise ValueError(f"{name}: its rows cannot be sent as Q and K (one map per image, or extra logits)")
         layer = PageLayer(name, family, maps.meaning, tuple(maps.grid), tuple(maps.key_grid), heads, kind,
                           maps.normalise, float(maps.scale))
         if kind == "window":
             layer.values_ = maps.window[0][0].float().cpu().numpy()  # (heads, N, K)
             layer.cells_ = maps.window[1][0].to(torch.int32).cpu().numpy()
+        elif tokens:  # the scale is in Q
+            q, k = maps.tokens_qk[0][0].float(), maps.tokens_qk[1][0].float()
+            layer.q, layer.k, layer.scale, layer.normalise = q.cpu().numpy(), k.cpu().numpy(), 1.0, "softmax"
+            logz_t, mean = row_summaries(q, k)
+            layer.logz = logz_t.double().cpu().numpy()
+            if sink is None:
+                grid_mean = mean.mean(0)[:n]
+                sink = (int(grid_mean.argmax()), float(grid_mean.max()))
         elif kind == "qk":
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
@@ -252,6 +295,8 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
             layer.padding = maps.padding[0].double().cpu().numpy()
         if maps.prefix is not None:
             layer.prefix, layer.prefix_names = maps.prefix[0].double().cpu().numpy(), maps.prefix_names
+            if maps.prefix_rows is not None and kind == "rows":
+                layer.prefix_rows = maps.prefix_rows[0].double().cpu().numpy()
         if sink is not None:
             layer.sink = sink
         elif maps.normalise == "softmax":
@@ -260,12 +305,31 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
     return layer
 
 
-def page_payload(result, layers: list[PageLayer], dtype: str = "float32") -> dict:
+ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows")  # a layer's arrays (base64)
+PAYLOAD_BUDGET = 8 << 20  # bytes of JSON an upload sends at most: layers past it are sent when the page shows them
+
+
+def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget: int = PAYLOAD_BUDGET,
+                 fetch: str | None = None) -> dict:
     """What the page gets once per image: its size, the display copy as a JPEG data URL (the server draws on the
-    same pixels), and the `page_layer`s (result: a `vggattn.analysis.Analysis`)."""
+    same pixels), and the `page_layer`s (result: a `vggattn.analysis.Analysis`). Layers are sent whole in order
+    while the JSON stays within `budget` bytes; later ones (a big transformer's: DINOv2 at 518 px has 25 MB of
+    float16 queries and keys) go as their description with "deferred": true, and the page gets each from
+    `fetch` + its index when its panel is on screen (`layer_payload`). fetch None: every layer whole."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     disp_h, disp_w = result.display.shape[:2]
-    return {"version": 3, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
-            "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"),
-            "layers": [layer.payload(dtype) for layer in layers]}
+    out = {"version": 3, "dtype": dtype, "size": list(result.size), "display_size": [disp_w, disp_h],
+           "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"), "layers": []}
+    used = len(out["image"]) + 200
+    for i, layer in enumerate(layers):
+        whole = layer.payload(dtype)
+        size = len(json.dumps(whole))
+        if fetch is not None and i > 0 and used + size > budget:  # the first layer always comes whole
+            whole = {k: v for k, v in whole.items() if k not in ARRAYS} | {"deferred": True}
+            size = len(json.dumps(whole))
+        used += size
+        out["layers"].append(whole)
+    if fetch is not None and any(layer.get("deferred") for layer in out["layers"]):
+        out["fetch"] = fetch
+    return out

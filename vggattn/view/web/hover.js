@@ -19,6 +19,7 @@ let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark,
 let view = "row";         // "row": where the position looks; "column": who looks at it
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let pinnedAt = 0;         // when (performance.now()) it was pinned
+let token = null;         // the prefix token (class, register) whose own row is pinned, by name (its tile was clicked)
 let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
 const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
@@ -46,9 +47,48 @@ function decodeArray(b64, dtype) {
   return out;
 }
 
+// One layer of the payload, decoded; "deferred": its description only, its arrays come later (requestLayer)
+function decodeLayer(l, dtype) {
+  const keyGrid = l.key_grid || l.grid, kind = l.kind || "qk", prefix = l.prefix || [], deferred = !!l.deferred;
+  const arr = (name, as = dtype) => (!deferred && l[name] ? decodeArray(l[name], as) : null);
+  return {
+    prefix, P: prefix.length,  // prefix tokens: Q's rows after the grid's, K's keys after the grid's
+    prefixW: arr("prefix_w"), prefixRows: arr("prefix_rows"),  // "rows": (heads, N, P), (heads, P, M + P)
+    name: l.name, grid: l.grid, keyGrid, n: l.grid[0] * l.grid[1], m: keyGrid[0] * keyGrid[1], sink: l.sink,
+    heads: l.heads || 1, kind, normalise: l.normalise || "softmax", scale: l.scale === undefined ? 1 : l.scale,
+    dim: l.dim, meaning: l.meaning || "", deferred, loading: false,
+    q: kind === "qk" ? arr("q") : null, k: kind === "qk" ? arr("k") : null,
+    logz: arr("logz", l.logz_dtype || "float32"),
+    rows: kind === "rows" || kind === "map" ? arr("rows") : null,
+    window: l.window || 0, values: kind === "window" ? arr("values") : null,
+    cells: kind === "window" ? arr("cells", "int32") : null,
+  };
+}
+
+let observer = null;      // watches the panels of deferred layers
+const fetched = [];       // ms from a deferred layer's request to its panel drawn (last 1000)
+
+function requestLayer(i) {  // a deferred layer's arrays, from the server, once
+  const L = payload && payload.layers[i];
+  if (!L || !L.deferred || L.loading) return;
+  L.loading = true;
+  const mine = generation, dtype = payload.dtype, t0 = performance.now();
+  fetch(payload.fetch + i).then(r => r.json()).then(raw => {
+    if (mine !== generation || !payload) return;
+    if (raw.error) { L.loading = false; L.failed = raw.error; setLine(raw.error); return; }
+    payload.layers[i] = decodeLayer(raw, dtype);
+    payload.bytes += JSON.stringify(raw).length;
+    if (current || pinned || token !== null) { const at = current || pinned || [0, 0]; drawPanel(i, at[0], at[1]); }
+    else if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
+    fetched.push(performance.now() - t0);
+  }).catch(() => { L.loading = false; });
+}
+
 function load(raw) {
   generation++;
-  pinned = current = null;
+  pinned = current = token = null;
+  document.querySelectorAll(".vggattn-tiles").forEach(e => e.remove());  // the new image's come with its payload
+  payload = null;
   hide();
   if (!raw || !raw.layers) { payload = null; setLine(""); return; }
   const mine = generation, image = new Image();
@@ -63,22 +103,23 @@ function load(raw) {
   };
   image.src = raw.image;
   payload = {
-    size: raw.size, display: raw.display_size, image, base: null, bytes: JSON.stringify(raw).length,
-    layers: raw.layers.map(l => {
-      const keyGrid = l.key_grid || l.grid, kind = l.kind || "qk";
-      return {
-        name: l.name, grid: l.grid, keyGrid, n: l.grid[0] * l.grid[1], m: keyGrid[0] * keyGrid[1], sink: l.sink,
-        heads: l.heads || 1, kind, normalise: l.normalise || "softmax", scale: l.scale === undefined ? 1 : l.scale,
-        dim: l.dim, meaning: l.meaning || "",
-        q: kind === "qk" ? decodeArray(l.q, raw.dtype) : null, k: kind === "qk" ? decodeArray(l.k, raw.dtype) : null,
-        logz: l.logz ? decodeArray(l.logz, l.logz_dtype || "float32") : null,
-        rows: kind === "rows" || kind === "map" ? decodeArray(l.rows, raw.dtype) : null,
-        window: l.window || 0, values: kind === "window" ? decodeArray(l.values, raw.dtype) : null,
-        cells: kind === "window" ? decodeArray(l.cells, "int32") : null,
-      };
-    }),
+    dtype: raw.dtype, size: raw.size, display: raw.display_size, image, base: null, bytes: JSON.stringify(raw).length,
+    sent: JSON.stringify(raw).length,  // the upload's own payload; bytes adds the layers fetched later
+    layers: raw.layers.map(l => decodeLayer(l, raw.dtype)), fetch: raw.fetch || null,
   };
-  setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below).");
+  if (observer) observer.disconnect();
+  observer = null;
+  if (payload.fetch && typeof IntersectionObserver === "function") {  // a deferred layer is fetched when its panel shows
+    observer = new IntersectionObserver(entries => {
+      for (const e of entries) if (e.isIntersecting) requestLayer(Number(e.target.id.slice(6)));
+    }, {rootMargin: "100px"});
+    payload.layers.forEach((L, i) => { const el = L.deferred && document.getElementById(`panel-${i}`); if (el) observer.observe(el); });
+  }
+  for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) {  // a transformer's prefix tiles, at once
+    if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
+  }
+  const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
+  setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below)." + tiles);
 }
 
 // -- maths (float64 accumulation; the reference is LayerCapture.rows / .column and hover.PageLayer in Python) ----
@@ -97,7 +138,32 @@ function mean(parts) {  // hover.PageLayer._mean: summed in head order, then div
   return out;
 }
 
+// A transformer's row i over the key grid, then its prefix tokens (M + P), as they are: softmax over all M + P keys.
+// i < N: a grid query; N + p: prefix token p's own row (the class token's: DINO's view)
+function headFullRow(L, h, i) {
+  const mk = L.m + L.P, out = new Float64Array(mk);
+  if (L.kind !== "qk") {
+    if (i >= L.n) { const base = (h * L.P + i - L.n) * mk; for (let j = 0; j < mk; j++) out[j] = L.prefixRows[base + j]; return out; }
+    for (let j = 0; j < L.m; j++) out[j] = L.rows[(h * L.n + i) * L.m + j];
+    for (let p = 0; p < L.P; p++) out[L.m + p] = L.prefixW[(h * L.n + i) * L.P + p];
+    return out;
+  }
+  const c = L.dim, qo = (h * (L.n + L.P) + i) * c, ko = h * mk * c;
+  let max = -Infinity;
+  for (let j = 0; j < mk; j++) {
+    let s = 0;
+    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + j * c + d];
+    out[j] = s * L.scale;
+    if (out[j] > max) max = out[j];
+  }
+  let sum = 0;
+  for (let j = 0; j < mk; j++) { out[j] = Math.exp(out[j] - max); sum += out[j]; }
+  for (let j = 0; j < mk; j++) out[j] /= sum;
+  return out;
+}
+
 function headRow(L, h, i) {
+  if (L.P) return headFullRow(L, h, i).subarray(0, L.m);
   const out = new Float64Array(L.m);
   if (L.kind === "window") {  // the row's keys onto the key grid, in key order (hover.PageLayer does the same)
     const base = (h * L.n + i) * L.window;
@@ -137,12 +203,12 @@ function headColumn(L, h, j) {
     for (let i = 0; i < L.n; i++) out[i] = L.rows[(h * L.n + i) * L.m + j];
     return out;
   }
-  const c = L.dim, ko = (h * L.m + j) * c;
+  const c = L.dim, nq = L.n + L.P, ko = (h * (L.m + L.P) + j) * c;  // the grid's queries only
   for (let i = 0; i < L.n; i++) {
     let s = 0;
-    const qo = (h * L.n + i) * c;
+    const qo = (h * nq + i) * c;
     for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + d];
-    out[i] = L.normalise === "mean" ? s * L.scale / L.m : Math.exp(s * L.scale - L.logz[h * L.n + i]);
+    out[i] = L.normalise === "mean" ? s * L.scale / L.m : Math.exp(s * L.scale - L.logz[h * nq + i]);
   }
   return out;
 }
@@ -150,6 +216,17 @@ function headColumn(L, h, j) {
 function row(li, i, head) {  // (M,) over the key grid
   const L = payload.layers[li];
   return mean(heads(L, head).map(h => headRow(L, h, i)));
+}
+
+function fullRow(li, i, head) {  // (M + P,): a transformer's row on the grid, then on its prefix tokens
+  const L = payload.layers[li];
+  return mean(heads(L, head).map(h => headFullRow(L, h, i)));
+}
+
+function tokenIndex(L) {  // the pinned prefix token's own query in layer L (-1: none pinned, or L has no such token)
+  if (token === null || current) return -1;
+  const p = L.prefix.indexOf(token);
+  return p < 0 ? -1 : L.n + p;
 }
 
 function column(li, j, head) {  // (N,) over the query grid; a "map" layer: its map
@@ -307,8 +384,11 @@ function picture(li, x, y, how = view) {
   const L = payload.layers[li], [w, h] = payload.display, map = L.kind === "map";
   if (map) how = "row";  // one map per image: no query picks a row, and no column either
   // row: values on the key grid, the query's cell on the query grid; column: the other way round
-  const q = queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
-  const values = how === "row" ? row(li, q) : column(li, q);
+  const own = tokenIndex(L);  // a prefix token's own row: no cell of the image asks
+  if (own >= 0) how = "row";
+  const q = own >= 0 ? own : queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
+  const full = L.P && how === "row" ? fullRow(li, q) : null;
+  const values = full ? full.subarray(0, L.m) : how === "row" ? row(li, q) : column(li, q);
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
   const im = overlay(lv, valueGrid, w, h), s = markSizes(w, h);
   if (controls.mark && how === "row") {
@@ -324,11 +404,13 @@ function picture(li, x, y, how = view) {
       glyph(im, (rank + 1) % 10, gx, gy, size, K.mark_color, false);
     });
   }
+  const prefix = full ? full.subarray(L.m) : null;
+  if (own >= 0) return {im, q, values, how, prefix};
   if (!map) frame(im, cellRect(q, how === "row" ? L.grid : L.keyGrid, w, h), Math.max(1, s.dot >> 1), K.query_color);
   const [iw, ih] = payload.size, cx = (x + 0.5) * w / iw, cy = (y + 0.5) * h / ih;
   disk(im, cx, cy, s.dot + 1, K.outline_color);
   disk(im, cx, cy, s.dot, K.query_color);
-  return {im, q, values, how};
+  return {im, q, values, how, prefix};
 }
 
 // -- panels ------------------------------------------------------------------------------------------
@@ -355,17 +437,82 @@ function partsFor(i) {  // the canvas laid over panel i's picture, and its colou
     legend.querySelector("canvas").style.flex = "none";
     panel.appendChild(legend);
   }
-  return {panel, canvas, legend};
+  let tiles = panel.querySelector(".vggattn-tiles");
+  const L = payload && payload.layers[i];
+  if (L && L.P && (!tiles || tiles.dataset.names !== L.prefix.join("|"))) {
+    if (tiles) tiles.remove();
+    tiles = document.createElement("div");
+    tiles.className = "vggattn-tiles";
+    tiles.dataset.names = L.prefix.join("|");
+    Object.assign(tiles.style, {position: "absolute", right: "4px", top: "28px", zIndex: "3", display: "none",
+      flexDirection: "column", gap: "3px", font: "11px/1.25 sans-serif", maxHeight: "calc(100% - 60px)", overflow: "auto"});
+    L.prefix.forEach((name, p) => {
+      const tile = document.createElement("button");
+      tile.type = "button";
+      tile.className = "vggattn-tile";
+      tile.dataset.token = name;
+      tile.dataset.index = String(p);
+      tile.title = `${name}: its weight in the row shown; click for this token's own row in every layer`;
+      Object.assign(tile.style, {border: "1px solid #000", borderRadius: "3px", padding: "1px 5px", cursor: "pointer",
+        textAlign: "left", whiteSpace: "nowrap", color: "#fff", background: "rgba(0, 0, 0, 0.7)", pointerEvents: "auto"});
+      tile.innerHTML = `<b></b> <span></span>`;
+      tile.querySelector("b").textContent = shortName(name);
+      tile.onclick = e => { e.stopPropagation(); pinToken(token === name ? null : name); };
+      tiles.appendChild(tile);
+    });
+    panel.appendChild(tiles);
+  }
+  return {panel, canvas, legend, tiles: L && L.P ? tiles : null};
+}
+
+// "cls_token" -> "CLS", "reg_token[2]" -> "reg 2", "embeddings.register_tokens[0]" -> "reg 0", "dist_token" -> "dist"
+function shortName(name) {
+  const last = name.split(".").pop(), index = (last.match(/\[(\d+)\]$/) || [])[1];
+  const base = last.replace(/\[\d+\]$/, "").replace(/_?tokens?$/, "");
+  const word = base === "cls" ? "CLS" : base === "register" ? "reg" : base || last;
+  return index === undefined ? word : `${word} ${index}`;
+}
+
+// The prefix tiles beside the picture: each token's weight in the row shown, tinted on the map's scale (its colour
+// is the map's for that weight, full beyond the grid's largest); the pinned token's tile is outlined
+function drawTiles(tiles, L, prefix, values) {
+  if (!tiles) return;
+  if (tiles.style.display !== "flex") tiles.style.display = "flex";
+  if (!prefix) {  // nothing pointed at: the tiles stay, to be clicked, with no weights
+    tiles.querySelectorAll(".vggattn-tile").forEach(tile => {
+      tile.querySelector("span").textContent = "";
+      tile.dataset.weight = "";
+      Object.assign(tile.style, {background: "rgba(0, 0, 0, 0.7)", color: "#fff", outline: "none"});
+    });
+    return;
+  }
+  let top = 0;
+  for (const v of values) if (v > top) top = v;
+  const {pal} = tintTable(controls.colormap, controls.opacity);
+  tiles.querySelectorAll(".vggattn-tile").forEach((tile, p) => {
+    const w = prefix[p], level = Math.min(255, Math.round(255 * (top > 0 ? Math.min(1, w / top) : 1)));
+    const [r, g, b] = [pal[3 * level], pal[3 * level + 1], pal[3 * level + 2]], light = 0.299 * r + 0.587 * g + 0.114 * b > 140;
+    const text = w >= 0.001 ? `${(100 * w).toFixed(1)}%` : w.toExponential(1);
+    const span = tile.querySelector("span");
+    if (span.textContent !== text) span.textContent = text;
+    tile.dataset.weight = String(w);
+    tile.style.background = `rgb(${r}, ${g}, ${b})`;
+    tile.style.color = light ? "#000" : "#fff";
+    tile.style.outline = token === L.prefix[p] ? "3px solid #00b7ff" : "none";  // the pinned token's
+  });
 }
 
 function hide() {
   document.querySelectorAll("canvas.vggattn-hover, .vggattn-legend").forEach(e => { e.style.display = "none"; });
+  document.querySelectorAll(".vggattn-tiles").forEach(e => {  // a transformer's tiles stay, to be clicked
+    if (payload) drawTiles(e, null, null, null); else e.style.display = "none";
+  });
 }
 
 const fmt = v => (v >= 0.01 || v === 0 ? v.toFixed(2) : v.toExponential(1));
 
 // The colour scale under a panel: the tint over mid-grey at every level, and what its ends mean
-function drawLegend(legend, L, values, how) {
+function drawLegend(legend, L, values, how, prefix) {
   const bar = legend.querySelector("canvas"), key = `${controls.colormap}|${controls.opacity}`;
   if (bar.dataset.key !== key) {  // the bar changes with the controls only
     const ctx = bar.getContext("2d"), {pal, alpha} = tintTable(controls.colormap, controls.opacity);
@@ -392,17 +539,22 @@ function drawLegend(legend, L, values, how) {
   const kind = L.kind === "map" ? " · one map per image" : L.normalise === "mean" ? " · f/M, not a softmax" : "";
   const held = controls.mark && how === "row" ? markedIndices(values, K.top_k).length : K.top_k;
   const few = held < K.top_k ? ` · ${held} cell${held === 1 ? "" : "s"} ≥${100 * K.mark_share}% of max` : "";  // numbered
-  const span = legend.querySelector("span"), text = `${lo} … ${what}${few}${who}${kind}${sink}`;
+  let share = 0;
+  if (prefix) for (const v of prefix) share += v;
+  const pre = prefix ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
+  const own = tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "";
+  const span = legend.querySelector("span"), text = `${lo} … ${own}${what}${pre}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
   if (legend.style.display !== "flex") legend.style.display = "flex";
 }
 
 function drawPanel(i, x, y) {
+  if (payload.layers[i].deferred) return;  // drawn when its arrays arrive (its panel came on screen: requestLayer)
   const parts = partsFor(i);
   if (!parts) return;
-  const {panel, canvas, legend} = parts;
-  const {im, q, values, how} = picture(i, x, y);
+  const {panel, canvas, legend, tiles} = parts;
+  const {im, q, values, how, prefix} = picture(i, x, y);
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
   const [dw, dh] = payload.display, s = Math.min(bw / dw, ph / dh);
@@ -417,7 +569,8 @@ function drawPanel(i, x, y) {
   scratch.getContext("2d").putImageData(im, 0, 0);
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
-  drawLegend(legend, payload.layers[i], values, how);
+  drawLegend(legend, payload.layers[i], values, how, prefix);
+  drawTiles(tiles, payload.layers[i], prefix, values);
   canvas.dataset.query = String(q);
   canvas.dataset.view = how;
 }
@@ -425,10 +578,15 @@ function drawPanel(i, x, y) {
 function draw(x, y, since, log = latencies) {
   if (!payload) return;
   for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) drawPanel(i, x, y);
-  const queries = payload.layers.map(L => `${L.name}: ${queryIndex(x, y, L.grid)}`).join(", ");
-  const what = view === "row" ? "where it looks" : "who looks at it (column, scaled to its maximum, at least 1/N)";
-  const who = current && current[0] === x && current[1] === y ? "Under the pointer" : "Pinned";
-  setLine(`${who}: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
+  if (token !== null && !current) {
+    setLine(`Pinned: the ${token} token's own row in every layer (its weights on the patches as they are; the tiles ` +
+            `give its weights on the prefix tokens). Click its tile again, or a pixel, to leave it.`);
+  } else {
+    const queries = payload.layers.map(L => `${L.name}: ${queryIndex(x, y, L.grid)}`).join(", ");
+    const what = view === "row" ? "where it looks" : "who looks at it (column, scaled to its maximum, at least 1/N)";
+    const who = current && current[0] === x && current[1] === y ? "Under the pointer" : "Pinned";
+    setLine(`${who}: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
+  }
   if (since !== undefined) {
     log.push(performance.now() - since);
     if (log.length > 1000) log.shift();
@@ -436,9 +594,17 @@ function draw(x, y, since, log = latencies) {
   }
 }
 
-function redraw() {  // the point under the pointer, else the pinned one, else nothing
-  const at = current || pinned;
+function redraw() {  // the point under the pointer, else the pinned token's or point's row, else nothing
+  const at = current || pinned || (token !== null ? [0, 0] : null);
   if (payload && at) draw(at[0], at[1]); else hide();
+}
+
+function pinToken(name, since = performance.now()) {  // a prefix token's own row in every layer (null: none)
+  token = name;
+  if (name !== null) { pinned = null; pinnedAt = performance.now(); }
+  current = null;
+  if (name === null) { redraw(); return; }
+  draw(0, 0, since, pins);
 }
 
 // -- pointer -----------------------------------------------------------------------------------------
@@ -463,6 +629,7 @@ function leave() {
 
 function pin(x, y, since) {
   pinned = [x, y];
+  token = null;
   pinnedAt = performance.now();
   current = null;
   draw(x, y, since, pins);
@@ -515,7 +682,7 @@ if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props
 
 Object.assign(api, {
   load, row: (li, i, head) => Array.from(row(li, i, head)), column: (li, j, head) => Array.from(column(li, j, head)),
-  queryIndex,
+  queryIndex, fullRow: (li, i, head) => Array.from(fullRow(li, i, head)), pinToken,
   levels: (values, scale, floor = 0) => Array.from(levels(values, scale, floor)),
   // the picture the panels show for (x, y), at the display copy's size: [width, height, RGB bytes as base64]
   picture: (li, x, y, how) => {
@@ -529,8 +696,9 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setControls, listeners, latencies, frames, pins,
-  state: () => ({view, pinned, current, controls: {...controls},
-                 bytes: payload ? payload.bytes : 0, layers: payload ? payload.layers.length : 0}),
+  leave, setView, setControls, listeners, latencies, frames, pins, fetched,
+  loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
+  state: () => ({view, pinned, current, token, controls: {...controls},
+                 bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;

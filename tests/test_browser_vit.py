@@ -1,0 +1,127 @@
+"""A vision transformer with registers in the app, in Chromium: timm's DINOv2 with 4 registers (small, random weights:
+nothing is fetched). The page's rows of a patch and of each prefix token equal the server's, over the grid and the
+prefix tiles together; a click pins a patch, a register's tile pins that register's own row in every layer; layers
+past the payload's budget come when their panels show. Screenshots (1440x900, 390x844) go to artifacts/."""
+
+import os
+
+import numpy as np
+import pytest
+
+from test_browser import ARTIFACTS, CHROMIUM, click_image_at
+
+timm = pytest.importorskip("timm", reason="timm is the optional extra vggattn[timm] (requirements.txt pins it)")
+if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
+    pytest.skip("Chromium not installed (apt-get install -y chromium); CI always runs this test", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from server import free_port  # noqa: E402
+from vggattn import app  # noqa: E402
+from vggattn.analysis import analyze  # noqa: E402
+from vggattn.byo import describe  # noqa: E402
+from vggattn.data import open_image  # noqa: E402
+from vggattn.view import hover  # noqa: E402
+
+CHURCH = app.HERE / "assets" / "church.jpg"
+NAME = "vit_small_patch14_reg4_dinov2"
+
+
+@pytest.fixture(scope="module")
+def served():
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, pretrained=False, img_size=112, depth=3, num_classes=5).eval()
+    meta = describe(f"timm:{NAME}", 112, [f"c{i}" for i in range(5)])
+    demo = app.build_demo(model, meta)
+    port = free_port()
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+    result = analyze(model, meta, open_image(CHURCH))
+    yield f"http://127.0.0.1:{port}/", [b.page() for b in result.blocks]
+    demo.close()
+
+
+def open_page(browser, url, width=1440, height=900):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+    page.locator("#input-image input[type=file]").set_input_files(str(CHURCH))
+    page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
+    return page, errors
+
+
+def tile_weights(page, panel: int) -> dict:
+    return page.evaluate(f"Object.fromEntries([...document.querySelectorAll('#panel-{panel} .vggattn-tile')]"
+                         ".map(t => [t.dataset.token, Number(t.dataset.weight)]))")
+
+
+def test_click_a_patch_and_a_register_tile(browser, served):
+    url, layers = served
+    page, errors = open_page(browser, url)
+    try:
+        n, names = layers[0].n, layers[0].prefix_names
+        assert names == ["cls_token"] + [f"reg_token[{i}]" for i in range(4)] and layers[0].grid == (8, 8)
+        assert page.locator("#panel-0 .vggattn-tile").count() == 5  # the tiles show before any pointing
+        img = page.locator("#input-image img").first
+        box = img.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.6)
+        page.wait_for_function("window.vggattnHover.state().current !== null", timeout=10_000)
+        x, y = page.evaluate("window.vggattnHover.state().current")
+        for li, layer in enumerate(layers):  # the patch's row: on the grid and on each prefix token, as they are
+            q = page.evaluate("([x, y, g]) => window.vggattnHover.queryIndex(x, y, g)", [x, y, list(layer.grid)])
+            js = np.array(page.evaluate("([l, i]) => window.vggattnHover.fullRow(l, i, 'mean')", [li, q]))
+            np.testing.assert_allclose(js, layer.full_row(q), rtol=1e-9, atol=1e-12)
+            assert js.sum() == pytest.approx(1.0, abs=1e-9)
+            shown = tile_weights(page, li)
+            np.testing.assert_allclose([shown[t] for t in names], layer.full_row(q)[n:], rtol=1e-9, atol=1e-12)
+        click_image_at(img, 0.5, 0.5)  # pin a patch: the readouts give its weight on each prefix token by name
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
+        assert "reg_token[3]" in page.locator("#readouts").inner_text()
+        page.mouse.move(5, 5)
+        page.locator("#panel-1 .vggattn-tile[data-token='reg_token[2]']").click()  # a register's own row
+        page.wait_for_function("window.vggattnHover.state().token === 'reg_token[2]'", timeout=10_000)
+        page.wait_for_function("[...document.querySelectorAll('.vggattn-legend span')].every("
+                               "s => s.textContent.includes(\"reg 2's own row\"))", timeout=10_000)
+        for li, layer in enumerate(layers):
+            js = np.array(page.evaluate("([l, i]) => window.vggattnHover.fullRow(l, i, 'mean')", [li, n + 3]))
+            np.testing.assert_allclose(js, layer.full_row(n + 3), rtol=1e-9, atol=1e-12)
+            assert page.evaluate(f"document.querySelector('#panel-{li} canvas.vggattn-hover').dataset.query") == str(n + 3)
+            assert tile_weights(page, li)["reg_token[2]"] == pytest.approx(layer.full_row(n + 3)[n + 3], abs=1e-12)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / "app-vit-registers-1440x900.png"))
+        page.locator("#panel-1 .vggattn-tile[data-token='reg_token[2]']").click()  # again: unpinned
+        page.wait_for_function("window.vggattnHover.state().token === null", timeout=10_000)
+        assert "Error" not in page.locator("body").inner_text()
+        assert not errors, errors
+    finally:
+        page.close()
+
+
+def test_layers_past_the_budget_come_when_shown(browser, served, monkeypatch):
+    """With a budget that holds one layer, the others travel when their panels show (fetched from the server by
+    the page), then draw the same rows; the phone layout shows the tiles too."""
+    url, layers = served
+    monkeypatch.setattr(hover, "PAYLOAD_BUDGET", 60_000)
+    page, errors = open_page(browser, url, 390, 844)
+    try:
+        whole = len(__import__("json").dumps(layers[0].payload()))
+        assert page.evaluate("window.vggattnHover.state().sent") < whole + 200_000  # one layer and the picture
+        for li in range(len(layers)):
+            page.locator(f"#panel-{li}").scroll_into_view_if_needed()
+        page.wait_for_function(f"window.vggattnHover.loaded() === {len(layers)}", timeout=30_000)
+        assert len(page.evaluate("window.vggattnHover.fetched")) == len(layers) - 1
+        for li, layer in enumerate(layers):
+            js = np.array(page.evaluate("([l, i]) => window.vggattnHover.fullRow(l, i, 'mean')", [li, 5]))
+            np.testing.assert_allclose(js, layer.full_row(5), rtol=1e-9, atol=1e-12)
+        page.locator("#input-image").scroll_into_view_if_needed()
+        img = page.locator("#input-image img").first
+        click_image_at(img, 0.4, 0.4)
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
+        page.locator("#panel-0").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "app-vit-registers-390x844.png"))
+        assert "Error" not in page.locator("body").inner_text()
+        assert not errors, errors
+    finally:
+        page.close()
