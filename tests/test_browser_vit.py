@@ -1,7 +1,7 @@
 """A vision transformer with registers in the app, in Chromium: timm's DINOv2 with 4 registers (small, random weights:
 nothing is fetched). The page's rows of a patch and of each prefix token equal the server's, over the grid and the
 prefix tiles together; a click pins a patch, a register's tile pins that register's own row in every layer; layers
-past the payload's budget come when their panels show. Screenshots (1440x900, 390x844) go to artifacts/."""
+past the payload's budget come when their panels show; the head grid draws one map per head. Screenshots (1440x900, 390x844) go to artifacts/."""
 
 import os
 
@@ -91,6 +91,14 @@ def test_click_a_patch_and_a_register_tile(browser, served):
         ARTIFACTS.mkdir(exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(ARTIFACTS / "app-vit-registers-1440x900.png"))
+        page.locator("input.vggattn-heads").check()  # one small map per head, of the same row
+        page.wait_for_function(f"[...document.querySelectorAll('canvas.vggattn-hover')].filter(c => c.dataset.heads "
+                               f"=== '6').length === {len(layers)}", timeout=10_000)
+        for head in (0, 5):
+            js = np.array(page.evaluate("([l, i, h]) => window.vggattnHover.fullRow(l, i, h)", [0, n + 3, str(head)]))
+            np.testing.assert_allclose(js, layers[0].full_row(n + 3, head), rtol=1e-9, atol=1e-12)
+        page.screenshot(path=str(ARTIFACTS / "app-vit-heads-1440x900.png"))
+        page.locator("input.vggattn-heads").uncheck()
         page.locator("#panel-1 .vggattn-tile[data-token='reg_token[2]']").click()  # again: unpinned
         page.wait_for_function("window.vggattnHover.state().token === null", timeout=10_000)
         assert "Error" not in page.locator("body").inner_text()

@@ -48,3 +48,28 @@ def test_explain_and_its_shipped_study(tmp_path, zoo):
     assert result["predictions"][0]["class"] == "church"
     study = json.loads(ZOO.with_name(ZOO.stem + ".study.json").read_text())
     assert study["images"] == 3925 and "nonlocal3" in study["layers"]
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_the_small_vits_to_train_are_found_with_their_prefix_by_name(registers):
+    """`vggattn.zoo.vit_imagenette(_reg4)` (what scripts/train_zoo.py --arch trains): six blocks on a 12x12 grid of
+    8 px patches at 96 px, the class token and each register named, every row (the prefix tokens' too) from Q and K."""
+    pytest.importorskip("timm")
+    import torch
+
+    from vggattn import zoo
+    from vggattn.attention.adapters import find_blocks
+
+    torch.manual_seed(0)
+    model = (zoo.vit_imagenette_reg4 if registers else zoo.vit_imagenette)().eval()
+    meta = byo.describe("vggattn.zoo:vit_imagenette", 96, [f"c{i}" for i in range(10)])
+    image = load_rgb(CHECKPOINTS.parent / "assets" / "church.jpg")
+    result = analyze(model, meta, image)
+    assert [b.name for b in result.blocks] == [b[0] for b in find_blocks(model, example=result.input)]
+    assert len(result.blocks) == 6
+    for block in result.blocks:
+        assert block.maps.grid == (12, 12) and block.maps.heads == 3
+        assert block.maps.prefix_names == ["cls_token"] + [f"reg_token[{i}]" for i in range(registers)]
+        page = block.page()
+        assert page.kind == "qk" and page.tokens == 1 + registers
+        np.testing.assert_allclose(page.full_row(144 + registers).sum(), 1.0, atol=1e-9)  # the last prefix token

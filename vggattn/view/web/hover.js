@@ -17,6 +17,7 @@ const api = {};
 let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
 let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
+let headGrid = false;     // each panel as a grid of one small map per head (DINO's figures), each on its own scale
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let pinnedAt = 0;         // when (performance.now()) it was pinned
 let token = null;         // the prefix token (class, register) whose own row is pinned, by name (its tile was clicked)
@@ -24,6 +25,7 @@ let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
 const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
 const pins = [];          // ms from a click (pointerdown) to the pinned panels drawn (last 1000)
+const TILES_WIDTH = 78;   // px right of a transformer's picture for its prefix tiles
 const LEGEND_STRIP = 22;  // px under the picture for the colour scale, so it never covers the map
 let generation = 0;       // bumped by every load: a late image decode of an older upload is ignored
 
@@ -118,6 +120,8 @@ function load(raw) {
   for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) {  // a transformer's prefix tiles, at once
     if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
   }
+  const label = element.querySelector("label.vggattn-heads-label");
+  if (label) label.style.display = payload.layers.some(L => L.heads > 1) ? "" : "none";
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
   setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below)." + tiles);
 }
@@ -307,7 +311,7 @@ function tint(colormap, opacity) {
 }
 
 // vggattn.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is
-function overlay(lv, grid, w, h) {
+function overlay(lv, grid, w, h, baseImage = payload.base) {
   const [gh, gw] = grid, smooth = controls.mode === "smooth", table = tint(controls.colormap, controls.opacity);
   const sx = sampler(gw, w, smooth), sy = sampler(gh, h, smooth);
   const across = new Float64Array(gh * w);  // each source row interpolated across: the same sums as per pixel
@@ -317,7 +321,7 @@ function overlay(lv, grid, w, h) {
       across[r * w + x] = a + (b - a) * sx.t[x];
     }
   }
-  const base = payload.base ? payload.base.data : null, out = new ImageData(w, h), px = out.data;
+  const base = baseImage ? baseImage.data : null, out = new ImageData(w, h), px = out.data;
   for (let y = 0; y < h; y++) {
     const r0 = sy.i0[y] * w, r1 = sy.i1[y] * w, ty = sy.t[y];
     for (let x = 0; x < w; x++) {
@@ -549,15 +553,67 @@ function drawLegend(legend, L, values, how, prefix) {
   if (legend.style.display !== "flex") legend.style.display = "flex";
 }
 
+const smallBases = {};  // the photo at a head grid's cell size, per size
+function smallBase(w, h) {
+  const key = `${generation}|${w}x${h}`;
+  if (!smallBases[key] && payload.image.naturalWidth) {
+    const c = document.createElement("canvas");
+    c.width = w; c.height = h;
+    const ctx = c.getContext("2d", {willReadFrequently: true});
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(payload.image, 0, 0, w, h);
+    smallBases[key] = ctx.getImageData(0, 0, w, h);
+  }
+  return smallBases[key] || null;
+}
+
+// One small map per head in a grid over the panel (the same query, or the pinned token's own row), each scaled
+// to its own maximum; the row or column view as chosen
+function drawHeads(i, x, y, parts) {
+  const {panel, canvas, legend, tiles} = parts, L = payload.layers[i];
+  const own = tokenIndex(L), how = own >= 0 || L.kind === "map" ? "row" : view;
+  const q = own >= 0 ? own : queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
+  const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
+  const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh, cols = Math.ceil(Math.sqrt(L.heads)), rows = Math.ceil(L.heads / cols);
+  const room = L.P ? TILES_WIDTH : 0, [dw, dh] = payload.display;
+  const s = Math.min((bw - room - 2 * cols) / (cols * dw), (ph - 28 - 2 * rows) / (rows * dh));
+  const w = Math.max(1, Math.floor(dw * s)), h = Math.max(1, Math.floor(dh * s)), base = smallBase(w, h);
+  if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
+  if (canvas.style.display !== "block") canvas.style.display = "block";
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, bw, bh);
+  const left = Math.floor((bw - room - cols * (w + 2)) / 2), top = 28 + Math.floor((ph - 28 - rows * (h + 2)) / 2);
+  ctx.font = "11px sans-serif";
+  for (let hd = 0; hd < L.heads; hd++) {
+    const values = how === "row" ? (L.P ? fullRow(i, q, String(hd)).subarray(0, L.m) : row(i, q, String(hd))) : column(i, q, String(hd));
+    const im = overlay(levels(values, controls.scale, how === "column" ? 1 / L.m : 0), valueGrid, w, h, base);
+    if (own < 0 && L.kind !== "map") frame(im, cellRect(q, how === "row" ? L.grid : L.keyGrid, w, h), 1, K.query_color);
+    const ox = left + (hd % cols) * (w + 2), oy = top + Math.floor(hd / cols) * (h + 2);
+    ctx.putImageData(im, ox, oy);
+    ctx.fillStyle = "rgba(0, 0, 0, 0.65)"; ctx.fillRect(ox, oy, 22, 14);
+    ctx.fillStyle = "#fff"; ctx.fillText(`h${hd + 1}`, ox + 3, oy + 11);
+  }
+  const span = legend.querySelector("span");
+  span.textContent = `${L.heads} heads, each scaled to its own maximum${own >= 0 ? ` · ${shortName(token)}'s own row` : ""}`;
+  if (legend.style.display !== "flex") legend.style.display = "flex";
+  drawTiles(tiles, L, L.P && how === "row" ? fullRow(i, q).subarray(L.m) : null, how === "row" ? (L.P ? fullRow(i, q).subarray(0, L.m) : row(i, q)) : []);
+  canvas.dataset.query = String(q);
+  canvas.dataset.view = how;
+  canvas.dataset.heads = String(L.heads);
+}
+
 function drawPanel(i, x, y) {
   if (payload.layers[i].deferred) return;  // drawn when its arrays arrive (its panel came on screen: requestLayer)
   const parts = partsFor(i);
   if (!parts) return;
+  if (headGrid && payload.layers[i].heads > 1) { drawHeads(i, x, y, parts); return; }
+  delete parts.canvas.dataset.heads;
   const {panel, canvas, legend, tiles} = parts;
   const {im, q, values, how, prefix} = picture(i, x, y);
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
-  const [dw, dh] = payload.display, s = Math.min(bw / dw, ph / dh);
+  const room = payload.layers[i].P ? TILES_WIDTH : 0;  // the prefix tiles' column, right of the picture
+  const [dw, dh] = payload.display, s = Math.min((bw - room) / dw, ph / dh);
   const w = Math.max(1, Math.round(dw * s)), h = Math.max(1, Math.round(dh * s));
   if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
   if (canvas.style.display !== "block") canvas.style.display = "block";
@@ -568,7 +624,7 @@ function drawPanel(i, x, y) {
   scratch.width = dw; scratch.height = dh;
   scratch.getContext("2d").putImageData(im, 0, 0);
   ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(scratch, Math.floor((bw - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
+  ctx.drawImage(scratch, Math.floor((bw - room - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
   drawLegend(legend, payload.layers[i], values, how, prefix);
   drawTiles(tiles, payload.layers[i], prefix, values);
   canvas.dataset.query = String(q);
@@ -658,6 +714,8 @@ function setLine(text) {
 }
 
 function bindSwitch() {
+  const grid = element.querySelector("input.vggattn-heads");
+  if (grid) { grid.checked = headGrid; grid.onchange = () => setHeadGrid(grid.checked); }
   const box = element.querySelector("input.vggattn-column");
   if (!box) return;
   box.checked = view === "column";
@@ -668,6 +726,13 @@ function setView(v) {
   view = v === "column" ? "column" : "row";
   const box = element.querySelector("input.vggattn-column");
   if (box) box.checked = view === "column";
+  redraw();
+}
+
+function setHeadGrid(on) {
+  headGrid = !!on;
+  const box = element.querySelector("input.vggattn-heads");
+  if (box) box.checked = headGrid;
   redraw();
 }
 
@@ -696,9 +761,9 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setControls, listeners, latencies, frames, pins, fetched,
+  leave, setView, setHeadGrid, setControls, listeners, latencies, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
-  state: () => ({view, pinned, current, token, controls: {...controls},
+  state: () => ({view, headGrid, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;
