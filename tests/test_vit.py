@@ -310,6 +310,10 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
         assert all(lo <= p["share"][t] <= hi for t, (lo, hi) in p["share_ci95"].items())
         assert len(p["per_head"]["cls_token"]) == 3
     assert all("of their attention to the prefix tokens (cls_token" in line for line in headline(s))
+    for run in ("all:no_registers", "all:cls_mean"):  # the registers removed as keys, the class row made the mean
+        r = s["interventions"][run]
+        lo, hi = r["top1_delta_ci95"]
+        assert lo <= r["top1_delta"] <= hi
 
 
 def test_explain_gives_the_norms_of_the_tokens_entering_each_block_and_flags_high_norm_patches():
@@ -390,3 +394,41 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
         weights = back.prefix_weights(3)
         assert list(weights)[0] == "cls_token"
         np.testing.assert_allclose(list(weights.values()), a.mean(0)[3, n:].numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["no_registers", "cls_mean"])
+def test_token_interventions_equal_the_model_with_its_attention_changed_by_hand(mode):
+    """Intervention(model, {every block: mode}) on a ViT with 2 registers (random weights): the logits equal the
+    model's own forward with its attention changed in its own code (a hook on attn_drop): the registers' weights
+    zeroed and each row renormalised, or the class token's row replaced by the mean of the patches' rows."""
+    from vggattn.attention.adapters import Intervention, token_modes
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, depth=3,
+                              num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    blocks = find_blocks(model, example=x[:1])
+    assert token_modes(blocks) == ["no_registers", "cls_mean"]
+    with Intervention(model, {name: mode for name, *_ in blocks}), torch.no_grad():
+        got = model(x)
+
+    def by_hand(module, args, a):  # a: (B, heads, T, T), tokens [cls, reg0, reg1, patches...]
+        a = a.clone()
+        if mode == "no_registers":
+            a[..., 1:3] = 0
+            return a / a.sum(-1, keepdim=True)
+        a[:, :, 0] = a[:, :, 3:].mean(-2)
+        return a
+    handles = []
+    for name, m in model.named_modules():
+        if name.endswith(".attn"):
+            m.fused_attn = False
+            handles.append(m.attn_drop.register_forward_hook(by_hand))
+    with torch.no_grad():
+        want, plain = model(x), None
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        plain = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((got - plain).abs().max()) > 1e-3  # the intervention changed the output

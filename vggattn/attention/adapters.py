@@ -33,6 +33,27 @@ from .trace import Layout, NotAttention, TokenPlaces, discover, name_prefix, rec
 log = logging.getLogger("vggattn.attention.adapters")
 
 MODES = ("off", "mean", "uniform")
+# A transformer's interventions on its prefix tokens (blocks of tokens found by tracing, one attention call each):
+TOKEN_MODES = {
+    "no_registers": "no token attends to the registers: their weights set to 0, each row renormalised over the rest",
+    "cls_mean": "the class token's own row replaced by the mean of the patches' rows (its own keys' order)",
+}
+
+
+def is_register(name: str) -> bool:
+    """A prefix token named from a register parameter (timm's reg_token, transformers' register_tokens)."""
+    return "reg" in name.split(".")[-1].lower()
+
+
+def is_class_token(name: str) -> bool:
+    return "cls" in name.split(".")[-1].lower()
+
+
+def token_modes(blocks: list) -> list[str]:
+    """The `TOKEN_MODES` that apply to these blocks (`find_blocks`' triples): their prefix tokens, by name."""
+    names = {n for _, _, a in blocks for p in getattr(a, "places", {}).values() for n in (p.names or [])}
+    return [m for m, applies in (("no_registers", any(map(is_register, names))),
+                                 ("cls_mean", any(map(is_class_token, names)))) if applies]
 
 
 @dataclass
@@ -477,9 +498,13 @@ class TracedAdapter(Adapter):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows
         on the grids), replaced by `rows` (B, heads, N or 1, M), or by an intervention: "off" (every weight 0),
         "mean" (every row the image's mean row, on each query's own keys), "uniform" (1 / keys of each query)."""
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode is not None and mode not in MODES and mode not in TOKEN_MODES:
+            raise ValueError(f"mode must be one of {MODES + tuple(TOKEN_MODES)}, got {mode!r}")
         lay = self.layout(module, x)
+        if mode in TOKEN_MODES:
+            held = self.places.get(tuple(x.shape[1:]))
+            fn = self._token_replacement(lay, mode, lay.prefix_names or (held.names if held is not None else None))
+            return cat_outputs([record(module, x[j:j + 1], replace={lay.group[0]: fn})[1] for j in range(x.shape[0])])
         if rows is None and mode in (None, "mean"):
             maps = self.maps(module, x)
             if mode is None and maps.window is not None and len(lay.group) == 1:  # windowed rows, as they are
@@ -506,6 +531,30 @@ class TracedAdapter(Adapter):
                 return flat.reshape(w.shape)
             outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn})[1])
         return cat_outputs(outs)
+
+    @staticmethod
+    def _token_replacement(lay: Layout, mode: str, names: list[str] | None):
+        """fn(weights (lead..., nq, nk) of the block's one attention call) -> its weights under a `TOKEN_MODES` mode
+        (names: the prefix tokens')."""
+        names = names or []
+        if lay.kprefix is None or lay.prefix_queries is None or len(lay.group) != 1 or not names:
+            raise ValueError(f"{mode}: not a block of tokens whose prefix tokens (class, registers) are known")
+        regs = torch.tensor([j for j, n in enumerate(names) if is_register(n)], dtype=torch.long)
+        cls = next((j for j, n in enumerate(names) if is_class_token(n)), None)
+        if (mode == "no_registers" and not len(regs)) or (mode == "cls_mean" and cls is None):
+            raise ValueError(f"{mode}: the block has no {'registers' if mode == 'no_registers' else 'class token'}")
+
+        def fn(w):
+            flat = w.reshape(-1, *w.shape[-2:]).clone()  # (L, nq, nk)
+            if mode == "no_registers":
+                drop = torch.isin(lay.kprefix, regs).to(w.device)  # (L, nk): the registers' keys
+                flat = flat.masked_fill(drop[:, None, :], 0.0)
+                flat = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+            else:  # each head's class-token row -> the mean of its patches' rows
+                for h, lead in enumerate(lay.lq[:, 0].tolist()):
+                    flat[lead, int(lay.prefix_queries[h, cls])] = flat[lead, lay.iq[h]].mean(0)
+            return flat.reshape(w.shape)
+        return fn
 
     @staticmethod
     def _replacement(lay: Layout, mode, rows, head, cell, start, stop):
@@ -619,9 +668,9 @@ class Intervention:
         if unknown:
             raise KeyError(f"no attention layer {unknown}; the model has {[n for n, *_ in find_blocks(model)]}")
         found = {n: (m, a) for n, m, a in find_blocks(model, list(modes))}
-        bad = [m for m in modes.values() if m not in MODES]
+        bad = [m for m in modes.values() if m not in MODES and m not in TOKEN_MODES]
         if bad:
-            raise ValueError(f"modes must be among {MODES}, got {bad}")
+            raise ValueError(f"modes must be among {MODES + tuple(TOKEN_MODES)}, got {bad}")
         self.modes, self.found = dict(modes), found
         self._stack = ExitStack()
 

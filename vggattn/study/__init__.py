@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from . import faithfulness
 from ..analysis import block_gamma
-from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, output_tensor, randomised_copy, reinit_qk,
+from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
 from ..byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
@@ -353,10 +353,11 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 
 # -- the study -------------------------------------------------------------------------------------
 
-def run_modes(names: list[str]) -> dict[str, dict[str, str]]:
-    """The intervention runs: each block and all of them, off / mean / uniform ({run: {block name: mode}})."""
+def run_modes(names: list[str], tokens: list[str] = ()) -> dict[str, dict[str, str]]:
+    """The intervention runs: each block and all of them, off / mean / uniform, and a transformer's `TOKEN_MODES`
+    (tokens: those that apply, `token_modes`) in all blocks at once ({run: {block name: mode}})."""
     return {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} \
-        | {f"all:{mode}": {name: mode for name in names} for mode in MODES}
+        | {f"all:{mode}": {name: mode for name in names} for mode in (*MODES, *tokens)}
 
 
 @torch.no_grad()
@@ -509,7 +510,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     faith_set -= faith.done() if resume else set()
     todo = [i for i in shard(n_images, rank, world) if i not in done_before or i in faith_set]
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
-    runs = run_modes(names)
+    runs = run_modes(names, token_modes(blocks))
     random_model = randomised_copy(model, seed + 1) if sanity_set else None
     random_modules = dict(random_model.named_modules()) if random_model is not None else {}
     random_blocks = {name: reinit_qk(module, adapter, seed + 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
@@ -561,7 +562,7 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
         raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
                          "run again with --resume to finish them")
     names = [name for name, *_ in blocks]
-    runs = ["baseline", *run_modes(names)]
+    runs = ["baseline", *run_modes(names, token_modes(blocks))]
     sanity = {}
     for name in names:
         mask = ~np.isnan(rec[f"{name}:sanity:qk"])

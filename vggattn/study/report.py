@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..attention.adapters import TOKEN_MODES
+
 MODES = ("off", "mean", "uniform")  # the interventions, as vggattn.study runs them
 
 
@@ -94,7 +96,9 @@ def intervention_table(study: dict) -> list[list]:
             rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", "", ""])
         else:
             lo, hi = r["top1_delta_ci95"]
-            rows.append([key, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", f"{100 * r['top1_delta']:+.2f}",
+            mode = key.split(":")[-1]
+            label = f"{key} ({TOKEN_MODES[mode]})" if mode in TOKEN_MODES else key
+            rows.append([label, f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%", f"{100 * r['top1_delta']:+.2f}",
                          f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"])
     return rows
 
