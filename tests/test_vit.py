@@ -310,6 +310,23 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
         assert all(lo <= p["share"][t] <= hi for t, (lo, hi) in p["share_ci95"].items())
         assert len(p["per_head"]["cls_token"]) == 3
     assert all("of their attention to the prefix tokens (cls_token" in line for line in headline(s))
+    streams = {}  # the residual stream entering each block, per image, by hand
+    hooks = [b.register_forward_pre_hook(lambda m, args, i=i: streams.setdefault(i, []).append(args[0][0].norm(dim=-1)))
+             for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        for x in images:
+            model(x[None])
+    for h in hooks:
+        h.remove()
+    for i, (name, layer) in enumerate(s["layers"].items()):
+        ratios = [(t / t[3:].median()).double() for t in streams[i]]  # tokens [cls, reg0, reg1, patches...]
+        norms = layer["norms"]
+        assert norms["max_over_median"] == pytest.approx(float(np.median([float(r[3:].max()) for r in ratios])), rel=1e-6)
+        assert norms["prefix_over_median"]["cls_token"] == pytest.approx(float(np.median([float(r[0]) for r in ratios])),
+                                                                          rel=1e-6)
+        assert norms["high_norm_per_image"] == pytest.approx(np.mean([int((r[3:] > 4).sum()) for r in ratios]))
+        own = layer["prefix_own"]
+        assert list(own) == p["tokens"] and all(0 < v["on_patches"] < 1 and 0 < v["patch_entropy"] <= 1 for v in own.values())
     for run in ("all:no_registers", "all:cls_mean"):  # the registers removed as keys, the class row made the mean
         r = s["interventions"][run]
         lo, hi = r["top1_delta_ci95"]

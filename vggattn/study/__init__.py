@@ -53,7 +53,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from . import faithfulness
-from ..analysis import block_gamma
+from ..analysis import _ancestors, block_gamma
 from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
@@ -458,6 +458,13 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
         record[f"{name}:sink" if stat == "sink_index" else f"{name}:{stat}"] = values
     if maps.prefix is not None:  # a transformer: each head's mean weight (over the patch queries) on each prefix token
         record[f"{name}:prefix"] = maps.prefix.double().mean(2).cpu().numpy()  # (B, heads, P)
+    if maps.prefix_rows is not None:  # each prefix token's own row: what it reads (mean of heads)
+        own = maps.prefix_rows.double()  # (B, heads, P, M + P)
+        m = own.shape[-1] - own.shape[-2]
+        on = own[..., :m].sum(-1)  # (B, heads, P): its share on the patches
+        spread = own[..., :m] / on[..., None].clamp_min(1e-300)
+        entropy = -(spread * spread.clamp_min(1e-300).log()).sum(-1) / math.log(m)  # of its patch part, / ln M
+        record[f"{name}:prefix_own"] = torch.stack([on.mean(1), entropy.mean(1)], -1).cpu().numpy()  # (B, P, 2)
     if not in_sanity:
         return record
     others = {"qk": adapter.maps(random_block, x[in_sanity]), "full": adapter.maps(random_module, random_input)}
@@ -528,7 +535,8 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
         if all(p in done_before for p in positions):  # resumed for the faithfulness measures only
             continue
         record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
-        logits, seen = branched_forward(model, x, blocks, runs)
+        with ResidualNorms(model, blocks) as residual:
+            logits, seen = branched_forward(model, x, blocks, runs)
         for key, out in logits.items():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
@@ -539,11 +547,61 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
             record |= block_record(name, module, adapter, seen[name],
                                    random_seen[name].input if in_sanity else None, random_modules.get(name),
                                    random_blocks[name], in_sanity, input_size)
+            record |= residual.record(name, adapter, seen[name].input)
         records.write(record)
     if world > 1:
         return None
     return summarise(records.load(), blocks, meta, data, n_images, time.perf_counter() - t0, n_boot, seed,
                      faith_records(faith))
+
+
+class ResidualNorms:
+    """Forward pre-hooks on the modules enclosing a transformer's attentions: the first input each takes in a
+    forward (the baseline's rows: the first of a branched batch), from which `record` reads the norms of the
+    residual stream's tokens entering each attention (as `vggattn.analysis.residual_stream` picks it: the nearest
+    enclosing module taking other tokens of the attention input's shape) -- Darcet et al.'s high-norm tokens."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list):
+        modules = dict(model.named_modules())
+        self.names = {name: [a for a in _ancestors(name) if a in modules] for name, _, adapter in blocks
+                      if getattr(adapter, "places", None)}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[a].register_forward_pre_hook(self._keep(a))
+                        for a in sorted({a for v in self.names.values() for a in v})]
+
+    def _keep(self, name: str):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor) and name not in self.inputs:
+                self.inputs[name] = args[0].detach()
+        return hook
+
+    def __enter__(self) -> "ResidualNorms":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def record(self, name: str, adapter, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """{name:high_norm (B,): patches over HIGH_NORM x the median patch norm, name:norm_max (B,): the largest
+        patch norm / the median, name:prefix_norm (B, P): each prefix token's norm / the median patch norm}."""
+        from ..view.export import HIGH_NORM
+
+        places = getattr(adapter, "places", {}).get(tuple(x.shape[1:]))
+        if name not in self.names or places is None or not places.prefix:
+            return {}
+        b = x.shape[0]
+        stream = next((t for a in self.names[name] if (t := self.inputs.get(a)) is not None
+                       and t.shape[1:] == x.shape[1:] and t.data_ptr() != x.data_ptr()), x)[:b]
+        norms = stream.double().norm(dim=-1)  # (B, T)
+        prefix = torch.as_tensor(places.prefix)
+        patch = torch.ones(norms.shape[1], dtype=torch.bool)
+        patch[prefix] = False
+        median = norms[:, patch].median(1).values.clamp_min(1e-300)  # (B,)
+        ratio = norms / median[:, None]
+        return {f"{name}:high_norm": (ratio[:, patch] > HIGH_NORM).sum(1).cpu().numpy(),
+                f"{name}:norm_max": ratio[:, patch].amax(1).cpu().numpy(),
+                f"{name}:prefix_norm": ratio[:, prefix].cpu().numpy()}
 
 
 def faith_records(faith: Records) -> dict | None:
@@ -586,7 +644,8 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
                                               tuple(int(v) for v in rec[f"{name}:key_grid"][0]), float(np.nan if block_gamma(module) is None else block_gamma(module)),
                                               rec["target"], class_names),
                               "query_grid": [int(v) for v in rec[f"{name}:grid"][0]], "family": adapter.family,
-                              **prefix_summary(rec.get(f"{name}:prefix"), adapter, n_boot, seed)}
+                              **prefix_summary(rec.get(f"{name}:prefix"), adapter, n_boot, seed),
+                              **token_summary(rec, name, adapter)}
                        for name, module, adapter in blocks},
             "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs},
                                                   {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed),
@@ -615,6 +674,37 @@ def prefix_summary(shares: np.ndarray | None, adapter, n_boot: int, seed: int) -
         "per_head": {n: shares[:, :, j].mean(0).tolist() for j, n in enumerate(names)},
         "definition": "the mean weight of the patch queries' rows on each prefix token (class, registers), "
                       "over queries, heads and images; CIs: percentile bootstrap over images"}}
+
+
+def token_summary(rec: dict[str, np.ndarray], name: str, adapter) -> dict:
+    """A transformer layer's prefix tokens' own rows and the residual stream's norms over the split:
+    {"prefix_own": {token: share of its own row on the patches, and that part's entropy / ln M}, "norms": {images
+    with a high-norm patch, mean high-norm patches an image, largest patch / median, each prefix token's norm /
+    the median patch norm}}; {} where the layer has none."""
+    from ..view.export import HIGH_NORM
+
+    places = getattr(adapter, "places", {}) or {}
+    names = next((p.names for p in places.values() if p.names), None)
+    out = {}
+    own = rec.get(f"{name}:prefix_own")
+    if own is not None:
+        names = names or [f"prefix {j}" for j in range(own.shape[1])]
+        out["prefix_own"] = {n: {"on_patches": float(own[:, j, 0].mean()), "patch_entropy": float(own[:, j, 1].mean())}
+                             for j, n in enumerate(names)}
+        out["prefix_own_definition"] = ("each prefix token's own row, mean of heads and images: its share on the "
+                                        "patches, and the entropy of that part (renormalised) / ln M (1: it reads "
+                                        "every patch alike, a broadcast of the whole image; 0: one patch)")
+    high = rec.get(f"{name}:high_norm")
+    if high is not None:
+        pn = rec[f"{name}:prefix_norm"]
+        names = names or [f"prefix {j}" for j in range(pn.shape[1])]
+        out["norms"] = {"images_with_high_norm": float((high > 0).mean()), "high_norm_per_image": float(high.mean()),
+                        "max_over_median": float(np.median(rec[f"{name}:norm_max"])),
+                        "prefix_over_median": {n: float(np.median(pn[:, j])) for j, n in enumerate(names)},
+                        "definition": f"norms of the residual stream's tokens entering the layer; a patch over "
+                                      f"{HIGH_NORM:g}x the image's median patch norm is high-norm (Darcet et al. 2023); "
+                                      "ratios: medians over images"}
+    return out
 
 
 def nanmean(v: np.ndarray) -> float:

@@ -59,6 +59,16 @@ def headline(study: dict) -> list[str]:
             text += (f" The patches give {100 * p['total']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] of their attention to"
                      " the prefix tokens (" + ", ".join(f"{n.split('.')[-1]} {100 * v:.0f}%" for n, v in p["share"].items())
                      + ").")
+        if s.get("prefix_own"):
+            text += " Their own rows read from the patches: " + ", ".join(
+                f"{n.split('.')[-1]} {100 * v['on_patches']:.0f}% (spread {v['patch_entropy']:.2f} of uniform)"
+                for n, v in s["prefix_own"].items()) + "."
+        if s.get("norms"):
+            nm = s["norms"]
+            text += (f" {100 * nm['images_with_high_norm']:.0f}% of images have a high-norm patch entering it "
+                     f"({nm['high_norm_per_image']:.2f} an image; the largest patch {nm['max_over_median']:.1f}x the "
+                     "median; prefix tokens " + ", ".join(f"{n.split('.')[-1]} {v:.1f}x" for n, v in
+                                                          nm["prefix_over_median"].items()) + ").")
         iv = study["interventions"]
         parts = []
         for mode in MODES:
