@@ -91,6 +91,15 @@ def test_click_a_patch_and_a_register_tile(browser, served):
         ARTIFACTS.mkdir(exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(ARTIFACTS / "app-vit-registers-1440x900.png"))
+        page.locator("input.vggattn-norms").check()  # the token norms entering each block, high-norm patches framed
+        page.wait_for_function("[...document.querySelectorAll('.vggattn-legend span')].every("
+                               "s => s.textContent.includes('token norms entering the block'))", timeout=10_000)
+        for li, layer in enumerate(layers):
+            cls = float(layer.norms[n] / np.median(layer.norms[:n]))
+            shown = page.locator(f"#panel-{li} .vggattn-tile[data-token='cls_token'] span").inner_text()
+            assert shown == f"{cls:.1f}x med", (shown, cls)
+        page.screenshot(path=str(ARTIFACTS / "app-vit-norms-1440x900.png"))
+        page.locator("input.vggattn-norms").uncheck()
         page.locator("input.vggattn-heads").check()  # one small map per head, of the same row
         page.wait_for_function(f"[...document.querySelectorAll('canvas.vggattn-hover')].filter(c => c.dataset.heads "
                                f"=== '6').length === {len(layers)}", timeout=10_000)

@@ -388,6 +388,17 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     result = analyze(model, meta, image)
     want = own_attention(model, result.input)
+    stream_norms, hooks = {}, []  # the residual stream entering each block, by hand
+    def keep(i):
+        def hook(module, args):
+            stream_norms.setdefault(f"blocks.{i}.attn", args[0][0].norm(dim=-1).numpy())
+        return hook
+    for i, b in enumerate(model.blocks):
+        hooks.append(b.register_forward_pre_hook(keep(i)))
+    with torch.no_grad():
+        model(result.input)
+    for h in hooks:
+        h.remove()
     layers = [b.page() for b in result.blocks]
     payload = page_payload(result, layers)
     n = grid[0] * grid[1]
@@ -408,6 +419,9 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
                 expect = a.mean(0)[i] if head is None else a[head, i]
                 np.testing.assert_allclose(back.full_row(i, head), expect.numpy(), rtol=1e-5, atol=1e-7)
                 np.testing.assert_allclose(back.row(i, head), expect[:n].numpy(), rtol=1e-5, atol=1e-7)
+        if "bias" not in case:  # the token norms entering the block, in the page's order: the grid's, then the prefix
+            np.testing.assert_allclose(layer.norms, stream_norms[block.name][order.numpy()], rtol=1e-5)
+            assert decode(sent, "norms", "float32").shape == (n + prefix,)
         weights = back.prefix_weights(3)
         assert list(weights)[0] == "cls_token"
         np.testing.assert_allclose(list(weights.values()), a.mean(0)[3, n:].numpy(), rtol=1e-5, atol=1e-7)

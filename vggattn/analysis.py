@@ -85,6 +85,7 @@ class BlockResult:
     row_sums: tuple | None = None  # (log Z, the rows' sum) as the forward computed them (`trace.RowSums`), if it did
     token_norms: np.ndarray | None = None  # a transformer's block: the L2 norm of each token of the residual stream
     # entering it (T,), as Darcet et al. measure them (`residual_stream`)
+    page_norms: np.ndarray | None = None  # the same norms in the page's order: the grid's cells, then the prefix tokens
 
     @property
     def family(self) -> str:
@@ -135,8 +136,10 @@ class BlockResult:
 
     def page(self, kind: str | None = None):
         """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink and log Z."""
-        return page_layer(self.name, self.maps, self.family, kind, self.sink,
-                          None if self.summaries is None else self.summaries[0])
+        layer = page_layer(self.name, self.maps, self.family, kind, self.sink,
+                           None if self.summaries is None else self.summaries[0])
+        layer.norms = self.page_norms
+        return layer
 
     @property
     def sink(self) -> tuple[int, float] | None:
@@ -250,9 +253,15 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
         kept = seen[name]
         maps = adapter.maps(module, kept.input, kept.events) if name in traced else adapter.maps(module, kept.input)
         stream = residual_stream(name, seen) if maps.prefix is not None else None
+        norms = None if stream is None else stream[0].float().norm(dim=-1).cpu().numpy()
+        page_norms = None
+        if norms is not None and isinstance(adapter, TracedAdapter):  # each grid cell's token, then the prefix tokens
+            lay = adapter.layout(module, kept.input)
+            if lay.prefix_queries is not None and len(lay.group) == 1 and lay.iq.shape[1] + lay.prefix_queries.shape[1] \
+                    == len(norms):
+                page_norms = norms[torch.cat([lay.iq[0], lay.prefix_queries[0]]).numpy()]
         result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
-                                         contribution_map(kept.input, kept.output), kept.row_sums,
-                                         None if stream is None else stream[0].float().norm(dim=-1).cpu().numpy()))
+                                         contribution_map(kept.input, kept.output), kept.row_sums, norms, page_norms))
     return result
 
 

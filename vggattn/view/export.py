@@ -22,6 +22,7 @@ import torch
 from ..analysis import Analysis, ablate, with_gradcam
 from ..checkpoint import atomic_write
 from ..attention.readouts import row_readouts
+from .hover import HIGH_NORM  # a patch this many times the median patch norm is flagged as high-norm (result.json)
 from .render import attention_picture, mark_query, overlay, upsample, map_levels
 
 
@@ -30,9 +31,6 @@ def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
     {name: probability} form of the same)."""
     p, i = probs.topk(min(k, len(probs)))
     return [{"class": class_names[j], "index": j, "prob": float(v)} for v, j in zip(p.tolist(), i.tolist())]
-
-
-HIGH_NORM = 4.0  # a patch token this many times the median patch norm is flagged as high-norm (result.json)
 
 
 def point_readouts(result: Analysis, xy: tuple[float, float], k: int = 5) -> dict:

@@ -54,7 +54,7 @@ def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d); with
     prefix tokens N + P, M + P), "logz" -> (N,) ((heads, N or N + P)), "rows" -> (heads, N or 1, M), "prefix_w" ->
-    (heads, N, P), "prefix_rows" -> (heads, P, M + P)."""
+    (heads, N, P), "prefix_rows" -> (heads, P, M + P), "norms" -> (N + P,) (dtype "float32")."""
     logz_dtype = layer.get("logz_dtype", "float32")
     raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES[logz_dtype if name == "logz" else dtype])
     raw = raw.astype(np.float64 if name == "logz" and logz_dtype == "float64" else np.float32)
@@ -63,6 +63,8 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     m = layer.get("key_grid", layer["grid"])[0] * layer.get("key_grid", layer["grid"])[1]
     if name == "rows":
         return raw.reshape(heads, -1, m)
+    if name == "norms":
+        return raw
     if name in ("prefix_w", "prefix_rows"):
         p = len(layer["prefix"])
         return raw.reshape(heads, n, p) if name == "prefix_w" else raw.reshape(heads, p, m + p)
@@ -111,6 +113,7 @@ class PageLayer:
     prefix: np.ndarray | None = None  # tokens: (heads, N, P) each row's weight on each prefix token
     prefix_names: list[str] | None = None
     prefix_rows: np.ndarray | None = None  # tokens, "rows": (heads, P, M + P) the prefix tokens' own rows
+    norms: np.ndarray | None = None  # tokens: (N + P,) the residual stream's norms entering the block (grid, prefix)
     # tokens, "qk": q holds N + P rows (the grid's, then the prefix tokens') and k M + P keys, in that order
 
     @property
@@ -235,6 +238,8 @@ class PageLayer:
                "scale": self.scale, "sink": list(self.sink) if self.sink else None}
         if self.tokens:  # the tiles: prefix tokens by name; "rows" also sends their weights and own rows
             out["prefix"] = list(self.prefix_names)
+            if self.norms is not None:  # the token-norm view: (N + P,) float32, and the high-norm rule
+                out.update(norms=_b64(self.norms, "float32"), high_norm=HIGH_NORM)
             if self.kind == "rows":
                 out.update(prefix_w=_b64(self.prefix, dtype), prefix_rows=_b64(self.prefix_rows, dtype))
         if self.kind == "qk":
@@ -305,7 +310,8 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
     return layer
 
 
-ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows")  # a layer's arrays (base64)
+ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms")
+HIGH_NORM = 4.0  # a patch token this many times the median patch norm is high-norm (Darcet et al. 2023)  # a layer's arrays (base64)
 PAYLOAD_BUDGET = 8 << 20  # bytes of JSON an upload sends at most: layers past it are sent when the page shows them
 
 

@@ -17,6 +17,7 @@ const api = {};
 let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
 let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
+let normsView = false;    // a transformer's panels show the norms of the tokens entering each block instead of a row
 let headGrid = false;     // each panel as a grid of one small map per head (DINO's figures), each on its own scale
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let pinnedAt = 0;         // when (performance.now()) it was pinned
@@ -62,6 +63,7 @@ function decodeLayer(l, dtype) {
     q: kind === "qk" ? arr("q") : null, k: kind === "qk" ? arr("k") : null,
     logz: arr("logz", l.logz_dtype || "float32"),
     rows: kind === "rows" || kind === "map" ? arr("rows") : null,
+    norms: arr("norms", "float32"), highNorm: l.high_norm || 4,  // tokens: (N + P,) grid cells, then the prefix
     window: l.window || 0, values: kind === "window" ? arr("values") : null,
     cells: kind === "window" ? arr("cells", "int32") : null,
   };
@@ -122,6 +124,8 @@ function load(raw) {
   }
   const label = element.querySelector("label.vggattn-heads-label");
   if (label) label.style.display = payload.layers.some(L => L.heads > 1) ? "" : "none";
+  const normsLabel = element.querySelector("label.vggattn-norms-label");
+  if (normsLabel) normsLabel.style.display = payload.layers.some(L => L.norms || (L.deferred && L.P)) ? "" : "none";
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
   setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below)." + tiles);
 }
@@ -479,7 +483,7 @@ function shortName(name) {
 
 // The prefix tiles beside the picture: each token's weight in the row shown, tinted on the map's scale (its colour
 // is the map's for that weight, full beyond the grid's largest); the pinned token's tile is outlined
-function drawTiles(tiles, L, prefix, values) {
+function drawTiles(tiles, L, prefix, values, ratios = false) {  // ratios: prefix norms / the median patch norm
   if (!tiles) return;
   if (tiles.style.display !== "flex") tiles.style.display = "flex";
   if (!prefix) {  // nothing pointed at: the tiles stay, to be clicked, with no weights
@@ -496,7 +500,7 @@ function drawTiles(tiles, L, prefix, values) {
   tiles.querySelectorAll(".vggattn-tile").forEach((tile, p) => {
     const w = prefix[p], level = Math.min(255, Math.round(255 * (top > 0 ? Math.min(1, w / top) : 1)));
     const [r, g, b] = [pal[3 * level], pal[3 * level + 1], pal[3 * level + 2]], light = 0.299 * r + 0.587 * g + 0.114 * b > 140;
-    const text = w >= 0.001 ? `${(100 * w).toFixed(1)}%` : w.toExponential(1);
+    const text = ratios ? `${w.toFixed(1)}x med` : w >= 0.001 ? `${(100 * w).toFixed(1)}%` : w.toExponential(1);
     const span = tile.querySelector("span");
     if (span.textContent !== text) span.textContent = text;
     tile.dataset.weight = String(w);
@@ -602,14 +606,38 @@ function drawHeads(i, x, y, parts) {
   canvas.dataset.heads = String(L.heads);
 }
 
+// The norms of the residual stream's tokens entering block li on its grid (no query), each patch over the high-norm
+// rule's multiple of the median framed (Darcet et al. 2023); the prefix tokens' norms / the median go to the tiles
+function normsPicture(li) {
+  const L = payload.layers[li], [w, h] = payload.display, values = L.norms.subarray(0, L.n);
+  const sorted = Float64Array.from(values).sort(), mid = sorted.length >> 1;
+  const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+  const im = overlay(levels(values, "linear", 0), L.grid, w, h), line = markSizes(w, h).line;
+  let high = 0;
+  for (let j = 0; j < L.n; j++) {
+    if (values[j] <= L.highNorm * median) continue;
+    high++;
+    const [x0, y0, x1, y1] = cellRect(j, L.grid, w, h);
+    frame(im, [x0 - line - 1, y0 - line - 1, x1 + line + 1, y1 + line + 1], line + 1, K.outline_color);
+    frame(im, [x0 - line, y0 - line, x1 + line, y1 + line], line, K.mark_color);
+  }
+  const prefix = Float64Array.from(L.norms.subarray(L.n), v => v / median);
+  return {im, q: -1, values: Float64Array.from(values, v => v / median), how: "norms", prefix, median, high};
+}
+
 function drawPanel(i, x, y) {
   if (payload.layers[i].deferred) return;  // drawn when its arrays arrive (its panel came on screen: requestLayer)
   const parts = partsFor(i);
   if (!parts) return;
+  if (normsView && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i)); return; }
   if (headGrid && payload.layers[i].heads > 1) { drawHeads(i, x, y, parts); return; }
   delete parts.canvas.dataset.heads;
+  drawPicture(i, parts, picture(i, x, y));
+}
+
+function drawPicture(i, parts, drawn) {  // a picture at the display copy's size, scaled into panel i, its legend, tiles
   const {panel, canvas, legend, tiles} = parts;
-  const {im, q, values, how, prefix} = picture(i, x, y);
+  const {im, q, values, how, prefix} = drawn;
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
   const room = payload.layers[i].P ? TILES_WIDTH : 0;  // the prefix tiles' column, right of the picture
@@ -625,8 +653,13 @@ function drawPanel(i, x, y) {
   scratch.getContext("2d").putImageData(im, 0, 0);
   ctx.imageSmoothingQuality = "high";
   ctx.drawImage(scratch, Math.floor((bw - room - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
-  drawLegend(legend, payload.layers[i], values, how, prefix);
-  drawTiles(tiles, payload.layers[i], prefix, values);
+  if (how === "norms") {
+    const L = payload.layers[i], span = legend.querySelector("span");
+    span.textContent = `token norms entering the block: median ${drawn.median.toPrecision(3)}, largest patch ` +
+      `${Math.max(...values).toFixed(1)}x · ${drawn.high} high-norm (>${L.highNorm}x median) framed`;
+    if (legend.style.display !== "flex") legend.style.display = "flex";
+  } else drawLegend(legend, payload.layers[i], values, how, prefix);
+  drawTiles(tiles, payload.layers[i], prefix, values, how === "norms");
   canvas.dataset.query = String(q);
   canvas.dataset.view = how;
 }
@@ -651,7 +684,7 @@ function draw(x, y, since, log = latencies) {
 }
 
 function redraw() {  // the point under the pointer, else the pinned token's or point's row, else nothing
-  const at = current || pinned || (token !== null ? [0, 0] : null);
+  const at = current || pinned || (token !== null || normsView ? [0, 0] : null);
   if (payload && at) draw(at[0], at[1]); else hide();
 }
 
@@ -714,6 +747,8 @@ function setLine(text) {
 }
 
 function bindSwitch() {
+  const norms = element.querySelector("input.vggattn-norms");
+  if (norms) { norms.checked = normsView; norms.onchange = () => setNormsView(norms.checked); }
   const grid = element.querySelector("input.vggattn-heads");
   if (grid) { grid.checked = headGrid; grid.onchange = () => setHeadGrid(grid.checked); }
   const box = element.querySelector("input.vggattn-column");
@@ -726,6 +761,14 @@ function setView(v) {
   view = v === "column" ? "column" : "row";
   const box = element.querySelector("input.vggattn-column");
   if (box) box.checked = view === "column";
+  redraw();
+}
+
+function setNormsView(on) {
+  normsView = !!on;
+  const box = element.querySelector("input.vggattn-norms");
+  if (box) box.checked = normsView;
+  if (normsView && payload && !current && !pinned && token === null) { draw(0, 0); return; }  // no query needed
   redraw();
 }
 
@@ -761,9 +804,9 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setHeadGrid, setControls, listeners, latencies, frames, pins, fetched,
+  leave, setView, setHeadGrid, setNormsView, setControls, listeners, latencies, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
-  state: () => ({view, headGrid, pinned, current, token, controls: {...controls},
+  state: () => ({view, headGrid, normsView, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;
