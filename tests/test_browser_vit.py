@@ -100,6 +100,13 @@ def test_click_a_patch_and_a_register_tile(browser, served):
             assert shown == f"{cls:.1f}x med", (shown, cls)
         page.screenshot(path=str(ARTIFACTS / "app-vit-norms-1440x900.png"))
         page.locator("input.vggattn-norms").uncheck()
+        page.locator("input.vggattn-rollout").check()  # attention rollout up to each block: register 2's row
+        page.wait_for_function("[...document.querySelectorAll('.vggattn-legend span')].every("
+                               "s => s.textContent.includes('rollout (Abnar'))", timeout=10_000)
+        for li, layer in enumerate(layers):
+            shown = tile_weights(page, li)
+            np.testing.assert_allclose([shown[t] for t in names], layer.rollout[n + 3, n:], atol=1e-3)  # float16
+        page.locator("input.vggattn-rollout").uncheck()
         page.locator("input.vggattn-heads").check()  # one small map per head, of the same row
         page.wait_for_function(f"[...document.querySelectorAll('canvas.vggattn-hover')].filter(c => c.dataset.heads "
                                f"=== '6').length === {len(layers)}", timeout=10_000)

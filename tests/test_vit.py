@@ -403,6 +403,7 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
     payload = page_payload(result, layers)
     n = grid[0] * grid[1]
     order = torch.cat([torch.arange(prefix, n + prefix), torch.arange(prefix)])  # the page's: grid, then prefix
+    rolled = None
     for block, layer, sent in zip(result.blocks, layers, payload["layers"]):
         assert layer.kind == ("rows" if "bias" in case else "qk") and layer.tokens == prefix
         assert sent["prefix"][0] == "cls_token"
@@ -422,6 +423,12 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
         if "bias" not in case:  # the token norms entering the block, in the page's order: the grid's, then the prefix
             np.testing.assert_allclose(layer.norms, stream_norms[block.name][order.numpy()], rtol=1e-5)
             assert decode(sent, "norms", "float32").shape == (n + prefix,)
+        if "bias" not in case:  # attention rollout (Abnar and Zuidema): (A + I) / 2 renormalised, multiplied up
+            step = 0.5 * a.mean(0) + 0.5 * torch.eye(a.shape[-1], dtype=torch.float64)
+            step = step / step.sum(-1, keepdim=True)
+            rolled = step if rolled is None else step @ rolled
+            np.testing.assert_allclose(layer.rollout, rolled.numpy(), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(decode(sent, "rollout", "float16"), rolled.numpy(), atol=1e-3)  # as sent
         weights = back.prefix_weights(3)
         assert list(weights)[0] == "cls_token"
         np.testing.assert_allclose(list(weights.values()), a.mean(0)[3, n:].numpy(), rtol=1e-5, atol=1e-7)

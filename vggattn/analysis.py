@@ -86,6 +86,7 @@ class BlockResult:
     token_norms: np.ndarray | None = None  # a transformer's block: the L2 norm of each token of the residual stream
     # entering it (T,), as Darcet et al. measure them (`residual_stream`)
     page_norms: np.ndarray | None = None  # the same norms in the page's order: the grid's cells, then the prefix tokens
+    rollout: np.ndarray | None = None  # (T, T) attention rollout up to this block (`attention_rollout`), page order
 
     @property
     def family(self) -> str:
@@ -138,7 +139,7 @@ class BlockResult:
         """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink and log Z."""
         layer = page_layer(self.name, self.maps, self.family, kind, self.sink,
                            None if self.summaries is None else self.summaries[0])
-        layer.norms = self.page_norms
+        layer.norms, layer.rollout = self.page_norms, self.rollout
         return layer
 
     @property
@@ -262,12 +263,44 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
                 page_norms = norms[torch.cat([lay.iq[0], lay.prefix_queries[0]]).numpy()]
         result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
                                          contribution_map(kept.input, kept.output), kept.row_sums, norms, page_norms))
+    for block, rolled in zip(result.blocks, attention_rollout(result.blocks) or []):
+        block.rollout = rolled
     return result
 
 
 def _ancestors(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+ROLLOUT_MAX_TOKENS = 300  # attention rollout goes to the page for transformers of at most this many tokens (T x T a layer)
+
+
+def full_rows(maps: BlockMaps) -> torch.Tensor | None:
+    """(T, T) float64, mean of heads: a transformer block's whole attention over its tokens in the page's order (the
+    grid's cells, then the prefix tokens), rows and columns; None where the queries and keys are not the same tokens."""
+    if maps.prefix is None or maps.prefix_rows is None or maps.grid != maps.key_grid or maps.window is not None:
+        return None
+    top = torch.cat([maps.rows(dtype=torch.float64)[0], maps.prefix[0].double()], -1)  # (heads, N, M + P)
+    return torch.cat([top, maps.prefix_rows[0].double()], 1).mean(0)  # (T, T)
+
+
+def attention_rollout(blocks: list["BlockResult"], max_tokens: int = ROLLOUT_MAX_TOKENS) -> list[np.ndarray] | None:
+    """Attention rollout (Abnar and Zuidema 2020) after each block: R_l = A'_l ... A'_1 with A' = (A + I) / 2 rows
+    renormalised and A a block's head-mean attention over all its tokens (`full_rows`); row i of R_l says how much of
+    token i at block l comes from each input token, if attention alone mixed them (the MLPs and the residual's
+    real weights are left out: a model of the flow, not the flow). None unless every block attends over the same
+    tokens, at most max_tokens of them."""
+    out, total = [], None
+    for block in blocks:
+        a = full_rows(block.maps)
+        if a is None or a.shape[0] > max_tokens or (total is not None and total.shape != a.shape):
+            return None
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[0], dtype=a.dtype)
+        a = a / a.sum(-1, keepdim=True)
+        total = a if total is None else a @ total
+        out.append(total.float().numpy())
+    return out or None
 
 
 def residual_stream(name: str, seen: dict):

@@ -54,7 +54,8 @@ def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     """One array of a payload layer back as float32: "q"/"k" -> (N, C') (heads > 1: (heads, N or M, d); with
     prefix tokens N + P, M + P), "logz" -> (N,) ((heads, N or N + P)), "rows" -> (heads, N or 1, M), "prefix_w" ->
-    (heads, N, P), "prefix_rows" -> (heads, P, M + P), "norms" -> (N + P,) (dtype "float32")."""
+    (heads, N, P), "prefix_rows" -> (heads, P, M + P), "norms" -> (N + P,) (dtype "float32"), "rollout" -> (N + P,
+    M + P) (dtype "float16")."""
     logz_dtype = layer.get("logz_dtype", "float32")
     raw = np.frombuffer(base64.b64decode(layer[name]), dtype=DTYPES[logz_dtype if name == "logz" else dtype])
     raw = raw.astype(np.float64 if name == "logz" and logz_dtype == "float64" else np.float32)
@@ -65,6 +66,8 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
         return raw.reshape(heads, -1, m)
     if name == "norms":
         return raw
+    if name == "rollout":
+        return raw.reshape(n + len(layer["prefix"]), m + len(layer["prefix"]))
     if name in ("prefix_w", "prefix_rows"):
         p = len(layer["prefix"])
         return raw.reshape(heads, n, p) if name == "prefix_w" else raw.reshape(heads, p, m + p)
@@ -114,6 +117,7 @@ class PageLayer:
     prefix_names: list[str] | None = None
     prefix_rows: np.ndarray | None = None  # tokens, "rows": (heads, P, M + P) the prefix tokens' own rows
     norms: np.ndarray | None = None  # tokens: (N + P,) the residual stream's norms entering the block (grid, prefix)
+    rollout: np.ndarray | None = None  # tokens: (N + P, M + P) attention rollout up to this block (Abnar and Zuidema)
     # tokens, "qk": q holds N + P rows (the grid's, then the prefix tokens') and k M + P keys, in that order
 
     @property
@@ -240,6 +244,8 @@ class PageLayer:
             out["prefix"] = list(self.prefix_names)
             if self.norms is not None:  # the token-norm view: (N + P,) float32, and the high-norm rule
                 out.update(norms=_b64(self.norms, "float32"), high_norm=HIGH_NORM)
+            if self.rollout is not None:  # float16: 2 bytes a weight, T x T
+                out.update(rollout=_b64(self.rollout, "float16"), has_rollout=True)
             if self.kind == "rows":
                 out.update(prefix_w=_b64(self.prefix, dtype), prefix_rows=_b64(self.prefix_rows, dtype))
         if self.kind == "qk":
@@ -310,7 +316,7 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
     return layer
 
 
-ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms")
+ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms", "rollout")
 HIGH_NORM = 4.0  # a patch token this many times the median patch norm is high-norm (Darcet et al. 2023)  # a layer's arrays (base64)
 PAYLOAD_BUDGET = 8 << 20  # bytes of JSON an upload sends at most: layers past it are sent when the page shows them
 

@@ -17,6 +17,7 @@ const api = {};
 let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
 let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
+let rolloutView = false;  // a transformer's panels show attention rollout up to each block instead of its own rows
 let normsView = false;    // a transformer's panels show the norms of the tokens entering each block instead of a row
 let headGrid = false;     // each panel as a grid of one small map per head (DINO's figures), each on its own scale
 let pinned = null;        // [x, y] of the last click, in original-image pixels
@@ -63,7 +64,7 @@ function decodeLayer(l, dtype) {
     q: kind === "qk" ? arr("q") : null, k: kind === "qk" ? arr("k") : null,
     logz: arr("logz", l.logz_dtype || "float32"),
     rows: kind === "rows" || kind === "map" ? arr("rows") : null,
-    norms: arr("norms", "float32"), highNorm: l.high_norm || 4,  // tokens: (N + P,) grid cells, then the prefix
+    norms: arr("norms", "float32"), highNorm: l.high_norm || 4, rollout: arr("rollout", "float16"),  // tokens: (N + P,) grid cells, then the prefix
     window: l.window || 0, values: kind === "window" ? arr("values") : null,
     cells: kind === "window" ? arr("cells", "int32") : null,
   };
@@ -124,6 +125,8 @@ function load(raw) {
   }
   const label = element.querySelector("label.vggattn-heads-label");
   if (label) label.style.display = payload.layers.some(L => L.heads > 1) ? "" : "none";
+  const rolloutLabel = element.querySelector("label.vggattn-rollout-label");
+  if (rolloutLabel) rolloutLabel.style.display = raw.layers.some(l => l.has_rollout) ? "" : "none";
   const normsLabel = element.querySelector("label.vggattn-norms-label");
   if (normsLabel) normsLabel.style.display = payload.layers.some(L => L.norms || (L.deferred && L.P)) ? "" : "none";
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
@@ -229,6 +232,12 @@ function row(li, i, head) {  // (M,) over the key grid
 function fullRow(li, i, head) {  // (M + P,): a transformer's row on the grid, then on its prefix tokens
   const L = payload.layers[li];
   return mean(heads(L, head).map(h => headFullRow(L, h, i)));
+}
+
+function rolloutRow(L, i) {  // (M + P,) row i of the rollout up to this block
+  const t = L.m + L.P, out = new Float64Array(t);
+  for (let j = 0; j < t; j++) out[j] = L.rollout[i * t + j];
+  return out;
 }
 
 function tokenIndex(L) {  // the pinned prefix token's own query in layer L (-1: none pinned, or L has no such token)
@@ -393,9 +402,10 @@ function picture(li, x, y, how = view) {
   if (map) how = "row";  // one map per image: no query picks a row, and no column either
   // row: values on the key grid, the query's cell on the query grid; column: the other way round
   const own = tokenIndex(L);  // a prefix token's own row: no cell of the image asks
-  if (own >= 0) how = "row";
+  const rolled = rolloutView && L.rollout;  // attention rollout's row instead of the block's own
+  if (own >= 0 || rolled) how = "row";
   const q = own >= 0 ? own : queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
-  const full = L.P && how === "row" ? fullRow(li, q) : null;
+  const full = rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null;
   const values = full ? full.subarray(0, L.m) : how === "row" ? row(li, q) : column(li, q);
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
   const im = overlay(lv, valueGrid, w, h), s = markSizes(w, h);
@@ -550,7 +560,8 @@ function drawLegend(legend, L, values, how, prefix) {
   let share = 0;
   if (prefix) for (const v of prefix) share += v;
   const pre = prefix ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
-  const own = tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "";
+  const own = (rolloutView && L.rollout ? "rollout (Abnar & Zuidema): " : "") +
+    (tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "");
   const span = legend.querySelector("span"), text = `${lo} … ${own}${what}${pre}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
   legend.dataset.max = String(top);
@@ -630,7 +641,7 @@ function drawPanel(i, x, y) {
   const parts = partsFor(i);
   if (!parts) return;
   if (normsView && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i)); return; }
-  if (headGrid && payload.layers[i].heads > 1) { drawHeads(i, x, y, parts); return; }
+  if (headGrid && payload.layers[i].heads > 1 && !(rolloutView && payload.layers[i].rollout)) { drawHeads(i, x, y, parts); return; }
   delete parts.canvas.dataset.heads;
   drawPicture(i, parts, picture(i, x, y));
 }
@@ -747,6 +758,8 @@ function setLine(text) {
 }
 
 function bindSwitch() {
+  const rollout = element.querySelector("input.vggattn-rollout");
+  if (rollout) { rollout.checked = rolloutView; rollout.onchange = () => setRolloutView(rollout.checked); }
   const norms = element.querySelector("input.vggattn-norms");
   if (norms) { norms.checked = normsView; norms.onchange = () => setNormsView(norms.checked); }
   const grid = element.querySelector("input.vggattn-heads");
@@ -761,6 +774,13 @@ function setView(v) {
   view = v === "column" ? "column" : "row";
   const box = element.querySelector("input.vggattn-column");
   if (box) box.checked = view === "column";
+  redraw();
+}
+
+function setRolloutView(on) {
+  rolloutView = !!on;
+  const box = element.querySelector("input.vggattn-rollout");
+  if (box) box.checked = rolloutView;
   redraw();
 }
 
@@ -804,9 +824,9 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setHeadGrid, setNormsView, setControls, listeners, latencies, frames, pins, fetched,
+  leave, setView, setHeadGrid, setNormsView, setRolloutView, setControls, listeners, latencies, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
-  state: () => ({view, headGrid, normsView, pinned, current, token, controls: {...controls},
+  state: () => ({view, headGrid, normsView, rolloutView, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;
