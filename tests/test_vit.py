@@ -470,3 +470,30 @@ def test_token_interventions_equal_the_model_with_its_attention_changed_by_hand(
         plain = model(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert float((got - plain).abs().max()) > 1e-3  # the intervention changed the output
+
+
+def test_hybrids_coatnet_and_cait_class_attention_are_their_own_attention():
+    """CoAtNet's `Attention2d` (NCHW grids, relative position bias; the first block of a stage at its input width)
+    and CaiT's `ClassAttn` (one query: the class token, over the patches and itself): rows equal the models' own
+    attention (random weights, every block found). CaiT's talking-heads blocks are skipped with their reason."""
+    torch.manual_seed(0)
+    for name, kw in (("coatnet_nano_rw_224", {"img_size": 64}), ("cait_xxs24_224", {"img_size": 64, "depth": 2})):
+        model = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
+        x = torch.randn(1, 3, 64, 64)
+        blocks = find_blocks(model, example=x)
+        want = own_attention(model, x)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True  # read again through scaled_dot_product_attention (with its bias as a mask)
+        _, seen = watch(model, x, [b[0] for b in blocks], {b[0] for b in blocks})
+        locate_tokens(model, x, blocks, {n: s.input for n, s in seen.items()})
+        assert len(blocks) == (9 if name.startswith("coatnet") else 2)
+        for bname, module, adapter in blocks:
+            maps = adapter.maps(module, seen[bname].input, seen[bname].events)
+            a = want[bname][0]  # (heads, queries, keys)
+            if name.startswith("coatnet"):
+                torch.testing.assert_close(maps.rows()[0], a, rtol=1e-5, atol=1e-6)
+            else:  # the class token's one row: on the 4x4 patches, and on itself
+                assert maps.per_image and maps.prefix_names == ["cls_token"]
+                torch.testing.assert_close(maps.rows()[0], a[:, :, 1:], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(maps.prefix[0], a[:, :, :1], rtol=1e-5, atol=1e-6)
