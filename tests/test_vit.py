@@ -497,3 +497,47 @@ def test_hybrids_coatnet_and_cait_class_attention_are_their_own_attention():
                 assert maps.per_image and maps.prefix_names == ["cls_token"]
                 torch.testing.assert_close(maps.rows()[0], a[:, :, 1:], rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(maps.prefix[0], a[:, :, :1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_registers_ab_compares_two_studies_image_by_image(tmp_path, capsys):
+    """scripts/ab_registers.py on the studies of a ViT without and with registers (random weights, six random
+    images): top-1 of each, and per layer the sink mass and the share on the prefix tokens, with the paired
+    difference and its CI; the registered model's token interventions listed."""
+    import importlib.util
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vggattn import study
+    from vggattn.byo import describe
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    records = {}
+    for arm, regs in (("plain", 0), ("reg", 2)):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, reg_tokens=regs, depth=2,
+                                  num_classes=2).eval()
+        meta = describe("timm:vit_tiny_patch16_224", 48, ["a", "b"])
+        recs = study.Records(tmp_path / arm / "records")
+        s = study.run_study(model, meta, tmp_path / "data", batch_size=3, workers=0, sanity_images=0, n_boot=50,
+                            progress=False, faithfulness_images=0, records=recs)
+        (tmp_path / arm / "study.json").write_text(json.dumps(s))
+        records[arm] = recs.load()
+    spec = importlib.util.spec_from_file_location("ab_registers", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "ab_registers.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.main([str(tmp_path / "plain"), str(tmp_path / "reg")]) == 0
+    out = capsys.readouterr().out
+    a, b = records["plain"], records["reg"]
+    assert f"| val top-1 | {100 * a['top1:baseline'].mean():.2f}% | {100 * b['top1:baseline'].mean():.2f}% |" in out
+    for name in ("blocks.0.attn", "blocks.1.attn"):
+        d = b[f"{name}:sink_mass"].mean() - a[f"{name}:sink_mass"].mean()
+        assert f"| `{name}` sink mass (most attended patch's share) | {a[f'{name}:sink_mass'].mean():.3f} | " \
+               f"{b[f'{name}:sink_mass'].mean():.3f} | {d:+.3f} [" in out
+    assert "B under `all:no_registers`" in out and "B under `all:cls_mean`" in out
