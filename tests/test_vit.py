@@ -331,6 +331,10 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
         r = s["interventions"][run]
         lo, hi = r["top1_delta_ci95"]
         assert lo <= r["top1_delta"] <= hi
+    from vggattn.study.report import write_study
+    write_study(s, tmp_path / "out")  # the report and its figures, with the token interventions
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "all:no_registers (no token attends to the registers" in html and "high-norm patch entering it" in html
 
 
 def test_explain_gives_the_norms_of_the_tokens_entering_each_block_and_flags_high_norm_patches():

@@ -235,7 +235,8 @@ def figures(study: dict) -> dict[str, bytes]:
     err = np.array([[100 * (study["interventions"][k]["top1_delta"] - study["interventions"][k]["top1_delta_ci95"][0]),
                      100 * (study["interventions"][k]["top1_delta_ci95"][1] - study["interventions"][k]["top1_delta"])]
                     for k in keys]).T
-    colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}[k.split(":")[1]] for k in keys]
+    colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}.get(k.split(":")[1], "#2ca02c")  # a token mode
+              for k in keys]
     ax.bar(range(len(keys)), deltas, yerr=err, color=colors, capsize=3)
     ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
