@@ -93,6 +93,7 @@ function load(raw) {
   generation++;
   pinned = current = token = null;
   document.querySelectorAll(".vggattn-tiles").forEach(e => e.remove());  // the new image's come with its payload
+  for (const key of Object.keys(smallBases)) delete smallBases[key];  // the old image's, at panel sizes
   payload = null;
   hide();
   if (!raw || !raw.layers) { payload = null; setLine(""); return; }
@@ -397,8 +398,9 @@ function markSizes(w, h) {  // vggattn.render.mark_sizes
 }
 
 // vggattn.render.attention_picture at the display copy's size, for the point (x, y) of the original image
-function picture(li, x, y, how = view) {
-  const L = payload.layers[li], [w, h] = payload.display, map = L.kind === "map";
+function picture(li, x, y, how = view, size = null) {  // size: [w, h] smaller than the display copy, for a panel
+  const L = payload.layers[li], [w, h] = size || payload.display, map = L.kind === "map";
+  const base = size ? smallBase(w, h) : payload.base;
   if (map) how = "row";  // one map per image: no query picks a row, and no column either
   // row: values on the key grid, the query's cell on the query grid; column: the other way round
   const own = tokenIndex(L);  // a prefix token's own row: no cell of the image asks
@@ -408,7 +410,7 @@ function picture(li, x, y, how = view) {
   const full = rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null;
   const values = full ? full.subarray(0, L.m) : how === "row" ? row(li, q) : column(li, q);
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
-  const im = overlay(lv, valueGrid, w, h), s = markSizes(w, h);
+  const im = overlay(lv, valueGrid, w, h, base), s = markSizes(w, h);
   if (controls.mark && how === "row") {
     const line = s.line, size = s.digit;
     markedIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
@@ -619,11 +621,12 @@ function drawHeads(i, x, y, parts) {
 
 // The norms of the residual stream's tokens entering block li on its grid (no query), each patch over the high-norm
 // rule's multiple of the median framed (Darcet et al. 2023); the prefix tokens' norms / the median go to the tiles
-function normsPicture(li) {
-  const L = payload.layers[li], [w, h] = payload.display, values = L.norms.subarray(0, L.n);
+function normsPicture(li, size = null) {
+  const L = payload.layers[li], [w, h] = size || payload.display, values = L.norms.subarray(0, L.n);
   const sorted = Float64Array.from(values).sort(), mid = sorted.length >> 1;
   const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-  const im = overlay(levels(values, "linear", 0), L.grid, w, h), line = markSizes(w, h).line;
+  const im = overlay(levels(values, "linear", 0), L.grid, w, h, size ? smallBase(w, h) : payload.base);
+  const line = markSizes(w, h).line;
   let high = 0;
   for (let j = 0; j < L.n; j++) {
     if (values[j] <= L.highNorm * median) continue;
@@ -640,30 +643,39 @@ function drawPanel(i, x, y) {
   if (payload.layers[i].deferred) return;  // drawn when its arrays arrive (its panel came on screen: requestLayer)
   const parts = partsFor(i);
   if (!parts) return;
-  if (normsView && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i)); return; }
+  const size = panelSize(i, parts.panel), small = size.w < payload.display[0] ? [size.w, size.h] : null;
+  if (normsView && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i, small)); return; }
   if (headGrid && payload.layers[i].heads > 1 && !(rolloutView && payload.layers[i].rollout)) { drawHeads(i, x, y, parts); return; }
   delete parts.canvas.dataset.heads;
-  drawPicture(i, parts, picture(i, x, y));
+  drawPicture(i, parts, picture(i, x, y, view, small));  // drawn at the panel's size where that is smaller
 }
 
-function drawPicture(i, parts, drawn) {  // a picture at the display copy's size, scaled into panel i, its legend, tiles
-  const {panel, canvas, legend, tiles} = parts;
-  const {im, q, values, how, prefix} = drawn;
+function panelSize(i, panel) {  // the panel's canvas, and the picture's size and place in it (letterboxed)
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
   const room = payload.layers[i].P ? TILES_WIDTH : 0;  // the prefix tiles' column, right of the picture
   const [dw, dh] = payload.display, s = Math.min((bw - room) / dw, ph / dh);
   const w = Math.max(1, Math.round(dw * s)), h = Math.max(1, Math.round(dh * s));
+  return {bw, bh, w, h, left: Math.floor((bw - room - w) / 2), top: Math.floor((ph - h) / 2)};
+}
+
+function drawPicture(i, parts, drawn) {  // a picture into panel i (scaled if it is not at its size), its legend, tiles
+  const {panel, canvas, legend, tiles} = parts;
+  const {im, q, values, how, prefix} = drawn;
+  const {bw, bh, w, h, left, top} = panelSize(i, panel);
   if (canvas.width !== bw || canvas.height !== bh) { canvas.width = bw; canvas.height = bh; }
   if (canvas.style.display !== "block") canvas.style.display = "block";
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, bw, bh);
-  if (!api.scratch) api.scratch = document.createElement("canvas");
-  const scratch = api.scratch;
-  scratch.width = dw; scratch.height = dh;
-  scratch.getContext("2d").putImageData(im, 0, 0);
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(scratch, Math.floor((bw - room - w) / 2), Math.floor((ph - h) / 2), w, h);  // scaled, letterboxed
+  if (im.width === w && im.height === h) ctx.putImageData(im, left, top);  // drawn at the panel's size already
+  else {  // the display copy's size, scaled into the panel
+    if (!api.scratch) api.scratch = document.createElement("canvas");
+    const scratch = api.scratch;
+    scratch.width = im.width; scratch.height = im.height;
+    scratch.getContext("2d").putImageData(im, 0, 0);
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(scratch, left, top, w, h);
+  }
   if (how === "norms") {
     const L = payload.layers[i], span = legend.querySelector("span");
     span.textContent = `token norms entering the block: median ${drawn.median.toPrecision(3)}, largest patch ` +
