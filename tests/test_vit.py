@@ -297,16 +297,18 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
                         progress=False, faithfulness_images=0)
     from vggattn.data import eval_transform
     images = [eval_transform(meta)(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "data").rglob("*.png"))]
-    want = {n: [] for n in s["layers"]}
+    want, sinks = {n: [] for n in s["layers"]}, {n: [] for n in s["layers"]}
     for x in images:
         for n, a in own_attention(model, x[None]).items():
             want[n].append(a[0, :, 3:, :3].double().mean((0, 1)))  # heads and patch queries: (3,)
+            sinks[n].append(float(a[0, :, 3:, 3:].double().mean((0, 1)).max()))  # the top patch's share of all
     for name, layer in s["layers"].items():
         p = layer["prefix"]
         assert p["tokens"] == ["cls_token", "reg_token[0]", "reg_token[1]"]
         expect = torch.stack(want[name]).mean(0)
         assert list(p["share"].values()) == pytest.approx(expect.tolist(), abs=1e-6)
         assert p["total"] == pytest.approx(float(expect.sum()), abs=1e-6)
+        assert layer["sink_mass"] == pytest.approx(float(np.mean(sinks[name])), abs=1e-6)  # not renormalised
         assert all(lo <= p["share"][t] <= hi for t, (lo, hi) in p["share_ci95"].items())
         assert len(p["per_head"]["cls_token"]) == 3
     assert all("of their attention to the prefix tokens (cls_token" in line for line in headline(s))

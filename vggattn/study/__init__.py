@@ -452,8 +452,9 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
             record[f"{name}:sanity:{kind}:{stat}"] = np.full(b, np.nan)
     xs = tokens(x)[:, 0] if x.dim() == 4 else None  # (B, N, C)
     delta = tokens(y - x)[:, 0] if xs is not None and y.shape == x.shape else None
-    softmax = maps.normalise == "softmax"
-    stats = batch_statistics(maps, input_size, x=xs, delta=delta) if softmax else output_statistics(xs, delta)
+    softmax = maps.normalise == "softmax" or token_rows(maps)
+    stats = token_statistics(maps, input_size) if token_rows(maps) else \
+        batch_statistics(maps, input_size, x=xs, delta=delta) if softmax else output_statistics(xs, delta)
     for stat, values in stats.items():
         record[f"{name}:sink" if stat == "sink_index" else f"{name}:{stat}"] = values
     if maps.prefix is not None:  # a transformer: each head's mean weight (over the patch queries) on each prefix token
@@ -476,10 +477,27 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
             record[f"{name}:sanity:{kind}"][j] = value
     for kind, other in others.items():
         if softmax:
-            other_stats = batch_statistics(other, input_size)
+            other_stats = token_statistics(other, input_size) if token_rows(other) else batch_statistics(other, input_size)
             for stat in SANITY_STATS:
                 record[f"{name}:sanity:{kind}:{stat}"][in_sanity] = other_stats[stat]
     return record
+
+
+def token_rows(maps: BlockMaps) -> bool:
+    """A transformer's rows: a softmax over the grid's keys and the prefix tokens' (the grid's part is held whole)."""
+    return maps.prefix is not None and maps.weights is not None and maps.window is None
+
+
+def token_statistics(maps: BlockMaps, input_size: int) -> dict[str, np.ndarray]:
+    """`batch_statistics` of a transformer's rows: the masses (sink_mass: the share of all attention on the image's
+    most attended patch; top1_weight) of the patches' weights as they are, the row shapes (entropy, JSD, mean
+    distance, cosine distance) of the patch part renormalised to a distribution over the patches."""
+    import dataclasses
+
+    masses = batch_statistics(maps, input_size)
+    w = maps.weights
+    shapes = batch_statistics(dataclasses.replace(maps, weights=w / w.sum(-1, keepdim=True).clamp_min(1e-30)), input_size)
+    return {**shapes, **{k: masses[k] for k in ("sink_index", "sink_mass", "top1_weight")}}
 
 
 @torch.no_grad()
