@@ -524,15 +524,19 @@ def test_the_registers_ab_compares_two_studies_image_by_image(tmp_path, capsys):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     records = {}
-    for arm, regs in (("plain", 0), ("reg", 2)):
+    for arm, regs, scope in (("plain", 0, "none"), ("reg", 2, "all")):  # --interventions none and all
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, reg_tokens=regs, depth=2,
                                   num_classes=2).eval()
         meta = describe("timm:vit_tiny_patch16_224", 48, ["a", "b"])
         recs = study.Records(tmp_path / arm / "records")
         s = study.run_study(model, meta, tmp_path / "data", batch_size=3, workers=0, sanity_images=0, n_boot=50,
-                            progress=False, faithfulness_images=0, records=recs)
+                            progress=False, faithfulness_images=0, records=recs, interventions=scope)
         (tmp_path / arm / "study.json").write_text(json.dumps(s))
+        assert list(s["interventions"]) == ["baseline"] + ([] if scope == "none" else
+                                                          [f"all:{m}" for m in ("off", "mean", "uniform",
+                                                                                "no_registers", "cls_mean")])
+        study.report.write_study(s, tmp_path / arm / "out")  # the report with no or few runs
         records[arm] = recs.load()
     spec = importlib.util.spec_from_file_location("ab_registers", Path(__file__).resolve().parents[1] / "scripts" /
                                                   "ab_registers.py")

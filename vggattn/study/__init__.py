@@ -353,11 +353,19 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 
 # -- the study -------------------------------------------------------------------------------------
 
-def run_modes(names: list[str], tokens: list[str] = ()) -> dict[str, dict[str, str]]:
-    """The intervention runs: each block and all of them, off / mean / uniform, and a transformer's `TOKEN_MODES`
-    (tokens: those that apply, `token_modes`) in all blocks at once ({run: {block name: mode}})."""
-    return {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} \
-        | {f"all:{mode}": {name: mode for name in names} for mode in (*MODES, *tokens)}
+SCOPES = ("each", "all", "none")  # --interventions: each block and all at once, all at once only, none
+
+
+def run_modes(names: list[str], tokens: list[str] = (), scope: str = "each") -> dict[str, dict[str, str]]:
+    """The intervention runs: each block (scope "each") and all of them, off / mean / uniform, and a transformer's
+    `TOKEN_MODES` (tokens: those that apply, `token_modes`) in all blocks at once ({run: {block name: mode}});
+    scope "none": no runs."""
+    if scope not in SCOPES:
+        raise StudyError(f"interventions must be one of {SCOPES}, got {scope!r}")
+    if scope == "none":
+        return {}
+    each = {f"{name}:{mode}": {name: mode} for name in names for mode in MODES} if scope == "each" else {}
+    return each | {f"all:{mode}": {name: mode for name in names} for mode in (*MODES, *tokens)}
 
 
 @torch.no_grad()
@@ -504,7 +512,7 @@ def token_statistics(maps: BlockMaps, input_size: int) -> dict[str, np.ndarray]:
 def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: list[str] | None = None,
               limit: int = 0, batch_size: int = 32, workers: int = 2, sanity_images: int = 256, n_boot: int = 2000,
               seed: int = 0, progress: bool = True, records: Records | None = None, resume: bool = False,
-              rank: int = 0, world: int = 1, faithfulness_images: int = 64) -> dict | None:
+              rank: int = 0, world: int = 1, faithfulness_images: int = 64, interventions: str = "each") -> dict | None:
     """The whole study of any model with attention blocks (`byo.blocks_of`; layers: by module name) as the
     JSON-ready dict `study.json` holds.
 
@@ -535,7 +543,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     faith_set -= faith.done() if resume else set()
     todo = [i for i in shard(n_images, rank, world) if i not in done_before or i in faith_set]
     sanity_set = set(evenly_spaced(n_images, sanity_images)) if sanity_images else set()
-    runs = run_modes(names, token_modes(blocks))
+    runs = run_modes(names, token_modes(blocks), interventions)
     random_model = randomised_copy(model, seed + 1) if sanity_set else None
     random_modules = dict(random_model.named_modules()) if random_model is not None else {}
     random_blocks = {name: reinit_qk(module, adapter, seed + 2 + 10 * j) for j, (name, module, adapter) in enumerate(blocks)}
@@ -570,7 +578,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     if world > 1:
         return None
     return summarise(records.load(), blocks, meta, data, n_images, time.perf_counter() - t0, n_boot, seed,
-                     faith_records(faith))
+                     faith_records(faith), interventions)
 
 
 class ResidualNorms:
@@ -630,7 +638,7 @@ def faith_records(faith: Records) -> dict | None:
 
 
 def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_images: int, wall: float,
-              n_boot: int, seed: int, faith: dict | None = None) -> dict:
+              n_boot: int, seed: int, faith: dict | None = None, interventions: str = "each") -> dict:
     """study.json from the merged per-image records (`Records.load`) of every image of the split, and of the
     faithfulness measures (their own records) where there are some."""
     if len(rec["index"]) != n_images or not np.array_equal(rec["index"], np.arange(n_images)):
@@ -638,7 +646,7 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
         raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
                          "run again with --resume to finish them")
     names = [name for name, *_ in blocks]
-    runs = ["baseline", *run_modes(names, token_modes(blocks))]
+    runs = ["baseline", *run_modes(names, token_modes(blocks), interventions)]
     sanity = {}
     for name in names:
         mask = ~np.isnan(rec[f"{name}:sanity:qk"])
@@ -665,6 +673,7 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
                               **prefix_summary(rec.get(f"{name}:prefix"), adapter, n_boot, seed),
                               **token_summary(rec, name, adapter)}
                        for name, module, adapter in blocks},
+            "interventions_scope": interventions,
             "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs},
                                                   {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed),
             "sanity": sanity_summary(sanity),
@@ -825,6 +834,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
     p.add_argument("--faithfulness-images", type=int, default=64, help="images for the deletion and sink "
                    "measures (vggattn.study.faithfulness; 0 = skip)")
+    p.add_argument("--interventions", choices=SCOPES, default="each", help="each: every block alone and all at once "
+                   "(off, mean, uniform); all: all blocks at once only (a transformer's many blocks); none: skip")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
                    "records in OUT/records and study only the images they miss")
     add_model_arguments(p)
@@ -843,7 +854,7 @@ def load(args) -> tuple[torch.nn.Module, dict]:
 def study_kwargs(args) -> dict:
     return dict(layers=args.layers, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
                 sanity_images=args.sanity_images, n_boot=args.bootstrap, seed=args.seed, resume=args.resume,
-                faithfulness_images=args.faithfulness_images)
+                faithfulness_images=args.faithfulness_images, interventions=args.interventions)
 
 
 def main(argv=None) -> int:
@@ -908,7 +919,8 @@ def main_distributed(args, rank: int, world: int) -> int:
             return 0
         ds, _ = load_split(args.data, meta, args.limit)
         study = summarise(records.load(), blocks_of(model, meta, args.layers), meta, args.data, len(ds),
-                          time.perf_counter() - t0, args.bootstrap, args.seed, faith_records(records.of("faith")))
+                          time.perf_counter() - t0, args.bootstrap, args.seed, faith_records(records.of("faith")),
+                          args.interventions)
         study["world_size"] = world
         return finish(study, args, meta)
     except (StudyError, CheckpointError, ValueError) as e:
