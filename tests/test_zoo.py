@@ -73,3 +73,28 @@ def test_the_small_vits_to_train_are_found_with_their_prefix_by_name(registers):
         page = block.page()
         assert page.kind == "qk" and page.tokens == 1 + registers
         np.testing.assert_allclose(page.full_row(144 + registers).sum(), 1.0, atol=1e-9)  # the last prefix token
+
+
+VITS = {"vit_imagenette": CHECKPOINTS / "vit-imagenette-96.safetensors"}
+
+
+@pytest.mark.parametrize("factory", list(VITS))
+def test_the_shipped_small_vits_recognise_val_photos_and_show_their_prefix(factory, data_root):
+    """The small ViTs trained here (checkpoints/README.md has their card): small, loaded with their description;
+    two photos of each class, evenly spaced in the val split: at least 10 of 20 right (val top-1 about 60%, the
+    card); the page's rows of a patch and of the class token sum to 1 over the patches and the prefix tokens."""
+    pytest.importorskip("timm")
+    model, meta = byo.load_model(f"vggattn.zoo:{factory}", VITS[factory])
+    assert VITS[factory].stat().st_size < 25e6 and meta["input_size"] == 96 and len(meta["class_names"]) == 10
+    hits = 0
+    folders = sorted(p for p in (data_root / "val").iterdir() if p.is_dir())
+    for label, folder in enumerate(folders):
+        files = sorted(folder.glob("*.JPEG"))
+        for path in (files[0], files[len(files) // 2]):
+            result = analyze(model, meta, load_rgb(path))
+            hits += int(max(result.top_k(1), key=result.top_k(1).get) == meta["class_names"][label])
+    assert hits >= 10, hits
+    page = result.blocks[-1].page()
+    assert page.prefix_names[0] == "cls_token" and page.grid == (12, 12)
+    for i in (0, page.n):  # a patch's row, the class token's own row
+        assert page.full_row(i).sum() == pytest.approx(1.0, abs=1e-9)

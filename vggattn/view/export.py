@@ -115,7 +115,8 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
 
     n = len(result.blocks)
     tokens = any(b.maps.prefix_rows is not None for b in result.blocks)  # a transformer: a row for its class token
-    rows = len(points) + 2 + tokens
+    middle = result.gradcam is not None or any(b.contribution is not None for b in result.blocks)  # else no row
+    rows = len(points) + middle + 1 + tokens
     fig = Figure(figsize=(3.2 * (n + 1), 3.2 * rows))
     axes = fig.subplots(rows, n + 1, squeeze=False)
     h, w = result.display.shape[:2]
@@ -138,6 +139,8 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
             axes[r, c].set_title(f"{block.name}{gamma} q={ro['query_index']}\n{words}", fontsize=8)
     r = len(points)
     probs = result.probs
+    if not middle:
+        r -= 1  # the row below takes its place
     if result.gradcam is not None:
         axes[r, 0].imshow(map_picture(result, result.gradcam, opacity, colormap, mode))
         axes[r, 0].set_title(f"Grad-CAM: {result.class_names[int(probs.argmax())]}", fontsize=9)
@@ -153,7 +156,8 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
     axes[r, 0].text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=8)
     for c, (block, (mean_map, jsd)) in enumerate(zip(result.blocks, result.query_dependence()), start=1):
         axes[r, c].imshow(map_picture(result, mean_map, opacity, colormap, mode))
-        said = f"JSD from mean {jsd:.3f} nats" if jsd is not None else "(rows are no distributions)"
+        said = f"JSD from mean {jsd:.3f} nats" if jsd is not None else \
+            "(the patches' weights as they are)" if block.maps.prefix is not None else "(rows are no distributions)"
         axes[r, c].set_title(f"{block.name} mean over queries\n{said}", fontsize=8)
     if tokens:  # the first prefix token's own row over the patches (the class token's: DINO's view)
         r += 1
