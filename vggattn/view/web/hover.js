@@ -17,9 +17,10 @@ const api = {};
 let payload = null;       // decoded: {size, display, image, base (ImageData at display size), layers: [...]}
 let controls = {head: "mean", ...K.controls};  // opacity, colormap, mode, mark, scale (, head): the app's CONTROLS
 let view = "row";         // "row": where the position looks; "column": who looks at it
-let rolloutView = false;  // a transformer's panels show attention rollout up to each block instead of its own rows
-let normsView = false;    // a transformer's panels show the norms of the tokens entering each block instead of a row
-let headGrid = false;     // each panel as a grid of one small map per head (DINO's figures), each on its own scale
+// The view's switches, each a checkbox input.vggattn-<name> of the template: a transformer's panels show attention
+// rollout up to each block (rollout) or the norms of the tokens entering it (norms) instead of a row; heads: each
+// panel as a grid of one small map per head (DINO's figures), each on its own scale
+const switches = {rollout: false, norms: false, heads: false};
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let pinnedAt = 0;         // when (performance.now()) it was pinned
 let token = null;         // the prefix token (class, register) whose own row is pinned, by name (its tile was clicked)
@@ -404,7 +405,7 @@ function picture(li, x, y, how = view, size = null) {  // size: [w, h] smaller t
   if (map) how = "row";  // one map per image: no query picks a row, and no column either
   // row: values on the key grid, the query's cell on the query grid; column: the other way round
   const own = tokenIndex(L);  // a prefix token's own row: no cell of the image asks
-  const rolled = rolloutView && L.rollout;  // attention rollout's row instead of the block's own
+  const rolled = switches.rollout && L.rollout;  // attention rollout's row instead of the block's own
   if (own >= 0 || rolled) how = "row";
   const q = own >= 0 ? own : queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
   const full = rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null;
@@ -562,7 +563,7 @@ function drawLegend(legend, L, values, how, prefix) {
   let share = 0;
   if (prefix) for (const v of prefix) share += v;
   const pre = prefix ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
-  const own = (rolloutView && L.rollout ? "rollout (Abnar & Zuidema): " : "") +
+  const own = (switches.rollout && L.rollout ? "rollout (Abnar & Zuidema): " : "") +
     (tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "");
   const span = legend.querySelector("span"), text = `${lo} … ${own}${what}${pre}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
@@ -644,8 +645,8 @@ function drawPanel(i, x, y) {
   const parts = partsFor(i);
   if (!parts) return;
   const size = panelSize(i, parts.panel), small = size.w < payload.display[0] ? [size.w, size.h] : null;
-  if (normsView && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i, small)); return; }
-  if (headGrid && payload.layers[i].heads > 1 && !(rolloutView && payload.layers[i].rollout)) { drawHeads(i, x, y, parts); return; }
+  if (switches.norms && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i, small)); return; }
+  if (switches.heads && payload.layers[i].heads > 1 && !(switches.rollout && payload.layers[i].rollout)) { drawHeads(i, x, y, parts); return; }
   delete parts.canvas.dataset.heads;
   drawPicture(i, parts, picture(i, x, y, view, small));  // drawn at the panel's size where that is smaller
 }
@@ -707,7 +708,7 @@ function draw(x, y, since, log = latencies) {
 }
 
 function redraw() {  // the point under the pointer, else the pinned token's or point's row, else nothing
-  const at = current || pinned || (token !== null || normsView ? [0, 0] : null);
+  const at = current || pinned || (token !== null || switches.norms ? [0, 0] : null);
   if (payload && at) draw(at[0], at[1]); else hide();
 }
 
@@ -770,12 +771,10 @@ function setLine(text) {
 }
 
 function bindSwitch() {
-  const rollout = element.querySelector("input.vggattn-rollout");
-  if (rollout) { rollout.checked = rolloutView; rollout.onchange = () => setRolloutView(rollout.checked); }
-  const norms = element.querySelector("input.vggattn-norms");
-  if (norms) { norms.checked = normsView; norms.onchange = () => setNormsView(norms.checked); }
-  const grid = element.querySelector("input.vggattn-heads");
-  if (grid) { grid.checked = headGrid; grid.onchange = () => setHeadGrid(grid.checked); }
+  for (const name of Object.keys(switches)) {
+    const box = element.querySelector(`input.vggattn-${name}`);
+    if (box) { box.checked = switches[name]; box.onchange = () => setSwitch(name, box.checked); }
+  }
   const box = element.querySelector("input.vggattn-column");
   if (!box) return;
   box.checked = view === "column";
@@ -789,25 +788,10 @@ function setView(v) {
   redraw();
 }
 
-function setRolloutView(on) {
-  rolloutView = !!on;
-  const box = element.querySelector("input.vggattn-rollout");
-  if (box) box.checked = rolloutView;
-  redraw();
-}
-
-function setNormsView(on) {
-  normsView = !!on;
-  const box = element.querySelector("input.vggattn-norms");
-  if (box) box.checked = normsView;
-  if (normsView && payload && !current && !pinned && token === null) { draw(0, 0); return; }  // no query needed
-  redraw();
-}
-
-function setHeadGrid(on) {
-  headGrid = !!on;
-  const box = element.querySelector("input.vggattn-heads");
-  if (box) box.checked = headGrid;
+function setSwitch(name, on) {
+  switches[name] = !!on;
+  const box = element.querySelector(`input.vggattn-${name}`);
+  if (box) box.checked = switches[name];
   redraw();
 }
 
@@ -836,9 +820,9 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setHeadGrid, setNormsView, setRolloutView, setControls, listeners, latencies, frames, pins, fetched,
+  leave, setView, setSwitch, setControls, listeners, latencies, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
-  state: () => ({view, headGrid, normsView, rolloutView, pinned, current, token, controls: {...controls},
+  state: () => ({view, switches: {...switches}, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
 });
 window.vggattnHover = api;
