@@ -201,7 +201,7 @@ def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachab
     cls_rows = __import__("numpy").load(folder / f"{result['layers'][0]['name']}_prefix_rows.npy")
     assert cls_rows.shape == (5, 4, 4)
     from PIL import Image
-    assert Image.open(folder / "figure.png").size[1] == 320 * 4  # the point, the tabs' two rows, the class token's
+    assert Image.open(folder / "figure.png").size[1] == 320 * 3  # the point, the predictions and mean maps, the class token (no empty Grad-CAM row)
     for readouts in result["points"][0]["layers"].values():
         names = list(readouts["prefix"])
         assert names[0].endswith("cls_token") and [n.split(".")[-1] for n in names[1:]] == \
