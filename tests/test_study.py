@@ -191,6 +191,22 @@ def test_a_model_that_mixes_branches_gets_one_forward_a_run(images):
     torch.testing.assert_close(seen["block"].input, model.stem(x).detach())
 
 
+def test_a_model_that_mixed_branches_is_not_tried_again(monkeypatch):
+    """The fallback is remembered per model: the next batch goes straight to one forward a run, with the same
+    logits (a transformer's study tried the branched forward on every batch)."""
+    model = AroundTheBlock().eval()
+    x, blocks, runs = torch.randn(2, 3, 8, 8), adapters.find_blocks(model), study.run_modes(["block"])
+    tries = []
+    monkeypatch.setattr(study.Branches, "__init__", lambda self, *a, init=study.Branches.__init__: (
+        tries.append(1), init(self, *a))[1])
+    first, _ = study.branched_forward(model, x, blocks, runs)
+    second, _ = study.branched_forward(model, x, blocks, runs)
+    assert len(tries) == 1 and model in study._UNBRANCHED
+    for key in first:
+        torch.testing.assert_close(second[key], first[key])
+    assert AroundTheBlock() not in study._UNBRANCHED  # per model, not once for all
+
+
 def test_bootstrap_ci_on_known_cases():
     same = np.array([1, 0, 1, 1, 0] * 100)
     assert study.paired_bootstrap_ci(same, same) == (0.0, 0.0)

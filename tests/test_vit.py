@@ -245,6 +245,38 @@ def test_swin_rows_are_its_window_attention_with_the_shift_undone():
     assert any(blocks[1][1].shift_size)  # the second block is the shifted one
 
 
+def test_maxvit_block_and_grid_rows_lie_where_their_windows_and_grid_cells_are():
+    """MaxViT attends within windows (block) and within strided grid cells (grid), each stacked on the batch axis
+    inside its block: found at the block that takes the image's grid, each query's row lies on the cells of its own
+    window or grid cell in the image, and equals the model's own attention, at every stage."""
+    from timm.models.maxxvit import grid_partition, window_partition
+
+    torch.manual_seed(0)
+    model = timm.create_model("maxvit_nano_rw_256", pretrained=False, img_size=64, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    blocks = find_blocks(model, example=x)
+    names = [b[0] for b in blocks]
+    assert len(names) == 14 and names[:2] == ["stages.0.blocks.0.attn_block", "stages.0.blocks.0.attn_grid"]
+    want = {}
+    for name, module, _ in blocks:
+        attn = module.attn if hasattr(module, "partition_block") else module
+        attn.fused_attn = False
+        attn.attn_drop.register_forward_pre_hook(lambda m, a, n=name: want.setdefault(n, a[0]))
+    _, seen = watch(model, x, names, set(names))
+    for name, module, adapter in blocks:
+        maps = adapter.maps(module, seen[name].input, seen[name].events)
+        h, w = maps.grid
+        cells = torch.arange(h * w).reshape(1, h, w, 1)
+        if hasattr(module, "partition_block"):  # stage 3's window is its whole 2x2 grid: found at the attention
+            part = window_partition if module.partition_block else grid_partition
+            cells = part(cells, module.partition_size)
+        cells = cells.reshape(want[name].shape[0], -1)  # (windows or grid cells, their cells in order)
+        expect = torch.zeros(maps.heads, h * w, h * w)
+        for i in range(cells.shape[0]):
+            expect[:, cells[i][:, None], cells[i][None, :]] = want[name][i]
+        torch.testing.assert_close(maps.rows()[0], expect, rtol=1e-5, atol=1e-6)
+
+
 def test_the_apps_readouts_give_a_pinned_points_weights_on_the_prefix_tokens():
     """The app on a ViT with registers (random weights): a pinned point's readouts give its row's share on the
     prefix tokens and each one's weight by name (the model's own attention), not "not a distribution"."""

@@ -1099,8 +1099,8 @@ class Found:
 
 def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
-    the innermost module running it that takes an image grid (B, C, H, W) as its first input, other than the
-    model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with none, to the
+    the innermost module running it that takes an image grid (B, C, H, W) of the example's batch as its first input
+    (not windows or grid cells stacked on the batch axis, as MaxViT's), other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with none, to the
     innermost module running it."""
     stack: list = []
     shapes: dict = {}
@@ -1111,7 +1111,8 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     groups = event_groups(rec.events)
     for group in groups:
         where = rec.event_modules[group[0]]
-        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) == 4), None)
+        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) == 4
+                      and shapes[n][0] == example.shape[0]), None)
         if owner is None:
             owner = where[-1] if where else ""
         entry = found.setdefault(owner, Found(owner, 0, []))

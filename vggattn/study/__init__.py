@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -410,6 +411,9 @@ class Branches:
         return cat_outputs(outs)
 
 
+_UNBRANCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models that mixed branches: tried once each
+
+
 class BranchError(RuntimeError):
     """The model mixed branches (a block's input used after it, a batch size kept from before a block)."""
 
@@ -421,7 +425,11 @@ def branched_forward(model: torch.nn.Module, x: torch.Tensor, blocks: list,
     from one forward in which runs share what they compute until they differ (`Branches`): the part of the model
     before the first block runs once, each block runs its own forward once per branch and each intervention only
     where a run asks for it. A model that mixes branches (e.g. a shortcut around a block: an error or a wrong batch
-    at the end) gets one forward a run instead (`trace.watch`, `intervention_logits`)."""
+    at the end) gets one forward a run instead (`trace.watch`, `intervention_logits`), in this batch and every
+    later one."""
+    if model in _UNBRANCHED:
+        base, seen = watch(model, x, [name for name, *_ in blocks])
+        return {"baseline": base} | intervention_logits(model, x, runs), seen
     branches = Branches(runs, len(x))
     try:
         with ExitStack() as stack:
@@ -431,7 +439,8 @@ def branched_forward(model: torch.nn.Module, x: torch.Tensor, blocks: list,
         if len(logits) != len(branches.runs) * len(x) or len(branches.seen) != len(blocks):
             raise BranchError(f"{len(logits)} logits for {len(branches.runs)} branches of {len(x)}")
     except RuntimeError as err:  # BranchError, or a shape error from branches mixed
-        log.info("runs one forward each: %s", err)
+        log.info("runs one forward each from here on: %s", err)
+        _UNBRANCHED.add(model)
         base, seen = watch(model, x, [name for name, *_ in blocks])
         return {"baseline": base} | intervention_logits(model, x, runs), seen
     parts = logits.split(len(x))
