@@ -81,7 +81,8 @@ def test_the_small_vits_to_train_are_found_with_their_prefix_by_name(registers):
         np.testing.assert_allclose(page.full_row(144 + registers).sum(), 1.0, atol=1e-9)  # the last prefix token
 
 
-VITS = {"vit_imagenette": CHECKPOINTS / "vit-imagenette-96.safetensors"}
+VITS = {"vit_imagenette": CHECKPOINTS / "vit-imagenette-96.safetensors",
+        "vit_imagenette_reg4": CHECKPOINTS / "vit-reg4-imagenette-96.safetensors"}
 
 
 @pytest.mark.parametrize("factory", list(VITS))
@@ -96,5 +97,7 @@ def test_the_shipped_small_vits_recognise_val_photos_and_show_their_prefix(facto
     assert hits >= 10, hits
     page = result.blocks[-1].page()
     assert page.prefix_names[0] == "cls_token" and page.grid == (12, 12)
+    assert page.prefix_names[1:] == (["reg_token[0]", "reg_token[1]", "reg_token[2]", "reg_token[3]"]
+                                     if "reg4" in factory else [])
     for i in (0, page.n):  # a patch's row, the class token's own row
         assert page.full_row(i).sum() == pytest.approx(1.0, abs=1e-9)
