@@ -200,8 +200,13 @@ def test_third_party_blocks_in_the_page(browser, served, size):
         img.scroll_into_view_if_needed()
         box = img.bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
-        page.wait_for_function("document.querySelectorAll('canvas.vggattn-hover[data-query]').length === 5",
+        # a pointer move draws the panels on screen (within 100 px of it) and no other: at phone size some are not
+        drawn = "[0,1,2,3,4].map(i => !!document.querySelector(`#panel-${i} canvas.vggattn-hover[data-query]`))"
+        shown = ("[0,1,2,3,4].map(i => { const r = document.getElementById(`panel-${i}`).getBoundingClientRect(); "
+                 "return r.bottom > -100 && r.top < innerHeight + 100; })")
+        page.wait_for_function(f"{drawn}.some(d => d) && JSON.stringify({drawn}) === JSON.stringify({shown})",
                                timeout=10_000)
+        assert all(page.evaluate(shown)) == (size[0] > 1000), page.evaluate(shown)
         x, y = page.evaluate("window.vggattnHover.state().current")
         for li, layer in enumerate(layers):
             q = page.evaluate("([x, y, g]) => window.vggattnHover.queryIndex(x, y, g)", [x, y, list(layer.grid)])
@@ -214,6 +219,7 @@ def test_third_party_blocks_in_the_page(browser, served, size):
         assert [layer.kind for layer in layers].count("window") == 1  # the halo's rows: its windows, not N x M
         click_image_at(img, 0.05, 0.05)
         page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
+        page.wait_for_function(f"{drawn}.every(d => d)", timeout=10_000)  # a click draws every panel
         assert "of the row on padding" in page.locator("#readouts").inner_text()
         page.evaluate("window.scrollTo(0, 0)")
         ARTIFACTS.mkdir(exist_ok=True)

@@ -71,7 +71,9 @@ function decodeLayer(l, dtype) {
   };
 }
 
-let observer = null;      // watches the panels of deferred layers
+let observer = null;      // watches the panels: a deferred layer is fetched, and a panel drawn, when it is on screen
+const offscreen = new Set();  // panels off screen: not drawn per move (a big transformer's 12 would cost 40 ms)
+const stale = new Set();      // off-screen panels that missed a drawing: drawn when they come on screen
 const fetched = [];       // ms from a deferred layer's request to its panel drawn (last 1000)
 
 function requestLayer(i) {  // a deferred layer's arrays, from the server, once
@@ -116,11 +118,18 @@ function load(raw) {
   };
   if (observer) observer.disconnect();
   observer = null;
-  if (payload.fetch && typeof IntersectionObserver === "function") {  // a deferred layer is fetched when its panel shows
+  offscreen.clear(); stale.clear();
+  if (typeof IntersectionObserver === "function") {
     observer = new IntersectionObserver(entries => {
-      for (const e of entries) if (e.isIntersecting) requestLayer(Number(e.target.id.slice(6)));
+      for (const e of entries) {
+        const i = Number(e.target.id.slice(6));
+        if (!e.isIntersecting) { offscreen.add(i); continue; }
+        offscreen.delete(i);
+        if (payload && payload.layers[i] && payload.layers[i].deferred) requestLayer(i);
+        else if (stale.delete(i) && payload) { const at = current || pinned || (token !== null || switches.norms ? [0, 0] : null); if (at) drawPanel(i, at[0], at[1]); }
+      }
     }, {rootMargin: "100px"});
-    payload.layers.forEach((L, i) => { const el = L.deferred && document.getElementById(`panel-${i}`); if (el) observer.observe(el); });
+    payload.layers.forEach((L, i) => { const el = document.getElementById(`panel-${i}`); if (el) observer.observe(el); });
   }
   for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) {  // a transformer's prefix tiles, at once
     if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
@@ -640,8 +649,9 @@ function normsPicture(li, size = null) {
   return {im, q: -1, values: Float64Array.from(values, v => v / median), how: "norms", prefix, median, high};
 }
 
-function drawPanel(i, x, y) {
+function drawPanel(i, x, y, all = false) {
   if (payload.layers[i].deferred) return;  // drawn when its arrays arrive (its panel came on screen: requestLayer)
+  if (!all && offscreen.has(i)) { stale.add(i); return; }  // drawn when it comes on screen
   const parts = partsFor(i);
   if (!parts) return;
   const size = panelSize(i, parts.panel), small = size.w < payload.display[0] ? [size.w, size.h] : null;
@@ -651,7 +661,10 @@ function drawPanel(i, x, y) {
   drawPicture(i, parts, picture(i, x, y, view, small));  // drawn at the panel's size where that is smaller
 }
 
+let sizes = null;          // panel i's size, read for every panel before any is drawn (draw): no reflow per panel
+
 function panelSize(i, panel) {  // the panel's canvas, and the picture's size and place in it (letterboxed)
+  if (sizes && sizes[i]) return sizes[i];
   const bw = Math.max(1, panel.clientWidth - 2), bh = Math.max(1, panel.clientHeight - 2);
   const ph = bh > 4 * LEGEND_STRIP ? bh - LEGEND_STRIP : bh;  // the picture above the colour scale's strip
   const room = payload.layers[i].P ? TILES_WIDTH : 0;  // the prefix tiles' column, right of the picture
@@ -688,9 +701,15 @@ function drawPicture(i, parts, drawn) {  // a picture into panel i (scaled if it
   canvas.dataset.view = how;
 }
 
-function draw(x, y, since, log = latencies) {
+function draw(x, y, since, log = latencies, all = true) {  // all false (a pointer move): the panels on screen only
   if (!payload) return;
-  for (let i = 0; i < Math.min(K.num_panels, payload.layers.length); i++) drawPanel(i, x, y);
+  const count = Math.min(K.num_panels, payload.layers.length);
+  sizes = [];  // every panel's layout read first, then all drawn (reading one after drawing another forces a reflow)
+  for (let i = 0; i < count; i++) {
+    const parts = (all || !offscreen.has(i)) && partsFor(i);
+    sizes[i] = parts ? panelSize(i, parts.panel) : null;
+  }
+  try { for (let i = 0; i < count; i++) drawPanel(i, x, y, all); } finally { sizes = null; }
   if (token !== null && !current) {
     setLine(`Pinned: the ${token} token's own row in every layer (its weights on the patches as they are; the tiles ` +
             `give its weights on the prefix tokens). Click its tile again, or a pixel, to leave it.`);
@@ -754,7 +773,7 @@ const listeners = {
     if (!p) { if (current) leave(); return; }
     if (current && p[0] === current[0] && p[1] === current[1]) return;
     current = p;
-    draw(p[0], p[1], e.timeStamp);
+    draw(p[0], p[1], e.timeStamp, latencies, false);
   },
   pointerdown: e => { const p = pixelAt(e); if (p) pin(p[0], p[1], e.timeStamp); },
   pointerout: e => { if (!e.relatedTarget && current) leave(); },  // the pointer left the window
