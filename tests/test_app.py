@@ -1,6 +1,7 @@
 """Handler tests: call the app's functions directly, no server."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,7 +205,7 @@ def test_export_writes_a_zip_with_figure_maps_and_numbers(mm, ui):
 
     model, meta = mm
     state = upload(ui, mm)[ui.state]
-    out = app.on_export(ui, model, state, (30, 40), 0.5, "jet", "smooth")
+    out = app.on_export(ui, model, state, (30, 40), 0.5, "jet", "smooth", meta=meta)
     archive, figure = out[ui.export_file], out[ui.export_png]
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"figure.png", "result.json", "gradcam.npy", "features.14_attention.npy", "features.30_mean_attention.npy"} <= names
@@ -212,6 +213,10 @@ def test_export_writes_a_zip_with_figure_maps_and_numbers(mm, ui):
     assert result["points"][0]["xy"] == [30, 40] and result["points"][0]["layers"]["features.14"]["query_index"] == \
         vggattn.query_index((30, 40), (224, 224), state.result.blocks[0].maps.grid)
     assert figure.endswith("figure.png")
+    # the live view in one file, also in the zip: the pinned point drawn when it opens, this export's controls
+    html = Path(out[ui.export_html]).read_text()
+    assert Path(out[ui.export_html]).name == "vggattn-export-x30-y40.html" and "view.html" in names
+    assert "first = [30, 40];" in html and '"colormap": "jet"' in html and "attention-VGG16 (width" in html
 
 
 def dataset_markdown(demo) -> str:

@@ -14,7 +14,9 @@ The article's model (the shipped checkpoint, or --checkpoint) or any model with 
 - `result.json`: predictions (or the model's score), γ, each block's family, grids and what its numbers are,
   for each point its query cell and readouts in every block (and the share of the row on padding where
   windows have halos), per block the mean contribution and query dependence, and the top-5 with each block
-  switched off (ablation: one extra forward per block).
+  switched off (ablation: one extra forward per block);
+- with `--html`, `view.html`: the live view in one self-contained file (the picture, each block's queries and keys,
+  the app's page script; the first point pinned) that follows the pointer and pins clicks offline, in any browser.
 A folder is run as a batch with a progress bar; an image that cannot be read is reported and skipped.
 """
 
@@ -31,6 +33,7 @@ from .byo import add_model_arguments, load_from_args
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .view.export import write_result
+from .view.live import about_model
 from .view.render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
@@ -77,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (one subfolder per image)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
+    p.add_argument("--html", action="store_true",
+                   help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
+                        "opens in any browser with no server and no network")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
     add_model_arguments(p)
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
             result = analyze(model, meta, image, args.layers)
             write_result(result, points, target, None if args.no_ablation else model, source=str(image_path),
-                         opacity=args.opacity, colormap=args.colormap)
+                         opacity=args.opacity, colormap=args.colormap, live=args.html, about=about_model(meta, args.checkpoint))
         except (ImageLoadError, ValueError) as e:
             failed += 1
             log.error("%s: %s (skipped)", image_path, e)

@@ -48,6 +48,7 @@ from ..byo import add_model_arguments, load_from_args, wants_own_model
 from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
+from ..view.live import about_model
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
 from ..view.hover import PageLayer, page_payload
 from ..data import query_index
@@ -153,6 +154,7 @@ class UI:
     ablation_verdict: gr.Markdown
     export_file: gr.File
     export_png: gr.Image
+    export_html: gr.File
 
     @property
     def maps(self) -> list:
@@ -219,7 +221,7 @@ def blank(ui: UI) -> dict:
     return {ui.state: None, ui.point: None, ui.hover: None, ui.labels: None, ui.score: "", ui.gammas_md: "",
             ui.gammas_plot: None, ui.seen: None, ui.status: "Upload an image to begin.", **panel_updates(ui),
             ui.readouts: "", **map_updates(ui, None), ui.ablation: None, ui.ablation_verdict: "",
-            ui.export_file: None, ui.export_png: None}
+            ui.export_file: None, ui.export_png: None, ui.export_html: None}
 
 
 def prediction_outputs(ui: UI, result: Analysis) -> dict:
@@ -415,12 +417,13 @@ def on_ablate(ui: UI, model: nn.Module, state, layers, mode="off") -> dict:
     return {ui.ablation: df, ui.ablation_verdict: verdict}
 
 
-def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
-    """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download."""
+def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict | None = None) -> dict:
+    """Write the current view (figure PNG, maps as NPY, numbers as JSON) into a zip to download, and the live view
+    as one HTML file (`vggattn.view.live`: opens offline in any browser, the pinned point drawn)."""
     problem = click_problem(state)
     if problem:
         gr.Warning(problem)
-        return {ui.export_file: None, ui.export_png: None}
+        return {ui.export_file: None, ui.export_png: None, ui.export_html: None}
     EXPORT_DIR.mkdir(parents=True, exist_ok=True)
     for old in EXPORT_DIR.iterdir():  # keep the folder small: exports are fetched right away
         if time.time() - old.stat().st_mtime > 3600:
@@ -428,10 +431,12 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode) -> dict:
     work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
     point = pinned_point(state, point)
     write_result(state.result, [point] if point is not None else [], work / "vggattn", model, opacity=opacity,
-                 colormap=colormap, mode=mode)
+                 colormap=colormap, mode=mode, source=Path(state.path).name if state.path else None, live=True,
+                 about=about_model(meta or {}))
     name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
     archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
-    return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png")}
+    view = (work / "vggattn" / "view.html").rename(work / f"{name}.html")
+    return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png"), ui.export_html: str(view)}
 
 
 def api_analyze(model, meta, layers, path):
@@ -603,7 +608,9 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
             with gr.Tab("Export") as export_tab:
                 export_button = gr.Button("Export the current view", elem_id="export-button")
                 with gr.Row():
-                    export_file = gr.File(label="zip: figure.png, maps as .npy, result.json", elem_id="export")
+                    export_file = gr.File(label="zip: figure.png, maps as .npy, result.json, view.html", elem_id="export")
+                    export_html = gr.File(label="the live view in one HTML file: follows the pointer, opens offline "
+                                                "in any browser", elem_id="export-html")
                     export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
             with gr.Tab("Blocks") as blocks_tab:
                 gr.Markdown(blocks_markdown(blocks), elem_id="blocks")
@@ -616,7 +623,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 gammas_md=gammas_md, gammas_plot=gammas_plot, seen=seen, status=status, panels=panels,
                 readouts=readouts, contribution=contribution, mean_maps=mean_maps, gradcam=cam,
                 contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation,
-                ablation_verdict=ablation_verdict, export_file=export_file, export_png=export_png)
+                ablation_verdict=ablation_verdict, export_file=export_file, export_png=export_png,
+                export_html=export_html)
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]  # added by launch()
         demo.vggattn_css = CSS
@@ -651,8 +659,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
             control.change(None, controls, None, js=CONTROLS_JS, queue=False, api_name=False)  # the page redraws
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off, how], [ablation, ablation_verdict],
                             api_name="ablate")
-        export_button.click(bind(on_export, ui, model), [state, point, opacity, colormap, mode],
-                            [export_file, export_png], api_name="export")
+        export_button.click(bind(on_export, ui, model, meta=meta), [state, point, opacity, colormap, mode],
+                            [export_file, export_png, export_html], api_name="export")
 
         with gr.Row(visible=False):  # the click, for gradio_client: /upload, then /pin in the same session
             pin_x, pin_y = gr.Number(label="x"), gr.Number(label="y")

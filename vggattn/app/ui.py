@@ -12,15 +12,13 @@ import gradio as gr
 from PIL import Image
 
 from ..data import ImageLoadError, open_image
-from ..view.hover import page_props
+from ..view.hover import CONTROLS, WEB, page_props  # noqa: F401  (CONTROLS, WEB: app's)
 from ..view.render import COLORMAPS, LOG_DECADES, SCALES, UPSAMPLING
 from ..study.report import figures as study_figures, missing_study_markdown, summary_markdown
 
 HERE = Path(__file__).resolve().parents[2]  # the checkout (assets/); an installed package has no examples
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
-WEB = Path(__file__).resolve().parents[1] / "view" / "web"  # the hover view's script, template and style
-CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "
                "window.vggattnHover.setControls({opacity, colormap, mode, mark, scale}); }")

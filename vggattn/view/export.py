@@ -179,9 +179,11 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
 
 
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,
-                 source: str | None = None, opacity: float = 0.8, colormap: str = "inferno", mode: str = "smooth") -> dict:
+                 source: str | None = None, opacity: float = 0.8, colormap: str = "inferno", mode: str = "smooth",
+                 live: bool = False, about: str = "") -> dict:
     """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict. model: for the
-    ablation forwards and Grad-CAM (None: neither)."""
+    ablation forwards and Grad-CAM (None: neither). live: also view.html, the live view in one file that opens
+    offline (`vggattn.view.live`, the first point pinned; about: its line on the model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model is not None:
@@ -208,6 +210,14 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
             save(f"{safe}_prefix_rows.npy", rows.reshape(-1, *block.maps.key_grid))
     if result.gradcam is not None:
         save("gradcam.npy", result.gradcam)
+    if live:
+        from .live import live_html
+
+        page = live_html(result, [b.page() for b in result.blocks], title=Path(source).name if source else "image",
+                         about=about, controls={"opacity": opacity, "colormap": colormap, "mode": mode},
+                         pin=points[0] if points else None)
+        atomic_write(out / "view.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        files.append("view.html")
     summary["files"] = sorted(files)
     figure(result, points, out / "figure.png", opacity, colormap, mode)
     text = json.dumps(summary, indent=2)

@@ -18,6 +18,7 @@ import base64
 import json
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,6 +80,10 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
 def payload_bytes(payload: dict) -> int:
     """Size of the payload as JSON, in bytes (what one upload sends the page)."""
     return len(json.dumps(payload).encode())
+
+
+WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, template and style
+CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 
 
 def page_props(num_panels: int, controls: dict) -> dict:

@@ -141,7 +141,8 @@ function load(raw) {
   const normsLabel = element.querySelector("label.vggattn-norms-label");
   if (normsLabel) normsLabel.style.display = payload.layers.some(L => L.norms || (L.deferred && L.P)) ? "" : "none";
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
-  setLine("Move the pointer over the image: the panels follow it. Click to pin a point (its numbers appear below)." + tiles);
+  setLine("Move the pointer over the image: the panels follow it. Click to pin a point" +
+          (K.standalone ? "." : " (its numbers appear below).") + tiles);
 }
 
 // -- maths (float64 accumulation; the reference is LayerCapture.rows / .column and hover.PageLayer in Python) ----
@@ -746,8 +747,10 @@ function pinToken(name, since = performance.now()) {  // a prefix token's own ro
 function pixelAt(e) {
   const img = document.querySelector("#input-image img");
   if (!payload || !img || !img.naturalWidth) return null;
-  const r = img.getBoundingClientRect(), nw = img.naturalWidth, nh = img.naturalHeight;
-  const s = Math.min(r.width / nw, r.height / nh, 1);
+  // data-size "WxH": the image the picture stands for (a saved view shows the display copy, vggattn/view/live.py)
+  const [nw, nh] = img.dataset.size ? img.dataset.size.split("x").map(Number) : [img.naturalWidth, img.naturalHeight];
+  const r = img.getBoundingClientRect();
+  const s = Math.min(r.width / nw, r.height / nh, img.dataset.size ? Infinity : 1);  // Gradio's: never enlarged
   const x = Math.round((Math.trunc(e.clientX) - r.left - (r.width - nw * s) / 2) / s);
   const y = Math.round((Math.trunc(e.clientY) - r.top - (r.height - nh * s) / 2) / s);
   if (x < 0 || y < 0 || x >= nw || y >= nh) return null;
