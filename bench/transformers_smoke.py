@@ -25,21 +25,23 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="an ImageFolder split")
     p.add_argument("--limit", type=int, default=20, help="images the study reads")
     p.add_argument("--out", default="/tmp/vggattn-smoke", help="output root")
+    p.add_argument("--input-size", type=int, help="the size each model is built for and fed (default: timm's)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vggattn import explain, study
 
     print("| model | explain (s) | study of N images (s) | blocks | patches' share on the prefix tokens, first and last block |")
     print("|---|---|---|---|---|")
+    size = ["--input-size", str(args.input_size)] if args.input_size else []
     for name in args.models:
         out = Path(args.out) / name
         try:
             t0 = time.perf_counter()
             explain.main([str(HERE / "assets" / "church.jpg"), "--timm", name, "--out", str(out / "explain"),
-                          "--no-ablation"])
+                          "--no-ablation", *size])
             t1 = time.perf_counter()
             study.main(["--timm", name, "--data", args.data, "--limit", str(args.limit), "--out", str(out / "study"),
-                        "--sanity-images", "0", "--faithfulness-images", "0", "--bootstrap", "200", "--workers", "0"])
+                        "--sanity-images", "0", "--faithfulness-images", "0", "--bootstrap", "200", "--workers", "0", *size])
             t2 = time.perf_counter()
             s = json.loads((out / "study" / "study.json").read_text())
             layers = list(s["layers"].values())

@@ -212,6 +212,24 @@ def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachab
         load_hf("facebook/dinov2-with-registers-small")
 
 
+def test_timm_at_another_input_size_offline(tmp_path, monkeypatch):
+    """`--timm NAME --input-size S` with the hub unreachable: random weights with the warning, the transformer built
+    for S (DINOv2 is made for 518 px; at 56 px its grid is 4x4), explain runs on it and names its registers."""
+    import json
+
+    from vggattn import explain
+    from vggattn.byo import load_timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, meta = load_timm("vit_small_patch14_reg4_dinov2", input_size=56)
+    assert meta["input_size"] == 56 and meta["weights"] == "random" and "random weights" in meta["warning"]
+    assert explain.main([str(ASSETS / "church.jpg"), "--timm", "vit_small_patch14_reg4_dinov2", "--input-size", "56",
+                         "--out", str(tmp_path), "--no-ablation", "--layers", "blocks.0.attn", "blocks.11.attn"]) == 0
+    result = json.loads((tmp_path / "church" / "result.json").read_text())
+    assert [b["grid"] for b in result["layers"]] == [[4, 4], [4, 4]]
+    assert len(result["layers"][0]["prefix_rows"]) == 5
+
+
 def test_swin_rows_are_its_window_attention_with_the_shift_undone():
     """Swin's blocks take (B, H, W, C) grids (channels last), shift them cyclically and attend within windows: read
     from the computation, each query's row lies on the key cells of its (shifted) window in the image's own

@@ -96,8 +96,10 @@ def hub_reachable(host: str = "huggingface.co") -> bool:
         return False
 
 
-def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None) -> tuple[nn.Module, dict]:
-    """A timm model by name; ImageNet class names from timm's own tables when it has 1000 classes."""
+def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None,
+              input_size: int | None = None) -> tuple[nn.Module, dict]:
+    """A timm model by name; ImageNet class names from timm's own tables when it has 1000 classes. input_size: the
+    size it is fed (a transformer is built for it: timm resamples its position embeddings; default: timm's)."""
     try:
         import timm
         from timm.data import ImageNetInfo, resolve_data_config
@@ -105,16 +107,22 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None)
         raise CheckpointError('--timm needs timm: pip install "vggattn[timm]"') from None
     warning = None
     model = None
+
+    def create(weights: bool):
+        try:
+            return timm.create_model(name, pretrained=weights, **({"img_size": input_size} if input_size else {}))
+        except TypeError:  # a model with no img_size (a CNN takes any size as it is)
+            return timm.create_model(name, pretrained=weights)
     if pretrained and hub_reachable():
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = create(True)
         except Exception as e:  # no such weights, network: one sentence, then random weights
             warning = f"timm could not get pretrained weights for {name} ({str(e).splitlines()[0][:160]})"
     elif pretrained:
         warning = f"timm's hub is not reachable from here: {name} has random weights"
     if model is None:
         try:
-            model = timm.create_model(name, pretrained=False)
+            model = create(False)
         except Exception as e:
             raise CheckpointError(f"timm has no model {name!r}: {e}") from None
         warning = warning or f"{name} has random weights (pretrained off)"
@@ -127,7 +135,7 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None)
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
         ids = [info.index_to_label_name(i) for i in range(1000)]  # wnids: ImageFolder splits map by them
-    meta = describe(f"timm:{name}", config["input_size"][-1], names, config["mean"], config["std"],
+    meta = describe(f"timm:{name}", input_size or config["input_size"][-1], names, config["mean"], config["std"],
                     weights="random" if warning else "pretrained", class_ids=ids)
     if warning:
         meta["warning"] = f"⚠ {warning}: the maps show an untrained model's attention."
@@ -185,7 +193,7 @@ def add_model_arguments(parser) -> None:
     own.add_argument("--hf", metavar="NAME_OR_FOLDER", help="a transformers image classifier: a folder saved with "
                      "save_pretrained, or a Hub id (ViT, DINOv2, DINOv2 with registers, ...)")
     own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
-    own.add_argument("--input-size", type=int, help="square input size for --model (default: the checkpoint's, "
+    own.add_argument("--input-size", type=int, help="square input size for --model or --timm (default: the checkpoint's or timm's, "
                      "else 224)")
     own.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: the checkpoint's, "
                      f"else ImageNet's {IMAGENET_MEAN})")
@@ -227,7 +235,7 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
     if not wants_own_model(args):
         model, meta = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT, device=device)
     elif args.timm:
-        model, meta = load_timm(args.timm, classes=args.classes)
+        model, meta = load_timm(args.timm, classes=args.classes, input_size=args.input_size)
     elif getattr(args, "hf", None):
         model, meta = load_hf(args.hf, classes=args.classes)
     else:
