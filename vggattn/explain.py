@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .analysis import analyze
 from .byo import add_model_arguments, load_from_args
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
-from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
+from .data import IMAGE_SUFFIXES, ImageLoadError, open_image, query_index
 from .view.export import write_result
 from .view.live import about_model
 from .view.render import COLORMAPS
@@ -80,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (one subfolder per image)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
+    p.add_argument("--compare", metavar="B",
+                   help="also write compare.html (A/B under one pointer, and B minus A per layer) and compare.json, "
+                        "against B: another image file; reinit (every block's Q and K re-initialised); off, mean or "
+                        "uniform (every block's attention intervened on); or another model: a checkpoint file, "
+                        "timm:NAME or hf:NAME_OR_FOLDER")
     p.add_argument("--html", action="store_true",
                    help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
                         "opens in any browser with no server and no network")
@@ -87,6 +92,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
     add_model_arguments(p)
     return p.parse_args(argv)
+
+
+INTERVENE = ("off", "mean", "uniform")
+
+
+def compare_side(args, model, meta) -> dict:
+    """What --compare names, as {"label", and "image" (a path) or "model" + "meta" (another model, or this one with
+    Q and K re-initialised) or "intervention" (a mode)}."""
+    what = args.compare
+    if what == "reinit":
+        import copy
+
+        from .analysis import blocks_of
+        from .attention.adapters import reset
+
+        twin = copy.deepcopy(model)
+        for name, _, adapter in blocks_of(model, meta, args.layers):
+            for i, sub in enumerate(adapter.qk_modules):
+                reset(twin.get_submodule(f"{name}.{sub}" if sub else name), 1000 + i)
+        return {"label": "the same model, every block's Q and K re-initialised", "model": twin.eval(), "meta": meta}
+    if what in INTERVENE:
+        return {"label": f"the same model, every block's attention {what}", "intervention": what}
+    path = Path(what)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return {"label": path.name, "image": path}
+    spec = argparse.Namespace(**{**vars(args), "checkpoint": None, "model": None, "timm": None, "hf": None,
+                                 "layers": None, "input_size": None})
+    if what.startswith(("timm:", "hf:")):
+        setattr(spec, what.split(":")[0], what.split(":", 1)[1])
+    else:
+        spec.checkpoint = what
+    model_b, meta_b = load_from_args(spec)
+    return {"label": about_model(meta_b, spec.checkpoint), "model": model_b, "meta": meta_b}
+
+
+def write_compare(result, model, meta, other: dict, image, image_path: Path, point, target: Path, args) -> None:
+    """compare.html and compare.json (per pair of layers at the first point: B minus A's largest change, where,
+    and the rows' JSD) for one image."""
+    import json
+
+    from .attention.adapters import Intervention
+    from .analysis import blocks_of
+    from .view.compare import Side, compare_html, difference, point_on
+
+    if "image" in other:
+        result_b = analyze(model, meta, open_image(other["image"]), args.layers)
+    elif "intervention" in other:
+        with Intervention(model, {n: other["intervention"] for n, *_ in blocks_of(model, meta, args.layers)}):
+            result_b = analyze(model, meta, image, args.layers)
+    else:
+        result_b = analyze(other["model"], other["meta"], image, args.layers if other["meta"] is meta else None)
+    a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result,
+             [blk.page() for blk in result.blocks])
+    b = Side(other["label"], result_b, [blk.page() for blk in result_b.blocks])
+    page = compare_html(a, b, title=image_path.name, pin=point)
+    (target / "compare.html").write_text(page, encoding="utf-8")
+    xy_b = point_on(point, result.size, result_b.size)
+    pairs = []
+    for la, lb in zip(a.layers, b.layers):
+        qa, qb = query_index(point, result.size, la.grid), query_index(xy_b, result_b.size, lb.grid)
+        d = difference(la.row(qa), la.key_grid, lb.row(qb), lb.key_grid)
+        pairs.append({"a": la.name, "b": lb.name, "grid": list(d["grid"]), "largest_change": d["largest"],
+                      "at_cell": divmod(d["cell"], d["grid"][1]), "jsd_bits": d["jsd"]})
+    (target / "compare.json").write_text(json.dumps({"a": a.label, "b": b.label, "point_a": list(point),
+                                                     "point_b": list(xy_b), "layers": pairs}, indent=2))
+    log.info("%s: compare.html against %s", image_path.name, other["label"])
 
 
 def main(argv=None) -> int:
@@ -103,6 +174,7 @@ def main(argv=None) -> int:
         log.error("error: no images found")
         return BAD_INPUT
     failed = 0
+    other = None  # --compare's B, made at the first image
     out = Path(args.out)
     for image_path, target in tqdm(list(zip(images, unique_dirs(images, out))), desc="explain", unit="image",
                                    disable=len(images) == 1):
@@ -117,7 +189,11 @@ def main(argv=None) -> int:
             result = analyze(model, meta, image, args.layers)
             write_result(result, points, target, None if args.no_ablation else model, source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap, live=args.html, about=about_model(meta, args.checkpoint))
-        except (ImageLoadError, ValueError) as e:
+            if args.compare:
+                if other is None:
+                    other = compare_side(args, model, meta)
+                write_compare(result, model, meta, other, image, image_path, points[0], target, args)
+        except (ImageLoadError, ValueError, CheckpointError) as e:
             failed += 1
             log.error("%s: %s (skipped)", image_path, e)
     log.info("wrote %d of %d images to %s", len(images) - failed, len(images), out)
