@@ -219,6 +219,25 @@ def test_export_writes_a_zip_with_figure_maps_and_numbers(mm, ui):
     assert "first = [30, 40];" in html and '"colormap": "jet"' in html and "attention-VGG16 (width" in html
 
 
+def test_compare_tab_makes_the_ab_page_for_each_kind_of_b(mm, ui):
+    """The Compare tab's handler: for re-initialised Q and K, an intervention and another image, a frame holding the
+    A/B page (both sides at the pinned point) and the same page as a file; no image yet or no B image: a warning,
+    nothing made."""
+    import html
+
+    model, meta = mm
+    state = upload(ui, mm)[ui.state]
+    for kind, other in (("reinit", None), ("mean", None), ("image", str(ASSET))):
+        frame, path = app.on_compare(model, meta, None, state, (30, 40), kind, other)
+        page = Path(path).read_text()
+        assert frame.startswith("<iframe") and html.escape(page, quote=True) in frame
+        assert "first = [30, 40];" in page and "B − A" in page  # A's point, pinned; the difference panels' script
+    with pytest.warns(UserWarning):
+        assert app.on_compare(model, meta, None, state, None, "image", None) == ("", None)
+    with pytest.warns(UserWarning):
+        assert app.on_compare(model, meta, None, None, None, "reinit", None) == ("", None)
+
+
 def dataset_markdown(demo) -> str:
     return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "study")
 

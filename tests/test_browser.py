@@ -366,6 +366,38 @@ def test_tabs_contribution_ablation_and_export(page):
                            timeout=60_000)
     x, y = page.evaluate("window.vggattnHover.state().pinned")  # the last click of the tests above
     assert f"vggattn-export-x{x}-y{y}" in page.locator("#export").inner_text()
+    assert "vggattn-export" in page.locator("#export-html").inner_text()  # the live view as one file beside it
+
+    page.get_by_role("tab", name="Compare").click()  # A/B: this image and model against its Q and K re-initialised
+    page.locator("#compare-button").click()
+    page.wait_for_function("document.querySelector('#compare-view iframe')", timeout=60_000)
+    ab = page.frame_locator("#compare-view iframe")
+
+    def frames():  # the live frames by their element's id
+        out = {}
+        for f in page.frames:
+            if f != page.main_frame and not f.is_detached():
+                out[f.frame_element().get_attribute("id")] = f
+        return out
+    page.wait_for_function("document.querySelector('#compare-view iframe').contentWindow.vggattnCompare"
+                           " && document.querySelector('#compare-view iframe').contentWindow.vggattnCompare.ready",
+                           timeout=60_000)
+    side_a, side_b = frames()["side-a"], frames()["side-b"]
+    assert side_a.evaluate("window.vggattnHover.state().pinned") == [x, y] == side_b.evaluate(
+        "window.vggattnHover.state().pinned")  # the same image: the same pixel
+    picture_a = ab.frame_locator("#side-a").locator("#input-image img")
+    picture_a.scroll_into_view_if_needed()
+    box = picture_a.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.2)
+    page.wait_for_function("() => { const w = document.querySelector('#compare-view iframe').contentWindow; "
+                           "return w.document.getElementById('side-b').contentWindow.vggattnHover.state().current; }",
+                           timeout=10_000)
+    assert side_b.evaluate("window.vggattnHover.state().current") == side_a.evaluate("window.vggattnHover.state().current")
+    assert "re-initialised" in ab.locator("h2").nth(1).inner_text()
+    assert "compare" in page.locator("#compare-file").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
+    assert "Error" not in page.locator("body").inner_text()
 
 
 def test_dataset_tab_shows_the_shipped_study(page):

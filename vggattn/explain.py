@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .analysis import analyze
 from .byo import add_model_arguments, load_from_args
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
-from .data import IMAGE_SUFFIXES, ImageLoadError, open_image, query_index
+from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .view.export import write_result
 from .view.live import about_model
 from .view.render import COLORMAPS
@@ -94,26 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-INTERVENE = ("off", "mean", "uniform")
-
-
 def compare_side(args, model, meta) -> dict:
-    """What --compare names, as {"label", and "image" (a path) or "model" + "meta" (another model, or this one with
-    Q and K re-initialised) or "intervention" (a mode)}."""
+    """What --compare names, as {"label", and "image" (a path), "kind" (`vggattn.view.compare.KINDS`), or "model"
+    and "meta" (another model)}."""
+    from .view.compare import KINDS
+
     what = args.compare
-    if what == "reinit":
-        import copy
-
-        from .analysis import blocks_of
-        from .attention.adapters import reset
-
-        twin = copy.deepcopy(model)
-        for name, _, adapter in blocks_of(model, meta, args.layers):
-            for i, sub in enumerate(adapter.qk_modules):
-                reset(twin.get_submodule(f"{name}.{sub}" if sub else name), 1000 + i)
-        return {"label": "the same model, every block's Q and K re-initialised", "model": twin.eval(), "meta": meta}
-    if what in INTERVENE:
-        return {"label": f"the same model, every block's attention {what}", "intervention": what}
+    if what in KINDS:
+        return {"label": KINDS[what], "kind": what}
     path = Path(what)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return {"label": path.name, "image": path}
@@ -128,35 +116,22 @@ def compare_side(args, model, meta) -> dict:
 
 
 def write_compare(result, model, meta, other: dict, image, image_path: Path, point, target: Path, args) -> None:
-    """compare.html and compare.json (per pair of layers at the first point: B minus A's largest change, where,
-    and the rows' JSD) for one image."""
+    """compare.html and compare.json (`vggattn.view.compare.numbers`) for one image."""
     import json
 
-    from .attention.adapters import Intervention
-    from .analysis import blocks_of
-    from .view.compare import Side, compare_html, difference, point_on
+    from .view.compare import Side, analysed_b, compare_html, numbers
 
     if "image" in other:
         result_b = analyze(model, meta, open_image(other["image"]), args.layers)
-    elif "intervention" in other:
-        with Intervention(model, {n: other["intervention"] for n, *_ in blocks_of(model, meta, args.layers)}):
-            result_b = analyze(model, meta, image, args.layers)
+    elif "kind" in other:
+        result_b = analysed_b(model, meta, image, other["kind"], args.layers)
     else:
-        result_b = analyze(other["model"], other["meta"], image, args.layers if other["meta"] is meta else None)
+        result_b = analyze(other["model"], other["meta"], image)
     a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result,
              [blk.page() for blk in result.blocks])
     b = Side(other["label"], result_b, [blk.page() for blk in result_b.blocks])
-    page = compare_html(a, b, title=image_path.name, pin=point)
-    (target / "compare.html").write_text(page, encoding="utf-8")
-    xy_b = point_on(point, result.size, result_b.size)
-    pairs = []
-    for la, lb in zip(a.layers, b.layers):
-        qa, qb = query_index(point, result.size, la.grid), query_index(xy_b, result_b.size, lb.grid)
-        d = difference(la.row(qa), la.key_grid, lb.row(qb), lb.key_grid)
-        pairs.append({"a": la.name, "b": lb.name, "grid": list(d["grid"]), "largest_change": d["largest"],
-                      "at_cell": divmod(d["cell"], d["grid"][1]), "jsd_bits": d["jsd"]})
-    (target / "compare.json").write_text(json.dumps({"a": a.label, "b": b.label, "point_a": list(point),
-                                                     "point_b": list(xy_b), "layers": pairs}, indent=2))
+    (target / "compare.html").write_text(compare_html(a, b, title=image_path.name, pin=point), encoding="utf-8")
+    (target / "compare.json").write_text(json.dumps(numbers(a, b, point), indent=2))
     log.info("%s: compare.html against %s", image_path.name, other["label"])
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import logging
 import os
 import secrets
@@ -48,6 +49,7 @@ from ..byo import add_model_arguments, load_from_args, wants_own_model
 from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
+from ..view.compare import KINDS as COMPARE_KINDS, Side, analysed_b, compare_html
 from ..view.live import about_model
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
 from ..view.hover import PageLayer, page_payload
@@ -439,6 +441,35 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict |
     return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png"), ui.export_html: str(view)}
 
 
+def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tuple:
+    """The Compare tab: this image and model (A) against B (`vggattn.view.compare.KINDS`, or another image), as the
+    A/B page in a frame and as one file to download; A's pinned point (else the centre) pinned on both."""
+    problem = click_problem(state)
+    if problem:
+        gr.Warning(problem)
+        return "", None
+    if kind == "image" and not other_image:
+        gr.Warning("Choose B's image first (the box beside the choice), or another kind of B.")
+        return "", None
+    result = state.result
+    a = Side(about_model(meta), result, state.layers)
+    if kind == "image":
+        result_b = analyze(model, meta, load_upload(other_image), layers)
+        a.label, label = "this image", Path(other_image).name
+    else:
+        result_b = analysed_b(model, meta, load_upload(state.path), kind, layers)
+        label = COMPARE_KINDS[kind]
+    b = Side(label, result_b, [blk.page() for blk in result_b.blocks])
+    point = pinned_point(state, point) or (result.size[0] // 2, result.size[1] // 2)
+    page = compare_html(a, b, title=Path(state.path).name if state.path else "image", pin=point)
+    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=EXPORT_DIR)) / "compare.html"
+    path.write_text(page, encoding="utf-8")
+    frame = (f'<iframe title="A/B" srcdoc="{html.escape(page, quote=True)}" style="width: 100%; height: 1500px; '
+             'border: 0"></iframe>')
+    return frame, str(path)
+
+
 def api_analyze(model, meta, layers, path):
     """Stateless: image -> (top-5 label dict, or {"output i": value} without class logits; {block: γ})."""
     result = analyze(model, meta, load_upload(path), layers)
@@ -612,6 +643,20 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                     export_html = gr.File(label="the live view in one HTML file: follows the pointer, opens offline "
                                                 "in any browser", elem_id="export-html")
                     export_png = gr.Image(label="figure.png", interactive=False, elem_id="export-figure")
+            with gr.Tab("Compare"):
+                gr.Markdown("**A/B under one pointer.** A is this image through this model; B is what you choose. "
+                            "Both views follow the pointer and clicks at the same place in their images, and under "
+                            "them each pair of layers shows B's row minus A's with its largest change and JSD. The "
+                            "view is one HTML file: download it to keep or share (it opens offline).")
+                with gr.Row():
+                    compare_kind = gr.Radio([(label, kind) for kind, label in COMPARE_KINDS.items()] +
+                                            [("another image (below)", "image")], value="reinit", label="B",
+                                            elem_id="compare-kind")
+                    compare_image = gr.Image(type="filepath", label="B's image (for \"another image\")",
+                                             sources=["upload"], height=160, elem_id="compare-image")
+                    compare_button = gr.Button("Compare", elem_id="compare-button")
+                compare_view = gr.HTML(elem_id="compare-view")
+                compare_file = gr.File(label="compare.html: the A/B view in one file", elem_id="compare-file")
             with gr.Tab("Blocks") as blocks_tab:
                 gr.Markdown(blocks_markdown(blocks), elem_id="blocks")
             with gr.Tab("Dataset") as dataset_tab:
@@ -659,6 +704,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
             control.change(None, controls, None, js=CONTROLS_JS, queue=False, api_name=False)  # the page redraws
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off, how], [ablation, ablation_verdict],
                             api_name="ablate")
+        compare_button.click(bind(on_compare, model, meta, layers), [state, point, compare_kind, compare_image],
+                             [compare_view, compare_file], api_name="compare")
         export_button.click(bind(on_export, ui, model, meta=meta), [state, point, opacity, colormap, mode],
                             [export_file, export_png, export_html], api_name="export")
 

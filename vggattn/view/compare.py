@@ -72,6 +72,55 @@ def point_on(xy: tuple[float, float], size_from: tuple[int, int], size_to: tuple
     return min(wt - 1, int((x + 0.5) * wt / wf)), min(ht - 1, int((y + 0.5) * ht / hf))
 
 
+KINDS = {"reinit": "the same model, every block's Q and K re-initialised",
+         "off": "the same model, every block's attention off", "mean": "the same model, every block's rows its mean row",
+         "uniform": "the same model, every block's rows uniform"}  # what B can be besides another image or model
+
+
+def twin_with_new_qk(model, meta: dict, layers: list[str] | None = None, seed: int = 1000):
+    """A copy of the model with every attention block's Q and K parameters re-initialised (`Adapter.qk_modules`)."""
+    import copy
+
+    from ..analysis import blocks_of
+    from ..attention.adapters import reset
+
+    twin = copy.deepcopy(model)
+    for name, _, adapter in blocks_of(model, meta, layers):
+        for i, sub in enumerate(adapter.qk_modules):
+            reset(twin.get_submodule(f"{name}.{sub}" if sub else name), seed + i)
+    return twin.eval()
+
+
+def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = None):
+    """The `Analysis` of B for a kind in KINDS: the image through the model with its Q and K re-initialised, or with
+    every block's attention intervened on (`Intervention`: a block's own rows are read from its input as always, so
+    what changes is every block after one intervened on)."""
+    from ..analysis import analyze, blocks_of
+    from ..attention.adapters import Intervention
+
+    if kind == "reinit":
+        return analyze(twin_with_new_qk(model, meta, layers), meta, image, layers)
+    if kind not in KINDS:
+        raise ValueError(f"B must be one of {list(KINDS)}, another image or another model; got {kind!r}")
+    with Intervention(model, {n: kind for n, *_ in blocks_of(model, meta, layers)}):
+        return analyze(model, meta, image, layers)
+
+
+def numbers(a: Side, b: Side, point: tuple[float, float]) -> dict:
+    """What compare.json holds: per pair of layers at A's point (and B's at the same place), B minus A's largest change,
+    where, and the rows' JSD (`difference`)."""
+    from ..data import query_index
+
+    xy_b = point_on(point, a.result.size, b.result.size)
+    pairs = []
+    for la, lb in zip(a.layers, b.layers):
+        qa, qb = query_index(point, a.result.size, la.grid), query_index(xy_b, b.result.size, lb.grid)
+        d = difference(la.row(qa), la.key_grid, lb.row(qb), lb.key_grid)
+        pairs.append({"a": la.name, "b": lb.name, "grid": list(d["grid"]), "largest_change": d["largest"],
+                      "at_cell": list(divmod(d["cell"], d["grid"][1])), "jsd_bits": d["jsd"]})
+    return {"a": a.label, "b": b.label, "point_a": list(point), "point_b": list(xy_b), "layers": pairs}
+
+
 COMPARE_CSS = """
 .sides { display: flex; gap: 12px; align-items: flex-start; }
 .side { flex: 1 1 0; min-width: 0; } .side h2 { font-size: 15px; margin: 0 0 4px; }
@@ -172,6 +221,9 @@ const start = setInterval(() => {  // each side pins its first point itself (the
   hook(fa, fb, DATA.sizeA, DATA.sizeB);
   hook(fb, fa, DATA.sizeB, DATA.sizeA);
   drawDiffs(api(fa).state().pinned, api(fb).state().pinned);
+  try {  // shown in a frame of the app: the frame as tall as the page, so the differences show under the views
+    if (window.frameElement) window.frameElement.style.height = (document.documentElement.scrollHeight + 20) + "px";
+  } catch (e) { /* a frame of another origin: it keeps its height */ }
   window.vggattnCompare.ready = true;
 }, 30);
 window.vggattnCompare = {results, ready: false, onOther, drawDiffs};
