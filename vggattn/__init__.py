@@ -15,9 +15,16 @@ def launch(model, *, transform=None, class_names=None, **kw):
     return serve(model, transform=transform, class_names=class_names, **kw)
 
 
+def show(model=None, image=None, **kw):
+    """The live view inline in a Jupyter notebook (`vggattn.notebook.show`; needs vggattn[notebook])."""
+    from .notebook import show as widget
+
+    return widget(model, image, **kw)
+
+
 __all__ = [
     "DEFAULT_CHECKPOINT", "CheckpointError", "load_checkpoint", "save_checkpoint",
     "ImageLoadError", "cell_box", "open_image", "preprocess", "query_index", "GlobalAttention", "ModelConfig",
     "VGG16WithAttention", "attention_layer_names", "fold_batchnorm", "from_torchvision", "gammas",
-    "vgg16_with_attention", "Analysis", "analyze", "launch",
+    "vgg16_with_attention", "Analysis", "analyze", "launch", "show",
 ]
