@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import gradio as gr
 
 from vggattn import app
 import vggattn
@@ -236,6 +237,28 @@ def test_compare_tab_makes_the_ab_page_for_each_kind_of_b(mm, ui):
         assert app.on_compare(model, meta, None, state, None, "image", None) == ("", None)
     with pytest.warns(UserWarning):
         assert app.on_compare(model, meta, None, None, None, "reinit", None) == ("", None)
+
+
+def test_a_link_names_an_example_its_point_and_controls(mm, ui):
+    """on_link: ?example=church.jpg&x=..&y=..&scale=log: that photo analysed, the point pinned (clamped into it), the
+    controls set, the page told the point; the image's echo of the link is not a second upload; a photo the app lacks
+    or a point that is no number: a warning, nothing else."""
+    model, meta = mm
+    out = app.on_link(ui, model, meta, {"example": "church.jpg", "x": "9999", "y": "10", "scale": "log", "mark": "0"})
+    state = out[ui.state]
+    assert out[ui.point] == (223, 10) and out[ui.hover]["pin"] == [223, 10] and out[ui.hover]["example"] == "church.jpg"
+    assert dict(zip(ui.controls, [out[c] for c in ui.controls]))[ui.controls[4]] == "log" and out[ui.controls[3]] is False
+    assert "Pinned: pixel (223, 10)" in out[ui.status] and out[ui.image].endswith("church.jpg")
+    echo = app.on_upload(ui, model, meta, out[ui.image], state)
+    assert echo[ui.hover]["pin"] == [223, 10] and echo[ui.hover]["again"] and state.linked is None
+    assert all(v == gr.skip() for k, v in echo.items() if k is not ui.hover)  # nothing else of the view redone
+    with pytest.warns(UserWarning, match="does not have"):
+        nothing = app.on_link(ui, model, meta, {"example": "elsewhere.jpg"})
+    assert all(v == gr.skip() for v in nothing.values())
+    with pytest.warns(UserWarning, match="could not be read"):
+        plain = app.on_link(ui, model, meta, {"example": "church.jpg", "x": "left", "y": "2"})
+    assert plain[ui.point] is None and isinstance(plain[ui.state], app.Session)
+    assert all(v == gr.skip() for v in app.on_link(ui, model, meta, {}).values())  # no link: every output skipped
 
 
 def dataset_markdown(demo) -> str:

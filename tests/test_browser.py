@@ -400,6 +400,47 @@ def test_tabs_contribution_ablation_and_export(page):
     assert "Error" not in page.locator("body").inner_text()
 
 
+def test_a_link_opens_the_same_view(page):
+    """The address bar carries the view of an example photo: opening ?example=church.jpg&x=60&y=150&... analyses it,
+    pins the point (server and page) and sets the controls; a click and a control change rewrite the address, and
+    that address opened in a new page gives the same view; a link to a photo the app lacks is a warning."""
+    from urllib.parse import parse_qs, urlparse
+
+    base = page.url.split("?")[0]
+    view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+    try:
+        view.goto(base + "?example=church.jpg&x=60&y=150&colormap=jet&scale=log&column=1")
+        view.wait_for_function("window.vggattnHover && window.vggattnHover.ready() && window.vggattnHover.state().pinned",
+                               timeout=60_000)
+        state = view.evaluate("window.vggattnHover.state()")
+        assert state["pinned"] == [60, 150] and state["view"] == "column"
+        view.wait_for_function("window.vggattnHover.state().controls.colormap === 'jet'", timeout=10_000)
+        assert view.evaluate("window.vggattnHover.state().controls.scale") == "log"
+        view.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel (60, 150)')",
+                               timeout=30_000)
+        assert "church" in view.locator("#predictions").inner_text()
+        click_image_at(view.locator("#input-image img").first, 0.8, 0.3)
+        view.wait_for_function("!location.search.includes('x=60&')", timeout=10_000)
+        view.locator("#scale").get_by_label("linear").check()
+        view.wait_for_function("location.search.includes('scale=linear')", timeout=10_000)
+        link = view.url
+        q = {k: v[0] for k, v in parse_qs(urlparse(link).query).items()}
+        assert q["example"] == "church.jpg" and [int(q["x"]), int(q["y"])] == view.evaluate(
+            "window.vggattnHover.state().pinned") and q["column"] == "1"
+        again = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
+        again.goto(link)
+        again.wait_for_function("window.vggattnHover && window.vggattnHover.ready() && window.vggattnHover.state().pinned",
+                                timeout=60_000)
+        assert again.evaluate("window.vggattnHover.state().pinned") == [int(q["x"]), int(q["y"])]
+        again.wait_for_function("window.vggattnHover.state().controls.scale === 'linear'", timeout=10_000)
+        again.close()
+        view.goto(base + "?example=nothing-like-it.jpg&x=1&y=1")
+        view.wait_for_function("document.body.innerText.includes('which this app does not have')", timeout=30_000)
+        assert "Upload an image to begin" in view.locator("#status").inner_text()
+    finally:
+        view.close()
+
+
 def test_dataset_tab_shows_the_shipped_study(page):
     """The shipped study in the app: headline, tables and figures."""
     page.get_by_role("tab", name="Dataset").click()

@@ -125,6 +125,8 @@ class Session:
     layers: list[PageLayer]
     path: str | None = None  # the file analysed
     stale: bool = False  # a newer upload of this session is being analysed (`on_upload`)
+    linked: dict | None = None  # made by a link (`on_link`): its page payload, sent again when the image's change
+    # event echoes it (the page drops its maps at every upload's start), which is not an upload
 
     @property
     def size(self) -> tuple[int, int]:
@@ -157,6 +159,8 @@ class UI:
     export_file: gr.File
     export_png: gr.Image
     export_html: gr.File
+    image: gr.Image  # the input image (a link sets it)
+    controls: list  # opacity, colormap, mode, mark, scale, head (a link sets them)
 
     @property
     def maps(self) -> list:
@@ -265,7 +269,7 @@ def session_outputs(ui: UI, model: nn.Module, meta: dict, session: Session, hove
     note = unsure_note(result, meta)
     gammas = result.gammas()
     return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
-        ui.state: session, ui.hover: deferred_payload(result, pages, hover_dtype),
+        ui.state: session, ui.hover: deferred_payload(result, pages, hover_dtype) | link_fields(session.path),
         ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
         ui.gammas_md: gamma_markdown(result),
         ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
@@ -284,6 +288,9 @@ def on_upload(ui: UI, model: nn.Module, meta: dict, path, state=None, hover_dtyp
     Gradio's image fires its change event twice for one upload: `busy` ({session id: the file it is analysing})
     makes the second a no-op while the first runs, and a file the session has just analysed is answered from its
     analysis, not run again."""
+    if isinstance(state, Session) and state.linked:  # the link's own image shown: analysed and pinned already
+        payload, state.linked = state.linked, None
+        return {c: gr.skip() for c in blank(ui)} | {ui.hover: payload | {"again": True}}  # a new value: loaded again
     if path and isinstance(state, Session) and not state.stale and state.path == str(path):
         return session_outputs(ui, model, meta, state, hover_dtype, tab, opacity, colormap, mode)
     if busy is not None and path and busy.get(session_id) == str(path):
@@ -439,6 +446,58 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict |
     archive = shutil.make_archive(str(work / name), "zip", work / "vggattn")
     view = (work / "vggattn" / "view.html").rename(work / f"{name}.html")
     return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png"), ui.export_html: str(view)}
+
+
+LINK_CONTROLS = {"opacity": float, "colormap": str, "mode": str, "mark": lambda v: v not in ("0", "false", "no"),
+                 "scale": str, "head": str}  # a link's controls, as the page writes them into the address
+
+
+def example_name(path: str | None) -> str | None:
+    """The name of the example photo this file is a copy of (Gradio copies an example before the upload), else None."""
+    if not path:
+        return None
+    import filecmp
+
+    return next((Path(e).name for e in EXAMPLES if Path(e).name == Path(path).name
+                 and filecmp.cmp(e, path, shallow=False)), None)
+
+
+def link_fields(path: str | None) -> dict:
+    """What the page needs to keep a link to its view in the address bar: the example's name, when it is one."""
+    name = example_name(path)
+    return {"example": name} if name else {}
+
+
+def on_link(ui: UI, model: nn.Module, meta: dict, params: dict, hover_dtype: str = "float32",
+            layers: list[str] | None = None) -> dict:
+    """A link's view (the page keeps it in the address bar: ?example=church.jpg&x=60&y=150&column=1&scale=log...): that
+    example photo analysed and shown, its point pinned, the controls as the link says; nothing in the link: nothing
+    done. A link to an example that is not here, or with values that make no sense, is a warning and the app as it
+    is."""
+    skip = {c: gr.skip() for c in [*blank(ui), ui.image, *ui.controls]}
+    name = params.get("example")
+    if not name:
+        return skip
+    path = next((e for e in EXAMPLES if Path(e).name == name), None)
+    if path is None:
+        gr.Warning(f"This link names the example photo {name!r}, which this app does not have.")
+        return skip
+    try:
+        controls = {k: conv(params[k]) for k, conv in LINK_CONTROLS.items() if k in params}
+        point = (int(float(params["x"])), int(float(params["y"]))) if "x" in params and "y" in params else None
+    except ValueError:
+        gr.Warning("This link's point or controls could not be read; the example is shown as it is.")
+        controls, point = {}, None
+    c = {**CONTROLS, "head": "mean", **controls}
+    out = on_image(ui, model, meta, path, hover_dtype, layers, "contribution", c["opacity"], c["colormap"], c["mode"])
+    session = out[ui.state]
+    out[ui.hover] = {**out[ui.hover], "pin": list(point) if point else None, "column": params.get("column") == "1"}
+    if point is not None:
+        out |= on_point(ui, session, *point, c["opacity"], c["colormap"], c["mode"], c["mark"], c["scale"], c["head"])
+        out[ui.hover]["pin"] = list(out[ui.point])  # clamped into the image
+    session.linked = out[ui.hover]
+    return out | {ui.image: path} | dict(zip(ui.controls, (c["opacity"], c["colormap"], c["mode"], c["mark"], c["scale"],
+                                                              c["head"])))
 
 
 def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tuple:
@@ -669,7 +728,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 readouts=readouts, contribution=contribution, mean_maps=mean_maps, gradcam=cam,
                 contribution_md=contribution_md, dependence_md=dependence_md, ablation=ablation,
                 ablation_verdict=ablation_verdict, export_file=export_file, export_png=export_png,
-                export_html=export_html)
+                export_html=export_html, image=image,
+                controls=[opacity, colormap, mode, mark, scale, head])
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]  # added by launch()
         demo.vggattn_css = CSS
@@ -696,12 +756,16 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         # no loading overlay on the panels: the page has drawn the pin already (show_progress hidden)
         image.select(click, [state, opacity, colormap, mode, mark, scale, head, page_draws], point_outputs(ui),
                      js=PIN_JS, api_name="click", show_progress="hidden")
-        controls = [opacity, colormap, mode, mark, scale, head]
+        controls = ui.controls
         for control in controls:
             control.change(bind(on_controls, ui), [state, point, *controls, open_tab],
                            [*panels, *ui.maps, contribution_md, dependence_md], show_progress="hidden",
                            api_name=f"rerender_{control.elem_id or 'number'}")
             control.change(None, controls, None, js=CONTROLS_JS, queue=False, api_name=False)  # the page redraws
+
+        def link(request: gr.Request):  # the page's address carries its view: ?example=church.jpg&x=60&y=150&...
+            return on_link(ui, model, meta, dict(getattr(request, "query_params", None) or {}), hover_dtype, layers)
+        demo.load(link, None, [*blank(ui), ui.image, *ui.controls], api_name=False)
         ablate_button.click(bind(on_ablate, ui, model), [state, layers_off, how], [ablation, ablation_verdict],
                             api_name="ablate")
         compare_button.click(bind(on_compare, model, meta, layers), [state, point, compare_kind, compare_image],

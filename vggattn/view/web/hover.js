@@ -114,8 +114,10 @@ function load(raw) {
   payload = {
     dtype: raw.dtype, size: raw.size, display: raw.display_size, image, base: null, bytes: JSON.stringify(raw).length,
     sent: JSON.stringify(raw).length,  // the upload's own payload; bytes adds the layers fetched later
-    layers: raw.layers.map(l => decodeLayer(l, raw.dtype)), fetch: raw.fetch || null,
+    layers: raw.layers.map(l => decodeLayer(l, raw.dtype)), fetch: raw.fetch || null, example: raw.example || null,
   };
+  if (raw.pin) { pinned = raw.pin.slice(); pinnedAt = 0; }  // a link's point (the server pinned it): drawn when ready
+  if (raw.column) { view = "column"; const box = element.querySelector("input.vggattn-column"); if (box) box.checked = true; }
   if (observer) observer.disconnect();
   observer = null;
   offscreen.clear(); stale.clear();
@@ -143,6 +145,26 @@ function load(raw) {
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
   setLine("Move the pointer over the image: the panels follow it. Click to pin a point" +
           (K.standalone ? "." : " (its numbers appear below).") + tiles);
+  syncLink();
+}
+
+// The address bar carries the view of an example photo (its name, the pinned point, the column view, the
+// controls), so a copied link opens the same view (vggattn.app.on_link); an uploaded photo's view has no link
+const LINK = ["example", "x", "y", "column", "opacity", "colormap", "mode", "mark", "scale", "head"];
+function syncLink() {
+  if (K.standalone || typeof history === "undefined") return;
+  try {
+    const url = new URL(location.href);
+    LINK.forEach(k => url.searchParams.delete(k));
+    if (payload && payload.example) {
+      url.searchParams.set("example", payload.example);
+      if (pinned) { url.searchParams.set("x", String(pinned[0])); url.searchParams.set("y", String(pinned[1])); }
+      if (view === "column") url.searchParams.set("column", "1");
+      for (const k of ["opacity", "colormap", "mode", "scale", "head"]) url.searchParams.set(k, String(controls[k]));
+      url.searchParams.set("mark", controls.mark ? "1" : "0");
+    }
+    if (url.href !== location.href) history.replaceState(history.state, "", url);
+  } catch (e) { /* a page that cannot change its address (a frame of another origin): no link */ }
 }
 
 // -- maths (float64 accumulation; the reference is LayerCapture.rows / .column and hover.PageLayer in Python) ----
@@ -768,6 +790,7 @@ function pin(x, y, since) {
   pinnedAt = performance.now();
   current = null;
   draw(x, y, since, pins);
+  syncLink();
 }
 
 const listeners = {
@@ -808,6 +831,7 @@ function setView(v) {
   const box = element.querySelector("input.vggattn-column");
   if (box) box.checked = view === "column";
   redraw();
+  syncLink();
 }
 
 function setSwitch(name, on) {
@@ -820,6 +844,7 @@ function setSwitch(name, on) {
 function setControls(c) {
   Object.assign(controls, c);
   redraw();
+  syncLink();
 }
 
 bindSwitch();
