@@ -252,6 +252,9 @@ def test_a_link_names_an_example_its_point_and_controls(mm, ui):
     echo = app.on_upload(ui, model, meta, out[ui.image], state)
     assert echo[ui.hover]["pin"] == [223, 10] and echo[ui.hover]["again"] and state.linked is None
     assert all(v == gr.skip() for k, v in echo.items() if k is not ui.hover)  # nothing else of the view redone
+    linked = app.on_link(ui, model, meta, {"example": "church.jpg"})[ui.state]  # then, first, the person's own file
+    mine = app.on_upload(ui, model, meta, str(ASSET.parent / "parachute.jpg"), linked)
+    assert mine[ui.state].path.endswith("parachute.jpg") and mine[ui.state] is not linked  # analysed, not skipped
     with pytest.warns(UserWarning, match="does not have"):
         nothing = app.on_link(ui, model, meta, {"example": "elsewhere.jpg"})
     assert all(v == gr.skip() for v in nothing.values())

@@ -31,6 +31,11 @@ def page():
         browser.close()
 
 
+def app_url(page) -> str:
+    """The app's address without the link the page keeps in it (a view of an example photo: `vggattn.app.on_link`)."""
+    return page.url.split("?")[0]
+
+
 def jpeg_of(rgb) -> bytes:
     import io
 
@@ -232,7 +237,7 @@ def test_page_and_server_draw_the_same_pictures(page, tmp_path):
     layers = [page_layer(b.name, b.maps, b.family) for b in result.blocks]  # as the app sends them
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
-        view.goto(page.url)
+        view.goto(app_url(page))
         view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
         view.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "wide.png"))
         view.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
@@ -279,7 +284,7 @@ def test_column_view_of_a_sink_lights_every_query(page):
                                  display_jpeg=jpeg_of(np.full((64, 64, 3), 128, np.uint8)))
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
-        view.goto(page.url)
+        view.goto(app_url(page))
         view.wait_for_function("window.vggattnHover && document.querySelector('#panel-2')", timeout=60_000)
         view.evaluate("(p) => { window.vggattnHover.load(p); window.vggattnHover.setControls("
                       "{opacity: 1, colormap: 'jet', mark: false}); window.vggattnHover.setView('column'); }",
@@ -331,8 +336,8 @@ def test_clicks_render_through_the_server_when_the_hover_script_fails(page):
                       headers={"content-type": "text/html; charset=utf-8"})
 
     try:
-        view.route(page.url, broken)
-        open_upload_and_click_centre(view, page.url)
+        view.route(app_url(page), broken)
+        open_upload_and_click_centre(view, app_url(page))
         view.wait_for_function("[0,1,2].every(i => document.querySelector(`#panel-${i} img`))", timeout=30_000)
         assert view.evaluate("document.querySelectorAll('canvas.vggattn-hover').length") == 0
         assert view.evaluate("typeof window.vggattnHover") == "undefined"
@@ -406,7 +411,7 @@ def test_a_link_opens_the_same_view(page):
     that address opened in a new page gives the same view; a link to a photo the app lacks is a warning."""
     from urllib.parse import parse_qs, urlparse
 
-    base = page.url.split("?")[0]
+    base = app_url(page)
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     try:
         view.goto(base + "?example=church.jpg&x=60&y=150&colormap=jet&scale=log&column=1")
@@ -483,7 +488,7 @@ def test_layout_image_and_panels(page, width, height):
     them overlap; a 390 px phone: they stack. Screenshots go to artifacts/."""
     view = page.context.browser.new_page(viewport={"width": width, "height": height})
     try:
-        open_upload_and_click_centre(view, page.url)
+        open_upload_and_click_centre(view, app_url(page))
         boxes = [view.locator(s).bounding_box() for s in ("#input-image", "#panel-0", "#panel-1", "#panel-2")]
         ARTIFACTS.mkdir(exist_ok=True)
         view.screenshot(path=str(ARTIFACTS / f"app-{width}x{height}.png"))
@@ -542,7 +547,7 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
     view = page.context.browser.new_page(viewport={"width": 1440, "height": 900})
     errors, log = [], []
     view.on("pageerror", lambda e: errors.append(str(e)))
-    view.goto(page.url)
+    view.goto(app_url(page))
     view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
     img = view.locator("#input-image img").first
     size = None
@@ -636,7 +641,7 @@ def test_a_new_upload_forgets_the_pinned_point(page, tmp_path):
     errors = []
     view.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        view.goto(page.url)
+        view.goto(app_url(page))
         view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
         for name in ("large.jpg", "tiny.png"):
             path, (w, h) = kinds[name]

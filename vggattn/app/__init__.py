@@ -288,7 +288,8 @@ def on_upload(ui: UI, model: nn.Module, meta: dict, path, state=None, hover_dtyp
     Gradio's image fires its change event twice for one upload: `busy` ({session id: the file it is analysing})
     makes the second a no-op while the first runs, and a file the session has just analysed is answered from its
     analysis, not run again."""
-    if isinstance(state, Session) and state.linked:  # the link's own image shown: analysed and pinned already
+    if isinstance(state, Session) and state.linked and example_name(path) == Path(state.path).name:  # the link's own
+        # image shown (a copy of the example): analysed and pinned already; any other file is an upload
         payload, state.linked = state.linked, None
         return {c: gr.skip() for c in blank(ui)} | {ui.hover: payload | {"again": True}}  # a new value: loaded again
     if path and isinstance(state, Session) and not state.stale and state.path == str(path):
