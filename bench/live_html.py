@@ -85,6 +85,26 @@ def main(argv=None) -> int:
             load, hover = measure(browser, path)
             print(f"| {what} | {path.stat().st_size / 1e6:.2f} MB | {dtype} | {error:.2e} | {load:.2f} | {hover:.1f} |",
                   flush=True)
+        # the A/B file: the shipped checkpoint against the quarter-width one (its load: both frames pinned, B - A drawn)
+        from vggattn.view.compare import Side, compare_html
+
+        (m_a, meta_a), (m_b, meta_b) = cases[0][1:], vggattn.load_checkpoint(
+            HERE / "checkpoints" / "vgg16att-imagenette-w025-128.safetensors", device="cpu")
+        ra, rb = analyze(m_a, meta_a, church), analyze(m_b, meta_b, church)
+        path = args.out / "compare.html"
+        path.write_text(compare_html(Side("A", ra, [b.page() for b in ra.blocks]),
+                                     Side("B", rb, [b.page() for b in rb.blocks]), title="church"), encoding="utf-8")
+        times = []
+        for _ in range(3):
+            context = browser.new_context(viewport={"width": 1440, "height": 900}, offline=True)
+            page = context.new_page()
+            t0 = time.perf_counter()
+            page.goto(path.as_uri())
+            page.wait_for_function("window.vggattnCompare && window.vggattnCompare.ready", timeout=120_000, polling=10)
+            times.append(time.perf_counter() - t0)
+            context.close()
+        print(f"| A/B: shipped against quarter-width, church.jpg | {path.stat().st_size / 1e6:.2f} MB | float32 | - | "
+              f"{statistics.median(times):.2f} | - |")
         browser.close()
     return 0
 
