@@ -41,11 +41,14 @@ def compared(tmp_path, what: str, point: str = "60,150") -> dict:
 
 def test_what_each_kind_of_b_changes(tmp_path):
     """The same image as B: nothing changes. Every block off: the first block's rows stay (its input is the same),
-    later ones change. Q and K re-initialised: every block's rows change."""
+    later ones change. Two layers: one pair, on the finer grid. Q and K re-initialised: every block's rows change."""
     same = compared(tmp_path / "same", str(CHURCH))
     assert all(p["jsd_bits"] == 0 and p["largest_change"] == 0 for p in same["layers"])
     off = compared(tmp_path / "off", "off")
     assert off["layers"][0]["jsd_bits"] == pytest.approx(0, abs=1e-9) and off["layers"][1]["jsd_bits"] > 0.01
+    layers = compared(tmp_path / "layers", "layers:features.14,features.30")  # two layers, the finer grid
+    assert [(p["a"], p["b"], p["grid"]) for p in layers["layers"]] == [("features.14", "features.30", [64, 64])]
+    assert layers["layers"][0]["jsd_bits"] > 0.01
     reinit = compared(tmp_path / "reinit", "reinit")
     assert all(p["jsd_bits"] > 0.01 for p in reinit["layers"]) and "re-initialised" in reinit["b"]
     assert (tmp_path / "reinit" / "church" / "compare.html").stat().st_size > 100_000

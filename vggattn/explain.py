@@ -83,8 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", metavar="B",
                    help="also write compare.html (A/B under one pointer, and B minus A per layer) and compare.json, "
                         "against B: another image file; reinit (every block's Q and K re-initialised); off, mean or "
-                        "uniform (every block's attention intervened on); or another model: a checkpoint file, "
-                        "timm:NAME or hf:NAME_OR_FOLDER")
+                        "uniform (every block's attention intervened on); layers:NAME,NAME (two layers of this "
+                        "model); or another model: a checkpoint file, timm:NAME or hf:NAME_OR_FOLDER")
     p.add_argument("--html", action="store_true",
                    help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
                         "opens in any browser with no server and no network")
@@ -102,6 +102,8 @@ def compare_side(args, model, meta) -> dict:
     what = args.compare
     if what in KINDS:
         return {"label": KINDS[what], "kind": what}
+    if what.startswith("layers:"):  # two layers of this model, side by side on the same image
+        return {"label": what, "layers": what}
     path = Path(what)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return {"label": path.name, "image": path}
@@ -119,16 +121,21 @@ def write_compare(result, model, meta, other: dict, image, image_path: Path, poi
     """compare.html and compare.json (`vggattn.view.compare.numbers`) for one image."""
     import json
 
-    from .view.compare import Side, analysed_b, compare_html, numbers
+    from .view.compare import Side, analysed_b, compare_html, layer_sides, numbers
 
+    pages = [blk.page() for blk in result.blocks]
+    if "layers" in other:  # A: the first layer alone, B: the second, both of this analysis
+        a, b = layer_sides(result, pages, other["layers"])
+        (target / "compare.html").write_text(compare_html(a, b, title=image_path.name, pin=point), encoding="utf-8")
+        (target / "compare.json").write_text(json.dumps(numbers(a, b, point), indent=2))
+        return
     if "image" in other:
         result_b = analyze(model, meta, open_image(other["image"]), args.layers)
     elif "kind" in other:
         result_b = analysed_b(model, meta, image, other["kind"], args.layers)
     else:
         result_b = analyze(other["model"], other["meta"], image)
-    a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result,
-             [blk.page() for blk in result.blocks])
+    a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result, pages)
     b = Side(other["label"], result_b, [blk.page() for blk in result_b.blocks])
     (target / "compare.html").write_text(compare_html(a, b, title=image_path.name, pin=point), encoding="utf-8")
     (target / "compare.json").write_text(json.dumps(numbers(a, b, point), indent=2))

@@ -96,8 +96,10 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
     pages = [b.page() for b in result.blocks]
     if compare is None:
         return LiveView(html=live_html(result, pages, title=name, about=about_model(meta), pin=point))
-    from .view.compare import KINDS, Side, analysed_b, compare_html
+    from .view.compare import KINDS, Side, analysed_b, compare_html, layer_sides
 
+    if isinstance(compare, str) and compare.startswith("layers:"):  # two layers of this model
+        return LiveView(html=compare_html(*layer_sides(result, pages, compare), title=name, pin=point), height=1600)
     a = Side(about_model(meta), result, pages)
     if isinstance(compare, str) and compare in KINDS:
         result_b, label = analysed_b(net, meta, picture, compare, layers), KINDS[compare]

@@ -106,6 +106,15 @@ def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = N
         return analyze(model, meta, image, layers)
 
 
+def layer_sides(result, pages: list[PageLayer], spec: str) -> tuple[Side, Side]:
+    """A/B of two layers of one analysis: spec "layers:NAME,NAME" -> (the first layer's side, the second's)."""
+    names = spec[len("layers:"):].split(",")
+    by_name = {p.name: p for p in pages}
+    if len(names) != 2 or any(n not in by_name for n in names):
+        raise ValueError(f"layers:A,B names two of this model's attention layers {list(by_name)}; got {spec!r}")
+    return tuple(Side(f"layer {n}", result, [by_name[n]]) for n in names)
+
+
 def numbers(a: Side, b: Side, point: tuple[float, float]) -> dict:
     """What compare.json holds: per pair of layers at A's point (and B's at the same place), B minus A's largest change,
     where, and the rows' JSD (`difference`)."""
