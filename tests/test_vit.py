@@ -323,6 +323,36 @@ def test_the_apps_readouts_give_a_pinned_points_weights_on_the_prefix_tokens():
         assert f"{float(a.sum()):.0%} of the row on the prefix tokens" in line
 
 
+def test_a_backbone_with_no_classifier_gets_the_attention_study_without_interventions(tmp_path, monkeypatch):
+    """vggattn-study on timm's DINOv2 with registers (no classifier head, so no class names; random weights, offline,
+    56 px): it runs, each layer has the patches' share on the class token and the registers and the token norms,
+    and there is no top-1 and no intervention; the report and the app's markdown say why."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vggattn import study
+    from vggattn.study.report import NOT_SCORED, summary_markdown
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as here and in CI: random weights, nothing fetched
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "study"
+    assert study.main(["--timm", "vit_small_patch14_reg4_dinov2", "--input-size", "56", "--data", str(tmp_path / "data"),
+                       "--out", str(out), "--workers", "0", "--sanity-images", "0", "--faithfulness-images", "0",
+                       "--bootstrap", "50", "--layers", "blocks.0.attn", "blocks.11.attn"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    assert s["scored"] is False and s["interventions"] == {} and s["class_names"] == ["a", "b"]
+    for layer in s["layers"].values():
+        assert layer["prefix"]["tokens"] == ["cls_token", *[f"reg_token[{i}]" for i in range(4)]]
+        assert 0 < layer["prefix"]["total"] < 1 and layer["norms"]["max_over_median"] > 0
+    assert NOT_SCORED in (out / "report.html").read_text() and NOT_SCORED in summary_markdown(s)
+
+
 def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_path):
     """run_study on a ViT with registers (random weights, six random images): per layer, the patches' mean weight on
     each prefix token by name, equal to the mean over images, heads and patch queries of the model's own attention,

@@ -276,8 +276,11 @@ def load_split(root: str | Path, meta: dict, limit: int = 0) -> tuple[Subset, np
         ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         raise StudyError(f"{root} is not an ImageFolder split ({e})") from None
-    mapping = class_mapping(ds.classes, meta)
-    ds.target_transform = mapping.__getitem__
+    if not meta.get("class_names"):  # a model with no classifier (a backbone): the folders' own indices
+        mapping = list(range(len(ds.classes)))
+    else:
+        mapping = class_mapping(ds.classes, meta)
+        ds.target_transform = mapping.__getitem__
     keep = evenly_spaced(len(ds), limit)
     targets = np.array([mapping[ds.targets[i]] for i in keep])
     return Subset(ds, keep), targets
@@ -538,6 +541,8 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
     device = next(model.parameters()).device
     blocks = blocks_of(model, meta, layers)
     names = [name for name, *_ in blocks]
+    scored = bool(meta.get("class_names"))  # no class names (a backbone): no top-1, so no interventions to score
+    interventions = interventions if scored else "none"
     ds, _ = load_split(data, meta, limit)
     n_images, input_size = len(ds), int(meta["input_size"])
     if n_images == 0:
@@ -572,7 +577,7 @@ def run_study(model: torch.nn.Module, meta: dict, data: str | Path, *, layers: l
         record: dict[str, np.ndarray] = {"index": np.array(positions), "target": y.cpu().numpy()}
         with ResidualNorms(model, blocks) as residual:
             logits, seen = branched_forward(model, x, blocks, runs)
-        for key, out in logits.items():
+        for key, out in logits.items() if scored else ():
             k5 = out.topk(min(5, out.shape[1]), dim=1).indices  # (B, k)
             record[f"top1:{key}"] = (k5[:, 0] == y).cpu().numpy()
             record[f"top5:{key}"] = (k5 == y[:, None]).any(1).cpu().numpy()
@@ -655,6 +660,8 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
         raise StudyError(f"the records miss {len(missing)} of {n_images} images (e.g. {missing[:5]}); "
                          "run again with --resume to finish them")
     names = [name for name, *_ in blocks]
+    scored = bool(meta.get("class_names"))
+    interventions = interventions if scored else "none"
     runs = ["baseline", *run_modes(names, token_modes(blocks), interventions)]
     sanity = {}
     for name in names:
@@ -664,7 +671,7 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
             keep = mask & ~np.isnan(rec[f"{name}:sanity:{kind}:sink_mass"])
             sanity[name][f"{kind}_stats"] = [{stat: float(rec[f"{name}:sanity:{kind}:{stat}"][j]) for stat in SANITY_STATS}
                                              for j in np.nonzero(keep)[0]]
-    class_names = list(meta["class_names"])
+    class_names = list(meta["class_names"]) if scored else sorted(p.name for p in Path(data).iterdir() if p.is_dir())
     faith = faithfulness.summarise(faith, names, n_boot, seed) if faith is not None else None
     return {"checkpoint": None, "model": meta.get("source"), "data": str(data), "images": n_images,
             "input_size": int(meta["input_size"]), "class_names": class_names, "wall_s": wall,
@@ -682,9 +689,9 @@ def summarise(rec: dict[str, np.ndarray], blocks: list, meta: dict, data, n_imag
                               **prefix_summary(rec.get(f"{name}:prefix"), adapter, n_boot, seed),
                               **token_summary(rec, name, adapter)}
                        for name, module, adapter in blocks},
-            "interventions_scope": interventions,
+            "interventions_scope": interventions, "scored": scored,
             "interventions": intervention_summary({k: rec[f"top1:{k}"] for k in runs},
-                                                  {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed),
+                                                  {k: rec[f"top5:{k}"] for k in runs}, n_boot, seed) if scored else {},
             "sanity": sanity_summary(sanity),
             **({"faithfulness": faith} if faith and faith["layers"] else {})}
 
@@ -852,11 +859,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(args) -> tuple[torch.nn.Module, dict]:
-    """The model the flags name (`byo.load_from_args`: the article's checkpoint, --model, --timm), with the class
-    names the study scores predictions by."""
+    """The model the flags name (`byo.load_from_args`: the article's checkpoint, --model, --timm); without class
+    names (a backbone such as timm's DINOv2) the study measures attention only."""
     model, meta = load_from_args(args)
     if not meta.get("class_names"):
-        raise StudyError("the study needs class names (--classes) to score predictions")
+        log.warning("the model has no class names (a backbone, or give --classes): the study measures its attention "
+                    "and runs no interventions (there is no top-1 to score them by)")
     return model, meta
 
 

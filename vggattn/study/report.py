@@ -35,10 +35,14 @@ def percent(v) -> str:
     return f"{100 * v:.0f}%" if finite(v) else "—"
 
 
+NOT_SCORED = ("None run: the model has no class names (a backbone with no classifier), so there is no top-1 to "
+              "score an intervention by; give --classes for a model that has a classifier.")
+
+
 def headline(study: dict) -> list[str]:
     """One sentence per layer and per finding, from the numbers."""
     lines = []
-    base = study["interventions"]["baseline"]["top1"]
+    base = study["interventions"].get("baseline", {}).get("top1")  # none: a model with no classifier
     for name, s in study["layers"].items():
         h, w = s["grid"]
         if finite(s["sink_mass"]):
@@ -173,7 +177,7 @@ def summary_markdown(study: dict) -> str:
         "#### Per layer (mean over images)", markdown_table(transposed(layer_table(study))),
         f"Sink-dominated: {defs['sink_dominated']}. Cosine distances are GCNet's measure between positions "
         "(0: every position the same).",
-        "#### Interventions", markdown_table(intervention_table(study)),
+        "#### Interventions", markdown_table(intervention_table(study)) if study["interventions"] else NOT_SCORED,
         f"off: the block returns x; mean: every row replaced by the image's mean row (GCNet's query-independent "
         f"block); uniform: every row 1/N. CI: {defs['ci']}.",
         f"#### Sanity check ({study['sanity']['images']} images)", markdown_table(sanity_table(study)),
@@ -229,19 +233,20 @@ def figures(study: dict) -> dict[str, bytes]:
     out["distributions.png"] = png(fig)
 
     keys = [k for k in study["interventions"] if k != "baseline"]
-    fig = Figure(figsize=(9, 4))
-    ax = fig.subplots()
-    deltas = [100 * study["interventions"][k]["top1_delta"] for k in keys]
-    err = np.array([[100 * (study["interventions"][k]["top1_delta"] - study["interventions"][k]["top1_delta_ci95"][0]),
-                     100 * (study["interventions"][k]["top1_delta_ci95"][1] - study["interventions"][k]["top1_delta"])]
-                    for k in keys]).T
-    colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}.get(k.split(":")[1], "#2ca02c")  # a token mode
-              for k in keys]
-    ax.bar(range(len(keys)), deltas, yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylabel("Δ top-1 vs baseline (points, 95% CI)")
-    out["interventions.png"] = png(fig)
+    if keys:  # none: nothing intervened on (a model with no classifier, or --interventions none)
+        fig = Figure(figsize=(9, 4))
+        ax = fig.subplots()
+        deltas = [100 * study["interventions"][k]["top1_delta"] for k in keys]
+        err = np.array([[100 * (study["interventions"][k]["top1_delta"] - study["interventions"][k]["top1_delta_ci95"][0]),
+                         100 * (study["interventions"][k]["top1_delta_ci95"][1] - study["interventions"][k]["top1_delta"])]
+                        for k in keys]).T
+        colors = [{"off": "#888888", "mean": "#1f77b4", "uniform": "#ff7f0e"}.get(k.split(":")[1], "#2ca02c")  # a token mode
+                  for k in keys]
+        ax.bar(range(len(keys)), deltas, yerr=err, color=colors, capsize=3)
+        ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("Δ top-1 vs baseline (points, 95% CI)")
+        out["interventions.png"] = png(fig)
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
@@ -319,8 +324,8 @@ li {{ margin: 0.4em 0; }}
 <h2>Interventions</h2>
 <p>off: the block returns x; mean: every row replaced by the image's query-averaged row (GCNet's query-independent
 block, no retraining); uniform: every row 1/N (global average pooling of V). CI: {html.escape(defs['ci'])}.</p>
-{table(intervention_table(study))}
-{img('interventions.png', 'Top-1 change against the baseline, with 95% CI')}
+{table(intervention_table(study)) + img('interventions.png', 'Top-1 change against the baseline, with 95% CI')
+ if "interventions.png" in images else f"<p>{html.escape(NOT_SCORED)}</p>"}
 <h2>Sanity check (Adebayo et al. 2018)</h2>
 <p>Mean Spearman rank correlation of attention rows with the same layer after re-initialising its conv_query/conv_key,
 and in a fully re-initialised model, over {sanity['images']} evenly spaced images. A layer passes when
