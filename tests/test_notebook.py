@@ -63,7 +63,8 @@ def test_jupyterlab_runs_the_cell_and_the_view_follows_the_pointer(browser, tmp_
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                                "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-                               f"--ServerApp.root_dir={tmp_path / 'nb'}", "--LabApp.news_url=", "--ServerApp.open_browser=False", "--allow-root"],
+                               f"--ServerApp.root_dir={tmp_path / 'nb'}", "--LabApp.news_url=", "--ServerApp.open_browser=False", "--allow-root",
+                               "--LabApp.extension_manager=readonly", "--LanguageServerManager.autodetect=False"],
                               env=env, stdout=lab_log, stderr=subprocess.STDOUT)  # a file: a pipe nobody reads
     # fills and stops the server
     context = browser.new_context(viewport={"width": 1440, "height": 900})
