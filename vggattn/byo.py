@@ -184,6 +184,31 @@ def load_hf(name: str, *, classes: str | None = None) -> tuple[nn.Module, dict]:
     return ImageLogits(model).eval(), meta
 
 
+def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD, source: str | None = None) -> dict:
+    """The meta of a model in hand (`vggattn.launch`, `vggattn.show`). transform: PIL image -> (3, H, W) tensor
+    (default: resize to input_size and normalise with mean and std)."""
+    meta = describe(source or type(model).__name__, input_size, class_names, mean, std, weights="your")
+    if transform is not None:
+        meta["transform"] = transform
+    return meta
+
+
+def load_named(spec: str, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """A second model named in one string, as `--compare` and `vggattn.show` take it: "timm:NAME", "hf:NAME_OR_FOLDER",
+    or a checkpoint file (the article's, or a .safetensors whose meta names a vggattn model)."""
+    import argparse
+
+    args = argparse.Namespace(checkpoint=None, model=None, timm=None, hf=None, classes=None, input_size=None,
+                              mean=None, std=None, layers=None, device=device)
+    kind, _, name = spec.partition(":")
+    if kind in ("timm", "hf") and name:
+        setattr(args, kind, name)
+    else:
+        args.checkpoint = spec
+    return load_from_args(args)
+
+
 def add_model_arguments(parser) -> None:
     """The flags that bring a model of your own, the same in every CLI that takes one."""
     own = parser.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")

@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .analysis import analyze
-from .byo import add_model_arguments, load_from_args
+from .byo import add_model_arguments, load_from_args, load_named
 from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .view.export import write_result
@@ -107,14 +107,9 @@ def compare_side(args, model, meta) -> dict:
     path = Path(what)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return {"label": path.name, "image": path}
-    spec = argparse.Namespace(**{**vars(args), "checkpoint": None, "model": None, "timm": None, "hf": None,
-                                 "layers": None, "input_size": None})
-    if what.startswith(("timm:", "hf:")):
-        setattr(spec, what.split(":")[0], what.split(":", 1)[1])
-    else:
-        spec.checkpoint = what
-    model_b, meta_b = load_from_args(spec)
-    return {"label": about_model(meta_b, spec.checkpoint), "model": model_b, "meta": meta_b}
+    model_b, meta_b = load_named(what, args.device)
+    return {"label": about_model(meta_b, None if what.startswith(("timm:", "hf:")) else what), "model": model_b,
+            "meta": meta_b}
 
 
 def write_compare(result, model, meta, other: dict, image, image_path: Path, point, target: Path, args) -> None:

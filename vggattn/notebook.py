@@ -51,26 +51,19 @@ def _model(spec):
     (the shipped checkpoint)."""
     import torch.nn as nn
 
-    from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-
     if spec is None:
+        from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
         return load_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
     if isinstance(spec, tuple):
         return spec
     if isinstance(spec, nn.Module):
-        from .byo import describe
+        from .byo import model_meta
 
-        return spec.eval(), describe(type(spec).__name__, 224, None, weights="your")
-    text = str(spec)
-    if text.startswith("timm:"):
-        from .byo import load_timm
+        return spec.eval(), model_meta(spec)
+    from .byo import load_named
 
-        return load_timm(text[5:])
-    if text.startswith("hf:"):
-        from .byo import load_hf
-
-        return load_hf(text[3:])
-    return load_checkpoint(text, device="cpu")
+    return load_named(str(spec))
 
 
 def show(model=None, image=None, *, point: tuple[float, float] | None = None, compare=None,

@@ -45,8 +45,8 @@ import torch.nn as nn
 
 from ..attention.adapters import MODES, TracedAdapter
 from ..analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
-from ..byo import add_model_arguments, load_from_args, wants_own_model
-from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError,
+from ..byo import add_model_arguments, load_from_args, model_meta, wants_own_model
+from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
 from ..view.compare import KINDS as COMPARE_KINDS, Side, analysed_b, compare_html
@@ -790,18 +790,6 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         attention_button.click(bind(api_attention_at, model, meta, layers), [api_image, api_x, api_y],
                                [*api_panels, api_info], api_name="attention_at")
     return demo
-
-
-def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, mean=IMAGENET_MEAN,
-               std=IMAGENET_STD, source: str | None = None) -> dict:
-    """The meta `build_demo` needs for a model in hand. transform: PIL image -> (3, H, W) tensor (default:
-    resize to input_size and normalise with mean and std)."""
-    from ..byo import describe as describe_meta
-
-    meta = describe_meta(source or type(model).__name__, input_size, class_names, mean, std, weights="your")
-    if transform is not None:
-        meta["transform"] = transform
-    return meta
 
 
 def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, layers=None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .hover import PageLayer
-from .live import PAGE_CSS, _script_json, live_html
+from .live import PAGE_CSS, script_json, live_html
 
 DIFF_WIDTH = 320  # px: a difference panel's picture
 
@@ -276,7 +276,7 @@ server and no network.</p>
 <div class="sides">{"".join(frames)}</div>
 <div class="diffs">{diffs}</div>
 <script>
-const DATA = {_script_json(data)};
+const DATA = {script_json(data)};
 DATA.photo = new Image(); DATA.photo.src = "{photo}";
 {COMPARE_JS}
 </script>

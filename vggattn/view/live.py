@@ -52,7 +52,7 @@ def about_model(meta: dict, checkpoint: str | None = None) -> str:
     return f"{name}{weights}{acc}"
 
 
-def _script_json(value) -> str:
+def script_json(value) -> str:
     """JSON that can sit inside a <script> element (no "</" to end it early)."""
     return json.dumps(value).replace("</", "<\\/")
 
@@ -136,10 +136,10 @@ pin a point.</p>
 </div>
 <script>
 (function () {{
-const props = {_script_json(props | {"value": payload})};
+const props = {script_json(props | {"value": payload})};
 const element = document.getElementById("hover");
 {(WEB / "hover.js").read_text()}
-const live = window.vggattnHover, first = {_script_json(list(pin))};
+const live = window.vggattnHover, first = {script_json(list(pin))};
 const wait = setInterval(() => {{ if (live.ready()) {{ clearInterval(wait); live.pin(first[0], first[1]); }} }}, 20);
 const set = () => live.setControls({{head: document.getElementById("head").value,
   colormap: document.getElementById("colormap").value, scale: document.getElementById("scale").value,
