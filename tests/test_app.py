@@ -262,6 +262,13 @@ def test_a_link_names_an_example_its_point_and_controls(mm, ui):
         plain = app.on_link(ui, model, meta, {"example": "church.jpg", "x": "left", "y": "2"})
     assert plain[ui.point] is None and isinstance(plain[ui.state], app.Session)
     assert all(v == gr.skip() for v in app.on_link(ui, model, meta, {}).values())  # no link: every output skipped
+    for bad in ({"colormap": "plaid"}, {"scale": "cubic"}, {"mode": "x"}, {"opacity": "7"}, {"head": "a"}):
+        with pytest.warns(UserWarning, match="could not be read"):  # a control no component takes: none set
+            odd = app.on_link(ui, model, meta, {"example": "church.jpg", **bad})
+        assert [odd[c] for c in ui.controls] == [app.CONTROLS[k] for k in ("opacity", "colormap", "mode", "mark",
+                                                                            "scale")] + ["mean"]
+    with pytest.warns(UserWarning, match="not one of the model's 1"):
+        assert app.on_link(ui, model, meta, {"example": "church.jpg", "head": "3"})[ui.controls[5]] == "mean"
 
 
 def dataset_markdown(demo) -> str:

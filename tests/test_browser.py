@@ -442,6 +442,10 @@ def test_a_link_opens_the_same_view(page):
         view.goto(base + "?example=nothing-like-it.jpg&x=1&y=1")
         view.wait_for_function("document.body.innerText.includes('which this app does not have')", timeout=30_000)
         assert "Upload an image to begin" in view.locator("#status").inner_text()
+        view.goto(base + "?example=church.jpg&x=5&y=5&colormap=plaid")  # a value no control takes: said, not set
+        view.wait_for_function("document.body.innerText.includes('could not be read')", timeout=30_000)
+        view.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
+        assert "Error" not in view.locator("body").inner_text()
     finally:
         view.close()
 

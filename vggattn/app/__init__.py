@@ -51,6 +51,7 @@ from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
 from ..view.export import map_picture, write_result
 from ..view.compare import KINDS as COMPARE_KINDS, Side, analysed_b, compare_html
 from ..view.live import about_model
+from ..view.render import COLORMAPS, SCALES, UPSAMPLING
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
 from ..view.hover import PageLayer, page_payload
 from ..data import query_index
@@ -449,8 +450,24 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict |
     return {ui.export_file: archive, ui.export_png: str(work / "vggattn" / "figure.png"), ui.export_html: str(view)}
 
 
-LINK_CONTROLS = {"opacity": float, "colormap": str, "mode": str, "mark": lambda v: v not in ("0", "false", "no"),
-                 "scale": str, "head": str}  # a link's controls, as the page writes them into the address
+def _choice(options):
+    def read(v: str) -> str:
+        if v not in options:
+            raise ValueError(v)
+        return v
+    return read
+
+
+def _share(v: str) -> float:
+    f = float(v)
+    if not 0 <= f <= 1:
+        raise ValueError(v)
+    return f
+
+
+LINK_CONTROLS = {"opacity": _share, "colormap": _choice(COLORMAPS), "mode": _choice(UPSAMPLING),
+                 "mark": lambda v: v not in ("0", "false", "no"), "scale": _choice(SCALES),
+                 "head": lambda v: v if v == "mean" or v.isdigit() else _choice(())(v)}  # a link's controls
 
 
 def example_name(path: str | None) -> str | None:
@@ -492,6 +509,10 @@ def on_link(ui: UI, model: nn.Module, meta: dict, params: dict, hover_dtype: str
     c = {**CONTROLS, "head": "mean", **controls}
     out = on_image(ui, model, meta, path, hover_dtype, layers, "contribution", c["opacity"], c["colormap"], c["mode"])
     session = out[ui.state]
+    heads = max(layer.heads for layer in session.layers)
+    if c["head"] != "mean" and int(c["head"]) >= heads:
+        gr.Warning(f"This link's head {int(c['head']) + 1} is not one of the model's {heads}; the mean is shown.")
+        c["head"] = "mean"
     out[ui.hover] = {**out[ui.hover], "pin": list(point) if point else None, "column": params.get("column") == "1"}
     if point is not None:
         out |= on_point(ui, session, *point, c["opacity"], c["colormap"], c["mode"], c["mark"], c["scale"], c["head"])
