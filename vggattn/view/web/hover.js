@@ -86,7 +86,8 @@ function requestLayer(i) {  // a deferred layer's arrays, from the server, once
     if (raw.error) { L.loading = false; L.failed = raw.error; setLine(raw.error); return; }
     payload.layers[i] = decodeLayer(raw, dtype);
     payload.bytes += JSON.stringify(raw).length;
-    if (current || pinned || token !== null) { const at = current || pinned || [0, 0]; drawPanel(i, at[0], at[1]); }
+    const at = shown();
+    if (at) drawPanel(i, at[0], at[1]);
     else if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
     fetched.push(performance.now() - t0);
   }).catch(() => { L.loading = false; });
@@ -128,7 +129,7 @@ function load(raw) {
         if (!e.isIntersecting) { offscreen.add(i); continue; }
         offscreen.delete(i);
         if (payload && payload.layers[i] && payload.layers[i].deferred) requestLayer(i);
-        else if (stale.delete(i) && payload) { const at = current || pinned || (token !== null || switches.norms ? [0, 0] : null); if (at) drawPanel(i, at[0], at[1]); }
+        else if (stale.delete(i) && payload) { const at = shown(); if (at) drawPanel(i, at[0], at[1]); }
       }
     }, {rootMargin: "100px"});
     payload.layers.forEach((L, i) => { const el = document.getElementById(`panel-${i}`); if (el) observer.observe(el); });
@@ -749,8 +750,12 @@ function draw(x, y, since, log = latencies, all = true) {  // all false (a point
   }
 }
 
-function redraw() {  // the point under the pointer, else the pinned token's or point's row, else nothing
-  const at = current || pinned || (token !== null || switches.norms ? [0, 0] : null);
+function shown() {  // the point under the pointer, else the pinned one; [0, 0] for a pinned token's row or the norms
+  return current || pinned || (token !== null || switches.norms ? [0, 0] : null);
+}
+
+function redraw() {  // what `shown` says, else nothing
+  const at = shown();
   if (payload && at) draw(at[0], at[1]); else hide();
 }
 
