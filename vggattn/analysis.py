@@ -252,12 +252,13 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
         if name not in seen:  # a block the forward did not run
             continue
         kept = seen[name]
-        maps = adapter.maps(module, kept.input, kept.events) if name in traced else adapter.maps(module, kept.input)
+        maps = adapter.maps(module, kept.input, kept.events, kept.call) if name in traced else \
+            adapter.maps(module, kept.input)
         stream = residual_stream(name, seen) if maps.prefix is not None else None
         norms = None if stream is None else stream[0].float().norm(dim=-1).cpu().numpy()
         page_norms = None
         if norms is not None and isinstance(adapter, TracedAdapter):  # each grid cell's token, then the prefix tokens
-            lay = adapter.layout(module, kept.input)
+            lay = adapter.layout(module, kept.input, kept.call)
             if lay.prefix_queries is not None and len(lay.group) == 1 and lay.iq.shape[1] + lay.prefix_queries.shape[1] \
                     == len(norms):
                 page_norms = norms[torch.cat([lay.iq[0], lay.prefix_queries[0]]).numpy()]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
-from .trace import Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places, watch
+from .trace import Call, Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places, watch
 
 log = logging.getLogger("vggattn.attention.adapters")
 
@@ -409,27 +409,37 @@ class TracedAdapter(Adapter):
         self.attention = attention
         self.qk_modules: tuple[str, ...] = ()
         self.places: dict[tuple, TokenPlaces] = {}  # a block of tokens: where they sit, per input shape (`locate_tokens`)
+        self.calls: dict[tuple, Call] = {}  # how the model calls the block (its other arguments), per input shape
 
     def matches(self, module):
         return False
 
-    def layout(self, module: nn.Module, x: torch.Tensor) -> Layout:
-        lay = Layout.of(module, x, self.attention, self.places.get(tuple(x.shape[1:])))
+    def call(self, x: torch.Tensor, call: Call | None, j: int | None = None) -> Call | None:
+        """How to call the block on x (image j of it alone, when given): `call` as the model made it for x, else the
+        one kept for x's shape when the block was found (its other arguments do not depend on the image)."""
+        call = call or self.calls.get(tuple(x.shape[1:]))
+        if call is None or j is None:
+            return call
+        return call.sliced(slice(j, j + 1) if call.input.shape[0] == x.shape[0] else slice(0, 1))
+
+    def layout(self, module: nn.Module, x: torch.Tensor, call: Call | None = None) -> Layout:
+        lay = Layout.of(module, x, self.attention, self.places.get(tuple(x.shape[1:])), self.call(x, call))
         names = dict(module.named_modules())
         made = [n for n in lay.qk_modules if n in names and any(True for _ in names[n].parameters(recurse=False))]
         self.qk_modules = tuple(made)
         return lay
 
-    def maps(self, module, x, events: list | None = None):
+    def maps(self, module, x, events: list | None = None, call: Call | None = None):
         """The block's maps on x (B, C, H, W). events: the block's events from a forward already recorded (one image,
-        `vggattn.attention.trace.Recorder` over the whole model: no second run of the block); None runs the block per image."""
-        lay = self.layout(module, x)
+        `vggattn.attention.trace.Recorder` over the whole model: no second run of the block); None runs the block per
+        image. call: the block's other arguments as the model gave them (`Seen.call`)."""
+        lay = self.layout(module, x, call)
         if events is not None:
             return self._maps(lay, [events])
         per_image = []
         for j in range(x.shape[0]):
             with torch.no_grad():
-                per_image.append(record(module, x[j:j + 1])[0].events)
+                per_image.append(record(module, x[j:j + 1], call=self.call(x, call, j))[0].events)
         return self._maps(lay, per_image)
 
     def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
@@ -494,21 +504,23 @@ class TracedAdapter(Adapter):
                          tokens_qk=(torch.stack([t[0] for t in token_qk]), torch.stack([t[1] for t in token_qk]))
                          if token_qk else None)
 
-    def forward(self, module, x, mode=None, rows=None):
+    def forward(self, module, x, mode=None, rows=None, call: Call | None = None):
         """The block's own forward on x with its weights as they are (rows None, mode None: rebuilt from the rows
         on the grids), replaced by `rows` (B, heads, N or 1, M), or by an intervention: "off" (every weight 0),
-        "mean" (every row the image's mean row, on each query's own keys), "uniform" (1 / keys of each query)."""
+        "mean" (every row the image's mean row, on each query's own keys), "uniform" (1 / keys of each query).
+        call: the block's other arguments as the model gave them."""
         if mode is not None and mode not in MODES and mode not in TOKEN_MODES:
             raise ValueError(f"mode must be one of {MODES + tuple(TOKEN_MODES)}, got {mode!r}")
-        lay = self.layout(module, x)
+        lay = self.layout(module, x, call)
         if mode in TOKEN_MODES:
             held = self.places.get(tuple(x.shape[1:]))
             fn = self._token_replacement(lay, mode, lay.prefix_names or (held.names if held is not None else None))
-            return cat_outputs([record(module, x[j:j + 1], replace={lay.group[0]: fn})[1] for j in range(x.shape[0])])
+            return cat_outputs([record(module, x[j:j + 1], replace={lay.group[0]: fn}, call=self.call(x, call, j))[1]
+                                for j in range(x.shape[0])])
         if rows is None and mode in (None, "mean"):
-            maps = self.maps(module, x)
+            maps = self.maps(module, x, call=call)
             if mode is None and maps.window is not None and len(lay.group) == 1:  # windowed rows, as they are
-                return self._rebuilt(module, x, lay, maps.window[0])
+                return self._rebuilt(module, x, lay, maps.window[0], call)
             rows = maps.rows() if mode is None else maps.mean_row()
         head, cell = lay.inverse()
         outs = []
@@ -518,10 +530,10 @@ class TracedAdapter(Adapter):
         for j in range(x.shape[0]):
             replace = {i: self._replacement(lay, mode, None if rows is None else rows[j], head, cell, *offsets[i])
                        for i in lay.group}
-            outs.append(record(module, x[j:j + 1], replace=replace)[1])
+            outs.append(record(module, x[j:j + 1], replace=replace, call=self.call(x, call, j))[1])
         return cat_outputs(outs)
 
-    def _rebuilt(self, module, x, lay: Layout, values: torch.Tensor):
+    def _rebuilt(self, module, x, lay: Layout, values: torch.Tensor, call: Call | None = None):
         """The block's forward with its weights put back from windowed rows (B, heads, N, K) (their own order)."""
         outs = []
         for j in range(x.shape[0]):
@@ -529,7 +541,7 @@ class TracedAdapter(Adapter):
                 flat = w.reshape(-1, *w.shape[-2:]).clone()
                 flat[lay.lq, lay.iq] = v.to(flat.dtype)
                 return flat.reshape(w.shape)
-            outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn})[1])
+            outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn}, call=self.call(x, call, j))[1])
         return cat_outputs(outs)
 
     @staticmethod
@@ -689,7 +701,11 @@ class Intervention:
 
 def intervened(module: nn.Module, adapter: Adapter, mode: str):
     """The block's forward with its rows replaced by `mode` (for `replaced_forward`)."""
-    return lambda x, *args, **kwargs: adapter.forward(module, x, mode)
+    def forward(*args, **kwargs):
+        call = Call.of(args, kwargs)
+        return adapter.forward(module, call.input, mode, call=call) if isinstance(adapter, TracedAdapter) else \
+            adapter.forward(module, call.input, mode)
+    return forward
 
 
 ADAPTERS: tuple[Adapter, ...] = (GlobalAttentionAdapter(), SelfAttnAdapter(), BigGANAttentionAdapter(), NonLocalAdapter(),
@@ -760,6 +776,8 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
         blocks, skipped = {}, []
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])
+            if f.name in seen and seen[f.name].call is not None:
+                adapter.calls[tuple(inputs[f.name].shape[1:])] = seen[f.name].call
             if f.name in places:
                 adapter.places[tuple(inputs[f.name].shape[1:])] = places[f.name]
             try:

@@ -41,7 +41,10 @@ TRANSPARENT = {"view", "reshape", "permute", "transpose", "t", "contiguous", "un
 SCALING = {"mul", "__mul__", "__rmul__", "div", "__truediv__", "mul_", "div_", "__imul__", "__itruediv__", "true_divide"}
 ADDITIVE = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_", "__isub__", "masked_fill",
             "masked_fill_", "where"}
-NORMS = {"group_norm", "instance_norm"}  # statistics over positions: held constant for the tangents
+NORMS = {"group_norm", "instance_norm", "layer_norm"}  # statistics: held constant for the tangents
+MIXING = {"conv1d", "conv2d", "conv3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+          "adaptive_avg_pool2d", "interpolate", "linear"}  # linear maps that may mix positions (a linear map does
+# where tokens of several places are concatenated, as Swin's patch merging): their tangents are masses (`Masses`)
 SPREAD_LIMIT = 1.5  # grid cells: a token whose coordinates spread further is not at one position
 
 
@@ -125,6 +128,66 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
+@dataclass
+class Call:
+    """How a module was called: its arguments, positional and keyword, as a forward pre-hook (with_kwargs) sees them.
+    Its input is its first tensor argument (`slot`: a position or a keyword), the tensor vggattn reads positions
+    from; the rest (heights and widths, position embeddings, masks) go back to the module as they came."""
+
+    args: tuple
+    kwargs: dict
+    slot: int | str
+
+    @staticmethod
+    def of(args: tuple, kwargs: dict | None = None) -> "Call | None":
+        """The call of these arguments; None where no argument is a tensor."""
+        kwargs = dict(kwargs or {})
+        slot = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+        if slot is None:
+            slot = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+        return None if slot is None else Call(tuple(args), kwargs, slot)
+
+    @property
+    def input(self) -> torch.Tensor:
+        return self.args[self.slot] if isinstance(self.slot, int) else self.kwargs[self.slot]
+
+    def with_input(self, x: torch.Tensor) -> tuple[tuple, dict]:
+        """(args, kwargs) with x in the input's place."""
+        if isinstance(self.slot, int):
+            return self.args[:self.slot] + (x,) + self.args[self.slot + 1:], self.kwargs
+        return self.args, {**self.kwargs, self.slot: x}
+
+    def sliced(self, rows: slice) -> "Call":
+        """The call for images `rows` of the batch: the input and every tensor argument with the input's batch size
+        (position embeddings, masks) sliced alike."""
+        b = self.input.shape[0]
+        cut = lambda a: a[rows] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a  # noqa: E731
+        return Call(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, self.slot)
+
+    def detached(self) -> "Call":
+        cut = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        return Call(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, self.slot)
+
+    def key(self) -> tuple:
+        """What a layout depends on besides the input's shape: the other arguments' shapes and plain values."""
+        def one(a):
+            if isinstance(a, torch.Tensor):
+                return ("T", tuple(a.shape[1:]), a.dtype)
+            if isinstance(a, (int, float, str, bool, type(None))):
+                return a
+            if isinstance(a, (tuple, list)):
+                return tuple(one(v) for v in a)
+            return type(a).__name__
+        return (self.slot, tuple(one(a) for i, a in enumerate(self.args) if i != self.slot),
+                tuple((k, one(v)) for k, v in self.kwargs.items() if k != self.slot))
+
+
+def first_tensor(args: tuple, kwargs: dict | None = None) -> torch.Tensor | None:
+    """A module call's input: its first tensor argument, positional or keyword (`Call.input`)."""
+    call = Call.of(args, kwargs)
+    return None if call is None else call.input
+
+
 class Recorder(TorchFunctionMode):
     """Keeps, per tensor made in the forward, the call that made it; finds attention events as products run.
 
@@ -132,10 +195,11 @@ class Recorder(TorchFunctionMode):
     weights of those events before the product runs (interventions). tangents: hold norm statistics constant."""
 
     def __init__(self, inputs, *, keep: bool = True, replace: dict | None = None, tangents: bool = False,
-                 stack: list | None = None, drop_attended: bool = False):
+                 stack: list | None = None, drop_attended: bool = False, masses: "Masses | None" = None):
         super().__init__()
         self._nodes: dict[int, tuple] = {}
         self.keep, self.replace, self.tangents = keep, replace or {}, tangents
+        self.masses = masses  # tangents through position-mixing maps as masses (with `tangents`)
         self.drop_attended = drop_attended  # an attention's output gets no tangent (`token_places`)
         self.stack = stack if stack is not None else []  # module names, innermost last (the discovery's hooks)
         self.events: list[Event] = []
@@ -163,6 +227,11 @@ class Recorder(TorchFunctionMode):
             return self._dropped(self._sdpa(args, kwargs))
         if name in NORMS and self.tangents:
             out = self._norm_constant_stats(name, args, kwargs)
+            if out is not None:
+                self._record(name, args, kwargs, out)
+                return out
+        if name in MIXING and self.tangents and self.masses is not None:
+            out = self.masses.apply(func, args, kwargs)
             if out is not None:
                 self._record(name, args, kwargs, out)
                 return out
@@ -440,6 +509,8 @@ class Recorder(TorchFunctionMode):
     def _norm_constant_stats(self, name, args, kwargs):
         """GroupNorm / InstanceNorm with the statistics of the primal held constant for the tangent (positions stay
         where they are; the true tangent would spread every position's over the whole group)."""
+        if name == "layer_norm":
+            return self._layer_norm_constant_stats(args, kwargs)
         names = ["input", "num_groups", "weight", "bias", "eps"] if name == "group_norm" else \
             ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"]
         p = dict(zip(names, args))
@@ -459,6 +530,68 @@ class Recorder(TorchFunctionMode):
             factor = factor * weight.reshape((1, C) + (1,) * (primal.dim() - 2))
         out = F.group_norm(primal, groups, weight, bias, eps)
         return fwAD.make_dual(out, tangent * factor)
+
+    def _layer_norm_constant_stats(self, args, kwargs):
+        """LayerNorm with the primal's statistics held constant for the tangent: a token's tangent is scaled, not mixed
+        with the other features' (which, in a token made of several places, would spread its place)."""
+        p = dict(zip(["input", "normalized_shape", "weight", "bias", "eps"], args))
+        p.update(kwargs)
+        primal, tangent = fwAD.unpack_dual(p["input"])
+        if tangent is None:
+            return None
+        plain = lambda t: None if t is None else fwAD.unpack_dual(t).primal  # noqa: E731
+        dims = tuple(range(-len(tuple(p["normalized_shape"])), 0))
+        eps = p.get("eps", 1e-5)
+        weight, bias = plain(p.get("weight")), plain(p.get("bias"))
+        out = F.layer_norm(primal, tuple(p["normalized_shape"]), weight, bias, eps)
+        factor = (primal.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+        return fwAD.make_dual(out, tangent * factor * (1 if weight is None else weight))
+
+
+class Masses:
+    """Tangents through linear maps that mix positions (convolutions, average pools, interpolation) as masses: the
+    map's weights taken as their absolute values, and each input feature's tangents signed by its first pass's (the
+    r_c pass), so that a mixed token's tangents are positively weighted sums and its coordinate a weighted centre of
+    the places it mixes, inside them (the true tangents, with signed weights, cancel: a strided conv's token would
+    sit anywhere). One object serves the three passes of one input (r_c first): the k-th mixing call of a later pass
+    takes the signs of the first pass's k-th."""
+
+    def __init__(self):
+        self.signs: list[torch.Tensor] = []
+        self.first, self.calls = True, 0
+
+    def next_pass(self) -> None:
+        self.first, self.calls = False, 0
+
+    def apply(self, func, args, kwargs):
+        """func(*args, **kwargs) with its tangent as masses; None where its input carries no tangent."""
+        args = list(args)
+        src = args[0] if args else kwargs.get("input")
+        if not isinstance(src, torch.Tensor):
+            return None
+        primal, tangent = fwAD.unpack_dual(src)
+        if tangent is None:
+            return None
+        plain = lambda a: fwAD.unpack_dual(a).primal if isinstance(a, torch.Tensor) else a  # noqa: E731
+        rest = [plain(a) for a in args[1:]]
+        kw = {k: plain(v) for k, v in kwargs.items() if k != "input"}
+        out = func(primal, *rest, **kw)
+        if self.first:
+            self.signs.append(tangent < 0)
+        negative = self.signs[self.calls] if self.calls < len(self.signs) else None
+        self.calls += 1
+        mass = tangent if negative is None else torch.where(negative, -tangent, tangent)
+        name = getattr(func, "__name__", "")
+        if name.startswith("conv") or name == "linear":  # weight (and no bias) as absolute values
+            if len(rest) >= 1:
+                rest[0] = rest[0].abs()
+            if len(rest) >= 2:
+                rest[1] = None
+            if "weight" in kw:
+                kw["weight"] = kw["weight"].abs()
+            if "bias" in kw:
+                kw["bias"] = None
+        return fwAD.make_dual(out, func(mass, *rest, **kw))
 
 
 # -- where the tokens sit -----------------------------------------------------------------------------------------------
@@ -519,7 +652,40 @@ def grid_cells(pos: Positions, hw: tuple[int, int], what: str, max_stride: int =
                 raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: "
                                    "attention over channels, or a lambda layer)")
             return cells, (gh, gw), s
+    ordinal = _ordinal_cells(pos, hw) if max_stride > 1 else None  # tokens placed on the image through a network
+    if ordinal is not None:
+        return ordinal
     raise NotAttention(f"its {n} {what} lie on no regular grid over the block's {H}x{W} input")
+
+
+def _ordinal_cells(pos: Positions, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], int] | None:
+    """`grid_cells` by order, for tokens whose every lead holds one token per cell of a grid of stride s over the
+    H x W input: rows by y, then columns by x within each row, each row wholly above the next. A deep CNN's tokens
+    (DETR's, through a ResNet) sit at weighted centres of receptive fields that the image's border cuts, drawn toward
+    its middle: off their cells, in order all the same."""
+    H, W = hw
+    n = pos.y.shape[-1]
+    ys, xs, oks = pos.y.reshape(-1, n), pos.x.reshape(-1, n), pos.valid.reshape(-1, n)
+    counts = oks.sum(-1)
+    if not bool((counts == counts[0]).all()):
+        return None
+    spread = float(pos.spread[pos.valid].max())
+    for s in range(1, 65):
+        gh, gw = -(-H // s), -(-W // s)
+        if gh * gw != int(counts[0]) or spread > SPREAD_LIMIT * s:
+            continue
+        cells = torch.full(ys.shape, -1, dtype=torch.long)
+        for r in range(ys.shape[0]):
+            idx = torch.nonzero(oks[r]).flatten()
+            rows = idx[torch.argsort(ys[r, idx], stable=True)].reshape(gh, gw)  # (gh, gw) token indices
+            ry = ys[r, rows]
+            if gh > 1 and not bool((ry[:-1].amax(-1) < ry[1:].amin(-1)).all()):
+                break
+            rows = rows.gather(1, torch.argsort(xs[r, rows], dim=-1, stable=True))
+            cells[r, rows.reshape(-1)] = torch.arange(gh * gw)
+        else:
+            return cells.reshape(pos.y.shape), (gh, gw), s
+    return None
 
 
 def row_major(n: int, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]] | None:
@@ -571,13 +737,16 @@ class Layout:
         return not self.qk and not self.per_image and self.kcell.shape[1] < self.key_grid[0] * self.key_grid[1]
 
     @staticmethod
-    def of(block: nn.Module, x: torch.Tensor, attention: int = 0, places: "TokenPlaces | None" = None) -> "Layout":
-        """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape); tokens
-        (B, T, C) need their `places` on the image (`token_places`)."""
-        key = (tuple(x.shape[1:]), x.dtype, str(x.device), attention)
+    def of(block: nn.Module, x: torch.Tensor, attention: int = 0, places: "TokenPlaces | None" = None,
+           call: Call | None = None) -> "Layout":
+        """The layout of the block's attention number `attention` for inputs shaped like x (cached per shape and the
+        call's other arguments); tokens (B, T, C) need their `places` on the image (`token_places`); call: how the
+        model calls the block (its other arguments), where it takes more than x."""
+        key = (tuple(x.shape[1:]), x.dtype, str(x.device), attention, None if call is None else call.key())
         cache = _LAYOUTS.setdefault(block, {})
         if key not in cache:
-            cache[key] = _layout(block, x[:1].detach(), attention, places)
+            one = None if call is None else call.sliced(slice(0, 1)).detached()
+            cache[key] = _layout(block, x[:1].detach(), attention, places, one)
         return cache[key]
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -604,11 +773,11 @@ class _Tracking:
     def __enter__(self):
         me = threading.get_ident()
 
-        def pre(module, args, name):
+        def pre(module, args, kwargs, name):
             if threading.get_ident() == me:
                 self.stack.append(name)
                 if self.inputs is not None and name not in self.inputs:
-                    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                    first = first_tensor(args, kwargs)
                     self.inputs[name] = None if first is None or first is self.model_input else tuple(first.shape)
 
         def post(module, args, out):
@@ -617,7 +786,8 @@ class _Tracking:
         try:
             for name, module in self.root.named_modules():
                 if name:
-                    self.handles.append(module.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
+                    self.handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n),
+                                                                         with_kwargs=True))
                     self.handles.append(module.register_forward_hook(post))
         except BaseException:
             self.__exit__()
@@ -632,16 +802,18 @@ class _Tracking:
 
 
 def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, tangents: bool = False,
-           track: bool = False):
-    """One forward of the block's own code (its hooks skipped) under a Recorder: (recorder, output). track: also
-    name the submodule that made each tensor (hooks on every submodule, for the layout's `qk_modules` only)."""
+           track: bool = False, call: Call | None = None, masses: "Masses | None" = None):
+    """One forward of the block's own code (its hooks skipped) under a Recorder: (recorder, output). call: how the
+    model called the block (its other arguments; x takes its input's place), for x's batch. track: also name the
+    submodule that made each tensor (hooks on every submodule, for the layout's `qk_modules` only)."""
     stack: list = []
-    rec = Recorder([x], replace=replace, tangents=tangents, stack=stack)
+    rec = Recorder([x], replace=replace, tangents=tangents, stack=stack, masses=masses)
+    args, kwargs = ((x,), {}) if call is None else call.with_input(x)
     if not track:
         with rec:
-            return rec, block.forward(x)
+            return rec, block.forward(*args, **kwargs)
     with _Tracking(block, stack), rec:
-        out = block.forward(x)
+        out = block.forward(*args, **kwargs)
     return rec, out
 
 
@@ -700,18 +872,22 @@ def token_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[st
     passes: list[dict] = []
     me = threading.get_ident()
 
-    def keep(module, args, name):  # a block that runs twice keeps its first input; other threads' forwards pass
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    def keep(module, args, kwargs, name):  # a block that runs twice keeps its first input; other threads' pass
+        first = first_tensor(args, kwargs)
         if threading.get_ident() == me and first is not None and first.dim() == 3 and name not in passes[-1]:
             passes[-1][name] = fwAD.unpack_dual(first).tangent
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
+               for n in names]
     inputs, hw, _ = _input_tangents(x[:1], None)
+    masses = Masses()
     try:
         with torch.no_grad(), fwAD.dual_level():
-            for t in inputs:
+            for i, t in enumerate(inputs):
                 passes.append({})
-                with Recorder([], keep=False, tangents=True, drop_attended=True):
+                if i:
+                    masses.next_pass()
+                with Recorder([], keep=False, tangents=True, drop_attended=True, masses=masses):
                     model(fwAD.make_dual(x[:1].detach(), t.contiguous()))
     finally:
         for h in handles:
@@ -748,11 +924,13 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
     dims = {places[n].positions.y.shape[-1] for n in names}
     got: dict[str, torch.Tensor] = {}
 
-    def keep(module, args, name):
-        if threading.get_ident() == me and name not in got and args and isinstance(args[0], torch.Tensor):
-            got[name] = args[0].detach().clone()
+    def keep(module, args, kwargs, name):
+        first = first_tensor(args, kwargs)
+        if threading.get_ident() == me and name not in got and first is not None:
+            got[name] = first.detach().clone()
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in names]
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
+               for n in names]
     found: dict[str, dict[int, str]] = {n: {} for n in names}
     try:
         with torch.no_grad():
@@ -762,11 +940,11 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
             for pname, p in model.named_parameters():
                 if p.dim() != 3 or p.shape[0] != 1 or p.shape[1] > max(dims) or p.shape[-1] not in width.values():
                     continue
-                # a random change (a constant one vanishes in a LayerNorm) for this call only (functional_call puts
-                # the parameter back after it; it swaps it meanwhile, so names are read where the model is found,
-                # before an app serves anyone: `find_blocks` at load, on an input of the size the app analyses)
+                # a random change (a constant one vanishes in a LayerNorm), seen by this thread's forward only: the
+                # model's parameter is never touched, so other requests served meanwhile are not affected
                 changed = p + torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs())
-                torch.func.functional_call(model, {pname: changed}, (x[:1],), strict=False)
+                with Substituted({p: changed}):
+                    model(x[:1])
                 for n in names:
                     if n not in got or n not in base:
                         continue
@@ -786,6 +964,27 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
         p.names = [found.get(first, {}).get(i, f"prefix {j}") for j, i in enumerate(p.prefix)]
 
 
+class Substituted(TorchFunctionMode):
+    """In the entering thread only, every torch call given one of the keys (a parameter) gets its value instead: a
+    model run as if that parameter were changed, without changing it (other threads' forwards see it as it is)."""
+
+    def __init__(self, values: dict[torch.Tensor, torch.Tensor]):
+        super().__init__()
+        self.values = {id(k): (k, v) for k, v in values.items()}
+
+    def _swap(self, a):
+        if isinstance(a, torch.Tensor):
+            kv = self.values.get(id(a))
+            return kv[1] if kv is not None and kv[0] is a else a
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._swap(v) for v in a)
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        return func(*(self._swap(a) for a in args), **{k: self._swap(v) for k, v in kwargs.items()})
+
+
 @dataclass
 class Seen:
     """What one block did in a watched forward: its input, its output, and (traced blocks) the calls it made."""
@@ -793,6 +992,7 @@ class Seen:
     input: torch.Tensor
     output: object = None
     events: list | None = None
+    call: Call | None = None  # how the model called the block (its other arguments, positional or keyword)
     row_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # `summarised` blocks: RowSums.result()
 
 
@@ -809,13 +1009,14 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     active: dict[str, TorchFunctionMode] = {}
     seen: dict[str, Seen] = {}
 
-    def enter(module, args, name):
+    def enter(module, args, kwargs, name):
         if threading.get_ident() != me or name in seen:
             return
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        seen[name] = Seen(first if keep_graph or first is None else first.detach())
+        given = Call.of(args, kwargs)
+        call = given if given is None or keep_graph else given.detached()
+        seen[name] = Seen(None if call is None else call.input, call=call)
         if name in traced or name in summarised:
-            mode = Recorder([a for a in args if isinstance(a, torch.Tensor)]) if name in traced else RowSums()
+            mode = Recorder([given.input] if given is not None else []) if name in traced else RowSums()
             mode.__enter__()
             active[name] = mode
 
@@ -838,7 +1039,8 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     handles = []
     try:
         for name in names:
-            handles.append(modules[name].register_forward_pre_hook(lambda m, a, n=name: enter(m, a, n)))
+            handles.append(modules[name].register_forward_pre_hook(lambda m, a, k, n=name: enter(m, a, k, n),
+                                                                   with_kwargs=True))
             handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: leave(m, a, o, n)))
         out = model(x)
     finally:
@@ -904,28 +1106,33 @@ def _input_tangents(x: torch.Tensor, places: "TokenPlaces | None", channels_last
     return [r.expand_as(x), (r * ys).expand_as(x), (r * xs).expand_as(x)], places.hw, 32
 
 
-def _layout(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None) -> Layout:
+def _layout(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None,
+            call: Call | None = None) -> Layout:
     """The layout as `Layout.of` gives it; a 4-D input is read as (B, C, H, W), and where its keys are then no
     positions, as (B, H, W, C) (channels last, as Swin's blocks take it)."""
     try:
-        return _layout_read(block, x, attention, places)
+        return _layout_read(block, x, attention, places, call=call)
     except NotAttention as first:
         if x.dim() != 4 or places is not None:
             raise
         try:
-            return _layout_read(block, x, attention, None, channels_last=True)
+            return _layout_read(block, x, attention, None, channels_last=True, call=call)
         except NotAttention:
             raise first from None
 
 
 def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "TokenPlaces | None" = None,
-                 channels_last: bool = False) -> Layout:
+                 channels_last: bool = False, call: Call | None = None) -> Layout:
     inputs, (H, W), max_stride = _input_tangents(x, places, channels_last)
     passes, reason = [], ""
+    masses = Masses()
     try:
         with torch.no_grad(), fwAD.dual_level():
-            for t in inputs:
-                rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True, track=True)
+            for i, t in enumerate(inputs):
+                if i:
+                    masses.next_pass()
+                rec, _ = record(block, fwAD.make_dual(x, t.contiguous()), tangents=True, track=True, call=call,
+                                masses=masses)
                 tan = lambda z: None if z is None else fwAD.unpack_dual(z).tangent  # noqa: E731
                 prim = lambda z: None if z is None else fwAD.unpack_dual(z).primal  # noqa: E731
                 passes.append([dict(ev=ev, w=prim(ev.weights), q=prim(ev.query), k=prim(ev.key), tq=tan(ev.query),
@@ -934,7 +1141,7 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
         passes, reason = None, (str(err).splitlines() or [type(err).__name__])[0][:160]
     if passes is None:
         with torch.no_grad():
-            rec, _ = record(block, x, track=True)
+            rec, _ = record(block, x, track=True, call=call)
         groups = event_groups(rec.events)
         if attention >= len(groups):
             raise NotAttention("its forward computes no attention")
@@ -1099,9 +1306,10 @@ class Found:
 
 def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
-    the innermost module running it that takes an image grid (B, C, H, W) of the example's batch as its first input
-    (not windows or grid cells stacked on the batch axis, as MaxViT's), other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with none, to the
-    innermost module running it."""
+    the innermost module running it whose input (its first tensor argument) is an image grid (B, C, H, W) or tokens
+    (B, T, C) of the example's batch: not windows or grid cells stacked on the batch axis (MaxViT's, Swin's), and
+    other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with
+    none, to the innermost module running it."""
     stack: list = []
     shapes: dict = {}
     rec = Recorder([example], keep=False, stack=stack)
@@ -1111,7 +1319,7 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     groups = event_groups(rec.events)
     for group in groups:
         where = rec.event_modules[group[0]]
-        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) == 4
+        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) in (3, 4)
                       and shapes[n][0] == example.shape[0]), None)
         if owner is None:
             owner = where[-1] if where else ""
