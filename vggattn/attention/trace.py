@@ -887,8 +887,9 @@ def token_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[st
                 passes.append({})
                 if i:
                     masses.next_pass()
-                with Recorder([], keep=False, tangents=True, drop_attended=True, masses=masses):
-                    model(fwAD.make_dual(x[:1].detach(), t.contiguous()))
+                dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
+                with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):  # the input
+                    model(dual)  # live, so every attention computed from it is found (and its output dropped)
     finally:
         for h in handles:
             h.remove()
@@ -938,7 +939,7 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
             base, got = got, {}
             width = {n: base[n].shape[-1] for n in base}
             for pname, p in model.named_parameters():
-                if p.dim() != 3 or p.shape[0] != 1 or p.shape[1] > max(dims) or p.shape[-1] not in width.values():
+                if not _token_shaped(pname, p, max(dims), set(width.values())):
                     continue
                 # a random change (a constant one vanishes in a LayerNorm), seen by this thread's forward only: the
                 # model's parameter is never touched, so other requests served meanwhile are not affected
@@ -962,6 +963,15 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
     for n, p in places.items():
         first = firsts.get((p.positions.y.shape[-1], tuple(p.prefix)), n)
         p.names = [found.get(first, {}).get(i, f"prefix {j}") for j, i in enumerate(p.prefix)]
+
+
+def _token_shaped(name: str, p: torch.Tensor, most: int, widths: set[int]) -> bool:
+    """Whether a parameter may be token embeddings: (1, k, D), (k, D) or (D,) with D a block's width and k at most
+    its token count (timm's cls_token and reg_token, transformers' register_tokens, CLIP's class_embedding), and
+    not a layer's weight or bias."""
+    if name.split(".")[-1] in ("weight", "bias") or p.shape[-1] not in widths or not 1 <= p.dim() <= 3:
+        return False
+    return p.dim() == 1 or (p.numel() // p.shape[-1] <= most and (p.dim() == 2 or p.shape[0] == 1))
 
 
 class Substituted(TorchFunctionMode):

@@ -1,0 +1,166 @@
+"""transformers' vision models read by what they compute, each against the library's own eager attention (the
+`attentions` it returns with output_attentions=True) with the same weights on the same input: every layer's rows on
+the image's grid, the weights on tokens with no place (class, distillation, registers, YOLOS' detection tokens) by
+name, keys on a reduced grid (SegFormer, PVTv2), shifted windows (Swin), and DETR's encoder over its backbone's grid.
+Random small configs, read under SDPA where the model offers it."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vggattn.attention.adapters import find_blocks, locate_tokens  # noqa: E402
+from vggattn.attention.trace import watch  # noqa: E402
+from vggattn.models.output import image_model  # noqa: E402
+
+T = transformers
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56,
+           patch_size=14)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+PYRAMID = dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+               strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3)
+SWIN = dict(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=7, num_labels=3)
+
+
+def resnet():
+    return T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1],
+                          out_features=["stage4"])
+
+
+def detr(config_cls, model_cls):
+    return model_cls, lambda: getattr(T, config_cls)(
+        use_timm_backbone=False, backbone_config=resnet(), use_pretrained_backbone=False, d_model=32,
+        encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, num_queries=5)
+
+
+# name: ((model class, config), input size, tokens with no place: (their indices among the tokens, their names' last
+# parts))
+CASES = {
+    "vit": (("ViTForImageClassification", lambda: T.ViTConfig(**VIT, num_labels=3)), 56, ([0], ["cls_token"])),
+    "deit distilled": (("DeiTForImageClassificationWithTeacher", lambda: T.DeiTConfig(**VIT, num_labels=3)), 56,
+                       ([0, 1], ["cls_token", "distillation_token"])),
+    "beit": (("BeitForImageClassification", lambda: T.BeitConfig(**VIT, num_labels=3, use_relative_position_bias=True)),
+             56, ([0], ["cls_token"])),
+    "data2vec-vision": (("Data2VecVisionForImageClassification", lambda: T.Data2VecVisionConfig(
+        **VIT, num_labels=3, use_relative_position_bias=True)), 56, ([0], ["cls_token"])),
+    "dinov2 backbone": (("Dinov2Model", lambda: T.Dinov2Config(**VIT)), 56, ([0], ["cls_token"])),
+    "dinov2 + registers": (("Dinov2WithRegistersForImageClassification", lambda: T.Dinov2WithRegistersConfig(
+        **VIT, num_labels=3, num_register_tokens=2)), 56,
+        ([0, 1, 2], ["cls_token", "register_tokens[0]", "register_tokens[1]"])),
+    "clip classifier": (("CLIPForImageClassification", lambda: T.CLIPConfig(vision_config=VIT, text_config=TEXT,
+                                                                           num_labels=3)), 56, ([0], ["class_embedding"])),
+    "clip vision model": (("CLIPVisionModel", lambda: T.CLIPVisionConfig(**VIT)), 56, ([0], ["class_embedding"])),
+    "siglip vision model": (("SiglipVisionModel", lambda: T.SiglipVisionConfig(**VIT)), 56, ([], [])),
+    "yolos (detection tokens after the patches)": (("YolosForObjectDetection", lambda: T.YolosConfig(
+        **{**VIT, "image_size": [56, 56]}, num_detection_tokens=3)), 56,
+        ([0, 17, 18, 19], ["cls_token", "detection_tokens[0]", "detection_tokens[1]", "detection_tokens[2]"])),
+    "segformer (keys on the reduced grid)": (("SegformerForImageClassification", lambda: T.SegformerConfig(**PYRAMID)),
+                                             64, ([], [])),
+    "pvtv2 (keys on the reduced grid)": (("PvtV2ForImageClassification", lambda: T.PvtV2Config(**PYRAMID)), 64,
+                                         ([], [])),
+    "detr encoder": (detr("DetrConfig", "DetrForObjectDetection"), 64, ([], [])),
+    "conditional detr encoder": (detr("ConditionalDetrConfig", "ConditionalDetrForObjectDetection"), 64, ([], [])),
+}
+
+
+def build(spec, implementation: str, like=None):
+    """The model class built from the config with that attention implementation (None where transformers offers
+    none), with the weights of `like` when given."""
+    model_cls, config = spec
+    config = config()
+    config._attn_implementation = implementation
+    try:
+        model = getattr(T, model_cls)(config).eval()
+    except ValueError:  # e.g. no SDPA for this architecture
+        return None
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model
+
+
+def flat(attentions) -> list:
+    return [t for a in attentions for t in (flat(a) if isinstance(a, (tuple, list)) else [a])]
+
+
+def own_attentions(model, x):
+    """The eager attentions the library returns, per layer (B, heads, queries, keys): the encoder's for DETR."""
+    with torch.no_grad():
+        out = model(pixel_values=x, output_attentions=True)
+    return flat(out.encoder_attentions if getattr(out, "encoder_attentions", None) is not None else out.attentions)
+
+
+def eager_and_read(spec, x):
+    """(the eager attentions, vggattn's maps of every block found, in order) with the same weights, read from the
+    model as fast as it runs (SDPA where transformers offers it, else eager)."""
+    torch.manual_seed(0)
+    eager = build(spec, "eager")
+    want = own_attentions(eager, x)
+    return want, read(build(spec, "sdpa", like=eager) or eager, x)
+
+
+def read(model, x):
+    """vggattn's maps of every block found, in order."""
+    net = image_model(model)
+    blocks = find_blocks(net, example=x)
+    names = [b[0] for b in blocks]
+    _, seen = watch(net, x, names, set(names))
+    locate_tokens(net, x, blocks, {n: s.input for n, s in seen.items()})
+    return [(name, adapter.maps(module, seen[name].input, seen[name].events, seen[name].call))
+            for name, module, adapter in blocks]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_layers_rows_are_the_librarys_own_eager_attention(case):
+    spec, size, (unplaced, names) = CASES[case]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    want, got = eager_and_read(spec, x)
+    encoder = [(n, m) for n, m in got if ".decoder." not in n]
+    assert len(encoder) == len(want), [n for n, _ in got]
+    for (name, maps), a in zip(encoder, want):
+        a = a[0]  # (heads, T, T_keys)
+        placed = [i for i in range(a.shape[-2]) if i not in unplaced]
+        kplaced = [i for i in range(a.shape[-1]) if i not in unplaced]
+        assert maps.heads == a.shape[0] and maps.grid[0] * maps.grid[1] == len(placed), name
+        torch.testing.assert_close(maps.rows()[0], a[:, placed][:, :, kplaced], rtol=1e-4, atol=1e-6)
+        if unplaced:
+            torch.testing.assert_close(maps.prefix[0], a[:, placed][:, :, unplaced], rtol=1e-4, atol=1e-6)
+            assert [n.split(".")[-1] for n in maps.prefix_names] == names
+        else:
+            assert maps.prefix is None
+
+
+@pytest.mark.parametrize("version", ["swin", "swinv2"])
+def test_swin_rows_are_its_shifted_window_attention_on_the_images_cells(version):
+    """transformers' Swin stacks windows on the batch axis inside each layer: found at the layer that takes the
+    image's tokens, every query's row lies on the cells of its (shifted) window and equals the eager attention."""
+    from transformers.models.swin.modeling_swin import window_partition
+
+    config_cls, model_cls = {"swin": ("SwinConfig", "SwinForImageClassification"),
+                             "swinv2": ("Swinv2Config", "Swinv2ForImageClassification")}[version]
+    x = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    spec = (model_cls, lambda: getattr(T, config_cls)(**SWIN))
+    torch.manual_seed(0)
+    eager = build(spec, "eager")
+    want = []  # per layer (windows, heads, 49, 49): each layer's own output with output_attentions
+    hooks = [m.register_forward_hook(lambda mod, a, out: want.append(out[1]))
+             for stage in getattr(eager, version).encoder.layers for m in stage.blocks]
+    own_attentions(eager, x)
+    for h in hooks:
+        h.remove()
+    got = read(build(spec, "sdpa", like=eager) or eager, x)
+    layers = [m for stage in getattr(eager, version).encoder.layers for m in stage.blocks]
+    assert len(got) == len(want) == len(layers), [n for n, _ in got]
+    for (name, maps), a, layer in zip(got, want, layers):
+        h, w = maps.grid
+        assert maps.heads == a.shape[1], name
+        cells = torch.arange(h * w).reshape(1, h, w, 1)
+        shift = layer.shift_size
+        if shift:
+            cells = torch.roll(cells, shifts=(-shift, -shift), dims=(1, 2))
+        cells = window_partition(cells, layer.window_size).reshape(a.shape[0], -1)  # each window's cells in order
+        expect = torch.zeros(a.shape[1], h * w, h * w)
+        for i in range(cells.shape[0]):
+            expect[:, cells[i][:, None], cells[i][None, :]] = a[i]
+        torch.testing.assert_close(maps.rows()[0], expect, rtol=1e-4, atol=1e-6)
+    assert any(layer.shift_size for layer in layers)  # a shifted layer was among them
