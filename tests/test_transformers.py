@@ -164,3 +164,62 @@ def test_swin_rows_are_its_shifted_window_attention_on_the_images_cells(version)
             expect[:, cells[i][:, None], cells[i][None, :]] = a[i]
         torch.testing.assert_close(maps.rows()[0], expect, rtol=1e-4, atol=1e-6)
     assert any(layer.shift_size for layer in layers)  # a shifted layer was among them
+
+
+SAVED = {  # what people save and name with --hf: (model class, config, what the page shows, blocks)
+    "segformer classifier": ("SegformerForImageClassification", lambda: T.SegformerConfig(**PYRAMID, image_size=64),
+                             "its logits", 2),
+    "pvtv2 (eager only)": ("PvtV2ForImageClassification", lambda: T.PvtV2Config(**PYRAMID, image_size=64),
+                           "its logits", 2),
+    "dinov2 backbone": ("Dinov2Model", lambda: T.Dinov2Config(**VIT), "its output", 2),
+    "clip dual model": ("CLIPModel", lambda: T.CLIPConfig(vision_config=VIT, text_config=TEXT),
+                        "the vision tower's output", 2),
+    "detr detector": (*detr("DetrConfig", "DetrForObjectDetection"), "its output", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED))
+def test_a_saved_folder_loads_with_hf_and_every_layer_is_analysed(case, tmp_path):
+    """`--hf FOLDER` as people save models: a classifier, a backbone, a dual image-text model (its vision tower), a
+    detector, a model transformers offers no SDPA for (eager): loaded, every block found and analysed on a photo."""
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import blocks_of, load_hf
+
+    model_cls, config, shows, count = SAVED[case]
+    torch.manual_seed(0)
+    getattr(T, model_cls)(config()).save_pretrained(tmp_path / "saved")
+    model, meta = load_hf(str(tmp_path / "saved"))
+    assert meta["shows"] == shows and (meta["class_names"] is not None) == (shows == "its logits")
+    encoder = [n for n, *_ in blocks_of(model, meta) if ".decoder." not in n]
+    assert len(encoder) == count, encoder
+    image = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
+    result = analyze(model, meta, image)
+    assert [b.name for b in result.blocks][:count] == encoder
+    for block in result.blocks:
+        rows = block.maps.rows()[0]
+        assert torch.isfinite(rows).all() and rows.shape[-2] == block.maps.grid[0] * block.maps.grid[1]
+    if meta["class_names"]:
+        assert len(result.top_k()) == 3
+
+
+def test_a_transformers_model_in_hand_is_read_through_its_output_object():
+    """A transformers classifier in hand (its forward returns an ImageClassifierOutput): `in_hand` reads its logits
+    and class names, keeps every block's own name, and `analyze` gives its top classes."""
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import in_hand
+
+    torch.manual_seed(0)
+    config = T.ViTConfig(**VIT, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    vit = T.ViTForImageClassification(config).eval()
+    model, meta = in_hand(vit)
+    assert meta["input_size"] == 56 and meta["class_names"] == ["a", "b", "c"]
+    assert dict(model.named_modules()).keys() - {""} == dict(vit.named_modules()).keys() - {""}
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(pixel_values=x).logits)
+    result = analyze(model, meta, Image.new("RGB", (70, 56), "white"))
+    assert set(result.top_k()) == {"a", "b", "c"} and len(result.blocks) == 2

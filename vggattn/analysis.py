@@ -28,6 +28,7 @@ from PIL import Image
 
 from .attention.adapters import (Adapter, BlockMaps, Intervention, TracedAdapter, example_input, find_blocks,
                                  locate_tokens)
+from .models.output import image_model
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
 from .view.hover import page_layer, row_summaries
@@ -233,6 +234,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     """Run the model once on the whole image and keep what clicks, tabs and exports need: every block's input
     and output (`vggattn.attention.trace.watch`), then each block's maps."""
     image = to_rgb(image)  # once: open_image's RGB image comes back as it is
+    model = image_model(model, example_input(model, meta.get("input_size")))  # a ModelOutput, dict or dataclass
     blocks = blocks_of(model, meta, layers)
     device = next(model.parameters()).device
     x = (meta.get("transform") or eval_transform(meta))(image).unsqueeze(0).to(device)
@@ -322,7 +324,8 @@ def with_gradcam(model: nn.Module, result: Analysis) -> np.ndarray | None:
     None for a model without class logits or convs."""
     if result.gradcam is None and result.probs is not None:
         device = next(model.parameters()).device
-        cam = grad_cam(model, result.input.to(device), int(result.probs.argmax()))
+        cam = grad_cam(image_model(model, example_input(model, result.input_size or None)), result.input.to(device),
+                       int(result.probs.argmax()))
         result.gradcam = None if cam is None else cam[0].cpu().numpy()
     return result.gradcam
 
@@ -333,6 +336,7 @@ def ablate(model: nn.Module, result: Analysis, modes: dict[str, str]) -> torch.T
     "uniform"}, `vggattn.attention.adapters.Intervention`) for one forward: probabilities (softmax with the result's
     temperature) for a classifier, else the raw output, flattened. Other users of the model are unaffected."""
     device = next(model.parameters()).device
+    model = image_model(model, example_input(model, result.input_size or None))
     with Intervention(model, modes):
         out = model(result.input.to(device))
     out = (out[0] if isinstance(out, (tuple, list)) else out).detach().float().cpu().reshape(-1)

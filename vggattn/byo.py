@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from .analysis import blocks_of
+from .attention.adapters import example_input
+from .models.output import ImageOutput, image_model
 from .checkpoint import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict,
                          load_checkpoint, resolve_device)
 
@@ -143,21 +145,42 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None,
     return model.eval(), meta
 
 
-class ImageLogits(nn.Module):
-    """A transformers image classifier as a model of images (B, 3, H, W) -> logits."""
+def _hf_model(transformers, name: str):
+    """The model a transformers folder or Hub id holds, as its config names it (an image classifier, a backbone, a
+    detector, a dual image-text model), with SDPA where transformers offers it, else its eager attention."""
+    config = transformers.AutoConfig.from_pretrained(name)
+    arch = next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:  # no architecture saved: a classifier where its config has one, else the backbone
+        cls = transformers.AutoModelForImageClassification if type(config) in \
+            transformers.AutoModelForImageClassification._model_mapping else transformers.AutoModel
+    for implementation in ("sdpa", "eager"):
+        try:
+            return cls.from_pretrained(name, attn_implementation=implementation)
+        except ValueError as e:  # "... does not support an attention implementation through ...scaled_dot_product..."
+            if implementation == "eager" or "attention implementation" not in str(e):
+                raise
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
+def _hf_size(transformers, name: str, model) -> int:
+    """The size the model is used at: its config's image size (the vision tower's), else its preprocessor's."""
+    config = getattr(model.config, "vision_config", None) or model.config
+    size = getattr(config, "image_size", None)
+    if size:
+        return int(size if isinstance(size, int) else size[0])
+    try:
+        saved = transformers.AutoImageProcessor.from_pretrained(name).size
+        return int(saved.get("height") or saved.get("shortest_edge") or 224)
+    except Exception:  # noqa: BLE001 (no preprocessor saved)
+        return 224
 
 
-def load_hf(name: str, *, classes: str | None = None) -> tuple[nn.Module, dict]:
-    """A transformers image classifier (ViT, DINOv2, DINOv2 with registers, ...) from a folder saved with
-    `save_pretrained` or a Hub id, with scaled_dot_product_attention (vggattn reads its rows from the computation,
-    where transformers returns none). Input size from its config; mean and std from its preprocessor where saved."""
+def load_hf(name: str, *, classes: str | None = None, input_size: int | None = None) -> tuple[nn.Module, dict]:
+    """A transformers vision model from a folder saved with `save_pretrained` or a Hub id: an image classifier, a
+    backbone (`Dinov2Model`, `CLIPVisionModel`: the study's no-classifier path), a detector (DETR, YOLOS) or the vision
+    tower of a dual image-text model (`CLIPModel`, `SiglipModel`), with scaled_dot_product_attention where offered
+    (vggattn reads its rows from the computation, where transformers returns none), else eager. Input size: given,
+    else its config's, else its preprocessor's; mean and std from its preprocessor where saved."""
     try:
         import transformers
     except ImportError:
@@ -167,7 +190,7 @@ def load_hf(name: str, *, classes: str | None = None) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"the Hugging Face Hub is not reachable from here, so {name} cannot be fetched (not even "
                               "its config, so no random stand-in either); give a folder saved with save_pretrained")
     try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(name, attn_implementation="sdpa")
+        model = _hf_model(transformers, name)
     except Exception as e:  # noqa: BLE001 (one sentence, whatever transformers raises)
         raise CheckpointError(f"transformers could not load {name}: {str(e).splitlines()[0][:200]}") from None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -176,12 +199,16 @@ def load_hf(name: str, *, classes: str | None = None) -> tuple[nn.Module, dict]:
         mean, std = list(processor.image_mean), list(processor.image_std)
     except Exception:  # noqa: BLE001 (no preprocessor saved: ImageNet's normalisation)
         pass
-    size = model.config.image_size
-    size = size if isinstance(size, int) else size[0]
-    labels = getattr(model.config, "id2label", None) or {}
+    size = input_size or _hf_size(transformers, name, model)
+    classifier = type(model).__name__.endswith("ForImageClassification") or \
+        type(model).__name__.endswith("ForImageClassificationWithTeacher")
+    labels = (getattr(model.config, "id2label", None) or {}) if classifier else {}
     names = read_class_names(classes) if classes else [labels[i] for i in sorted(labels)] if labels else None
-    meta = describe(f"hf:{name}", int(size), names, mean, std, weights="pretrained")
-    return ImageLogits(model).eval(), meta
+    tower = getattr(model, "vision_model", None) if hasattr(model, "text_model") else None
+    net = ImageOutput(tower, "pixel_values") if tower is not None else image_model(model)
+    shows = "the vision tower's output" if tower is not None else "its logits" if classifier else "its output"
+    meta = describe(f"hf:{name}", int(size), names, mean, std, weights="pretrained", shows=shows)
+    return net.eval(), meta
 
 
 def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, mean=IMAGENET_MEAN,
@@ -192,6 +219,22 @@ def model_meta(model: nn.Module, *, transform=None, class_names=None, input_size
     if transform is not None:
         meta["transform"] = transform
     return meta
+
+
+def in_hand(model: nn.Module, *, transform=None, class_names=None, input_size: int | None = None
+            ) -> tuple[nn.Module, dict]:
+    """A model in hand (`vggattn.launch`, `vggattn.show`) as vggattn reads it, with its meta: one whose forward returns
+    a ModelOutput, dict or dataclass is wrapped (`image_model`: its logits where it has them, else its embedding);
+    a transformers model brings its input size and class names from its config where not given."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None) if input_size is None else input_size
+    size = int(size if isinstance(size, int) else size[0]) if size else 224
+    if class_names is None and type(model).__name__.endswith(("ForImageClassification", "WithTeacher")):
+        labels = getattr(config, "id2label", None) or {}
+        class_names = [labels[i] for i in sorted(labels)] or None
+    model = image_model(model.eval(), example_input(model, size))
+    return model, model_meta(model, transform=transform, class_names=class_names, input_size=size)
 
 
 def load_named(spec: str, device: str = "cpu") -> tuple[nn.Module, dict]:
@@ -215,8 +258,9 @@ def add_model_arguments(parser) -> None:
     own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
                      "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
     own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
-    own.add_argument("--hf", metavar="NAME_OR_FOLDER", help="a transformers image classifier: a folder saved with "
-                     "save_pretrained, or a Hub id (ViT, DINOv2, DINOv2 with registers, ...)")
+    own.add_argument("--hf", metavar="NAME_OR_FOLDER", help="a transformers vision model: a folder saved with "
+                     "save_pretrained, or a Hub id (a classifier, a backbone such as Dinov2Model, a detector's "
+                     "encoder, or the vision tower of a CLIPModel or SiglipModel)")
     own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
     own.add_argument("--input-size", type=int, help="square input size for --model or --timm (default: the checkpoint's or timm's, "
                      "else 224)")
@@ -262,7 +306,7 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
     elif args.timm:
         model, meta = load_timm(args.timm, classes=args.classes, input_size=args.input_size)
     elif getattr(args, "hf", None):
-        model, meta = load_hf(args.hf, classes=args.classes)
+        model, meta = load_hf(args.hf, classes=args.classes, input_size=getattr(args, "input_size", None))
     else:
         spec = args.model or named_model(args.checkpoint)
         if not args.model and not spec.startswith("vggattn."):

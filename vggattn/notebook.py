@@ -58,9 +58,9 @@ def _model(spec):
     if isinstance(spec, tuple):
         return spec
     if isinstance(spec, nn.Module):
-        from .byo import model_meta
+        from .byo import in_hand
 
-        return spec.eval(), model_meta(spec)
+        return in_hand(spec)
     from .byo import load_named
 
     return load_named(str(spec))

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from ..attention.adapters import MODES, TracedAdapter
 from ..analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
-from ..byo import add_model_arguments, load_from_args, model_meta, wants_own_model
+from ..byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
 from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
@@ -813,10 +813,11 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
     return demo
 
 
-def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int = 224, layers=None,
+def launch(model: nn.Module, *, transform=None, class_names=None, input_size: int | None = None, layers=None,
            host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kw):
-    """Serve the app for a model in hand: `vggattn.launch(model, transform=..., class_names=...)`."""
-    meta = model_meta(model, transform=transform, class_names=class_names, input_size=input_size)
+    """Serve the app for a model in hand: `vggattn.launch(model, transform=..., class_names=...)` (input size: given,
+    else a transformers model's config's, else 224)."""
+    model, meta = in_hand(model, transform=transform, class_names=class_names, input_size=input_size)
     return serve(build_demo(model, meta, layers=layers), host, port, share, **kw)
 
 

@@ -80,6 +80,7 @@ def image_model(model: nn.Module, example: torch.Tensor | None = None) -> nn.Mod
         with torch.no_grad():
             out = model(example)
         if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)):
+            _WRAPPED[model] = model
             return model
     _WRAPPED[model] = ImageOutput(model, keyword)
     return _WRAPPED[model]
