@@ -34,6 +34,11 @@ from torch.overrides import TorchFunctionMode
 PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum", "baddbmm"}
 SOFTMAX = {"softmax", "_softmax"}
 SDPA = "scaled_dot_product_attention"
+MHA = "multi_head_attention_forward"  # nn.MultiheadAttention's (its fast path is off while a mode is active)
+MHA_ARGS = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+            "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+            "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+            "static_k", "static_v", "average_attn_weights", "is_causal"]
 # calls that move or rename a tensor's elements without mixing positions (the walk from weights to their source)
 TRANSPARENT = {"view", "reshape", "permute", "transpose", "t", "contiguous", "unsqueeze", "squeeze", "flatten",
                "to", "float", "double", "half", "bfloat16", "type", "type_as", "clone", "dropout", "expand",
@@ -152,21 +157,25 @@ class Call:
         return self.args[self.slot] if isinstance(self.slot, int) else self.kwargs[self.slot]
 
     def with_input(self, x: torch.Tensor) -> tuple[tuple, dict]:
-        """(args, kwargs) with x in the input's place."""
-        if isinstance(self.slot, int):
-            return self.args[:self.slot] + (x,) + self.args[self.slot + 1:], self.kwargs
-        return self.args, {**self.kwargs, self.slot: x}
+        """(args, kwargs) with x wherever the input was (a self-attention given it as query, key and value)."""
+        given = self.input
+        put = lambda a: x if a is given else a  # noqa: E731
+        return tuple(put(a) for a in self.args), {k: put(v) for k, v in self.kwargs.items()}
+
+    def _mapped(self, fn) -> "Call":
+        """fn applied to every tensor argument, once per tensor (one passed twice stays one)."""
+        memo: dict[int, torch.Tensor] = {}
+        one = lambda a: memo.setdefault(id(a), fn(a)) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        return Call(tuple(one(a) for a in self.args), {k: one(v) for k, v in self.kwargs.items()}, self.slot)
 
     def sliced(self, rows: slice) -> "Call":
         """The call for images `rows` of the batch: the input and every tensor argument with the input's batch size
         (position embeddings, masks) sliced alike."""
         b = self.input.shape[0]
-        cut = lambda a: a[rows] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a  # noqa: E731
-        return Call(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, self.slot)
+        return self._mapped(lambda a: a[rows] if a.dim() and a.shape[0] == b else a)
 
     def detached(self) -> "Call":
-        cut = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
-        return Call(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, self.slot)
+        return self._mapped(lambda a: a.detach())
 
     def key(self) -> tuple:
         """What a layout depends on besides the input's shape: the other arguments' shapes and plain values."""
@@ -225,6 +234,10 @@ class Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == SDPA:
             return self._dropped(self._sdpa(args, kwargs))
+        if name == MHA:  # PyTorch's own attention runs as one call: computed here, op by op, under this mode
+            out = self._mha(args, kwargs)
+            if out is not None:
+                return out
         if name in NORMS and self.tangents:
             out = self._norm_constant_stats(name, args, kwargs)
             if out is not None:
@@ -505,6 +518,53 @@ class Recorder(TorchFunctionMode):
         out = weights @ v
         self._record(SDPA, (q, k, v), {}, out)
         return out
+
+    def _mha(self, args, kwargs):
+        """F.multi_head_attention_forward as its ops (projections, softmax(q k^T / sqrt(d) + masks) v, the output
+        projection), run under this mode so its attention is found and kept like any other; None (the native call)
+        for what it rarely takes (bias_k, add_zero_attn, static keys)."""
+        p = dict(zip(MHA_ARGS, args))
+        p.update(kwargs)
+        if p.get("bias_k") is not None or p.get("add_zero_attn") or p.get("static_k") is not None \
+                or p.get("static_v") is not None:
+            return None
+        q, k, v = p["query"], p["key"], p["value"]
+        unbatched = q.dim() == 2
+        if unbatched:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        L, B, E = q.shape  # (L, B, E): sequence first, as nn.MultiheadAttention hands them over
+        S, H = k.shape[0], p["num_heads"]
+        d = E // H
+        if p.get("use_separate_proj_weight"):
+            w = (p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"])
+        else:
+            w = p["in_proj_weight"].chunk(3)
+        b = (None,) * 3 if p.get("in_proj_bias") is None else p["in_proj_bias"].chunk(3)
+        with self:
+            heads = lambda t, n: t.reshape(n, B * H, d).transpose(0, 1).reshape(B, H, n, d)  # noqa: E731
+            qh = heads(F.linear(q, w[0], b[0]), L)  # (B, H, L, d)
+            kh, vh = heads(F.linear(k, w[1], b[1]), S), heads(F.linear(v, w[2], b[2]), S)  # (B, H, S, d)
+            logits = (qh @ kh.transpose(-1, -2)) / math.sqrt(d)  # (B, H, L, S)
+            mask = p.get("attn_mask")
+            if p.get("is_causal") and mask is None:
+                mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+            if mask is not None:
+                mask = mask.reshape(B, H, L, S) if mask.dim() == 3 else mask
+                logits = logits.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            pad = p.get("key_padding_mask")
+            if pad is not None:
+                pad = pad.reshape(B, 1, 1, S)
+                logits = logits.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else logits + pad
+            weights = torch.softmax(logits, dim=-1)
+            if p.get("training") and p.get("dropout_p", 0.0) > 0:
+                weights = F.dropout(weights, p["dropout_p"])
+            out = (weights @ vh).permute(2, 0, 1, 3).reshape(L, B, E)  # (L, B, E)
+            out = F.linear(out, p["out_proj_weight"], p.get("out_proj_bias"))
+        if unbatched:
+            out, weights = out.squeeze(1), weights.squeeze(0)
+        if not p.get("need_weights", True):
+            return out, None
+        return out, weights.mean(1) if p.get("average_attn_weights", True) else weights
 
     def _norm_constant_stats(self, name, args, kwargs):
         """GroupNorm / InstanceNorm with the statistics of the primal held constant for the tangent (positions stay
