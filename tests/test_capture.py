@@ -170,3 +170,55 @@ def test_query_and_key_are_the_forwards_own_bitwise():
     for name, (_, _, maps, _) in got.items():
         assert torch.equal(maps.query[:, 0], seen[name, "query"])
         assert torch.equal(maps.key[:, 0], seen[name, "key"])
+
+
+def test_the_public_capture_gives_every_blocks_rows_and_gamma_on_a_batch_and_leaves_no_hook():
+    """`vggattn.capture(model, x)`: the model's output and, per block in module order, rows on demand equal to the
+    article's softmax on each image, the grids and γ; nothing stays hooked."""
+    model = tiny_model()
+    x = torch.randn(3, 3, 48, 48)
+    inputs = block_inputs(model, x)
+    out, maps = vggattn.capture(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+    assert list(maps) == NAMES and no_hooks_left(model)
+    for name, m in maps.items():
+        block, xin = inputs[name]
+        assert m.grid == m.key_grid == tuple(xin.shape[-2:]) and m.gamma == pytest.approx(0.5)
+        assert m.prefix is None and m.prefix_names is None
+        torch.testing.assert_close(m.rows()[:, 0], reference_rows(block, xin), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.rows([5])[:, 0, 0], reference_rows(block, xin)[:, 5], rtol=1e-5, atol=1e-6)
+
+
+def test_the_public_capture_on_a_vit_batch_equals_each_images_own_attention():
+    """A timm ViT with registers (fused attention) on a batch of 3: each image's rows and prefix weights are the
+    model's own unfused attention of that image, the prefix tokens by name; a transformers model in hand gives its
+    logits."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, reg_tokens=2, num_classes=3,
+                              depth=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    _, maps = vggattn.capture(model, x)
+    assert no_hooks_left(model)
+    want = {}
+    for name, m in model.named_modules():
+        if name in maps:
+            m.fused_attn = False
+            m.attn_drop.register_forward_pre_hook(lambda mod, a, n=name: want.setdefault(n, a[0]))
+    with torch.no_grad():
+        model(x)
+    assert list(maps) == ["blocks.0.attn", "blocks.1.attn"]
+    for name, m in maps.items():
+        a = want[name]  # (3, heads, 3 + 4, 3 + 4)
+        assert m.prefix_names == ["cls_token", "reg_token[0]", "reg_token[1]"] and m.gamma is None
+        torch.testing.assert_close(m.rows(), a[:, :, 3:, 3:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.prefix, a[:, :, 3:, :3], rtol=1e-5, atol=1e-6)
+    transformers = pytest.importorskip("transformers")
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        num_labels=3)).eval()
+    out, maps = vggattn.capture(vit, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, vit(pixel_values=x).logits)
+    assert maps[next(iter(maps))].rows().shape == (3, 2, 16, 16)

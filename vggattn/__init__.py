@@ -2,6 +2,7 @@
 whose blocks compute attention)."""
 
 from .analysis import Analysis, analyze
+from .capture import capture
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from .data import ImageLoadError, cell_box, open_image, preprocess, query_index
 from .models.vgg import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
@@ -26,5 +27,5 @@ __all__ = [
     "DEFAULT_CHECKPOINT", "CheckpointError", "load_checkpoint", "save_checkpoint",
     "ImageLoadError", "cell_box", "open_image", "preprocess", "query_index", "GlobalAttention", "ModelConfig",
     "VGG16WithAttention", "attention_layer_names", "fold_batchnorm", "from_torchvision", "gammas",
-    "vgg16_with_attention", "Analysis", "analyze", "launch", "show",
+    "vgg16_with_attention", "Analysis", "analyze", "capture", "launch", "show",
 ]
