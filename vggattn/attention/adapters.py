@@ -463,6 +463,18 @@ class TracedAdapter(Adapter):
                 at = torch.cat([lay.iq, lay.prefix_queries], 1)
                 token_qk.append((q[lay.lq[:, :1].expand_as(at), at] * lay.scale, k[lay.lq[:, 0]][:, lay.token_keys]))
             rows = w[lay.lq, lay.iq]  # (heads, N, nk)
+            plan = _gather_plan(lay)
+            if plan is not None:  # every head's keys: a cell each, one order for all rows: gathers, not scatters
+                order, prefix_order = plan[0].to(w.device), None if plan[1] is None else plan[1].to(w.device)
+                grid_rows = rows.index_select(-1, order)  # (heads, N, M)
+                parts.append((grid_rows, rows.sum(-1) - grid_rows.sum(-1) if lay.padded else None))
+                if prefix_order is not None:
+                    prefix_w.append(rows.index_select(-1, prefix_order))  # (heads, N, P)
+                    if lay.prefix_queries is not None:
+                        own = w[lay.lq[:, :1].expand_as(lay.prefix_queries), lay.prefix_queries]  # (heads, P, nk)
+                        prefix_r.append(torch.cat([own.index_select(-1, order), own.index_select(-1, prefix_order)],
+                                                  -1))
+                continue
             cells = lay.kcell.to(w.device)[lay.lq]  # (heads, N, nk)
             on = cells >= 0
             m = lay.key_grid[0] * lay.key_grid[1]
@@ -586,6 +598,32 @@ class TracedAdapter(Adapter):
             new = torch.where(keys[:, None, :] >= 0, new, flat)  # keys on padding keep their weights
             return new.reshape(w.shape)
         return fn
+
+
+def _gather_plan(lay: Layout) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """Where a layout's rows can be read by gathering: not windowed, each head's queries in one lead, and every
+    head's keys the same, one key a grid cell (and one a prefix token) -> (the key index of each grid cell (M,), of
+    each prefix token (P,) or None, P); else None."""
+    if lay.windowed or lay.per_image or not bool((lay.lq == lay.lq[:, :1]).all()):
+        return None
+    cells = lay.kcell[lay.lq[:, 0]]  # (heads, nk)
+    if not bool((cells == cells[:1]).all()):
+        return None
+    cells, m = cells[0], lay.key_grid[0] * lay.key_grid[1]
+    placed = torch.nonzero(cells >= 0).flatten()
+    if placed.numel() != m or not torch.equal(torch.sort(cells[placed]).values, torch.arange(m)):
+        return None
+    order = placed[torch.argsort(cells[placed])]
+    if lay.kprefix is None:
+        return order, None, 0
+    which = lay.kprefix[lay.lq[:, 0]]
+    if not bool((which == which[:1]).all()):
+        return None
+    count = len(lay.prefix_names or []) or int(lay.kprefix.max()) + 1
+    unplaced = torch.nonzero(which[0] >= 0).flatten()
+    if unplaced.numel() != count:
+        return None
+    return order, unplaced[torch.argsort(which[0][unplaced])], count
 
 
 def reset(module: nn.Module, seed: int) -> nn.Module:
@@ -769,7 +807,7 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
         places, unplaced = {}, ""
         if tokens:
             try:
-                places = token_places(model, example, tokens)
+                places = token_places(model, example, tokens, {n: tuple(inputs[n].shape[1:]) for n in tokens})
                 name_prefix(model, example, places)
             except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an op with no forward-mode formula
                 places, unplaced = {}, (str(err).splitlines() or [type(err).__name__])[0][:160]
@@ -814,7 +852,8 @@ def locate_tokens(model: nn.Module, x: torch.Tensor, blocks: list, inputs: dict[
     was_training = model.training
     model.eval()
     try:
-        places = token_places(model, x[:1], todo)
+        order = [n for n in inputs if n in todo]  # the forward's order (a watch's)
+        places = token_places(model, x[:1], order, {n: tuple(inputs[n].shape[1:]) for n in order})
         name_prefix(model, x[:1], places)
     finally:
         model.train(was_training)

@@ -805,8 +805,14 @@ class Layout:
         key = (tuple(x.shape[1:]), x.dtype, str(x.device), attention, None if call is None else call.key())
         cache = _LAYOUTS.setdefault(block, {})
         if key not in cache:
-            one = None if call is None else call.sliced(slice(0, 1)).detached()
-            cache[key] = _layout(block, x[:1].detach(), attention, places, one)
+            shared = (structure(block), key, None if places is None else
+                      (id(places.positions), tuple(places.names or ())))
+            if shared not in _SHARED:  # no block of the same code, settings and input read yet
+                one = None if call is None else call.sliced(slice(0, 1)).detached()
+                _SHARED[shared] = (places, _layout(block, x[:1].detach(), attention, places, one))
+                while len(_SHARED) > 1024:
+                    _SHARED.pop(next(iter(_SHARED)))
+            cache[key] = _SHARED[shared][1]
         return cache[key]
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -820,6 +826,33 @@ class Layout:
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# layouts by what decides them: the blocks of a transformer (same code, same settings, same tokens in the same places)
+# share one, read once (the places are kept beside it so their id is not reused)
+_SHARED: dict[tuple, tuple] = {}
+_STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def structure(block: nn.Module) -> tuple:
+    """What a block's layout depends on besides its input: the class and plain settings (ints, floats, strings,
+    tuples of them: window sizes, shifts, head counts) of it and every submodule, and their parameters' and buffers'
+    shapes; not the weights' values (a layout says where queries and keys sit, which the code decides)."""
+    if block not in _STRUCTURES:
+        def plain(v):
+            try:
+                hash(v)
+            except TypeError:
+                return False
+            return isinstance(v, (int, float, bool, str, type(None))) or \
+                (isinstance(v, tuple) and all(isinstance(e, (int, float, bool, str)) for e in v))
+        parts = []
+        for name, m in block.named_modules():
+            settings = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                                    and plain(v)))
+            tensors = tuple((n, tuple(t.shape)) for n, t in (*m.named_parameters(recurse=False),
+                                                             *m.named_buffers(recurse=False)))
+            parts.append((name, type(m), settings, tensors))
+        _STRUCTURES[block] = (type(block), tuple(parts))
+    return _STRUCTURES[block]
 
 
 class _Tracking:
@@ -922,104 +955,125 @@ class TokenPlaces:
         return [int(i) for i in torch.nonzero(~self.positions.valid).flatten()]
 
 
-def token_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, TokenPlaces]:
-    """Where each token of the named blocks' inputs sits on the model's input image x (1, C, H, W), for the blocks
-    whose input is tokens (B, T, C): forward-mode tangents of the image's coordinates through the whole model, with
-    every attention's output given no tangent, so a token carries the place its residual stream started from (a patch:
-    its pixels; a class token or a register, made from parameters: none) however many blocks it went through, and
-    norms over positions held constant. Derived from the model's code, not from its name."""
-    modules = dict(model.named_modules())
-    passes: list[dict] = []
-    me = threading.get_ident()
+class _Enough(Exception):
+    """Raised from a pre-hook to stop a forward once every input it was run for has been seen."""
 
-    def keep(module, args, kwargs, name):  # a block that runs twice keeps its first input; other threads' pass
-        first = first_tensor(args, kwargs)
-        if threading.get_ident() == me and first is not None and first.dim() == 3 and name not in passes[-1]:
-            passes[-1][name] = fwAD.unpack_dual(first).tangent
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
+def _run_until(model: nn.Module, x, names: list[str], keep) -> None:
+    """model(x), stopped as soon as every named module has had its pre-hook run: keep(name, its first tensor argument)
+    is called once per name (this thread's calls only), in the forward's order."""
+    modules, me, seen = dict(model.named_modules()), threading.get_ident(), set()
+
+    def pre(module, args, kwargs, name):
+        if threading.get_ident() != me or name in seen:
+            return
+        seen.add(name)
+        keep(name, first_tensor(args, kwargs))
+        if len(seen) == len(names):
+            raise _Enough
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: pre(m, a, k, n), with_kwargs=True)
                for n in names]
-    inputs, hw, _ = _input_tangents(x[:1], None)
-    masses = Masses()
     try:
-        with torch.no_grad(), fwAD.dual_level():
-            for i, t in enumerate(inputs):
-                passes.append({})
-                if i:
-                    masses.next_pass()
-                dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
-                with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):  # the input
-                    model(dual)  # live, so every attention computed from it is found (and its output dropped)
+        model(x)
+    except _Enough:
+        pass
     finally:
         for h in handles:
             h.remove()
-    seen = {n: [p.get(n) for p in passes] for n in names}
+
+
+def firsts_by_shape(names: list[str], shapes: dict[str, tuple]) -> dict[str, str]:
+    """{block: the first block (in `names`' order, the forward's) whose input has its shape}: blocks of one stage of a
+    transformer take the same tokens in the same places (the residual stream keeps them), so the first stands for
+    the rest."""
+    first: dict[tuple, str] = {}
+    return {n: first.setdefault(tuple(shapes[n]), n) for n in names}
+
+
+def token_places(model: nn.Module, x: torch.Tensor, names: list[str],
+                 shapes: dict[str, tuple] | None = None) -> dict[str, TokenPlaces]:
+    """Where each token of the named blocks' inputs sits on the model's input image x (1, C, H, W), for the blocks
+    whose input is tokens (B, T, C): forward-mode tangents of the image's coordinates through the model, with every
+    attention's output given no tangent, so a token carries the place its residual stream started from (a patch: its
+    pixels; a class token or a register, made from parameters: none) however many blocks it went through, and norms
+    held constant. Derived from the model's code, not from its name. shapes: each block's input shape in a forward
+    of x, in the forward's order; then only the first block of each shape is reached (`firsts_by_shape`) and the
+    forward stops there (a ViT: its patch embedding only), the others share its places."""
+    rep = firsts_by_shape(names, shapes) if shapes is not None else {n: n for n in names}
+    wanted = list(dict.fromkeys(rep.values()))
+    passes: list[dict] = []
+
+    def keep(name, first):  # a block that runs twice keeps its first input
+        if first is not None and first.dim() == 3:
+            passes[-1][name] = fwAD.unpack_dual(first).tangent
+
+    inputs, hw, _ = _input_tangents(x[:1], None)
+    masses = Masses()
+    with torch.no_grad(), fwAD.dual_level():
+        for i, t in enumerate(inputs):
+            passes.append({})
+            if i:
+                masses.next_pass()
+            dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
+            with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):  # the input live,
+                _run_until(model, dual, wanted, keep)  # so every attention computed from it is found (output dropped)
+    found = {}
+    for n in passes[0]:  # the forward's order
+        tangents = [p.get(n) for p in passes]
+        if all(t is not None for t in tangents):
+            found[n] = TokenPlaces(positions(*(t[0] for t in tangents)), hw)
     out = {}
-    for n, tangents in seen.items():
-        if len(tangents) == 3 and all(t is not None for t in tangents):
-            out[n] = TokenPlaces(positions(*(t[0] for t in tangents)), hw)
+    for first in found:  # each first, then the blocks it stands for, in the forward's order
+        for n in names:
+            if rep[n] == first:
+                out[n] = found[first] if n == first else TokenPlaces(found[first].positions, hw)
     return out
 
 
 def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces]) -> None:
     """Name each block's prefix tokens by the parameter they are made from: the model's token-shaped parameters
-    (1, k, D) are changed one at a time, and a prefix token at the input of the first block (in the forward's order)
-    of its token count that changes with one and no patch token does is that parameter's (its k-th row:
-    "reg_token[2]"); any other is "prefix <i>". Later blocks keep their tokens' names (the residual stream keeps
-    the tokens in place, as `token_places` reads it). Sets places' names."""
-    order: list[str] = []
-    me = threading.get_ident()
-    handles = [dict(model.named_modules())[n].register_forward_pre_hook(
-        lambda m, a, n=n: order.append(n) if n not in order and threading.get_ident() == me else None) for n in places]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    ((1, k, D), (k, D) or (D,), `_token_shaped`) are changed one at a time (seen by this thread only), and a prefix
+    token at the input of the first block (in the forward's order, `places`' order) of its token count that changes
+    with one and no patch token does is that parameter's (its k-th row: "reg_token[2]"); any other is "prefix <i>".
+    Each run stops at those first blocks. Later blocks keep their tokens' names (the residual stream keeps the
+    tokens in place, as `token_places` reads it). Sets places' names."""
+    order = list(places)  # the forward's order (`token_places`)
     firsts: dict[tuple, str] = {}
     for n in order:
         firsts.setdefault((places[n].positions.y.shape[-1], tuple(places[n].prefix)), n)
     names = list(firsts.values())
-    modules = dict(model.named_modules())
     dims = {places[n].positions.y.shape[-1] for n in names}
     got: dict[str, torch.Tensor] = {}
 
-    def keep(module, args, kwargs, name):
-        first = first_tensor(args, kwargs)
-        if threading.get_ident() == me and name not in got and first is not None:
+    def keep(name, first):
+        if first is not None:
             got[name] = first.detach().clone()
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: keep(m, a, k, n), with_kwargs=True)
-               for n in names]
     found: dict[str, dict[int, str]] = {n: {} for n in names}
-    try:
-        with torch.no_grad():
-            model(x[:1])
-            base, got = got, {}
-            width = {n: base[n].shape[-1] for n in base}
-            for pname, p in model.named_parameters():
-                if not _token_shaped(pname, p, max(dims), set(width.values())):
+    with torch.no_grad():  # each forward stops once every first block's input is seen (`_run_until`)
+        _run_until(model, x[:1], names, keep)
+        base, got = got, {}
+        width = {n: base[n].shape[-1] for n in base}
+        for pname, p in model.named_parameters():
+            if not _token_shaped(pname, p, max(dims), set(width.values())):
+                continue
+            # a random change (a constant one vanishes in a LayerNorm), seen by this thread's forward only: the
+            # model's parameter is never touched, so other requests served meanwhile are not affected
+            changed = p + torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs())
+            with Substituted({p: changed}):
+                _run_until(model, x[:1], names, keep)
+            for n in names:
+                if n not in got or n not in base:
                     continue
-                # a random change (a constant one vanishes in a LayerNorm), seen by this thread's forward only: the
-                # model's parameter is never touched, so other requests served meanwhile are not affected
-                changed = p + torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p) * (1.0 + p.abs())
-                with Substituted({p: changed}):
-                    model(x[:1])
-                for n in names:
-                    if n not in got or n not in base:
-                        continue
-                    changed = (got[n][0] - base[n][0]).abs().amax(-1) > 1e-6 * base[n].abs().amax().clamp_min(1e-30)
-                    prefix = places[n].prefix
-                    if bool(changed[places[n].positions.valid].any()):
-                        continue  # it reaches the patches too (a position embedding)
-                    hit = [i for i in prefix if bool(changed[i])]
-                    for r, i in enumerate(hit):
-                        found[n].setdefault(i, pname if len(hit) == 1 else f"{pname}[{r}]")
-                got = {}
-    finally:
-        for h in handles:
-            h.remove()
+                changed = (got[n][0] - base[n][0]).abs().amax(-1) > 1e-6 * base[n].abs().amax().clamp_min(1e-30)
+                prefix = places[n].prefix
+                if bool(changed[places[n].positions.valid].any()):
+                    continue  # it reaches the patches too (a position embedding)
+                hit = [i for i in prefix if bool(changed[i])]
+                for r, i in enumerate(hit):
+                    found[n].setdefault(i, pname if len(hit) == 1 else f"{pname}[{r}]")
+            got = {}
     for n, p in places.items():
         first = firsts.get((p.positions.y.shape[-1], tuple(p.prefix)), n)
         p.names = [found.get(first, {}).get(i, f"prefix {j}") for j, i in enumerate(p.prefix)]
