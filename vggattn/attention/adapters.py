@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
-from .trace import Call, Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places, watch
+from .trace import Call, Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places
 
 log = logging.getLogger("vggattn.attention.adapters")
 
@@ -466,14 +466,13 @@ class TracedAdapter(Adapter):
             plan = _gather_plan(lay)
             if plan is not None:  # every head's keys: a cell each, one order for all rows: gathers, not scatters
                 order, prefix_order = plan[0].to(w.device), None if plan[1] is None else plan[1].to(w.device)
-                grid_rows = rows.index_select(-1, order)  # (heads, N, M)
+                grid_rows = _keys(rows, order)  # (heads, N, M)
                 parts.append((grid_rows, rows.sum(-1) - grid_rows.sum(-1) if lay.padded else None))
                 if prefix_order is not None:
-                    prefix_w.append(rows.index_select(-1, prefix_order))  # (heads, N, P)
+                    prefix_w.append(_keys(rows, prefix_order))  # (heads, N, P)
                     if lay.prefix_queries is not None:
                         own = w[lay.lq[:, :1].expand_as(lay.prefix_queries), lay.prefix_queries]  # (heads, P, nk)
-                        prefix_r.append(torch.cat([own.index_select(-1, order), own.index_select(-1, prefix_order)],
-                                                  -1))
+                        prefix_r.append(torch.cat([_keys(own, order), _keys(own, prefix_order)], -1))
                 continue
             cells = lay.kcell.to(w.device)[lay.lq]  # (heads, N, nk)
             on = cells >= 0
@@ -598,6 +597,15 @@ class TracedAdapter(Adapter):
             new = torch.where(keys[:, None, :] >= 0, new, flat)  # keys on padding keep their weights
             return new.reshape(w.shape)
         return fn
+
+
+def _keys(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[..., index]: a slice where the index is a run of consecutive keys (the patches after a ViT's class token
+    and registers), else a gather."""
+    first = int(index[0])
+    if torch.equal(index, torch.arange(first, first + len(index), device=index.device)):
+        return rows[..., first:first + len(index)]
+    return rows.index_select(-1, index)
 
 
 def _gather_plan(lay: Layout) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
@@ -800,9 +808,8 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             log.warning("%s", line)
             _TRACED[model] = Traced({}, [line], tuple(example.shape))
             return _TRACED[model]
-        with torch.no_grad():
-            _, seen = watch(model, example, [f.name for f in found])
-        inputs = {name: s.input for name, s in seen.items() if s.input is not None}
+        seen = {f.name: f for f in found if f.call is not None}  # the calls of the forward that found them
+        inputs = {f.name: f.call.input for f in found if f.call is not None}
         tokens = [f.name for f in found if f.name in inputs and inputs[f.name].dim() == 3]
         places, unplaced = {}, ""
         if tokens:

@@ -209,6 +209,7 @@ class Recorder(TorchFunctionMode):
         self._nodes: dict[int, tuple] = {}
         self.keep, self.replace, self.tangents = keep, replace or {}, tangents
         self.masses = masses  # tangents through position-mixing maps as masses (with `tangents`)
+        self.on_event = None  # called as each attention is found (`discover`: keep the running modules' calls)
         self.drop_attended = drop_attended  # an attention's output gets no tangent (`token_places`)
         self.stack = stack if stack is not None else []  # module names, innermost last (the discovery's hooks)
         self.events: list[Event] = []
@@ -406,6 +407,8 @@ class Recorder(TorchFunctionMode):
             index = len(self.events)
             self.events.append(self._event(src, wm, vm, w, key_is_last))
             self.event_modules.append(list(self.stack))
+            if self.on_event is not None:
+                self.on_event()
             if index in self.replace:
                 new = self.replace[index](wm)
                 labels = lead + ([query, key] if query else ["_q", key])
@@ -494,28 +497,46 @@ class Recorder(TorchFunctionMode):
         p = dict(zip(names, args))
         p.update(kwargs)
         q, k, v = p["query"], p["key"], p["value"]
+        if not self.keep and not self.tangents and not self.replace:  # finding, not reading: the fused call, and
+            out = F.scaled_dot_product_attention(*args, **kwargs)  # weights of the right shape that hold nothing
+            if self.live(q) and self.live(v):
+                empty = torch.empty((), dtype=q.dtype, device=q.device).expand(*q.shape[:-1], k.shape[-2])
+                self.events.append(Event("sdpa", empty, v, q, k, p.get("scale"), p.get("attn_mask") is not None,
+                                         True, ()))
+                self.event_modules.append(list(self.stack))
+                if self.on_event is not None:
+                    self.on_event()
+            self._record(SDPA, (q, k, v), {}, out)
+            return out
         scale = p.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         if p.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
-        logits = (q @ k.transpose(-1, -2)) * scale  # (..., L, S)
+        # with tangents, positions ride on q, k and v (the event keeps them as they are); the N x M weights and the
+        # output are computed from the primals, no forward-mode AD through them (the output carries no tangent)
+        plain = (lambda t: fwAD.unpack_dual(t).primal) if self.tangents else (lambda t: t)  # noqa: E731
+        qp, kp, vp = plain(q), plain(k), plain(v)
+        logits = (qp @ kp.transpose(-1, -2)) * scale  # (..., L, S)
         mask, additive = p.get("attn_mask"), False
         if p.get("is_causal"):
             causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
             logits, additive = logits.masked_fill(~causal, float("-inf")), True
         if mask is not None:
+            mask = plain(mask)
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
             additive = True
-        weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        weights = torch.softmax(logits.float(), dim=-1).to(qp.dtype)
         index = len(self.events)
         live = self.live(q) and self.live(v)
         if live:
             self.events.append(Event("sdpa", weights, v, q, k, float(scale), additive, True,
                                      self._modules_of([n for n in (self.node(q), self.node(k)) if n is not None])))
             self.event_modules.append(list(self.stack))
+            if self.on_event is not None:
+                self.on_event()
             if index in self.replace:
                 weights = self.replace[index](weights).to(v.dtype)
-        out = weights @ v
+        out = weights @ vp
         self._record(SDPA, (q, k, v), {}, out)
         return out
 
@@ -859,9 +880,17 @@ class _Tracking:
     """Forward hooks on every submodule that keep the names of the modules running (this thread's only) on a stack;
     removed on exit."""
 
-    def __init__(self, root: nn.Module, stack: list, inputs: dict | None = None, model_input=None):
+    def __init__(self, root: nn.Module, stack: list, inputs: dict | None = None, model_input=None,
+                 calls: dict | None = None):
         self.root, self.stack, self.inputs, self.handles = root, stack, inputs, []
         self.model_input = model_input  # a module fed this very tensor is the model (a wrapper, a backbone): no shape
+        self.calls = calls  # {name: its first Call} of the modules running when `mark` was called (`discover`)
+        self._pending: dict[str, Call | None] = {}
+        self._marked: set[str] = set()
+
+    def mark(self) -> None:
+        """Keep the calls of the modules running now (an attention was just found in them)."""
+        self._marked.update(self.stack)
 
     def __enter__(self):
         me = threading.get_ident()
@@ -872,16 +901,22 @@ class _Tracking:
                 if self.inputs is not None and name not in self.inputs:
                     first = first_tensor(args, kwargs)
                     self.inputs[name] = None if first is None or first is self.model_input else tuple(first.shape)
+                if self.calls is not None and name not in self.calls and name not in self._pending:
+                    self._pending[name] = Call.of(args, kwargs)
 
-        def post(module, args, out):
+        def post(module, args, out, name):
             if threading.get_ident() == me and self.stack:
                 self.stack.pop()
+                if name in self._pending:
+                    call = self._pending.pop(name)
+                    if name in self._marked and call is not None:
+                        self.calls[name] = call.detached()
         try:
             for name, module in self.root.named_modules():
                 if name:
                     self.handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n),
                                                                          with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(post))
+                    self.handles.append(module.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
         except BaseException:
             self.__exit__()
             raise
@@ -1317,13 +1352,14 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
         lk = lq[:, 0]
         key_order = torch.argsort(kcell[lk[0]])
         if all(torch.equal(kcell[int(h)], kcell[int(lk[0])]) for h in lk):
-            q = _flat(_cat([passes[0][i]["q"] for i in group]).expand(*lead_shape, nq, -1))[lq, iq]  # (heads, N, d)
+            some = _sampled(lq.shape[1])  # the rows checked: at most CHECKED_ROWS of them, spread over the grid
+            q = _flat(_cat([passes[0][i]["q"] for i in group]).expand(*lead_shape, nq, -1))[lq[:, some], iq[:, some]]
             k = _flat(first["k"].expand(*lead_shape, nk, -1))[lk][:, key_order]  # (heads, M, d)
             normalise = "softmax" if ev.kind in ("softmax", "sdpa") else "mean"
             scale = ev.scale * (M if normalise == "mean" else 1)
             logits = scale * (q.double() @ k.double().transpose(-1, -2))
             rows = torch.softmax(logits, -1) if normalise == "softmax" else logits / M
-            expect = _flat(weights)[lq, iq][..., key_order].double()
+            expect = _flat(weights)[lq[:, some], iq[:, some]][..., key_order].double()
             qk = bool(torch.allclose(rows, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max().clamp_min(1e-30))))
             normalise = normalise if qk else "weights"
     if ev.kind in ("softmax", "sdpa") and ev.normalised_over_keys:
@@ -1363,7 +1399,8 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
                 all(torch.equal(kcell[int(h)], kcell[lead]) for h in lq[:, 0]):
             q = _flat(_cat([passes[0][i]["q"] for i in group]).expand(*lead_shape, nq, -1))
             k = _flat(first["k"].expand(*lead_shape, nk, -1))
-            rows_at = torch.cat([iq, pq], 1)  # (heads, N + P): grid queries, then prefix queries
+            rows_at = torch.cat([iq[:, _sampled(iq.shape[1])], pq], 1)  # (heads, n + P): grid queries (some), then
+            # the prefix queries
             qq = q[lq[:, :1].expand_as(rows_at), rows_at].double()
             kk = k[lq[:, 0]][:, order].double()
             rows = torch.softmax(ev.scale * qq @ kk.transpose(-1, -2), -1)
@@ -1374,6 +1411,14 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
                   padded, meaning + "." + note, ev.qk_modules, ev.kind, ev.scale, normalise,
                   ev.kind in ("softmax", "sdpa") and bool(ev.normalised_over_keys) and not padded, kprefix,
                   None if places is None else places.names, pq, token_keys)
+
+
+CHECKED_ROWS = 64  # rows a layout checks against softmax(scale Q K^T) (each costs M keys in float64)
+
+
+def _sampled(n: int) -> torch.Tensor:
+    """At most CHECKED_ROWS indices spread evenly over n, the first and the last among them."""
+    return torch.linspace(0, n - 1, min(n, CHECKED_ROWS)).round().long().unique()
 
 
 def _heads(qcell: torch.Tensor, grid: tuple[int, int], unplaced: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -1426,6 +1471,7 @@ class Found:
     name: str
     attentions: int
     kinds: list[str]
+    call: Call | None = None  # how the model called it in the forward that found it (its first run)
 
 
 def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
@@ -1436,8 +1482,10 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     none, to the innermost module running it."""
     stack: list = []
     shapes: dict = {}
+    calls: dict[str, Call] = {}
     rec = Recorder([example], keep=False, stack=stack)
-    with torch.no_grad(), _Tracking(model, stack, shapes, example), rec:
+    with torch.no_grad(), _Tracking(model, stack, shapes, example, calls) as tracking, rec:
+        rec.on_event = tracking.mark
         model(example)
     found: dict[str, Found] = {}
     groups = event_groups(rec.events)
@@ -1447,7 +1495,7 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
                       and shapes[n][0] == example.shape[0]), None)
         if owner is None:
             owner = where[-1] if where else ""
-        entry = found.setdefault(owner, Found(owner, 0, []))
+        entry = found.setdefault(owner, Found(owner, 0, [], calls.get(owner)))
         entry.attentions += 1
         entry.kinds.append(rec.events[group[0]].kind)
     return list(found.values())
