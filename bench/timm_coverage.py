@@ -1,22 +1,65 @@
-"""Which of timm's CNNs with attention blocks vggattn finds, and how (random weights: nothing is fetched).
+"""Which of timm's models with attention vggattn reads, and how (random weights: nothing is fetched).
 
-    python bench/timm_coverage.py [--size 128] [NAME ...]
+    python bench/timm_coverage.py [--all] [--size 0] [--max-params 250e6] [--out rows.md] [NAME ...]
 
-For each model (default: every timm CNN whose name says BoTNet, HaloNet, LambdaNet or GCNet), `find_blocks` runs
-it once on an input of its own size (timm's pretrained_cfg; --size to choose one): the blocks found by an adapter (their class), the blocks found by tracing what they
-compute, and the modules named and skipped (attention that is no map over positions). A table per model.
+For each model (default: every timm CNN whose name says BoTNet, HaloNet, LambdaNet or GCNet; --all: every model
+`timm.list_models()` names), `find_blocks` runs it once on an input of its own size (timm's pretrained_cfg; --size
+to choose one): the blocks found by an adapter (their class), the blocks found by tracing what they compute, and
+the modules named and skipped (attention that is no map over positions), each with its reason. Where a traced block
+has `fused_attn` (timm's `Attention` and its kin), its rows are checked against the model's own unfused attention
+(the weights entering `attn_drop`; each of our rows, grid then prefix tokens, must be one of its rows to 1e-4).
+Models over --max-params parameters (1 GB in float32) are counted "too large" and not built beyond their config.
+
+Prints a row per model (also appended to --out as it goes, so a long run keeps what it did) and the counts: read,
+checked, skipped (no attention over positions: models without attention included), too large, crashed.
 """
 
 import argparse
+import copy
 import logging
 import time
 import warnings
 
 import torch
 
-from vggattn.attention.adapters import TracedAdapter, find_blocks, traced_blocks
+from vggattn.attention.adapters import TracedAdapter, find_blocks, locate_tokens, traced_blocks
+from vggattn.attention.trace import watch
 
 PATTERNS = ["*botnet*", "*botnext*", "*halo*", "*lambda*", "gcres*", "gc_*"]
+
+
+def own_rows_match(model, x, blocks) -> bool | None:
+    """Every traced block with timm's `fused_attn`: each of our rows is one of its own unfused rows (values to 1e-4);
+    None where no block can be checked this way."""
+    names = [n for n, m, a in blocks if isinstance(a, TracedAdapter) and hasattr(m, "fused_attn")
+             and hasattr(m, "attn_drop")]
+    if not names:
+        return None
+    reference, want = copy.deepcopy(model), {}
+    for name, module in reference.named_modules():
+        if name in names:
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, a, n=name: want.setdefault(n, a[0]))
+    with torch.no_grad():
+        reference(x)
+        _, seen = watch(model, x, names, set(names))
+    chosen = [b for b in blocks if b[0] in names]
+    locate_tokens(model, x, chosen, {n: s.input for n, s in seen.items()})
+    for name, module, adapter in chosen:
+        if name not in want or name not in seen:
+            return False
+        maps = adapter.maps(module, seen[name].input, seen[name].events, seen[name].call)
+        rows = maps.rows()[0].double() if maps.window is None else None
+        if rows is None:
+            continue  # windows: checked in tests/test_vit.py (Swin, MaxViT)
+        if maps.prefix is not None:
+            rows = torch.cat([rows, maps.prefix[0].double()], -1)
+        a = want[name][0].double()
+        if a.dim() != 3 or a.shape[0] != rows.shape[0] or a.shape[-1] != rows.shape[-1]:
+            return False
+        if not bool((torch.cdist(rows.sort(-1).values, a.sort(-1).values).amin(-1) < 1e-4).all()):
+            return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -24,31 +67,60 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=0, help="input size (0: each model's own, timm's pretrained_cfg)")
+    p.add_argument("--all", action="store_true", help="every model timm.list_models() names")
+    p.add_argument("--max-params", type=float, default=250e6, help="models with more parameters count as too large")
+    p.add_argument("--out", help="append each row to this file as it is made")
     p.add_argument("names", nargs="*", help="timm model names (default: the attention CNNs)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    names = args.names or sorted({n for pat in PATTERNS for n in timm.list_models(pat)})
-    print("| model | blocks found | by class | by tracing | skipped (not over positions) | s |")
-    print("|---|---|---|---|---|---|")
-    found_any = 0
+    names = args.names or (timm.list_models() if args.all else
+                           sorted({n for pat in PATTERNS for n in timm.list_models(pat)}))
+    counts = dict(read=0, checked=0, skipped=0, too_large=0, crashed=0)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    say("| model | blocks found | by class | by tracing | checked | skipped (not over positions) | s |")
+    say("|---|---|---|---|---|---|---|")
     for name in names:
         t = time.perf_counter()
-        model = timm.create_model(name, pretrained=False).eval()
-        size = model.pretrained_cfg.get("input_size", (3, args.size, args.size))[1:] if args.size == 0 \
-            else (args.size, args.size)
-        with torch.no_grad():
-            try:
-                blocks = find_blocks(model, example=torch.randn(1, 3, *size))
-            except ValueError:
-                blocks = []
-        traced = sum(isinstance(a, TracedAdapter) for *_, a in blocks)
-        skipped = traced_blocks(model).skipped
-        kinds = sorted({type(m).__name__ for _, m, _ in blocks} | {s.split("(")[1].split(")")[0] for s in skipped})
-        found_any += bool(blocks)
-        print(f"| {name} | {len(blocks)} | {len(blocks) - traced} | {traced} | {len(skipped)} "
-              f"({', '.join(kinds)}) | {time.perf_counter() - t:.1f} |", flush=True)
-    print(f"\n{found_any} of {len(names)} models: attention found")
+        try:
+            with torch.device("meta"):
+                size_of = sum(q.numel() for q in timm.create_model(name, pretrained=False).parameters())
+            if size_of > args.max_params:
+                counts["too_large"] += 1
+                say(f"| {name} | - | - | - | - | too large: {size_of / 1e6:.0f} M parameters | - |")
+                continue
+            model = timm.create_model(name, pretrained=False).eval()
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:] if args.size == 0 \
+                else (args.size, args.size)
+            x = torch.randn(1, model.pretrained_cfg.get("input_size", (3,))[0], *size)
+            with torch.no_grad():
+                try:
+                    blocks = find_blocks(model, example=x)
+                except ValueError:
+                    blocks = []
+            traced = sum(isinstance(a, TracedAdapter) for *_, a in blocks)
+            skipped = traced_blocks(model).skipped
+            checked = own_rows_match(model, x, blocks) if blocks else None
+        except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
+            counts["crashed"] += 1
+            say(f"| {name} | CRASHED: {type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''} ||||| "
+                f"{time.perf_counter() - t:.1f} |")
+            continue
+        counts["read" if blocks else "skipped"] += 1
+        counts["checked"] += checked is True
+        reasons = sorted({s.split(": not an attention block over positions: ")[-1][:90] for s in skipped})
+        say(f"| {name} | {len(blocks)} | {len(blocks) - traced} | {traced} | "
+            f"{'-' if checked is None else 'yes' if checked else 'NO'} | {len(skipped)}"
+            f"{' (' + '; '.join(reasons[:2]) + ')' if reasons else ''} | {time.perf_counter() - t:.1f} |")
+        del model
+    say("")
+    say(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()) + f" (of {len(names)} models)")
     return 0
 
 

@@ -10,9 +10,11 @@ the eager model returns `attentions` (or a detector's `encoder_attentions`) with
 of our rows (its weights over the grid's cells, then the prefix tokens) must be one of the library's rows (the same
 values, to 1e-4; where each key sits is checked by tests/test_transformers.py for the models listed there).
 
-Prints a row per model and the counts: read (blocks found), checked (every row matched), skipped (no attention over
-positions, with the reason), not built (transformers could not build it from the small config), crashed (vggattn
-raised).
+Prints a row per model and the counts: read (blocks found), checked (every row matched; "-" where the two do not
+compare row for row: windows stacked on the batch axis, which tests/test_transformers.py places for Swin), skipped
+(no attention over positions, with the reason), not built (transformers could not build or run it from the small
+config nor from its defaults), crashed (vggattn raised). Dual image-text models are read through their vision tower,
+as --hf reads them.
 """
 
 import argparse
@@ -59,6 +61,11 @@ def small_config(config_cls, size: int):
     return config
 
 
+def _size(config, default: int) -> int:
+    size = getattr(getattr(config, "vision_config", None) or config, "image_size", None) or default
+    return int(size if isinstance(size, int) else size[0])
+
+
 def candidates(only: list[str]) -> list[tuple[str, str]]:
     """(model type, model class name) of every vision classifier, detector and backbone transformers maps."""
     from transformers.models.auto import modeling_auto as auto
@@ -76,14 +83,18 @@ def candidates(only: list[str]) -> list[tuple[str, str]]:
     return [c for c in out if not only or c[0] in only or c[1] in only]
 
 
-def matched(maps, eager: torch.Tensor) -> bool:
-    """Every one of our rows (grid cells, then prefix tokens) is one of the library's rows, values to 1e-4."""
+def matched(maps, eager: torch.Tensor) -> bool | None:
+    """Every one of our rows (grid cells, then prefix tokens) is one of the library's rows, values to 1e-4; None
+    where the two cannot be compared row for row (windows stacked on the batch axis: tests/test_transformers.py
+    places them; attentions of another shape)."""
+    if maps.window is not None or eager.shape[0] != 1 or eager.dim() != 4:
+        return None
     rows = maps.rows()[0].double()  # (heads, N, M)
     if maps.prefix is not None:
         rows = torch.cat([rows, maps.prefix[0].double()], -1)
     a = eager[0].double()  # (heads, T, S)
-    if a.dim() != 3 or a.shape[0] != rows.shape[0] or a.shape[-1] != rows.shape[-1]:
-        return False
+    if a.shape[0] != rows.shape[0] or a.shape[-1] != rows.shape[-1]:
+        return None
     ours, theirs = rows.sort(-1).values, a.sort(-1).values
     return bool((torch.cdist(ours, theirs).amin(-1) < 1e-4).all())
 
@@ -93,7 +104,7 @@ def main(argv=None) -> int:
 
     from vggattn.attention.adapters import find_blocks, locate_tokens
     from vggattn.attention.trace import watch
-    from vggattn.models.output import image_model
+    from vggattn.models.output import ImageOutput, image_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=224, help="input size")
@@ -109,20 +120,29 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         cls = getattr(transformers, cls_name, None)
         config_cls = transformers.CONFIG_MAPPING[model_type] if model_type in transformers.CONFIG_MAPPING else None
-        try:
-            config = small_config(config_cls, args.size)
-            config._attn_implementation = "eager"
-            torch.manual_seed(0)
-            eager = cls(config).eval()
-            if sum(p.numel() for p in eager.parameters()) > 200e6:
-                raise MemoryError("over 200 M parameters at the small config")
-            x = torch.randn(1, getattr(config, "num_channels", 3) or 3, args.size, args.size)
-            with torch.no_grad():
-                out = eager(pixel_values=x, output_attentions=True)
-        except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
+        built = None
+        for shrink in (True, False):  # the small config, else the defaults (some configs do not shrink together)
+            try:
+                config = small_config(config_cls, args.size) if shrink else config_cls()
+                config._attn_implementation = "eager"
+                torch.manual_seed(0)
+                eager = cls(config).eval()
+                if sum(p.numel() for p in eager.parameters()) > 200e6:
+                    raise MemoryError("over 200 M parameters")
+                size = args.size if shrink else _size(config, args.size)
+                x = torch.randn(1, getattr(config, "num_channels", 3) or 3, size, size)
+                tower = getattr(eager, "vision_model", None) if hasattr(eager, "text_model") else None
+                with torch.no_grad():
+                    out = (tower or eager)(pixel_values=x, output_attentions=True)
+                built = (config, eager, x, out)
+                break
+            except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        if built is None:
             counts["not_built"] += 1
-            print(f"| {cls_name} | - | - | - | not built: {type(e).__name__}: {str(e).splitlines()[0][:100]} |")
+            print(f"| {cls_name} | - | - | - | not built: {why} |")
             continue
+        config, eager, x, out = built
         try:
             config._attn_implementation = "sdpa"
             model = cls(config).eval()
@@ -130,7 +150,8 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - no SDPA: read the eager model
             model = eager
         try:
-            net = image_model(model)
+            tower = getattr(model, "vision_model", None) if hasattr(model, "text_model") else None
+            net = ImageOutput(tower, "pixel_values") if tower is not None else image_model(model)  # as --hf reads it
             blocks = find_blocks(net, example=x)
         except ValueError as e:
             counts["skipped"] += 1
@@ -152,7 +173,8 @@ def main(argv=None) -> int:
             encoder = [m for (n, *_), m in zip(blocks, maps) if ".decoder." not in n]
             checked = "-"
             if flat and len(flat) == len(encoder):
-                checked = "yes" if all(matched(m, a) for m, a in zip(encoder, flat)) else "NO"
+                verdicts = [matched(m, a) for m, a in zip(encoder, flat)]
+                checked = "NO" if False in verdicts else "yes" if all(verdicts) else "-"
             counts["read"] += 1
             counts["checked"] += checked == "yes"
             grids = sorted({f"{m.grid[0]}x{m.grid[1]}" + ("" if m.key_grid == m.grid else f"->{m.key_grid[0]}x"

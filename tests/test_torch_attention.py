@@ -129,3 +129,16 @@ def test_naming_prefix_tokens_never_changes_a_model_that_another_thread_serves()
         server.join()
     assert places[names[0]].names == ["cls_token", "reg_token[0]", "reg_token[1]"]
     assert len(outputs) > 0 and all(torch.equal(o, base) for o in outputs)
+
+
+def test_sequence_first_tokens_are_named_as_such_not_read():
+    """nn.MultiheadAttention with batch_first=False takes (T, B, C): not read yet, and the reason says so."""
+    model = Encoder().eval()
+    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0), 1, enable_nested_tensor=False)
+
+    def forward(x):
+        tokens = model.stem(x).flatten(2).permute(2, 0, 1)  # (N, B, C): sequence first
+        return model.head(model.encoder(tokens)[0])
+    model.forward = forward
+    with pytest.raises(ValueError, match=r"sequence-first tokens \(16, 1, 16\)"):
+        find_blocks(model, example=torch.randn(1, 3, 16, 16))

@@ -631,3 +631,30 @@ def test_the_registers_ab_compares_two_studies_image_by_image(tmp_path, capsys):
         assert f"| `{name}` sink mass (most attended patch's share) | {a[f'{name}:sink_mass'].mean():.3f} | " \
                f"{b[f'{name}:sink_mass'].mean():.3f} | {d:+.3f} [" in out
     assert "B under `all:no_registers`" in out and "B under `all:cls_mean`" in out
+
+
+def test_pvt_v2_keys_sit_on_the_spatially_reduced_grid_and_rows_are_its_own():
+    """timm's PVT-v2 reduces its keys with a strided conv (the attention SegFormer shares): each reduced key sits at
+    the centre of the cells it pools (a coarser key grid), and every stage's rows equal the model's own attention."""
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    blocks = find_blocks(model, example=x)
+    names = [b[0] for b in blocks]
+    assert len(names) == 8
+    reference, want = copy.deepcopy(model), {}
+    for name, module in reference.named_modules():
+        if name in names:
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, a, n=name: want.setdefault(n, a[0]))
+    with torch.no_grad():
+        reference(x)
+    _, seen = watch(model, x, names, set(names))
+    grids = []
+    for name, module, adapter in blocks:
+        maps = adapter.maps(module, seen[name].input, seen[name].events, seen[name].call)
+        grids.append((maps.grid, maps.key_grid))
+        torch.testing.assert_close(maps.rows()[0], want[name][0], rtol=1e-5, atol=1e-6)
+    assert grids[0] == ((16, 16), (2, 2)) and grids[2] == ((8, 8), (2, 2)) and grids[-1] == ((2, 2), (2, 2))

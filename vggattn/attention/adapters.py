@@ -828,6 +828,11 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             try:
                 if f.name not in inputs:
                     raise NotAttention("it takes no tensor input")
+                shape = inputs[f.name].shape
+                if len(shape) == 3 and shape[0] != example.shape[0] and shape[1] == example.shape[0]:
+                    raise NotAttention(f"its input is sequence-first tokens {tuple(shape)} (T, B, C), as "
+                                       "nn.MultiheadAttention takes them with batch_first=False: vggattn reads "
+                                       "batch-first tokens (B, T, C) only, for now")
                 if inputs[f.name].shape[0] != example.shape[0]:  # windows (MaxViT) or patches stacked on the batch
                     raise NotAttention(f"its input stacks {inputs[f.name].shape[0]} pieces of each image on the batch "
                                        "axis (windows or patches): its grid is a piece's, not the image's")

@@ -855,8 +855,9 @@ _STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDict
 
 def structure(block: nn.Module) -> tuple:
     """What a block's layout depends on besides its input: the class and plain settings (ints, floats, strings,
-    tuples of them: window sizes, shifts, head counts) of it and every submodule, and their parameters' and buffers'
-    shapes; not the weights' values (a layout says where queries and keys sit, which the code decides)."""
+    tuples of them: window sizes, shifts, head counts; not dropout rates) of it and every submodule, and their
+    parameters' and buffers' shapes; not the weights' values (a layout says where queries and keys sit, which the
+    code decides)."""
     if block not in _STRUCTURES:
         def plain(v):
             try:
@@ -868,7 +869,7 @@ def structure(block: nn.Module) -> tuple:
         parts = []
         for name, m in block.named_modules():
             settings = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
-                                    and plain(v)))
+                                    and "drop" not in k and plain(v)))  # dropout rates: nothing in eval mode
             tensors = tuple((n, tuple(t.shape)) for n, t in (*m.named_parameters(recurse=False),
                                                              *m.named_buffers(recurse=False)))
             parts.append((name, type(m), settings, tensors))
@@ -1478,8 +1479,10 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
     the innermost module running it whose input (its first tensor argument) is an image grid (B, C, H, W) or tokens
     (B, T, C) of the example's batch: not windows or grid cells stacked on the batch axis (MaxViT's, Swin's), and
-    other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); with
-    none, to the innermost module running it."""
+    other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); tokens
+    that are an enclosing module's grid flattened (T = H * W: timm's Swin block whose one window is its whole grid)
+    go to that module, whose grid places them without tracing the model; with none, to the innermost module running
+    it."""
     stack: list = []
     shapes: dict = {}
     calls: dict[str, Call] = {}
@@ -1491,8 +1494,13 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     groups = event_groups(rec.events)
     for group in groups:
         where = rec.event_modules[group[0]]
-        owner = next((n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) in (3, 4)
-                      and shapes[n][0] == example.shape[0]), None)
+        at_batch = [n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) in (3, 4)
+                    and shapes[n][0] == example.shape[0]]  # innermost first
+        owner = at_batch[0] if at_batch else None
+        if owner is not None and len(shapes[owner]) == 3:  # tokens that are an enclosing block's grid, flattened
+            t = shapes[owner][1]
+            owner = next((n for n in at_batch[1:] if len(shapes[n]) == 4 and t in (shapes[n][2] * shapes[n][3],
+                                                                                     shapes[n][1] * shapes[n][2])), owner)
         if owner is None:
             owner = where[-1] if where else ""
         entry = found.setdefault(owner, Found(owner, 0, [], calls.get(owner)))
