@@ -1480,9 +1480,9 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     the innermost module running it whose input (its first tensor argument) is an image grid (B, C, H, W) or tokens
     (B, T, C) of the example's batch: not windows or grid cells stacked on the batch axis (MaxViT's, Swin's), and
     other than the model's input itself (a module fed that is the model: a wrapper or a transformer's backbone); tokens
-    that are an enclosing module's grid flattened (T = H * W: timm's Swin block whose one window is its whole grid)
-    go to that module, whose grid places them without tracing the model; with none, to the innermost module running
-    it."""
+    that are the grid of an enclosing module flattened (T = H * W: timm's Swin block whose one window is its whole
+    grid) go to that module where it holds no other attention block, its grid placing them without tracing the
+    model; with none, to the innermost module running it."""
     stack: list = []
     shapes: dict = {}
     calls: dict[str, Call] = {}
@@ -1492,17 +1492,22 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
         model(example)
     found: dict[str, Found] = {}
     groups = event_groups(rec.events)
+    owners, grids = [], []
     for group in groups:
         where = rec.event_modules[group[0]]
         at_batch = [n for n in reversed(where) if shapes.get(n) is not None and len(shapes[n]) in (3, 4)
                     and shapes[n][0] == example.shape[0]]  # innermost first
-        owner = at_batch[0] if at_batch else None
-        if owner is not None and len(shapes[owner]) == 3:  # tokens that are an enclosing block's grid, flattened
+        owner = at_batch[0] if at_batch else (where[-1] if where else "")
+        grid = None
+        if at_batch and len(shapes[owner]) == 3:  # tokens that are an enclosing block's grid, flattened
             t = shapes[owner][1]
-            owner = next((n for n in at_batch[1:] if len(shapes[n]) == 4 and t in (shapes[n][2] * shapes[n][3],
-                                                                                     shapes[n][1] * shapes[n][2])), owner)
-        if owner is None:
-            owner = where[-1] if where else ""
+            grid = next((n for n in at_batch[1:] if len(shapes[n]) == 4 and t in (shapes[n][2] * shapes[n][3],
+                                                                                   shapes[n][1] * shapes[n][2])), None)
+        owners.append(owner)
+        grids.append(grid)
+    for group, owner, grid in zip(groups, owners, grids):
+        if grid is not None and len({o for o, g in zip(owners, grids) if g == grid}) == 1:  # its one attention block
+            owner = grid
         entry = found.setdefault(owner, Found(owner, 0, [], calls.get(owner)))
         entry.attentions += 1
         entry.kinds.append(rec.events[group[0]].kind)

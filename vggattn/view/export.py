@@ -107,10 +107,22 @@ def map_picture(result: Analysis, grid_map: np.ndarray, opacity: float = 0.8, co
     return overlay(result.display, upsample(map_levels(grid_map, scale), (disp_w, disp_h), mode), colormap, opacity)
 
 
+def _fit(picture: np.ndarray, side: int) -> np.ndarray:
+    """A uint8 picture at most `side` px on its longer side (matplotlib would resample it at every draw)."""
+    h, w = picture.shape[:2]
+    if max(h, w) <= side:
+        return picture
+    from PIL import Image
+
+    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
+
+
 def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opacity: float = 0.8,
            colormap: str = "inferno", mode: str = "smooth") -> None:
     """One PNG: a row per point (image + one overlay per block), then Grad-CAM + each block's contribution, then
     the predictions + each block's query-averaged map."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     n = len(result.blocks)
@@ -118,18 +130,20 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
     middle = result.gradcam is not None or any(b.contribution is not None for b in result.blocks)  # else no row
     rows = len(points) + middle + 1 + tokens
     fig = Figure(figsize=(3.2 * (n + 1), 3.2 * rows))
-    axes = fig.subplots(rows, n + 1, squeeze=False)
+    show = lambda ax, picture: ax.imshow(_fit(picture, 320))  # noqa: E731 (an axes is 320 px at dpi 100)
+    with matplotlib.rc_context({"axes.titley": 1.0}):  # titles at a fixed height: none measures its axis at draw
+        axes = fig.subplots(rows, n + 1, squeeze=False)
     h, w = result.display.shape[:2]
     sx, sy = w / result.size[0], h / result.size[1]
     for r, xy in enumerate(points):
         point = ((xy[0] + 0.5) * sx, (xy[1] + 0.5) * sy)
-        axes[r, 0].imshow(mark_query(result.display, point))
+        show(axes[r, 0], mark_query(result.display, point))
         axes[r, 0].set_title(f"point ({xy[0]:g}, {xy[1]:g})", fontsize=9)
         readouts = point_readouts(result, xy)
         for c, block in enumerate(result.blocks, start=1):
             m = block.maps
             query = None if m.per_image else block.query_index(xy)
-            axes[r, c].imshow(attention_picture(result.display, block.row_map(xy).mean(0), query,
+            show(axes[r, c], attention_picture(result.display, block.row_map(xy).mean(0), query,
                                                 None if m.per_image else point, mode=mode, colormap=colormap,
                                                 opacity=opacity, query_grid=m.grid))
             ro = readouts[block.name]
@@ -142,11 +156,11 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
     if not middle:
         r -= 1  # the row below takes its place
     if result.gradcam is not None:
-        axes[r, 0].imshow(map_picture(result, result.gradcam, opacity, colormap, mode))
+        show(axes[r, 0], map_picture(result, result.gradcam, opacity, colormap, mode))
         axes[r, 0].set_title(f"Grad-CAM: {result.class_names[int(probs.argmax())]}", fontsize=9)
     for c, block in enumerate(result.blocks, start=1):
         if block.contribution is not None:
-            axes[r, c].imshow(map_picture(result, block.contribution, opacity, colormap, mode))
+            show(axes[r, c], map_picture(result, block.contribution, opacity, colormap, mode))
             axes[r, c].set_title(f"{block.name} ‖y−x‖/‖x‖, mean {block.contribution.mean():.3f}", fontsize=8)
     r += 1
     text = ("top-5\n" + "\n".join(f"{p['prob']:6.1%}  {p['class']}" for p in ranked_predictions(probs, result.class_names))
@@ -155,7 +169,7 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
         text += "\n\nγ\n" + "\n".join(f"{k}: {v:+.4f}" for k, v in result.gammas().items())
     axes[r, 0].text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=8)
     for c, (block, (mean_map, jsd)) in enumerate(zip(result.blocks, result.query_dependence()), start=1):
-        axes[r, c].imshow(map_picture(result, mean_map, opacity, colormap, mode))
+        show(axes[r, c], map_picture(result, mean_map, opacity, colormap, mode))
         said = f"JSD from mean {jsd:.3f} nats" if jsd is not None else \
             "(the patches' weights as they are)" if block.maps.prefix is not None else "(rows are no distributions)"
         axes[r, c].set_title(f"{block.name} mean over queries\n{said}", fontsize=8)
@@ -169,13 +183,14 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
                 continue
             cells = m.key_grid[0] * m.key_grid[1]
             row = m.prefix_rows[0, :, 0, :cells].double().mean(0).cpu().numpy().reshape(m.key_grid)
-            axes[r, c].imshow(map_picture(result, row, opacity, colormap, mode))
+            show(axes[r, c], map_picture(result, row, opacity, colormap, mode))
             name = (m.prefix_names or ["prefix 0"])[0].split(".")[-1]
             axes[r, c].set_title(f"{block.name}: {name} → patches\n{row.sum():.0%} of its row on them", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    height = 3.2 * rows  # inches: fixed margins (tight_layout measured every title: seconds for a 12-block model)
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - 0.45 / height, wspace=0.04, hspace=0.2)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", pil_kwargs={"compress_level": 1}))
 
 
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,
