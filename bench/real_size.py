@@ -1,6 +1,6 @@
 """Transformers at the size people use them: each figure beside a warm forward of the same model in the same process.
 
-    python bench/real_size.py [--runs 3] [CASE ...]
+    python bench/real_size.py [--runs 3] [--root OTHER_CHECKOUT] [CASE ...]
 
 Cases (timm, random weights, nothing fetched): DINOv2-S/14 with 4 registers at 518 px, ViT-B/16 at 224 px,
 DINOv2-L/14 with 4 registers at 518 px. Each case runs in a fresh process (no layout, place or import cached), on the
@@ -69,8 +69,10 @@ def one(case: str, runs: int) -> dict:
         _, maps = vggattn.capture(model, x)
         for m in maps.values():
             m.rows()
-    rows()
-    capture = timed(rows, runs)
+    capture = None
+    if hasattr(vggattn, "capture"):  # (a checkout from before it, run with --root)
+        rows()
+        capture = timed(rows, runs)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         explain.main([str(PHOTO), "--timm", name, "--input-size", str(size), "--out", out, "--no-ablation"])
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cases", nargs="*", default=list(CASES)[:2], help=f"of {list(CASES)}")
     p.add_argument("--runs", type=int, default=3, help="timed runs of the forward, the upload and capture")
+    p.add_argument("--root", help="another checkout to measure (its vggattn first on the path), e.g. the base of a change")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -92,14 +95,15 @@ def main(argv=None) -> int:
     print("| case | forward s | first analysis s (x) | upload s (x) | capture, rows s (x) | explain s (x) | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     for case in args.cases:
+        env = {**os.environ, "PYTHONPATH": args.root} if args.root else None
         done = subprocess.run([sys.executable, __file__, "--child", case, "--runs", str(args.runs)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if done.returncode:
             print(f"| {case} | failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]} |||||| ")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         f = r["forward"]
-        cell = lambda k: f"{r[k]:.2f} ({r[k] / f:.1f}x)"  # noqa: E731
+        cell = lambda k: "-" if r[k] is None else f"{r[k]:.2f} ({r[k] / f:.1f}x)"  # noqa: E731
         print(f"| {case} ({r['blocks']} blocks) | {f:.3f} | {cell('first')} | {cell('upload')} | {cell('capture')} | "
               f"{cell('explain')} | {r['rss_gb']:.1f} |", flush=True)
     return 0

@@ -166,15 +166,16 @@ def test_swin_rows_are_its_shifted_window_attention_on_the_images_cells(version)
     assert any(layer.shift_size for layer in layers)  # a shifted layer was among them
 
 
-SAVED = {  # what people save and name with --hf: (model class, config, what the page shows, blocks)
+SAVED = {  # what people save and name with --hf: (model class, config, what the page shows, the output's field,
+    # blocks)
     "segformer classifier": ("SegformerForImageClassification", lambda: T.SegformerConfig(**PYRAMID, image_size=64),
-                             "its logits", 2),
+                             "its logits", "logits", 2),
     "pvtv2 (eager only)": ("PvtV2ForImageClassification", lambda: T.PvtV2Config(**PYRAMID, image_size=64),
-                           "its logits", 2),
-    "dinov2 backbone": ("Dinov2Model", lambda: T.Dinov2Config(**VIT), "its output", 2),
+                           "its logits", "logits", 2),
+    "dinov2 backbone": ("Dinov2Model", lambda: T.Dinov2Config(**VIT), "its output", "pooler_output", 2),
     "clip dual model": ("CLIPModel", lambda: T.CLIPConfig(vision_config=VIT, text_config=TEXT),
-                        "the vision tower's output", 2),
-    "detr detector": (*detr("DetrConfig", "DetrForObjectDetection"), "its output", 2),
+                        "the vision tower's output", "pooler_output", 2),
+    "detr detector": (*detr("DetrConfig", "DetrForObjectDetection"), "its output", "logits", 2),
 }
 
 
@@ -187,7 +188,7 @@ def test_a_saved_folder_loads_with_hf_and_every_layer_is_analysed(case, tmp_path
     from vggattn.analysis import analyze
     from vggattn.byo import blocks_of, load_hf
 
-    model_cls, config, shows, count = SAVED[case]
+    model_cls, config, shows, field, count = SAVED[case]
     torch.manual_seed(0)
     getattr(T, model_cls)(config()).save_pretrained(tmp_path / "saved")
     model, meta = load_hf(str(tmp_path / "saved"))
@@ -196,7 +197,7 @@ def test_a_saved_folder_loads_with_hf_and_every_layer_is_analysed(case, tmp_path
     assert len(encoder) == count, encoder
     image = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
     result = analyze(model, meta, image)
-    assert [b.name for b in result.blocks][:count] == encoder
+    assert [b.name for b in result.blocks][:count] == encoder and result.shows == field
     for block in result.blocks:
         rows = block.maps.rows()[0]
         assert torch.isfinite(rows).all() and rows.shape[-2] == block.maps.grid[0] * block.maps.grid[1]

@@ -31,7 +31,7 @@ from .attention.adapters import (Adapter, BlockMaps, Intervention, TracedAdapter
 from .models.output import image_model
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
-from .view.hover import page_layer, row_summaries
+from .view.hover import exact_log_z, page_layer, row_summaries
 from .attention.readouts import js_divergence
 from .attention.trace import watch
 
@@ -83,7 +83,8 @@ class BlockResult:
     gamma: float | None = None  # the block's learned γ, where it has one
     contribution: np.ndarray | None = None  # (h, w) ||block(x) - x|| / ||x|| per position; None where y and x differ
     # in shape (the block is no residual update of its input)
-    row_sums: tuple | None = None  # (log Z, the rows' sum) as the forward computed them (`trace.RowSums`), if it did
+    row_sums: tuple | None = None  # (top key, log of its weight, the rows' sum) of each row as the forward computed
+    # them (`trace.RowSums`), if it did
     token_norms: np.ndarray | None = None  # a transformer's block: the L2 norm of each token of the residual stream
     # entering it (T,), as Darcet et al. measure them (`residual_stream`)
     page_norms: np.ndarray | None = None  # the same norms in the page's order: the grid's cells, then the prefix tokens
@@ -121,10 +122,12 @@ class BlockResult:
         heads, n, k = m.query.shape[1], m.query.shape[2], m.key.shape[2]
         if self.row_sums is not None and heads == 1 and self.row_sums[0].numel() == n \
                 and self.row_sums[1].numel() == k:
-            log_z, total = self.row_sums
+            top, log_top_weight, total = self.row_sums
+            log_z = exact_log_z(m.query[0, 0].float(), m.key[0, 0].float(), m.scale, top.to(m.key.device),
+                                log_top_weight.to(m.key.device))
             return log_z.reshape(1, n).cpu().numpy(), (total / n).reshape(1, k).cpu().numpy()
         with torch.no_grad():
-            log_z, mean = row_summaries(m.query[0].float() * m.scale, m.key[0].float())
+            log_z, mean = row_summaries(m.query[0].float(), m.key[0].float(), m.scale)
         return log_z.double().cpu().numpy(), mean.double().cpu().numpy()
 
     @functools.cached_property
@@ -182,6 +185,7 @@ class Analysis:
     temperature: float = 1.0  # probabilities are softmax(logits / temperature) (the checkpoint's calibration)
     model_view: np.ndarray | None = None  # (S, S, 3) uint8: the input as the model saw it (normalisation undone)
     gradcam: np.ndarray | None = None  # (h, w) Grad-CAM of the top class (`with_gradcam`), when asked for
+    shows: str | None = None  # which of a ModelOutput's fields `output` is ("logits", "pooler_output", ...)
     _dependence: list | None = field(default=None, repr=False)
 
     @property
@@ -250,6 +254,7 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
     result = Analysis(image.size, output.detach().float().cpu(), meta.get("class_names"), [], *display_copy(image),
                       x.cpu(), int(meta["input_size"]), float(meta.get("temperature", 1.0)),
                       model_view(x, meta) if "transform" not in meta else None)
+    result.shows = getattr(model, "shows", None)
     for name, module, adapter in blocks:
         if name not in seen:  # a block the forward did not run
             continue

@@ -239,6 +239,9 @@ def prediction_outputs(ui: UI, result: Analysis) -> dict:
     values = result.score()
     shown = ", ".join(f"{v:+.4f}" for v in values[:8]) + (" …" if result.output.numel() > 8 else "")
     what = ("the model's score" if result.output.numel() == 1 else
+            f"its {result.shows} ({result.output.numel()} values: the image's embedding, no classifier)"
+            if result.shows in ("pooler_output", "image_embeds") else
+            f"its {result.shows} ({result.output.numel()} values, no class names for them)" if result.shows else
             f"the model's {result.output.numel()} outputs (no class names for them)")
     return {ui.labels: None, ui.score: f"**Output**: {what}: {shown}"}
 

@@ -948,13 +948,15 @@ def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, ta
 
 class RowSums(TorchFunctionMode):
     """Inside a block whose forward computes its rows itself as a softmax over the last axis, a query's row a row and
-    in query order (`Adapter.softmax_rows`), the rows' log normalisers and their sum over queries, read from each
-    softmax's input and output as the forward runs: log Z = the largest logit - log(the largest weight), and a
-    sum over the rows. Two passes over weights the forward makes anyway, no exponential of its own."""
+    in query order (`Adapter.softmax_rows`), what gives the rows' log normalisers and their sum over queries, read
+    from each softmax's output as the forward runs: each row's largest weight and its key (log Z = that key's logit
+    - log(the weight), `vggattn.view.hover.exact_log_z`), and a sum over the rows. Two passes over weights the
+    forward makes anyway, no exponential of its own."""
 
     def __init__(self):
         super().__init__()
-        self.logz: list[torch.Tensor] = []
+        self.top: list[torch.Tensor] = []  # each row's largest weight's key
+        self.log_top: list[torch.Tensor] = []  # the log of that weight (float64)
         self.total: torch.Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -966,15 +968,17 @@ class RowSums(TorchFunctionMode):
             if dim in (-1, out.dim() - 1):
                 with torch.no_grad():
                     w = out.detach().reshape(-1, out.shape[-1])
-                    top = args[0].detach().reshape(-1, out.shape[-1]).amax(-1).double()
-                    self.logz.append(top - w.amax(-1).double().log())  # its largest weight is exp(0) / Z'
+                    largest, index = w.max(-1)
+                    self.top.append(index)
+                    self.log_top.append(largest.double().log())  # log Z = the largest logit - this (`exact_log_z`)
                     part = w.sum(0).double()
                     self.total = part if self.total is None else self.total + part
         return out
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(log Z (R,), the rows' sum (M,)) in float64, of the R rows seen; None when no softmax ran."""
-        return None if self.total is None else (torch.cat(self.logz), self.total)
+        """(each row's largest weight's key (R,), the log of that weight (R,) float64, the rows' sum (M,) float64), of
+        the R rows seen; None when no softmax ran."""
+        return None if self.total is None else (torch.cat(self.top), torch.cat(self.log_top), self.total)
 
 
 @dataclass

@@ -35,21 +35,34 @@ def _b64(array: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
 
 
-def row_summaries(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log Z (..., N), the mean row (..., M)) of the rows softmax(q_i . K) of (..., N, d) Q and (..., M, d) K, in
-    Q's dtype, from one pass over the rows a block at a time with one exponential a weight (never
-    the N x M map). In float32, log Z carries the logits' rounding, about 6e-8 |logit|: a column exp(q k_j - log Z)
-    is that far off relatively (1e-5 for logits near 100), far below a colour level."""
+def row_summaries(query: torch.Tensor, key: torch.Tensor, scale: float = 1.0, chunk: int = 1024
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z (..., N) float64, the mean row (..., M)) of the rows softmax(scale q_i . K) of (..., N, d) Q and
+    (..., M, d) K, from one pass over the rows a block at a time with one exponential a weight (never the N x M map).
+    The rows are summed in Q's dtype; log Z is made exact for the page (`exact_log_z`): each row's largest logit
+    recomputed as the page computes logits, float64 products of the same Q and K."""
     k = key.to(query.dtype).transpose(-1, -2)
-    n, parts, total = query.shape[-2], [], 0
+    n, parts, tops, total = query.shape[-2], [], [], 0
     for s in range(0, n, chunk):
-        logits = query[..., s:s + chunk, :] @ k  # (..., R, M)
-        top = logits.amax(-1, keepdim=True)  # (..., R, 1)
+        logits = (query[..., s:s + chunk, :] @ k) * scale  # (..., R, M)
+        top, index = logits.max(-1, keepdim=True)  # (..., R, 1)
         weights = torch.exp(logits.sub_(top))  # unnormalised rows, in place
         z = weights.sum(-1, keepdim=True)  # (..., R, 1)
         total = total + (z.reciprocal().transpose(-1, -2) @ weights)[..., 0, :].double()  # the rows, summed over queries
-        parts.append((top + torch.log(z))[..., 0])
-    return torch.cat(parts, dim=-1), (total / n).to(query.dtype)
+        parts.append(-torch.log(z.double())[..., 0])  # log of the largest weight, 1 / z
+        tops.append(index[..., 0])
+    return exact_log_z(query, key, scale, torch.cat(tops, -1), torch.cat(parts, -1)), (total / n).to(query.dtype)
+
+
+def exact_log_z(query: torch.Tensor, key: torch.Tensor, scale: float, top: torch.Tensor,
+                log_top_weight: torch.Tensor) -> torch.Tensor:
+    """log Z (..., N) float64 of the rows softmax(scale q_i . K), as the page's float64 logits of the same float32 Q
+    and K would give it: the largest logit of each row (its key `top` (..., N)) recomputed in float64, minus the
+    log of that key's weight (float64 (..., N), as the forward or a float32 pass computed it). A float32 log Z
+    would be off by the logits' rounding, 6e-8 |logit|, so that a column exp(q k_j - log Z) could pass 1."""
+    k = key.double()  # (..., M, d)
+    picked = torch.gather(k, -2, top[..., None].expand(*top.shape, k.shape[-1]))  # (..., N, d): each row's top key
+    return (query.double() * picked).sum(-1) * scale - log_top_weight
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -299,7 +312,7 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
             layer.q = maps.query[0].float().cpu().numpy()
             layer.k = maps.key[0].float().cpu().numpy()
             if maps.normalise == "softmax" and logz is None:
-                logz_t, mean = row_summaries(maps.query[0].float() * maps.scale, maps.key[0].float())
+                logz_t, mean = row_summaries(maps.query[0].float(), maps.key[0].float(), maps.scale)
                 layer.logz = logz_t.double().cpu().numpy()  # (heads, N)
                 if sink is None:  # every query and head's share of each key
                     sink = (int(mean.mean(0).argmax()), float(mean.mean(0).max()))
