@@ -207,7 +207,7 @@ def load_hf(name: str, *, classes: str | None = None, input_size: int | None = N
     tower = getattr(model, "vision_model", None) if hasattr(model, "text_model") else None
     net = ImageOutput(tower, "pixel_values") if tower is not None else image_model(model)
     shows = "the vision tower's output" if tower is not None else "its logits" if classifier else "its output"
-    meta = describe(f"hf:{name}", int(size), names, mean, std, weights="pretrained", shows=shows)
+    meta = describe(f"hf:{name}", int(size), names, mean, std, weights=str(name), shows=shows)
     return net.eval(), meta
 
 
