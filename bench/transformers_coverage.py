@@ -109,7 +109,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=224, help="input size")
     p.add_argument("only", nargs="*", help="model types or class names (default: all)")
+    p.add_argument("--memory-gb", type=float, default=16, help="address space of this process (an allocation past it "
+                   "is an error for that model, not the end of the sweep)")
     args = p.parse_args(argv)
+    import resource
+
+    limit = int(args.memory_gb * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
@@ -125,10 +131,11 @@ def main(argv=None) -> int:
             try:
                 config = small_config(config_cls, args.size) if shrink else config_cls()
                 config._attn_implementation = "eager"
+                with torch.device("meta"):  # counted before anything is allocated
+                    if sum(p.numel() for p in cls(config).parameters()) > 200e6:
+                        raise MemoryError("over 200 M parameters")
                 torch.manual_seed(0)
                 eager = cls(config).eval()
-                if sum(p.numel() for p in eager.parameters()) > 200e6:
-                    raise MemoryError("over 200 M parameters")
                 size = args.size if shrink else _size(config, args.size)
                 x = torch.randn(1, getattr(config, "num_channels", 3) or 3, size, size)
                 tower = getattr(eager, "vision_model", None) if hasattr(eager, "text_model") else None

@@ -1079,6 +1079,8 @@ def name_prefix(model: nn.Module, x: torch.Tensor, places: dict[str, TokenPlaces
     Each run stops at those first blocks. Later blocks keep their tokens' names (the residual stream keeps the
     tokens in place, as `token_places` reads it). Sets places' names."""
     order = list(places)  # the forward's order (`token_places`)
+    if not order:
+        return
     firsts: dict[tuple, str] = {}
     for n in order:
         firsts.setdefault((places[n].positions.y.shape[-1], tuple(places[n].prefix)), n)
