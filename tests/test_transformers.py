@@ -224,3 +224,69 @@ def test_a_transformers_model_in_hand_is_read_through_its_output_object():
         torch.testing.assert_close(model(x), vit(pixel_values=x).logits)
     result = analyze(model, meta, Image.new("RGB", (70, 56), "white"))
     assert set(result.top_k()) == {"a", "b", "c"} and len(result.blocks) == 2
+
+
+def test_the_study_of_a_saved_transformers_backbone_takes_the_no_classifier_path(tmp_path):
+    """vggattn-study --hf FOLDER on a saved Dinov2Model (no head): every layer's share on the class token and the
+    registers, no top-1 and no interventions."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vggattn import study
+
+    torch.manual_seed(0)
+    T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**VIT, num_register_tokens=2)).save_pretrained(
+        tmp_path / "dino")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "study"
+    assert study.main(["--hf", str(tmp_path / "dino"), "--data", str(tmp_path / "data"), "--out", str(out),
+                       "--workers", "0", "--sanity-images", "0", "--faithfulness-images", "0", "--bootstrap", "50"]) == 0
+    s = json.loads((out / "study.json").read_text())
+    assert s["scored"] is False and s["interventions"] == {} and len(s["layers"]) == 2
+    for layer in s["layers"].values():
+        assert [t.split(".")[-1] for t in layer["prefix"]["tokens"]] == ["cls_token", "register_tokens[0]",
+                                                                         "register_tokens[1]"]
+        assert 0 < layer["prefix"]["total"] < 1
+
+
+def test_a_model_in_hand_that_returns_a_dict_or_a_dataclass_is_read_through_it():
+    """Any model whose forward returns a dict or a dataclass (not only transformers'): its logits stand for the
+    output, and analyze gives its top classes and every block."""
+    import dataclasses
+
+    from PIL import Image
+
+    from vggattn.analysis import analyze
+    from vggattn.byo import in_hand
+
+    @dataclasses.dataclass
+    class Out:
+        features: torch.Tensor
+        logits: torch.Tensor
+
+    class Net(torch.nn.Module):
+        def __init__(self, as_dict):
+            super().__init__()
+            self.vit = T.ViTModel(T.ViTConfig(**VIT), add_pooling_layer=False)
+            self.head, self.as_dict = torch.nn.Linear(32, 3), as_dict
+
+        def forward(self, x):
+            features = self.vit(pixel_values=x).last_hidden_state[:, 0]
+            out = {"features": features, "logits": self.head(features)}
+            return out if self.as_dict else Out(**out)
+
+    for as_dict in (True, False):
+        torch.manual_seed(0)
+        net = Net(as_dict).eval()
+        model, meta = in_hand(net, class_names=["a", "b", "c"], input_size=56)
+        x = torch.randn(1, 3, 56, 56)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), net.head(net.vit(pixel_values=x).last_hidden_state[:, 0]))
+        result = analyze(model, meta, Image.new("RGB", (56, 56), "gray"))
+        assert set(result.top_k()) == {"a", "b", "c"} and len(result.blocks) == 2 and result.shows == "logits"
