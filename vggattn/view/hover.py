@@ -303,7 +303,20 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
         elif tokens:  # the scale is in Q
             q, k = maps.tokens_qk[0][0].float(), maps.tokens_qk[1][0].float()
             layer.q, layer.k, layer.scale, layer.normalise = q.cpu().numpy(), k.cpu().numpy(), 1.0, "softmax"
-            logz_t, mean = row_summaries(q, k)
+            if maps.weights is not None and maps.prefix is not None and maps.prefix_rows is not None:
+                # the rows the forward computed, in the page's order (grid then prefix, queries and keys alike): log Z
+                # from each row's largest weight, the mean row from their sum; no second pass over Q K^T
+                grid, prefix, own = maps.weights[0].float(), maps.prefix[0].float(), maps.prefix_rows[0].float()
+                top_grid, at_grid = grid.max(-1)  # (heads, N): no N x (M + P) copy is made
+                top_prefix, at_prefix = prefix.max(-1)
+                on_prefix = top_prefix > top_grid
+                top_own, at_own = own.max(-1)  # (heads, P)
+                top = torch.cat([torch.where(on_prefix, top_prefix, top_grid), top_own], -1)  # (heads, N + P)
+                index = torch.cat([torch.where(on_prefix, at_prefix + grid.shape[-1], at_grid), at_own], -1)
+                logz_t = exact_log_z(q, k, 1.0, index, top.double().log())
+                mean = (torch.cat([grid.sum(-2), prefix.sum(-2)], -1) + own.sum(-2)) / (grid.shape[-2] + own.shape[-2])
+            else:
+                logz_t, mean = row_summaries(q, k)
             layer.logz = logz_t.double().cpu().numpy()
             if sink is None:
                 grid_mean = mean.mean(0)[:n]
