@@ -462,7 +462,7 @@ class TracedAdapter(Adapter):
                 k = k.reshape(w.shape[0], -1, k.shape[-1])
                 at = torch.cat([lay.iq, lay.prefix_queries], 1)
                 token_qk.append((q[lay.lq[:, :1].expand_as(at), at] * lay.scale, k[lay.lq[:, 0]][:, lay.token_keys]))
-            rows = w[lay.lq, lay.iq]  # (heads, N, nk)
+            rows = _queries(w, lay)  # (heads, N, nk)
             plan = _gather_plan(lay)
             if plan is not None:  # every head's keys: a cell each, one order for all rows: gathers, not scatters
                 order, prefix_order = plan[0].to(w.device), None if plan[1] is None else plan[1].to(w.device)
@@ -597,6 +597,17 @@ class TracedAdapter(Adapter):
             new = torch.where(keys[:, None, :] >= 0, new, flat)  # keys on padding keep their weights
             return new.reshape(w.shape)
         return fn
+
+
+def _queries(w: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """w[lay.lq, lay.iq] (heads, N, nk): a view where head h is lead h and its queries a run of consecutive rows (a
+    ViT's patches after its class token and registers), else a gather."""
+    heads, n = lay.lq.shape
+    first = int(lay.iq[0, 0])
+    if torch.equal(lay.lq, torch.arange(heads)[:, None].expand(heads, n)) and \
+            torch.equal(lay.iq, torch.arange(first, first + n)[None].expand(heads, n)):
+        return w[:heads, first:first + n]
+    return w[lay.lq, lay.iq]
 
 
 def _keys(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

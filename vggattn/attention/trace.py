@@ -877,6 +877,12 @@ def structure(block: nn.Module) -> tuple:
     return _STRUCTURES[block]
 
 
+def _pre_hook(module: nn.Module, fn, name: str):
+    """A forward pre-hook calling fn(module, args, kwargs, name). kwargs may be None: PyTorch marks a hook as taking
+    them just after adding it, so a hook added while another thread's forward runs can be called once without."""
+    return module.register_forward_pre_hook(lambda m, a, k=None, n=name: fn(m, a, k, n), with_kwargs=True)
+
+
 class _Tracking:
     """Forward hooks on every submodule that keep the names of the modules running (this thread's only) on a stack;
     removed on exit."""
@@ -915,8 +921,7 @@ class _Tracking:
         try:
             for name, module in self.root.named_modules():
                 if name:
-                    self.handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n),
-                                                                         with_kwargs=True))
+                    self.handles.append(_pre_hook(module, pre, name))
                     self.handles.append(module.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
         except BaseException:
             self.__exit__()
@@ -1012,8 +1017,7 @@ def _run_until(model: nn.Module, x, names: list[str], keep) -> None:
         if len(seen) == len(names):
             raise _Enough
 
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, k, n=n: pre(m, a, k, n), with_kwargs=True)
-               for n in names]
+    handles = [_pre_hook(modules[n], pre, n) for n in names]
     try:
         model(x)
     except _Enough:
@@ -1205,8 +1209,7 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     handles = []
     try:
         for name in names:
-            handles.append(modules[name].register_forward_pre_hook(lambda m, a, k, n=name: enter(m, a, k, n),
-                                                                   with_kwargs=True))
+            handles.append(_pre_hook(modules[name], enter, name))
             handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: leave(m, a, o, n)))
         out = model(x)
     finally:
