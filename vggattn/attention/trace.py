@@ -710,9 +710,10 @@ def grid_cells(pos: Positions, hw: tuple[int, int], what: str, max_stride: int =
     if not bool(ok.any()):
         raise NotAttention(f"its {what} carry no position of the block's input")
     spread = float(pos.spread[ok].max())
+    unit = "px of the image" if max_stride > 1 else "cells of the block's input"  # tokens: places in image pixels
     if spread > SPREAD_LIMIT * max_stride:
-        raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: attention "
-                           "over channels, or a lambda layer)")
+        raise NotAttention(f"its {what} are not positions (each mixes places about {spread:.0f} {unit} apart: "
+                           "attention over channels, or a lambda layer)")
     y, x = pos.y[ok], pos.x[ok]
     if float(y.min()) < -0.5 or float(x.min()) < -0.5 or float(y.max()) > H - 0.5 or float(x.max()) > W - 0.5:
         raise NotAttention(f"its {what} sit outside the block's {H}x{W} input")
@@ -730,8 +731,8 @@ def grid_cells(pos: Positions, hw: tuple[int, int], what: str, max_stride: int =
         flat = cells.reshape(-1, n)
         if all(int(torch.unique(r[r >= 0]).numel()) == int((r >= 0).sum()) for r in flat):
             if spread > SPREAD_LIMIT * s:
-                raise NotAttention(f"its {what} are not positions (each mixes places {spread:.1f} cells apart: "
-                                   "attention over channels, or a lambda layer)")
+                raise NotAttention(f"its {what} are not positions (each mixes places about {spread / s:.1f} cells "
+                                   f"of its {gh}x{gw} grid apart: attention over channels, or a lambda layer)")
             return cells, (gh, gw), s
     ordinal = _ordinal_cells(pos, hw) if max_stride > 1 else None  # tokens placed on the image through a network
     if ordinal is not None:
