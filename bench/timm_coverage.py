@@ -1,6 +1,6 @@
 """Which of timm's models with attention vggattn reads, and how (random weights: nothing is fetched).
 
-    python bench/timm_coverage.py [--all] [--size 0] [--max-params 250e6] [--out rows.md] [NAME ...]
+    python bench/timm_coverage.py [--all | --families] [--size 0] [--max-params 250e6] [--out rows.md] [NAME ...]
 
 For each model (default: every timm CNN whose name says BoTNet, HaloNet, LambdaNet or GCNet; --all: every model
 `timm.list_models()` names), `find_blocks` runs it once on an input of its own size (timm's pretrained_cfg; --size
@@ -62,19 +62,40 @@ def own_rows_match(model, x, blocks) -> bool | None:
     return True
 
 
+def families(timm) -> list[str]:
+    """One model name per timm model file (an architecture family): the one with the fewest parameters (counted on
+    the meta device, nothing allocated)."""
+    from timm.models import get_pretrained_cfg  # noqa: F401 (timm's registry is loaded)
+    from timm.models._registry import model_entrypoint
+
+    best: dict[str, tuple[int, str]] = {}
+    for name in timm.list_models():
+        family = model_entrypoint(name).__module__
+        try:
+            with torch.device("meta"):
+                size = sum(q.numel() for q in timm.create_model(name, pretrained=False).parameters())
+        except Exception:  # noqa: BLE001 - counted when it is run
+            size = 1 << 62
+        if family not in best or size < best[family][0]:
+            best[family] = (size, name)
+    return sorted(name for _, name in best.values())
+
+
 def main(argv=None) -> int:
     import timm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=0, help="input size (0: each model's own, timm's pretrained_cfg)")
     p.add_argument("--all", action="store_true", help="every model timm.list_models() names")
+    p.add_argument("--families", action="store_true", help="one model of each of timm's model files (the one with "
+                   "the fewest parameters), every architecture once")
     p.add_argument("--max-params", type=float, default=250e6, help="models with more parameters count as too large")
     p.add_argument("--out", help="append each row to this file as it is made")
     p.add_argument("names", nargs="*", help="timm model names (default: the attention CNNs)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    names = args.names or (timm.list_models() if args.all else
+    names = args.names or (timm.list_models() if args.all else families(timm) if args.families else
                            sorted({n for pat in PATTERNS for n in timm.list_models(pat)}))
     counts = dict(read=0, checked=0, skipped=0, too_large=0, crashed=0)
 
