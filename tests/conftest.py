@@ -27,6 +27,19 @@ def tiny_model(num_classes: int = 10, seed: int = 0, **kw) -> vggattn.VGG16WithA
     return model.eval()
 
 
+def noise_folder(root: Path, size: int = 56, classes=("a", "b"), per_class: int = 2) -> Path:
+    """An ImageFolder of seeded noise pictures (size x size), per_class a class -> root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
 def tiny_meta(input_size: int = 64, num_classes: int = 10) -> dict:
     return {"config": {"num_classes": num_classes, "width": 0.125, "hidden": 32}, "class_names": [f"c{i}" for i in range(num_classes)], "input_size": input_size,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "training": {}}

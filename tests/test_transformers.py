@@ -231,19 +231,15 @@ def test_the_study_of_a_saved_transformers_backbone_takes_the_no_classifier_path
     registers, no top-1 and no interventions."""
     import json
 
-    import numpy as np
-    from PIL import Image
+    from conftest import noise_folder
+
 
     from vggattn import study
 
     torch.manual_seed(0)
     T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**VIT, num_register_tokens=2)).save_pretrained(
         tmp_path / "dino")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    noise_folder(tmp_path / "data")
     out = tmp_path / "study"
     assert study.main(["--hf", str(tmp_path / "dino"), "--data", str(tmp_path / "data"), "--out", str(out),
                        "--workers", "0", "--sanity-images", "0", "--faithfulness-images", "0", "--bootstrap", "50"]) == 0

@@ -329,18 +329,14 @@ def test_a_backbone_with_no_classifier_gets_the_attention_study_without_interven
     and there is no top-1 and no intervention; the report and the app's markdown say why."""
     import json
 
-    import numpy as np
-    from PIL import Image
+    from conftest import noise_folder
+
 
     from vggattn import study
     from vggattn.study.report import NOT_SCORED, summary_markdown
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as here and in CI: random weights, nothing fetched
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    noise_folder(tmp_path / "data")
     out = tmp_path / "study"
     assert study.main(["--timm", "vit_small_patch14_reg4_dinov2", "--input-size", "56", "--data", str(tmp_path / "data"),
                        "--out", str(out), "--workers", "0", "--sanity-images", "0", "--faithfulness-images", "0",
