@@ -1,11 +1,11 @@
 // vggattn hover view: the attention panels follow the pointer over the input image, and a click pins a point.
 //
 // Runs as the js_on_load of a gr.HTML (vggattn/app.py); Gradio gives it `element`, `props` and `watch`.
-// props.value is the payload of vggattn/hover.py (per layer Q, K, log Z, sink, or the rows themselves), sent once
-// per upload; the other props (vggattn.hover.page_props) are the rendering constants, palettes, panel count, sink
+// props.value is the payload of vggattn/view/hover.py (per layer Q, K, log Z, sink, or the rows themselves), sent once
+// per upload; the other props (vggattn.view.hover.page_props) are the rendering constants, palettes, panel count, sink
 // rule and controls. Every pointer move and click is answered here, with no request: row i = softmax(scale q_i . K)
 // (or scale q_i . K / M for the dot-product non-local form; a head's own row, or the mean of the heads), column
-// j = exp(scale Q k_j - log Z), drawn with the rules of vggattn/render.py (attention_picture) at the display copy's
+// j = exp(scale Q k_j - log Z), drawn with the rules of vggattn/view/render.py (attention_picture) at the display copy's
 // size, then scaled into the panel: the same pixels as the server's pinned render (tests/test_browser.py). Rows lie
 // on the key grid, which can be smaller than the query grid (pooled keys); "map" layers (GCNet) have one map per
 // image that no query changes.
@@ -294,7 +294,7 @@ function queryIndex(x, y, grid) {  // vggattn.data.query_index: pixel centres, c
   return r * gw + col;
 }
 
-function topIndices(values, k) {  // vggattn.render.top_indices: largest first, ties to the lower index
+function topIndices(values, k) {  // vggattn.view.render.top_indices: largest first, ties to the lower index
   const idx = [];
   for (let j = 0; j < values.length; j++) {
     let at = idx.length;
@@ -303,12 +303,12 @@ function topIndices(values, k) {  // vggattn.render.top_indices: largest first, 
   }
   return idx;
 }
-function markedIndices(values, k) {  // vggattn.render.marked_indices: of the k largest, those holding weight
+function markedIndices(values, k) {  // vggattn.view.render.marked_indices: of the k largest, those holding weight
   const idx = topIndices(values, k), peak = idx.length ? values[idx[0]] : 0;
   return idx.filter((j) => peak > 0 && values[j] > 0 && values[j] >= K.mark_share * peak);
 }
 
-// vggattn.render.map_levels: linear = weight / max(max, floor); log = LOG_DECADES below the maximum at 0
+// vggattn.view.render.map_levels: linear = weight / max(max, floor); log = LOG_DECADES below the maximum at 0
 function levels(values, scale, floor) {
   let top = floor;
   for (const v of values) if (v > top) top = v;
@@ -323,7 +323,7 @@ function levels(values, scale, floor) {
   return out;
 }
 
-// -- drawing: vggattn.render, rule for rule ---------------------------------------------------------
+// -- drawing: vggattn.view.render, rule for rule ---------------------------------------------------------
 function sampler(n, size, smooth) {  // per output pixel: source index pair and weight (centre-aligned, clamped)
   const i0 = new Int32Array(size), i1 = new Int32Array(size), t = new Float64Array(size);
   const scale = n / size;
@@ -335,7 +335,7 @@ function sampler(n, size, smooth) {  // per output pixel: source index pair and 
   return {i0, i1, t};
 }
 
-function tintTable(colormap, opacity) {  // vggattn.render.palette and tint_alpha
+function tintTable(colormap, opacity) {  // vggattn.view.render.palette and tint_alpha
   const pal = K.palettes[colormap] || K.palettes[K.controls.colormap], alpha = new Float64Array(256);
   for (let i = 0; i < 256; i++) alpha[i] = opacity * Math.min(1, i / (255 * K.full_at));
   return {pal, alpha};
@@ -358,7 +358,7 @@ function tint(colormap, opacity) {
   return tintCache.table;
 }
 
-// vggattn.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is
+// vggattn.view.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is
 function overlay(lv, grid, w, h, baseImage = payload.base) {
   const [gh, gw] = grid, smooth = controls.mode === "smooth", table = tint(controls.colormap, controls.opacity);
   const sx = sampler(gw, w, smooth), sy = sampler(gh, h, smooth);
@@ -388,7 +388,7 @@ function overlay(lv, grid, w, h, baseImage = payload.base) {
 
 const halfUp = v => Math.floor(v + 0.5);
 
-function cellRect(index, grid, w, h) {  // vggattn.render.cell_rect: (x0, y0, x1, y1), ends exclusive
+function cellRect(index, grid, w, h) {  // vggattn.view.render.cell_rect: (x0, y0, x1, y1), ends exclusive
   const [gh, gw] = grid, r = Math.floor(index / gw), c = index % gw;
   const x0 = halfUp(c * w / gw), y0 = halfUp(r * h / gh);
   return [x0, y0, Math.max(x0 + 1, halfUp((c + 1) * w / gw)), Math.max(y0 + 1, halfUp((r + 1) * h / gh))];
@@ -426,12 +426,12 @@ function glyph(im, digit, x, y, size, color, outline) {  // a 3x5 digit of size-
   }
 }
 
-function markSizes(w, h) {  // vggattn.render.mark_sizes
+function markSizes(w, h) {  // vggattn.view.render.mark_sizes
   const short = Math.min(w, h);
   return {line: Math.max(1, halfUp(short / 300)), digit: Math.max(1, halfUp(short / 128)), dot: Math.max(3, halfUp(short / 80))};
 }
 
-// vggattn.render.attention_picture at the display copy's size, for the point (x, y) of the original image
+// vggattn.view.render.attention_picture at the display copy's size, for the point (x, y) of the original image
 function picture(li, x, y, how = view, size = null) {  // size: [w, h] smaller than the display copy, for a panel
   const L = payload.layers[li], [w, h] = size || payload.display, map = L.kind === "map";
   const base = size ? smallBase(w, h) : payload.base;
