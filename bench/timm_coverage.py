@@ -8,7 +8,8 @@ to choose one): the blocks found by an adapter (their class), the blocks found b
 the modules named and skipped (attention that is no map over positions), each with its reason. Where a traced block
 has `fused_attn` (timm's `Attention` and its kin), its rows are checked against the model's own unfused attention
 (the weights entering `attn_drop`; each of our rows, grid then prefix tokens, must be one of its rows to 1e-4).
-Models over --max-params parameters (1 GB in float32) are counted "too large" and not built beyond their config.
+Models over --max-params parameters (1 GB in float32) are counted "too large" and not built beyond their config;
+so are those whose reading needs more than --memory-gb (SAM's ViT at 1,024 px keeps 12 x 4,096^2 weights a block).
 
 Prints a row per model (also appended to --out as it goes, so a long run keeps what it did) and the counts: read,
 checked, skipped (no attention over positions: models without attention included), too large, crashed.
@@ -92,7 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-params", type=float, default=250e6, help="models with more parameters count as too large")
     p.add_argument("--out", help="append each row to this file as it is made")
     p.add_argument("names", nargs="*", help="timm model names (default: the attention CNNs)")
+    p.add_argument("--memory-gb", type=float, default=12, help="address space of this process: a model that needs "
+                   "more at its default size counts as too large, and the sweep goes on")
     args = p.parse_args(argv)
+    import resource
+
+    limit = int(args.memory_gb * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     names = args.names or (timm.list_models() if args.all else families(timm) if args.families else
@@ -128,6 +135,16 @@ def main(argv=None) -> int:
             traced = sum(isinstance(a, TracedAdapter) for *_, a in blocks)
             skipped = traced_blocks(model).skipped
             checked = own_rows_match(model, x, blocks) if blocks else None
+        except (MemoryError, RuntimeError) as e:  # an allocation past --memory-gb: too large here, not a crash
+            if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+                counts["crashed"] += 1
+                say(f"| {name} | CRASHED: {type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''} ||||| "
+                    f"{time.perf_counter() - t:.1f} |")
+                continue
+            counts["too_large"] += 1
+            say(f"| {name} | - | - | - | - | too large for {args.memory_gb:g} GB at its size: {type(e).__name__} | "
+                f"{time.perf_counter() - t:.1f} |")
+            continue
         except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
             counts["crashed"] += 1
             say(f"| {name} | CRASHED: {type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''} ||||| "
