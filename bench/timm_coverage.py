@@ -31,7 +31,7 @@ PATTERNS = ["*botnet*", "*botnext*", "*halo*", "*lambda*", "gcres*", "gc_*"]
 
 def own_rows_match(model, x, blocks) -> bool | None:
     """Every traced block with timm's `fused_attn`: each of our rows is one of its own unfused rows (values to 1e-4);
-    None where no block can be checked this way."""
+    None where no block can be checked this way (windows stacked on the batch axis, other shapes: not compared)."""
     names = [n for n, m, a in blocks if isinstance(a, TracedAdapter) and hasattr(m, "fused_attn")
              and hasattr(m, "attn_drop")]
     if not names:
@@ -46,21 +46,23 @@ def own_rows_match(model, x, blocks) -> bool | None:
         _, seen = watch(model, x, names, set(names))
     chosen = [b for b in blocks if b[0] in names]
     locate_tokens(model, x, chosen, {n: s.input for n, s in seen.items()})
+    compared = 0
     for name, module, adapter in chosen:
         if name not in want or name not in seen:
             return False
         maps = adapter.maps(module, seen[name].input, seen[name].events, seen[name].call)
-        rows = maps.rows()[0].double() if maps.window is None else None
-        if rows is None:
-            continue  # windows: checked in tests/test_vit.py (Swin, MaxViT)
+        if maps.window is not None or want[name].shape[0] != 1 or want[name].dim() != 4:
+            continue  # windows stacked on the batch axis: placed and checked in tests/test_vit.py (Swin, MaxViT)
+        rows = maps.rows()[0].double()
         if maps.prefix is not None:
             rows = torch.cat([rows, maps.prefix[0].double()], -1)
-        a = want[name][0].double()
-        if a.dim() != 3 or a.shape[0] != rows.shape[0] or a.shape[-1] != rows.shape[-1]:
-            return False
+        a = want[name][0].double()  # (heads, T, S)
+        if a.shape[0] != rows.shape[0] or a.shape[-1] != rows.shape[-1]:
+            continue  # heads or keys counted otherwise (e.g. heads folded into the batch): not compared
         if not bool((torch.cdist(rows.sort(-1).values, a.sort(-1).values).amin(-1) < 1e-4).all()):
             return False
-    return True
+        compared += 1
+    return True if compared else None
 
 
 def families(timm) -> list[str]:
