@@ -286,3 +286,29 @@ def test_a_model_in_hand_that_returns_a_dict_or_a_dataclass_is_read_through_it()
             torch.testing.assert_close(model(x), net.head(net.vit(pixel_values=x).last_hidden_state[:, 0]))
         result = analyze(model, meta, Image.new("RGB", (56, 56), "gray"))
         assert set(result.top_k()) == {"a", "b", "c"} and len(result.blocks) == 2 and result.shows == "logits"
+
+
+@pytest.mark.parametrize("case", ["segformer (keys on the reduced grid)", "detr encoder", "dinov2 + registers"])
+def test_interventions_rerun_a_block_with_every_argument_it_was_given(case):
+    """The app's ablation on blocks called with extra arguments (SegFormer's height and width, DETR's position
+    embeddings by keyword): the block's own forward rebuilt from its rows gives its own output; "off" changes the
+    model's output, and the model is as it was afterwards."""
+    from vggattn.attention.adapters import Intervention
+
+    spec, size, _ = CASES[case]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    net = image_model(build(spec, "sdpa") or build(spec, "eager"))
+    blocks = find_blocks(net, example=x)
+    name, module, adapter = blocks[0]
+    _, seen = watch(net, x, [name])
+    own = seen[name].output
+    rebuilt = adapter.forward(module, seen[name].input, call=seen[name].call)
+    first = lambda o: o if isinstance(o, torch.Tensor) else o[0]  # noqa: E731
+    torch.testing.assert_close(first(rebuilt), first(own), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        base = net(x)
+        with Intervention(net, {n: "off" for n, *_ in blocks}):
+            off = net(x)
+        again = net(x)
+    assert not torch.allclose(off, base) and torch.equal(again, base)

@@ -591,10 +591,12 @@ class TracedAdapter(Adapter):
             L = flat.shape[0]
             h, c = head[:, start:stop].to(w.device), cell[:, start:stop].to(w.device)  # (L, n)
             r = rows.to(w.device, w.dtype)  # (heads, N or 1, M)
-            picked = r[h, c if r.shape[1] > 1 else torch.zeros_like(c)]  # (L, n, M)
+            picked = r[h, c.clamp_min(0) if r.shape[1] > 1 else torch.zeros_like(c)]  # (L, n, M)
             keys = lay.kcell.to(w.device)  # (L, nk)
             new = picked.gather(-1, keys.clamp_min(0)[:, None, :].expand(L, flat.shape[1], -1))
             new = torch.where(keys[:, None, :] >= 0, new, flat)  # keys on padding keep their weights
+            if r.shape[1] > 1:  # rows a query: one with no place (a class token) has none among them, keeps its own
+                new = torch.where(c[:, :, None] >= 0, new, flat)
             return new.reshape(w.shape)
         return fn
 

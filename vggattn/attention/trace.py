@@ -838,10 +838,12 @@ class Layout:
         return cache[key]
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, nq) head and grid cell of every (lead, query) entry."""
-        L, nq = self.kcell.shape[0], int(self.iq.max()) + 1
+        """(L, nq) head and grid cell of every (lead, query) entry; cell -1 for a query with no place (a prefix
+        token's: its row is no row of the grid)."""
+        L = self.kcell.shape[0]
+        nq = max(int(self.iq.max()), -1 if self.prefix_queries is None else int(self.prefix_queries.max())) + 1
         h = torch.zeros(L, nq, dtype=torch.long)
-        c = torch.zeros(L, nq, dtype=torch.long)
+        c = torch.full((L, nq), -1, dtype=torch.long)
         h[self.lq, self.iq] = torch.arange(self.heads)[:, None].expand_as(self.lq)
         c[self.lq, self.iq] = torch.arange(self.lq.shape[1])[None].expand_as(self.lq)
         return h, c
