@@ -125,6 +125,9 @@ def test_diffusers_vae_mid_block_attention(processor):
         normed = block.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, N, C)
         q, k = block.to_q(normed), block.to_k(normed)
         rows = torch.softmax(q @ k.transpose(1, 2) * block.scale, dim=-1)[:, None]
+        # the library's own probabilities (what AttnProcessor multiplies the values by), same q and k
+        own = block.get_attention_scores(block.head_to_batch_dim(q), block.head_to_batch_dim(k), None)
+        torch.testing.assert_close(rows[:, 0], own, rtol=1e-5, atol=1e-6)
     adapter, maps = traced(block, x, rows)
     assert maps.normalise == "softmax" and set(adapter.qk_modules) >= {"to_q", "to_k"}
 
