@@ -78,6 +78,43 @@ def test_every_blocks_rows_are_the_models_own_attention(case):
         torch.testing.assert_close(full.float(), a[:, order][:, :, order], rtol=1e-5, atol=1e-6)
 
 
+def test_a_fused_attention_is_read_without_its_weights_and_its_sums_are_the_weights_own():
+    """Where the block's attention is one fused call (scaled_dot_product_attention on the CPU), the forward keeps each
+    row's log normaliser and no N x M weights: every row, the mean row over the patches, the page's log Z and its
+    sink (the rows' sum over every query: a second fused call with queries and keys swapped) equal the model's own
+    unfused weights."""
+    from vggattn.view.hover import page_layer
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=2).eval()
+    x = torch.randn(1, 3, 56, 56)
+    blocks = find_blocks(model, example=x)
+    want = own_attention(model, x)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    _, seen = watch(model, x, [b[0] for b in blocks], {b[0] for b in blocks})
+    locate_tokens(model, x, blocks, {n: s.input for n, s in seen.items()})
+    prefix = 5
+    for name, module, adapter in blocks:
+        event = seen[name].events[0]
+        assert event.held is None and event.lse is not None  # no weights were made by the forward
+        maps = adapter.maps(module, seen[name].input, seen[name].events)
+        assert maps.lean and maps.weights is None
+        a = want[name][0].double()  # (heads, T, T): the prefix first, then the patches
+        torch.testing.assert_close(maps.rows()[0].double(), a[:, prefix:, prefix:], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(maps.mean_row()[0, :, 0].double(), a[:, prefix:, prefix:].mean(1), rtol=1e-5,
+                                   atol=1e-7)
+        torch.testing.assert_close(maps.prefix[0].double(), a[:, prefix:, :prefix], rtol=1e-5, atol=1e-7)
+        layer = page_layer(name, maps)
+        order = torch.cat([torch.arange(prefix, a.shape[-1]), torch.arange(prefix)])  # the page's: grid, then prefix
+        logits = (torch.as_tensor(layer.q).double() @ torch.as_tensor(layer.k).double().transpose(-1, -2))
+        torch.testing.assert_close(torch.as_tensor(layer.logz), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-5)
+        mean = a[:, order][:, :, order].mean(1).mean(0)[:16]  # every query's and head's share of each patch
+        assert layer.sink[0] == int(mean.argmax()) and abs(layer.sink[1] - float(mean.max())) < 1e-6
+        torch.testing.assert_close(event.weights.double(), a[None], rtol=1e-5, atol=1e-7)  # made when asked for
+
+
 def test_token_places_are_the_patch_centres_and_no_place_for_the_prefix():
     """The class token and registers are made from parameters: no place; a patch token sits inside its patch
     (its place read from the tangents through the patch embedding, random weights) in every block."""

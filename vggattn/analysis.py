@@ -284,10 +284,12 @@ def _ancestors(name: str) -> list[str]:
 ROLLOUT_MAX_TOKENS = 300  # attention rollout goes to the page for transformers of at most this many tokens (T x T a layer)
 
 
-def full_rows(maps: BlockMaps) -> torch.Tensor | None:
+def full_rows(maps: BlockMaps, max_tokens: int | None = None) -> torch.Tensor | None:
     """(T, T) float64, mean of heads: a transformer block's whole attention over its tokens in the page's order (the
     grid's cells, then the prefix tokens), rows and columns; None where the queries and keys are not the same tokens."""
     if maps.prefix is None or maps.prefix_rows is None or maps.grid != maps.key_grid or maps.window is not None:
+        return None
+    if max_tokens is not None and maps.prefix_rows.shape[-1] > max_tokens:
         return None
     top = torch.cat([maps.rows(dtype=torch.float64)[0], maps.prefix[0].double()], -1)  # (heads, N, M + P)
     return torch.cat([top, maps.prefix_rows[0].double()], 1).mean(0)  # (T, T)
@@ -301,7 +303,7 @@ def attention_rollout(blocks: list["BlockResult"], max_tokens: int = ROLLOUT_MAX
     tokens, at most max_tokens of them."""
     out, total = [], None
     for block in blocks:
-        a = full_rows(block.maps)
+        a = full_rows(block.maps, max_tokens)
         if a is None or a.shape[0] > max_tokens or (total is not None and total.shape != a.shape):
             return None
         a = 0.5 * a + 0.5 * torch.eye(a.shape[0], dtype=a.dtype)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .analysis import blocks_of
 from .attention.adapters import example_input
+from .attention.trace import prepare_forward_ad
 from .models.output import ImageOutput, image_model
 from .checkpoint import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict,
                          load_checkpoint, resolve_device)
@@ -72,6 +73,7 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classe
     """`package.module:factory` called with no arguments -> the model (eval mode), its weights loaded when given.
     Class names, input size and normalisation: as given, else from the checkpoint's meta (.safetensors), else
     none, 224 and ImageNet's."""
+    prepare_forward_ad()  # (in a thread, while the model is built: the first analysis needs it)
     module_name, _, factory = spec.partition(":")
     if not module_name or not factory:
         raise CheckpointError(f"--model must be package.module:factory, got {spec!r}")
@@ -102,6 +104,7 @@ def load_timm(name: str, *, pretrained: bool = True, classes: str | None = None,
               input_size: int | None = None) -> tuple[nn.Module, dict]:
     """A timm model by name; ImageNet class names from timm's own tables when it has 1000 classes. input_size: the
     size it is fed (a transformer is built for it: timm resamples its position embeddings; default: timm's)."""
+    prepare_forward_ad()  # (in a thread, while the model is built: the first analysis needs it)
     try:
         import timm
         from timm.data import ImageNetInfo, resolve_data_config
@@ -181,6 +184,7 @@ def load_hf(name: str, *, classes: str | None = None, input_size: int | None = N
     tower of a dual image-text model (`CLIPModel`, `SiglipModel`), with scaled_dot_product_attention where offered
     (vggattn reads its rows from the computation, where transformers returns none), else eager. Input size: given,
     else its config's, else its preprocessor's; mean and std from its preprocessor where saved."""
+    prepare_forward_ad()  # (in a thread, while the model is built: the first analysis needs it)
     try:
         import transformers
     except ImportError:

@@ -64,17 +64,18 @@ def _per_image(events: list[Event], batch: int) -> list[list[Event]] | None:
     where an event's leads do not split by the batch."""
     out = [[] for _ in range(batch)]
     for ev in events:
-        lead = ev.weights.shape[:-2]
+        lead = (ev.held if ev.held is not None else ev.lse[..., None]).shape[:-2]  # a fused call's: its lse's
         L = int(torch.Size(lead).numel())
         if L % batch:
             return None
         flat = lambda t: None if t is None else t.expand(*lead, *t.shape[-2:]).reshape(L, *t.shape[-2:])  # noqa: E731
-        w, v, q, k = flat(ev.weights), flat(ev.values), flat(ev.query), flat(ev.key)
+        w, v, q, k = flat(ev.held), flat(ev.values), flat(ev.query), flat(ev.key)
+        lse = None if ev.lse is None else ev.lse.reshape(L, -1)
         step = L // batch
         for j in range(batch):
             cut = lambda t: None if t is None else t[j * step:(j + 1) * step]  # noqa: E731
             out[j].append(Event(ev.kind, cut(w), cut(v), cut(q), cut(k), ev.scale, ev.additive,
-                                ev.normalised_over_keys, ev.qk_modules))
+                                ev.normalised_over_keys, ev.qk_modules, cut(lse)))
     return out
 
 
@@ -88,9 +89,11 @@ def _stack(parts: list[BlockMaps]) -> BlockMaps:
                                                 torch.cat([p.window[1] for p in parts]))
     tokens = None if first.tokens_qk is None else (torch.cat([p.tokens_qk[0] for p in parts]),
                                                    torch.cat([p.tokens_qk[1] for p in parts]))
+    stats = None if first.token_stats is None else (torch.cat([p.token_stats[0] for p in parts]),
+                                                    torch.cat([p.token_stats[1] for p in parts]))
     return BlockMaps(first.family, cat("query"), cat("key"), first.grid, first.key_grid, first.scale, cat("bias"),
                      first.normalise, first.meaning, cat("weights"), cat("padding"), window, cat("prefix"),
-                     first.prefix_names, cat("prefix_rows"), tokens)
+                     first.prefix_names, cat("prefix_rows"), tokens, stats)
 
 
 @torch.no_grad()

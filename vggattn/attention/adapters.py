@@ -80,17 +80,25 @@ class BlockMaps:
     # key grid, then on the prefix tokens (the class token's row over the patches: DINO's view)
     tokens_qk: tuple[torch.Tensor, torch.Tensor] | None = None  # tokens whose every row is softmax(scale Q K^T):
     # Q (B, heads, N + P, d) with the scale in it and K (B, heads, M + P, d), grid cells first, then the prefix tokens
+    token_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # tokens read from a fused kernel (no weights held):
+    # (log Z of every row (B, heads, N + P) float64, the rows' sum over all N + P queries (B, heads, M + P) float64)
+
+    @property
+    def lean(self) -> bool:
+        """Tokens whose rows are not held: each is made from `tokens_qk` when asked for."""
+        return self.weights is None and self.tokens_qk is not None
 
     @property
     def heads(self) -> int:
-        held = self.key if self.weights is None and self.window is None else \
+        held = self.tokens_qk[1] if self.lean else self.key if self.weights is None and self.window is None else \
             self.weights if self.weights is not None else self.window[0]
         return held.shape[1]
 
     @property
     def per_image(self) -> bool:
         """True for a map no query changes (one per image and head), like GCNet's global context."""
-        return self.query is None and self.window is None and (self.weights is None or self.weights.shape[2] == 1)
+        return self.query is None and self.window is None and not self.lean and \
+            (self.weights is None or self.weights.shape[2] == 1)
 
     def rows(self, queries: list[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, heads, Q, M) rows of the given query positions (all when None); per_image maps: (B, heads, 1, M).
@@ -98,6 +106,11 @@ class BlockMaps:
         if self.weights is not None:
             w = self.weights if queries is None or self.per_image else self.weights[:, :, torch.as_tensor(queries)]
             return w.to(dtype)
+        if self.lean:  # the grid's part of each softmax over the grid's and the prefix tokens' keys
+            n, m = self.grid[0] * self.grid[1], self.key_grid[0] * self.key_grid[1]
+            q, k = self.tokens_qk[0][:, :, :n], self.tokens_qk[1].to(dtype)
+            q = (q if queries is None else q[:, :, torch.as_tensor(queries, dtype=torch.long)]).to(dtype)
+            return torch.softmax(q @ k.transpose(-1, -2), dim=-1)[..., :m]
         if self.window is not None:  # scattered onto the key grid, only the rows asked for
             values, cells = self.window if queries is None else (t[:, :, torch.as_tensor(queries)] for t in self.window)
             m = self.key_grid[0] * self.key_grid[1]
@@ -121,7 +134,8 @@ class BlockMaps:
                          pick(self.bias), self.normalise, self.meaning, pick(self.weights), pick(self.padding),
                          None if self.window is None else (pick(self.window[0]), pick(self.window[1])),
                          pick(self.prefix), self.prefix_names, pick(self.prefix_rows),
-                         None if self.tokens_qk is None else (pick(self.tokens_qk[0]), pick(self.tokens_qk[1])))
+                         None if self.tokens_qk is None else (pick(self.tokens_qk[0]), pick(self.tokens_qk[1])),
+                         None if self.token_stats is None else (pick(self.token_stats[0]), pick(self.token_stats[1])))
 
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
@@ -129,6 +143,10 @@ class BlockMaps:
             return self.rows()
         if self.weights is not None:
             return self.weights.mean(2, keepdim=True)
+        if self.lean and self.token_stats is not None:  # every query's sum, less the prefix tokens' own rows
+            n, m = self.grid[0] * self.grid[1], self.key_grid[0] * self.key_grid[1]
+            grid_sum = self.token_stats[1][..., :m] - self.prefix_rows[..., :m].double().sum(2)
+            return (grid_sum / n).to(self.tokens_qk[0].dtype)[:, :, None]
         if self.window is not None:  # every row's window summed onto the grid, / N
             values, cells = self.window
             m, n = self.key_grid[0] * self.key_grid[1], values.shape[2]
@@ -443,9 +461,13 @@ class TracedAdapter(Adapter):
         return self._maps(lay, per_image)
 
     def _maps(self, lay: Layout, per_image: list[list]) -> BlockMaps:
-        parts, prefix_w, prefix_r, token_qk = [], [], [], []
+        parts, prefix_w, prefix_r, token_qk, stats = [], [], [], [], []
         for events in per_image:
             evs = [events[i] for i in lay.group]
+            if lay.token_keys is not None and len(evs) == 1 and evs[0].held is None and evs[0].lse is not None:
+                tq, tk, pw, pr, st = _lean_tokens(evs[0], lay)
+                token_qk.append((tq, tk)), prefix_w.append(pw), prefix_r.append(pr), stats.append(st)
+                continue
             w = torch.cat([e.weights for e in evs], dim=-2) if len(evs) > 1 else evs[0].weights
             w = w.reshape(-1, *w.shape[-2:])  # (L, nq, nk)
             if lay.qk:
@@ -501,13 +523,19 @@ class TracedAdapter(Adapter):
                              lay.key_grid, scale=float(lay.scale * (lay.key_grid[0] * lay.key_grid[1]
                                                                    if lay.normalise == "mean" else 1)),
                              normalise=lay.normalise, meaning=lay.meaning)
-        pad = torch.stack([p[1] for p in parts]) if lay.padded else None
         normalise = "softmax" if lay.sums_to_one else "weights"
+        prefix = torch.stack(prefix_w) if prefix_w else None
+        if stats:  # tokens from a fused kernel: no rows held
+            return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
+                             padding=prefix.sum(-1) if lay.padded else None,  # (as the rows' share off the grid)
+                             prefix=prefix, prefix_names=lay.prefix_names, prefix_rows=torch.stack(prefix_r),
+                             tokens_qk=(torch.stack([t[0] for t in token_qk]), torch.stack([t[1] for t in token_qk])),
+                             token_stats=(torch.stack([t[0] for t in stats]), torch.stack([t[1] for t in stats])))
+        pad = torch.stack([p[1] for p in parts]) if lay.padded else None
         if lay.windowed:
             window = (torch.stack([p[0][0] for p in parts]), torch.stack([p[0][1] for p in parts]))
             return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
                              padding=pad, window=window)
-        prefix = torch.stack(prefix_w) if prefix_w else None
         return BlockMaps(family, None, None, lay.grid, lay.key_grid, normalise=normalise, meaning=lay.meaning,
                          weights=torch.stack([p[0] for p in parts]), padding=pad, prefix=prefix,
                          prefix_names=lay.prefix_names if prefix is not None else None,
@@ -599,6 +627,35 @@ class TracedAdapter(Adapter):
                 new = torch.where(c[:, :, None] >= 0, new, flat)
             return new.reshape(w.shape)
         return fn
+
+
+def _lean_tokens(ev, lay: Layout):
+    """A block of tokens whose attention ran as one fused call (`vggattn.attention.trace.Event.lse`), read without its
+    N x M weights: (Q with the scale in it (heads, N + P, d), K (heads, M + P, d), each grid row's weight on each
+    prefix token (heads, N, P), the prefix tokens' own rows (heads, P, M + P), (log Z (heads, N + P) float64, the
+    rows' sum over every query (heads, M + P) float64)). The sum is a second fused call with the roles swapped:
+    log sum_i exp(q_i . k_j - log Z_i) is the log normaliser of key j's "row" over the queries."""
+    nq, nk = ev.query.shape[-2], ev.key.shape[-2]
+    lead = ev.lse.shape[:-1]
+    L = int(torch.Size(lead).numel())
+    q = ev.query.expand(*lead, nq, ev.query.shape[-1]).reshape(L, nq, -1)
+    k = ev.key.expand(*lead, nk, ev.key.shape[-1]).reshape(L, nk, -1)
+    at = torch.cat([lay.iq, lay.prefix_queries], 1)  # (heads, N + P): the grid's queries, then the prefix tokens'
+    leads = lay.lq[:, :1].expand_as(at)
+    n, m = lay.iq.shape[1], len(lay.token_keys) - lay.prefix_queries.shape[1]
+    tq, tk = q[leads, at] * lay.scale, k[lay.lq[:, 0]][:, lay.token_keys]
+    log_z = ev.lse.reshape(L, nq)[leads, at].float()  # (heads, N + P)
+    qf, kf = tq.float(), tk.float()
+    prefix_w = torch.exp(qf[:, :n] @ kf[:, m:].transpose(-1, -2) - log_z[:, :n, None])  # (heads, N, P)
+    prefix_r = torch.exp(qf[:, n:] @ kf.transpose(-1, -2) - log_z[:, n:, None])  # (heads, P, M + P)
+    one = torch.ones(1, dtype=qf.dtype).expand(*kf.shape[:-1], 1)
+    swapped_q = torch.cat([kf, one], -1)[None]  # (1, heads, M + P, d + 1): keys as queries
+    swapped_k = torch.cat([qf, -log_z[..., None]], -1)[None]  # queries as keys, each less its log Z
+    ones = torch.ones_like(swapped_k)
+    _, log_sums = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(swapped_q, swapped_k, ones, 0.0, False,
+                                                                             scale=1.0)
+    return (tq.to(ev.query.dtype), tk.to(ev.key.dtype), prefix_w.to(ev.query.dtype), prefix_r.to(ev.query.dtype),
+            (log_z.double(), log_sums[0].double().exp()))
 
 
 def _queries(w: torch.Tensor, lay: Layout) -> torch.Tensor:

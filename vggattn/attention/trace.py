@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..models.output import remember_output
+
 PRODUCTS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum", "baddbmm"}
 SOFTMAX = {"softmax", "_softmax"}
 SDPA = "scaled_dot_product_attention"
@@ -76,7 +78,7 @@ class Event:
     """One attention computation: weights (as the product got them) times values."""
 
     kind: str  # "softmax", "pairwise" (a product, scaled), "concat" or "sdpa"
-    weights: torch.Tensor  # (..., nq, nk) after `move`
+    held: torch.Tensor | None  # (..., nq, nk) the weights after `move`; None: not made yet (see `lse`)
     values: torch.Tensor  # (..., nk, dv) after `move`
     query: torch.Tensor | None  # (..., nq, d): the logits' query operand, tokens on -2
     key: torch.Tensor | None  # (..., nk, d)
@@ -84,6 +86,16 @@ class Event:
     additive: bool  # extra logit terms (relative positions, masks)
     normalised_over_keys: bool | None  # softmax over the key axis (rows sum to 1); None: no softmax
     qk_modules: tuple[str, ...]  # submodules that make the logits
+    lse: torch.Tensor | None = None  # (..., nq) float32: each row's log normaliser, where a fused kernel computed
+    # the attention (the weights are then softmax(scale * query . key), made only when asked for)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(..., nq, nk): the weights (a fused call's made here once, from its query and key, on first use)."""
+        if self.held is None:
+            logits = (self.query.float() @ self.key.float().transpose(-1, -2)) * self.scale
+            self.held = torch.exp(logits - self.lse[..., None]).to(self.query.dtype)
+        return self.held
 
 
 def _labels_matmul(a_dim: int, b_dim: int) -> tuple[list, list, list]:
@@ -195,6 +207,16 @@ def first_tensor(args: tuple, kwargs: dict | None = None) -> torch.Tensor | None
     """A module call's input: its first tensor argument, positional or keyword (`Call.input`)."""
     call = Call.of(args, kwargs)
     return None if call is None else call.input
+
+
+def _fused_with_lse(q, k, v, p: dict) -> bool:
+    """Whether F.scaled_dot_product_attention's call can run as PyTorch's CPU flash kernel, which also returns each
+    row's log normaliser: 4-D float tensors on the CPU, one head size, no mask, not causal, no grouped heads."""
+    return (q.device.type == "cpu" and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and p.get("attn_mask") is None and not p.get("is_causal") and not p.get("dropout_p")
+            and not p.get("enable_gqa"))
 
 
 class Recorder(TorchFunctionMode):
@@ -497,6 +519,19 @@ class Recorder(TorchFunctionMode):
         p = dict(zip(names, args))
         p.update(kwargs)
         q, k, v = p["query"], p["key"], p["value"]
+        if self.keep and not self.tangents and not self.replace and _fused_with_lse(q, k, v, p):  # reading: the fused
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # kernel, and each row's log
+                q, k, v, 0.0, False, scale=p.get("scale"))  # normaliser; weights made when asked for (`Event.weights`)
+            scale = p.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+            if self.live(q) and self.live(v):
+                self.events.append(Event("sdpa", None, v, q, k, float(scale), False, True,
+                                         self._modules_of([n for n in (self.node(q), self.node(k)) if n is not None]),
+                                         lse=lse))
+                self.event_modules.append(list(self.stack))
+                if self.on_event is not None:
+                    self.on_event()
+            self._record(SDPA, (q, k, v), {}, out)
+            return out
         if not self.keep and not self.tangents and not self.replace:  # finding, not reading: the fused call, and
             out = F.scaled_dot_product_attention(*args, **kwargs)  # weights of the right shape that hold nothing
             if self.live(q) and self.live(v):
@@ -1487,6 +1522,22 @@ class Found:
     call: Call | None = None  # how the model called it in the forward that found it (its first run)
 
 
+_FORWARD_AD = threading.Lock()
+_forward_ad_started = False
+
+
+def prepare_forward_ad() -> None:
+    """Load PyTorch's forward-mode AD decompositions (about 0.35 s of Python compiling TorchScript, once a process, on
+    the first `fwAD.make_dual`) in a thread, so that it overlaps the forward that finds the blocks; make_dual's own
+    import of the same module then waits for it."""
+    global _forward_ad_started
+    with _FORWARD_AD:
+        if _forward_ad_started:
+            return
+        _forward_ad_started = True
+    threading.Thread(target=fwAD._maybe_load_decompositions, name="vggattn-forward-ad", daemon=True).start()
+
+
 def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     """Every module whose forward computes attention on `example`, in the order they ran. An attention belongs to
     the innermost module running it whose input (its first tensor argument) is an image grid (B, C, H, W) or tokens
@@ -1495,13 +1546,14 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     that are the grid of an enclosing module flattened (T = H * W: timm's Swin block whose one window is its whole
     grid) go to that module where it holds no other attention block, its grid placing them without tracing the
     model; with none, to the innermost module running it."""
+    prepare_forward_ad()  # (placing the tokens and reading layouts come next)
     stack: list = []
     shapes: dict = {}
     calls: dict[str, Call] = {}
     rec = Recorder([example], keep=False, stack=stack)
     with torch.no_grad(), _Tracking(model, stack, shapes, example, calls) as tracking, rec:
         rec.on_event = tracking.mark
-        model(example)
+        remember_output(model, model(example))  # (what it returns: `vggattn.models.output.image_model` reads it)
     found: dict[str, Found] = {}
     groups = event_groups(rec.events)
     owners, grids = [], []

@@ -62,6 +62,17 @@ class ImageOutput(nn.Module):
 
 
 _WRAPPED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_RETURNED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()  # a tensor (or a tuple of)?
+
+
+def _is_tensor_output(out) -> bool:
+    return isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and bool(out) and isinstance(out[0], torch.Tensor))
+
+
+def remember_output(model: nn.Module, out) -> None:
+    """Note what a forward of the model returned, so that `image_model` need not run one to see (finding the blocks
+    runs a whole forward: at 518 px a ViT's forward is most of a second)."""
+    _RETURNED[model] = _is_tensor_output(out)
 
 
 def image_model(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
@@ -75,11 +86,12 @@ def image_model(model: nn.Module, example: torch.Tensor | None = None) -> nn.Mod
         return _WRAPPED[model]
     keyword = getattr(model, "main_input_name", None) if hasattr(model, "config") else None
     if keyword is None:
-        if example is None:
-            return model
-        with torch.no_grad():
-            out = model(example)
-        if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)):
+        if model not in _RETURNED:
+            if example is None:
+                return model
+            with torch.no_grad():
+                remember_output(model, model(example))
+        if _RETURNED[model]:
             _WRAPPED[model] = model
             return model
     _WRAPPED[model] = ImageOutput(model, keyword)

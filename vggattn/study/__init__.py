@@ -149,7 +149,8 @@ def cell_distances(grid: tuple[int, int], key_grid: tuple[int, int], input_size:
 
 def held(maps: BlockMaps) -> torch.Tensor:
     """The first tensor the maps hold (its batch and device are the maps')."""
-    return next(t for t in (maps.query, maps.key, maps.weights, maps.window and maps.window[0]) if t is not None)
+    return next(t for t in (maps.query, maps.key, maps.weights, maps.window and maps.window[0],
+                            maps.tokens_qk and maps.tokens_qk[0]) if t is not None)
 
 
 def row_block(maps: BlockMaps, b0: int, b1: int, s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,7 +506,7 @@ def block_record(name: str, module, adapter, seen, random_input: torch.Tensor | 
 
 def token_rows(maps: BlockMaps) -> bool:
     """A transformer's rows: a softmax over the grid's keys and the prefix tokens' (the grid's part is held whole)."""
-    return maps.prefix is not None and maps.weights is not None and maps.window is None
+    return maps.prefix is not None and (maps.weights is not None or maps.lean) and maps.window is None
 
 
 def token_statistics(maps: BlockMaps, input_size: int) -> dict[str, np.ndarray]:
@@ -515,7 +516,7 @@ def token_statistics(maps: BlockMaps, input_size: int) -> dict[str, np.ndarray]:
     import dataclasses
 
     masses = batch_statistics(maps, input_size)
-    w = maps.weights
+    w = maps.rows()
     shapes = batch_statistics(dataclasses.replace(maps, weights=w / w.sum(-1, keepdim=True).clamp_min(1e-30)), input_size)
     return {**shapes, **{k: masses[k] for k in ("sink_index", "sink_mass", "top1_weight")}}
 

@@ -107,90 +107,117 @@ def map_picture(result: Analysis, grid_map: np.ndarray, opacity: float = 0.8, co
     return overlay(result.display, upsample(map_levels(grid_map, scale), (disp_w, disp_h), mode), colormap, opacity)
 
 
-def _fit(picture: np.ndarray, side: int) -> np.ndarray:
-    """A uint8 picture at most `side` px on its longer side (matplotlib would resample it at every draw)."""
-    h, w = picture.shape[:2]
-    if max(h, w) <= side:
-        return picture
-    from PIL import Image
+PANEL = 320  # px: each panel of the figure is PANEL x PANEL, its title on top, its picture below
+TITLE = 34  # px of a panel's title band (two lines)
 
-    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
-    return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
+
+def _font(size: int, mono: bool = False):
+    """DejaVu Sans (Mono), which matplotlib ships (found without importing matplotlib), else PIL's own font."""
+    import importlib.util
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "mpl-data" / "fonts" / "ttf" / \
+            ("DejaVuSansMono.ttf" if mono else "DejaVuSans.ttf")
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)
+
+
+class _Sheet:
+    """A grid of rows x cols panels drawn with PIL (a matplotlib axes a panel cost about 25 ms to make and its
+    PNG seconds to write at 39 panels): `show` a picture fitted to its panel, `title` above it, `text` in it."""
+
+    def __init__(self, rows: int, cols: int):
+        from PIL import Image, ImageDraw
+
+        self.image = Image.new("RGB", (PANEL * cols, PANEL * rows), "white")
+        self.draw = ImageDraw.Draw(self.image)
+        self.fonts = {False: _font(11), True: _font(11, mono=True)}
+
+    def show(self, r: int, c: int, picture: np.ndarray) -> None:
+        from PIL import Image
+
+        fitted = np.ascontiguousarray(picture)
+        h, w = fitted.shape[:2]
+        side = min((PANEL - 4) / w, (PANEL - TITLE - 2) / h)
+        size = (max(1, round(w * side)), max(1, round(h * side)))
+        tile = Image.fromarray(fitted).resize(size, Image.Resampling.BILINEAR) if size != (w, h) else \
+            Image.fromarray(fitted)
+        self.image.paste(tile, (c * PANEL + (PANEL - size[0]) // 2, r * PANEL + TITLE + (PANEL - TITLE - size[1]) // 2))
+
+    def title(self, r: int, c: int, text: str) -> None:
+        self.draw.multiline_text((c * PANEL + PANEL / 2, r * PANEL + 2), text, fill="black", font=self.fonts[False],
+                                 anchor="ma", align="center", spacing=2)
+
+    def text(self, r: int, c: int, text: str, mono: bool = False) -> None:
+        self.draw.multiline_text((c * PANEL + 6, r * PANEL + 6), text, fill="black", font=self.fonts[mono], spacing=3)
 
 
 def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opacity: float = 0.8,
            colormap: str = "inferno", mode: str = "smooth") -> None:
     """One PNG: a row per point (image + one overlay per block), then Grad-CAM + each block's contribution, then
-    the predictions + each block's query-averaged map."""
-    import matplotlib
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
+    the predictions + each block's query-averaged map (and, for a transformer, its class token's row)."""
     n = len(result.blocks)
     tokens = any(b.maps.prefix_rows is not None for b in result.blocks)  # a transformer: a row for its class token
     middle = result.gradcam is not None or any(b.contribution is not None for b in result.blocks)  # else no row
-    rows = len(points) + middle + 1 + tokens
-    fig = Figure(figsize=(3.2 * (n + 1), 3.2 * rows))
-    show = lambda ax, picture: ax.imshow(_fit(picture, 320))  # noqa: E731 (an axes is 320 px at dpi 100)
-    with matplotlib.rc_context({"axes.titley": 1.0}):  # titles at a fixed height: none measures its axis at draw
-        axes = fig.subplots(rows, n + 1, squeeze=False)
+    sheet = _Sheet(len(points) + middle + 1 + tokens, n + 1)
     h, w = result.display.shape[:2]
     sx, sy = w / result.size[0], h / result.size[1]
     for r, xy in enumerate(points):
         point = ((xy[0] + 0.5) * sx, (xy[1] + 0.5) * sy)
-        show(axes[r, 0], mark_query(result.display, point))
-        axes[r, 0].set_title(f"point ({xy[0]:g}, {xy[1]:g})", fontsize=9)
+        sheet.show(r, 0, mark_query(result.display, point))
+        sheet.title(r, 0, f"point ({xy[0]:g}, {xy[1]:g})")
         readouts = point_readouts(result, xy)
         for c, block in enumerate(result.blocks, start=1):
             m = block.maps
             query = None if m.per_image else block.query_index(xy)
-            show(axes[r, c], attention_picture(result.display, block.row_map(xy).mean(0), query,
-                                                None if m.per_image else point, mode=mode, colormap=colormap,
-                                                opacity=opacity, query_grid=m.grid))
+            sheet.show(r, c, attention_picture(result.display, block.row_map(xy).mean(0), query,
+                                               None if m.per_image else point, mode=mode, colormap=colormap,
+                                               opacity=opacity, query_grid=m.grid))
             ro = readouts[block.name]
             words = (f"H={ro['entropy_fraction']:.2f}·logM  dist={ro['mean_distance_input_px']:.1f} px"
                      if "entropy_fraction" in ro else m.meaning[:40])
             gamma = f" γ={block.gamma:+.3f}" if block.gamma is not None else ""
-            axes[r, c].set_title(f"{block.name}{gamma} q={ro['query_index']}\n{words}", fontsize=8)
+            sheet.title(r, c, f"{block.name}{gamma} q={ro['query_index']}\n{words}")
     r = len(points)
     probs = result.probs
     if not middle:
         r -= 1  # the row below takes its place
     if result.gradcam is not None:
-        show(axes[r, 0], map_picture(result, result.gradcam, opacity, colormap, mode))
-        axes[r, 0].set_title(f"Grad-CAM: {result.class_names[int(probs.argmax())]}", fontsize=9)
+        sheet.show(r, 0, map_picture(result, result.gradcam, opacity, colormap, mode))
+        sheet.title(r, 0, f"Grad-CAM: {result.class_names[int(probs.argmax())]}")
     for c, block in enumerate(result.blocks, start=1):
         if block.contribution is not None:
-            show(axes[r, c], map_picture(result, block.contribution, opacity, colormap, mode))
-            axes[r, c].set_title(f"{block.name} ‖y−x‖/‖x‖, mean {block.contribution.mean():.3f}", fontsize=8)
+            sheet.show(r, c, map_picture(result, block.contribution, opacity, colormap, mode))
+            sheet.title(r, c, f"{block.name} ‖y−x‖/‖x‖, mean {block.contribution.mean():.3f}")
     r += 1
     text = ("top-5\n" + "\n".join(f"{p['prob']:6.1%}  {p['class']}" for p in ranked_predictions(probs, result.class_names))
             if probs is not None else "score\n" + ", ".join(f"{v:+.4f}" for v in result.score()[:4]))
     if result.gammas():
         text += "\n\nγ\n" + "\n".join(f"{k}: {v:+.4f}" for k, v in result.gammas().items())
-    axes[r, 0].text(0.02, 0.98, text, va="top", ha="left", family="monospace", fontsize=8)
+    sheet.text(r, 0, text, mono=True)
     for c, (block, (mean_map, jsd)) in enumerate(zip(result.blocks, result.query_dependence()), start=1):
-        show(axes[r, c], map_picture(result, mean_map, opacity, colormap, mode))
+        sheet.show(r, c, map_picture(result, mean_map, opacity, colormap, mode))
         said = f"JSD from mean {jsd:.3f} nats" if jsd is not None else \
             "(the patches' weights as they are)" if block.maps.prefix is not None else "(rows are no distributions)"
-        axes[r, c].set_title(f"{block.name} mean over queries\n{said}", fontsize=8)
+        sheet.title(r, c, f"{block.name} mean over queries\n{said}")
     if tokens:  # the first prefix token's own row over the patches (the class token's: DINO's view)
         r += 1
-        axes[r, 0].text(0.02, 0.98, "the first prefix token's row\n(the class token: where it\nlooks among the patches;\n"
-                        "mean of heads, on the\npatches only)", va="top", ha="left", fontsize=8)
+        sheet.text(r, 0, "the first prefix token's row\n(the class token: where it\nlooks among the patches;\n"
+                   "mean of heads, on the\npatches only)")
         for c, block in enumerate(result.blocks, start=1):
             m = block.maps
             if m.prefix_rows is None:
                 continue
             cells = m.key_grid[0] * m.key_grid[1]
             row = m.prefix_rows[0, :, 0, :cells].double().mean(0).cpu().numpy().reshape(m.key_grid)
-            show(axes[r, c], map_picture(result, row, opacity, colormap, mode))
+            sheet.show(r, c, map_picture(result, row, opacity, colormap, mode))
             name = (m.prefix_names or ["prefix 0"])[0].split(".")[-1]
-            axes[r, c].set_title(f"{block.name}: {name} → patches\n{row.sum():.0%} of its row on them", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    height = 3.2 * rows  # inches: fixed margins (tight_layout measured every title: seconds for a 12-block model)
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - 0.45 / height, wspace=0.04, hspace=0.2)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", pil_kwargs={"compress_level": 1}))
+            sheet.title(r, c, f"{block.name}: {name} → patches\n{row.sum():.0%} of its row on them")
+    atomic_write(path, lambda tmp: sheet.image.save(tmp, format="PNG", compress_level=1))
 
 
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,

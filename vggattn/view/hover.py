@@ -31,8 +31,23 @@ DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
 CELLS = "<i4"  # a windowed layer's key cells (int32; -1: padding)
 
 
-def _b64(array: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()).decode("ascii")
+def _b64(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The array as the page gets it (little-endian `dtype`); `_encoded` turns it into base64 text when it is sent."""
+    return np.ascontiguousarray(array, dtype=DTYPES.get(dtype, dtype))
+
+
+def _encoded(layer: dict) -> dict:
+    return {k: base64.b64encode(v.tobytes()).decode("ascii") if isinstance(v, np.ndarray) else v
+            for k, v in layer.items()}
+
+
+def _json_size(layer: dict) -> int:
+    """len(json.dumps(_encoded(layer))), without encoding its arrays."""
+    arrays = {k: v for k, v in layer.items() if isinstance(v, np.ndarray)}
+    others = {k: v for k, v in layer.items() if k not in arrays}
+    commas = 2 * (len(arrays) - (not others)) if arrays else 0  # ", " before each array but a first one
+    return len(json.dumps(others)) + commas + sum(len(json.dumps(k)) + 4 + 4 * -(-v.nbytes // 3)
+                                                  for k, v in arrays.items())
 
 
 def row_summaries(query: torch.Tensor, key: torch.Tensor, scale: float = 1.0, chunk: int = 1024
@@ -255,6 +270,10 @@ class PageLayer:
         return rgb, cell, values
 
     def payload(self, dtype: str = "float32") -> dict:
+        """This layer as the page gets it (JSON-ready; arrays as base64 text)."""
+        return _encoded(self._payload(dtype))
+
+    def _payload(self, dtype: str) -> dict:
         out = {"name": self.name, "family": self.family, "meaning": self.meaning, "grid": list(self.grid),
                "key_grid": list(self.key_grid), "heads": self.heads, "kind": self.kind, "normalise": self.normalise,
                "scale": self.scale, "sink": list(self.sink) if self.sink else None}
@@ -272,7 +291,7 @@ class PageLayer:
                 out.update(logz=_b64(self.logz, "float64"), logz_dtype="float64")
         elif self.kind == "window":
             out.update(window=int(self.values_.shape[-1]), values=_b64(self.values_, dtype),
-                       cells=base64.b64encode(np.ascontiguousarray(self.cells_, dtype=CELLS).tobytes()).decode("ascii"))
+                       cells=_b64(self.cells_, CELLS))
         else:
             out["rows"] = _b64(self.rows_, dtype)
         return out
@@ -303,7 +322,9 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
         elif tokens:  # the scale is in Q
             q, k = maps.tokens_qk[0][0].float(), maps.tokens_qk[1][0].float()
             layer.q, layer.k, layer.scale, layer.normalise = q.cpu().numpy(), k.cpu().numpy(), 1.0, "softmax"
-            if maps.weights is not None and maps.prefix is not None and maps.prefix_rows is not None:
+            if maps.token_stats is not None:  # read from the fused kernel that computed the rows (`BlockMaps.lean`)
+                logz_t, mean = maps.token_stats[0][0], maps.token_stats[1][0] / q.shape[-2]
+            elif maps.weights is not None and maps.prefix is not None and maps.prefix_rows is not None:
                 # the rows the forward computed, in the page's order (grid then prefix, queries and keys alike): log Z
                 # from each row's largest weight, the mean row from their sum; no second pass over Q K^T
                 grid, prefix, own = maps.weights[0].float(), maps.prefix[0].float(), maps.prefix_rows[0].float()
@@ -366,13 +387,13 @@ def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget
            "image": "data:image/jpeg;base64," + base64.b64encode(result.display_jpeg).decode("ascii"), "layers": []}
     used = len(out["image"]) + 200
     for i, layer in enumerate(layers):
-        whole = layer.payload(dtype)
-        size = len(json.dumps(whole))
+        whole = layer._payload(dtype)  # its arrays encoded only if they are sent now
+        size = _json_size(whole)
         if fetch is not None and i > 0 and used + size > budget:  # the first layer always comes whole
             whole = {k: v for k, v in whole.items() if k not in ARRAYS} | {"deferred": True}
             size = len(json.dumps(whole))
         used += size
-        out["layers"].append(whole)
+        out["layers"].append(_encoded(whole))
     if fetch is not None and any(layer.get("deferred") for layer in out["layers"]):
         out["fetch"] = fetch
     return out
