@@ -131,14 +131,31 @@ def test_naming_prefix_tokens_never_changes_a_model_that_another_thread_serves()
     assert len(outputs) > 0 and all(torch.equal(o, base) for o in outputs)
 
 
-def test_sequence_first_tokens_are_named_as_such_not_read():
-    """nn.MultiheadAttention with batch_first=False takes (T, B, C): not read yet, and the reason says so."""
+def test_sequence_first_tokens_rows_with_a_key_padding_mask_are_their_own():
+    """nn.TransformerEncoderLayer with batch_first=False (PyTorch's default, DETR's encoder) takes tokens (T, B, C):
+    read as (B, T, C), every image of a batch of two, its padding mask sliced with it; rows equal the module's own."""
+    torch.manual_seed(0)
     model = Encoder().eval()
-    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0), 1, enable_nested_tensor=False)
+    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0), 2, enable_nested_tensor=False)
 
     def forward(x):
-        tokens = model.stem(x).flatten(2).permute(2, 0, 1)  # (N, B, C): sequence first
-        return model.head(model.encoder(tokens)[0])
+        tokens = model.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = torch.cat([tokens, model.pad_token.expand(len(x), -1, -1)], 1).transpose(0, 1)  # (N + 1, B, C)
+        pad = torch.zeros(tokens.shape[1], tokens.shape[0], dtype=torch.bool)
+        pad[:, -1] = True
+        return model.head(model.encoder(tokens, src_key_padding_mask=pad)[0])
     model.forward = forward
-    with pytest.raises(ValueError, match=r"sequence-first tokens \(16, 1, 16\)"):
-        find_blocks(model, example=torch.randn(1, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    blocks = find_blocks(model, example=x[:1])
+    assert [b[0] for b in blocks] == [f"encoder.layers.{i}.self_attn" for i in range(2)]
+    want, got = own_weights(model, x, blocks), read(model, x, blocks)
+    for name, maps in got.items():
+        w = want[name]  # (B, heads, 17, 17): the padding token last, never attended
+        assert maps.grid == (4, 4) and maps.prefix_names == ["pad_token"]
+        torch.testing.assert_close(maps.rows(), w[:, :, :16, :16], rtol=1e-5, atol=1e-6)
+        assert float(maps.prefix.abs().max()) == 0.0
+    with torch.no_grad():  # and an intervention hands the block its tokens back sequence first
+        from vggattn.attention.adapters import Intervention
+        with Intervention(model, {blocks[0][0]: "uniform"}):
+            changed = model(x)
+        assert changed.shape == (2, 3) and not torch.allclose(changed, model(x))

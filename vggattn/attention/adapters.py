@@ -16,6 +16,7 @@ family is tested against its block's own forward (tests/test_adapters.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
-from .trace import Call, Layout, NotAttention, TokenPlaces, discover, name_prefix, record, token_places
+from .trace import (Call, Layout, NotAttention, TokenPlaces, discover, name_prefix, record, sequence_first,
+                    token_places)
 
 log = logging.getLogger("vggattn.attention.adapters")
 
@@ -405,11 +407,13 @@ class TimmGlobalContextAdapter(Adapter):
         return x
 
 
-def cat_outputs(outs: list):
-    """Per-image outputs of a block (tensors, or tuples holding tensors) as one batch."""
+def cat_outputs(outs: list, seq_first: bool = False):
+    """Per-image outputs of a block (tensors, or tuples holding tensors) as one batch (seq_first: its tokens' outputs
+    (T, B, C) on their second axis)."""
+    cat = lambda ts: torch.cat(ts, 1 if seq_first and ts[0].dim() == 3 else 0)  # noqa: E731
     if isinstance(outs[0], torch.Tensor):
-        return torch.cat(outs)
-    return type(outs[0])(torch.cat([o[k] for o in outs]) if isinstance(outs[0][k], torch.Tensor) else outs[0][k]
+        return cat(outs)
+    return type(outs[0])(cat([o[k] for o in outs]) if isinstance(outs[0][k], torch.Tensor) else outs[0][k]
                          for k in range(len(outs[0])))
 
 
@@ -439,6 +443,10 @@ class TracedAdapter(Adapter):
         if call is None or j is None:
             return call
         return call.sliced(slice(j, j + 1) if call.input.shape[0] == x.shape[0] else slice(0, 1))
+
+    def _seq_first(self, x: torch.Tensor, call: Call | None) -> bool:
+        held = self.call(x, call)
+        return held is not None and held.seq_first
 
     def layout(self, module: nn.Module, x: torch.Tensor, call: Call | None = None) -> Layout:
         lay = Layout.of(module, x, self.attention, self.places.get(tuple(x.shape[1:])), self.call(x, call))
@@ -555,7 +563,7 @@ class TracedAdapter(Adapter):
             held = self.places.get(tuple(x.shape[1:]))
             fn = self._token_replacement(lay, mode, lay.prefix_names or (held.names if held is not None else None))
             return cat_outputs([record(module, x[j:j + 1], replace={lay.group[0]: fn}, call=self.call(x, call, j))[1]
-                                for j in range(x.shape[0])])
+                                for j in range(x.shape[0])], self._seq_first(x, call))
         if rows is None and mode in (None, "mean"):
             maps = self.maps(module, x, call=call)
             if mode is None and maps.window is not None and len(lay.group) == 1:  # windowed rows, as they are
@@ -570,7 +578,7 @@ class TracedAdapter(Adapter):
             replace = {i: self._replacement(lay, mode, None if rows is None else rows[j], head, cell, *offsets[i])
                        for i in lay.group}
             outs.append(record(module, x[j:j + 1], replace=replace, call=self.call(x, call, j))[1])
-        return cat_outputs(outs)
+        return cat_outputs(outs, self._seq_first(x, call))
 
     def _rebuilt(self, module, x, lay: Layout, values: torch.Tensor, call: Call | None = None):
         """The block's forward with its weights put back from windowed rows (B, heads, N, K) (their own order)."""
@@ -581,7 +589,7 @@ class TracedAdapter(Adapter):
                 flat[lay.lq, lay.iq] = v.to(flat.dtype)
                 return flat.reshape(w.shape)
             outs.append(record(module, x[j:j + 1], replace={lay.group[0]: fn}, call=self.call(x, call, j))[1])
-        return cat_outputs(outs)
+        return cat_outputs(outs, self._seq_first(x, call))
 
     @staticmethod
     def _token_replacement(lay: Layout, mode: str, names: list[str] | None):
@@ -818,7 +826,7 @@ class Intervention:
 def intervened(module: nn.Module, adapter: Adapter, mode: str):
     """The block's forward with its rows replaced by `mode` (for `replaced_forward`)."""
     def forward(*args, **kwargs):
-        call = Call.of(args, kwargs)
+        call = Call.of(args, kwargs, module)
         return adapter.forward(module, call.input, mode, call=call) if isinstance(adapter, TracedAdapter) else \
             adapter.forward(module, call.input, mode)
     return forward
@@ -878,6 +886,12 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             log.warning("%s", line)
             _TRACED[model] = Traced({}, [line], tuple(example.shape))
             return _TRACED[model]
+        for f in found:  # tokens sequence first (T, B, C): nn.MultiheadAttention's with batch_first=False
+            given = None if f.call is None else f.call.input
+            if given is not None and given.dim() == 3 and given.shape[0] != example.shape[0] \
+                    and given.shape[1] == example.shape[0]:
+                sequence_first(modules[f.name])
+                f.call = dataclasses.replace(f.call, seq_first=True)
         seen = {f.name: f for f in found if f.call is not None}  # the calls of the forward that found them
         inputs = {f.name: f.call.input for f in found if f.call is not None}
         tokens = [f.name for f in found if f.name in inputs and inputs[f.name].dim() == 3]
@@ -898,11 +912,6 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             try:
                 if f.name not in inputs:
                     raise NotAttention("it takes no tensor input")
-                shape = inputs[f.name].shape
-                if len(shape) == 3 and shape[0] != example.shape[0] and shape[1] == example.shape[0]:
-                    raise NotAttention(f"its input is sequence-first tokens {tuple(shape)} (T, B, C), as "
-                                       "nn.MultiheadAttention takes them with batch_first=False: vggattn reads "
-                                       "batch-first tokens (B, T, C) only, for now")
                 if inputs[f.name].shape[0] != example.shape[0]:  # windows (MaxViT) or patches stacked on the batch
                     raise NotAttention(f"its input stacks {inputs[f.name].shape[0]} pieces of each image on the batch "
                                        "axis (windows or patches): its grid is a piece's, not the image's")

@@ -154,23 +154,36 @@ class Call:
     args: tuple
     kwargs: dict
     slot: int | str
+    seq_first: bool = False  # the block takes tokens sequence first (T, B, C) (`sequence_first`): `input` is their
+    # batch-first view (B, T, C), and `with_input` hands a batch-first x back to it transposed
 
     @staticmethod
-    def of(args: tuple, kwargs: dict | None = None) -> "Call | None":
-        """The call of these arguments; None where no argument is a tensor."""
+    def of(args: tuple, kwargs: dict | None = None, module: nn.Module | None = None) -> "Call | None":
+        """The call of these arguments (to `module`, where known); None where no argument is a tensor."""
         kwargs = dict(kwargs or {})
         slot = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
         if slot is None:
             slot = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
-        return None if slot is None else Call(tuple(args), kwargs, slot)
+        if slot is None:
+            return None
+        call = Call(tuple(args), kwargs, slot)
+        call.seq_first = module is not None and module in _SEQUENCE_FIRST and call.given.dim() == 3
+        return call
+
+    @property
+    def given(self) -> torch.Tensor:
+        """The input tensor as the module got it (sequence first where `seq_first`)."""
+        return self.args[self.slot] if isinstance(self.slot, int) else self.kwargs[self.slot]
 
     @property
     def input(self) -> torch.Tensor:
-        return self.args[self.slot] if isinstance(self.slot, int) else self.kwargs[self.slot]
+        """The block's input as vggattn reads it: (B, C, H, W) or tokens (B, T, C), batch first."""
+        return self.given.transpose(0, 1) if self.seq_first else self.given
 
     def with_input(self, x: torch.Tensor) -> tuple[tuple, dict]:
-        """(args, kwargs) with x wherever the input was (a self-attention given it as query, key and value)."""
-        given = self.input
+        """(args, kwargs) with x (as `input` is) wherever the input was (a self-attention given it as query, key and
+        value)."""
+        given, x = self.given, x.transpose(0, 1) if self.seq_first else x
         put = lambda a: x if a is given else a  # noqa: E731
         return tuple(put(a) for a in self.args), {k: put(v) for k, v in self.kwargs.items()}
 
@@ -178,12 +191,16 @@ class Call:
         """fn applied to every tensor argument, once per tensor (one passed twice stays one)."""
         memo: dict[int, torch.Tensor] = {}
         one = lambda a: memo.setdefault(id(a), fn(a)) if isinstance(a, torch.Tensor) else a  # noqa: E731
-        return Call(tuple(one(a) for a in self.args), {k: one(v) for k, v in self.kwargs.items()}, self.slot)
+        return Call(tuple(one(a) for a in self.args), {k: one(v) for k, v in self.kwargs.items()}, self.slot,
+                    self.seq_first)
 
     def sliced(self, rows: slice) -> "Call":
         """The call for images `rows` of the batch: the input and every tensor argument with the input's batch size
-        (position embeddings, masks) sliced alike."""
+        (position embeddings, masks) sliced alike (sequence-first tokens on their second axis)."""
         b = self.input.shape[0]
+        if self.seq_first:
+            return self._mapped(lambda a: a[:, rows] if a.dim() == 3 and a.shape[1] == b else
+                                a[rows] if a.dim() and a.shape[0] == b else a)
         return self._mapped(lambda a: a[rows] if a.dim() and a.shape[0] == b else a)
 
     def detached(self) -> "Call":
@@ -199,13 +216,22 @@ class Call:
             if isinstance(a, (tuple, list)):
                 return tuple(one(v) for v in a)
             return type(a).__name__
-        return (self.slot, tuple(one(a) for i, a in enumerate(self.args) if i != self.slot),
+        return (self.slot, self.seq_first, tuple(one(a) for i, a in enumerate(self.args) if i != self.slot),
                 tuple((k, one(v)) for k, v in self.kwargs.items() if k != self.slot))
 
 
-def first_tensor(args: tuple, kwargs: dict | None = None) -> torch.Tensor | None:
+_SEQUENCE_FIRST: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def sequence_first(module: nn.Module) -> None:
+    """Take the module's token input as sequence first (T, B, C), as nn.MultiheadAttention and nn.Transformer* take
+    it with batch_first=False (their default): every `Call` of it reads (B, T, C) and hands it back transposed."""
+    _SEQUENCE_FIRST.add(module)
+
+
+def first_tensor(args: tuple, kwargs: dict | None = None, module: nn.Module | None = None) -> torch.Tensor | None:
     """A module call's input: its first tensor argument, positional or keyword (`Call.input`)."""
-    call = Call.of(args, kwargs)
+    call = Call.of(args, kwargs, module)
     return None if call is None else call.input
 
 
@@ -944,10 +970,10 @@ class _Tracking:
             if threading.get_ident() == me:
                 self.stack.append(name)
                 if self.inputs is not None and name not in self.inputs:
-                    first = first_tensor(args, kwargs)
+                    first = first_tensor(args, kwargs, module)
                     self.inputs[name] = None if first is None or first is self.model_input else tuple(first.shape)
                 if self.calls is not None and name not in self.calls and name not in self._pending:
-                    self._pending[name] = Call.of(args, kwargs)
+                    self._pending[name] = Call.of(args, kwargs, module)
 
         def post(module, args, out, name):
             if threading.get_ident() == me and self.stack:
@@ -980,11 +1006,13 @@ def record(block: nn.Module, x: torch.Tensor, *, replace: dict | None = None, ta
     submodule that made each tensor (hooks on every submodule, for the layout's `qk_modules` only)."""
     stack: list = []
     rec = Recorder([x], replace=replace, tangents=tangents, stack=stack, masses=masses)
-    args, kwargs = ((x,), {}) if call is None else call.with_input(x)
-    if not track:
+    given = lambda: ((x,), {}) if call is None else call.with_input(x)  # noqa: E731 (inside: a sequence-first
+    if not track:  # input's transpose is seen as made from x)
         with rec:
+            args, kwargs = given()
             return rec, block.forward(*args, **kwargs)
     with _Tracking(block, stack), rec:
+        args, kwargs = given()
         out = block.forward(*args, **kwargs)
     return rec, out
 
@@ -1051,7 +1079,7 @@ def _run_until(model: nn.Module, x, names: list[str], keep) -> None:
         if threading.get_ident() != me or name in seen:
             return
         seen.add(name)
-        keep(name, first_tensor(args, kwargs))
+        keep(name, first_tensor(args, kwargs, module))
         if len(seen) == len(names):
             raise _Enough
 
@@ -1220,11 +1248,11 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     def enter(module, args, kwargs, name):
         if threading.get_ident() != me or name in seen:
             return
-        given = Call.of(args, kwargs)
+        given = Call.of(args, kwargs, module)
         call = given if given is None or keep_graph else given.detached()
         seen[name] = Seen(None if call is None else call.input, call=call)
         if name in traced or name in summarised:
-            mode = Recorder([given.input] if given is not None else []) if name in traced else RowSums()
+            mode = Recorder([given.given] if given is not None else []) if name in traced else RowSums()
             mode.__enter__()
             active[name] = mode
 
