@@ -459,3 +459,47 @@ def test_the_report_says_what_does_not_apply_instead_of_nan():
     table = layer_table(study_dict)
     assert table[2][3:6] == ["—", "—", "—"] and table[2][2] == "—" and "nan" not in str(table).lower()
     assert table[1][3:6] == ["0.250", "50%", "100%"]
+
+
+def test_the_branched_forward_gives_a_block_every_argument_it_was_called_with():
+    """A block called with more than its input (a keyword tensor made from the batch): the study's one forward for
+    every intervention run gives each branch's block its own slice of it, stays branched, and each run's logits
+    equal that run's own forward under `Intervention`."""
+    import torch.nn as nn
+
+    from vggattn.attention.adapters import find_blocks
+    from vggattn.study import _UNBRANCHED, branched_forward, intervention_logits, run_modes
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.q, self.k, self.v = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x, *, shift):
+            B, C, H, W = x.shape
+            q, k = self.q(x).flatten(2).transpose(1, 2), self.k(x).flatten(2)
+            a = torch.softmax(q @ k, -1)  # (B, N, N)
+            out = (self.v(x).flatten(2) @ a.transpose(1, 2)).reshape(B, C, H, W)
+            return x + 0.5 * out + shift
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.head = nn.Conv2d(3, 8, 4, 4), Block(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head(self.block(h, shift=x.mean((1, 2, 3), keepdim=True)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    blocks = find_blocks(net, example=x[:1])
+    assert [b[0] for b in blocks] == ["block"]
+    runs = run_modes(["block"])
+    logits, seen = branched_forward(net, x, blocks, runs)
+    assert net not in _UNBRANCHED and seen["block"].input.shape == (2, 8, 4, 4)
+    with torch.no_grad():
+        want = {"baseline": net(x)} | intervention_logits(net, x, runs)
+    assert set(logits) == set(want)
+    for run, out in want.items():
+        torch.testing.assert_close(logits[run], out, rtol=1e-5, atol=1e-6)

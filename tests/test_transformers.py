@@ -312,3 +312,4 @@ def test_interventions_rerun_a_block_with_every_argument_it_was_given(case):
             off = net(x)
         again = net(x)
     assert not torch.allclose(off, base) and torch.equal(again, base)
+

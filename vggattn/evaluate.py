@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from .attention.adapters import replaced_forward
 from .checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
 from .data import eval_transform, load_rgb, per_class_subset
 from .models.vgg import GlobalAttention, VGG16WithAttention
@@ -135,12 +136,10 @@ def count_flops(model: nn.Module, input_size: int) -> int:
     model = model.eval()
     x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
-    fused = GlobalAttention.forward
-
-    def article_math(block, h):  # query-averaged blocks ("global") are counted as they run
-        return fused(block, h) if block.query_averaged else block.forward_reference(h)
-
-    with counter, mock.patch.object(GlobalAttention, "forward", article_math):
+    with counter, ExitStack() as stack:
+        for block in model.modules():  # query-averaged blocks ("global") are counted as they run
+            if isinstance(block, GlobalAttention) and not block.query_averaged:
+                stack.enter_context(replaced_forward(block, block.forward_reference))
         model(x)
     return counter.get_total_flops()
 

@@ -1232,58 +1232,83 @@ class Seen:
     row_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # `summarised` blocks: RowSums.result()
 
 
-def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset(),
-          keep_graph: bool = False, summarised: set[str] = frozenset()) -> tuple[object, dict]:
-    """The model's forward on x keeping each named block's input and output (detached; keep_graph: as they are, for a
-    gradient at them), and inside the `traced` ones a Recorder (entered by the block's forward pre-hook, left by its
-    forward hook: no cost elsewhere), and inside the `summarised` ones a RowSums
-    -> (the output, {block name: Seen}). A block that runs twice keeps its first run.
-    This thread's forwards only; every hook is removed on exit, also when the forward raises. The one way vggattn
-    observes a forward (`Intervention` is the one way it changes one)."""
-    modules = dict(model.named_modules())
-    me = threading.get_ident()
-    active: dict[str, TorchFunctionMode] = {}
-    seen: dict[str, Seen] = {}
+class Watch:
+    """While entered, each named block's first run in this thread's forwards: its input and output (detached;
+    keep_graph: as they are, for a gradient at them), inside the `traced` ones a Recorder (entered by the block's
+    forward pre-hook, left by its forward hook: no cost elsewhere), inside the `summarised` ones a RowSums, kept in
+    `seen` ({block name: Seen}). Every hook is removed on exit, also when the forward raised. The one way vggattn
+    observes a forward (`Intervention` is the one way it changes one).
 
-    def enter(module, args, kwargs, name):
-        if threading.get_ident() != me or name in seen:
+        with Watch(model, ["blocks.0"]) as w:
+            model(x)            # or any code that runs it: w.seen["blocks.0"].input
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], traced: set[str] = frozenset(), keep_graph: bool = False,
+                 summarised: set[str] = frozenset()):
+        self.model, self.names, self.traced, self.summarised = model, list(names), traced, summarised
+        self.keep_graph = keep_graph
+        self.seen: dict[str, Seen] = {}
+        self._active: dict[str, TorchFunctionMode] = {}
+        self._handles: list = []
+        self._me = threading.get_ident()
+
+    def _enter(self, module, args, kwargs, name):
+        if threading.get_ident() != self._me or name in self.seen:
             return
         given = Call.of(args, kwargs, module)
-        call = given if given is None or keep_graph else given.detached()
-        seen[name] = Seen(None if call is None else call.input, call=call)
-        if name in traced or name in summarised:
-            mode = Recorder([given.given] if given is not None else []) if name in traced else RowSums()
+        call = given if given is None or self.keep_graph else given.detached()
+        self.seen[name] = Seen(None if call is None else call.input, call=call)
+        if name in self.traced or name in self.summarised:
+            mode = Recorder([given.given] if given is not None else []) if name in self.traced else RowSums()
             mode.__enter__()
-            active[name] = mode
+            self._active[name] = mode
 
-    def leave(module, args, out, name):
-        if threading.get_ident() != me or name not in seen or seen[name].output is not None:
+    def _leave(self, module, args, out, name):
+        seen = self.seen.get(name)
+        if threading.get_ident() != self._me or seen is None or seen.output is not None:
             return
-        if keep_graph:
-            seen[name].output = out
+        if self.keep_graph:
+            seen.output = out
         else:
-            seen[name].output = out.detach() if isinstance(out, torch.Tensor) else \
+            seen.output = out.detach() if isinstance(out, torch.Tensor) else \
                 tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out) if isinstance(out, (tuple, list)) else out
-        if name in active:
-            mode = active.pop(name)
+        if name in self._active:
+            mode = self._active.pop(name)
             mode.__exit__(None, None, None)
             if isinstance(mode, Recorder):
-                seen[name].events = mode.events
+                seen.events = mode.events
             else:
-                seen[name].row_sums = mode.result()
+                seen.row_sums = mode.result()
 
-    handles = []
-    try:
-        for name in names:
-            handles.append(_pre_hook(modules[name], enter, name))
-            handles.append(modules[name].register_forward_hook(lambda m, a, o, n=name: leave(m, a, o, n)))
-        out = model(x)
-    finally:
-        for h in handles:
+    def __enter__(self) -> "Watch":
+        modules = dict(self.model.named_modules())
+        self._me = threading.get_ident()
+        try:
+            for name in self.names:
+                self._handles.append(_pre_hook(modules[name], self._enter, name))
+                self._handles.append(modules[name].register_forward_hook(
+                    lambda m, a, o, n=name: self._leave(m, a, o, n)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
             h.remove()
-        for mode in reversed(list(active.values())):  # a forward that failed inside a block
+        self._handles.clear()
+        for mode in reversed(list(self._active.values())):  # a forward that failed inside a block
             mode.__exit__(None, None, None)
-    return out, seen
+        self._active.clear()
+        return False
+
+
+def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset(),
+          keep_graph: bool = False, summarised: set[str] = frozenset()) -> tuple[object, dict]:
+    """The model's forward on x under a `Watch` of the named blocks -> (the output, {block name: Seen})."""
+    with Watch(model, names, traced, keep_graph, summarised) as w:
+        out = model(x)
+    return out, w.seen
 
 
 def event_groups(events: list[Event]) -> list[list[int]]:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from . import faithfulness
 from ..analysis import _ancestors, block_gamma
-from ..attention.adapters import (BlockMaps, Intervention, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
+from ..attention.adapters import (BlockMaps, Intervention, TracedAdapter, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
 from ..byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
@@ -63,7 +63,7 @@ from ..checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_che
 from ..data import eval_transform, load_rgb
 from ..attention.readouts import SINK_DOMINATED, cell_centers
 from .report import MODES, headline, write_study
-from ..attention.trace import Seen, watch
+from ..attention.trace import Call, Seen, Watch, watch
 
 log = logging.getLogger("vggattn.study")
 
@@ -393,26 +393,32 @@ class Branches:
         self.seen: dict[str, Seen] = {}
 
     def forward(self, name: str, module, adapter):
-        """The block's forward for `replaced_forward`: `split` at each call."""
-        return lambda x, *args, **kwargs: self.split(name, module, adapter, x)
+        """The block's forward for `replaced_forward`: `split` at each call (its every argument kept)."""
+        return lambda *args, **kwargs: self.split(name, module, adapter, Call.of(args, kwargs, module))
 
-    def split(self, name: str, module, adapter, x: torch.Tensor):
-        """The block's output for every branch of x: each branch split by its runs' modes here (its own forward
-        first), the new branches' outputs in order; the baseline's input and output kept in `seen` (first call)."""
+    def split(self, name: str, module, adapter, call: Call):
+        """The block's output for every branch of its input: each branch split by its runs' modes here (its own
+        forward first), the new branches' outputs in order; the baseline's input and output kept in `seen` (first
+        call). The block's other arguments (masks, position embeddings, sizes) go with each branch, sliced alike."""
+        x = call.input
         if len(x) != len(self.runs) * self.b:
             raise BranchError(f"{name} got a batch of {len(x)}, not {len(self.runs)} branches of {self.b}")
         outs, runs = [], []
         for i, branch in enumerate(self.runs):
-            xi = x[i * self.b:(i + 1) * self.b]
+            part = call.sliced(slice(i * self.b, (i + 1) * self.b))
             by_mode: dict[str | None, list[str]] = {}
             for run in branch:
                 by_mode.setdefault(self.modes[run].get(name), []).append(run)
             for mode in sorted(by_mode, key=lambda m: m is not None):  # the own forward first: baseline stays first
-                outs.append(module.forward(xi) if mode is None else adapter.forward(module, xi, mode))
+                outs.append(module.forward(*part.args, **part.kwargs) if mode is None else
+                            adapter.forward(module, part.input, mode, call=part) if isinstance(adapter, TracedAdapter)
+                            else adapter.forward(module, part.input, mode))
                 runs.append(by_mode[mode])
-        self.seen.setdefault(name, Seen(x[:self.b], output_tensor(outs[0])))
+        if name not in self.seen:
+            first = call.sliced(slice(0, self.b)).detached()
+            self.seen[name] = Seen(first.input, output_tensor(outs[0]), call=first)
         self.runs = runs
-        return cat_outputs(outs)
+        return cat_outputs(outs, call.seq_first)
 
 
 _UNBRANCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models that mixed branches: tried once each
@@ -606,22 +612,18 @@ class ResidualNorms:
         modules = dict(model.named_modules())
         self.names = {name: [a for a in _ancestors(name) if a in modules] for name, _, adapter in blocks
                       if getattr(adapter, "places", None)}
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.handles = [modules[a].register_forward_pre_hook(self._keep(a))
-                        for a in sorted({a for v in self.names.values() for a in v})]
+        self.watch = Watch(model, sorted({a for v in self.names.values() for a in v}))
 
-    def _keep(self, name: str):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor) and name not in self.inputs:
-                self.inputs[name] = args[0].detach()
-        return hook
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {name: s.input for name, s in self.watch.seen.items() if s.input is not None}
 
     def __enter__(self) -> "ResidualNorms":
+        self.watch.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
+        self.watch.__exit__(*exc)
 
     def record(self, name: str, adapter, x: torch.Tensor) -> dict[str, np.ndarray]:
         """{name:high_norm (B,): patches over HIGH_NORM x the median patch norm, name:norm_max (B,): the largest

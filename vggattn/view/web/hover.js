@@ -875,6 +875,7 @@ Object.assign(api, {
   leave, setView, setSwitch, setControls, listeners, latencies, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
   state: () => ({view, switches: {...switches}, pinned, current, token, controls: {...controls},
-                 bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0}),
+                 bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0,
+                 waiting: payload ? payload.layers.filter((L, i) => L.deferred && !offscreen.has(i)).length : 0}),  // on screen, not here yet
 });
 window.vggattnHover = api;
