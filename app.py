@@ -1,4 +1,4 @@
-"""The web app's entry file (`python app.py`, `make app`, a Gradio Space): the app is vggattn/app.py.
+"""The web app's entry file (`python app.py`, `make app`, a Gradio Space): the app is the vggattn.app package.
 
     python app.py --checkpoint checkpoints/vgg16att-imagenette-w025-128.safetensors --port 8000
 """

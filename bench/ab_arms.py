@@ -3,7 +3,7 @@ attention, and query-averaged ("global") attention, at the A/B scale of the mode
 
     python bench/ab_arms.py [--width 0.25 --train-size 96 --input-size 128 --batch 64 --repeats 5]
 
-Training step: what `python -m vggattn.train` runs (BatchNorm, channels_last, fp32 on this CPU),
+Training step: what `python -m vggattn.training.train` runs (BatchNorm, channels_last, fp32 on this CPU),
 on --train-size crops; inference: the exported (BatchNorm-free) model at --input-size. FLOPs count
 each arm's own math (multiply-add = 2), at --input-size.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common import interleaved, median, report
 
-from vggattn.evaluate import count_flops, count_params
+from vggattn.training.evaluate import count_flops, count_params
 from vggattn.models.vgg import VGG16WithAttention
 
 ARMS = {"attention": True, "none": False, "global": "global"}

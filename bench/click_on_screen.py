@@ -37,7 +37,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 PHOTO = ROOT / "assets" / "church.jpg"
 MODELS = {
     "article": [],
-    "zoo": ["--model", "vggattn.zoo:nonlocal_resnet", "--checkpoint",
+    "zoo": ["--model", "vggattn.models.zoo:nonlocal_resnet", "--checkpoint",
             str(ROOT / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors")],
     "botnet": ["--timm", "botnet26t_256"],
 }
@@ -126,14 +126,14 @@ def forward_timer(name: str):
     """A function timing one forward of the model the app serves (this process, the church photo)."""
     import torch
 
-    from vggattn.byo import load_model, load_timm
-    from vggattn.checkpoint import load_checkpoint
+    from vggattn.models.byo import load_model, load_timm
+    from vggattn.models.checkpoint import load_checkpoint
     from vggattn.data import eval_transform
 
     if name == "article":
         model, meta = load_checkpoint(device="cpu")
     elif name == "zoo":
-        model, meta = load_model("vggattn.zoo:nonlocal_resnet", MODELS["zoo"][3])
+        model, meta = load_model("vggattn.models.zoo:nonlocal_resnet", MODELS["zoo"][3])
     else:
         model, meta = load_timm("botnet26t_256")
     x = eval_transform(meta)(Image.open(PHOTO).convert("RGB")).unsqueeze(0)

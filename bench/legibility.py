@@ -25,7 +25,7 @@ from vggattn.view.export import map_picture
 from vggattn.data import load_rgb
 from vggattn.view.render import cell_rect
 
-DATA = vggattn.checkpoint.DEFAULT_CHECKPOINT.parent.parent.parent / "shared" / "data" / "imagenette2-224" / "val"
+DATA = vggattn.models.checkpoint.DEFAULT_CHECKPOINT.parent.parent.parent / "shared" / "data" / "imagenette2-224" / "val"
 
 
 def before_overlay(display: np.ndarray, grid_map: np.ndarray) -> np.ndarray:

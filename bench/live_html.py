@@ -56,8 +56,9 @@ def main(argv=None) -> int:
 
     import vggattn
     from vggattn.analysis import analyze
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
     from vggattn.view import live
+    from vggattn.view.hover import pages
     from conftest import CHROMIUM, FLAGS
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         for i, (what, model, meta) in enumerate(cases):
             result = analyze(model, meta, church)
-            layers = [b.page() for b in result.blocks]
+            layers = pages(result)
             text = live.live_html(result, layers, title=what, about=live.about_model(meta))
             path = args.out / f"view-{i}.html"
             path.write_text(text, encoding="utf-8")
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
             HERE / "checkpoints" / "vgg16att-imagenette-w025-128.safetensors", device="cpu")
         ra, rb = analyze(m_a, meta_a, church), analyze(m_b, meta_b, church)
         path = args.out / "compare.html"
-        path.write_text(compare_html(Side("A", ra, [b.page() for b in ra.blocks]),
-                                     Side("B", rb, [b.page() for b in rb.blocks]), title="church"), encoding="utf-8")
+        path.write_text(compare_html(Side("A", ra, pages(ra)),
+                                     Side("B", rb, pages(rb)), title="church"), encoding="utf-8")
         times = []
         for _ in range(3):
             context = browser.new_context(viewport={"width": 1440, "height": 900}, offline=True)

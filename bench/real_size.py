@@ -40,7 +40,7 @@ def one(case: str, runs: int) -> dict:
 
     import vggattn
     from vggattn import app, explain
-    from vggattn.byo import blocks_of, load_timm
+    from vggattn.models.byo import blocks_of, load_timm
     from vggattn.data import eval_transform, open_image
 
     name, size = CASES[case]

@@ -1,7 +1,7 @@
 """How long `vggattn.study` takes an image, beside the forward-only bound: the forwards it must run anyway.
 
     python bench/study_time.py                                  # default checkpoint, 64 evenly spaced val images
-    python bench/study_time.py --model vggattn.zoo:nonlocal_resnet \
+    python bench/study_time.py --model vggattn.models.zoo:nonlocal_resnet \
         --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors
     python bench/study_time.py --study-only                     # the whole study's row alone (any checkout that
                                                                 # has run_study(model, meta, data, ...): PYTHONPATH)
@@ -28,8 +28,8 @@ import torch
 from common import ROOT, report
 
 from vggattn import study
-from vggattn.byo import add_model_arguments, blocks_of, load_from_args
-from vggattn.checkpoint import add_checkpoint_argument
+from vggattn.models.byo import add_model_arguments, blocks_of, load_from_args
+from vggattn.models.checkpoint import add_checkpoint_argument
 from vggattn.attention.trace import watch
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"

@@ -4,7 +4,7 @@
 
 Same model size (the article's layout at --width), input and batch. "article": the article's
 GlobalAttention (bmm + softmax over the N x N map) in an fp32, contiguous-memory loop with AdamW.
-"vggattn": what `python -m vggattn.train` runs: BatchNorm after each conv, channels_last, the fused
+"vggattn": what `python -m vggattn.training.train` runs: BatchNorm after each conv, channels_last, the fused
 attention path, precision auto (fp32 on CPUs without native bf16). Also reported, to separate the
 effects: vggattn's step with SDPA held to its math backend (the N x N map, as before the fused path),
 and without BatchNorm (the article's exact network, only our code paths). "bound": the same network
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import article_reference, interleaved, median, report
 
 from vggattn.models.vgg import GlobalAttention, VGG16WithAttention
-from vggattn.train import cpu_has_native_bf16
+from vggattn.training.train import cpu_has_native_bf16
 
 article = article_reference()
 

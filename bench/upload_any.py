@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     import byo_models
     from PIL import Image
 
-    from vggattn.byo import describe, load_model, load_timm
+    from vggattn.models.byo import describe, load_model, load_timm
     from vggattn.data import eval_transform, open_image
 
     cases = {"article's default checkpoint": article,
              "non-local ResNet (shipped)": lambda: any_model(*load_model(
-                 "vggattn.zoo:nonlocal_resnet", ROOT / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors")),
+                 "vggattn.models.zoo:nonlocal_resnet", ROOT / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors")),
              "botnet26t_256 (random)": lambda: any_model(*load_timm("botnet26t_256")),
              "halonet26t (random, traced)": lambda: any_model(*load_timm("halonet26t")),
              "third-party blocks (random, traced)": lambda: any_model(

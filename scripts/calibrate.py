@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from vggattn.checkpoint import load_checkpoint, save_checkpoint
+from vggattn.models.checkpoint import load_checkpoint, save_checkpoint
 from vggattn.data import eval_transform, load_rgb
-from vggattn.evaluate import fit_temperature
+from vggattn.training.evaluate import fit_temperature
 
 
 @torch.no_grad()

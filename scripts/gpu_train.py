@@ -10,7 +10,7 @@ Decodes the packed WebP files once (scripts/pack_gpu_data.py), then
    time so that it ends before the deadline; BatchNorm folded on export (the article's layout);
    temperature fitted on 5% of train held out from training (every 20th image).
 bf16 autocast, channels_last, random-resized crop and flip done on the GPU. Val numbers here come
-from the WebP copies; the card's numbers come from `vggattn.evaluate` on the original JPEGs.
+from the WebP copies; the card's numbers come from `vggattn.training.evaluate` on the original JPEGs.
 Writes into OUT: main.log.jsonl, ab.log.jsonl, summary.json, and the main checkpoint split in two
 files (main.features.safetensors, main.rest.safetensors: each under the tool's 16 MiB per file);
 `--join` puts them back together.
@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vggattn.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
-from vggattn.evaluate import expected_calibration_error, fit_temperature
+from vggattn.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from vggattn.training.evaluate import expected_calibration_error, fit_temperature
 from vggattn.models.vgg import ARTICLE_ATTENTION_NAMES, VGG16WithAttention, fold_batchnorm, gammas
 
 NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn", "garbage truck",

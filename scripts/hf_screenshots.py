@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     from vggattn import app
-    from vggattn.byo import load_hf
+    from vggattn.models.byo import load_hf
 
     sys_path = str(ROOT / "tests")
     import sys

@@ -20,8 +20,8 @@ import numpy as np
 
 
 from vggattn import load_checkpoint, save_checkpoint
-from vggattn.evaluate import article_flops_comparison, count_flops, count_params, metrics, plot_confusion, predict_folder
-from vggattn.plots import gamma_series, plot_gamma_history, read_log
+from vggattn.training.evaluate import article_flops_comparison, count_flops, count_params, metrics, plot_confusion, predict_folder
+from vggattn.training.plots import gamma_series, plot_gamma_history, read_log
 
 log = logging.getLogger("release")
 

@@ -1,16 +1,16 @@
-"""Train a model of `vggattn.zoo` on an ImageFolder split (Imagenette here), resumably, on the CPU or a GPU.
+"""Train a model of `vggattn.models.zoo` on an ImageFolder split (Imagenette here), resumably, on the CPU or a GPU.
 
     python scripts/train_zoo.py --data ../shared/data/imagenette2-224 --out ~/runs/zoo --epochs 22
     python scripts/train_zoo.py --arch vit_imagenette_reg4 --input-size 96 --train-size 96 --cache --precision auto ...
     python scripts/train_zoo.py ... --resume        # continues from OUT/last.pt after a cut
 
 Writes OUT/last.pt every epoch (model, optimizer, epoch), OUT/log.jsonl, and OUT/best.safetensors (weights +
-meta: class names, input size, normalisation, val top-1, the recipe), which `vggattn.byo.load_weights` reads.
+meta: class names, input size, normalisation, val top-1, the recipe), which `vggattn.models.byo.load_weights` reads.
 Recipe: AdamW, cosine schedule with one warm-up epoch, label smoothing 0.1, random-resized crops at
 --train-size (smaller than --input-size: FixRes-style, faster), evaluation at --input-size. `--cache` decodes
 every image once into memory (train at 1.25x the crop size, val as evaluated) and crops from there: the two CPU
 cores then train instead of decoding JPEGs. `--precision auto` trains under bf16 autocast where the CPU has native
-bf16 (avx512_bf16 / amx_bf16), as vggattn.train does.
+bf16 (avx512_bf16 / amx_bf16), as vggattn.training.train does.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
 import vggattn
-from vggattn import zoo
+from vggattn.models import zoo
 from vggattn.data import eval_transform, load_rgb, train_transform
-from vggattn.train import cpu_has_native_bf16
+from vggattn.training.train import cpu_has_native_bf16
 
 
 class Cached(Dataset):
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--arch", default="nonlocal_resnet", help="a factory of vggattn.zoo (nonlocal_resnet, vit_imagenette, "
+    p.add_argument("--arch", default="nonlocal_resnet", help="a factory of vggattn.models.zoo (nonlocal_resnet, vit_imagenette, "
                    "vit_imagenette_reg4)")
     p.add_argument("--cache", action="store_true", help="decode the images once into memory (OUT/../cache-*.pt)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="auto: bf16 where native")
@@ -81,9 +81,9 @@ def main(argv=None) -> int:
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _, shipped = vggattn.load_checkpoint(device="cpu")  # the class names and ids of the Imagenette folders
-    meta = {"input_size": args.input_size, "mean": list(vggattn.checkpoint.IMAGENET_MEAN),
-            "std": list(vggattn.checkpoint.IMAGENET_STD), "class_names": shipped["class_names"],
-            "class_ids": shipped.get("class_ids"), "model": f"vggattn.zoo:{args.arch}",
+    meta = {"input_size": args.input_size, "mean": list(vggattn.models.checkpoint.IMAGENET_MEAN),
+            "std": list(vggattn.models.checkpoint.IMAGENET_STD), "class_names": shipped["class_names"],
+            "class_ids": shipped.get("class_ids"), "model": f"vggattn.models.zoo:{args.arch}",
             "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "data")}}  # no paths of this machine
     if args.cache:  # shared by runs of the same sizes
         tag = f"{Path(args.data).name}-{round(args.train_size * 1.25)}-{args.input_size}"

@@ -15,8 +15,8 @@ import argparse
 import json
 
 from vggattn.attention.readouts import unsure_threshold
-from vggattn.checkpoint import load_checkpoint, save_checkpoint
-from vggattn.evaluate import predict_logits
+from vggattn.models.checkpoint import load_checkpoint, save_checkpoint
+from vggattn.training.evaluate import predict_logits
 
 
 def main(argv=None) -> int:

@@ -358,7 +358,7 @@ def test_host_and_port_follow_the_hosting_environment(monkeypatch):
 def test_a_click_states_the_sink_notes_under_the_panels():
     """The quarter-width checkpoint (two sink-dominated layers on most images): the notes are in the
     status line right under the panels, where a label would cut them off."""
-    from vggattn.checkpoint import SMALL_CHECKPOINT
+    from vggattn.models.checkpoint import SMALL_CHECKPOINT
 
     model, meta = vggattn.load_checkpoint(SMALL_CHECKPOINT, device="cpu")
     ui = app.build_demo(model, meta).ui

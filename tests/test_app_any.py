@@ -12,7 +12,7 @@ import vggattn
 from vggattn import app
 from vggattn.attention.adapters import find_blocks
 from vggattn.analysis import analyze
-from vggattn.byo import describe, load_model
+from vggattn.models.byo import describe, load_model
 from vggattn.view.hover import decode, page_layer, page_payload
 ZOO_CHECKPOINT = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"
 
@@ -93,7 +93,7 @@ def test_a_pinned_picture_marks_the_query_cell_on_its_own_grid(every):
 
 
 def test_handlers_on_the_trained_non_local_resnet():
-    model, meta = load_model("vggattn.zoo:nonlocal_resnet", ZOO_CHECKPOINT)
+    model, meta = load_model("vggattn.models.zoo:nonlocal_resnet", ZOO_CHECKPOINT)
     demo = app.build_demo(model, meta)
     ui = demo.ui
     assert len(ui.panels) == 1
@@ -184,7 +184,7 @@ def test_vggattn_app_takes_model_and_timm_flags(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert app.main(["--timm", "botnet26t_256"]) == 0
     assert len(served[-1].ui.panels) == 3 and "random weights" in served[-1].config["components"][0]["props"]["value"]
-    assert app.main(["--model", "vggattn.zoo:nonlocal_resnet", "--checkpoint", str(ZOO_CHECKPOINT)]) == 0
+    assert app.main(["--model", "vggattn.models.zoo:nonlocal_resnet", "--checkpoint", str(ZOO_CHECKPOINT)]) == 0
     tabs = [c["props"].get("label") for c in served[-1].config["components"] if c["type"] == "tabitem"]
     assert "Dataset" in tabs  # the zoo model's shipped study
     assert app.main(["--checkpoint", str(ZOO_CHECKPOINT)]) == 0  # its meta names its model: no --model needed

@@ -19,7 +19,7 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 import byo_models  # noqa: E402
 from server import free_port  # noqa: E402
 from vggattn.analysis import analyze  # noqa: E402
-from vggattn.byo import describe, load_model, load_timm  # noqa: E402
+from vggattn.models.byo import describe, load_model, load_timm  # noqa: E402
 from vggattn.data import open_image  # noqa: E402
 from vggattn.view.hover import page_layer  # noqa: E402
 
@@ -31,7 +31,7 @@ def models() -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"  # timm's hub is not reachable here: random weights, said on the page
     out = {"every": (byo_models.every_family(), describe("byo_models:every_family", 64, [f"c{i}" for i in range(5)])),
            "botnet": load_timm("botnet26t_256"),
-           "zoo": load_model("vggattn.zoo:nonlocal_resnet", ZOO)}
+           "zoo": load_model("vggattn.models.zoo:nonlocal_resnet", ZOO)}
     try:  # blocks of other libraries, found by tracing (the test-only extras)
         out["third"] = (byo_models.third_party(), describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))
     except ImportError:

@@ -23,7 +23,7 @@ def third_party_app():
     pytest.importorskip("mmcv.cnn", reason="mmcv-lite is a test-only extra (requirements.txt pins it)")
     pytest.importorskip("diffusers", reason="diffusers is a test-only extra (requirements.txt pins it)")
     import byo_models
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     model = byo_models.third_party()
     return app.build_demo(model, describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)]))

@@ -19,9 +19,10 @@ import torch  # noqa: E402
 from server import free_port  # noqa: E402
 from vggattn import app  # noqa: E402
 from vggattn.analysis import analyze  # noqa: E402
-from vggattn.byo import describe  # noqa: E402
+from vggattn.models.byo import describe  # noqa: E402
 from vggattn.data import open_image  # noqa: E402
 from vggattn.view import hover  # noqa: E402
+from vggattn.view.hover import pages  # noqa: E402
 
 CHURCH = app.HERE / "assets" / "church.jpg"
 NAME = "vit_small_patch14_reg4_dinov2"
@@ -36,7 +37,7 @@ def served():
     port = free_port()
     app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     result = analyze(model, meta, open_image(CHURCH))
-    yield f"http://127.0.0.1:{port}/", [b.page() for b in result.blocks]
+    yield f"http://127.0.0.1:{port}/", pages(result)
     demo.close()
 
 
@@ -149,3 +150,134 @@ def test_layers_past_the_budget_come_when_shown(browser, served, monkeypatch):
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, served, tmp_path):
+    """The seeded random walk of test_browser.py on the transformer's app (VGGATTN_RANDOM_STEPS, 30 by default):
+    uploads of many sizes and kinds, pointer moves, clicks on the picture and on the prefix tokens' tiles, every
+    control, the column view, the token-norm view, every tab, ablation and export. After every step: no "Error" on
+    the page and no uncaught page error; a click on the picture is named in the status."""
+    import random
+
+    from test_browser import move_to, settled, upload_kinds
+
+    url, layers = served
+    steps = int(os.environ.get("VGGATTN_RANDOM_STEPS", "30"))
+    rng = random.Random(1)
+    kinds = upload_kinds(tmp_path)
+    view, errors = open_page(browser, url)
+    img = view.locator("#input-image img").first
+    log = []
+
+    def upload():
+        name = rng.choice(sorted(kinds))
+        path, size = kinds[name]
+        log.append(f"upload {name}")
+        view.locator("#input-image input[type=file]").set_input_files(str(path))
+        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                               arg=f"Analysed a {size[0]}×{size[1]} image", timeout=60_000)
+
+    def click():
+        fx, fy = rng.random(), rng.random()
+        log.append(f"click {fx:.2f},{fy:.2f}")
+        click_image_at(img, fx, fy)
+        x, y = view.evaluate("window.vggattnHover.state().pinned")
+        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                               arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
+
+    def tile():
+        tiles = view.locator(".vggattn-tile")
+        if tiles.count():
+            i = rng.randrange(tiles.count())
+            log.append(f"tile {i}")
+            tiles.nth(i).click()
+
+    def move():
+        fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
+        log.append(f"move {fx:.2f},{fy:.2f}")
+        move_to(view, img, fx, fy)
+
+    def control():
+        what = rng.choice(["colormap", "upsampling", "scale", "mark", "opacity"])
+        log.append(f"control {what}")
+        if what == "colormap":
+            view.locator("#colormap input").click()
+            view.get_by_role("option", name=rng.choice(["inferno", "viridis", "jet", "hot"]), exact=True).click()
+        elif what == "upsampling":
+            view.locator("#upsampling").get_by_label(rng.choice(["smooth", "blocky"])).check()
+        elif what == "scale":
+            view.locator("#scale").get_by_label(rng.choice(["linear", "log"]), exact=False).first.check()
+        elif what == "mark":
+            view.get_by_label("Number the top-5 attended cells").click()
+        else:
+            box = view.locator("#opacity input[type=number]")
+            box.fill(str(rng.choice([0.0, 0.35, 0.8, 1.0])))
+            box.press("Enter")
+
+    def switch():
+        boxes = view.locator("#hover input[type=checkbox]")
+        if boxes.count():
+            i = rng.randrange(boxes.count())
+            log.append(f"switch {i}")
+            boxes.nth(i).click()
+
+    def tab():
+        names = [n.strip() for n in view.get_by_role("tab").all_inner_texts() if n.strip()]
+        name = rng.choice([n for n in names if n not in ("Dataset", "Compare")] or names)
+        log.append(f"tab {name}")
+        view.get_by_role("tab", name=name, exact=True).first.click()
+
+    def ablation():
+        log.append("ablation")
+        view.get_by_role("tab", name="Ablation").click()
+        options = view.locator("#layers-off input[type=checkbox]")
+        options.nth(rng.randrange(options.count())).click()
+        view.locator("#ablate").click()
+        settled(view)
+
+    def export():
+        log.append("export")
+        view.get_by_role("tab", name="Export").click()
+        view.locator("#export-button").click()
+        view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
+
+    actions = [upload] * 3 + [click] * 3 + [tile] * 2 + [move] * 4 + [control] * 3 + [switch] * 2 + \
+        [tab, tab, ablation, export]
+    try:
+        for _ in range(steps):
+            rng.choice(actions)()
+            settled(view)
+            text = view.locator("body").inner_text()
+            assert "Error" not in text and not errors, (log[-5:], errors, text[:300])
+        settled(view)
+        assert "Error" not in view.locator("body").inner_text() and not errors, (log[-5:], errors)
+    finally:
+        view.close()
+
+
+def test_the_transformers_app_answers_bad_api_calls_in_one_sentence_and_keeps_serving(served, tmp_path):
+    """The API of the transformer's app under bad input (gradio_client): files that are no image, a truncated one,
+    a decompression bomb, points outside the picture; each is one sentence, no traceback, and the next good request
+    is answered with the model's classes."""
+    from gradio_client import Client, handle_file
+    from test_app_hardening import bad_files
+
+    url, _ = served
+    client = Client(url, verbose=False)
+    for name, words in bad_files(tmp_path).items():
+        with pytest.raises(Exception) as e:
+            client.predict(handle_file(str(tmp_path / name)), api_name="/analyze")
+        msg = str(e.value)
+        assert words in msg and "Traceback" not in msg and msg.count("\n") == 0, (name, msg)
+        labels, _ = client.predict(handle_file(str(CHURCH)), api_name="/analyze")
+        assert {c["label"] for c in labels["confidences"]} <= {f"c{i}" for i in range(5)}
+    rng = np.random.default_rng(0)
+    for x, y in [(-1, 5), (5, -3), (224, 5), (5, 224), *rng.integers(-50, 400, (6, 2)).tolist()]:
+        inside = 0 <= x < 224 and 0 <= y < 224
+        try:
+            *paths, info = client.predict(handle_file(str(CHURCH)), x, y, api_name="/attention_at")
+            assert inside and len(info) == len(served[1]), (x, y)
+        except Exception as e:  # noqa: BLE001 (gradio_client raises a plain AppError)
+            assert not inside and "outside" in str(e) and "Traceback" not in str(e), (x, y, str(e))
+    labels, _ = client.predict(handle_file(str(CHURCH)), api_name="/analyze")
+    assert len(labels["confidences"]) == 5

@@ -1,4 +1,4 @@
-"""Bring your own model (vggattn.byo): a factory and its weights, or timm by name, through vggattn-explain."""
+"""Bring your own model (vggattn.models.byo): a factory and its weights, or timm by name, through vggattn-explain."""
 
 import json
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vggattn import byo, explain
+from vggattn import explain
+from vggattn.models import byo
 from vggattn import app
 from vggattn.analysis import analyze
-from vggattn.checkpoint import CheckpointError
+from vggattn.models.checkpoint import CheckpointError
 from vggattn.data import eval_transform, to_rgb
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -92,13 +93,13 @@ def test_a_safetensors_checkpoint_brings_its_own_class_names_and_input_size(tmp_
     """As scripts/train_zoo.py writes them: weights + a "meta" entry; flags still win."""
     from safetensors.torch import save_file
 
-    from vggattn.zoo import nonlocal_resnet
+    from vggattn.models.zoo import nonlocal_resnet
 
     model = nonlocal_resnet(3)
     meta = {"class_names": ["a", "b", "c"], "input_size": 96, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"),
               metadata={"meta": json.dumps(meta)})
-    (tmp_path / "zoo3.py").write_text("from vggattn.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
+    (tmp_path / "zoo3.py").write_text("from vggattn.models.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
     import sys
 
     sys.path.insert(0, str(tmp_path))
@@ -117,7 +118,7 @@ def test_a_safetensors_checkpoint_brings_its_own_class_names_and_input_size(tmp_
 
 
 def test_a_checkpoint_that_names_its_model_needs_no_model_flag(tmp_path):
-    """The shipped non-local ResNet's meta names vggattn.zoo:nonlocal_resnet: --checkpoint alone builds it (no
+    """The shipped non-local ResNet's meta names vggattn.models.zoo:nonlocal_resnet: --checkpoint alone builds it (no
     "missing keys"); a checkpoint naming another package's factory is refused with the flag to give; --model
     without --checkpoint has random weights; and the shipped meta holds no path of the machine it was made on."""
     zoo = app.HERE / "checkpoints" / "nonlocal-resnet-imagenette-128.safetensors"

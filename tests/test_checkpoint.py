@@ -124,7 +124,7 @@ def test_other_architecture_is_named(tmp_path):
 
 
 def test_device_selection():
-    assert vggattn.checkpoint.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert vggattn.models.checkpoint.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(CheckpointError, match="no CUDA"):
-            vggattn.checkpoint.resolve_device("cuda")
+            vggattn.models.checkpoint.resolve_device("cuda")

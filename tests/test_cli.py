@@ -6,10 +6,10 @@ import importlib
 import pytest
 
 import vggattn
-from vggattn.checkpoint import BAD_INPUT
+from vggattn.models.checkpoint import BAD_INPUT
 
-WITH_CHECKPOINT = ["app", "evaluate", "explain", "study"]
-MINIMAL = {"app": [], "evaluate": [], "explain": ["x.jpg", "--out", "o"], "study": ["--data", "d", "--out", "o"]}
+WITH_CHECKPOINT = ["app", "training.evaluate", "explain", "study"]
+MINIMAL = {"app": [], "training.evaluate": [], "explain": ["x.jpg", "--out", "o"], "study": ["--data", "d", "--out", "o"]}
 
 
 @pytest.mark.parametrize("name", WITH_CHECKPOINT)
@@ -39,14 +39,14 @@ def test_a_missing_checkpoint_is_exit_2(name, tmp_path, monkeypatch, caplog, cap
 
 
 def test_train_and_plots_say_bad_input_with_exit_2(tmp_path, caplog):
-    from vggattn import plots, train
+    from vggattn.training import plots, train
 
     assert train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
     assert plots.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "g.png")]) == 2
     assert "missing.jsonl" in caplog.text and not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "explain", "study", "plots", "app"])
+@pytest.mark.parametrize("name", ["training.train", "training.evaluate", "explain", "study", "training.plots", "app"])
 def test_every_cli_builds_its_parser_in_parse_args_and_argparse_errors_are_2(name):
     module = importlib.import_module(f"vggattn.{name}")
     assert callable(module.parse_args) and callable(module.main)

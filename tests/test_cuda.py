@@ -15,7 +15,7 @@ from test_train import run, toy_data  # noqa: F401  (fixture)
 from vggattn import study
 from vggattn.attention.adapters import find_blocks
 from vggattn.analysis import analyze
-from vggattn.checkpoint import resolve_device
+from vggattn.models.checkpoint import resolve_device
 from vggattn.attention.trace import watch
 
 pytestmark = [pytest.mark.cuda,

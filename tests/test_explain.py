@@ -10,7 +10,8 @@ from PIL import Image
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn import explain, plots
+from vggattn import explain
+from vggattn.training import plots
 from vggattn.data import query_index
 
 ASSETS = vggattn.DEFAULT_CHECKPOINT.parent.parent / "assets"

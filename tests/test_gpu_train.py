@@ -28,7 +28,7 @@ def test_random_resized_crop_shapes_and_the_identity_crop():
 
 
 def test_fit_temperature_recovers_a_known_temperature_and_lowers_ece():
-    from vggattn.evaluate import expected_calibration_error as ece, fit_temperature
+    from vggattn.training.evaluate import expected_calibration_error as ece, fit_temperature
 
     torch.manual_seed(0)
     z = torch.randn(20000, 10) * 3

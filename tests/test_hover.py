@@ -10,7 +10,8 @@ import torch
 from vggattn import app
 from conftest import tiny_meta, tiny_model
 from vggattn.analysis import analyze
-from vggattn.view.hover import decode, page_layer, row_summaries, page_payload, page_props, payload_bytes
+from vggattn.attention.readouts import row_summaries
+from vggattn.view.hover import decode, layer_binary, page_layer, page_payload, page_props, payload_bytes
 from vggattn.view.render import COLORMAPS
 
 ASSET = app.HERE / "assets" / "church.jpg"
@@ -48,6 +49,27 @@ def test_float32_payload_is_the_blocks_q_and_k(result):
         q, k, logz = decode(sent, "q").astype(np.float64), decode(sent, "k").astype(np.float64), decode(sent, "logz")
         for j in (0, len(q) // 2, len(q) - 1):
             np.testing.assert_allclose(np.exp(q @ k[j] - logz), attention[:, j], rtol=1e-5, atol=1e-9)  # float32 log Z
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_deferred_layers_bytes_hold_its_json_payload_exactly(result, dtype):
+    """`layer_binary` (what the page fetches for a layer past the budget): its header is the JSON payload's
+    description and each array's bytes, 8-byte aligned, are what the base64 text decodes to."""
+    import base64
+    import json
+
+    for block in result.blocks:
+        layer = page_layer(block.name, block.maps, block.family, "qk")
+        sent, raw = layer.payload(dtype), layer_binary(layer, dtype)
+        n = int.from_bytes(raw[:4], "little")
+        header = json.loads(raw[4:4 + n])
+        arrays = {k for k, v in sent.items() if isinstance(v, str) and k in ("q", "k", "logz")}
+        assert arrays == {"q", "k", "logz"}
+        assert {k: v for k, v in header.items() if k not in arrays} == {k: v for k, v in sent.items() if k not in arrays}
+        for k in arrays:
+            at, size = header[k]["at"], header[k]["bytes"]
+            assert at % 8 == 0 and at >= 4 + n
+            assert raw[at:at + size] == base64.b64decode(sent[k])
 
 
 def test_row_summaries_in_blocks_equal_the_whole_softmax():

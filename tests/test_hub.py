@@ -12,7 +12,7 @@ import torch
 
 import vggattn
 from conftest import tiny_meta, tiny_model
-from vggattn import hub
+from vggattn.models import hub
 
 
 

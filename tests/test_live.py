@@ -13,6 +13,7 @@ from PIL import Image
 import vggattn
 from vggattn.analysis import analyze
 from vggattn.view import live
+from vggattn.view.hover import pages
 
 from conftest import CHROMIUM
 
@@ -47,7 +48,7 @@ def test_float16_changes_each_row_by_a_little_and_big_files_use_it(monkeypatch):
     """row_error: 0 at float32, small and not 0 at float16; a file whose float32 arrays pass the limit goes as float16."""
     model, meta = vggattn.load_checkpoint(device="cpu")
     result = analyze(model, meta, Image.open(HERE / "assets" / "church.jpg"))
-    layers = [b.page() for b in result.blocks]
+    layers = pages(result)
     assert live.row_error(layers, "float32") == 0.0
     assert 1e-5 < live.row_error(layers, "float16") < 0.01
     assert '"dtype": "float32"' in live.live_html(result, layers, title="a")
@@ -70,7 +71,7 @@ def test_the_file_from_explain_follows_the_pointer_offline_with_the_apps_pixels(
     path = tmp_path / "out" / "wide" / "view.html"
     model, meta = vggattn.load_checkpoint(device="cpu")
     result = analyze(model, meta, Image.open(tmp_path / "wide.png"))
-    layers = [b.page() for b in result.blocks]
+    layers = pages(result)
     page, errors, refused = opened(browser, path)
     assert page.evaluate("window.vggattnHover.state().pinned") == [350, 225]
     worst = {}
@@ -111,14 +112,14 @@ def test_a_vit_with_registers_file_has_its_tiles_and_token_rows(browser, tmp_pat
     """A DINOv2 with 4 registers (random weights) as one file: the prefix tiles are there, a patch's row and a
     register tile's row equal the server's (float32: to 1e-9), clicking the tile pins that register, offline."""
     timm = pytest.importorskip("timm")
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=112, depth=2,
                               num_classes=5).eval()
     meta = describe("timm:vit_small_patch14_reg4_dinov2", 112, [f"c{i}" for i in range(5)])
     result = analyze(model, meta, Image.open(HERE / "assets" / "church.jpg"))
-    layers = [b.page() for b in result.blocks]
+    layers = pages(result)
     path = tmp_path / "vit.html"
     path.write_text(live.live_html(result, layers, title="church", about=live.about_model(meta)))
     page, errors, refused = opened(browser, path, 390, 844)

@@ -147,3 +147,23 @@ def test_no_import_circles_in_the_package():
         return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
     circles = sorted(name for name in graph if reaches(name, name))
     assert not circles, {n: sorted(graph[n]) for n in circles}
+
+
+def test_sub_packages_import_each_other_one_way_and_the_view_runs_no_model():
+    """Between the sub-packages: the view draws what analysis computed (view -> analysis, never back); training and
+    the study sit above both and nothing below imports them. The view runs no model: none of its modules names
+    what runs one (`analyze`, `ablate`, `switched_off`, `with_gradcam`, `analysed_b`, an `Intervention`)."""
+    import ast
+
+    graph = package_imports()
+    top = lambda m: m.split(".")[0]  # noqa: E731
+    between = {(top(m), top(n)) for m, deps in graph.items() for n in deps if top(m) != top(n)}
+    assert ("analysis", "view") not in between and ("view", "analysis") in between
+    for above in ("training", "study", "app", "explain", "notebook"):
+        assert not {a for a, b in between if b == above} - {"app", "explain", "notebook", "study", "training",
+                                                             "launcher"}, above
+    runs = {"analyze", "ablate", "switched_off", "with_gradcam", "analysed_b", "Intervention", "twin_with_new_qk"}
+    for path in (ROOT / "vggattn" / "view").glob("*.py"):
+        named = {a.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.ImportFrom) for a in node.names}
+        assert not named & runs, (path.name, named & runs)

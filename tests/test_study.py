@@ -366,7 +366,7 @@ def test_the_study_of_a_model_of_another_family(tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
-    from vggattn.zoo import nonlocal_resnet
+    from vggattn.models.zoo import nonlocal_resnet
 
     torch.manual_seed(0)
     model = nonlocal_resnet(3)
@@ -375,7 +375,7 @@ def test_the_study_of_a_model_of_another_family(tmp_path, monkeypatch):
     meta = {"class_names": ["a", "b", "c"], "input_size": 64}
     ckpt = tmp_path / "zoo.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt), metadata={"meta": json.dumps(meta)})
-    (tmp_path / "zoo3.py").write_text("from vggattn.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
+    (tmp_path / "zoo3.py").write_text("from vggattn.models.zoo import nonlocal_resnet\ndef make():\n    return nonlocal_resnet(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     data = make_split(tmp_path / "val", ["a", "b", "c"], per_class=2)
     out = tmp_path / "study"

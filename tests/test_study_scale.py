@@ -223,7 +223,7 @@ def random_model(which: str, classes: list[str]) -> tuple[torch.nn.Module, dict]
     """The article's model (tiny) or a brought one (the zoo's non-local ResNet), random weights whose blocks change
     their input, with a meta for 64 px inputs and these classes."""
     from conftest import tiny_meta, tiny_model
-    from vggattn.zoo import nonlocal_resnet
+    from vggattn.models.zoo import nonlocal_resnet
 
     meta = {**tiny_meta(input_size=64, num_classes=len(classes)), "class_names": classes}
     if which == "article":
@@ -232,7 +232,7 @@ def random_model(which: str, classes: list[str]) -> tuple[torch.nn.Module, dict]
     model = nonlocal_resnet(len(classes)).eval()
     with torch.no_grad():
         model.nonlocal3.W[1].weight.fill_(0.5)  # the block does something (it starts as the identity)
-    return model, {**meta, "source": "vggattn.zoo:nonlocal_resnet"}
+    return model, {**meta, "source": "vggattn.models.zoo:nonlocal_resnet"}
 
 
 @pytest.mark.parametrize("which", ["article", "nonlocal_resnet"])
@@ -240,7 +240,7 @@ def test_every_model_gets_batched_statistics_contribution_and_faithfulness(which
     """The one engine on the article's model and on a brought one, 4 Imagenette images: a real batch's statistics
     equal each image's written out from its rows; contribution and the output's distances for every block (each
     one's output has its input's shape); the faithfulness measures for every block."""
-    from vggattn.byo import blocks_of
+    from vggattn.models.byo import blocks_of
     from vggattn.attention.trace import watch
 
     split = data_root / "val"

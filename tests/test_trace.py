@@ -286,7 +286,7 @@ def test_the_app_on_third_party_blocks():
 
     from vggattn import app
     from vggattn.app import HERE
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     model = byo_models.third_party()
     meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])
@@ -489,7 +489,7 @@ def test_one_forward_records_every_traced_block_as_running_it_alone_does():
 
     from vggattn.app import HERE
     from vggattn.analysis import analyze
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     model = byo_models.third_party()
     meta = describe("byo_models:third_party", 64, [f"c{i}" for i in range(10)])

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vggattn
-from vggattn import evaluate, train
+from vggattn.training import evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--width", "0.125", "--hidden", "32", "--input-size", "32", "--batch-size", "8", "--workers", "0",
@@ -109,7 +109,7 @@ def test_no_attention_baseline_has_no_blocks(toy_data, tmp_path):
 
 
 def test_ddp_two_cpu_processes(toy_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vggattn.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vggattn.training.train",
            "--data", str(toy_data), "--out", str(tmp_path), "--names", str(toy_data / "names.md"), "--epochs", "2", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -225,7 +225,7 @@ def test_kill_9_mid_run_then_resume(toy_data, tmp_path):
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "vggattn.train", "--data", str(toy_data), "--out", str(tmp_path),
+    cmd = [sys.executable, "-m", "vggattn.training.train", "--data", str(toy_data), "--out", str(tmp_path),
            "--names", str(toy_data / "names.md"), "--epochs", "8", *TINY]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

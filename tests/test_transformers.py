@@ -186,7 +186,7 @@ def test_a_saved_folder_loads_with_hf_and_every_layer_is_analysed(case, tmp_path
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import blocks_of, load_hf
+    from vggattn.models.byo import blocks_of, load_hf
 
     model_cls, config, shows, field, count = SAVED[case]
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ def test_a_transformers_model_in_hand_is_read_through_its_output_object():
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import in_hand
+    from vggattn.models.byo import in_hand
 
     torch.manual_seed(0)
     config = T.ViTConfig(**VIT, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
@@ -259,7 +259,7 @@ def test_a_model_in_hand_that_returns_a_dict_or_a_dataclass_is_read_through_it()
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import in_hand
+    from vggattn.models.byo import in_hand
 
     @dataclasses.dataclass
     class Out:

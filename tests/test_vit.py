@@ -10,6 +10,7 @@ timm = pytest.importorskip("timm")
 
 from vggattn.attention.adapters import TracedAdapter, find_blocks, locate_tokens  # noqa: E402
 from vggattn.attention.trace import token_places, watch  # noqa: E402
+from vggattn.view.hover import pages  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -137,7 +138,7 @@ def test_explain_writes_the_prefix_tokens_weights_by_name(tmp_path):
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
     from vggattn.view.export import point_readouts
 
     torch.manual_seed(0)
@@ -216,8 +217,8 @@ def test_explain_on_a_saved_transformers_model_and_one_sentence_for_an_unreachab
 
     transformers = pytest.importorskip("transformers")
     from vggattn import explain
-    from vggattn.checkpoint import CheckpointError
-    from vggattn.byo import load_hf
+    from vggattn.models.checkpoint import CheckpointError
+    from vggattn.models.byo import load_hf
 
     torch.manual_seed(0)
     config = transformers.Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -255,7 +256,7 @@ def test_timm_at_another_input_size_offline(tmp_path, monkeypatch):
     import json
 
     from vggattn import explain
-    from vggattn.byo import load_timm
+    from vggattn.models.byo import load_timm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, meta = load_timm("vit_small_patch14_reg4_dinov2", input_size=56)
@@ -340,7 +341,7 @@ def test_the_apps_readouts_give_a_pinned_points_weights_on_the_prefix_tokens():
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from vggattn import app
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, reg_tokens=2, depth=2,
@@ -394,7 +395,7 @@ def test_the_study_gives_each_layers_share_on_the_class_token_and_registers(tmp_
     from PIL import Image
 
     from vggattn import study
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
     from vggattn.study.report import headline
 
     rng = np.random.default_rng(0)
@@ -460,7 +461,7 @@ def test_explain_gives_the_norms_of_the_tokens_entering_each_block_and_flags_hig
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
     from vggattn.view.export import summarize
 
     torch.manual_seed(0)
@@ -497,7 +498,7 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
     from PIL import Image
 
     from vggattn.analysis import analyze
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
     from vggattn.view.hover import PageLayer, decode, page_payload
 
     name, kw, prefix, grid = MODELS[case]
@@ -518,7 +519,7 @@ def test_the_pages_rows_of_patches_and_prefix_tokens_are_the_models_own(case):
         model(result.input)
     for h in hooks:
         h.remove()
-    layers = [b.page() for b in result.blocks]
+    layers = pages(result)
     payload = page_payload(result, layers)
     n = grid[0] * grid[1]
     order = torch.cat([torch.arange(prefix, n + prefix), torch.arange(prefix)])  # the page's: grid, then prefix
@@ -629,7 +630,7 @@ def test_the_registers_ab_compares_two_studies_image_by_image(tmp_path, capsys):
     from PIL import Image
 
     from vggattn import study
-    from vggattn.byo import describe
+    from vggattn.models.byo import describe
 
     rng = np.random.default_rng(0)
     for c in ("a", "b"):

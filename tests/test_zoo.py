@@ -1,21 +1,23 @@
-"""The second shipped model: a ResNet with a non-local block (vggattn.zoo), trained on Imagenette."""
+"""The second shipped model: a ResNet with a non-local block (vggattn.models.zoo), trained on Imagenette."""
 
 import json
 
 import numpy as np
 import pytest
 
-from vggattn import byo, explain
+from vggattn import explain
+from vggattn.models import byo
 from vggattn.analysis import analyze
-from vggattn.checkpoint import CHECKPOINTS
+from vggattn.models.checkpoint import CHECKPOINTS
 from vggattn.data import load_rgb
+from vggattn.view.hover import block_page
 
 ZOO = CHECKPOINTS / "nonlocal-resnet-imagenette-128.safetensors"
 
 
 @pytest.fixture(scope="module")
 def zoo():
-    return byo.load_model("vggattn.zoo:nonlocal_resnet", ZOO)
+    return byo.load_model("vggattn.models.zoo:nonlocal_resnet", ZOO)
 
 
 def test_it_loads_with_its_description_and_is_small(zoo):
@@ -46,7 +48,7 @@ def val_hits(model, meta, data_root):
 
 def test_explain_and_its_shipped_study(tmp_path, zoo):
     out = tmp_path / "out"
-    assert explain.main([str(CHECKPOINTS.parent / "assets" / "church.jpg"), "--model", "vggattn.zoo:nonlocal_resnet",
+    assert explain.main([str(CHECKPOINTS.parent / "assets" / "church.jpg"), "--model", "vggattn.models.zoo:nonlocal_resnet",
                          "--checkpoint", str(ZOO), "--point", "112,60", "--out", str(out)]) == 0
     rows = np.load(out / "church" / "nonlocal3_attention.npy")
     assert rows.shape == (1, 8, 8) and abs(rows.sum() - 1) < 1e-5  # 16x16 queries, keys pooled to 8x8
@@ -58,17 +60,17 @@ def test_explain_and_its_shipped_study(tmp_path, zoo):
 
 @pytest.mark.parametrize("registers", [0, 4])
 def test_the_small_vits_to_train_are_found_with_their_prefix_by_name(registers):
-    """`vggattn.zoo.vit_imagenette(_reg4)` (what scripts/train_zoo.py --arch trains): six blocks on a 12x12 grid of
+    """`vggattn.models.zoo.vit_imagenette(_reg4)` (what scripts/train_zoo.py --arch trains): six blocks on a 12x12 grid of
     8 px patches at 96 px, the class token and each register named, every row (the prefix tokens' too) from Q and K."""
     pytest.importorskip("timm")
     import torch
 
-    from vggattn import zoo
+    from vggattn.models import zoo
     from vggattn.attention.adapters import find_blocks
 
     torch.manual_seed(0)
     model = (zoo.vit_imagenette_reg4 if registers else zoo.vit_imagenette)().eval()
-    meta = byo.describe("vggattn.zoo:vit_imagenette", 96, [f"c{i}" for i in range(10)])
+    meta = byo.describe("vggattn.models.zoo:vit_imagenette", 96, [f"c{i}" for i in range(10)])
     image = load_rgb(CHECKPOINTS.parent / "assets" / "church.jpg")
     result = analyze(model, meta, image)
     assert [b.name for b in result.blocks] == [b[0] for b in find_blocks(model, example=result.input)]
@@ -76,7 +78,7 @@ def test_the_small_vits_to_train_are_found_with_their_prefix_by_name(registers):
     for block in result.blocks:
         assert block.maps.grid == (12, 12) and block.maps.heads == 3
         assert block.maps.prefix_names == ["cls_token"] + [f"reg_token[{i}]" for i in range(registers)]
-        page = block.page()
+        page = block_page(block)
         assert page.kind == "qk" and page.tokens == 1 + registers
         np.testing.assert_allclose(page.full_row(144 + registers).sum(), 1.0, atol=1e-9)  # the last prefix token
 
@@ -91,11 +93,11 @@ def test_the_shipped_small_vits_recognise_val_photos_and_show_their_prefix(facto
     two photos of each class, evenly spaced in the val split: at least 10 of 20 right (val top-1 about 60%, the
     card); the page's rows of a patch and of the class token sum to 1 over the patches and the prefix tokens."""
     pytest.importorskip("timm")
-    model, meta = byo.load_model(f"vggattn.zoo:{factory}", VITS[factory])
+    model, meta = byo.load_model(f"vggattn.models.zoo:{factory}", VITS[factory])
     assert VITS[factory].stat().st_size < 25e6 and meta["input_size"] == 96 and len(meta["class_names"]) == 10
     hits, result = val_hits(model, meta, data_root)
     assert hits >= 10, hits
-    page = result.blocks[-1].page()
+    page = block_page(result.blocks[-1])
     assert page.prefix_names[0] == "cls_token" and page.grid == (12, 12)
     assert page.prefix_names[1:] == (["reg_token[0]", "reg_token[1]", "reg_token[2]", "reg_token[3]"]
                                      if "reg4" in factory else [])

@@ -3,7 +3,7 @@ whose blocks compute attention)."""
 
 from .analysis import Analysis, analyze
 from .capture import capture
-from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from .models.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from .data import ImageLoadError, cell_box, open_image, preprocess, query_index
 from .models.vgg import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
                     from_torchvision, gammas, vgg16_with_attention)

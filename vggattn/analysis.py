@@ -31,8 +31,7 @@ from .attention.adapters import (Adapter, BlockMaps, Intervention, TracedAdapter
 from .models.output import image_model
 from .data import eval_transform, query_index, to_rgb
 from .gradcam import grad_cam
-from .view.hover import exact_log_z, page_layer, row_summaries
-from .attention.readouts import js_divergence
+from .attention.readouts import exact_log_z, js_divergence, row_summaries
 from .attention.trace import watch
 
 DISPLAY_MAX_SIDE = 512  # overlays are drawn on a copy of the image at most this large (click cost ~ its area)
@@ -138,13 +137,6 @@ class BlockResult:
             return self.summaries[1].mean(0)
         with torch.no_grad():
             return self.maps.mean_row()[0, :, 0].double().mean(0).cpu().numpy()
-
-    def page(self, kind: str | None = None):
-        """This block as the page gets it (`vggattn.view.hover.page_layer`), with its sink and log Z."""
-        layer = page_layer(self.name, self.maps, self.family, kind, self.sink,
-                           None if self.summaries is None else self.summaries[0])
-        layer.norms, layer.rollout = self.page_norms, self.rollout
-        return layer
 
     @property
     def sink(self) -> tuple[int, float] | None:
@@ -350,9 +342,54 @@ def ablate(model: nn.Module, result: Analysis, modes: dict[str, str]) -> torch.T
     return torch.softmax(out / result.temperature, 0) if result.probs is not None else out
 
 
+ALL_OFF = "*"  # `switched_off`'s key for every block off at once
+
+
+def switched_off(model: nn.Module, result: Analysis) -> dict[str, torch.Tensor] | None:
+    """The ablation that result.json reports, and the Grad-CAM the figure shows (`with_gradcam`, kept in the result):
+    {block name: the probabilities with that block's attention off, ALL_OFF: with every block's off}; None for a
+    model without class logits (one forward per block, and one more)."""
+    with_gradcam(model, result)
+    if result.probs is None:
+        return None
+    off = {b.name: ablate(model, result, {b.name: "off"}) for b in result.blocks}
+    return off | {ALL_OFF: ablate(model, result, {b.name: "off" for b in result.blocks})}
+
+
 def model_view(x: torch.Tensor, meta: dict) -> np.ndarray:
     """Undo normalisation of a (1, 3, S, S) input -> (S, S, 3) uint8: the image as the model sees it."""
     mean = torch.tensor(meta["mean"]).view(3, 1, 1)
     std = torch.tensor(meta["std"]).view(3, 1, 1)
     img = (x[0].cpu().float() * std + mean).clamp(0, 1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+# B of an A/B on one image: the same model changed (the views compare it with A, `vggattn.view.compare`)
+COMPARE_KINDS = {"reinit": "the same model, every block's Q and K re-initialised",
+         "off": "the same model, every block's attention off", "mean": "the same model, every block's rows its mean row",
+         "uniform": "the same model, every block's rows uniform"}  # what B can be besides another image or model
+
+
+def twin_with_new_qk(model, meta: dict, layers: list[str] | None = None, seed: int = 1000):
+    """A copy of the model with every attention block's Q and K parameters re-initialised (`Adapter.qk_modules`)."""
+    import copy
+
+    from .attention.adapters import reset
+
+    twin = copy.deepcopy(model)
+    for name, _, adapter in blocks_of(model, meta, layers):
+        for i, sub in enumerate(adapter.qk_modules):
+            reset(twin.get_submodule(f"{name}.{sub}" if sub else name), seed + i)
+    return twin.eval()
+
+
+def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = None):
+    """The `Analysis` of B for a kind in COMPARE_KINDS: the image through the model with its Q and K re-initialised, or
+    every block's attention intervened on (`Intervention`: a block's own rows are read from its input as always, so
+    what changes is every block after one intervened on)."""
+    if kind == "reinit":
+        return analyze(twin_with_new_qk(model, meta, layers), meta, image, layers)
+    if kind not in COMPARE_KINDS:
+        raise ValueError(f"B must be one of {list(COMPARE_KINDS)}, another image or another model; got {kind!r}")
+    with Intervention(model, {n: kind for n, *_ in blocks_of(model, meta, layers)}):
+        return analyze(model, meta, image, layers)

@@ -28,11 +28,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis import analyze
-from .byo import add_model_arguments, load_from_args, load_named
-from .checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
+from .analysis import analyze, switched_off
+from .models.byo import add_model_arguments, load_from_args, load_named
+from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
 from .view.export import write_result
+from .view.hover import pages
 from .view.live import about_model
 from .view.render import COLORMAPS
 
@@ -95,9 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def compare_side(args, model, meta) -> dict:
-    """What --compare names, as {"label", and "image" (a path), "kind" (`vggattn.view.compare.KINDS`), or "model"
+    """What --compare names, as {"label", and "image" (a path), "kind" (`vggattn.analysis.COMPARE_KINDS`), or "model"
     and "meta" (another model)}."""
-    from .view.compare import KINDS
+    from .analysis import COMPARE_KINDS as KINDS
 
     what = args.compare
     if what in KINDS:
@@ -116,11 +117,12 @@ def write_compare(result, model, meta, other: dict, image, image_path: Path, poi
     """compare.html and compare.json (`vggattn.view.compare.numbers`) for one image."""
     import json
 
-    from .view.compare import Side, analysed_b, compare_html, layer_sides, numbers
+    from .analysis import analysed_b
+    from .view.compare import Side, compare_html, layer_sides, numbers
 
-    pages = [blk.page() for blk in result.blocks]
+    layers_a = pages(result)
     if "layers" in other:  # A: the first layer alone, B: the second, both of this analysis
-        a, b = layer_sides(result, pages, other["layers"])
+        a, b = layer_sides(result, layers_a, other["layers"])
         (target / "compare.html").write_text(compare_html(a, b, title=image_path.name, pin=point), encoding="utf-8")
         (target / "compare.json").write_text(json.dumps(numbers(a, b, point), indent=2))
         return
@@ -130,8 +132,8 @@ def write_compare(result, model, meta, other: dict, image, image_path: Path, poi
         result_b = analysed_b(model, meta, image, other["kind"], args.layers)
     else:
         result_b = analyze(other["model"], other["meta"], image)
-    a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result, pages)
-    b = Side(other["label"], result_b, [blk.page() for blk in result_b.blocks])
+    a = Side(image_path.name if "image" in other else about_model(meta, args.checkpoint), result, layers_a)
+    b = Side(other["label"], result_b, pages(result_b))
     (target / "compare.html").write_text(compare_html(a, b, title=image_path.name, pin=point), encoding="utf-8")
     (target / "compare.json").write_text(json.dumps(numbers(a, b, point), indent=2))
     log.info("%s: compare.html against %s", image_path.name, other["label"])
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
             result = analyze(model, meta, image, args.layers)
-            write_result(result, points, target, None if args.no_ablation else model, source=str(image_path),
+            write_result(result, points, target, None if args.no_ablation else switched_off(model, result),
+                         source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap, live=args.html, about=about_model(meta, args.checkpoint))
             if args.compare:
                 if other is None:

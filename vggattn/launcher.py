@@ -1,4 +1,5 @@
-"""The `vggattn-app` console script: the app when its extra is installed, else one line saying how.
+"""The `vggattn-app` console script: the app when its extra is installed, else one line saying how. (Outside
+`vggattn.app`, whose import needs Gradio: this must run without it.)
 
     vggattn-app --checkpoint my.safetensors       # = python -m vggattn.app (needs pip install "vggattn[app]")
 """

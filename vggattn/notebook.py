@@ -52,16 +52,16 @@ def _model(spec):
     import torch.nn as nn
 
     if spec is None:
-        from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+        from .models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
         return load_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
     if isinstance(spec, tuple):
         return spec
     if isinstance(spec, nn.Module):
-        from .byo import in_hand
+        from .models.byo import in_hand
 
         return in_hand(spec)
-    from .byo import load_named
+    from .models.byo import load_named
 
     return load_named(str(spec))
 
@@ -78,6 +78,7 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
 
     from .analysis import analyze
     from .data import open_image
+    from .view.hover import pages
     from .view.live import about_model, live_html
 
     if image is None:
@@ -86,14 +87,15 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
     picture = image if isinstance(image, Image.Image) else open_image(image)
     name = title or (Path(image).name if not isinstance(image, Image.Image) else "image")
     result = analyze(net, meta, picture, layers)
-    pages = [b.page() for b in result.blocks]
+    layers_a = pages(result)
     if compare is None:
-        return LiveView(html=live_html(result, pages, title=name, about=about_model(meta), pin=point))
-    from .view.compare import KINDS, Side, analysed_b, compare_html, layer_sides
+        return LiveView(html=live_html(result, layers_a, title=name, about=about_model(meta), pin=point))
+    from .analysis import COMPARE_KINDS as KINDS, analysed_b
+    from .view.compare import Side, compare_html, layer_sides
 
     if isinstance(compare, str) and compare.startswith("layers:"):  # two layers of this model
-        return LiveView(html=compare_html(*layer_sides(result, pages, compare), title=name, pin=point), height=1600)
-    a = Side(about_model(meta), result, pages)
+        return LiveView(html=compare_html(*layer_sides(result, layers_a, compare), title=name, pin=point), height=1600)
+    a = Side(about_model(meta), result, layers_a)
     if isinstance(compare, str) and compare in KINDS:
         result_b, label = analysed_b(net, meta, picture, compare, layers), KINDS[compare]
     elif isinstance(compare, Image.Image) or (isinstance(compare, (str, Path)) and Path(compare).is_file()
@@ -104,5 +106,5 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
     else:
         net_b, meta_b = _model(compare)
         result_b, label = analyze(net_b, meta_b, picture), about_model(meta_b)
-    b = Side(label, result_b, [blk.page() for blk in result_b.blocks])
+    b = Side(label, result_b, pages(result_b))
     return LiveView(html=compare_html(a, b, title=name, pin=point), height=1600)

@@ -3,13 +3,13 @@
     python app.py                                  # in a checkout: the shipped checkpoint, http://127.0.0.1:7860
     vggattn-app --checkpoint my.safetensors --device cuda --port 8000    # installed: the console script
     vggattn-app --timm botnet26t_256               # any model with attention blocks (random weights where offline)
-    vggattn-app --model vggattn.zoo:nonlocal_resnet --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors
+    vggattn-app --model vggattn.models.zoo:nonlocal_resnet --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors
     vggattn.launch(model, transform=my_transform, class_names=names)    # a model in hand, from Python
 
 One app for every model: the blocks are found by `vggattn.attention.adapters.find_blocks` (the article's GlobalAttention
 among them), the model runs once per upload (`vggattn.analysis.analyze`), and the page gets each block's
 queries and keys, or its rows where that is smaller (`vggattn.view.hover.page_layer`), and draws the maps under the
-pointer itself (vggattn/web/hover.js), with no request per move. A click pins a point: the page draws it, and
+pointer itself (vggattn/view/web/hover.js), with no request per move. A click pins a point: the page draws it, and
 the server sends its readouts (its pictures, the page's maths in numpy, where no page script draws:
 `/pin`, `/attention_at`). The tabs (contribution, query dependence, ablation, Grad-CAM, export, blocks, the
 dataset study) read the same analysis. This file wires the UI to the library and holds no model maths.
@@ -44,16 +44,16 @@ import torch
 import torch.nn as nn
 
 from ..attention.adapters import MODES, TracedAdapter
-from ..analysis import Analysis, ablate, analyze, block_gamma, blocks_of, with_gradcam
-from ..byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
-from ..checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
+from ..analysis import COMPARE_KINDS, Analysis, ablate, analysed_b, analyze, block_gamma, blocks_of, switched_off, with_gradcam
+from ..models.byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
+from ..models.checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)
 from ..view.export import map_picture, write_result
-from ..view.compare import KINDS as COMPARE_KINDS, Side, analysed_b, compare_html
+from ..view.compare import Side, compare_html
 from ..view.live import about_model
 from ..view.render import COLORMAPS, SCALES, UPSAMPLING
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
-from ..view.hover import PageLayer, page_payload
+from ..view.hover import PageLayer, layer_binary, page_payload
 from ..data import query_index
 from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
@@ -64,6 +64,7 @@ from .ui import (CONTROLS, EXAMPLES, PIN_JS, UPLOAD_JS, STATE_SESSIONS, Uploaded
                  view_controls)
 from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
+from ..view.hover import pages
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
@@ -108,14 +109,17 @@ def deferred_payload(result: Analysis, pages: list[PageLayer], dtype: str) -> di
 
 
 def layer_answer(key: str, index: int):
-    """One layer of an upload's payload that was sent later (its panel came on screen), or a 404 that says why."""
+    """One layer of an upload's payload that was sent later (its panel came on screen), as bytes
+    (`vggattn.view.hover.layer_binary`), or a JSON 404 that says why."""
     from fastapi.responses import JSONResponse
 
     with _deferred_lock:
         held = DEFERRED.get(key)
     if held is None or not 0 <= index < len(held[0]):
         return JSONResponse({"error": "this image's layers are no longer kept here: upload it again"}, status_code=404)
-    return JSONResponse(held[0][index].payload(held[1]))
+    from fastapi.responses import Response
+
+    return Response(layer_binary(held[0][index], held[1]), media_type="application/octet-stream")
 
 
 @dataclass
@@ -256,7 +260,7 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
         return blank(ui)
     try:
         result = analyze(model, meta, load_upload(path), layers)
-        session = Session(result, [b.page() for b in result.blocks], path=str(path))
+        session = Session(result, pages(result), path=str(path))
         return session_outputs(ui, model, meta, session, hover_dtype, tab, opacity, colormap, mode)
     finally:
         release_memory()
@@ -444,7 +448,8 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict |
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
     point = pinned_point(state, point)
-    write_result(state.result, [point] if point is not None else [], work / "vggattn", model, opacity=opacity,
+    write_result(state.result, [point] if point is not None else [], work / "vggattn", switched_off(model, state.result),
+                 opacity=opacity,
                  colormap=colormap, mode=mode, source=Path(state.path).name if state.path else None, live=True,
                  about=about_model(meta or {}))
     name = "vggattn-export" + (f"-x{point[0]}-y{point[1]}" if point is not None else "")
@@ -526,7 +531,7 @@ def on_link(ui: UI, model: nn.Module, meta: dict, params: dict, hover_dtype: str
 
 
 def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tuple:
-    """The Compare tab: this image and model (A) against B (`vggattn.view.compare.KINDS`, or another image), as the
+    """The Compare tab: this image and model (A) against B (`vggattn.analysis.COMPARE_KINDS`, or another image), as the
     A/B page in a frame and as one file to download; A's pinned point (else the centre) pinned on both."""
     problem = click_problem(state)
     if problem:
@@ -543,7 +548,7 @@ def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tup
     else:
         result_b = analysed_b(model, meta, load_upload(state.path), kind, layers)
         label = COMPARE_KINDS[kind]
-    b = Side(label, result_b, [blk.page() for blk in result_b.blocks])
+    b = Side(label, result_b, pages(result_b))
     point = pinned_point(state, point) or (result.size[0] // 2, result.size[1] // 2)
     page = compare_html(a, b, title=Path(state.path).name if state.path else "image", pin=point)
     EXPORT_DIR.mkdir(parents=True, exist_ok=True)
@@ -568,7 +573,7 @@ def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"
     w, h = result.size
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
-    state = Session(result, [b.page() for b in result.blocks])
+    state = Session(result, pages(result))
     pictures, _, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
     info = [{"layer": b.name, "family": b.family, "grid": list(b.maps.grid), "key_grid": list(b.maps.key_grid),
              "gamma": b.gamma, "query_index": b.query_index((float(x), float(y)))} for b in result.blocks]
@@ -634,7 +639,7 @@ def panel_height(n: int) -> int:
 
 def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoint: str | None = None,
                hover_dtype: str = "float32", session_ttl: int = 3600, layers: list[str] | None = None) -> gr.Blocks:
-    """The app for any model with attention blocks. meta: `vggattn.load_checkpoint`'s or `vggattn.byo.describe`'s;
+    """The app for any model with attention blocks. meta: `vggattn.load_checkpoint`'s or `vggattn.models.byo.describe`'s;
     study: the model's `vggattn.study` result (its Dataset tab), if there is one; hover_dtype: how Q and K travel
     to the page ("float16" halves the bytes; bench/README.md has the error); session_ttl: seconds a session's
     analysis is kept after it was made (Gradio's State time_to_live); layers: the blocks to show (default all)."""

@@ -16,6 +16,7 @@ import numpy as np
 
 import torch
 
+HIGH_NORM = 4.0  # a patch token this many times the median patch norm is high-norm (Darcet et al. 2023)
 SINK_DOMINATED = 0.5  # an image's layer is sink-dominated when one cell takes at least this share of all attention
 UNSURE_PRECISION = 0.5  # predictions are "unsure" below the confidence where val top-1 precision falls under this
 
@@ -85,3 +86,33 @@ def unsure_threshold(confidence: np.ndarray, correct: np.ndarray) -> float:
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)  # of the k least confident predictions
     below = np.nonzero(precision < UNSURE_PRECISION)[0]
     return float(conf[below[-1]]) if len(below) else 0.0
+
+
+def row_summaries(query: torch.Tensor, key: torch.Tensor, scale: float = 1.0, chunk: int = 1024
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z (..., N) float64, the mean row (..., M)) of the rows softmax(scale q_i . K) of (..., N, d) Q and
+    (..., M, d) K, from one pass over the rows a block at a time with one exponential a weight (never the N x M map).
+    The rows are summed in Q's dtype; log Z is made exact for the page (`exact_log_z`): each row's largest logit
+    recomputed as the page computes logits, float64 products of the same Q and K."""
+    k = key.to(query.dtype).transpose(-1, -2)
+    n, parts, tops, total = query.shape[-2], [], [], 0
+    for s in range(0, n, chunk):
+        logits = (query[..., s:s + chunk, :] @ k) * scale  # (..., R, M)
+        top, index = logits.max(-1, keepdim=True)  # (..., R, 1)
+        weights = torch.exp(logits.sub_(top))  # unnormalised rows, in place
+        z = weights.sum(-1, keepdim=True)  # (..., R, 1)
+        total = total + (z.reciprocal().transpose(-1, -2) @ weights)[..., 0, :].double()  # the rows, summed over queries
+        parts.append(-torch.log(z.double())[..., 0])  # log of the largest weight, 1 / z
+        tops.append(index[..., 0])
+    return exact_log_z(query, key, scale, torch.cat(tops, -1), torch.cat(parts, -1)), (total / n).to(query.dtype)
+
+
+def exact_log_z(query: torch.Tensor, key: torch.Tensor, scale: float, top: torch.Tensor,
+                log_top_weight: torch.Tensor) -> torch.Tensor:
+    """log Z (..., N) float64 of the rows softmax(scale q_i . K), as the page's float64 logits of the same float32 Q
+    and K would give it: the largest logit of each row (its key `top` (..., N)) recomputed in float64, minus the
+    log of that key's weight (float64 (..., N), as the forward or a float32 pass computed it). A float32 log Z
+    would be off by the logits' rounding, 6e-8 |logit|, so that a column exp(q k_j - log Z) could pass 1."""
+    k = key.double()  # (..., M, d)
+    picked = torch.gather(k, -2, top[..., None].expand(*top.shape, k.shape[-1]))  # (..., N, d): each row's top key
+    return (query.double() * picked).sum(-1) * scale - log_top_weight

@@ -3,7 +3,7 @@
     python -m vggattn.study --checkpoint checkpoints/vgg16att-imagenette-w025-128.safetensors \
         --data ../shared/data/imagenette2-224/val --out study/        # any ImageFolder split
     python -m vggattn.study --data .../val --out study/ --limit 300   # an evenly spaced subset
-    python -m vggattn.study --model vggattn.zoo:nonlocal_resnet \
+    python -m vggattn.study --model vggattn.models.zoo:nonlocal_resnet \
         --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors --data .../val --out study/
 
 One engine for every model: its attention blocks are found and read through `vggattn.attention.adapters`. Writes
@@ -58,10 +58,10 @@ from ..analysis import _ancestors, block_gamma
 from ..attention.adapters import (BlockMaps, Intervention, TracedAdapter, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
-from ..byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
-from ..checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
+from ..models.byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
+from ..models.checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
 from ..data import eval_transform, load_rgb
-from ..attention.readouts import SINK_DOMINATED, cell_centers
+from ..attention.readouts import HIGH_NORM, SINK_DOMINATED, cell_centers
 from .report import MODES, headline, write_study
 from ..attention.trace import Call, Seen, Watch, watch
 
@@ -628,7 +628,6 @@ class ResidualNorms:
     def record(self, name: str, adapter, x: torch.Tensor) -> dict[str, np.ndarray]:
         """{name:high_norm (B,): patches over HIGH_NORM x the median patch norm, name:norm_max (B,): the largest
         patch norm / the median, name:prefix_norm (B, P): each prefix token's norm / the median patch norm}."""
-        from ..view.export import HIGH_NORM
 
         places = getattr(adapter, "places", {}).get(tuple(x.shape[1:]))
         if name not in self.names or places is None or not places.prefix:
@@ -727,7 +726,6 @@ def token_summary(rec: dict[str, np.ndarray], name: str, adapter) -> dict:
     {"prefix_own": {token: share of its own row on the patches, and that part's entropy / ln M}, "norms": {images
     with a high-norm patch, mean high-norm patches an image, largest patch / median, each prefix token's norm /
     the median patch norm}}; {} where the layer has none."""
-    from ..view.export import HIGH_NORM
 
     places = getattr(adapter, "places", {}) or {}
     names = next((p.names for p in places.values() if p.names), None)
@@ -829,7 +827,7 @@ def study_path(checkpoint: str | Path) -> Path:
 def load_study(checkpoint: str | Path) -> dict | None:
     """The study shipped beside a checkpoint, which is resolved as `load_checkpoint` resolves it (a file, a
     folder holding model.safetensors, or a Hub id in huggingface_hub's cache); None when there is none."""
-    from ..checkpoint import resolve
+    from ..models.checkpoint import resolve
 
     try:
         path = study_path(resolve(checkpoint))
@@ -902,7 +900,7 @@ def finish(study: dict, args, meta: dict) -> int:
         Path(args.checkpoint or DEFAULT_CHECKPOINT).name
     paths = write_study(study, args.out)
     if args.ship:
-        from ..checkpoint import resolve
+        from ..models.checkpoint import resolve
 
         target = study_path(resolve(args.checkpoint))  # a folder: beside its model.safetensors
         target.write_text(json.dumps(study, indent=1))

@@ -72,40 +72,6 @@ def point_on(xy: tuple[float, float], size_from: tuple[int, int], size_to: tuple
     return min(wt - 1, int((x + 0.5) * wt / wf)), min(ht - 1, int((y + 0.5) * ht / hf))
 
 
-KINDS = {"reinit": "the same model, every block's Q and K re-initialised",
-         "off": "the same model, every block's attention off", "mean": "the same model, every block's rows its mean row",
-         "uniform": "the same model, every block's rows uniform"}  # what B can be besides another image or model
-
-
-def twin_with_new_qk(model, meta: dict, layers: list[str] | None = None, seed: int = 1000):
-    """A copy of the model with every attention block's Q and K parameters re-initialised (`Adapter.qk_modules`)."""
-    import copy
-
-    from ..analysis import blocks_of
-    from ..attention.adapters import reset
-
-    twin = copy.deepcopy(model)
-    for name, _, adapter in blocks_of(model, meta, layers):
-        for i, sub in enumerate(adapter.qk_modules):
-            reset(twin.get_submodule(f"{name}.{sub}" if sub else name), seed + i)
-    return twin.eval()
-
-
-def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = None):
-    """The `Analysis` of B for a kind in KINDS: the image through the model with its Q and K re-initialised, or with
-    every block's attention intervened on (`Intervention`: a block's own rows are read from its input as always, so
-    what changes is every block after one intervened on)."""
-    from ..analysis import analyze, blocks_of
-    from ..attention.adapters import Intervention
-
-    if kind == "reinit":
-        return analyze(twin_with_new_qk(model, meta, layers), meta, image, layers)
-    if kind not in KINDS:
-        raise ValueError(f"B must be one of {list(KINDS)}, another image or another model; got {kind!r}")
-    with Intervention(model, {n: kind for n, *_ in blocks_of(model, meta, layers)}):
-        return analyze(model, meta, image, layers)
-
-
 def layer_sides(result, pages: list[PageLayer], spec: str) -> tuple[Side, Side]:
     """A/B of two layers of one analysis: spec "layers:NAME,NAME" -> (the first layer's side, the second's)."""
     names = spec[len("layers:"):].split(",")

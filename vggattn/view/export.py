@@ -1,6 +1,6 @@
 """What `vggattn.explain` and the app's Export write for one analysed image: figure, maps, numbers.
 
-    write_result(result, [(120, 80)], "out/church", model)   # figure.png, *.npy, result.json
+    write_result(result, [(120, 80)], "out/church", switched_off(model, result))   # figure.png, *.npy, result.json
 
 Per block: `<block>_attention.npy` (points, key rows, key columns: the mean over heads; `_attention_heads.npy`
 per head where there are several), `<block>_mean_attention.npy` (the query-averaged map) and, where the block
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis import Analysis, ablate, with_gradcam
-from ..checkpoint import atomic_write
-from ..attention.readouts import row_readouts
-from .hover import HIGH_NORM  # a patch this many times the median patch norm is flagged as high-norm (result.json)
+from ..analysis import ALL_OFF, Analysis
+from ..models.checkpoint import atomic_write
+from ..attention.readouts import HIGH_NORM, row_readouts
+from .hover import pages
 from .render import attention_picture, mark_query, overlay, upsample, map_levels
 
 
@@ -53,8 +53,9 @@ def point_readouts(result: Analysis, xy: tuple[float, float], k: int = 5) -> dic
     return out
 
 
-def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -> dict:
-    """Everything result.json holds, as plain numbers (model: for the ablation forwards; None skips them)."""
+def summarize(result: Analysis, points: list[tuple[float, float]], off: dict | None = None) -> dict:
+    """Everything result.json holds, as plain numbers (off: the probabilities with each block's attention off and
+    with all of them off, `vggattn.analysis.switched_off`; None leaves the ablation out)."""
     probs = result.probs
     blocks = []
     for block, (_, jsd) in zip(result.blocks, result.query_dependence()):
@@ -84,17 +85,15 @@ def summarize(result: Analysis, points: list[tuple[float, float]], model=None) -
                                         "top_cell": list(divmod(int(r[:kcells].argmax()), m.key_grid[1])),
                                         "on_prefix": dict(zip(names, map(float, r[kcells:])))}
                                     for n, r in zip(names, rows)}
-        if model is not None and probs is not None:
-            entry["top5_attention_off"] = ranked_predictions(ablate(model, result, {block.name: "off"}),
-                                                             result.class_names)
+        if off is not None and probs is not None:
+            entry["top5_attention_off"] = ranked_predictions(off[block.name], result.class_names)
         blocks.append(entry)
     out = {"image_size": list(result.size), "input_size": result.input_size,
            "predictions": None if probs is None else ranked_predictions(probs, result.class_names),
            "score": None if probs is not None else result.score(), "gammas": result.gammas(), "layers": blocks,
            "points": [{"xy": list(xy), "layers": point_readouts(result, xy)} for xy in points]}
-    if model is not None and probs is not None:
-        out["top5_all_attention_off"] = ranked_predictions(
-            ablate(model, result, {b.name: "off" for b in result.blocks}), result.class_names)
+    if off is not None and probs is not None:
+        out["top5_all_attention_off"] = ranked_predictions(off[ALL_OFF], result.class_names)
     if result.gradcam is not None:
         out["gradcam_class"] = result.class_names[int(probs.argmax())]
     return out
@@ -220,17 +219,16 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
     atomic_write(path, lambda tmp: sheet.image.save(tmp, format="PNG", compress_level=1))
 
 
-def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, model=None, *,
+def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, off: dict | None = None, *,
                  source: str | None = None, opacity: float = 0.8, colormap: str = "inferno", mode: str = "smooth",
                  live: bool = False, about: str = "") -> dict:
-    """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict. model: for the
-    ablation forwards and Grad-CAM (None: neither). live: also view.html, the live view in one file that opens
-    offline (`vggattn.view.live`, the first point pinned; about: its line on the model)."""
+    """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict. off: the ablation's
+    probabilities (`vggattn.analysis.switched_off`, which also adds the Grad-CAM; None: neither). live: also
+    view.html, the live view in one file that opens offline (`vggattn.view.live`, the first point pinned; about:
+    its line on the model). Runs no model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if model is not None:
-        with_gradcam(model, result)
-    summary = {"source": source, **summarize(result, points, model)}
+    summary = {"source": source, **summarize(result, points, off)}
     files = ["figure.png", "result.json"]
 
     def save(name: str, array) -> None:
@@ -255,7 +253,7 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
     if live:
         from .live import live_html
 
-        page = live_html(result, [b.page() for b in result.blocks], title=Path(source).name if source else "image",
+        page = live_html(result, pages(result), title=Path(source).name if source else "image",
                          about=about, controls={"opacity": opacity, "colormap": colormap, "mode": mode},
                          pin=points[0] if points else None)
         atomic_write(out / "view.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

@@ -7,7 +7,7 @@
 
 A row is softmax(q_i . K) and a column is A[:, j] = exp(Q k_j - log Z) with the row normalisers
 log Z (N,) computed here once, so the page answers every pointer move with O(N C') arithmetic and
-no request. The app's script (vggattn/web/hover.js) reads this format and draws with
+no request. The app's script (vggattn/view/web/hover.js) reads this format and draws with
 `vggattn.view.render`'s rules and constants (`page_props`); `PageLayer`'s rows and pictures, the same maths in
 numpy, are what the server pins and what the page is tested against.
 """
@@ -25,7 +25,7 @@ import torch
 
 from ..data import query_index
 from .render import attention_picture, page_constants
-from ..attention.readouts import SINK_DOMINATED
+from ..attention.readouts import HIGH_NORM, SINK_DOMINATED, exact_log_z, row_summaries
 
 DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
 CELLS = "<i4"  # a windowed layer's key cells (int32; -1: padding)
@@ -48,36 +48,6 @@ def _json_size(layer: dict) -> int:
     commas = 2 * (len(arrays) - (not others)) if arrays else 0  # ", " before each array but a first one
     return len(json.dumps(others)) + commas + sum(len(json.dumps(k)) + 4 + 4 * -(-v.nbytes // 3)
                                                   for k, v in arrays.items())
-
-
-def row_summaries(query: torch.Tensor, key: torch.Tensor, scale: float = 1.0, chunk: int = 1024
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log Z (..., N) float64, the mean row (..., M)) of the rows softmax(scale q_i . K) of (..., N, d) Q and
-    (..., M, d) K, from one pass over the rows a block at a time with one exponential a weight (never the N x M map).
-    The rows are summed in Q's dtype; log Z is made exact for the page (`exact_log_z`): each row's largest logit
-    recomputed as the page computes logits, float64 products of the same Q and K."""
-    k = key.to(query.dtype).transpose(-1, -2)
-    n, parts, tops, total = query.shape[-2], [], [], 0
-    for s in range(0, n, chunk):
-        logits = (query[..., s:s + chunk, :] @ k) * scale  # (..., R, M)
-        top, index = logits.max(-1, keepdim=True)  # (..., R, 1)
-        weights = torch.exp(logits.sub_(top))  # unnormalised rows, in place
-        z = weights.sum(-1, keepdim=True)  # (..., R, 1)
-        total = total + (z.reciprocal().transpose(-1, -2) @ weights)[..., 0, :].double()  # the rows, summed over queries
-        parts.append(-torch.log(z.double())[..., 0])  # log of the largest weight, 1 / z
-        tops.append(index[..., 0])
-    return exact_log_z(query, key, scale, torch.cat(tops, -1), torch.cat(parts, -1)), (total / n).to(query.dtype)
-
-
-def exact_log_z(query: torch.Tensor, key: torch.Tensor, scale: float, top: torch.Tensor,
-                log_top_weight: torch.Tensor) -> torch.Tensor:
-    """log Z (..., N) float64 of the rows softmax(scale q_i . K), as the page's float64 logits of the same float32 Q
-    and K would give it: the largest logit of each row (its key `top` (..., N)) recomputed in float64, minus the
-    log of that key's weight (float64 (..., N), as the forward or a float32 pass computed it). A float32 log Z
-    would be off by the logits' rounding, 6e-8 |logit|, so that a column exp(q k_j - log Z) could pass 1."""
-    k = key.double()  # (..., M, d)
-    picked = torch.gather(k, -2, top[..., None].expand(*top.shape, k.shape[-1]))  # (..., N, d): each row's top key
-    return (query.double() * picked).sum(-1) * scale - log_top_weight
 
 
 def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
@@ -103,6 +73,31 @@ def decode(layer: dict, name: str, dtype: str = "float32") -> np.ndarray:
     if name == "logz":
         return raw if heads == 1 else raw.reshape(heads, -1)
     return raw.reshape(-1, layer["dim"]) if heads == 1 else raw.reshape(heads, -1, layer["dim"])
+
+
+def layer_binary(layer: "PageLayer", dtype: str = "float32") -> bytes:
+    """One layer as the page fetches a deferred one: a uint32 (little-endian) header length, the header (the
+    layer's JSON with each array replaced by {"at": byte offset, "bytes": length}, offsets from the buffer's start,
+    8-byte aligned), then the arrays' raw little-endian bytes. No base64 and no JSON text of the numbers: a
+    transformer's layer at 518 px is 4.2 MB of it instead of 5.7 MB of text to parse and decode."""
+    raw = layer._payload(dtype)
+    arrays = [(k, v) for k, v in raw.items() if isinstance(v, np.ndarray)]
+    header, pad = {k: v for k, v in raw.items() if not isinstance(v, np.ndarray)}, lambda n: -n % 8  # noqa: E731
+    at = 0
+    for k, v in arrays:  # offsets relative to the first array, shifted by the header's length below
+        header[k] = {"at": at, "bytes": v.nbytes}
+        at += v.nbytes + pad(v.nbytes)
+    text = json.dumps(header).encode()
+    start = 4 + len(text) + 16 * len(arrays)  # room for each offset's longer number once shifted by `start`
+    start += pad(start)
+    for k, _ in arrays:
+        header[k]["at"] += start
+    text = json.dumps(header).encode()
+    text += b" " * (start - 4 - len(text))  # JSON ignores trailing spaces: the arrays start at `start`
+    parts = [len(text).to_bytes(4, "little"), text]
+    for _, v in arrays:
+        parts += [v.tobytes(), b"\0" * pad(v.nbytes)]
+    return b"".join(parts)
 
 
 def payload_bytes(payload: dict) -> int:
@@ -368,8 +363,21 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
     return layer
 
 
+def block_page(block, kind: str | None = None) -> PageLayer:
+    """One block of an analysis (`vggattn.analysis.BlockResult`) as the page gets it (`page_layer`), with its sink,
+    log Z, the residual stream's norms and the rollout up to it."""
+    layer = page_layer(block.name, block.maps, block.family, kind, block.sink,
+                       None if block.summaries is None else block.summaries[0])
+    layer.norms, layer.rollout = block.page_norms, block.rollout
+    return layer
+
+
+def pages(result) -> list[PageLayer]:
+    """Every block of an analysis (`vggattn.analysis.Analysis`) as the page gets it."""
+    return [block_page(b) for b in result.blocks]
+
+
 ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms", "rollout")
-HIGH_NORM = 4.0  # a patch token this many times the median patch norm is high-norm (Darcet et al. 2023)  # a layer's arrays (base64)
 PAYLOAD_BUDGET = 8 << 20  # bytes of JSON an upload sends at most: layers past it are sent when the page shows them
 
 

@@ -2,7 +2,7 @@
 page's own script (`web/hover.js`) inline. Opened from disk in a browser, with no server and no network, it follows
 the pointer and pins clicks as the app does, with the same pixels.
 
-    html = live_html(result, [b.page() for b in result.blocks], title="church.jpg", pin=(120, 80))
+    html = live_html(result, pages(result), title="church.jpg", pin=(120, 80))
     Path("view.html").write_text(html)
 
 Arrays go as float32 (the app's pixels exactly) while that stays within 8 MB, else as float16, which halves the file;

@@ -9,7 +9,7 @@
 
 Weight is shown as visibility: a cell's tint is transparent at weight 0 and reaches the chosen
 opacity at FULL_AT of the colour scale, so the photo stays as it is where a position does not look.
-The page's script (vggattn/web/hover.js) draws the same pictures with the same rules from the
+The page's script (vggattn/view/web/hover.js) draws the same pictures with the same rules from the
 constants in `page_constants()`: every step is integer or float64 arithmetic in the same order, and
 marks are pixel rules (no font or antialiasing), so a map drawn under the pointer and the server's
 pinned map are the same pixels (tests/test_browser.py compares them).

@@ -1,6 +1,6 @@
 // vggattn hover view: the attention panels follow the pointer over the input image, and a click pins a point.
 //
-// Runs as the js_on_load of a gr.HTML (vggattn/app.py); Gradio gives it `element`, `props` and `watch`.
+// Runs as the js_on_load of a gr.HTML (vggattn/app/ui.py); Gradio gives it `element`, `props` and `watch`.
 // props.value is the payload of vggattn/view/hover.py (per layer Q, K, log Z, sink, or the rows themselves), sent once
 // per upload; the other props (vggattn.view.hover.page_props) are the rendering constants, palettes, panel count, sink
 // rule and controls. Every pointer move and click is answered here, with no request: row i = softmax(scale q_i . K)
@@ -40,22 +40,32 @@ function halfToFloat(h) {
   return s * Math.pow(2, e - 15) * (1 + f / 1024);
 }
 
-function decodeArray(b64, dtype) {
-  const bin = atob(b64);
-  const bytes = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-  if (dtype === "float32") return new Float32Array(bytes.buffer);
-  if (dtype === "int32") return new Int32Array(bytes.buffer);
-  if (dtype === "float64") return new Float64Array(bytes.buffer);
-  const half = new Uint16Array(bytes.buffer), out = new Float32Array(half.length);
+function decodeArray(b64, dtype, buffer) {  // base64 text, or {at, bytes} in a fetched layer's buffer (layerBinary)
+  let bytes;
+  if (typeof b64 === "string") {
+    const bin = atob(b64);
+    bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  } else {
+    bytes = new Uint8Array(buffer, b64.at, b64.bytes);  // 8-byte aligned by the server: views, no copy
+  }
+  if (dtype === "float32") return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
+  if (dtype === "int32") return new Int32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
+  if (dtype === "float64") return new Float64Array(bytes.buffer, bytes.byteOffset, bytes.length / 8);
+  const half = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.length / 2), out = new Float32Array(half.length);
   for (let i = 0; i < half.length; i++) out[i] = halfToFloat(half[i]);
   return out;
 }
 
+function layerBinary(buffer) {  // a deferred layer as the server sends it (vggattn/view/hover.py layer_binary)
+  const length = new DataView(buffer).getUint32(0, true);
+  return JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, length)));
+}
+
 // One layer of the payload, decoded; "deferred": its description only, its arrays come later (requestLayer)
-function decodeLayer(l, dtype) {
+function decodeLayer(l, dtype, buffer = null) {  // buffer: a fetched layer's bytes, its arrays' home
   const keyGrid = l.key_grid || l.grid, kind = l.kind || "qk", prefix = l.prefix || [], deferred = !!l.deferred;
-  const arr = (name, as = dtype) => (!deferred && l[name] ? decodeArray(l[name], as) : null);
+  const arr = (name, as = dtype) => (!deferred && l[name] ? decodeArray(l[name], as, buffer) : null);
   return {
     prefix, P: prefix.length,  // prefix tokens: Q's rows after the grid's, K's keys after the grid's
     prefixW: arr("prefix_w"), prefixRows: arr("prefix_rows"),  // "rows": (heads, N, P), (heads, P, M + P)
@@ -65,7 +75,7 @@ function decodeLayer(l, dtype) {
     q: kind === "qk" ? arr("q") : null, k: kind === "qk" ? arr("k") : null,
     logz: arr("logz", l.logz_dtype || "float32"),
     rows: kind === "rows" || kind === "map" ? arr("rows") : null,
-    norms: arr("norms", "float32"), highNorm: l.high_norm || 4, rollout: arr("rollout", "float16"),  // tokens: (N + P,) grid cells, then the prefix
+    norms: arr("norms", "float32"), highNorm: l.high_norm, rollout: arr("rollout", "float16"),  // tokens: (N + P,) grid cells, then the prefix
     window: l.window || 0, values: kind === "window" ? arr("values") : null,
     cells: kind === "window" ? arr("cells", "int32") : null,
   };
@@ -81,11 +91,11 @@ function requestLayer(i) {  // a deferred layer's arrays, from the server, once
   if (!L || !L.deferred || L.loading) return;
   L.loading = true;
   const mine = generation, dtype = payload.dtype, t0 = performance.now();
-  fetch(payload.fetch + i).then(r => r.json()).then(raw => {
+  fetch(payload.fetch + i).then(r => (r.ok ? r.arrayBuffer() : r.json())).then(got => {
     if (mine !== generation || !payload) return;
-    if (raw.error) { L.loading = false; L.failed = raw.error; setLine(raw.error); return; }
-    payload.layers[i] = decodeLayer(raw, dtype);
-    payload.bytes += JSON.stringify(raw).length;
+    if (!(got instanceof ArrayBuffer)) { L.loading = false; L.failed = got.error; setLine(got.error); return; }
+    payload.layers[i] = decodeLayer(layerBinary(got), dtype, got);
+    payload.bytes += got.byteLength;
     const at = shown();
     if (at) drawPanel(i, at[0], at[1]);
     else if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }

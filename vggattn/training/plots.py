@@ -1,8 +1,8 @@
 """Figures from a training run: each layer's gamma against epoch (and val top-1, where logged).
 
-    python -m vggattn.plots ~/runs/w025-att --out gamma.png             # the run's log.jsonl
-    python -m vggattn.plots ~/runs/w025-att/log.jsonl --out gamma.png
-    python -m vggattn.plots epoch*.safetensors --out gamma.png          # gammas read from checkpoints
+    python -m vggattn.training.plots ~/runs/w025-att --out gamma.png             # the run's log.jsonl
+    python -m vggattn.training.plots ~/runs/w025-att/log.jsonl --out gamma.png
+    python -m vggattn.training.plots epoch*.safetensors --out gamma.png          # gammas read from checkpoints
 
 From checkpoints, the epoch is the one their meta records (training.epochs), else their order.
 """
@@ -14,10 +14,10 @@ import json
 import logging
 from pathlib import Path
 
-from .checkpoint import BAD_INPUT, CheckpointError
-from .models.vgg import ARTICLE_ATTENTION_NAMES
+from ..models.checkpoint import BAD_INPUT, CheckpointError
+from ..models.vgg import ARTICLE_ATTENTION_NAMES
 
-log = logging.getLogger("vggattn.plots")
+log = logging.getLogger("vggattn.training.plots")
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -27,8 +27,8 @@ def read_log(path: str | Path) -> list[dict]:
 
 def history_from_checkpoints(paths: list[str | Path]) -> list[dict]:
     """One record per checkpoint: its epoch and its model's gammas (read from the weights)."""
-    from .checkpoint import load_checkpoint
-    from .models.vgg import gammas
+    from ..models.checkpoint import load_checkpoint
+    from ..models.vgg import gammas
 
     records = []
     for i, path in enumerate(paths, start=1):
@@ -87,8 +87,8 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.plots", description="Plot each layer's gamma against epoch.")
-    p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.train, its run folder, or checkpoints")
+    p = argparse.ArgumentParser(prog="python -m vggattn.training.plots", description="Plot each layer's gamma against epoch.")
+    p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.training.train, its run folder, or checkpoints")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="γ per attention layer", help="figure title")
     return p.parse_args(argv)

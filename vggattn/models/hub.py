@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import HUB_ID, WEIGHTS_NAME, imagenet_meta, resolve, save_checkpoint  # noqa: F401 (hub.resolve, hub.HUB_ID)
-from .models.vgg import VGG16WithAttention
+from .vgg import VGG16WithAttention
 
 def from_pretrained(source: str | os.PathLike, device: str = "cpu") -> VGG16WithAttention:
     """A checkpoint file, a folder saved by `save_pretrained` or a Hugging Face Hub id -> the model
@@ -52,7 +52,7 @@ def model_card(meta: dict) -> str:
 def save_pretrained(model: VGG16WithAttention, meta: dict | None, folder: str | os.PathLike) -> Path:
     """Write `folder/model.safetensors` (weights + meta) and `folder/README.md` -> the folder. What meta lacks
     (class names, input size, normalisation) is what a checkpoint without metadata loads with
-    (`vggattn.checkpoint.imagenet_meta`); the config is always the model's own."""
+    (`vggattn.models.checkpoint.imagenet_meta`); the config is always the model's own."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {**imagenet_meta(model.config), **(meta or {}), "config": model.config.to_dict()}

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .models.vgg import ModelConfig, VGG16WithAttention
+from .vgg import ModelConfig, VGG16WithAttention
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS / "vgg16att-imagenette-w05-256.safetensors"  # 90.0% val top-1, 64x64 first grid
 SMALL_CHECKPOINT = CHECKPOINTS / "vgg16att-imagenette-w025-128.safetensors"  # 85.7%, 10.6 MB, 0.84 vs 15.9 GFLOPs
 META_KEY = "vggattn"
@@ -160,7 +160,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
 def resolve(source: str | os.PathLike) -> Path:
-    """A checkpoint file, a folder holding `model.safetensors` (`vggattn.hub.save_pretrained`), or a Hugging Face
+    """A checkpoint file, a folder holding `model.safetensors` (`vggattn.models.hub.save_pretrained`), or a Hugging Face
     Hub id (fetched with huggingface_hub, into its cache) -> the local file."""
     path = Path(source)
     if path.is_file():
@@ -183,7 +183,7 @@ def resolve(source: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                     ) -> tuple[VGG16WithAttention, dict]:
-    """Load a checkpoint (ours or the article's `.pth`; a file, a folder saved by `vggattn.hub.save_pretrained`
+    """Load a checkpoint (ours or the article's `.pth`; a file, a folder saved by `vggattn.models.hub.save_pretrained`
     or a Hugging Face Hub id) -> (model in eval mode, meta)."""
     if path is None:
         path = DEFAULT_CHECKPOINT

@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on an ImageFolder split, and count FLOPs and parameters.
 
-    python -m vggattn.evaluate --checkpoint checkpoints/vgg16att-imagenette-w025-128.safetensors \
+    python -m vggattn.training.evaluate --checkpoint checkpoints/vgg16att-imagenette-w025-128.safetensors \
         --data ../shared/data/imagenette2-224/val --out ~/runs/eval
-    python -m vggattn.evaluate --flops-only          # the article's model vs plain VGG16 at 224 px
+    python -m vggattn.training.evaluate --flops-only          # the article's model vs plain VGG16 at 224 px
 
 Prints top-1, top-5 and per-class accuracy, writes `metrics.json` and `confusion.png` into --out,
 and reports FLOPs (torch.utils.flop_counter; one multiply-add = 2 FLOPs) of the checkpoint at its
@@ -25,12 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .attention.adapters import replaced_forward
-from .checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
-from .data import eval_transform, load_rgb, per_class_subset
-from .models.vgg import GlobalAttention, VGG16WithAttention
+from ..attention.adapters import replaced_forward
+from ..models.checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
+from ..data import eval_transform, load_rgb, per_class_subset
+from ..models.vgg import GlobalAttention, VGG16WithAttention
 
-log = logging.getLogger("vggattn.evaluate")
+log = logging.getLogger("vggattn.training.evaluate")
 
 
 @torch.no_grad()
@@ -161,7 +161,7 @@ def article_flops_comparison(size: int = 224) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vggattn.training.evaluate", description=__doc__.splitlines()[0])
     add_checkpoint_argument(p, "checkpoint to evaluate")
     p.add_argument("--data", help="ImageFolder root of the split to evaluate (e.g. .../imagenette2-224/val)")
     p.add_argument("--out", help="directory for metrics.json and confusion.png")

@@ -1,8 +1,8 @@
 """Train an attention-VGG16 on an ImageFolder root (with train/ and val/).
 
-    python -m vggattn.train --data ../shared/data/imagenette2-224 --names ../shared/data/README.md \
+    python -m vggattn.training.train --data ../shared/data/imagenette2-224 --names ../shared/data/README.md \
         --width 0.25 --hidden 256 --input-size 128 --epochs 30 --out ~/runs/w025
-    torchrun --nproc_per_node=2 -m vggattn.train ...        # DistributedDataParallel (gloo/nccl)
+    torchrun --nproc_per_node=2 -m vggattn.training.train ...        # DistributedDataParallel (gloo/nccl)
 
 Writes into --out: `last.pt` (full resumable state, every epoch), `best.safetensors` (the best
 epoch by val top-1, BatchNorm folded into the convs: the article's exact layout) and `log.jsonl`
@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from .checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
+from ..models.checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
                          save_checkpoint)
-from .data import eval_transform, load_rgb, per_class_subset, train_transform
-from .models.vgg import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
+from ..data import eval_transform, load_rgb, per_class_subset, train_transform
+from ..models.vgg import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
                     unfold_batchnorm)
 
-log = logging.getLogger("vggattn.train")
+log = logging.getLogger("vggattn.training.train")
 
 
 # What a resumed run must share with the run it continues (the schedule and model depend on them)
@@ -55,7 +55,7 @@ def shareable_recipe(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vggattn.training.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     p.add_argument("--out", required=True, help="run directory (last.pt, best.safetensors, log.jsonl)")
     p.add_argument("--names", help="class names file: lines 'folder name' or a markdown table '| folder | name |'")

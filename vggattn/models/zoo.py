@@ -1,7 +1,7 @@
 """Small trained models of other families, for the general path on real weights.
 
     model = nonlocal_resnet()       # ResNet-18 layout at half width, a Wang et al. non-local block after stage 3
-    python -m vggattn.explain photo.jpg --model vggattn.zoo:nonlocal_resnet \\
+    python -m vggattn.explain photo.jpg --model vggattn.models.zoo:nonlocal_resnet \\
         --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors --input-size 128 --out o/
 
 `scripts/train_zoo.py` trains it on Imagenette; checkpoints/README.md has its card.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .models.families import NonLocalBlock2D
+from .families import NonLocalBlock2D
 
 
 class BasicBlock(nn.Module):

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .analysis import blocks_of
-from .attention.adapters import example_input
-from .attention.trace import prepare_forward_ad
-from .models.output import ImageOutput, image_model
+from ..analysis import blocks_of
+from ..attention.adapters import example_input
+from ..attention.trace import prepare_forward_ad
+from .output import ImageOutput, image_model
 from .checkpoint import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict,
                          load_checkpoint, resolve_device)
 
-log = logging.getLogger("vggattn.byo")
+log = logging.getLogger("vggattn.models.byo")
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -68,6 +68,9 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> dict:
     return meta
 
 
+MOVED = {"vggattn.zoo": "vggattn.models.zoo"}  # factories' modules under their earlier names (checkpoints keep them)
+
+
 def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classes: str | None = None,
                input_size: int | None = None, mean=None, std=None) -> tuple[nn.Module, dict]:
     """`package.module:factory` called with no arguments -> the model (eval mode), its weights loaded when given.
@@ -75,6 +78,7 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None, *, classe
     none, 224 and ImageNet's."""
     prepare_forward_ad()  # (in a thread, while the model is built: the first analysis needs it)
     module_name, _, factory = spec.partition(":")
+    module_name = MOVED.get(module_name, module_name)  # a checkpoint saved before the module moved names the old one
     if not module_name or not factory:
         raise CheckpointError(f"--model must be package.module:factory, got {spec!r}")
     try:
