@@ -1,6 +1,6 @@
 """Which of timm's models with attention vggattn reads, and how (random weights: nothing is fetched).
 
-    python bench/timm_coverage.py [--all | --families] [--size 0] [--max-params 250e6] [--out rows.md] [NAME ...]
+    python bench/timm_coverage.py [--all | --families] [--size 0] [--max-params 250e6] [--out rows.md [--resume]] [NAME ...]
 
 For each model (default: every timm CNN whose name says BoTNet, HaloNet, LambdaNet or GCNet; --all: every model
 `timm.list_models()` names), `find_blocks` runs it once on an input of its own size (timm's pretrained_cfg; --size
@@ -18,6 +18,7 @@ checked, skipped (no attention over positions: models without attention included
 import argparse
 import copy
 import logging
+import os
 import time
 import warnings
 
@@ -27,6 +28,16 @@ from vggattn.attention.adapters import TracedAdapter, find_blocks, locate_tokens
 from vggattn.attention.trace import watch
 
 PATTERNS = ["*botnet*", "*botnext*", "*halo*", "*lambda*", "gcres*", "gc_*"]
+
+
+def row_kind(line: str) -> str:
+    """Which count a row of this script's table goes to."""
+    cells = [c.strip() for c in line.split("|")]
+    if cells[2].startswith("CRASHED"):
+        return "crashed"
+    if "too large" in cells[6]:
+        return "too_large"
+    return "read" if cells[2] not in ("0", "-") else "skipped"
 
 
 def own_rows_match(model, x, blocks) -> bool | None:
@@ -94,6 +105,8 @@ def main(argv=None) -> int:
                    "the fewest parameters), every architecture once")
     p.add_argument("--max-params", type=float, default=250e6, help="models with more parameters count as too large")
     p.add_argument("--out", help="append each row to this file as it is made")
+    p.add_argument("--resume", action="store_true", help="skip the models --out has a row for already (their rows "
+                   "count towards the totals): a sweep of hours runs across sessions")
     p.add_argument("names", nargs="*", help="timm model names (default: the attention CNNs)")
     p.add_argument("--memory-gb", type=float, default=12, help="address space of this process: a model that needs "
                    "more at its default size counts as too large, and the sweep goes on")
@@ -114,9 +127,20 @@ def main(argv=None) -> int:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
-    say("| model | blocks found | by class | by tracing | checked | skipped (not over positions) | s |")
-    say("|---|---|---|---|---|---|---|")
+    done = {}
+    if args.resume and args.out and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            done = {line.split("|")[1].strip(): line for line in f if line.startswith("| ") and "---" not in line
+                    and not line.startswith("| model |")}
+        for line in done.values():
+            counts[row_kind(line)] += 1
+            counts["checked"] += line.split("|")[5].strip() == "yes"
+    else:
+        say("| model | blocks found | by class | by tracing | checked | skipped (not over positions) | s |")
+        say("|---|---|---|---|---|---|---|")
     for name in names:
+        if name in done:
+            continue
         t = time.perf_counter()
         try:
             with torch.device("meta"):

@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 
 from ..attention.adapters import MODES, TracedAdapter
-from ..analysis import COMPARE_KINDS, Analysis, ablate, analysed_b, analyze, block_gamma, blocks_of, switched_off, with_gradcam
+from ..analysis import (COMPARE_KINDS, Analysis, ablate, analysed_b, analyze, block_gamma, blocks_of, switched_off,
+                        with_gradcam)
 from ..models.byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
 from ..models.checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
                          add_checkpoint_argument, load_checkpoint)

@@ -1021,7 +1021,7 @@ class RowSums(TorchFunctionMode):
     """Inside a block whose forward computes its rows itself as a softmax over the last axis, a query's row a row and
     in query order (`Adapter.softmax_rows`), what gives the rows' log normalisers and their sum over queries, read
     from each softmax's output as the forward runs: each row's largest weight and its key (log Z = that key's logit
-    - log(the weight), `vggattn.view.hover.exact_log_z`), and a sum over the rows. Two passes over weights the
+    - log(the weight), `vggattn.attention.readouts.exact_log_z`), and a sum over the rows. Two passes over weights the
     forward makes anyway, no exponential of its own."""
 
     def __init__(self):

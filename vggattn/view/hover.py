@@ -385,9 +385,10 @@ def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget
                  fetch: str | None = None) -> dict:
     """What the page gets once per image: its size, the display copy as a JPEG data URL (the server draws on the
     same pixels), and the `page_layer`s (result: a `vggattn.analysis.Analysis`). Layers are sent whole in order
-    while the JSON stays within `budget` bytes; later ones (a big transformer's: DINOv2 at 518 px has 25 MB of
-    float16 queries and keys) go as their description with "deferred": true, and the page gets each from
-    `fetch` + its index when its panel is on screen (`layer_payload`). fetch None: every layer whole."""
+    while the JSON stays within `budget` bytes; later ones (a big transformer's: DINOv2 at 518 px has 50 MB of
+    float32 queries and keys, 4.2 MB a layer: even its first) go as their description with "deferred": true, and
+    the page gets each from `fetch` + its index when its panel is on screen, as bytes (`layer_binary`: no base64 and
+    no JSON for Gradio's event to carry). fetch None: every layer whole."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     disp_h, disp_w = result.display.shape[:2]
@@ -397,7 +398,7 @@ def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget
     for i, layer in enumerate(layers):
         whole = layer._payload(dtype)  # its arrays encoded only if they are sent now
         size = _json_size(whole)
-        if fetch is not None and i > 0 and used + size > budget:  # the first layer always comes whole
+        if fetch is not None and used + size > budget:  # past the budget: fetched when its panel shows
             whole = {k: v for k, v in whole.items() if k not in ARRAYS} | {"deferred": True}
             size = len(json.dumps(whole))
         used += size

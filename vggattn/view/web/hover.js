@@ -204,16 +204,18 @@ function headFullRow(L, h, i) {
     for (let p = 0; p < L.P; p++) out[L.m + p] = L.prefixW[(h * L.n + i) * L.P + p];
     return out;
   }
-  const c = L.dim, qo = (h * (L.n + L.P) + i) * c, ko = h * mk * c;
+  const c = L.dim, qo = (h * (L.n + L.P) + i) * c, K = L.k, scale = L.scale, q = new Float64Array(c);
+  for (let d = 0; d < c; d++) q[d] = L.q[qo + d];  // the query in a local array, the keys walked in order
   let max = -Infinity;
-  for (let j = 0; j < mk; j++) {
+  for (let j = 0, kj = h * mk * c; j < mk; j++, kj += c) {
     let s = 0;
-    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + j * c + d];
-    out[j] = s * L.scale;
-    if (out[j] > max) max = out[j];
+    for (let d = 0; d < c; d++) s += q[d] * K[kj + d];
+    const v = s * scale;
+    out[j] = v;
+    if (v > max) max = v;
   }
   let sum = 0;
-  for (let j = 0; j < mk; j++) { out[j] = Math.exp(out[j] - max); sum += out[j]; }
+  for (let j = 0; j < mk; j++) { const e = Math.exp(out[j] - max); out[j] = e; sum += e; }
   for (let j = 0; j < mk; j++) out[j] /= sum;
   return out;
 }
