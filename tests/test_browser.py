@@ -538,6 +538,32 @@ def upload_kinds(folder: Path) -> dict:
     return out
 
 
+def random_move(view, img, rng, log: list) -> None:
+    """A random walk's pointer move: anywhere on the picture or a little off it."""
+    fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
+    log.append(f"move {fx:.2f},{fy:.2f}")
+    move_to(view, img, fx, fy)
+
+
+def random_control(view, rng, log: list) -> None:
+    """A random walk's change of one control: colormap, upsampling, scale, the top-5 marks or the opacity."""
+    what = rng.choice(["colormap", "upsampling", "scale", "mark", "opacity"])
+    log.append(f"control {what}")
+    if what == "colormap":
+        view.locator("#colormap input").click()
+        view.get_by_role("option", name=rng.choice(["inferno", "viridis", "jet", "hot"]), exact=True).click()
+    elif what == "upsampling":
+        view.locator("#upsampling").get_by_label(rng.choice(["smooth", "blocky"])).check()
+    elif what == "scale":
+        view.locator("#scale").get_by_label(rng.choice(["linear", "log"]), exact=False).first.check()
+    elif what == "mark":
+        view.get_by_label("Number the top-5 attended cells").click()
+    else:
+        box = view.locator("#opacity input[type=number]")
+        box.fill(str(rng.choice([0.0, 0.35, 0.8, 1.0])))
+        box.press("Enter")
+
+
 def test_random_sequences_never_show_an_error(page, tmp_path):
     """A seeded random walk through the app (VGGATTN_RANDOM_STEPS steps, 60 by default): uploads of photos of many
     sizes and kinds, pointer moves, clicks anywhere on the picture, every control, the column view, tabs, ablation
@@ -577,26 +603,10 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
                                arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
 
     def move():
-        fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
-        log.append(f"move {fx:.2f},{fy:.2f}")
-        move_to(view, img, fx, fy)
+        random_move(view, img, rng, log)
 
     def control():
-        what = rng.choice(["colormap", "upsampling", "scale", "mark", "opacity"])
-        log.append(f"control {what}")
-        if what == "colormap":
-            view.locator("#colormap input").click()
-            view.get_by_role("option", name=rng.choice(["inferno", "viridis", "jet", "hot"]), exact=True).click()
-        elif what == "upsampling":
-            view.locator("#upsampling").get_by_label(rng.choice(["smooth", "blocky"])).check()
-        elif what == "scale":
-            view.locator("#scale").get_by_label(rng.choice(["linear", "log"]), exact=False).first.check()
-        elif what == "mark":
-            view.get_by_label("Number the top-5 attended cells").click()
-        else:
-            box = view.locator("#opacity input[type=number]")
-            box.fill(str(rng.choice([0.0, 0.35, 0.8, 1.0])))
-            box.press("Enter")
+        random_control(view, rng, log)
 
     def column():
         log.append("column view")

@@ -159,7 +159,7 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
     the page and no uncaught page error; a click on the picture is named in the status."""
     import random
 
-    from test_browser import move_to, settled, upload_kinds
+    from test_browser import random_control, random_move, settled, upload_kinds
 
     url, layers = served
     steps = int(os.environ.get("VGGATTN_RANDOM_STEPS", "30"))
@@ -193,26 +193,10 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
             tiles.nth(i).click()
 
     def move():
-        fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
-        log.append(f"move {fx:.2f},{fy:.2f}")
-        move_to(view, img, fx, fy)
+        random_move(view, img, rng, log)
 
     def control():
-        what = rng.choice(["colormap", "upsampling", "scale", "mark", "opacity"])
-        log.append(f"control {what}")
-        if what == "colormap":
-            view.locator("#colormap input").click()
-            view.get_by_role("option", name=rng.choice(["inferno", "viridis", "jet", "hot"]), exact=True).click()
-        elif what == "upsampling":
-            view.locator("#upsampling").get_by_label(rng.choice(["smooth", "blocky"])).check()
-        elif what == "scale":
-            view.locator("#scale").get_by_label(rng.choice(["linear", "log"]), exact=False).first.check()
-        elif what == "mark":
-            view.get_by_label("Number the top-5 attended cells").click()
-        else:
-            box = view.locator("#opacity input[type=number]")
-            box.fill(str(rng.choice([0.0, 0.35, 0.8, 1.0])))
-            box.press("Enter")
+        random_control(view, rng, log)
 
     def switch():
         boxes = view.locator("#hover input[type=checkbox]")

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ from PIL import Image
 
 from conftest import tiny_meta
 from vggattn import cell_box, preprocess, query_index
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @pytest.mark.parametrize("size", [(64, 64), (300, 100), (37, 211), (16, 17)])
@@ -107,3 +110,21 @@ def test_to_rgb_copies_nothing_it_need_not(monkeypatch):
     monkeypatch.setattr(data, "to_rgb", lambda im: calls.append(im) or real(im))
     analysis.analyze(tiny_model(), tiny_meta(input_size=64), rgb)
     assert len(calls) == 1 and calls[0] is rgb
+
+
+@pytest.mark.parametrize("wh, size", [((224, 224), 224), ((300, 200), 518), ((1000, 37), 96), ((7, 5), 128)])
+def test_the_eval_transform_is_torchvisions_bit_for_bit(wh, size):
+    """`eval_transform` (no torchvision import) gives exactly torchvision v2's PILToTensor, antialiased Resize,
+    ToDtype(scale) and Normalize, down- and upsampling, on a photo and on noise."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from vggattn.data import eval_transform
+
+    meta = {"input_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    theirs = T.Compose([T.PILToTensor(), T.Resize((size, size), antialias=True), T.ToDtype(torch.float32, scale=True),
+                        T.Normalize(meta["mean"], meta["std"])])
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    for image in (Image.open(ASSETS / "church.jpg").convert("RGB").resize(wh), noise):
+        assert torch.equal(eval_transform(meta)(image), theirs(image))

@@ -67,28 +67,34 @@ def test_torchvisions_vision_transformer_rows_are_its_multihead_attentions_own()
 
 
 class Encoder(nn.Module):
-    """A conv stem, then nn.TransformerEncoder (batch first) over its grid's tokens and a padding token that every
-    query is kept from by key_padding_mask."""
+    """A conv stem, then nn.TransformerEncoder over its grid's tokens and a padding token that every query is kept
+    from by key_padding_mask; batch first, or sequence first (T, B, C) as PyTorch's default and DETR's encoder."""
 
-    def __init__(self):
+    def __init__(self, batch_first: bool = True):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 4, stride=4)
         self.pad_token = nn.Parameter(torch.randn(1, 1, 16))
-        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=batch_first)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(16, 3)
+        self.batch_first = batch_first
 
     def forward(self, x):
         tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
         tokens = torch.cat([tokens, self.pad_token.expand(len(x), -1, -1)], 1)  # (B, N + 1, C)
         pad = torch.zeros(tokens.shape[:2], dtype=torch.bool)
         pad[:, -1] = True
-        return self.head(self.encoder(tokens, src_key_padding_mask=pad)[:, 0])
+        if self.batch_first:
+            return self.head(self.encoder(tokens, src_key_padding_mask=pad)[:, 0])
+        return self.head(self.encoder(tokens.transpose(0, 1), src_key_padding_mask=pad)[0])
 
 
-def test_transformer_encoder_layers_rows_with_a_key_padding_mask_are_their_own():
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layers_rows_with_a_key_padding_mask_are_their_own(batch_first):
+    """Every image of a batch of two, its padding mask sliced with it; sequence-first tokens (T, B, C) are read as
+    (B, T, C) and handed back to the block transposed."""
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = Encoder(batch_first).eval()
     x = torch.randn(2, 3, 16, 16)
     blocks = find_blocks(model, example=x[:1])
     assert [b[0] for b in blocks] == [f"encoder.layers.{i}.self_attn" for i in range(2)]
@@ -98,6 +104,11 @@ def test_transformer_encoder_layers_rows_with_a_key_padding_mask_are_their_own()
         assert maps.grid == (4, 4) and maps.prefix_names == ["pad_token"]
         torch.testing.assert_close(maps.rows(), w[:, :, :16, :16], rtol=1e-5, atol=1e-6)
         assert float(maps.prefix.abs().max()) == 0.0
+    with torch.no_grad():  # an intervention hands the block its tokens back as it took them
+        from vggattn.attention.adapters import Intervention
+        with Intervention(model, {blocks[0][0]: "uniform"}):
+            changed = model(x)
+        assert changed.shape == (2, 3) and not torch.allclose(changed, model(x))
 
 
 def test_naming_prefix_tokens_never_changes_a_model_that_another_thread_serves():
@@ -130,32 +141,3 @@ def test_naming_prefix_tokens_never_changes_a_model_that_another_thread_serves()
     assert places[names[0]].names == ["cls_token", "reg_token[0]", "reg_token[1]"]
     assert len(outputs) > 0 and all(torch.equal(o, base) for o in outputs)
 
-
-def test_sequence_first_tokens_rows_with_a_key_padding_mask_are_their_own():
-    """nn.TransformerEncoderLayer with batch_first=False (PyTorch's default, DETR's encoder) takes tokens (T, B, C):
-    read as (B, T, C), every image of a batch of two, its padding mask sliced with it; rows equal the module's own."""
-    torch.manual_seed(0)
-    model = Encoder().eval()
-    model.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, 0.0), 2, enable_nested_tensor=False)
-
-    def forward(x):
-        tokens = model.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        tokens = torch.cat([tokens, model.pad_token.expand(len(x), -1, -1)], 1).transpose(0, 1)  # (N + 1, B, C)
-        pad = torch.zeros(tokens.shape[1], tokens.shape[0], dtype=torch.bool)
-        pad[:, -1] = True
-        return model.head(model.encoder(tokens, src_key_padding_mask=pad)[0])
-    model.forward = forward
-    x = torch.randn(2, 3, 16, 16)
-    blocks = find_blocks(model, example=x[:1])
-    assert [b[0] for b in blocks] == [f"encoder.layers.{i}.self_attn" for i in range(2)]
-    want, got = own_weights(model, x, blocks), read(model, x, blocks)
-    for name, maps in got.items():
-        w = want[name]  # (B, heads, 17, 17): the padding token last, never attended
-        assert maps.grid == (4, 4) and maps.prefix_names == ["pad_token"]
-        torch.testing.assert_close(maps.rows(), w[:, :, :16, :16], rtol=1e-5, atol=1e-6)
-        assert float(maps.prefix.abs().max()) == 0.0
-    with torch.no_grad():  # and an intervention hands the block its tokens back sequence first
-        from vggattn.attention.adapters import Intervention
-        with Intervention(model, {blocks[0][0]: "uniform"}):
-            changed = model(x)
-        assert changed.shape == (2, 3) and not torch.allclose(changed, model(x))

@@ -14,9 +14,10 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2 as T
 
 # Deliberate limits: a 8000 x 6000 photo (48 MP) is fine; anything declaring more is refused
 # before it is decoded (Pillow's own bomb check, as an error instead of a warning).
@@ -80,18 +81,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def eval_transform(meta: dict) -> T.Compose:
+class EvalTransform:
+    """Whole PIL image -> (C, S, S) normalised float32 tensor: the same resize the app and evaluation use. Bit for bit
+    torchvision's v2 Compose([PILToTensor(), Resize((S, S), antialias=True), ToDtype(float32, scale=True),
+    Normalize(mean, std)]) (its uint8 antialiased bilinear resize is this `interpolate`; tests/test_data.py checks),
+    without importing torchvision (2 s of `import vggattn`)."""
+
+    def __init__(self, size: int, mean, std):
+        self.size = int(size)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(image, dtype=np.uint8)
+        x = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).copy()).permute(2, 0, 1)[None]  # (1, C, H, W)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        return x.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def eval_transform(meta: dict) -> EvalTransform:
     """Whole image -> (3, S, S) normalised tensor; the same resize the app and evaluation use."""
-    size = int(meta["input_size"])
-    return T.Compose([
-        T.PILToTensor(),
-        T.Resize((size, size), antialias=True),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(meta["mean"], meta["std"]),
-    ])
+    return EvalTransform(meta["input_size"], meta["mean"], meta["std"])
 
 
-def train_transform(input_size: int, mean: list[float], std: list[float]) -> T.Compose:
+def train_transform(input_size: int, mean: list[float], std: list[float]):
+    from torchvision.transforms import v2 as T  # (training only: torchvision is 2 s to import)
+
     return T.Compose([
         T.PILToTensor(),
         T.RandomResizedCrop(input_size, scale=(0.25, 1.0), antialias=True),

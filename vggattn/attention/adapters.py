@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..models.families import BigGANAttention, NonLocalBlock2D, SelfAttn
 from ..models.vgg import GlobalAttention, mean_attention_row
@@ -812,6 +813,7 @@ class Intervention:
 
     def __enter__(self) -> "Intervention":
         with ExitStack() as stack:
+            stack.enter_context(SlowPath())
             for name, mode in self.modes.items():
                 module, adapter = self.found[name]
                 stack.enter_context(replaced_forward(module, intervened(module, adapter, mode)))
@@ -821,6 +823,16 @@ class Intervention:
     def __exit__(self, *exc) -> bool:
         self._stack.close()
         return False
+
+
+class SlowPath(TorchFunctionMode):
+    """While entered, in this thread only: PyTorch's fused transformer paths are off (nn.TransformerEncoderLayer's
+    and nn.MultiheadAttention's fast path run the whole layer in one native call, never calling the attention
+    module, and they check for an active mode), so a block whose forward is replaced (`replaced_forward`) runs.
+    Every call goes through unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def intervened(module: nn.Module, adapter: Adapter, mode: str):

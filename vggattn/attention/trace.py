@@ -1071,26 +1071,15 @@ class _Enough(Exception):
 
 
 def _run_until(model: nn.Module, x, names: list[str], keep) -> None:
-    """model(x), stopped as soon as every named module has had its pre-hook run: keep(name, its first tensor argument)
-    is called once per name (this thread's calls only), in the forward's order."""
-    modules, me, seen = dict(model.named_modules()), threading.get_ident(), set()
-
-    def pre(module, args, kwargs, name):
-        if threading.get_ident() != me or name in seen:
-            return
-        seen.add(name)
-        keep(name, first_tensor(args, kwargs, module))
-        if len(seen) == len(names):
-            raise _Enough
-
-    handles = [_pre_hook(modules[n], pre, n) for n in names]
-    try:
-        model(x)
-    except _Enough:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    """model(x) under a `Watch` of the named modules (their inputs as they are: tangents kept), stopped as soon as
+    every one has been entered: keep(name, its input) once per name, in the forward's order."""
+    with Watch(model, names, keep_graph=True, until_seen=True) as w:
+        try:
+            model(x)
+        except _Enough:
+            pass
+    for name, seen in w.seen.items():
+        keep(name, seen.input)
 
 
 def firsts_by_shape(names: list[str], shapes: dict[str, tuple]) -> dict[str, str]:
@@ -1244,9 +1233,10 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, names: list[str], traced: set[str] = frozenset(), keep_graph: bool = False,
-                 summarised: set[str] = frozenset()):
+                 summarised: set[str] = frozenset(), until_seen: bool = False):
         self.model, self.names, self.traced, self.summarised = model, list(names), traced, summarised
-        self.keep_graph = keep_graph
+        self.keep_graph, self.until_seen = keep_graph, until_seen  # until_seen: stop the forward (`_Enough`) once
+        # every named module has been entered
         self.seen: dict[str, Seen] = {}
         self._active: dict[str, TorchFunctionMode] = {}
         self._handles: list = []
@@ -1258,6 +1248,8 @@ class Watch:
         given = Call.of(args, kwargs, module)
         call = given if given is None or self.keep_graph else given.detached()
         self.seen[name] = Seen(None if call is None else call.input, call=call)
+        if self.until_seen and len(self.seen) == len(set(self.names)):
+            raise _Enough
         if name in self.traced or name in self.summarised:
             mode = Recorder([given.given] if given is not None else []) if name in self.traced else RowSums()
             mode.__enter__()

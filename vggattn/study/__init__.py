@@ -50,12 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from . import faithfulness
 from ..analysis import _ancestors, block_gamma
-from ..attention.adapters import (BlockMaps, Intervention, TracedAdapter, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
+from ..attention.adapters import (BlockMaps, Intervention, SlowPath, TracedAdapter, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
 from ..models.byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
@@ -274,6 +273,8 @@ def load_split(root: str | Path, meta: dict, limit: int = 0) -> tuple[Subset, np
     if not root.is_dir():
         raise StudyError(f"{root} is not a directory (give an ImageFolder split: one folder per class)")
     try:
+        from torchvision.datasets import ImageFolder  # (2 s to import: only where a dataset is read)
+
         ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         raise StudyError(f"{root} is not an ImageFolder split ({e})") from None
@@ -443,6 +444,7 @@ def branched_forward(model: torch.nn.Module, x: torch.Tensor, blocks: list,
     branches = Branches(runs, len(x))
     try:
         with ExitStack() as stack:
+            stack.enter_context(SlowPath())  # (a fused encoder layer would not call its attention block)
             for name, module, adapter in blocks:
                 stack.enter_context(replaced_forward(module, branches.forward(name, module, adapter)))
             logits = model(x)

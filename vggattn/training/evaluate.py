@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from ..attention.adapters import replaced_forward
@@ -82,6 +81,8 @@ def calibration(logits: torch.Tensor, targets: np.ndarray, temperature: float = 
 def predict_logits(model: nn.Module, meta: dict, root: str | Path, batch_size: int = 64, workers: int = 2,
                    limit_per_class: int = 0) -> tuple[np.ndarray, torch.Tensor]:
     """-> (targets (n,), logits (n, num_classes) float32 on the CPU) over an ImageFolder root, in file order."""
+    from torchvision.datasets import ImageFolder  # (torchvision: 2 s to import, only here)
+
     ds = ImageFolder(root, transform=eval_transform(meta), loader=load_rgb)
     if len(ds.classes) != len(meta["class_names"]):
         raise ValueError(f"{root} has {len(ds.classes)} class folders but the checkpoint has "

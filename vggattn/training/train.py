@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from ..models.checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
@@ -330,6 +329,8 @@ def train(args, device: torch.device, rank: int, world: int) -> dict:
 def setup(args, device: torch.device, rank: int, world: int) -> Run:
     """Check the flags and data, then build the datasets, loaders, model, optimizer and schedule, and
     restore them from OUT/last.pt with --resume."""
+    from torchvision.datasets import ImageFolder  # (torchvision: 2 s to import, only here)
+
     out, root = Path(args.out).expanduser(), Path(args.data)
     if args.init not in ("random", "imagenet") and not Path(args.init).is_file():
         raise TrainingError(f"--init {args.init}: no such file (use random, imagenet or a checkpoint path)")
@@ -482,8 +483,10 @@ def check_ranks_agree(model: nn.Module, rank: int, world: int) -> None:
             raise TrainingError("DDP ranks ended with different weights")
 
 
-def train_ds_plain(root: Path, meta_eval: dict, args) -> ImageFolder:
+def train_ds_plain(root: Path, meta_eval: dict, args):
     """The training images as the model sees them at inference (whole image at the input size)."""
+    from torchvision.datasets import ImageFolder  # (torchvision: 2 s to import, only here)
+
     return ImageFolder(root / "train", transform=eval_transform(meta_eval), loader=load_rgb)
 
 
