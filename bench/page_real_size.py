@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--uploads", type=int, default=5, help="uploads per latency")
     p.add_argument("--moves", type=int, default=60, help="pointer moves (latency 0)")
     p.add_argument("--latency", type=int, nargs="+", default=[0, 300], help="emulated latencies, ms")
+    p.add_argument("--threads", type=int, default=0, help="the app's --threads (0: its default, the cores shared "
+                   "among the events running)")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -124,10 +126,11 @@ def main(argv=None) -> int:
     forward = forward_timer(name, size)
     other = Path(tempfile.mkdtemp()) / "springer-300x200.jpg"
     Image.open(ROOT / "assets" / "springer.jpg").resize((300, 200)).save(other, quality=92)
-    print(f"# {machine()}; {name} at {size} px, random weights")
+    print(f"# {machine()}; {name} at {size} px, random weights; the app's threads: {args.threads or 'shared'}")
     print("| latency ms | uploads | on screen p50 ms | p90 ms | forward p50 ms | on screen / forward | a screenshot ms |")
     print("|---|---|---|---|---|---|---|")
-    proc, url = start_app(ROOT, ["--timm", name, "--input-size", str(size)])
+    proc, url = start_app(ROOT, ["--timm", name, "--input-size", str(size)] +
+                          (["--threads", str(args.threads)] if args.threads else []))
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)

@@ -391,18 +391,42 @@ def test_controls_before_a_click_leave_every_panel_as_it_is(mm, ui):
     assert all(v == app.gr.update() for v in out.values())
 
 
-def test_the_server_splits_the_cores_between_concurrent_events(monkeypatch):
-    """`--concurrency N` events run at once, so each forward gets the cores / N PyTorch threads (at least 1;
-    two forwards at 2 threads each on 2 cores lost 6% of the uploads under load); `--threads` overrides."""
+def test_the_server_shares_the_cores_among_the_events_running(monkeypatch):
+    """A lone event that runs the model gets every core; two at once half each (two forwards at 2 threads each on 2
+    cores lost 6% of the uploads under load); `--threads N` fixes N whatever runs."""
+    import threading
+
+    from vggattn.app import ui as page
+
     served, threads = [], torch.get_num_threads()
     monkeypatch.setattr(app, "serve", lambda demo, *a, **k: served.append(k))
-    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setitem(page._CORES, "cores", 4)
+    seen, inside, leave = [], threading.Barrier(2), threading.Event()
+
+    def event():
+        with page.sharing_cores():
+            seen.append(torch.get_num_threads())
+            inside.wait(timeout=10)
+            leave.wait(timeout=10)
     try:
-        assert app.main(["--concurrency", "2"]) == 0
-        assert served[-1]["concurrency"] == 2 and torch.get_num_threads() == max(1, cores // 2)
+        assert app.main(["--concurrency", "2"]) == 0 and served[-1]["concurrency"] == 2
+        with page.sharing_cores():
+            assert torch.get_num_threads() == 4  # alone: every core
+        first = threading.Thread(target=event)
+        first.start()
+        inside.wait(timeout=10)  # the first is inside; a second comes in beside it
+        inside.reset()
+        second = threading.Thread(target=event)
+        second.start()
+        inside.wait(timeout=10)
+        leave.set()
+        first.join(), second.join()
+        assert seen == [4, 2] and page._CORES["running"] == 0
         assert app.main(["--concurrency", "1", "--threads", "3"]) == 0
-        assert served[-1]["concurrency"] == 1 and torch.get_num_threads() == 3
+        with page.sharing_cores():
+            assert torch.get_num_threads() == 3
     finally:
+        page.fix_threads(0)
         torch.set_num_threads(threads)
 
 

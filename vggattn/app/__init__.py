@@ -63,6 +63,7 @@ from ..view.text import contribution_markdown, dependence_markdown, gamma_markdo
 from .ui import (CONTROLS, EXAMPLES, PIN_JS, UPLOAD_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
+from .ui import fix_threads, sharing_cores
 from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 from ..view.hover import pages
@@ -260,7 +261,8 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
     if not path:
         return blank(ui)
     try:
-        result = analyze(model, meta, load_upload(path), layers)
+        with sharing_cores():
+            result = analyze(model, meta, load_upload(path), layers)
         session = Session(result, pages(result), path=str(path))
         return session_outputs(ui, model, meta, session, hover_dtype, tab, opacity, colormap, mode)
     finally:
@@ -414,7 +416,8 @@ def on_ablate(ui: UI, model: nn.Module, state, layers, mode="off") -> dict:
         return {ui.ablation: gr.update(), ui.ablation_verdict: problem}
     mode = mode if mode in MODES else "off"
     result = state.result
-    after = ablate(model, result, {name: mode for name in layers})
+    with sharing_cores():
+        after = ablate(model, result, {name: mode for name in layers})
     label = f"{', '.join(layers)}: {mode}"
     if result.probs is not None:
         p0, p1 = result.probs, after
@@ -449,7 +452,9 @@ def on_export(ui: UI, model, state, point, opacity, colormap, mode, meta: dict |
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(dir=EXPORT_DIR))
     point = pinned_point(state, point)
-    write_result(state.result, [point] if point is not None else [], work / "vggattn", switched_off(model, state.result),
+    with sharing_cores():
+        off = switched_off(model, state.result)
+    write_result(state.result, [point] if point is not None else [], work / "vggattn", off,
                  opacity=opacity,
                  colormap=colormap, mode=mode, source=Path(state.path).name if state.path else None, live=True,
                  about=about_model(meta or {}))
@@ -544,7 +549,8 @@ def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tup
     result = state.result
     a = Side(about_model(meta), result, state.layers)
     if kind == "image":
-        result_b = analyze(model, meta, load_upload(other_image), layers)
+        with sharing_cores():
+            result_b = analyze(model, meta, load_upload(other_image), layers)
         a.label, label = "this image", Path(other_image).name
     else:
         result_b = analysed_b(model, meta, load_upload(state.path), kind, layers)
@@ -562,7 +568,8 @@ def on_compare(model, meta, layers, state, point, kind: str, other_image) -> tup
 
 def api_analyze(model, meta, layers, path):
     """Stateless: image -> (top-5 label dict, or {"output i": value} without class logits; {block: γ})."""
-    result = analyze(model, meta, load_upload(path), layers)
+    with sharing_cores():
+        result = analyze(model, meta, load_upload(path), layers)
     top = result.top_k(5)
     return (top if top is not None else {f"output {i}": v for i, v in enumerate(result.score())}), result.gammas()
 
@@ -570,7 +577,8 @@ def api_analyze(model, meta, layers, path):
 def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"], colormap=CONTROLS["colormap"],
                      mode=CONTROLS["mode"]):
     """Stateless: image, pixel (x, y) in original-image pixels -> one overlay per block, and their facts."""
-    result = analyze(model, meta, load_upload(path), layers)
+    with sharing_cores():
+        result = analyze(model, meta, load_upload(path), layers)
     w, h = result.size
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
@@ -848,8 +856,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "rows differ by the error in bench/README.md)")
     p.add_argument("--concurrency", type=int, default=2, help="events of one kind that run at once (default 2)")
     p.add_argument("--threads", type=int, default=0,
-                   help="PyTorch threads per forward (default: the cores divided by --concurrency, at least 1, so "
-                        "concurrent uploads do not oversubscribe the cores; bench/README.md, load run)")
+                   help="PyTorch threads per forward (default: the cores divided among the events running at the "
+                        "time, at least 1: a lone upload gets every core, concurrent ones do not oversubscribe them)")
     add_model_arguments(p)
     return p.parse_args(argv)
 
@@ -857,8 +865,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(args.threads or max(1, cores // max(1, args.concurrency)))
+    fix_threads(args.threads)  # else each forward gets the cores divided among the events running (`sharing_cores`)
     try:
         model, meta = load_from_args(args)
     except (CheckpointError, OSError, ValueError) as e:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
+import torch
 from PIL import Image
 
 from ..data import ImageLoadError, open_image
@@ -59,6 +62,33 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+_CORES = {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+          "fixed": 0, "running": 0}
+_CORES_LOCK = threading.Lock()
+
+
+def fix_threads(threads: int) -> None:
+    """`--threads N`: every forward gets N PyTorch threads, however many run (0: share the cores, `sharing_cores`)."""
+    _CORES["fixed"] = threads
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def sharing_cores():
+    """Around an event that runs the model: the cores divided among the events running now (PyTorch's threads are
+    the process's): a lone upload gets every core, two at once half each, so neither oversubscribes them."""
+    with _CORES_LOCK:
+        _CORES["running"] += 1
+        if not _CORES["fixed"]:
+            torch.set_num_threads(max(1, _CORES["cores"] // _CORES["running"]))
+    try:
+        yield
+    finally:
+        with _CORES_LOCK:
+            _CORES["running"] -= 1
 
 
 def release_memory() -> None:
