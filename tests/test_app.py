@@ -1,6 +1,5 @@
 """Handler tests: call the app's functions directly, no server."""
 
-import os
 from pathlib import Path
 
 import numpy as np
