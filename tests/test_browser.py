@@ -538,6 +538,27 @@ def upload_kinds(folder: Path) -> dict:
     return out
 
 
+def random_upload(view, kinds: dict, rng, log: list) -> tuple[int, int]:
+    """A random walk's upload of one of `upload_kinds`, waited for until the status names its size -> the size."""
+    name = rng.choice(sorted(kinds))
+    path, size = kinds[name]
+    log.append(f"upload {name}")
+    view.locator("#input-image input[type=file]").set_input_files(str(path))
+    view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                           arg=f"Analysed a {size[0]}×{size[1]} image", timeout=60_000)
+    return size
+
+
+def random_click(view, img, rng, log: list) -> None:
+    """A random walk's click on the picture, waited for until the status names the pinned pixel."""
+    fx, fy = rng.random(), rng.random()
+    log.append(f"click {fx:.2f},{fy:.2f}")
+    click_image_at(img, fx, fy)
+    x, y = view.evaluate("window.vggattnHover.state().pinned")
+    view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
+                           arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
+
+
 def random_move(view, img, rng, log: list) -> None:
     """A random walk's pointer move: anywhere on the picture or a little off it."""
     fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
@@ -584,23 +605,13 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
 
     def upload():
         nonlocal size
-        name = rng.choice(sorted(kinds))
-        path, size = kinds[name]
-        log.append(f"upload {name}")
-        view.locator("#input-image input[type=file]").set_input_files(str(path))
-        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
-                               arg=f"Analysed a {size[0]}×{size[1]} image", timeout=60_000)
+        size = random_upload(view, kinds, rng, log)
         assert view.evaluate("window.vggattnHover.state().pinned") is None
         exported = view.evaluate("(document.querySelector('#export') || {}).textContent || ''")
         assert ".zip" not in exported  # the previous image's export is gone
 
     def click():
-        fx, fy = rng.random(), rng.random()
-        log.append(f"click {fx:.2f},{fy:.2f}")
-        click_image_at(img, fx, fy)
-        x, y = view.evaluate("window.vggattnHover.state().pinned")
-        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
-                               arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
+        random_click(view, img, rng, log)
 
     def move():
         random_move(view, img, rng, log)

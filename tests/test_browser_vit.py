@@ -159,7 +159,7 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
     the page and no uncaught page error; a click on the picture is named in the status."""
     import random
 
-    from test_browser import random_control, random_move, settled, upload_kinds
+    from test_browser import random_click, random_control, random_move, random_upload, settled, upload_kinds
 
     url, layers = served
     steps = int(os.environ.get("VGGATTN_RANDOM_STEPS", "30"))
@@ -170,20 +170,10 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
     log = []
 
     def upload():
-        name = rng.choice(sorted(kinds))
-        path, size = kinds[name]
-        log.append(f"upload {name}")
-        view.locator("#input-image input[type=file]").set_input_files(str(path))
-        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
-                               arg=f"Analysed a {size[0]}×{size[1]} image", timeout=60_000)
+        random_upload(view, kinds, rng, log)
 
     def click():
-        fx, fy = rng.random(), rng.random()
-        log.append(f"click {fx:.2f},{fy:.2f}")
-        click_image_at(img, fx, fy)
-        x, y = view.evaluate("window.vggattnHover.state().pinned")
-        view.wait_for_function("(s) => document.querySelector('#status').innerText.includes(s)",
-                               arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
+        random_click(view, img, rng, log)
 
     def tile():
         tiles = view.locator(".vggattn-tile")
