@@ -89,8 +89,7 @@ def _stack(parts: list[BlockMaps]) -> BlockMaps:
                                                 torch.cat([p.window[1] for p in parts]))
     tokens = None if first.tokens_qk is None else (torch.cat([p.tokens_qk[0] for p in parts]),
                                                    torch.cat([p.tokens_qk[1] for p in parts]))
-    stats = None if first.token_stats is None else (torch.cat([p.token_stats[0] for p in parts]),
-                                                    torch.cat([p.token_stats[1] for p in parts]))
+    stats = None if first.token_stats is None else (torch.cat([p.token_stats[0] for p in parts]), None)
     return BlockMaps(first.family, cat("query"), cat("key"), first.grid, first.key_grid, first.scale, cat("bias"),
                      first.normalise, first.meaning, cat("weights"), cat("padding"), window, cat("prefix"),
                      first.prefix_names, cat("prefix_rows"), tokens, stats)

@@ -83,8 +83,9 @@ class BlockMaps:
     # key grid, then on the prefix tokens (the class token's row over the patches: DINO's view)
     tokens_qk: tuple[torch.Tensor, torch.Tensor] | None = None  # tokens whose every row is softmax(scale Q K^T):
     # Q (B, heads, N + P, d) with the scale in it and K (B, heads, M + P, d), grid cells first, then the prefix tokens
-    token_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # tokens read from a fused kernel (no weights held):
-    # (log Z of every row (B, heads, N + P) float64, the rows' sum over all N + P queries (B, heads, M + P) float64)
+    token_stats: tuple[torch.Tensor, torch.Tensor | None] | None = None  # tokens read from a fused kernel (no weights
+    # held): (log Z of every row (B, heads, N + P) float64, the rows' sum over all N + P queries (B, heads, M + P)
+    # float64, None until `token_sums` makes it)
 
     @property
     def lean(self) -> bool:
@@ -130,6 +131,22 @@ class BlockMaps:
             return torch.softmax(logits, dim=-1)
         return logits / logits.shape[-1]
 
+    def token_sums(self) -> torch.Tensor:
+        """(B, heads, M + P) float64: every row (the grid's and the prefix tokens') summed over the queries, of tokens
+        read from a fused kernel: a second fused call with queries and keys swapped (log sum_i exp(q_i . k_j - log
+        Z_i) is key j's log normaliser over the queries), made on first use (the page's sink; capture never asks)."""
+        log_z, sums = self.token_stats
+        if sums is None:
+            q, k = self.tokens_qk[0].float(), self.tokens_qk[1].float()  # (B, heads, N + P, d), (B, heads, M + P, d)
+            one = torch.ones(1, dtype=q.dtype).expand(*k.shape[:-1], 1)
+            swapped_q = torch.cat([k, one], -1)  # keys as queries
+            swapped_k = torch.cat([q, -log_z.float()[..., None]], -1)  # queries as keys, each less its log Z
+            _, log_sums = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                swapped_q, swapped_k, torch.ones_like(swapped_k), 0.0, False, scale=1.0)
+            sums = log_sums.double().exp()
+            self.token_stats = (log_z, sums)
+        return sums
+
     def image(self, j: int) -> "BlockMaps":
         """The maps of image j of the batch alone (a batch of one)."""
         pick = lambda t: None if t is None else t[j:j + 1]  # noqa: E731
@@ -148,7 +165,7 @@ class BlockMaps:
             return self.weights.mean(2, keepdim=True)
         if self.lean and self.token_stats is not None:  # every query's sum, less the prefix tokens' own rows
             n, m = self.grid[0] * self.grid[1], self.key_grid[0] * self.key_grid[1]
-            grid_sum = self.token_stats[1][..., :m] - self.prefix_rows[..., :m].double().sum(2)
+            grid_sum = self.token_sums()[..., :m] - self.prefix_rows[..., :m].double().sum(2)
             return (grid_sum / n).to(self.tokens_qk[0].dtype)[:, :, None]
         if self.window is not None:  # every row's window summed onto the grid, / N
             values, cells = self.window
@@ -539,7 +556,7 @@ class TracedAdapter(Adapter):
                              padding=prefix.sum(-1) if lay.padded else None,  # (as the rows' share off the grid)
                              prefix=prefix, prefix_names=lay.prefix_names, prefix_rows=torch.stack(prefix_r),
                              tokens_qk=(torch.stack([t[0] for t in token_qk]), torch.stack([t[1] for t in token_qk])),
-                             token_stats=(torch.stack([t[0] for t in stats]), torch.stack([t[1] for t in stats])))
+                             token_stats=(torch.stack(stats), None))
         pad = torch.stack([p[1] for p in parts]) if lay.padded else None
         if lay.windowed:
             window = (torch.stack([p[0][0] for p in parts]), torch.stack([p[0][1] for p in parts]))
@@ -641,9 +658,8 @@ class TracedAdapter(Adapter):
 def _lean_tokens(ev, lay: Layout):
     """A block of tokens whose attention ran as one fused call (`vggattn.attention.trace.Event.lse`), read without its
     N x M weights: (Q with the scale in it (heads, N + P, d), K (heads, M + P, d), each grid row's weight on each
-    prefix token (heads, N, P), the prefix tokens' own rows (heads, P, M + P), (log Z (heads, N + P) float64, the
-    rows' sum over every query (heads, M + P) float64)). The sum is a second fused call with the roles swapped:
-    log sum_i exp(q_i . k_j - log Z_i) is the log normaliser of key j's "row" over the queries."""
+    prefix token (heads, N, P), the prefix tokens' own rows (heads, P, M + P), log Z (heads, N + P) float64). The
+    rows' sum over the queries is `BlockMaps.token_sums`, made when asked for."""
     nq, nk = ev.query.shape[-2], ev.key.shape[-2]
     lead = ev.lse.shape[:-1]
     L = int(torch.Size(lead).numel())
@@ -657,14 +673,8 @@ def _lean_tokens(ev, lay: Layout):
     qf, kf = tq.float(), tk.float()
     prefix_w = torch.exp(qf[:, :n] @ kf[:, m:].transpose(-1, -2) - log_z[:, :n, None])  # (heads, N, P)
     prefix_r = torch.exp(qf[:, n:] @ kf.transpose(-1, -2) - log_z[:, n:, None])  # (heads, P, M + P)
-    one = torch.ones(1, dtype=qf.dtype).expand(*kf.shape[:-1], 1)
-    swapped_q = torch.cat([kf, one], -1)[None]  # (1, heads, M + P, d + 1): keys as queries
-    swapped_k = torch.cat([qf, -log_z[..., None]], -1)[None]  # queries as keys, each less its log Z
-    ones = torch.ones_like(swapped_k)
-    _, log_sums = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(swapped_q, swapped_k, ones, 0.0, False,
-                                                                             scale=1.0)
     return (tq.to(ev.query.dtype), tk.to(ev.key.dtype), prefix_w.to(ev.query.dtype), prefix_r.to(ev.query.dtype),
-            (log_z.double(), log_sums[0].double().exp()))
+            log_z.double())
 
 
 def _queries(w: torch.Tensor, lay: Layout) -> torch.Tensor:

@@ -318,7 +318,7 @@ def page_layer(name: str, maps, family: str = "", kind: str | None = None, sink:
             q, k = maps.tokens_qk[0][0].float(), maps.tokens_qk[1][0].float()
             layer.q, layer.k, layer.scale, layer.normalise = q.cpu().numpy(), k.cpu().numpy(), 1.0, "softmax"
             if maps.token_stats is not None:  # read from the fused kernel that computed the rows (`BlockMaps.lean`)
-                logz_t, mean = maps.token_stats[0][0], maps.token_stats[1][0] / q.shape[-2]
+                logz_t, mean = maps.token_stats[0][0], maps.token_sums()[0] / q.shape[-2]
             elif maps.weights is not None and maps.prefix is not None and maps.prefix_rows is not None:
                 # the rows the forward computed, in the page's order (grid then prefix, queries and keys alike): log Z
                 # from each row's largest weight, the mean row from their sum; no second pass over Q K^T
