@@ -1432,8 +1432,10 @@ def _layout_read(block: nn.Module, x: torch.Tensor, attention: int, places: "Tok
         else:  # no queries to follow: only the concatenation form's pairs are known to be laid out row-major
             rm = row_major(nq, (H, W)) if ev.kind == "concat" else None
             if rm is None:
-                raise NotAttention(f"its weights' other axis has {nq} entries that are no positions of its {H}x{W} "
-                                   "input (attention over channels, or a lambda layer)")
+                raise NotAttention(f"the {nq} rows of its weights follow from no position of its {H}x{W} input: "
+                                   "its logits are no product of queries and keys made from it (heads mixed before "
+                                   "the softmax, as talking-heads attention does; attention over channels; a lambda "
+                                   "layer)")
             qcell, grid = rm[0].expand(L, nq), rm[1]
             note = " Query positions assumed in row-major order (the code makes no queries to follow)."
         lq, iq, heads = _heads(qcell, grid, unplaced=places is not None)
