@@ -506,3 +506,44 @@ def test_one_forward_records_every_traced_block_as_running_it_alone_does():
         alone = block.adapter.maps(module, inputs[block.name])
         torch.testing.assert_close(block.maps.rows(), alone.rows(), atol=1e-6, rtol=1e-5, msg=block.name)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class DeepTokens(nn.Module):
+    """A patch embedding, forty residual MLP blocks on its tokens, then one attention block."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+
+        def forward(self, t):
+            q, k, v = self.qkv(t).chunk(3, -1)
+            return torch.softmax(q @ k.transpose(1, 2) / 8, -1) @ v
+
+    def __init__(self, depth: int = 40, dim: int = 64):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                                nn.Linear(4 * dim, dim)) for _ in range(depth))
+        self.attention = self.Attention(dim)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, 64)
+        for mlp in self.mlps:
+            t = t + mlp(t)
+        return self.attention(t)
+
+
+def test_tokens_keep_their_places_through_a_deep_stack_of_feature_mixing_layers():
+    """Forty residual MLP blocks between the patch embedding and an attention block (a deep MetaFormer's last stage
+    sits after 33): the masses through the MLPs' |W| grew by about 32x a block and overflowed float32, so every
+    token lost its place ("its keys carry no position"); they are kept at their scale, and each token still sits
+    inside its own patch."""
+    from vggattn.attention.trace import token_places
+
+    torch.manual_seed(0)
+    places = token_places(DeepTokens().eval(), torch.randn(1, 3, 32, 32), ["attention"])["attention"]
+    assert bool(places.positions.valid.all())
+    cy, cx = torch.arange(4)[:, None] * 8 + 3.5, torch.arange(4)[None] * 8 + 3.5
+    assert float((places.positions.y.reshape(4, 4) - cy).abs().max()) < 4
+    assert float((places.positions.x.reshape(4, 4) - cx).abs().max()) < 4

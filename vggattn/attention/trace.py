@@ -724,6 +724,7 @@ class Masses:
         self.calls += 1
         mass = tangent if negative is None else torch.where(negative, -tangent, tangent)
         name = getattr(func, "__name__", "")
+        gain = None
         if name.startswith("conv") or name == "linear":  # weight (and no bias) as absolute values
             if len(rest) >= 1:
                 rest[0] = rest[0].abs()
@@ -733,7 +734,12 @@ class Masses:
                 kw["weight"] = kw["weight"].abs()
             if "bias" in kw:
                 kw["bias"] = None
-        return fwAD.make_dual(out, func(mass, *rest, **kw))
+            weight = rest[0] if rest and isinstance(rest[0], torch.Tensor) else kw.get("weight")
+            if name == "linear" and isinstance(weight, torch.Tensor):  # mixes features, not places: its masses
+                gain = weight.sum(-1).mean().clamp_min(1e-12)  # kept at their scale (a deep stack of |W| overflows:
+                # 33 MetaFormer blocks reach float32's 3e38 and every place is lost), the same in every pass
+        carried = func(mass, *rest, **kw)
+        return fwAD.make_dual(out, carried if gain is None else carried / gain)
 
 
 # -- where the tokens sit -----------------------------------------------------------------------------------------------
