@@ -559,6 +559,17 @@ def random_click(view, img, rng, log: list) -> None:
                            arg=f"Pinned: pixel ({x}, {y})", timeout=30_000)
 
 
+def random_export(view, log: list) -> None:
+    """A random walk's export: the zip is offered, named after the pinned point (or none)."""
+    log.append("export")
+    view.get_by_role("tab", name="Export").click()
+    view.locator("#export-button").click()
+    view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
+    pinned = view.evaluate("window.vggattnHover.state().pinned")
+    name = "".join(view.locator("#export").inner_text().split())  # the file name may wrap
+    assert (f"-x{pinned[0]}-y{pinned[1]}" in name) if pinned else ("vggattn-export.zip" in name), (pinned, name)
+
+
 def random_move(view, img, rng, log: list) -> None:
     """A random walk's pointer move: anywhere on the picture or a little off it."""
     fx, fy = rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1)
@@ -636,13 +647,7 @@ def test_random_sequences_never_show_an_error(page, tmp_path):
         settled(view)
 
     def export():
-        log.append("export")
-        view.get_by_role("tab", name="Export").click()
-        view.locator("#export-button").click()
-        view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
-        pinned = view.evaluate("window.vggattnHover.state().pinned")
-        name = "".join(view.locator("#export").inner_text().split())  # the file name may wrap
-        assert (f"-x{pinned[0]}-y{pinned[1]}" in name) if pinned else ("vggattn-export.zip" in name), (pinned, name)
+        random_export(view, log)
 
     actions = [upload] * 3 + [click] * 4 + [move] * 4 + [control] * 4 + [column, tab, tab, ablation, export]
     try:

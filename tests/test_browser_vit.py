@@ -159,7 +159,8 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
     the page and no uncaught page error; a click on the picture is named in the status."""
     import random
 
-    from test_browser import random_click, random_control, random_move, random_upload, settled, upload_kinds
+    from test_browser import (random_click, random_control, random_export, random_move, random_upload, settled,
+                              upload_kinds)
 
     url, layers = served
     steps = int(os.environ.get("VGGATTN_RANDOM_STEPS", "30"))
@@ -210,10 +211,7 @@ def test_a_random_walk_through_a_transformers_app_never_shows_an_error(browser, 
         settled(view)
 
     def export():
-        log.append("export")
-        view.get_by_role("tab", name="Export").click()
-        view.locator("#export-button").click()
-        view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
+        random_export(view, log)
 
     actions = [upload] * 3 + [click] * 3 + [tile] * 2 + [move] * 4 + [control] * 3 + [switch] * 2 + \
         [tab, tab, ablation, export]
