@@ -200,6 +200,24 @@ def test_browser_rows_and_columns_equal_the_servers(page):
             np.testing.assert_allclose(js, full[:, j], atol=1e-4, rtol=0)
 
 
+def test_the_pages_dot_products_in_webassembly_equal_float64_sums(page):
+    """The rows' dot products run in WebAssembly SIMD (web/dots.wasm) in Chromium, and equal float64 sums of the
+    float32 inputs as the JavaScript loop's do, for every width the kernel takes (c % 4 == 0) and one it leaves
+    to the loop."""
+    import numpy as np
+
+    assert page.evaluate("window.vggattnHover.simd"), "WebAssembly SIMD did not load in Chromium"
+    rng = np.random.default_rng(0)
+    for c in (4, 8, 12, 64, 6):
+        a = rng.normal(size=c).astype(np.float32)
+        b = (rng.normal(size=(37, c)) * 100).astype(np.float32)
+        want = b.astype(np.float64) @ a.astype(np.float64)
+        for how in ("wasm", "loop"):
+            got = np.array(page.evaluate("([a, b, n, c, how]) => window.vggattnHover.dots(a, b, n, c, how)",
+                                         [a.tolist(), b.ravel().tolist(), 37, c, how]))
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"c={c} {how}")
+
+
 def test_scale_control_reaches_the_page(page):
     """The Scale radio sets the page's scale without a request, and back."""
     page.locator("#scale").get_by_label("log").check()

@@ -207,3 +207,16 @@ def test_pin_endpoint_and_a_click_draw_the_rows_of_the_blocks_own_convs():
             assert np.abs(got.astype(int) - want).max() <= 1, i  # rows from float32 Q, K on the app's side
     with pytest.raises(app.gr.Error, match="two numbers"):
         app.on_point(ui, state, None, 4)
+
+
+def test_the_pages_webassembly_is_its_source_assembled():
+    """web/dots.wasm, which the page runs, is web/dots.wat as wasmtime assembles it (edit the .wat, then write the
+    .wasm with `wasmtime.wat2wasm`)."""
+    from pathlib import Path
+
+    import wasmtime
+
+    import vggattn.view.hover
+
+    web = Path(vggattn.view.hover.__file__).parent / "web"
+    assert wasmtime.wat2wasm((web / "dots.wat").read_text()) == (web / "dots.wasm").read_bytes()

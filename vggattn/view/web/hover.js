@@ -26,6 +26,7 @@ let pinnedAt = 0;         // when (performance.now()) it was pinned
 let token = null;         // the prefix token (class, register) whose own row is pinned, by name (its tile was clicked)
 let current = null;       // [x, y] under the pointer
 const latencies = [];     // ms from a pointer move to the panels drawn (last 1000)
+const works = [];         // ms of the page's own work per pointer move: the drawing's start to its end (last 1000)
 const frames = [];        // ms from a pointer move to the next animation frame after the drawing (last 1000)
 const pins = [];          // ms from a click (pointerdown) to the pinned panels drawn (last 1000)
 const TILES_WIDTH = 78;   // px right of a transformer's picture for its prefix tiles
@@ -105,6 +106,7 @@ function requestLayer(i) {  // a deferred layer's arrays, from the server, once
 
 function load(raw) {
   generation++;
+  if (simd) { simd.top = 0; simd.homes = new WeakMap(); }  // the old image's arrays: their room is reused
   pinned = current = token = null;
   document.querySelectorAll(".vggattn-tiles").forEach(e => e.remove());  // the new image's come with its payload
   for (const key of Object.keys(smallBases)) delete smallBases[key];  // the old image's, at panel sizes
@@ -186,43 +188,103 @@ function heads(L, head = controls.head) {  // the heads shown: the chosen one, o
   return [h];
 }
 
-function mean(parts) {  // hover.PageLayer._mean: summed in head order, then divided
-  if (parts.length === 1) return parts[0];
-  const out = Float64Array.from(parts[0]);
-  for (let p = 1; p < parts.length; p++) for (let j = 0; j < out.length; j++) out[j] += parts[p][j];
-  for (let j = 0; j < out.length; j++) out[j] /= parts.length;
+// hover.PageLayer._mean of part(h, into) over the heads hs: summed in head order (0 + the first is the first), then
+// divided; each head's part written into one scratch array (a move makes no array per head)
+let partScratch = new Float64Array(0);
+function mean(hs, size, part) {
+  if (hs.length === 1) return part(hs[0], new Float64Array(size));
+  if (partScratch.length < size) partScratch = new Float64Array(size);
+  const out = new Float64Array(size), one = partScratch.subarray(0, size);
+  for (const h of hs) {
+    part(h, one);
+    for (let j = 0; j < size; j++) out[j] += one[j];
+  }
+  for (let j = 0; j < size; j++) out[j] /= hs.length;
+  return out;
+}
+
+// out[j] = a[at..at+c) . b[bt + j*c..+c) for j < n, summed in float64: in WebAssembly SIMD (web/dots.wat, 5-7x this
+// file's loop) where the page can run it and c % 4 == 0, else the loop. b, a layer's Q or K, is copied into the
+// module's memory the first time it is used (its "home"); a, the one row, is widened there per call
+const simd = (() => {
+  try {
+    const bytes = Uint8Array.from(atob(K.dots_wasm || ""), ch => ch.charCodeAt(0));
+    if (!bytes.length || !WebAssembly.validate(bytes)) return null;
+    const memory = new WebAssembly.Memory({initial: 1});
+    const {dots} = new WebAssembly.Instance(new WebAssembly.Module(bytes), {env: {memory}}).exports;
+    return {memory, dots, top: 0, homes: new WeakMap(), f32: null, f64: null};
+  } catch (e) {
+    return null;  // no WebAssembly SIMD here: the loop
+  }
+})();
+api.simd = !!simd;
+
+function wasmRoom(bytes) {  // `bytes` more at the top of the module's memory, 16-byte aligned: its byte offset
+  const at = (simd.top + 15) & ~15, need = at + bytes, have = simd.memory.buffer.byteLength;
+  if (need > have) simd.memory.grow(Math.ceil((need - have) / 65536));
+  if (!simd.f64 || simd.f64.buffer !== simd.memory.buffer) {  // grown: the old views are detached
+    simd.f32 = new Float32Array(simd.memory.buffer);
+    simd.f64 = new Float64Array(simd.memory.buffer);
+  }
+  return at;
+}
+
+function home(b) {  // b's byte offset in the module's memory, copied there once
+  let at = simd.homes.get(b);
+  if (at === undefined) {
+    at = wasmRoom(4 * b.length);
+    simd.f32.set(b, at / 4);
+    simd.top = at + 4 * b.length;
+    simd.homes.set(b, at);
+  }
+  return at;
+}
+
+function dots(out, a, at, b, bt, n, c) {
+  if (simd && c % 4 === 0 && b instanceof Float32Array) {
+    const kb = home(b), s = wasmRoom(8 * (c + n)), f64 = simd.f64, q = s / 8;  // scratch above the homes
+    for (let d = 0; d < c; d++) f64[q + d] = a[at + d];
+    simd.dots(s, kb + 4 * bt, n, c, s + 8 * c);
+    for (let j = 0; j < n; j++) out[j] = f64[q + c + j];
+    return out;
+  }
+  return dotsLoop(out, a, at, b, bt, n, c);
+}
+
+function dotsLoop(out, a, at, b, bt, n, c) {
+  const qd = new Float64Array(c);
+  for (let d = 0; d < c; d++) qd[d] = a[at + d];  // the one row in a local array, b's rows walked in order
+  for (let j = 0, o = bt; j < n; j++, o += c) {
+    let s = 0;
+    for (let d = 0; d < c; d++) s += qd[d] * b[o + d];
+    out[j] = s;
+  }
   return out;
 }
 
 // A transformer's row i over the key grid, then its prefix tokens (M + P), as they are: softmax over all M + P keys.
 // i < N: a grid query; N + p: prefix token p's own row (the class token's: DINO's view)
-function headFullRow(L, h, i) {
-  const mk = L.m + L.P, out = new Float64Array(mk);
+function headFullRow(L, h, i, out = new Float64Array(L.m + L.P)) {  // out: where to write it
+  const mk = L.m + L.P;
   if (L.kind !== "qk") {
     if (i >= L.n) { const base = (h * L.P + i - L.n) * mk; for (let j = 0; j < mk; j++) out[j] = L.prefixRows[base + j]; return out; }
     for (let j = 0; j < L.m; j++) out[j] = L.rows[(h * L.n + i) * L.m + j];
     for (let p = 0; p < L.P; p++) out[L.m + p] = L.prefixW[(h * L.n + i) * L.P + p];
     return out;
   }
-  const c = L.dim, qo = (h * (L.n + L.P) + i) * c, K = L.k, scale = L.scale, q = new Float64Array(c);
-  for (let d = 0; d < c; d++) q[d] = L.q[qo + d];  // the query in a local array, the keys walked in order
+  const c = L.dim, scale = L.scale;
+  dots(out, L.q, (h * (L.n + L.P) + i) * c, L.k, h * mk * c, mk, c);
   let max = -Infinity;
-  for (let j = 0, kj = h * mk * c; j < mk; j++, kj += c) {
-    let s = 0;
-    for (let d = 0; d < c; d++) s += q[d] * K[kj + d];
-    const v = s * scale;
-    out[j] = v;
-    if (v > max) max = v;
-  }
+  for (let j = 0; j < mk; j++) { const v = out[j] * scale; out[j] = v; if (v > max) max = v; }
   let sum = 0;
   for (let j = 0; j < mk; j++) { const e = Math.exp(out[j] - max); out[j] = e; sum += e; }
   for (let j = 0; j < mk; j++) out[j] /= sum;
   return out;
 }
 
-function headRow(L, h, i) {
-  if (L.P) return headFullRow(L, h, i).subarray(0, L.m);
-  const out = new Float64Array(L.m);
+function headRow(L, h, i, out = new Float64Array(L.m + L.P)) {
+  if (L.P) return headFullRow(L, h, i, out).subarray(0, L.m);
+  out.fill(0);
   if (L.kind === "window") {  // the row's keys onto the key grid, in key order (hover.PageLayer does the same)
     const base = (h * L.n + i) * L.window;
     for (let t = 0; t < L.window; t++) { const c = L.cells[base + t]; if (c >= 0) out[c] += L.values[base + t]; }
@@ -233,14 +295,10 @@ function headRow(L, h, i) {
     for (let j = 0; j < L.m; j++) out[j] = L.rows[base + j];
     return out;
   }
-  const c = L.dim, qo = (h * L.n + i) * c, ko = h * L.m * c;
+  const c = L.dim;
+  dots(out, L.q, (h * L.n + i) * c, L.k, h * L.m * c, L.m, c);
   let max = -Infinity;
-  for (let j = 0; j < L.m; j++) {
-    let s = 0;
-    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + j * c + d];
-    out[j] = s * L.scale;
-    if (out[j] > max) max = out[j];
-  }
+  for (let j = 0; j < L.m; j++) { out[j] *= L.scale; if (out[j] > max) max = out[j]; }
   if (L.normalise === "mean") { for (let j = 0; j < L.m; j++) out[j] /= L.m; return out; }
   let sum = 0;
   for (let j = 0; j < L.m; j++) { out[j] = Math.exp(out[j] - max); sum += out[j]; }
@@ -248,8 +306,8 @@ function headRow(L, h, i) {
   return out;
 }
 
-function headColumn(L, h, j) {
-  const out = new Float64Array(L.n);
+function headColumn(L, h, j, out = new Float64Array(L.n)) {
+  out.fill(0);
   if (L.kind === "window") {  // every row's weight on key cell j
     for (let i = 0; i < L.n; i++) {
       const base = (h * L.n + i) * L.window;
@@ -261,24 +319,23 @@ function headColumn(L, h, j) {
     for (let i = 0; i < L.n; i++) out[i] = L.rows[(h * L.n + i) * L.m + j];
     return out;
   }
-  const c = L.dim, nq = L.n + L.P, ko = (h * (L.m + L.P) + j) * c;  // the grid's queries only
+  const c = L.dim, nq = L.n + L.P;  // the grid's queries only: the first N of head h's
+  dots(out, L.k, (h * (L.m + L.P) + j) * c, L.q, h * nq * c, L.n, c);
   for (let i = 0; i < L.n; i++) {
-    let s = 0;
-    const qo = (h * nq + i) * c;
-    for (let d = 0; d < c; d++) s += L.q[qo + d] * L.k[ko + d];
-    out[i] = L.normalise === "mean" ? s * L.scale / L.m : Math.exp(s * L.scale - L.logz[h * nq + i]);
+    out[i] = L.normalise === "mean" ? out[i] * L.scale / L.m : Math.exp(out[i] * L.scale - L.logz[h * nq + i]);
   }
   return out;
 }
 
 function row(li, i, head) {  // (M,) over the key grid
   const L = payload.layers[li];
-  return mean(heads(L, head).map(h => headRow(L, h, i)));
+  if (L.P) return fullRow(li, i, head).subarray(0, L.m);
+  return mean(heads(L, head), L.m, (h, into) => headRow(L, h, i, into));
 }
 
 function fullRow(li, i, head) {  // (M + P,): a transformer's row on the grid, then on its prefix tokens
   const L = payload.layers[li];
-  return mean(heads(L, head).map(h => headFullRow(L, h, i)));
+  return mean(heads(L, head), L.m + L.P, (h, into) => headFullRow(L, h, i, into));
 }
 
 function rolloutRow(L, i) {  // (M + P,) row i of the rollout up to this block
@@ -296,7 +353,7 @@ function tokenIndex(L) {  // the pinned prefix token's own query in layer L (-1:
 function column(li, j, head) {  // (N,) over the query grid; a "map" layer: its map
   const L = payload.layers[li];
   if (L.kind === "map") return row(li, 0, head);
-  return mean(heads(L, head).map(h => headColumn(L, h, j)));
+  return mean(heads(L, head), L.n, (h, into) => headColumn(L, h, j, into));
 }
 
 function queryIndex(x, y, grid) {  // vggattn.data.query_index: pixel centres, clamped
@@ -336,7 +393,14 @@ function levels(values, scale, floor) {
 }
 
 // -- drawing: vggattn.view.render, rule for rule ---------------------------------------------------------
+const samplers = new Map();
 function sampler(n, size, smooth) {  // per output pixel: source index pair and weight (centre-aligned, clamped)
+  const key = `${n}|${size}|${smooth}`;
+  if (!samplers.has(key)) samplers.set(key, makeSampler(n, size, smooth));
+  return samplers.get(key);
+}
+
+function makeSampler(n, size, smooth) {
   const i0 = new Int32Array(size), i1 = new Int32Array(size), t = new Float64Array(size);
   const scale = n / size;
   for (let o = 0; o < size; o++) {
@@ -355,14 +419,19 @@ function tintTable(colormap, opacity) {  // vggattn.view.render.palette and tint
 
 let tintCache = {key: null, table: null};
 // Every (level, photo value) pair's blended value, base + (colour - base) * alpha, as a Uint8ClampedArray stores
-// it (rounding half to even, as the server's np.rint): per pixel, three lookups give the server's bytes exactly
+// it (rounding half to even, as the server's np.rint): per pixel, three lookups give the server's bytes exactly.
+// One table per channel
 function tint(colormap, opacity) {
   const key = `${colormap}|${opacity}`;
   if (tintCache.key !== key) {
-    const {pal, alpha} = tintTable(colormap, opacity), table = new Uint8ClampedArray(256 * 256 * 3);
+    const {pal, alpha} = tintTable(colormap, opacity), one = new Uint8ClampedArray(1);
+    const table = [0, 1, 2].map(() => new Uint8Array(256 * 256));
     for (let p = 0; p < 256; p++) {
       for (let b = 0; b < 256; b++) {
-        for (let ch = 0; ch < 3; ch++) table[(p * 256 + b) * 3 + ch] = b + (pal[3 * p + ch] - b) * alpha[p];
+        for (let ch = 0; ch < 3; ch++) {
+          one[0] = b + (pal[3 * p + ch] - b) * alpha[p];
+          table[ch][p * 256 + b] = one[0];
+        }
       }
     }
     tintCache = {key, table};
@@ -370,31 +439,49 @@ function tint(colormap, opacity) {
   return tintCache.table;
 }
 
-// vggattn.view.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is
-function overlay(lv, grid, w, h, baseImage = payload.base) {
-  const [gh, gw] = grid, smooth = controls.mode === "smooth", table = tint(controls.colormap, controls.opacity);
+const images = new Map();  // a panel's picture's pixels, kept from move to move (no new ImageData to collect)
+function reused(key, w, h) {
+  let im = images.get(key);
+  if (!im || im.width !== w || im.height !== h) { im = new ImageData(w, h); images.set(key, im); }
+  return im;
+}
+
+// Each pixel's level, (top + (bottom - top) * t) * 255 rounded half up and clamped (levels lie in [0, 1], so | 0 is
+// the floor), then its tint; a pixel at level 0 keeps the photo's. A function of its own, over typed arrays only
+// (a third of the time of the same loop inline). RGBA words little-endian: red in the low byte; no photo: grey
+function tintPixels(px, base, across, i0, i1, t, w, h, tr, tg, tb) {
+  const OPAQUE = -16777216;  // alpha 255 in an int32
+  for (let y = 0; y < h; y++) {
+    const r0 = i0[y] * w, r1 = i1[y] * w, ty = t[y];
+    for (let x = 0, o = y * w; x < w; x++, o++) {
+      const top = across[r0 + x], bottom = across[r1 + x];
+      let p = ((top + (bottom - top) * ty) * 255 + 0.5) | 0;
+      p = p < 0 ? 0 : p > 255 ? 255 : p;
+      const rgb = base ? base[o] : 0x808080;
+      if (p === 0) { px[o] = rgb | OPAQUE; continue; }
+      const row = p << 8;
+      px[o] = tr[row + (rgb & 255)] | (tg[row + ((rgb >> 8) & 255)] << 8) | (tb[row + ((rgb >> 16) & 255)] << 16) | OPAQUE;
+    }
+  }
+}
+
+let acrossScratch = new Float64Array(0);
+// vggattn.view.render.overlay of upsample(levels), at w x h; level 0 (alpha 0) leaves the photo's pixel as it is.
+// into: an ImageData of w x h to draw into (every pixel is written), else a new one
+function overlay(lv, grid, w, h, baseImage = payload.base, into = null) {
+  const [gh, gw] = grid, smooth = controls.mode === "smooth", [tr, tg, tb] = tint(controls.colormap, controls.opacity);
   const sx = sampler(gw, w, smooth), sy = sampler(gh, h, smooth);
-  const across = new Float64Array(gh * w);  // each source row interpolated across: the same sums as per pixel
+  if (acrossScratch.length < gh * w) acrossScratch = new Float64Array(gh * w);
+  const across = acrossScratch;  // each source row interpolated across: the same sums as per pixel
   for (let r = 0; r < gh; r++) {
     for (let x = 0; x < w; x++) {
       const a = lv[r * gw + sx.i0[x]], b = lv[r * gw + sx.i1[x]];
       across[r * w + x] = a + (b - a) * sx.t[x];
     }
   }
-  const base = baseImage ? baseImage.data : null, out = new ImageData(w, h), px = out.data;
-  for (let y = 0; y < h; y++) {
-    const r0 = sy.i0[y] * w, r1 = sy.i1[y] * w, ty = sy.t[y];
-    for (let x = 0; x < w; x++) {
-      const top = across[r0 + x], bottom = across[r1 + x], o = 4 * (y * w + x);
-      const p = Math.min(255, Math.max(0, Math.floor((top + (bottom - top) * ty) * 255 + 0.5)));
-      const b0 = base ? base[o] : 128, b1 = base ? base[o + 1] : 128, b2 = base ? base[o + 2] : 128;
-      if (p === 0) { px[o] = b0; px[o + 1] = b1; px[o + 2] = b2; } else {
-        const row = p * 768;
-        px[o] = table[row + b0 * 3]; px[o + 1] = table[row + b1 * 3 + 1]; px[o + 2] = table[row + b2 * 3 + 2];
-      }
-      px[o + 3] = 255;
-    }
-  }
+  const out = into || new ImageData(w, h), px = new Int32Array(out.data.buffer, out.data.byteOffset, w * h);
+  const base = baseImage ? new Int32Array(baseImage.data.buffer, baseImage.data.byteOffset, w * h) : null;
+  tintPixels(px, base, across, sy.i0, sy.i1, sy.t, w, h, tr, tg, tb);
   return out;
 }
 
@@ -407,10 +494,11 @@ function cellRect(index, grid, w, h) {  // vggattn.view.render.cell_rect: (x0, y
 }
 
 function frame(im, rect, width, color) {  // the pixels of rect within `width` of its edge
-  const [x0, y0, x1, y1] = rect, px = im.data;
+  const [x0, y0, x1, y1] = rect, px = im.data, xa = Math.max(x0, 0), xb = Math.min(x1, im.width);
   for (let y = Math.max(y0, 0); y < Math.min(y1, im.height); y++) {
-    for (let x = Math.max(x0, 0); x < Math.min(x1, im.width); x++) {
-      if (Math.min(x - x0, x1 - 1 - x, y - y0, y1 - 1 - y) >= width) continue;
+    const edge = y - y0 < width || y1 - 1 - y < width;  // a row of the top or bottom band: all of it; else its ends
+    for (let x = xa; x < xb; x++) {
+      if (!edge && x - x0 >= width && x1 - 1 - x >= width) { x = Math.max(x, x1 - width) - 1; continue; }
       const o = 4 * (y * im.width + x);
       px[o] = color[0]; px[o + 1] = color[1]; px[o + 2] = color[2];
     }
@@ -444,7 +532,8 @@ function markSizes(w, h) {  // vggattn.view.render.mark_sizes
 }
 
 // vggattn.view.render.attention_picture at the display copy's size, for the point (x, y) of the original image
-function picture(li, x, y, how = view, size = null) {  // size: [w, h] smaller than the display copy, for a panel
+// size: [w, h] smaller than the display copy, for a panel; keep: a name under which its pixels are kept (reused)
+function picture(li, x, y, how = view, size = null, keep = null) {
   const L = payload.layers[li], [w, h] = size || payload.display, map = L.kind === "map";
   const base = size ? smallBase(w, h) : payload.base;
   if (map) how = "row";  // one map per image: no query picks a row, and no column either
@@ -456,7 +545,7 @@ function picture(li, x, y, how = view, size = null) {  // size: [w, h] smaller t
   const full = rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null;
   const values = full ? full.subarray(0, L.m) : how === "row" ? row(li, q) : column(li, q);
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
-  const im = overlay(lv, valueGrid, w, h, base), s = markSizes(w, h);
+  const im = overlay(lv, valueGrid, w, h, base, keep === null ? null : reused(keep, w, h)), s = markSizes(w, h);
   if (controls.mark && how === "row") {
     const line = s.line, size = s.digit;
     markedIndices(values, K.top_k).forEach((j, rank) => {  // frame and number outside the cell: its tint shows
@@ -550,21 +639,24 @@ function drawTiles(tiles, L, prefix, values, ratios = false) {  // ratios: prefi
       tile.dataset.weight = "";
       Object.assign(tile.style, {background: "rgba(0, 0, 0, 0.7)", color: "#fff", outline: "none"});
     });
+    if (tiles.items) tiles.items.forEach(item => { item.shown = {}; });
     return;
   }
   let top = 0;
-  for (const v of values) if (v > top) top = v;
-  const {pal} = tintTable(controls.colormap, controls.opacity);
-  tiles.querySelectorAll(".vggattn-tile").forEach((tile, p) => {
+  for (let j = 0; j < values.length; j++) if (values[j] > top) top = values[j];
+  const pal = (K.palettes[controls.colormap] || K.palettes[K.controls.colormap]);
+  if (!tiles.items) {  // each tile and what it shows, kept: a move writes only what changed
+    tiles.items = [...tiles.querySelectorAll(".vggattn-tile")].map(tile => ({tile, span: tile.querySelector("span"), shown: {}}));
+  }
+  tiles.items.forEach(({tile, span, shown}, p) => {
     const w = prefix[p], level = Math.min(255, Math.round(255 * (top > 0 ? Math.min(1, w / top) : 1)));
     const [r, g, b] = [pal[3 * level], pal[3 * level + 1], pal[3 * level + 2]], light = 0.299 * r + 0.587 * g + 0.114 * b > 140;
     const text = ratios ? `${w.toFixed(1)}x med` : w >= 0.001 ? `${(100 * w).toFixed(1)}%` : w.toExponential(1);
-    const span = tile.querySelector("span");
     if (span.textContent !== text) span.textContent = text;
     tile.dataset.weight = String(w);
-    tile.style.background = `rgb(${r}, ${g}, ${b})`;
-    tile.style.color = light ? "#000" : "#fff";
-    tile.style.outline = token === L.prefix[p] ? "3px solid #00b7ff" : "none";  // the pinned token's
+    const style = {background: `rgb(${r}, ${g}, ${b})`, color: light ? "#000" : "#fff",
+                   outline: token === L.prefix[p] ? "3px solid #00b7ff" : "none"};  // the pinned token's
+    for (const [name, value] of Object.entries(style)) if (shown[name] !== value) tile.style[name] = shown[name] = value;
   });
 }
 
@@ -595,7 +687,7 @@ function drawLegend(legend, L, values, how, prefix) {
     bar.dataset.key = key;
   }
   let top = 0, at = 0;
-  values.forEach((v, j) => { if (v > top) { top = v; at = j; } });
+  for (let j = 0; j < values.length; j++) if (values[j] > top) { top = values[j]; at = j; }
   const gw = (how === "row" ? L.keyGrid : L.grid)[1], cell = `(${Math.floor(at / gw)}, ${at % gw})`;
   const floor = how === "column" ? 1 / L.m : 0;
   const max = Math.max(top, floor), lo = controls.scale === "log" ? `log ${fmt(max / Math.pow(10, K.log_decades))}` : "0";
@@ -649,7 +741,8 @@ function drawHeads(i, x, y, parts) {
   ctx.font = "11px sans-serif";
   for (let hd = 0; hd < L.heads; hd++) {
     const values = how === "row" ? (L.P ? fullRow(i, q, String(hd)).subarray(0, L.m) : row(i, q, String(hd))) : column(i, q, String(hd));
-    const im = overlay(levels(values, controls.scale, how === "column" ? 1 / L.m : 0), valueGrid, w, h, base);
+    const im = overlay(levels(values, controls.scale, how === "column" ? 1 / L.m : 0), valueGrid, w, h, base,
+                       reused(`${i}.${hd}`, w, h));
     if (own < 0 && L.kind !== "map") frame(im, cellRect(q, how === "row" ? L.grid : L.keyGrid, w, h), 1, K.query_color);
     const ox = left + (hd % cols) * (w + 2), oy = top + Math.floor(hd / cols) * (h + 2);
     ctx.putImageData(im, ox, oy);
@@ -694,7 +787,7 @@ function drawPanel(i, x, y, all = false) {
   if (switches.norms && payload.layers[i].norms) { drawPicture(i, parts, normsPicture(i, small)); return; }
   if (switches.heads && payload.layers[i].heads > 1 && !(switches.rollout && payload.layers[i].rollout)) { drawHeads(i, x, y, parts); return; }
   delete parts.canvas.dataset.heads;
-  drawPicture(i, parts, picture(i, x, y, view, small));  // drawn at the panel's size where that is smaller
+  drawPicture(i, parts, picture(i, x, y, view, small, i));  // drawn at the panel's size where that is smaller
 }
 
 let sizes = null;          // panel i's size, read for every panel before any is drawn (draw): no reflow per panel
@@ -739,7 +832,7 @@ function drawPicture(i, parts, drawn) {  // a picture into panel i (scaled if it
 
 function draw(x, y, since, log = latencies, all = true) {  // all false (a pointer move): the panels on screen only
   if (!payload) return;
-  const count = Math.min(K.num_panels, payload.layers.length);
+  const start = performance.now(), count = Math.min(K.num_panels, payload.layers.length);
   sizes = [];  // every panel's layout read first, then all drawn (reading one after drawing another forces a reflow)
   for (let i = 0; i < count; i++) {
     const parts = (all || !offscreen.has(i)) && partsFor(i);
@@ -756,8 +849,10 @@ function draw(x, y, since, log = latencies, all = true) {  // all false (a point
     setLine(`${who}: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
   }
   if (since !== undefined) {
-    log.push(performance.now() - since);
+    const end = performance.now();
+    log.push(end - since);
     if (log.length > 1000) log.shift();
+    if (log === latencies) { works.push(end - start); if (works.length > 1000) works.shift(); }
     if (log === latencies) requestAnimationFrame(() => { frames.push(performance.now() - since); if (frames.length > 1000) frames.shift(); });
   }
 }
@@ -870,6 +965,9 @@ if (typeof watch === "function") watch("value", () => { bindSwitch(); load(props
 
 Object.assign(api, {
   load, row: (li, i, head) => Array.from(row(li, i, head)), column: (li, j, head) => Array.from(column(li, j, head)),
+  // a . b's n rows of c, in WebAssembly where it runs (how "loop": in JavaScript), as the rows use them
+  dots: (a, b, n, c, how) => Array.from((how === "loop" ? dotsLoop : dots)(new Float64Array(n), Float32Array.from(a), 0,
+                                                                          Float32Array.from(b), 0, n, c)),
   queryIndex, fullRow: (li, i, head) => Array.from(fullRow(li, i, head)), pinToken,
   levels: (values, scale, floor = 0) => Array.from(levels(values, scale, floor)),
   // the picture the panels show for (x, y), at the display copy's size: [width, height, RGB bytes as base64]
@@ -884,7 +982,7 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setSwitch, setControls, listeners, latencies, frames, pins, fetched,
+  leave, setView, setSwitch, setControls, listeners, latencies, works, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
   state: () => ({view, switches: {...switches}, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0,
