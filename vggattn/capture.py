@@ -4,6 +4,7 @@
     for name, m in maps.items():                       # in module order
         rows = m.rows()                                # (B, heads, N, M): each query's weights over the key cells
         m.grid, m.key_grid, m.prefix_names, m.prefix, m.gamma
+                                                       # cross-attention: m.query_names (object queries) or m.key_names
 
 The model runs once under `no_grad` with each block's attention recorded as it computes it (`trace.watch`); rows
 are computed on demand; no hook stays on the model afterwards.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .attention.adapters import BlockMaps, TracedAdapter, find_blocks, locate_tokens
+from .attention.adapters import BlockMaps, CrossAdapter, TracedAdapter, find_blocks, locate_tokens
 from .attention.trace import Event, watch
 from .models.output import image_model
 
@@ -53,6 +54,18 @@ class Maps:
     def prefix(self) -> torch.Tensor | None:
         """(B, heads, N, P): each row's weight on each prefix token (None where the block has none)."""
         return self.maps.prefix
+
+    @property
+    def query_names(self) -> list[str] | None:
+        """Cross-attention: the tokens that are the queries ("query 3": a detector's object query), each looking at
+        the key grid; rows (B, heads, T, M). None where the queries are the image's places."""
+        return self.maps.query_names
+
+    @property
+    def key_names(self) -> list[str] | None:
+        """Cross-attention: the tokens that are the keys (a prompt's words), looked at from each place of `grid`;
+        rows (B, heads, N, T). None where the keys are the image's places."""
+        return self.maps.key_names
 
     @property
     def meaning(self) -> str:
@@ -92,7 +105,7 @@ def _stack(parts: list[BlockMaps]) -> BlockMaps:
     stats = None if first.token_stats is None else (torch.cat([p.token_stats[0] for p in parts]), None)
     return BlockMaps(first.family, cat("query"), cat("key"), first.grid, first.key_grid, first.scale, cat("bias"),
                      first.normalise, first.meaning, cat("weights"), cat("padding"), window, cat("prefix"),
-                     first.prefix_names, cat("prefix_rows"), tokens, stats)
+                     first.prefix_names, cat("prefix_rows"), tokens, stats, first.query_names, first.key_names)
 
 
 @torch.no_grad()
@@ -103,16 +116,22 @@ def capture(model: nn.Module, x: torch.Tensor, layers: list[str] | None = None) 
     from .analysis import block_gamma
 
     model = image_model(model, x[:1])
-    blocks = find_blocks(model, layers, example=x[:1])
-    traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)}
-    output, seen = watch(model, x, [name for name, *_ in blocks], traced)
+    blocks = find_blocks(model, layers, example=x[:1], cross=True)
+    cross = {name for name, _, adapter in blocks if isinstance(adapter, CrossAdapter)}
+    traced = {name for name, _, adapter in blocks if isinstance(adapter, TracedAdapter)} | cross
+    output, seen = watch(model, x, [name for name, *_ in blocks], traced, every_argument=cross)
     locate_tokens(model, x, blocks, {name: s.input for name, s in seen.items() if s.input is not None})
     out = {}
     for name, module, adapter in blocks:
         if name not in seen:  # a block the forward did not run
             continue
         kept = seen[name]
-        if name in traced:
+        if name in cross:
+            images = _per_image(kept.events, len(x)) if len(x) > 1 else [kept.events]
+            lay = adapter.layout(module, kept.input, kept.call)
+            maps = adapter._maps(lay, images) if images is not None else adapter.maps(module, kept.input,
+                                                                                      call=kept.call)
+        elif name in traced:
             lay = adapter.layout(module, kept.input, kept.call)
             images = _per_image(kept.events, len(x)) if len(x) > 1 else [kept.events]
             if images is not None and all(len(e) > max(lay.group) for e in images):

@@ -86,6 +86,9 @@ class BlockMaps:
     token_stats: tuple[torch.Tensor, torch.Tensor | None] | None = None  # tokens read from a fused kernel (no weights
     # held): (log Z of every row (B, heads, N + P) float64, the rows' sum over all N + P queries (B, heads, M + P)
     # float64, None until `token_sums` makes it)
+    query_names: list[str] | None = None  # cross-attention: the queries are these tokens, not places (grid (1, T));
+    # rows (B, heads, T, M) over the key grid (`vggattn.attention.cross`)
+    key_names: list[str] | None = None  # cross-attention: the keys are these tokens (key_grid (1, T))
 
     @property
     def lean(self) -> bool:
@@ -155,7 +158,8 @@ class BlockMaps:
                          None if self.window is None else (pick(self.window[0]), pick(self.window[1])),
                          pick(self.prefix), self.prefix_names, pick(self.prefix_rows),
                          None if self.tokens_qk is None else (pick(self.tokens_qk[0]), pick(self.tokens_qk[1])),
-                         None if self.token_stats is None else (pick(self.token_stats[0]), pick(self.token_stats[1])))
+                         None if self.token_stats is None else (pick(self.token_stats[0]), pick(self.token_stats[1])),
+                         self.query_names, self.key_names)
 
     def mean_row(self, block_elements: int = 1 << 22) -> torch.Tensor:
         """(B, heads, 1, M): the query-averaged row, a block of query rows at a time (never all N x M at once)."""
@@ -655,6 +659,61 @@ class TracedAdapter(Adapter):
         return fn
 
 
+class CrossAdapter(Adapter):
+    """A block whose attention runs between the image's places and tokens with no place on it (a detector's object
+    queries over the encoder's grid, a latent's places over a prompt's words), found by what it computes
+    (`vggattn.attention.cross`). Its rows: (B, heads, T, M) for tokens looking at the grid (`query_names`), (B,
+    heads, N, T) for places looking at tokens (`key_names`)."""
+
+    residual = "as the block's own code adds it"
+    off_means = "no intervention on cross-attention yet"
+
+    def __init__(self, module: nn.Module, places: dict, attention: int = 0):
+        cls = type(module)
+        self.family = f"{cls.__name__} ({cls.__module__.split('.')[0]}), found by what it computes"
+        self.places = places  # {argument (position or keyword): TokenPlaces} of its placed token arguments
+        self.attention = attention
+        self.calls: dict[tuple, Call] = {}  # how the model calls the block, per input shape
+        self.qk_modules: tuple[str, ...] = ()
+        self._layouts: dict[tuple, object] = {}
+
+    def matches(self, module):
+        return False
+
+    def layout(self, module: nn.Module, x: torch.Tensor, call: Call | None = None):
+        from .cross import cross_layout
+
+        call = call or self.calls.get(tuple(x.shape[1:]))
+        if call is None:
+            raise NotAttention("cross-attention is read from the model's own call of the block (none kept)")
+        key = (tuple(x.shape[1:]), call.key())
+        if key not in self._layouts:
+            self._layouts[key] = cross_layout(module, call, self.places, self.attention)
+        lay = self._layouts[key]
+        self.qk_modules = lay.qk_modules
+        return lay
+
+    def maps(self, module, x, events: list | None = None, call: Call | None = None):
+        from .cross import cross_events
+
+        call = call or self.calls.get(tuple(x.shape[1:]))
+        lay = self.layout(module, x, call)
+        if events is not None:
+            per_image = [events]
+        else:
+            per_image = [cross_events(module, call.sliced(slice(j, j + 1))) for j in range(x.shape[0])]
+        return self._maps(lay, per_image)
+
+    def _maps(self, lay, per_image: list[list]) -> BlockMaps:
+        from .cross import cross_maps
+
+        names = [f"token {i}" if lay.queries_placed else f"query {i}" for i in range(lay.tokens)]
+        return BlockMaps(f"{self.family}: cross-attention", **cross_maps(lay, per_image, names))
+
+    def forward(self, module, x, mode=None, rows=None, call: Call | None = None):
+        raise NotImplementedError("interventions on cross-attention are not offered yet")
+
+
 def _lean_tokens(ev, lay: Layout):
     """A block of tokens whose attention ran as one fused call (`vggattn.attention.trace.Event.lse`), read without its
     N x M weights: (Q with the scale in it (heads, N + P, d), K (heads, M + P, d), each grid row's weight on each
@@ -882,6 +941,7 @@ class Traced:
     blocks: dict  # name -> TracedAdapter, in the order they ran
     skipped: list[str]  # "name (Class): why it is no per-position map", one line each
     example: tuple  # the input shape it was found on
+    cross: dict = dataclasses.field(default_factory=dict)  # name -> CrossAdapter: between the image and other tokens
 
 
 _TRACED: "weakref.WeakKeyDictionary[nn.Module, Traced]" = weakref.WeakKeyDictionary()
@@ -924,7 +984,7 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
                 name_prefix(model, example, places)
             except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an op with no forward-mode formula
                 places, unplaced = {}, (str(err).splitlines() or [type(err).__name__])[0][:160]
-        blocks, skipped = {}, []
+        blocks, skipped, unplaced_tokens = {}, [], {}
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])
             if f.name in seen and seen[f.name].call is not None:
@@ -941,17 +1001,52 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
                     raise NotAttention(f"where its tokens sit could not be read ({unplaced})")
                 adapter.layout(module, inputs[f.name])
             except NotAttention as err:
-                skipped.append(f"{f.name} ({type(module).__name__}): not an attention block over positions: {err}")
+                line = f"{f.name} ({type(module).__name__}): not an attention block over positions: {err}"
+                if f.name in inputs and inputs[f.name].dim() == 3 and f.name in seen:
+                    unplaced_tokens[f.name] = line  # perhaps between the image and other tokens: tried below
+                else:
+                    skipped.append(line)
                 continue
             if f.attentions > 1:
                 log.info("%s computes %d attentions; the first is shown", f.name, f.attentions)
             blocks[f.name] = adapter
+        cross = _cross_blocks(model, example, {f.name: f for f in found if f.name in unplaced_tokens}, unplaced_tokens,
+                              skipped)
     finally:
         model.train(was_training)
     for line in skipped:
         log.warning("%s", line)
-    _TRACED[model] = Traced(blocks, skipped, tuple(example.shape))
+    _TRACED[model] = Traced(blocks, skipped, tuple(example.shape), cross)
     return _TRACED[model]
+
+
+def _cross_blocks(model: nn.Module, example: torch.Tensor, found: dict, lines: dict[str, str], skipped: list[str]
+                  ) -> dict[str, CrossAdapter]:
+    """Of the blocks of tokens whose own input has no place, those whose attention runs between the image's places
+    (another argument's tokens) and their tokens; the rest go to `skipped` with both reasons."""
+    from .cross import call_places
+
+    if not found:
+        return {}
+    modules = dict(model.named_modules())
+    try:
+        places = call_places(model, example, list(found))
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        skipped.extend(f"{line} (nor could its arguments be placed: {(str(err).splitlines() or [''])[0][:120]})"
+                       for line in lines.values())
+        return {}
+    out = {}
+    for name, f in found.items():
+        module = modules[name]
+        adapter = CrossAdapter(module, places.get(name, {}))
+        adapter.calls[tuple(f.call.input.shape[1:])] = f.call
+        try:
+            adapter.layout(module, f.call.input, f.call)
+        except NotAttention as err:
+            skipped.append(f"{lines[name]}; nor between the image and other tokens: {err}")
+            continue
+        out[name] = adapter
+    return out
 
 
 def locate_tokens(model: nn.Module, x: torch.Tensor, blocks: list, inputs: dict[str, torch.Tensor]) -> None:
@@ -975,12 +1070,13 @@ def locate_tokens(model: nn.Module, x: torch.Tensor, blocks: list, inputs: dict[
             adapter.places[tuple(inputs[name].shape[1:])] = places[name]
 
 
-def find_blocks(model: nn.Module, names: list[str] | None = None, *,
-                example: torch.Tensor | None = None) -> list[tuple[str, nn.Module, Adapter]]:
+def find_blocks(model: nn.Module, names: list[str] | None = None, *, example: torch.Tensor | None = None,
+                cross: bool = False) -> list[tuple[str, nn.Module, Adapter]]:
     """Every attention block in `model`, in module order: (name, module, adapter). A module of a family we have an
     adapter for is found by its class; any other whose forward computes attention is found by running the model on
     `example` (`example_input` when None) and reading what it computes (`vggattn.attention.trace`). names: point at modules by
-    name instead. Nothing found is one sentence naming what the model is made of."""
+    name instead. cross: also the blocks whose attention runs between the image and other tokens (`CrossAdapter`:
+    a detector's object queries, a prompt's words); named ones are found either way. Nothing found is one sentence naming what the model is made of."""
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
     if names is not None:
@@ -991,7 +1087,7 @@ def find_blocks(model: nn.Module, names: list[str] | None = None, *,
         traced = traced_blocks(model, example) if any(a is None for a in known.values()) else None
         found, unknown = [], []
         for n in names:
-            adapter = known[n] or (traced.blocks.get(n) if traced else None)
+            adapter = known[n] or (traced.blocks.get(n) or traced.cross.get(n) if traced else None)
             if adapter is None:
                 why = next((s for s in (traced.skipped if traced else []) if s.startswith(n + " ")), None)
                 unknown.append(why or f"{n} ({type(modules[n]).__name__}): not an attention block (its forward "
@@ -1003,6 +1099,8 @@ def find_blocks(model: nn.Module, names: list[str] | None = None, *,
     found = [(n, m, a) for n, m in modules.items() if (a := adapter_for(m)) is not None]
     traced = traced_blocks(model, example)
     found += [(n, modules[n], a) for n, a in traced.blocks.items()]
+    if cross:  # blocks between the image and other tokens (`CrossAdapter`)
+        found += [(n, modules[n], a) for n, a in traced.cross.items()]
     found.sort(key=lambda f: order[f[0]])
     if not found:
         kinds = sorted({type(m).__name__ for m in modules.values()} - {"Sequential", "ModuleList", "ModuleDict"})

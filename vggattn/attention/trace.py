@@ -265,6 +265,15 @@ class Recorder(TorchFunctionMode):
         for t in _tensors(inputs):
             self._set(t, Node("input", (), True))
 
+    def tokens_live(self, args, kwargs, batch: int) -> None:
+        """Tokens (batch, T, C) handed to a module that no trace reaches from the input (a prompt's embeddings, learned
+        queries expanded over the batch) count as live from here on, so an attention between them and the image's
+        places is found (`vggattn.attention.cross` reads which side sits where)."""
+        for t in _tensors(args) + _tensors(kwargs):
+            if t.dim() == 3 and t.shape[0] == batch and not isinstance(t, nn.Parameter) and not self.live(t) \
+                    and t.is_floating_point():
+                self._set(t, Node("tokens", (), True))
+
     def _set(self, t: torch.Tensor, node: Node) -> None:
         self._nodes[id(t)] = (weakref.ref(t), node)
 
@@ -964,6 +973,7 @@ class _Tracking:
         self.calls = calls  # {name: its first Call} of the modules running when `mark` was called (`discover`)
         self._pending: dict[str, Call | None] = {}
         self._marked: set[str] = set()
+        self.recorder: "Recorder | None" = None  # (`discover`) tokens handed to a module count as live there
 
     def mark(self) -> None:
         """Keep the calls of the modules running now (an attention was just found in them)."""
@@ -980,6 +990,8 @@ class _Tracking:
                     self.inputs[name] = None if first is None or first is self.model_input else tuple(first.shape)
                 if self.calls is not None and name not in self.calls and name not in self._pending:
                     self._pending[name] = Call.of(args, kwargs, module)
+                if self.recorder is not None:
+                    self.recorder.tokens_live(args, kwargs, self.model_input.shape[0])
 
         def post(module, args, out, name):
             if threading.get_ident() == me and self.stack:
@@ -1076,16 +1088,17 @@ class _Enough(Exception):
     """Raised from a pre-hook to stop a forward once every input it was run for has been seen."""
 
 
-def _run_until(model: nn.Module, x, names: list[str], keep) -> None:
+def _run_until(model: nn.Module, x, names: list[str], keep, calls: bool = False) -> None:
     """model(x) under a `Watch` of the named modules (their inputs as they are: tangents kept), stopped as soon as
-    every one has been entered: keep(name, its input) once per name, in the forward's order."""
+    every one has been entered: keep(name, its input) once per name, in the forward's order (calls: keep(name, its
+    whole `Call`))."""
     with Watch(model, names, keep_graph=True, until_seen=True) as w:
         try:
             model(x)
         except _Enough:
             pass
     for name, seen in w.seen.items():
-        keep(name, seen.input)
+        keep(name, seen.call if calls else seen.input)
 
 
 def firsts_by_shape(names: list[str], shapes: dict[str, tuple]) -> dict[str, str]:
@@ -1239,8 +1252,10 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, names: list[str], traced: set[str] = frozenset(), keep_graph: bool = False,
-                 summarised: set[str] = frozenset(), until_seen: bool = False):
+                 summarised: set[str] = frozenset(), until_seen: bool = False, every_argument: set[str] = frozenset()):
         self.model, self.names, self.traced, self.summarised = model, list(names), traced, summarised
+        self.every_argument = every_argument  # traced blocks whose every tensor argument is live, not only their
+        # input (cross-attention: the keys come from another argument, `vggattn.attention.cross`)
         self.keep_graph, self.until_seen = keep_graph, until_seen  # until_seen: stop the forward (`_Enough`) once
         # every named module has been entered
         self.seen: dict[str, Seen] = {}
@@ -1257,7 +1272,9 @@ class Watch:
         if self.until_seen and len(self.seen) == len(set(self.names)):
             raise _Enough
         if name in self.traced or name in self.summarised:
-            mode = Recorder([given.given] if given is not None else []) if name in self.traced else RowSums()
+            live = [] if given is None else _tensors(given.args) + _tensors(given.kwargs) \
+                if name in self.every_argument else [given.given]
+            mode = Recorder(live) if name in self.traced else RowSums()
             mode.__enter__()
             self._active[name] = mode
 
@@ -1302,9 +1319,10 @@ class Watch:
 
 
 def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] = frozenset(),
-          keep_graph: bool = False, summarised: set[str] = frozenset()) -> tuple[object, dict]:
+          keep_graph: bool = False, summarised: set[str] = frozenset(), every_argument: set[str] = frozenset()
+          ) -> tuple[object, dict]:
     """The model's forward on x under a `Watch` of the named blocks -> (the output, {block name: Seen})."""
-    with Watch(model, names, traced, keep_graph, summarised) as w:
+    with Watch(model, names, traced, keep_graph, summarised, every_argument=every_argument) as w:
         out = model(x)
     return out, w.seen
 
@@ -1605,7 +1623,7 @@ def discover(model: nn.Module, example: torch.Tensor) -> list[Found]:
     calls: dict[str, Call] = {}
     rec = Recorder([example], keep=False, stack=stack)
     with torch.no_grad(), _Tracking(model, stack, shapes, example, calls) as tracking, rec:
-        rec.on_event = tracking.mark
+        rec.on_event, tracking.recorder = tracking.mark, rec
         remember_output(model, model(example))  # (what it returns: `vggattn.models.output.image_model` reads it)
     found: dict[str, Found] = {}
     groups = event_groups(rec.events)

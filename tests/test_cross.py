@@ -1,0 +1,136 @@
+"""Attention between the image and other tokens (vggattn.attention.cross), read by what the code computes and checked
+against each library's own attention with the same weights on the same input: transformers' DETR and Conditional
+DETR decoders (object queries over the encoder's grid: `cross_attentions` of the eager model), and PyTorch's own
+`nn.MultiheadAttention` both ways (learned queries over a CNN's grid; the grid's places over tokens with no place,
+as a diffusion model's latents over a prompt's words), `need_weights=True, average_attn_weights=False`."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vggattn
+from vggattn.attention.adapters import find_blocks
+
+H, W = 96, 128  # not square: a key order transposed would show
+
+
+def detr(config_cls: str, model_cls: str, implementation: str, like=None):
+    T = pytest.importorskip("transformers")
+    config = getattr(T, config_cls)(
+        use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5,
+        backbone_config=T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1],
+                                       out_features=["stage4"]))
+    config._attn_implementation = implementation
+    try:
+        model = getattr(T, model_cls)(config).eval()
+    except ValueError:  # no SDPA offered for it
+        return None
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("config_cls, model_cls", [("DetrConfig", "DetrForObjectDetection"),
+                                                   ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection")])
+def test_a_detr_decoders_object_queries_over_the_encoders_grid_are_its_own_cross_attentions(config_cls, model_cls):
+    torch.manual_seed(0)
+    eager = detr(config_cls, model_cls, "eager")
+    x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = eager(pixel_values=x, output_attentions=True).cross_attentions  # per layer (B, heads, queries, HW)
+    model = detr(config_cls, model_cls, "sdpa", like=eager) or eager  # read as fast as it runs
+    _, maps = vggattn.capture(model, x)
+    cross = [m for m in maps.values() if m.query_names is not None]
+    assert [m.name for m in cross] == [f"model.decoder.layers.{i}.encoder_attn" for i in range(2)]
+    encoder = maps["model.encoder.layers.0.self_attn"]
+    for m, a in zip(cross, want):
+        assert m.query_names == [f"query {i}" for i in range(5)] and m.key_names is None
+        assert m.key_grid == encoder.grid == (H // 32, W // 32)
+        torch.testing.assert_close(m.rows(), a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.rows().sum(-1), torch.ones(2, 2, 5))
+        assert "the other tokens (queries) over the image's places (keys)" in m.meaning
+    # the page and the study take blocks over positions: cross-attention only where asked for
+    names = [n for n, *_ in find_blocks(vggattn.models.output.image_model(model), example=x[:1])]
+    assert not any(".decoder." in n for n in names)
+
+
+class Queries(nn.Module):
+    """A CNN's grid, then learned queries attending to it (a detector's decoder in PyTorch's own attention)."""
+
+    def __init__(self, c=16, t=4, batch_first=True):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.queries = nn.Parameter(torch.randn(t, c))
+        self.attn = nn.MultiheadAttention(c, 2, batch_first=batch_first)
+        self.head = nn.Linear(c, 3)
+
+    def tokens(self, x):
+        f = self.stem(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        return self.queries.expand(len(x), -1, -1), f
+
+    def forward(self, x):
+        q, f = self.tokens(x)
+        out, _ = self.attn(q, f, f, need_weights=False)
+        return self.head(out.mean(1))
+
+
+class Words(nn.Module):
+    """A CNN's grid whose places attend to tokens with no place (a diffusion model's latents over a prompt)."""
+
+    def __init__(self, c=16, t=6):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.words = nn.Parameter(torch.randn(1, t, c))
+        self.attn = nn.MultiheadAttention(c, 2, batch_first=True)
+        self.head = nn.Linear(c, 3)
+
+    def tokens(self, x):
+        return self.stem(x).flatten(2).transpose(1, 2), self.words.expand(len(x), -1, -1)
+
+    def forward(self, x):
+        f, words = self.tokens(x)
+        out, _ = self.attn(f, words, words, need_weights=False)
+        return self.head((f + out).mean(1))
+
+
+def own_weights(model, x, places_first: bool):
+    with torch.no_grad():
+        a, b = model.tokens(x)
+        return model.attn(a, b, b, need_weights=True, average_attn_weights=False)[1]  # (B, heads, nq, nk)
+
+
+def test_learned_queries_over_a_grid_in_pytorchs_own_attention():
+    torch.manual_seed(0)
+    model = Queries().eval()
+    x = torch.randn(2, 3, 32, 48)
+    _, maps = vggattn.capture(model, x)
+    m = maps["attn"]
+    assert m.query_names == [f"query {i}" for i in range(4)] and m.key_grid == (8, 12)
+    torch.testing.assert_close(m.rows(), own_weights(model, x, False), rtol=1e-4, atol=1e-6)
+
+
+def test_a_grids_places_over_tokens_with_no_place_in_pytorchs_own_attention():
+    torch.manual_seed(0)
+    model = Words().eval()
+    x = torch.randn(2, 3, 32, 48)
+    _, maps = vggattn.capture(model, x)
+    m = maps["attn"]
+    assert m.key_names == [f"token {i}" for i in range(6)] and m.query_names is None and m.grid == (8, 12)
+    rows = m.rows()  # (B, heads, N, T)
+    assert rows.shape == (2, 2, 96, 6)
+    torch.testing.assert_close(rows, own_weights(model, x, True), rtol=1e-4, atol=1e-6)
+    assert "the image's places (queries) over the other tokens (keys)" in m.meaning
+
+
+def test_tokens_among_themselves_are_no_cross_attention():
+    """Self-attention among tokens with no place (object queries with each other) is named and skipped."""
+
+    class Among(Queries):
+        def forward(self, x):
+            q, _ = self.tokens(x)
+            out, _ = self.attn(q, q, q, need_weights=False)
+            return self.head(out.mean(1) + self.stem(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="neither its queries nor its keys sit on the image"):
+        vggattn.capture(Among().eval(), torch.randn(1, 3, 32, 32))
