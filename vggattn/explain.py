@@ -4,6 +4,7 @@
     python -m vggattn.explain photos/ --relative --point 0.5,0.5 --out explained/ --checkpoint my.safetensors
     python -m vggattn.explain photo.jpg --model mypkg.nets:discriminator --checkpoint d.pth --input-size 128 --out o/
     python -m vggattn.explain photo.jpg --timm botnet26t_256 --out o/     # any model with non-local blocks
+    python -m vggattn.explain shapes.jpg --hf checkpoints/shapes-detector --token "query 3" --out o/  # a detector's query
 
 The article's model (the shipped checkpoint, or --checkpoint) or any model with attention blocks (--model,
 --timm). Writes, per image, into OUT/<image stem>/ (`vggattn.view.export.write_result`):
@@ -17,6 +18,8 @@ The article's model (the shipped checkpoint, or --checkpoint) or any model with 
   switched off (ablation: one extra forward per block);
 - with `--html`, `view.html`: the live view in one self-contained file (the picture, each block's queries and keys,
   the app's page script; the first point pinned) that follows the pointer and pins clicks offline, in any browser.
+- with `--token NAME` (a detector's "query 3"): `<block>_<token>.npy` of each cross-attention layer,
+  `tokens.png` and `tokens.json` (`vggattn.view.export.write_tokens`).
 A folder is run as a batch with a progress bar; an image that cannot be read is reported and skipped.
 """
 
@@ -89,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--html", action="store_true",
                    help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
                         "opens in any browser with no server and no network")
+    p.add_argument("--token", action="append", default=[], metavar="NAME",
+                   help='a token that is not a place on the image, e.g. a detector\'s "query 3" (repeatable): its map '
+                        "in every cross-attention layer as .npy, tokens.png and tokens.json (its predicted box and "
+                        "class, and its weight inside that box)")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
     add_model_arguments(p)
@@ -165,6 +172,12 @@ def main(argv=None) -> int:
             bad = [xy for xy in points if not (0 <= xy[0] < w and 0 <= xy[1] < h)]
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
+            if args.token:
+                from .tokens import token_maps
+                from .view.export import write_tokens
+
+                write_tokens(token_maps(model, meta, image), args.token, image, target, opacity=args.opacity,
+                             colormap=args.colormap)
             result = analyze(model, meta, image, args.layers)
             write_result(result, points, target, None if args.no_ablation else switched_off(model, result),
                          source=str(image_path),

@@ -263,3 +263,58 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
     text = json.dumps(summary, indent=2)
     atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(text))
     return summary
+
+
+def write_tokens(found, tokens: list[str], image, out_dir: str | Path, *, opacity: float = 0.8,
+                 colormap: str = "inferno", mode: str = "smooth") -> dict:
+    """For each named token of a `vggattn.tokens.TokenMaps` (a detector's "query 3"): its map in every
+    cross-attention block as `<block>_<token>.npy` (key rows, key columns: the mean over heads) and
+    `_heads.npy` (per head), `tokens.png` (a row per token: the image with its predicted box, then its map in each
+    block) and `tokens.json` (its prediction, and per block where its weight lies against that box:
+    `vggattn.tokens.box_shares`). Runs no model."""
+    from PIL import ImageDraw
+
+    from ..tokens import box_shares
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    W, H = found.input_wh
+    base = np.asarray(image.convert("RGB").resize((W, H)), dtype=np.uint8)
+    blocks = list(found.rows)
+    sheet = _Sheet(len(tokens), 1 + len(blocks))
+    summary = {"shows": found.shows, "input_size": [W, H], "tokens": {}, "files": ["tokens.png", "tokens.json"]}
+    for r, token in enumerate(tokens):
+        i = found.index(token)
+        name = found.names[i]
+        pred = found.predictions.get(name)
+        means = found.map(name)
+        entry = {"prediction": pred, "blocks": {}}
+        picture = base.copy()
+        if pred is not None:
+            from PIL import Image
+
+            im = Image.fromarray(picture)
+            ImageDraw.Draw(im).rectangle(pred["box"], outline=(255, 255, 0) if pred["object"] else (160, 160, 160),
+                                         width=2)
+            picture = np.asarray(im)
+        sheet.show(r, 0, picture)
+        sheet.title(r, 0, f"{name}\n" + (f"{pred['class']} {pred['score']:.2f}" + ("" if pred["object"] else
+                                                                                  " (no object)") if pred else ""))
+        for c, block in enumerate(blocks, start=1):
+            safe = f"{block.replace('/', '_')}_{name.replace(' ', '-')}"
+            np.save(out / f"{safe}.npy", means[block].astype(np.float32))
+            heads = found.rows[block][:, i].reshape(-1, *found.key_grids[block]).float().numpy()
+            np.save(out / f"{safe}_heads.npy", heads.astype(np.float32))
+            summary["files"] += [f"{safe}.npy", f"{safe}_heads.npy"]
+            layer = {"key_grid": list(found.key_grids[block])}
+            if pred is not None:
+                layer.update({k: round(v, 4) for k, v in box_shares(means[block], pred["box"], (W, H)).items()})
+            entry["blocks"][block] = layer
+            sheet.show(r, c, overlay(base, upsample(map_levels(means[block]), (W, H), mode), colormap, opacity))
+            sheet.title(r, c, f"{block}\n{name}" + (f": {layer['in_box']:.0%} in its box" if pred else ""))
+        summary["tokens"][name] = entry
+    sheet.image.save(out / "tokens.png")
+    summary["files"] = sorted(summary["files"])
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "tokens.json", lambda tmp: Path(tmp).write_text(text))
+    return summary

@@ -1,0 +1,135 @@
+"""A detector's object queries looked at on the image (vggattn.tokens, `vggattn-explain --token`), the seeded shapes
+set and the detector's training pieces (vggattn.training.shapes and .detector): AP against hand-made cases, the
+frozen norms' statistics, a resumed run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vggattn.tokens import box_shares, predictions
+from vggattn.training import shapes
+
+T = pytest.importorskip("transformers")
+
+
+def test_box_shares_count_cells_by_their_centres():
+    m = np.zeros((4, 4))
+    m[1, 1] = 3.0  # inside the box (cells of 16 px: centre (24, 24))
+    m[0, 0] = 1.0  # on the band outside it (centre (8, 8), within one cell of the box's corner)
+    m[3, 3] = 1.0  # neither
+    got = box_shares(m, (16, 16, 32, 32), (64, 64))
+    assert got["in_box"] == pytest.approx(3 / 5) and got["box_area"] == pytest.approx(1 / 16)
+    assert got["on_border"] == pytest.approx(4 / 5)  # the box's own cell is within a cell of its edge too
+    assert got["border_area"] == pytest.approx(9 / 16)
+
+
+def test_predictions_read_detrs_no_object_class_and_conditional_detrs_sigmoids():
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.25], [0.25, 0.25, 0.1, 0.1]]])
+    softmax = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])  # 2 classes + "no object"
+    got = predictions(type("Out", (), {"logits": softmax, "pred_boxes": boxes})(), ["query 0", "query 1"],
+                      ["a", "b"], (100, 80))
+    assert got["query 0"]["class"] == "a" and got["query 0"]["object"] and not got["query 1"]["object"]
+    assert got["query 0"]["box"] == [25.0, 30.0, 75.0, 50.0]
+    sigmoid = torch.tensor([[[-3.0, 2.0], [-3.0, -2.0]]])  # 2 classes, no "no object"
+    got = predictions(type("Out", (), {"logits": sigmoid, "pred_boxes": boxes})(), ["query 0", "query 1"],
+                      ["a", "b"], (100, 80))
+    assert got["query 0"]["class"] == "b" and got["query 0"]["object"] and not got["query 1"]["object"]
+    assert predictions(torch.zeros(1, 3), ["query 0"], None, (8, 8)) == {}
+
+
+def test_explain_writes_each_querys_maps_equal_to_its_cross_attention(tmp_path):
+    from vggattn import explain, open_image, preprocess
+    from vggattn.models.byo import load_hf
+    from vggattn.tokens import token_maps
+    from vggattn.training.detector import config
+
+    torch.manual_seed(0)
+    c = config(num_queries=4)
+    c.decoder_layers, c.encoder_layers = 2, 1
+    T.ConditionalDetrForObjectDetection(c).save_pretrained(tmp_path / "det")
+    img, _ = shapes.sample("val", 0)
+    img.save(tmp_path / "shapes.jpg")
+    out = tmp_path / "out"
+    assert explain.main([str(tmp_path / "shapes.jpg"), "--hf", str(tmp_path / "det"), "--token", "query 3",
+                         "--token", "1", "--out", str(out), "--no-ablation"]) == 0
+    got = json.loads((out / "shapes" / "tokens.json").read_text())
+    assert list(got["tokens"]) == ["query 3", "query 1"]
+    blocks = [f"model.decoder.layers.{i}.encoder_attn" for i in range(2)]
+    assert list(got["tokens"]["query 3"]["blocks"]) == blocks
+    pred = got["tokens"]["query 3"]["prediction"]
+    assert pred["class"] in shapes.CLASSES and len(pred["box"]) == 4
+    model, meta = load_hf(str(tmp_path / "det"))
+    img = open_image(tmp_path / "shapes.jpg")  # as explain read it (JPEG)
+    found = token_maps(model, meta, img)
+    with torch.no_grad():
+        want = T.ConditionalDetrForObjectDetection.from_pretrained(tmp_path / "det", attn_implementation="eager")(
+            pixel_values=preprocess(img, meta), output_attentions=True).cross_attentions
+    for block, a in zip(blocks, want):
+        saved = np.load(out / "shapes" / f"{block}_query-3.npy")
+        np.testing.assert_allclose(saved.ravel(), a[0, :, 3].mean(0).numpy(), rtol=1e-4, atol=1e-6)
+        assert saved.shape == found.key_grids[block] == (shapes.SIZE // 16, shapes.SIZE // 16)
+        heads = np.load(out / "shapes" / f"{block}_query-3_heads.npy")
+        np.testing.assert_allclose(heads.reshape(4, -1), a[0, :, 3].numpy(), rtol=1e-4, atol=1e-6)
+    assert (out / "shapes" / "tokens.png").stat().st_size > 0
+    # a token the model has not: reported, the image skipped, exit code 2
+    assert explain.main([str(tmp_path / "shapes.jpg"), "--hf", str(tmp_path / "det"), "--token", "query 9",
+                         "--out", str(tmp_path / "bad"), "--no-ablation"]) == 2
+
+
+def test_the_shapes_are_a_function_of_split_and_index():
+    a, ta = shapes.sample("val", 3)
+    b, tb = shapes.sample("val", 3)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and ta == tb
+    c, tc = shapes.sample("train", 3)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    for i in range(20):
+        img, t = shapes.sample("train", i)
+        assert img.size == (shapes.SIZE, shapes.SIZE) and 1 <= len(t["labels"]) <= shapes.MAX_SHAPES
+        for x0, y0, x1, y1 in t["boxes"]:
+            assert 0 <= x0 < x1 <= shapes.SIZE and 0 <= y0 < y1 <= shapes.SIZE
+    with pytest.raises(IndexError):
+        shapes.sample("val", shapes.VAL_COUNT)
+
+
+def test_average_precision_on_hand_made_detections():
+    from vggattn.training.detector import average_precision
+
+    targets = [{"labels": [0], "boxes": [[10, 10, 50, 50]]}, {"labels": [0], "boxes": [[0, 0, 20, 20]]}]
+
+    def dets(*rows):  # per image: (score, label, box) rows
+        return [(np.array([r[0] for r in rs]), np.array([r[1] for r in rs]), np.array([r[2] for r in rs],
+                 dtype=float).reshape(-1, 4)) for rs in rows]
+    perfect = dets([(0.9, 0, [10, 10, 50, 50])], [(0.8, 0, [0, 0, 20, 20])])
+    assert average_precision(perfect, targets)["per_class"] == {"circle": 1.0}
+    # a false positive ranked first, then both hits: precision 1/2 then 2/3 at recall 1/2 and 1 -> AP 2/3
+    mixed = dets([(0.95, 0, [100, 100, 120, 120]), (0.9, 0, [10, 10, 50, 50])], [(0.8, 0, [0, 0, 20, 20])])
+    assert average_precision(mixed, targets)["ap"] == pytest.approx(2 / 3)
+    # the same box twice: the second is a false positive (its ground truth is taken)
+    twice = dets([(0.9, 0, [10, 10, 50, 50]), (0.85, 0, [10, 10, 50, 50])], [])
+    assert average_precision(twice, targets)["ap"] == pytest.approx(0.5)
+
+
+def test_the_frozen_norms_normalise_and_a_run_resumes(tmp_path):
+    from vggattn.training import detector
+
+    torch.manual_seed(0)
+    model = detector.build(num_queries=4)
+    x, _ = detector.batch("train", range(8))
+    detector.set_frozen_norms(model, x)
+    first = next(m for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d"))
+    seen = {}
+    h = first.register_forward_hook(lambda m, a, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        model.model.backbone.model(x)
+    h.remove()
+    o = seen["o"]  # weight 1, bias 0: the normalised input
+    assert o.mean((0, 2, 3)).abs().max() < 1e-3 and (o.var((0, 2, 3)) - 1).abs().max() < 1e-2
+    args = ["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--queries", "4", "--save-every", "1",
+            "--eval-every", "2", "--eval-images", "2"]
+    assert detector.main(args) == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 2
+    assert detector.main([*args[:3], "3", *args[4:]]) == 0
+    lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3 and "ap50" in lines[-1]

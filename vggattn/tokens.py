@@ -1,0 +1,147 @@
+"""Tokens that are not the image's places, looked at on the image: a detector's object queries (their maps over the
+encoder's grid in every decoder layer, beside the box and class each predicts), or any model's tokens read by
+`vggattn.capture` as cross-attention.
+
+    found = token_maps(model, meta, image)     # TokenMaps
+    found.names                                 # ["query 0", "query 1", ...]
+    found.map("query 3")                        # {block: (key rows, key cols) float32, the mean over heads}
+    found.predictions["query 3"]                # {"class", "score", "box": [x0, y0, x1, y1] in input pixels, "object"}
+    box_shares(found.map("query 3")[block], box, found.input_wh)   # its attention inside its box and on its border
+
+The model runs once (`vggattn.capture`); a transformers DETR-family output (logits and pred_boxes) gives each query
+its prediction: DETR's softmax with its last class "no object", or Conditional DETR's per-class sigmoid (no
+"no object" class: a query whose best score is under SCORE_THRESHOLD is marked as none).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .capture import capture
+from .data import preprocess
+
+SCORE_THRESHOLD = 0.5  # a query predicting under this is "no object"
+BAND = 1.0  # the border band: cells whose centre lies within this many cells of the box's edge, inside or out
+
+
+@dataclass
+class TokenMaps:
+    """The cross-attention of one image: per block, every token's rows on the key grid."""
+
+    names: list[str]  # the tokens, in order ("query 0", ...)
+    rows: dict[str, torch.Tensor]  # block -> (heads, T, M) rows of each token over the key grid
+    key_grids: dict[str, tuple[int, int]]  # block -> (rows, cols) of its key grid
+    input_wh: tuple[int, int]  # the model input's size, in pixels (boxes are in these)
+    predictions: dict[str, dict] = field(default_factory=dict)  # token -> what it predicts (detectors)
+    shows: str = ""  # what the maps are, in words
+
+    def index(self, token: str) -> int:
+        """The token's position among `names`; a name or a number ("query 3", "3")."""
+        if token in self.names:
+            return self.names.index(token)
+        if re.fullmatch(r"\d+", token.strip()) and int(token) < len(self.names):
+            return int(token)
+        raise ValueError(f"no token {token!r}: this model's are {self.names[0]} to {self.names[-1]}"
+                         if self.names else f"no token {token!r}: this model's attention has no tokens besides places")
+
+    def map(self, token: str, head: int | None = None) -> dict[str, np.ndarray]:
+        """{block: (key rows, key cols)} the token's weights on the key grid, the mean over heads (or one head)."""
+        i = self.index(token)
+        out = {}
+        for block, r in self.rows.items():
+            row = r[:, i].mean(0) if head is None else r[head, i]
+            out[block] = row.reshape(self.key_grids[block]).float().numpy()
+        return out
+
+
+class _Kept:
+    """The inner model's own output of this thread's next forward (a ModelOutput: boxes beside the logits)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.out, self._me = module, None, threading.get_ident()
+
+    def __enter__(self):
+        def hook(m, a, out):
+            if threading.get_ident() == self._me and self.out is None:
+                self.out = out
+        self.handle = self.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.handle.remove()
+        return False
+
+
+def predictions(out, names: list[str], class_names: list[str] | None, input_wh: tuple[int, int]) -> dict[str, dict]:
+    """Each query's prediction from a DETR-family output (`logits` (1, Q, C or C + 1), `pred_boxes` (1, Q, 4) as
+    centre x, centre y, width, height over the input); {} for another output."""
+    logits, boxes = getattr(out, "logits", None), getattr(out, "pred_boxes", None)
+    if not isinstance(logits, torch.Tensor) or not isinstance(boxes, torch.Tensor) or logits.dim() != 3 \
+            or logits.shape[1] != len(names):
+        return {}
+    n_classes = len(class_names) if class_names else logits.shape[-1]
+    if logits.shape[-1] == n_classes + 1:  # DETR: a softmax whose last class is "no object"
+        prob = logits[0].float().softmax(-1)
+        score, label = prob[:, :-1].max(-1)
+        empty = prob[:, -1]
+    else:  # per-class sigmoids (Conditional DETR's focal classification)
+        score, label = logits[0].float().sigmoid().max(-1)
+        empty = None
+    W, H = input_wh
+    out_ = {}
+    for i, name in enumerate(names):
+        cx, cy, w, h = (float(v) for v in boxes[0, i])
+        c = int(label[i])
+        out_[name] = {"class": class_names[c] if class_names and c < len(class_names) else str(c),
+                      "score": round(float(score[i]), 4),
+                      "box": [round((cx - w / 2) * W, 2), round((cy - h / 2) * H, 2), round((cx + w / 2) * W, 2),
+                              round((cy + h / 2) * H, 2)],
+                      "object": bool(float(score[i]) >= SCORE_THRESHOLD and (empty is None or float(empty[i]) < 0.5))}
+    return out_
+
+
+@torch.no_grad()
+def token_maps(model: nn.Module, meta: dict, image) -> TokenMaps:
+    """Every cross-attention block's token rows for one image (PIL), with each query's prediction where the model is
+    a DETR-family detector."""
+    x = preprocess(image, meta)
+    inner = getattr(model, "inner", model)  # a transformers model behind `vggattn.models.output.ImageOutput`
+    with _Kept(inner) as kept:
+        _, maps = capture(model, x)
+    cross = {n: m for n, m in maps.items() if m.query_names is not None}
+    if not cross:
+        raise ValueError("this model has no attention from tokens to the image's places (no cross-attention found: "
+                         "object queries or other tokens over the image)")
+    names = next(iter(cross.values())).query_names
+    rows = {n: m.rows()[0] for n, m in cross.items() if m.query_names == names}
+    input_wh = (x.shape[-1], x.shape[-2])
+    found = TokenMaps(names, rows, {n: cross[n].key_grid for n in rows}, input_wh,
+                      shows=next(iter(cross.values())).meaning)
+    labels = getattr(getattr(inner, "config", None), "id2label", None) or {}  # a detector's classes
+    class_names = meta.get("class_names") or ([labels[i] for i in sorted(labels)] if labels else None)
+    found.predictions = predictions(kept.out, names, class_names, input_wh)
+    return found
+
+
+def box_shares(grid_map: np.ndarray, box, input_wh: tuple[int, int], band: float = BAND) -> dict[str, float]:
+    """Where a map's weight lies against a box (x0, y0, x1, y1 in input pixels), by each cell's centre: its share
+    inside the box, and on the band within `band` cells of the box's edge (inside or out), each beside that
+    region's share of the image's cells (what a map spread evenly would give)."""
+    gh, gw = grid_map.shape
+    W, H = input_wh
+    cy, cx = np.meshgrid((np.arange(gh) + 0.5) * H / gh, (np.arange(gw) + 0.5) * W / gw, indexing="ij")
+    x0, y0, x1, y1 = box
+    inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+    bx, by = band * W / gw, band * H / gh
+    outer = (cx >= x0 - bx) & (cx <= x1 + bx) & (cy >= y0 - by) & (cy <= y1 + by)
+    inner = (cx >= x0 + bx) & (cx <= x1 - bx) & (cy >= y0 + by) & (cy <= y1 - by)
+    border = outer & ~inner
+    total = float(grid_map.sum()) or 1.0
+    return {"in_box": float(grid_map[inside].sum()) / total, "box_area": float(inside.mean()),
+            "on_border": float(grid_map[border].sum()) / total, "border_area": float(border.mean())}
