@@ -133,3 +133,42 @@ def test_the_frozen_norms_normalise_and_a_run_resumes(tmp_path):
     assert detector.main([*args[:3], "3", *args[4:]]) == 0
     lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3 and "ap50" in lines[-1]
+
+
+def test_the_apps_tokens_tab_shows_each_querys_maps_and_the_weights_at_a_click(tmp_path):
+    import gradio as gr
+
+    from vggattn import app
+    from vggattn.app import tokens
+    from vggattn.models.byo import load_hf
+    from vggattn.training.detector import config
+
+    torch.manual_seed(0)
+    c = config(num_queries=4)
+    c.decoder_layers, c.encoder_layers = 2, 1
+    T.ConditionalDetrForObjectDetection(c).save_pretrained(tmp_path / "det")
+    model, meta = load_hf(str(tmp_path / "det"))
+    img, _ = shapes.sample("val", 1)
+    img.resize((300, 200)).save(tmp_path / "wide.png")  # not the model's size: clicks are in the upload's pixels
+    demo = app.build_demo(model, meta)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"tokens-choice", "tokens-boxes", "tokens-map-0", "tokens-map-1", "tokens-bars"} <= ids
+    state, boxes, choice, note = tokens.on_upload(model, meta, str(tmp_path / "wide.png"))
+    assert [v for _, v in choice["choices"]] == [f"query {i}" for i in range(4)] and "4 tokens" in note
+    assert boxes.shape == (shapes.SIZE, shapes.SIZE, 3) and state["image_wh"] == (300, 200)
+    pictures = tokens.on_token(state, "query 2")
+    assert len(pictures) == 2 and all(p["value"].shape == (shapes.SIZE, shapes.SIZE, 3) for p in pictures)
+    assert "inside its box" in pictures[0]["label"]
+    # the place clicked: its cell's column of every layer, largest first
+    bars = tokens.on_click(state, gr.SelectData(None, {"index": [299, 0], "value": None}))
+    found = state["found"]
+    block = "model.decoder.layers.1.encoder_attn"
+    column = found.rows[block][:, :, found.key_grids[block][1] - 1].mean(0)  # top right cell
+    best = int(column.argmax())
+    section = bars.split(f"<b>{block}</b>")[1]
+    assert section.split('token-name">')[1].startswith(f"query {best}")
+    assert section.split('token-weight">')[1].startswith(f"{float(column[best]):.4f}")
+    # a file that is no image: said in the tab, nothing raised
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    state, _, choice, note = tokens.on_upload(model, meta, str(tmp_path / "bad.png"))
+    assert state is None and "could not be read" in note

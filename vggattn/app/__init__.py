@@ -67,6 +67,7 @@ from .ui import fix_threads, sharing_cores
 from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 from ..view.hover import pages
+from .tokens import cross_blocks, tokens_tab
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
@@ -661,6 +662,7 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
 
         probe = analyze(model, meta, Image.new("RGB", (meta["input_size"],) * 2, (128, 128, 128)), layers)
     max_heads = max(b.maps.heads for b in probe.blocks)
+    cross = cross_blocks(model, meta) if layers is None else []  # a detector's decoder: the Tokens tab
     has_gamma = bool(probe.gammas())
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
@@ -757,6 +759,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 compare_file = gr.File(label="compare.html: the A/B view in one file", elem_id="compare-file")
             with gr.Tab("Blocks") as blocks_tab:
                 gr.Markdown(blocks_markdown(blocks), elem_id="blocks")
+            if cross:
+                tokens_tab(model, meta, image, cross, opacity, colormap)
             with gr.Tab("Dataset") as dataset_tab:
                 study_md, study_images = study_view(study, checkpoint)
                 gr.Markdown(study_md, elem_id="study")
