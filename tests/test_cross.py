@@ -134,3 +134,66 @@ def test_tokens_among_themselves_are_no_cross_attention():
 
     with pytest.raises(ValueError, match="neither its queries nor its keys sit on the image"):
         vggattn.capture(Among().eval(), torch.randn(1, 3, 32, 32))
+
+
+def unet_and_transformer():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    dit = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=2,
+                                       cross_attention_dim=32, norm_num_groups=8).eval()
+    return {"unet": unet, "transformer2d": dit}
+
+
+class Denoiser(nn.Module):
+    """A diffusion model's denoiser at one step, as a model of one input: latents -> noise, the prompt's embedding
+    and the step fixed (what a pipeline's loop calls)."""
+
+    def __init__(self, net, context, step=10):
+        super().__init__()
+        self.net, self.step = net, step
+        self.register_buffer("context", context)
+
+    def forward(self, x):
+        ctx = self.context.expand(len(x), -1, -1)
+        if hasattr(self.net, "time_embedding"):  # a UNet takes the step
+            return self.net(x, self.step, encoder_hidden_states=ctx).sample
+        return self.net(x, encoder_hidden_states=ctx).sample
+
+
+@pytest.mark.parametrize("which", ["unet", "transformer2d"])
+def test_a_diffusion_models_places_over_the_prompts_tokens_are_its_processors_own_probabilities(which):
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    net = unet_and_transformer()[which]
+    model = Denoiser(net, torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(2, 4 if which == "unet" else 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    cross = [n for n, m in net.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
+    assert cross
+    def use(processor):
+        for m in net.modules():
+            if isinstance(m, Attention):
+                m.set_processor(processor)
+    use(AttnProcessor())  # the processor that computes its probabilities: kept as it makes them
+    probs = {}
+    for name in cross:
+        module = net.get_submodule(name)
+        own = module.get_attention_scores
+        module.get_attention_scores = lambda *a, own=own, name=name, **k: probs.setdefault(name, own(*a, **k))
+    with torch.no_grad():
+        model(x)
+    for name in cross:
+        del net.get_submodule(name).get_attention_scores
+    for processor in (AttnProcessor(), AttnProcessor2_0()):  # read as computed, and from the fused call
+        use(processor)
+        _, maps = vggattn.capture(model, x)
+        for name in cross:
+            m = maps[f"net.{name}"]
+            want = probs[name]  # (B * heads, N, T)
+            assert m.key_names == [f"token {i}" for i in range(7)] and m.query_names is None
+            rows = m.rows()
+            assert rows.shape[-1] == 7 and m.grid[0] * m.grid[1] == want.shape[1]
+            torch.testing.assert_close(rows.reshape(want.shape), want, rtol=1e-4, atol=1e-6)
