@@ -170,6 +170,48 @@ def evaluate(model, count: int = VAL_COUNT, batch_size: int = 25) -> dict:
     return {"images": count, "ap50": ap50["ap"], "ap50_per_class": ap50["per_class"], "ap75": ap75["ap"]}
 
 
+@torch.no_grad()
+def attention_report(model, count: int = VAL_COUNT, seed: int = 0) -> dict:
+    """Where the last decoder layer's object queries look, on the first `count` held-out images: each ground-truth
+    object is matched to the query whose predicted box overlaps it most (IoU >= 0.5, a query at most once), and
+    that query's map (the mean over heads, `vggattn.tokens.token_maps`) is measured against the object's box
+    (`vggattn.tokens.box_shares`: its weight inside the box, and on the band one cell either side of the box's
+    edge, each beside that region's share of the image's cells). Means over the matched objects, each with a
+    bootstrap 95% interval over them."""
+    from ..models.byo import describe
+    from ..tokens import box_shares, token_maps
+    from .shapes import sample as shape
+
+    model.eval()
+    meta = describe("shapes detector", SIZE, list(CLASSES), IMAGENET_MEAN, IMAGENET_STD)
+    rows, objects, last = [], 0, None
+    for i in range(count):
+        img, t = shape("val", i)
+        found = token_maps(model, meta, img)
+        last = list(found.rows)[-1]
+        boxes = np.array([found.predictions[n]["box"] for n in found.names])
+        taken = set()
+        for box, label in zip(t["boxes"], t["labels"]):
+            objects += 1
+            iou = box_iou(np.array([box], dtype=np.float64), boxes)[0]
+            iou[list(taken)] = -1
+            q = int(iou.argmax())
+            if iou[q] < 0.5:
+                continue
+            taken.add(q)
+            grid_map = found.map(found.names[q])[last]
+            rows.append({**box_shares(grid_map, box, found.input_wh), "class": CLASSES[label]})
+    rng = np.random.default_rng(seed)
+
+    def mean_ci(key):
+        v = np.array([r[key] for r in rows])
+        boot = [float(v[rng.integers(0, len(v), len(v))].mean()) for _ in range(2000)]
+        return [round(float(v.mean()), 4), round(float(np.percentile(boot, 2.5)), 4),
+                round(float(np.percentile(boot, 97.5)), 4)]
+    return {"images": count, "objects": objects, "matched": len(rows), "layer": last,
+            **({k: mean_ci(k) for k in ("in_box", "box_area", "on_border", "border_area")} if rows else {})}
+
+
 def train(args) -> None:
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -229,10 +271,34 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-images", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training: AP50 and AP75 on the held-out split and where the matched queries look "
+                        "(`attention_report`), into --out/metrics.json")
+    p.add_argument("--export", metavar="FOLDER", help="no training: write the model (save_pretrained) and its "
+                                                      "metrics.json (when evaluated) into FOLDER")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out).expanduser()
+    if args.evaluate_only or args.export:
+        model = build(args.queries)
+        state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        model.eval()
+        if args.evaluate_only:
+            t0 = time.time()
+            metrics = {"step": state["step"], **evaluate(model), "attention": attention_report(model),
+                       "seconds": None}
+            metrics["seconds"] = round(time.time() - t0, 1)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            print(json.dumps(metrics, indent=2))
+        if args.export:
+            folder = Path(args.export)
+            model.save_pretrained(folder)
+            if (out / "metrics.json").exists():
+                (folder / "metrics.json").write_text((out / "metrics.json").read_text())
+        return 0
     train(args)
     return 0
 
