@@ -171,29 +171,33 @@ def test_a_diffusion_models_places_over_the_prompts_tokens_are_its_processors_ow
     net = unet_and_transformer()[which]
     model = Denoiser(net, torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2)))
     x = torch.randn(2, 4 if which == "unet" else 16, 16, 16, generator=torch.Generator().manual_seed(3))
-    cross = [n for n, m in net.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
-    assert cross
+    every = [n for n, m in net.named_modules() if isinstance(m, Attention)]  # the self-attentions too
+    cross = [n for n in every if net.get_submodule(n).is_cross_attention]
+    assert cross and len(every) > len(cross)
     def use(processor):
         for m in net.modules():
             if isinstance(m, Attention):
                 m.set_processor(processor)
     use(AttnProcessor())  # the processor that computes its probabilities: kept as it makes them
     probs = {}
-    for name in cross:
+    for name in every:
         module = net.get_submodule(name)
         own = module.get_attention_scores
         module.get_attention_scores = lambda *a, own=own, name=name, **k: probs.setdefault(name, own(*a, **k))
     with torch.no_grad():
         model(x)
-    for name in cross:
+    for name in every:
         del net.get_submodule(name).get_attention_scores
     for processor in (AttnProcessor(), AttnProcessor2_0()):  # read as computed, and from the fused call
         use(processor)
         _, maps = vggattn.capture(model, x)
-        for name in cross:
+        for name in every:
             m = maps[f"net.{name}"]
-            want = probs[name]  # (B * heads, N, T)
-            assert m.key_names == [f"token {i}" for i in range(7)] and m.query_names is None
+            want = probs[name]  # (B * heads, N, T or N)
+            if name in cross:
+                assert m.key_names == [f"token {i}" for i in range(7)] and m.query_names is None
+            else:  # the latent's places over each other, on the same grid (the up blocks' too)
+                assert m.key_names is None and m.key_grid == m.grid
             rows = m.rows()
-            assert rows.shape[-1] == 7 and m.grid[0] * m.grid[1] == want.shape[1]
+            assert m.grid[0] * m.grid[1] == want.shape[1]
             torch.testing.assert_close(rows.reshape(want.shape), want, rtol=1e-4, atol=1e-6)

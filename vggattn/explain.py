@@ -5,6 +5,7 @@
     python -m vggattn.explain photo.jpg --model mypkg.nets:discriminator --checkpoint d.pth --input-size 128 --out o/
     python -m vggattn.explain photo.jpg --timm botnet26t_256 --out o/     # any model with non-local blocks
     python -m vggattn.explain shapes.jpg --hf checkpoints/shapes-detector --token "query 3" --out o/  # a detector's query
+    python -m vggattn.explain --diffusers my-pipeline --prompt "a red dog" --word dog --out o/     # a prompt's word
 
 The article's model (the shipped checkpoint, or --checkpoint) or any model with attention blocks (--model,
 --timm). Writes, per image, into OUT/<image stem>/ (`vggattn.view.export.write_result`):
@@ -20,6 +21,8 @@ The article's model (the shipped checkpoint, or --checkpoint) or any model with 
   the app's page script; the first point pinned) that follows the pointer and pins clicks offline, in any browser.
 - with `--token NAME` (a detector's "query 3"): `<block>_<token>.npy` of each cross-attention layer,
   `tokens.png` and `tokens.json` (`vggattn.view.export.write_tokens`).
+- with `--diffusers FOLDER --prompt P --word W`: the generated `image.png`, and per word `<word>.npy` (DAAM's map on
+  the latent grid), `<word>_steps.npy`, `<word>_<layer>.npy`, `words.png` and `words.json`.
 A folder is run as a batch with a progress bar; an image that cannot be read is reported and skipped.
 """
 
@@ -76,7 +79,7 @@ def unique_dirs(images: list[Path], out: Path) -> list[Path]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.explain", description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, or folders of images")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders of images")
     add_checkpoint_argument(p)
     p.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y",
                    help="a pixel of the original image (repeatable; default: the centre)")
@@ -96,6 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='a token that is not a place on the image, e.g. a detector\'s "query 3" (repeatable): its map '
                         "in every cross-attention layer as .npy, tokens.png and tokens.json (its predicted box and "
                         "class, and its weight inside that box)")
+    p.add_argument("--diffusers", metavar="FOLDER",
+                   help="a diffusion pipeline saved with save_pretrained (no image inputs): generate from --prompt "
+                        "and write each --word's cross-attention maps (per layer, per step, and DAAM's sum)")
+    p.add_argument("--prompt", help="with --diffusers: the prompt")
+    p.add_argument("--word", action="append", default=[], help="with --diffusers: a word of the prompt (repeatable)")
+    p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="with --diffusers: the latents' seed")
+    p.add_argument("--guidance", type=float, default=7.5, help="with --diffusers: classifier-free guidance scale")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
     add_model_arguments(p)
@@ -146,10 +157,34 @@ def write_compare(result, model, meta, other: dict, image, image_path: Path, poi
     log.info("%s: compare.html against %s", image_path.name, other["label"])
 
 
+def explain_words(args) -> int:
+    """--diffusers: generate from the prompt and write each word's maps (`vggattn.view.export.write_words`)."""
+    from .diffusion import generate, load_pipeline
+    from .view.export import write_words
+
+    if not args.prompt or not args.word:
+        log.error("error: --diffusers needs --prompt and at least one --word")
+        return BAD_INPUT
+    try:
+        pipe = load_pipeline(args.diffusers)
+        run = generate(pipe, args.prompt, steps=args.steps, seed=args.seed, guidance=args.guidance)
+        write_words(run, args.word, args.out, opacity=args.opacity, colormap=args.colormap)
+    except (OSError, ValueError, ImportError) as e:
+        log.error("error: %s", e)
+        return BAD_INPUT
+    log.info("wrote the maps of %s to %s", ", ".join(args.word), args.out)
+    return 0
+
+
 def main(argv=None) -> int:
     """0 when every image was explained; 2 for a bad checkpoint or input (bad images are skipped, each named)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.diffusers:
+        return explain_words(args)
+    if not args.inputs:
+        log.error("error: give images or folders of images (or --diffusers FOLDER with --prompt and --word)")
+        return BAD_INPUT
     try:
         model, meta = load_from_args(args)
         images = collect_images(args.inputs)

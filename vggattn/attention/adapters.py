@@ -1024,13 +1024,15 @@ def _cross_blocks(model: nn.Module, example: torch.Tensor, found: dict, lines: d
                   ) -> dict[str, CrossAdapter]:
     """Of the blocks of tokens whose own input has no place, those whose attention runs between the image's places
     (another argument's tokens) and their tokens; the rest go to `skipped` with both reasons."""
-    from .cross import call_places
+    from .cross import call_places, enclosing_places
 
     if not found:
         return {}
     modules = dict(model.named_modules())
-    try:
-        places = call_places(model, example, list(found))
+    try:  # on the grid of a module around the block where there is one, else traced through the whole model
+        places = enclosing_places(model, example, list(found))
+        rest = [n for n in found if n not in places]
+        places.update(call_places(model, example, rest) if rest else {})
     except (RuntimeError, NotImplementedError, TypeError) as err:
         skipped.extend(f"{line} (nor could its arguments be placed: {(str(err).splitlines() or [''])[0][:120]})"
                        for line in lines.values())

@@ -80,6 +80,60 @@ def cross_events(block: nn.Module, call: Call) -> list:
     return rec.events
 
 
+def enclosing_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, dict[int | str, TokenPlaces]]:
+    """Where the tokens of each named block's token arguments sit on the grid of the innermost module around it
+    whose input is a grid (1, C, H, W) (a diffusion UNet's transformer over the latent at that resolution): that
+    module run alone with forward-mode tangents of its own grid's coordinates (norms held constant, every
+    attention's output given none, as `call_places` does for the whole model). Exact where the tokens are that
+    grid flattened, which a trace through the whole model is not: an upsampled grid's tokens sit between its
+    source cells and the skip connection's. Blocks with no such module around them (other than the model itself)
+    are left out."""
+    from .trace import Watch, _Enough, watch
+
+    modules = dict(model.named_modules())
+    around = {n: [a for a in (n.rsplit(".", k)[0] for k in range(1, n.count(".") + 1)) if a in modules]
+              for n in names}
+    wanted = sorted({a for v in around.values() for a in v})
+    if not wanted:
+        return {}
+    _, seen = watch(model, x[:1], wanted)
+    out: dict[str, dict] = {}
+    for name in names:
+        for a in around[name]:
+            s = seen.get(a)
+            if s is None or s.call is None or s.input.dim() != 4 or s.input.shape[0] != 1 or s.call.seq_first:
+                continue
+            grid_input = s.input
+            inputs, hw, _ = _input_tangents(grid_input, None)
+            rel, passes, masses = name[len(a) + 1:], [], Masses()
+            with torch.no_grad(), fwAD.dual_level():
+                for i, t in enumerate(inputs):
+                    if i:
+                        masses.next_pass()
+                    dual = fwAD.make_dual(grid_input, t.contiguous())
+                    args, kwargs = s.call.with_input(dual)
+                    with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses), \
+                            Watch(modules[a], [rel], keep_graph=True, until_seen=True) as w:
+                        try:
+                            modules[a].forward(*args, **kwargs)
+                        except _Enough:
+                            pass
+                    call = w.seen[rel].call if rel in w.seen else None
+                    passes.append({} if call is None else {slot: fwAD.unpack_dual(v).tangent
+                                                            for slot, v in _slots(call) if v.dim() == 3})
+            places = {}
+            for slot in passes[0]:
+                ts = [p.get(slot) for p in passes]
+                if all(t is not None for t in ts):
+                    pos = positions(*(t[0] for t in ts))
+                    if bool(pos.valid.any()):
+                        places[slot] = TokenPlaces(pos, hw)
+            if places:
+                out[name] = places
+                break
+    return out
+
+
 @dataclass
 class CrossLayout:
     """How one attention between the image's places and other tokens lies: rows (heads, nq, nk) of its weights,

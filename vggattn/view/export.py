@@ -318,3 +318,38 @@ def write_tokens(found, tokens: list[str], image, out_dir: str | Path, *, opacit
     text = json.dumps(summary, indent=2)
     atomic_write(out / "tokens.json", lambda tmp: Path(tmp).write_text(text))
     return summary
+
+
+def write_words(run, words: list[str], out_dir: str | Path, *, opacity: float = 0.8, colormap: str = "inferno") -> dict:
+    """For a `vggattn.diffusion.Generation`: the generated `image.png`, and per word `<word>.npy` (DAAM's map on the
+    latent grid: every layer and step summed), `<word>_steps.npy` (steps, h, w), `<word>_<layer>.npy` (the layer's
+    grid, all steps), `words.png` (the image, then each word's map over it) and `words.json`. Runs no model."""
+    out = Path(out_dir)
+    for word in words:  # every word checked before anything is written
+        run.token_indices(word)
+    out.mkdir(parents=True, exist_ok=True)
+    run.image.save(out / "image.png")
+    base = np.asarray(run.image.convert("RGB"), dtype=np.uint8)
+    H, W = base.shape[:2]
+    sheet = _Sheet(1, 1 + len(words))
+    sheet.show(0, 0, base)
+    sheet.title(0, 0, f"{run.prompt}\n{len(run.steps)} steps")
+    summary = {"prompt": run.prompt, "steps": len(run.steps), "tokens": run.tokens, "layers": run.layers,
+               "aggregation": "DAAM (Tang et al. 2022): each layer's map of the word's tokens, summed over heads, "
+                              "upsampled bilinearly to the latent grid and summed over layers and steps; the "
+                              "conditional half of classifier-free guidance", "words": {}}
+    for c, word in enumerate(words, start=1):
+        idx = run.token_indices(word)
+        total = run.word_map(word)
+        np.save(out / f"{word}.npy", total.astype(np.float32))
+        np.save(out / f"{word}_steps.npy", np.stack([run.word_map(word, step=s) for s in range(len(run.steps))])
+                .astype(np.float32))
+        for layer in run.layers:
+            np.save(out / f"{word}_{layer}.npy", run.layer_map(word, layer).astype(np.float32))
+        summary["words"][word] = {"tokens": [run.tokens[i] for i in idx], "positions": idx}
+        sheet.show(0, c, overlay(base, upsample(map_levels(total), (W, H)), colormap, opacity))
+        sheet.title(0, c, f"{word}: DAAM over {len(run.layers)} layers")
+    sheet.image.save(out / "words.png")
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "words.json", lambda tmp: Path(tmp).write_text(text))
+    return summary

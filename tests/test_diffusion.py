@@ -1,0 +1,115 @@
+"""A diffusion pipeline's word maps (vggattn.diffusion, `vggattn-explain --diffusers`): a tiny Stable Diffusion
+pipeline with random weights and a tokenizer vocabulary written here; the step-by-step loop gives the pipeline's own
+image, and each step's and layer's map of a word is the sum of AttnProcessor's own probabilities recorded during the
+pipeline's own run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+T = pytest.importorskip("transformers")
+
+WORDS = ["a", "red", "blue", "dog", "cat", "on", "grass"]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tokenizer():
+    """A CLIP BPE tokenizer whose vocabulary is the letters and WORDS (every word's merges, left to right)."""
+    vocab, merges = ["<|startoftext|>", "<|endoftext|>"], []
+    vocab += list(LETTERS) + [c + "</w>" for c in LETTERS]
+    for w in WORDS:
+        symbols = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = symbols[0]
+        for s in symbols[1:]:
+            if (cur, s) not in merges:
+                merges.append((cur, s))
+            cur += s
+            if cur not in vocab:
+                vocab.append(cur)
+    return T.CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=10), len(vocab)
+
+
+def tiny_pipeline(folder):
+    torch.manual_seed(0)
+    tokenizer_, n = tokenizer()
+    text = T.CLIPTextModel(T.CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_attention_heads=2,
+                                            num_hidden_layers=2, max_position_embeddings=10, eos_token_id=1,
+                                            bos_token_id=0, pad_token_id=1))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=8)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer_, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("diffusion"))
+
+
+def test_each_steps_word_map_is_the_pipelines_own_attention_probabilities(pipeline_folder):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from vggattn.diffusion import generate, load_pipeline
+
+    pipe = load_pipeline(pipeline_folder)
+    prompt, steps = "a red dog on grass", 3
+    run = generate(pipe, prompt, steps=steps, seed=5, guidance=7.5)
+    assert len(run.steps) == steps and run.latent_grid == (16, 16) and run.image.size == (32, 32)
+    assert run.tokens[:2] == ["<|startoftext|>", "a</w>"]
+    # the pipeline's own run, with its probabilities kept as AttnProcessor makes them
+    cross = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    kept = {n: [] for n in cross}
+    for name, m in cross.items():
+        m.set_processor(AttnProcessor())
+        own = m.get_attention_scores
+        m.get_attention_scores = lambda *a, own=own, name=name, **k: kept[name].append(own(*a, **k)) or kept[name][-1]
+    image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(5),
+                 output_type="np").images[0]
+    assert np.abs(np.asarray(run.image, dtype=np.int16) - np.round(image * 255).astype(np.int16)).max() <= 1
+    dog = run.token_indices("dog")
+    assert [run.tokens[i] for i in dog] == ["dog</w>"]
+    for name, probs in kept.items():
+        layer = f"unet.{name}"
+        assert len(probs) == steps
+        for step, p in enumerate(probs):  # (2 * heads, N, T): the unconditional half first
+            heads = p.shape[0] // 2
+            want = p[heads:, :, dog].sum((0, 2)).reshape(run.grids[layer]).double().numpy()
+            np.testing.assert_allclose(run.layer_map("dog", layer, step), want, rtol=1e-4, atol=1e-6)
+    # DAAM's map: every layer upsampled to the latent grid, summed over layers and steps
+    total = run.word_map("dog")
+    assert total.shape == (16, 16)
+    np.testing.assert_allclose(total, sum(run.word_map("dog", step=s) for s in range(steps)), rtol=1e-6)
+    with pytest.raises(ValueError, match="not in the prompt"):
+        run.token_indices("cat")
+
+
+def test_explain_writes_a_words_maps_for_a_pipeline(pipeline_folder, tmp_path):
+    from vggattn import explain
+
+    out = tmp_path / "out"
+    assert explain.main(["--diffusers", str(pipeline_folder), "--prompt", "a blue cat", "--word", "cat", "--word",
+                         "blue", "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
+    got = json.loads((out / "words.json").read_text())
+    assert got["prompt"] == "a blue cat" and got["steps"] == 2 and set(got["words"]) == {"cat", "blue"}
+    assert got["words"]["cat"]["tokens"] == ["cat</w>"]
+    daam = np.load(out / "cat.npy")
+    per_step = np.load(out / "cat_steps.npy")
+    assert daam.shape == (16, 16) and per_step.shape == (2, 16, 16)
+    np.testing.assert_allclose(daam, per_step.sum(0), rtol=1e-6)
+    for layer in got["layers"]:
+        assert np.load(out / f"cat_{layer}.npy").ndim == 2
+    assert (out / "image.png").is_file() and (out / "words.png").is_file()
+    # a word not in the prompt: said, exit code 2
+    assert explain.main(["--diffusers", str(pipeline_folder), "--prompt", "a blue cat", "--word", "dog", "--steps",
+                         "1", "--out", str(tmp_path / "bad")]) == 2
