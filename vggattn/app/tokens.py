@@ -112,17 +112,20 @@ def weights_at(found, xy: tuple[float, float], image_wh: tuple[int, int]) -> dic
 
 
 def bars_html(found, weights: dict[str, np.ndarray], top: int = 8) -> str:
-    """Per layer, the tokens with the largest weight on the place, as bars with names and numbers."""
+    """Per layer, the tokens with the largest weight on the place, as bars with names and numbers (a table a layer:
+    the token and what it predicts, its bar scaled to the layer's largest, the weight)."""
     parts = []
     for block, w in weights.items():
         order = np.argsort(-w)[:top]
         peak = float(w[order[0]]) or 1.0
         rows = "".join(
-            f'<div class="token-bar"><span class="token-name">{html.escape(_label(found.names[i], found.predictions.get(found.names[i])))}</span>'
-            f'<span class="token-fill" style="display:inline-block;width:{120 * float(w[i]) / peak:.0f}px;'
-            f'height:10px;background:#f5a623"></span> <span class="token-weight">{float(w[i]):.4f}</span></div>'
-            for i in order)
-        parts.append(f"<div class='token-layer'><b>{html.escape(block)}</b>{rows}</div>")
+            f'<tr class="token-bar"><td class="token-name">'
+            f'{html.escape(_label(found.names[i], found.predictions.get(found.names[i])))}</td>'
+            f'<td style="width:160px"><span class="token-fill" style="display:inline-block;'
+            f'width:{150 * float(w[i]) / peak:.0f}px;height:10px;background:#f5a623"></span></td>'
+            f'<td class="token-weight">{float(w[i]):.4f}</td></tr>' for i in order)
+        parts.append(f"<div class='token-layer' style='display:inline-block;vertical-align:top;margin-right:24px'>"
+                     f"<b>{html.escape(block)}</b><table>{rows}</table></div>")
     return "".join(parts)
 
 
@@ -138,8 +141,8 @@ def on_click(state, evt: gr.SelectData) -> str:
 
 def tokens_tab(model: nn.Module, meta: dict, image: gr.Image, layers: list[str], opacity, colormap) -> None:
     """The Tokens tab's components and events (inside a `gr.Tabs`), wired to the app's image."""
-    state = gr.State(None)
     with gr.Tab("Tokens"):
+        state = gr.State(None)
         note = gr.Markdown(elem_id="tokens-note")
         with gr.Row():
             boxes = gr.Image(label="The queries' predicted boxes (grey: no object)", interactive=False,
