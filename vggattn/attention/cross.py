@@ -21,8 +21,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
-from .trace import (Call, Masses, NotAttention, Recorder, TokenPlaces, _input_tangents, _run_until, _tensors,
-                    event_groups, grid_cells, positions, prepare_forward_ad)
+from .trace import (Call, Masses, NotAttention, Recorder, TokenPlaces, _input_tangents, _tensors, event_groups,
+                    grid_cells, placing_passes, positions, prepare_forward_ad)
 
 
 def _slots(call: Call) -> list[tuple[int | str, torch.Tensor]]:
@@ -43,22 +43,8 @@ def call_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str
     output given no tangent (`vggattn.attention.trace.token_places`, for all of a call's arguments, not only its
     first). An argument none of whose tokens has a place is left out."""
     prepare_forward_ad()
-    passes: list[dict] = []
-
-    def keep(name, call):
-        if call is not None and not call.seq_first:
-            passes[-1][name] = {s: fwAD.unpack_dual(a).tangent for s, a in _slots(call) if a.dim() == 3}
-
-    inputs, hw, _ = _input_tangents(x[:1], None)
-    masses = Masses()
-    with torch.no_grad(), fwAD.dual_level():
-        for i, t in enumerate(inputs):
-            passes.append({})
-            if i:
-                masses.next_pass()
-            dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
-            with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):
-                _run_until(model, dual, names, keep, calls=True)
+    passes, hw = placing_passes(model, x, names, lambda call: None if call is None or call.seq_first else
+                                {s: fwAD.unpack_dual(a).tangent for s, a in _slots(call) if a.dim() == 3}, calls=True)
     out: dict[str, dict] = {}
     for name, slots in passes[0].items():
         for slot in slots:

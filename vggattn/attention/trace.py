@@ -1101,6 +1101,31 @@ def _run_until(model: nn.Module, x, names: list[str], keep, calls: bool = False)
         keep(name, seen.call if calls else seen.input)
 
 
+def placing_passes(model: nn.Module, x: torch.Tensor, names: list[str], take, calls: bool = False
+                   ) -> tuple[list[dict], tuple[int, int]]:
+    """The model run on x[:1] once per tangent of the image's coordinates (`_input_tangents`: r_c, r_c * y, r_c * x),
+    the image live so every attention computed from it is found and its output given no tangent, norms held
+    constant, each run stopped once the named blocks are entered (`_run_until`) -> (per pass {name: take(its input,
+    or its `Call` with calls)} where take gives something, the image's (H, W))."""
+    inputs, hw, _ = _input_tangents(x[:1], None)
+    masses, passes = Masses(), []
+    with torch.no_grad(), fwAD.dual_level():
+        for i, t in enumerate(inputs):
+            got: dict = {}
+            passes.append(got)
+            if i:
+                masses.next_pass()
+
+            def keep(name, value, got=got):
+                kept = take(value)
+                if kept is not None:
+                    got[name] = kept
+            dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
+            with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):
+                _run_until(model, dual, names, keep, calls)
+    return passes, hw
+
+
 def firsts_by_shape(names: list[str], shapes: dict[str, tuple]) -> dict[str, str]:
     """{block: the first block (in `names`' order, the forward's) whose input has its shape}: blocks of one stage of a
     transformer take the same tokens in the same places (the residual stream keeps them), so the first stands for
@@ -1120,22 +1145,8 @@ def token_places(model: nn.Module, x: torch.Tensor, names: list[str],
     forward stops there (a ViT: its patch embedding only), the others share its places."""
     rep = firsts_by_shape(names, shapes) if shapes is not None else {n: n for n in names}
     wanted = list(dict.fromkeys(rep.values()))
-    passes: list[dict] = []
-
-    def keep(name, first):  # a block that runs twice keeps its first input
-        if first is not None and first.dim() == 3:
-            passes[-1][name] = fwAD.unpack_dual(first).tangent
-
-    inputs, hw, _ = _input_tangents(x[:1], None)
-    masses = Masses()
-    with torch.no_grad(), fwAD.dual_level():
-        for i, t in enumerate(inputs):
-            passes.append({})
-            if i:
-                masses.next_pass()
-            dual = fwAD.make_dual(x[:1].detach(), t.contiguous())
-            with Recorder([dual], keep=False, tangents=True, drop_attended=True, masses=masses):  # the input live,
-                _run_until(model, dual, wanted, keep)  # so every attention computed from it is found (output dropped)
+    passes, hw = placing_passes(model, x, wanted, lambda first: fwAD.unpack_dual(first).tangent  # a block that runs
+                                if first is not None and first.dim() == 3 else None)  # twice keeps its first input
     found = {}
     for n in passes[0]:  # the forward's order
         tangents = [p.get(n) for p in passes]
