@@ -23,6 +23,8 @@ def test_box_shares_count_cells_by_their_centres():
     assert got["in_box"] == pytest.approx(3 / 5) and got["box_area"] == pytest.approx(1 / 16)
     assert got["on_border"] == pytest.approx(4 / 5)  # the box's own cell is within a cell of its edge too
     assert got["border_area"] == pytest.approx(9 / 16)
+    assert got["outside_on_border"] == pytest.approx(1 / 5) and got["outside_border_area"] == pytest.approx(8 / 16)
+    assert got["in_centre"] == pytest.approx(3 / 5) and got["centre_area"] == pytest.approx(1 / 16)
 
 
 def test_predictions_read_detrs_no_object_class_and_conditional_detrs_sigmoids():

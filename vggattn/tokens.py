@@ -131,8 +131,9 @@ def token_maps(model: nn.Module, meta: dict, image) -> TokenMaps:
 
 def box_shares(grid_map: np.ndarray, box, input_wh: tuple[int, int], band: float = BAND) -> dict[str, float]:
     """Where a map's weight lies against a box (x0, y0, x1, y1 in input pixels), by each cell's centre: its share
-    inside the box, and on the band within `band` cells of the box's edge (inside or out), each beside that
-    region's share of the image's cells (what a map spread evenly would give)."""
+    inside the box; on the band within `band` cells of the box's edge (inside or out), and on the part of that band
+    outside the box; in the box's centre (its middle half each way); each beside that region's share of the image's
+    cells (what a map spread evenly would give)."""
     gh, gw = grid_map.shape
     W, H = input_wh
     cy, cx = np.meshgrid((np.arange(gh) + 0.5) * H / gh, (np.arange(gw) + 0.5) * W / gw, indexing="ij")
@@ -142,6 +143,11 @@ def box_shares(grid_map: np.ndarray, box, input_wh: tuple[int, int], band: float
     outer = (cx >= x0 - bx) & (cx <= x1 + bx) & (cy >= y0 - by) & (cy <= y1 + by)
     inner = (cx >= x0 + bx) & (cx <= x1 - bx) & (cy >= y0 + by) & (cy <= y1 - by)
     border = outer & ~inner
+    mx, my, qx, qy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 4, (y1 - y0) / 4
+    centre = (np.abs(cx - mx) <= qx) & (np.abs(cy - my) <= qy)  # the box's middle half each way
     total = float(grid_map.sum()) or 1.0
-    return {"in_box": float(grid_map[inside].sum()) / total, "box_area": float(inside.mean()),
-            "on_border": float(grid_map[border].sum()) / total, "border_area": float(border.mean())}
+    share = lambda where: float(grid_map[where].sum()) / total  # noqa: E731
+    return {"in_box": share(inside), "box_area": float(inside.mean()),
+            "on_border": share(border), "border_area": float(border.mean()),
+            "outside_on_border": share(border & ~inside), "outside_border_area": float((border & ~inside).mean()),
+            "in_centre": share(centre), "centre_area": float(centre.mean())}

@@ -209,7 +209,7 @@ def attention_report(model, count: int = VAL_COUNT, seed: int = 0) -> dict:
         return [round(float(v.mean()), 4), round(float(np.percentile(boot, 2.5)), 4),
                 round(float(np.percentile(boot, 97.5)), 4)]
     return {"images": count, "objects": objects, "matched": len(rows), "layer": last,
-            **({k: mean_ci(k) for k in ("in_box", "box_area", "on_border", "border_area")} if rows else {})}
+            **({k: mean_ci(k) for k in rows[0] if k != "class"} if rows else {})}
 
 
 def train(args) -> None:
