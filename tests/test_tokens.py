@@ -174,3 +174,21 @@ def test_the_apps_tokens_tab_shows_each_querys_maps_and_the_weights_at_a_click(t
     (tmp_path / "bad.png").write_bytes(b"not an image")
     state, _, choice, note = tokens.on_upload(model, meta, str(tmp_path / "bad.png"))
     assert state is None and "could not be read" in note
+
+
+def test_the_shipped_detector_finds_the_held_out_shapes_and_its_queries_look_at_them():
+    """checkpoints/shapes-detector as `--hf` loads it, on 40 held-out images: the card's AP50 (0.962 on all 500) and
+    its queries' attention inside their objects' boxes, each well clear of a chance level."""
+    from pathlib import Path
+
+    from vggattn.models.byo import load_hf
+    from vggattn.training import detector
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-detector"
+    model, meta = load_hf(str(folder))
+    assert meta["input_size"] == shapes.SIZE
+    inner = T.ConditionalDetrForObjectDetection.from_pretrained(folder).eval()
+    assert detector.evaluate(inner, count=40)["ap50"] > 0.85
+    report = detector.attention_report(inner, count=40)
+    assert report["matched"] >= 0.9 * report["objects"]
+    assert report["in_box"][0] > 5 * report["box_area"][0]
