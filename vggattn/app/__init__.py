@@ -12,7 +12,8 @@ queries and keys, or its rows where that is smaller (`vggattn.view.hover.page_la
 pointer itself (vggattn/view/web/hover.js), with no request per move. A click pins a point: the page draws it, and
 the server sends its readouts (its pictures, the page's maths in numpy, where no page script draws:
 `/pin`, `/attention_at`). The tabs (contribution, query dependence, ablation, Grad-CAM, export, blocks, the
-dataset study) read the same analysis. This file wires the UI to the library and holds no model maths.
+dataset study) read the same analysis; a model with cross-attention (a detector's decoder) also gets a Tokens tab
+(`vggattn.app.tokens`). This file wires the UI to the library and holds no model maths.
 
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
