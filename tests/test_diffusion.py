@@ -113,3 +113,32 @@ def test_explain_writes_a_words_maps_for_a_pipeline(pipeline_folder, tmp_path):
     # a word not in the prompt: said, exit code 2
     assert explain.main(["--diffusers", str(pipeline_folder), "--prompt", "a blue cat", "--word", "dog", "--steps",
                          "1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_words_page_generates_and_shows_a_words_maps(pipeline_folder):
+    import gradio as gr
+
+    from vggattn.app import words
+    from vggattn.diffusion import load_pipeline
+
+    pipe = load_pipeline(pipeline_folder)
+    demo = words.build_words_demo(pipe, str(pipeline_folder))
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"prompt", "generate", "word", "step", "word-map", "word-layer-0"} <= ids
+    run, image, choice, slider, note = words.on_generate(pipe, "a red dog", 1, 2, 7.5)
+    assert [c[1] if isinstance(c, (tuple, list)) else c for c in choice["choices"]] == ["a", "red", "dog"]
+    assert slider["maximum"] == 2 and "DAAM" in note and image.size == (256, 256)  # 32 px, shown 8x
+    shown = words.word_pictures(run, "dog", 0)
+    assert shown[0]["visible"] and "all steps" in shown[0]["label"]
+    layers = [u for u in shown[1:] if u["visible"]]
+    assert len(layers) == len(run.layers) and all(u["value"].shape == (256, 256, 3) for u in layers)
+    one = words.word_pictures(run, "dog", 2)
+    assert "step 2 of 2" in one[0]["label"]
+    with pytest.raises(gr.Error, match="prompt"):
+        words.on_generate(pipe, "  ", 0, 2, 7.5)
+
+
+def test_the_app_serves_a_pipeline_and_refuses_a_missing_folder(tmp_path):
+    from vggattn import app
+
+    assert app.main(["--diffusers", str(tmp_path / "none")]) == 2

@@ -863,6 +863,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="PyTorch threads per forward (default: the cores divided among the events running at the "
                         "time, at least 1: a lone upload gets every core, concurrent ones do not oversubscribe them)")
+    p.add_argument("--diffusers", metavar="FOLDER",
+                   help="a diffusion pipeline saved with save_pretrained: a page that generates from a prompt and "
+                        "shows where each word is attended to, by layer and step (instead of an image model)")
     add_model_arguments(p)
     return p.parse_args(argv)
 
@@ -871,6 +874,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fix_threads(args.threads)  # else each forward gets the cores divided among the events running (`sharing_cores`)
+    if args.diffusers:
+        from ..diffusion import load_pipeline
+        from .words import build_words_demo
+
+        try:
+            pipe = load_pipeline(args.diffusers)
+        except (OSError, ValueError, ImportError) as e:
+            print(f"error: cannot load the pipeline: {e}", file=sys.stderr)
+            return BAD_INPUT
+        serve(build_words_demo(pipe, args.diffusers), args.host, args.port, args.share, concurrency=args.concurrency)
+        return 0
     try:
         model, meta = load_from_args(args)
     except (CheckpointError, OSError, ValueError) as e:
