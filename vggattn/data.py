@@ -168,3 +168,17 @@ def per_class_subset(ds, n: int):
             seen[y] = seen.get(y, 0) + 1
             keep.append(i)
     return Subset(ds, keep)
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """The image files named, and those under the folders named (sorted, by IMAGE_SUFFIXES); a missing one raises."""
+    found = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return found

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .analysis import analyze, switched_off
 from .models.byo import add_model_arguments, load_from_args, load_named
 from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
-from .data import IMAGE_SUFFIXES, ImageLoadError, open_image
+from .data import IMAGE_SUFFIXES, ImageLoadError, collect_images, open_image
 from .view.export import write_result
 from .view.hover import pages
 from .view.live import about_model
@@ -52,19 +52,6 @@ def parse_point(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--point takes X,Y (e.g. 120,80), got {text!r}") from None
     return x, y
-
-
-def collect_images(inputs: list[str]) -> list[Path]:
-    found = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return found
 
 
 def unique_dirs(images: list[Path], out: Path) -> list[Path]:

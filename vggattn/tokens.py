@@ -7,6 +7,7 @@ encoder's grid in every decoder layer, beside the box and class each predicts), 
     found.map("query 3")                        # {block: (key rows, key cols) float32, the mean over heads}
     found.predictions["query 3"]                # {"class", "score", "box": [x0, y0, x1, y1] in input pixels, "object"}
     box_shares(found.map("query 3")[block], box, found.input_wh)   # its attention inside its box and on its border
+    python -m vggattn.tokens photos/ --hf DETECTOR --out queries.json   # per query over a folder (`query_study`)
 
 The model runs once (`vggattn.capture`); a transformers DETR-family output (logits and pred_boxes) gives each query
 its prediction: DETR's softmax with its last class "no object", or Conditional DETR's per-class sigmoid (no
@@ -18,13 +19,14 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .capture import capture
-from .data import preprocess
+from .data import collect_images, preprocess
 
 SCORE_THRESHOLD = 0.5  # a query predicting under this is "no object"
 BAND = 1.0  # the border band: cells whose centre lies within this many cells of the box's edge, inside or out
@@ -151,3 +153,84 @@ def box_shares(grid_map: np.ndarray, box, input_wh: tuple[int, int], band: float
             "on_border": share(border), "border_area": float(border.mean()),
             "outside_on_border": share(border & ~inside), "outside_border_area": float((border & ~inside).mean()),
             "in_centre": share(centre), "centre_area": float(centre.mean())}
+
+
+def query_study(model: nn.Module, meta: dict, images, *, seed: int = 0, resamples: int = 2000) -> dict:
+    """Per object query of a detector over a set of images (PIL images, or paths): how often it predicts an object
+    (score >= SCORE_THRESHOLD), the classes it predicts then, and, over those images, in every cross-attention layer
+    the share of its attention inside its own predicted box beside the box's share of the image (`box_shares`);
+    means with bootstrap 95% intervals over the images where it predicts an object."""
+    from .data import open_image
+
+    per: dict[str, dict] = {}
+    layers: list[str] = []
+    count = 0
+    for item in images:
+        image = open_image(item) if not hasattr(item, "size") else item
+        found = token_maps(model, meta, image)
+        if not found.predictions:
+            raise ValueError("the model's output has no boxes (logits and pred_boxes): no per-query study")
+        layers = list(found.rows)
+        count += 1
+        for name in found.names:
+            pred = found.predictions[name]
+            entry = per.setdefault(name, {"objects": 0, "classes": {}, "in_box": {b: [] for b in layers},
+                                          "box_area": []})
+            if not pred["object"]:
+                continue
+            entry["objects"] += 1
+            entry["classes"][pred["class"]] = entry["classes"].get(pred["class"], 0) + 1
+            maps = found.map(name)
+            for b in layers:
+                shares = box_shares(maps[b], pred["box"], found.input_wh)
+                entry["in_box"][b].append(shares["in_box"])
+            entry["box_area"].append(shares["box_area"])
+    rng = np.random.default_rng(seed)
+
+    def mean_ci(values):
+        v = np.asarray(values, dtype=np.float64)
+        if not len(v):
+            return None
+        boot = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
+        return [round(float(v.mean()), 4), round(float(np.percentile(boot, 2.5)), 4),
+                round(float(np.percentile(boot, 97.5)), 4)]
+    queries = {name: {"object_rate": round(e["objects"] / count, 4), "classes": e["classes"],
+                      "in_box": {b: mean_ci(v) for b, v in e["in_box"].items()}, "box_area": mean_ci(e["box_area"])}
+               for name, e in per.items()}
+    return {"images": count, "layers": layers, "score_threshold": SCORE_THRESHOLD, "queries": queries}
+
+
+def main(argv=None) -> int:
+    """python -m vggattn.tokens IMAGES_OR_FOLDERS --hf DETECTOR --out study.json: `query_study` over the images."""
+    import argparse
+    import json
+    import logging
+
+    from .models.byo import add_model_arguments, load_from_args
+    from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
+
+    p = argparse.ArgumentParser(prog="python -m vggattn.tokens",
+                                description="Per object query of a detector over images: how often it finds an "
+                                            "object, and how much of its attention falls inside its box per layer")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    add_checkpoint_argument(p)
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        model, meta = load_from_args(args)
+        images = collect_images(args.inputs)
+        if not images:
+            raise ValueError("no images found")
+        study = query_study(model, meta, images)
+    except (CheckpointError, OSError, ValueError) as e:
+        logging.getLogger("vggattn.tokens").error("error: %s", e)
+        return BAD_INPUT
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(study, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
