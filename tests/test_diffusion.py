@@ -142,3 +142,29 @@ def test_the_app_serves_a_pipeline_and_refuses_a_missing_folder(tmp_path):
     from vggattn import app
 
     assert app.main(["--diffusers", str(tmp_path / "none")]) == 2
+
+
+def test_the_word_study_over_a_prompt_file(pipeline_folder, tmp_path):
+    from vggattn import diffusion
+
+    (tmp_path / "prompts.txt").write_text("a red dog\na blue cat\n\na red cat on grass\n")
+    out = tmp_path / "words.json"
+    assert diffusion.main([str(pipeline_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+                           "--steps", "1"]) == 0
+    got = json.loads(out.read_text())
+    assert got["prompts"] == 3 and got["words"]["red"]["prompts"] == 2 and got["words"]["grass"]["prompts"] == 1
+    # one prompt: each place's row sums to 1 over its tokens, so its words' shares add up to 1 in every layer,
+    # and a word's share is the mean over places and heads of its column
+    pipe = diffusion.load_pipeline(pipeline_folder)
+    one = diffusion.word_study(pipe, ["a red dog"], steps=1, resamples=10)
+    for layer in one["layers"]:
+        assert sum(w["per_layer"][layer][0] for w in one["words"].values()) == pytest.approx(1, abs=1e-3)
+    run = diffusion.generate(pipe, "a red dog", steps=1, seed=0)
+    red = run.token_indices("red")[0]
+    layer = one["layers"][0]
+    assert one["words"]["red"]["per_layer"][layer][0] == pytest.approx(float(run.steps[0][layer][:, :, red].mean()),
+                                                                        abs=1e-4)
+    for w in got["words"].values():
+        mean, low, high = w["share"]
+        assert low <= mean <= high
+    assert diffusion.main([str(pipeline_folder), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
