@@ -201,3 +201,58 @@ def test_a_diffusion_models_places_over_the_prompts_tokens_are_its_processors_ow
             rows = m.rows()
             assert m.grid[0] * m.grid[1] == want.shape[1]
             torch.testing.assert_close(rows.reshape(want.shape), want, rtol=1e-4, atol=1e-6)
+
+
+def test_sams_two_way_mask_decoder_both_ways_is_its_own_attention():
+    """transformers' SAM: the mask decoder's tokens (the IoU and mask tokens, the prompt's point) over the image
+    embedding's grid and the grid over the tokens, (B, 1, T, C) per point batch, placed on the mask decoder's own
+    grid; each equal to the weights its SamAttention returns (eager), read from the model under SDPA."""
+    T = pytest.importorskip("transformers")
+
+    def build(implementation, like=None):
+        vision = T.SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                   image_size=64, patch_size=8, output_channels=32, window_size=4,
+                                   global_attn_indexes=[1], num_pos_feats=16)
+        config = T.SamConfig(vision_config=vision,
+                             prompt_encoder_config=T.SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=8),
+                             mask_decoder_config=T.SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2,
+                                                                        num_attention_heads=2, mlp_dim=64,
+                                                                        iou_head_hidden_dim=32))
+        config._attn_implementation = implementation
+        model = T.SamModel(config).eval()
+        if like is not None:
+            model.load_state_dict(like.state_dict())
+        return model
+
+    class Prompted(nn.Module):  # an image and one point, as a model of the image
+        def __init__(self, sam):
+            super().__init__()
+            self.sam = sam
+            self.register_buffer("points", torch.tensor([[[[20.0, 30.0]]]]))
+
+        def forward(self, x):
+            return self.sam(pixel_values=x, input_points=self.points.expand(len(x), -1, -1, -1),
+                            multimask_output=False).pred_masks
+
+    torch.manual_seed(0)
+    eager = build("eager")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    own = {}
+
+    def keep(name):
+        def hook(module, args, out):  # (returns None: the output stays the module's)
+            own.setdefault(name, out[1])
+        return hook
+    handles = [m.register_forward_hook(keep(n)) for n, m in eager.named_modules() if type(m).__name__ == "SamAttention"]
+    Prompted(eager)(x)
+    for h in handles:
+        h.remove()
+    _, maps = vggattn.capture(Prompted(build("sdpa", like=eager)), x)
+    decoder = {n[len("sam."):]: m for n, m in maps.items() if ".mask_decoder." in f".{n}"}
+    directions = {n: (m.query_names is not None, m.key_names is not None) for n, m in decoder.items()}
+    assert directions["mask_decoder.transformer.layers.0.cross_attn_token_to_image"] == (True, False)
+    assert directions["mask_decoder.transformer.layers.0.cross_attn_image_to_token"] == (False, True)
+    assert "mask_decoder.transformer.final_attn_token_to_image" in decoder
+    for name, m in decoder.items():
+        assert (m.key_grid if m.query_names else m.grid) == (8, 8)  # the image embedding's grid
+        torch.testing.assert_close(m.rows(), own[name].reshape(m.rows().shape), rtol=1e-4, atol=1e-6)

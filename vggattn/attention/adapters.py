@@ -999,10 +999,14 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
                                        "axis (windows or patches): its grid is a piece's, not the image's")
                 if f.name in tokens and unplaced:
                     raise NotAttention(f"where its tokens sit could not be read ({unplaced})")
+                if inputs[f.name].dim() == 4 and inputs[f.name].shape[1] == 1:  # (B, 1, T, C): tokens per group
+                    raise NotAttention(f"its input {tuple(inputs[f.name].shape)} is tokens in one group (as SAM's "
+                                       "per point batch), not a one-channel grid")
                 adapter.layout(module, inputs[f.name])
             except NotAttention as err:
                 line = f"{f.name} ({type(module).__name__}): not an attention block over positions: {err}"
-                if f.name in inputs and inputs[f.name].dim() == 3 and f.name in seen:
+                if f.name in inputs and f.name in seen and (inputs[f.name].dim() == 3 or (
+                        inputs[f.name].dim() == 4 and inputs[f.name].shape[1] == 1)):  # (SAM's tokens: (B, 1, T, C))
                     unplaced_tokens[f.name] = line  # perhaps between the image and other tokens: tried below
                 else:
                     skipped.append(line)

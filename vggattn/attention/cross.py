@@ -31,6 +31,16 @@ def _slots(call: Call) -> list[tuple[int | str, torch.Tensor]]:
         [(k, v) for k, v in call.kwargs.items() if isinstance(v, torch.Tensor)]
 
 
+def _tokens(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A token argument as (B, T, C): itself, or (B, 1, T, C) with its one group squeezed (SAM's tokens come per
+    point batch); None for anything else."""
+    if t is None or t.dim() == 3:
+        return t
+    if t.dim() == 4 and t.shape[1] == 1:
+        return t[:, 0]
+    return None
+
+
 def _with(call: Call, values: dict) -> tuple[tuple, dict]:
     """(args, kwargs) of the call with the given slots replaced."""
     return (tuple(values.get(i, a) for i, a in enumerate(call.args)),
@@ -44,7 +54,8 @@ def call_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str
     first). An argument none of whose tokens has a place is left out."""
     prepare_forward_ad()
     passes, hw = placing_passes(model, x, names, lambda call: None if call is None or call.seq_first else
-                                {s: fwAD.unpack_dual(a).tangent for s, a in _slots(call) if a.dim() == 3}, calls=True)
+                                {s: _tokens(fwAD.unpack_dual(a).tangent) for s, a in _slots(call)
+                                 if _tokens(a) is not None}, calls=True)
     out: dict[str, dict] = {}
     for name, slots in passes[0].items():
         for slot in slots:
@@ -105,8 +116,8 @@ def enclosing_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dic
                         except _Enough:
                             pass
                     call = w.seen[rel].call if rel in w.seen else None
-                    passes.append({} if call is None else {slot: fwAD.unpack_dual(v).tangent
-                                                            for slot, v in _slots(call) if v.dim() == 3})
+                    passes.append({} if call is None else {slot: _tokens(fwAD.unpack_dual(v).tangent)
+                                                            for slot, v in _slots(call) if _tokens(v) is not None})
             places = {}
             for slot in passes[0]:
                 ts = [p.get(slot) for p in passes]
@@ -114,7 +125,9 @@ def enclosing_places(model: nn.Module, x: torch.Tensor, names: list[str]) -> dic
                     pos = positions(*(t[0] for t in ts))
                     if bool(pos.valid.any()):
                         places[slot] = TokenPlaces(pos, hw)
-            if places:
+            # the module's grid is the tokens' own where one argument holds every cell of it (that grid flattened);
+            # else (a module fed tokens as (B, 1, T, C), read as a grid) look further out
+            if any(int(p.positions.valid.sum()) == hw[0] * hw[1] for p in places.values()):
                 out[name] = places
                 break
     return out
@@ -143,11 +156,12 @@ def cross_layout(block: nn.Module, call: Call, places: dict[int | str, TokenPlac
     sit on the image."""
     one = call.sliced(slice(0, 1)).detached()
     slots = dict(_slots(one))
-    placed = {s: p for s, p in places.items() if s in slots and slots[s].dim() == 3
-              and p.positions.y.shape[-1] == slots[s].shape[1]}
+    placed = {s: p for s, p in places.items() if s in slots and _tokens(slots[s]) is not None
+              and p.positions.y.shape[-1] == _tokens(slots[s]).shape[1]}
     if not placed:
         raise NotAttention("neither its queries nor its keys sit on the image (none of its token arguments does)")
-    tangents = {s: _input_tangents(slots[s], p)[0] for s, p in placed.items()}
+    tangents = {s: [t.reshape(slots[s].shape) for t in _input_tangents(_tokens(slots[s]), p)[0]]
+                for s, p in placed.items()}
     hw = next(iter(placed.values())).hw
     passes = []
     masses = Masses()

@@ -269,9 +269,9 @@ class Recorder(TorchFunctionMode):
         """Tokens (batch, T, C) handed to a module that no trace reaches from the input (a prompt's embeddings, learned
         queries expanded over the batch) count as live from here on, so an attention between them and the image's
         places is found (`vggattn.attention.cross` reads which side sits where)."""
-        for t in _tensors(args) + _tensors(kwargs):
-            if t.dim() == 3 and t.shape[0] == batch and not isinstance(t, nn.Parameter) and not self.live(t) \
-                    and t.is_floating_point():
+        for t in _tensors(args) + _tensors(kwargs):  # (B, T, C), or (B, 1, T, C): SAM's tokens per point batch
+            if (t.dim() == 3 or (t.dim() == 4 and t.shape[1] == 1)) and t.shape[0] == batch \
+                    and not isinstance(t, nn.Parameter) and not self.live(t) and t.is_floating_point():
                 self._set(t, Node("tokens", (), True))
 
     def _set(self, t: torch.Tensor, node: Node) -> None:
