@@ -9,8 +9,11 @@ A block is read here when its own input (first tensor argument) has no place on 
 arguments has (DETR's decoder: the object queries attend to `encoder_hidden_states`), or the other way round. Every
 tensor argument of the block's call is live for the trace (the keys come from one argument, the queries from
 another); where each side sits is read from forward-mode tangents, as for self-attention
-(`vggattn.attention.trace`): the placed argument carries its tokens' places on the model's input image, the other
-side carries none.
+(`vggattn.attention.trace`): the placed argument carries its tokens' places, the other side carries none. Places
+are read on the grid of the innermost module around the block whose input is a grid and whose tokens are that grid
+flattened (`enclosing_places`: a UNet's transformer, SAM's mask decoder), else through the whole model from its
+input image (`call_places`: DETR's encoder output). Tokens come as (B, T, C), or (B, 1, T, C) in one group (SAM's
+per point batch).
 """
 
 from __future__ import annotations
