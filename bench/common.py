@@ -58,6 +58,16 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def timed(fn, runs: int) -> float:
+    """The median wall time of `runs` calls of fn (seconds)."""
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
 def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]

@@ -9,20 +9,12 @@ query's rows and predictions); a choice of a query (its map in every layer drawn
 """
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
+from common import timed
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(fn, runs: int) -> float:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main(argv=None) -> int:

@@ -19,12 +19,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import timed
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "assets" / "church.jpg"
@@ -46,14 +47,6 @@ def one(case: str, runs: int) -> dict:
     name, size = CASES[case]
     model, meta = load_timm(name, pretrained=False, input_size=size)
     x = eval_transform(meta)(open_image(PHOTO)).unsqueeze(0)
-
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return statistics.median(out)
 
     with torch.no_grad():
         model(x)

@@ -94,33 +94,29 @@ class Words(nn.Module):
         return self.head((f + out).mean(1))
 
 
-def own_weights(model, x, places_first: bool):
+def own_weights(model, x):
     with torch.no_grad():
         a, b = model.tokens(x)
         return model.attn(a, b, b, need_weights=True, average_attn_weights=False)[1]  # (B, heads, nq, nk)
 
 
-def test_learned_queries_over_a_grid_in_pytorchs_own_attention():
+@pytest.mark.parametrize("model_cls", [Queries, Words])
+def test_pytorchs_own_attention_between_a_grid_and_tokens_either_way(model_cls):
+    """Learned queries over a CNN's grid (rows (B, heads, T, M)), and the grid's places over tokens with no place
+    (rows (B, heads, N, T)), each equal to nn.MultiheadAttention's own weights."""
     torch.manual_seed(0)
-    model = Queries().eval()
+    model = model_cls().eval()
     x = torch.randn(2, 3, 32, 48)
     _, maps = vggattn.capture(model, x)
     m = maps["attn"]
-    assert m.query_names == [f"query {i}" for i in range(4)] and m.key_grid == (8, 12)
-    torch.testing.assert_close(m.rows(), own_weights(model, x, False), rtol=1e-4, atol=1e-6)
-
-
-def test_a_grids_places_over_tokens_with_no_place_in_pytorchs_own_attention():
-    torch.manual_seed(0)
-    model = Words().eval()
-    x = torch.randn(2, 3, 32, 48)
-    _, maps = vggattn.capture(model, x)
-    m = maps["attn"]
-    assert m.key_names == [f"token {i}" for i in range(6)] and m.query_names is None and m.grid == (8, 12)
-    rows = m.rows()  # (B, heads, N, T)
-    assert rows.shape == (2, 2, 96, 6)
-    torch.testing.assert_close(rows, own_weights(model, x, True), rtol=1e-4, atol=1e-6)
-    assert "the image's places (queries) over the other tokens (keys)" in m.meaning
+    if model_cls is Queries:
+        assert m.query_names == [f"query {i}" for i in range(4)] and m.key_names is None and m.key_grid == (8, 12)
+        assert "the other tokens (queries) over the image's places (keys)" in m.meaning
+    else:
+        assert m.key_names == [f"token {i}" for i in range(6)] and m.query_names is None and m.grid == (8, 12)
+        assert m.rows().shape == (2, 2, 96, 6)
+        assert "the image's places (queries) over the other tokens (keys)" in m.meaning
+    torch.testing.assert_close(m.rows(), own_weights(model, x), rtol=1e-4, atol=1e-6)
 
 
 def test_tokens_among_themselves_are_no_cross_attention():
