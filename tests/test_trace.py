@@ -547,3 +547,14 @@ def test_tokens_keep_their_places_through_a_deep_stack_of_feature_mixing_layers(
     cy, cx = torch.arange(4)[:, None] * 8 + 3.5, torch.arange(4)[None] * 8 + 3.5
     assert float((places.positions.y.reshape(4, 4) - cy).abs().max()) < 4
     assert float((places.positions.x.reshape(4, 4) - cx).abs().max()) < 4
+
+
+def test_running_out_of_memory_while_placing_tokens_is_said_in_words():
+    """The reason a block is skipped reads as words, not as PyTorch's allocator message."""
+    from vggattn.attention.adapters import in_words
+
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)")
+    assert in_words(err) == "there was not enough memory for the passes that place them (about three forwards at once)"
+    assert in_words(MemoryError()) == in_words(err)
+    assert in_words(RuntimeError("no forward AD formula for foo\nmore")) == "no forward AD formula for foo"

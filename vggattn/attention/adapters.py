@@ -936,6 +936,15 @@ def example_input(model: nn.Module, input_size: int | tuple[int, int] | None = N
     return x if p is None else x.to(p.device)
 
 
+def in_words(err: BaseException) -> str:
+    """A failure while placing tokens, as one line a person reads: running out of memory said as such (PyTorch's
+    allocator says it as "[enforce fail at alloc_cpu.cpp:...] ... DefaultCPUAllocator: can't allocate memory")."""
+    text = (str(err).splitlines() or [type(err).__name__])[0]
+    if isinstance(err, MemoryError) or "allocat" in text.lower() or "out of memory" in text.lower():
+        return "there was not enough memory for the passes that place them (about three forwards at once)"
+    return text[:160]
+
+
 @dataclass
 class Traced:
     blocks: dict  # name -> TracedAdapter, in the order they ran
@@ -982,8 +991,9 @@ def traced_blocks(model: nn.Module, example: torch.Tensor | None = None) -> Trac
             try:
                 places = token_places(model, example, tokens, {n: tuple(inputs[n].shape[1:]) for n in tokens})
                 name_prefix(model, example, places)
-            except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an op with no forward-mode formula
-                places, unplaced = {}, (str(err).splitlines() or [type(err).__name__])[0][:160]
+            except (RuntimeError, NotImplementedError, TypeError, MemoryError) as err:  # e.g. an op with no
+                # forward-mode formula, or no memory left for the passes
+                places, unplaced = {}, in_words(err)
         blocks, skipped, unplaced_tokens = {}, [], {}
         for f in found:
             module, adapter = modules[f.name], TracedAdapter(modules[f.name])
@@ -1037,8 +1047,8 @@ def _cross_blocks(model: nn.Module, example: torch.Tensor, found: dict, lines: d
         places = enclosing_places(model, example, list(found))
         rest = [n for n in found if n not in places]
         places.update(call_places(model, example, rest) if rest else {})
-    except (RuntimeError, NotImplementedError, TypeError) as err:
-        skipped.extend(f"{line} (nor could its arguments be placed: {(str(err).splitlines() or [''])[0][:120]})"
+    except (RuntimeError, NotImplementedError, TypeError, MemoryError) as err:
+        skipped.extend(f"{line} (nor could its arguments be placed: {in_words(err)})"
                        for line in lines.values())
         return {}
     out = {}
