@@ -1338,15 +1338,23 @@ def watch(model: nn.Module, x: torch.Tensor, names: list[str], traced: set[str] 
     return out, w.seen
 
 
+def _rows(ev: Event) -> int:
+    """How many query rows an event's weights have (a fused call's: its query's, its weights not made)."""
+    return (ev.query if ev.held is None else ev.held).shape[-2]
+
+
 def event_groups(events: list[Event]) -> list[list[int]]:
     """Attentions as lists of event indices: consecutive events with the same values (one attention computed a
-    block of query rows at a time, as the article's CPU path does) are one."""
+    block of query rows at a time, as the article's CPU path does) are one, as long as their query rows together
+    are no more than the keys (two full attentions over the same values, as a differential attention's two
+    softmaxes, are two)."""
     groups: list[list[int]] = []
     for i, ev in enumerate(events):
         if groups:
             first = events[groups[-1][0]].values
-            if ev.values.shape == first.shape and ev.values.data_ptr() == first.data_ptr():  # (the same keys: never
-                # ask a fused call's events for weights here, which would make them)
+            if ev.values.shape == first.shape and ev.values.data_ptr() == first.data_ptr() and \
+                    sum(_rows(events[j]) for j in groups[-1]) + _rows(ev) <= first.shape[-2]:  # (the same keys:
+                # never ask a fused call's events for weights here, which would make them)
                 groups[-1].append(i)
                 continue
         groups.append([i])
