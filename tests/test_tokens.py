@@ -155,6 +155,8 @@ def test_the_apps_tokens_tab_shows_each_querys_maps_and_the_weights_at_a_click(t
     demo = app.build_demo(model, meta)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"tokens-choice", "tokens-boxes", "tokens-map-0", "tokens-map-1", "tokens-bars"} <= ids
+    about = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "about")
+    assert "2 layers of tokens" in about.value and "Tokens** tab" in about.value  # a visitor is told where they are
     state, boxes, choice, note = tokens.on_upload(model, meta, str(tmp_path / "wide.png"))
     assert [v for _, v in choice["choices"]] == [f"query {i}" for i in range(4)] and "4 tokens" in note
     assert boxes.shape == (shapes.SIZE, shapes.SIZE, 3) and state["image_wh"] == (300, 200)

@@ -667,7 +667,9 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
     has_gamma = bool(probe.gammas())
     bind = functools.partial
     with gr.Blocks(title="vggattn") as demo:
-        gr.Markdown(describe(model, meta, blocks), elem_id="about")
+        gr.Markdown(describe(model, meta, blocks) + (
+            f" Its attention from {len(cross)} layers of tokens that are no place on the image (a detector's object "
+            "queries) to the image: the **Tokens** tab." if cross else ""), elem_id="about")
         # This session's analysis (a display-sized image and each block's maps), never shared between users;
         # dropped session_ttl seconds after it was made, and at most STATE_SESSIONS are kept (launch()).
         state = gr.State(None, time_to_live=session_ttl)
