@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .analysis import analyze, switched_off
+from .attention.adapters import NoAttention
 from .models.byo import add_model_arguments, load_from_args, load_named
 from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
 from .data import IMAGE_SUFFIXES, ImageLoadError, collect_images, open_image
@@ -200,7 +201,13 @@ def main(argv=None) -> int:
 
                 write_tokens(token_maps(model, meta, image), args.token, image, target, opacity=args.opacity,
                              colormap=args.colormap)
-            result = analyze(model, meta, image, args.layers)
+            try:
+                result = analyze(model, meta, image, args.layers)
+            except NoAttention:
+                if not args.token:
+                    raise
+                log.info("%s: only the tokens written (the model has no attention over positions to draw)", image_path)
+                continue
             write_result(result, points, target, None if args.no_ablation else switched_off(model, result),
                          source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap, live=args.html, about=about_model(meta, args.checkpoint))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .attention.deformable import Sampled, sampling_points
 from .capture import capture
 from .data import collect_images, preprocess
 
@@ -42,6 +44,12 @@ class TokenMaps:
     input_wh: tuple[int, int]  # the model input's size, in pixels (boxes are in these)
     predictions: dict[str, dict] = field(default_factory=dict)  # token -> what it predicts (detectors)
     shows: str = ""  # what the maps are, in words
+    points: dict[str, Sampled] = field(default_factory=dict)  # block -> deformable attention's sampling points
+
+    @property
+    def blocks(self) -> list[str]:
+        """Every layer: the ones with rows over a key grid, then the ones that sample points (deformable)."""
+        return list(self.rows) + list(self.points)
 
     def index(self, token: str) -> int:
         """The token's position among `names`; a name or a number ("query 3", "3")."""
@@ -60,6 +68,52 @@ class TokenMaps:
             row = r[:, i].mean(0) if head is None else r[head, i]
             out[block] = row.reshape(self.key_grids[block]).float().numpy()
         return out
+
+    def samples(self, token: str, head: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """{block: (xy (K, 2) in input pixels, weights (K,), levels (K,))} the token's sampling points in every
+        deformable layer: all heads' points (K = heads x points) with each head's weights divided by the number of
+        heads (so they sum to 1 like a mean map), or one head's."""
+        i = self.index(token)
+        W, H = self.input_wh
+        out = {}
+        for block, s in self.points.items():
+            heads = range(s.points.shape[1]) if head is None else [head]
+            xy = torch.cat([s.points[0, h, i] for h in heads]) * torch.tensor([W, H], dtype=torch.float32)
+            w = torch.cat([s.weights[0, h, i] for h in heads]) / len(heads)
+            out[block] = (xy.numpy(), w.numpy(), s.levels.repeat(len(heads)).numpy())
+        return out
+
+    def weights_at(self, xy: tuple[float, float]) -> dict[str, np.ndarray]:
+        """{block: (T,)} each token's weight on the place (x, y) in input pixels, the mean over heads: on the key
+        cell under it, or, for a deformable layer, what the value cells under it receive from its sampling points
+        (each point's weight split bilinearly, `Sampled.cells`), summed over the levels."""
+        x, y = xy
+        W, H = self.input_wh
+        out = {}
+        for block in self.blocks:
+            if block in self.rows:
+                gh, gw = self.key_grids[block]
+                cell = min(gh - 1, int(y / H * gh)) * gw + min(gw - 1, int(x / W * gw))
+                out[block] = self.rows[block][:, :, cell].mean(0).float().numpy()
+            else:
+                s = self.points[block]
+                out[block] = sum(m[:, min(m.shape[1] - 1, int(y / H * m.shape[1])),
+                                   min(m.shape[2] - 1, int(x / W * m.shape[2]))]
+                                 for m in s.cells(0).values()).numpy() / s.points.shape[1]
+        return out
+
+
+def point_shares(xy: np.ndarray, w: np.ndarray, box, input_wh: tuple[int, int]) -> dict[str, float]:
+    """Where sampling points' weight lies against a box (x0, y0, x1, y1 in input pixels): its share on points inside
+    the box, beside the box's share of the image."""
+    x0, y0, x1, y1 = box
+    inside = (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
+    W, H = input_wh
+    area = max(0.0, min(x1, W) - max(x0, 0)) * max(0.0, min(y1, H) - max(y0, 0)) / (W * H)
+    return {"in_box": float(w[inside].sum() / (w.sum() or 1.0)), "box_area": area}
+
+
+_DEFORMABLE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()  # model -> samples points
 
 
 class _Kept:
@@ -114,6 +168,18 @@ def token_maps(model: nn.Module, meta: dict, image) -> TokenMaps:
     a DETR-family detector."""
     x = preprocess(image, meta)
     inner = getattr(model, "inner", model)  # a transformers model behind `vggattn.models.output.ImageOutput`
+    input_wh = (x.shape[-1], x.shape[-2])
+    if _DEFORMABLE.get(model, True):  # deformable attention: its sampling points (checked once per model)
+        with _Kept(inner) as kept:
+            points = {n: s for n, s in sampling_points(model, x).items() if not s.queries_on_levels}
+        _DEFORMABLE[model] = bool(points)
+        if points:
+            q = next(iter(points.values())).points.shape[2]
+            found = TokenMaps([f"query {i}" for i in range(q)], {}, {}, input_wh, points=points,
+                              shows="each query's sampling points with their weights (deformable attention samples "
+                                    "a few points per query: no map over the image)")
+            found.predictions = predictions(kept.out, found.names, _class_names(inner, meta), input_wh)
+            return found
     with _Kept(inner) as kept:
         _, maps = capture(model, x)
     cross = {n: m for n, m in maps.items() if m.query_names is not None}
@@ -122,13 +188,15 @@ def token_maps(model: nn.Module, meta: dict, image) -> TokenMaps:
                          "object queries or other tokens over the image)")
     names = next(iter(cross.values())).query_names
     rows = {n: m.rows()[0] for n, m in cross.items() if m.query_names == names}
-    input_wh = (x.shape[-1], x.shape[-2])
     found = TokenMaps(names, rows, {n: cross[n].key_grid for n in rows}, input_wh,
                       shows=next(iter(cross.values())).meaning)
-    labels = getattr(getattr(inner, "config", None), "id2label", None) or {}  # a detector's classes
-    class_names = meta.get("class_names") or ([labels[i] for i in sorted(labels)] if labels else None)
-    found.predictions = predictions(kept.out, names, class_names, input_wh)
+    found.predictions = predictions(kept.out, names, _class_names(inner, meta), input_wh)
     return found
+
+
+def _class_names(inner: nn.Module, meta: dict) -> list[str] | None:
+    labels = getattr(getattr(inner, "config", None), "id2label", None) or {}  # a detector's classes
+    return meta.get("class_names") or ([labels[i] for i in sorted(labels)] if labels else None)
 
 
 def box_shares(grid_map: np.ndarray, box, input_wh: tuple[int, int], band: float = BAND) -> dict[str, float]:
@@ -170,7 +238,7 @@ def query_study(model: nn.Module, meta: dict, images, *, seed: int = 0, resample
         found = token_maps(model, meta, image)
         if not found.predictions:
             raise ValueError("the model's output has no boxes (logits and pred_boxes): no per-query study")
-        layers = list(found.rows)
+        layers = found.blocks
         count += 1
         for name in found.names:
             pred = found.predictions[name]
@@ -180,9 +248,10 @@ def query_study(model: nn.Module, meta: dict, images, *, seed: int = 0, resample
                 continue
             entry["objects"] += 1
             entry["classes"][pred["class"]] = entry["classes"].get(pred["class"], 0) + 1
-            maps = found.map(name)
+            maps, points = found.map(name), found.samples(name)
             for b in layers:
-                shares = box_shares(maps[b], pred["box"], found.input_wh)
+                shares = box_shares(maps[b], pred["box"], found.input_wh) if b in maps else \
+                    point_shares(*points[b][:2], pred["box"], found.input_wh)
                 entry["in_box"][b].append(shares["in_box"])
             entry["box_area"].append(shares["box_area"])
     rng = np.random.default_rng(seed)

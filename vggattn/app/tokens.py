@@ -18,18 +18,24 @@ from PIL import Image, ImageDraw
 
 from ..attention.adapters import CrossAdapter, find_blocks
 from ..data import open_image
-from ..tokens import box_shares, token_maps
-from ..view.render import map_levels, overlay, upsample
+from ..attention.deformable import sampling_points
+from ..tokens import box_shares, point_shares, token_maps
+from ..view.render import map_levels, overlay, points_picture, upsample
 
 BOX_COLOUR, EMPTY_COLOUR = (255, 255, 0), (170, 170, 170)
 
 
 def cross_blocks(model: nn.Module, meta: dict) -> list[str]:
-    """The model's blocks between tokens and the image's places (none: no Tokens tab)."""
+    """The model's blocks between tokens and the image's places (none: no Tokens tab): its deformable attention's
+    where queries that are no place sample the image (RT-DETR's decoder), else those found by `find_blocks`."""
     from ..attention.adapters import example_input
 
+    x = example_input(model, meta["input_size"])
+    points = [n for n, s in sampling_points(model, x).items() if not s.queries_on_levels]
+    if points:
+        return points
     try:
-        found = find_blocks(model, example=example_input(model, meta["input_size"]), cross=True)
+        found = find_blocks(model, example=x, cross=True)
     except ValueError:
         return []
     return [n for n, _, a in found if isinstance(a, CrossAdapter)]
@@ -66,9 +72,12 @@ def on_upload(model, meta, path) -> tuple:
     base = np.asarray(image.convert("RGB").resize((W, H)), dtype=np.uint8)
     choices = [(_label(n, found.predictions.get(n)), n) for n in found.names]
     objects = [n for n in found.names if found.predictions.get(n, {}).get("object")]
-    note = (f"{len(found.names)} tokens attend to the image in {len(found.rows)} layers; "
+    note = (f"{len(found.names)} tokens attend to the image in {len(found.blocks)} layers; "
             + (f"{len(objects)} of them predict an object (score >= 0.5). " if found.predictions else "")
-            + "Choose one to see its map in every layer; click the image to see each token's weight there.")
+            + ("Choose one to see its sampling points in every layer (deformable attention reads those points and "
+               "nothing else: no map); click the image to see each token's weight there (what the value cells "
+               "there receive from its points)." if found.points else
+               "Choose one to see its map in every layer; click the image to see each token's weight there."))
     first = objects[0] if objects else found.names[0]
     return {"found": found, "base": base, "image_wh": image.size}, boxes_picture(found, base) if found.predictions else base, \
         gr.update(choices=choices, value=first), note
@@ -82,6 +91,15 @@ def on_token(state, token, opacity=0.8, colormap="inferno") -> list:
     W, H = found.input_wh
     pred = found.predictions.get(token)
     out = []
+    for block, (xy, w, levels) in found.samples(token).items():  # deformable: the points, not a map
+        picture = points_picture(base, xy, w, levels, colormap)
+        label = f"{block} · its sampling points (area: weight; colour: level)"
+        if pred is not None:
+            im = Image.fromarray(picture)
+            ImageDraw.Draw(im).rectangle(pred["box"], outline=BOX_COLOUR if pred["object"] else EMPTY_COLOUR)
+            picture = np.asarray(im)
+            label += f" · {point_shares(xy, w, pred['box'], (W, H))['in_box']:.0%} of the weight inside its box"
+        out.append(gr.update(value=picture, label=label))
     for block, grid_map in found.map(token).items():
         picture = overlay(base, upsample(map_levels(grid_map), (W, H)), colormap, opacity)
         label = block
@@ -95,20 +113,14 @@ def on_token(state, token, opacity=0.8, colormap="inferno") -> list:
 
 
 def _n_layers(state) -> int:
-    return len(state["found"].rows) if state else 0
+    return len(state["found"].blocks) if state else 0
 
 
 def weights_at(found, xy: tuple[float, float], image_wh: tuple[int, int]) -> dict[str, np.ndarray]:
-    """{block: (T,)} each token's weight (the mean over heads) on the key cell under the point (x, y) of the
-    uploaded image (the model's input is that image resized)."""
-    x, y = xy
-    W, H = image_wh
-    out = {}
-    for block, rows in found.rows.items():
-        gh, gw = found.key_grids[block]
-        cell = min(gh - 1, int(y / H * gh)) * gw + min(gw - 1, int(x / W * gw))
-        out[block] = rows[:, :, cell].mean(0).float().numpy()
-    return out
+    """{block: (T,)} each token's weight (the mean over heads) on the point (x, y) of the uploaded image (the
+    model's input is that image resized): `TokenMaps.weights_at`."""
+    (x, y), (W, H), (iw, ih) = xy, image_wh, found.input_wh
+    return found.weights_at((x / W * iw, y / H * ih))
 
 
 def bars_html(found, weights: dict[str, np.ndarray], top: int = 8) -> str:

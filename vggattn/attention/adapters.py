@@ -59,6 +59,10 @@ def token_modes(blocks: list) -> list[str]:
                                  ("cls_mean", any(map(is_class_token, names)))) if applies]
 
 
+class NoAttention(ValueError):
+    """The model computes no attention over the image's positions that vggattn can read."""
+
+
 @dataclass
 class BlockMaps:
     """What one block attends to on a batch: rows = normalise(scale * Q K^T + bias)."""
@@ -1121,7 +1125,7 @@ def find_blocks(model: nn.Module, names: list[str] | None = None, *, example: to
     if not found:
         kinds = sorted({type(m).__name__ for m in modules.values()} - {"Sequential", "ModuleList", "ModuleDict"})
         skipped = f" ({'; '.join(traced.skipped)})" if traced.skipped else ""
-        raise ValueError(f"no attention in this model: its forward computes none that maps positions to positions on "
+        raise NoAttention(f"no attention in this model: its forward computes none that maps positions to positions on "
                          f"a {'x'.join(map(str, traced.example[1:]))} input{skipped}; it is made of: "
                          f"{', '.join(kinds[:25])}{' ...' if len(kinds) > 25 else ''}")
     return found

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..analysis import blocks_of
-from ..attention.adapters import example_input
+from ..attention.adapters import NoAttention, example_input
+from ..attention.deformable import sampling_points
 from ..attention.trace import prepare_forward_ad
 from .output import ImageOutput, image_model
 from .checkpoint import (DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, clean_state_dict,
@@ -307,7 +308,7 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
     weights (none: random); a checkpoint whose meta names a vggattn factory builds it without --model (another
     package's factory must be named with --model: a checkpoint file does not choose code to run); else the
     article's model from --checkpoint (default: the shipped one). Its blocks are checked at once (none: one
-    sentence naming what the model is made of)."""
+    sentence naming what the model is made of; a model whose only attention is deformable passes, for its tokens)."""
     device = getattr(args, "device", "auto")
     if not wants_own_model(args):
         model, meta = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT, device=device)
@@ -323,5 +324,9 @@ def load_from_args(args) -> tuple[nn.Module, dict]:
         model, meta = load_model(spec, args.checkpoint, classes=args.classes, input_size=args.input_size,
                                  mean=args.mean, std=args.std)
     model.to(resolve_device(device))
-    blocks_of(model, meta, args.layers)
+    try:
+        blocks_of(model, meta, args.layers)
+    except NoAttention:
+        if not sampling_points(model, example_input(model, meta["input_size"])):  # deformable only: its tokens
+            raise
     return model, meta

@@ -23,7 +23,7 @@ from ..analysis import ALL_OFF, Analysis
 from ..models.checkpoint import atomic_write
 from ..attention.readouts import HIGH_NORM, row_readouts
 from .hover import pages
-from .render import attention_picture, mark_query, overlay, upsample, map_levels
+from .render import attention_picture, map_levels, mark_query, overlay, points_picture, upsample
 
 
 def ranked_predictions(probs, class_names: list[str], k: int = 5) -> list[dict]:
@@ -271,23 +271,25 @@ def write_tokens(found, tokens: list[str], image, out_dir: str | Path, *, opacit
     cross-attention block as `<block>_<token>.npy` (key rows, key columns: the mean over heads) and
     `_heads.npy` (per head), `tokens.png` (a row per token: the image with its predicted box, then its map in each
     block) and `tokens.json` (its prediction, and per block where its weight lies against that box:
-    `vggattn.tokens.box_shares`). Runs no model."""
+    `vggattn.tokens.box_shares`). A deformable layer's token has no map: `<block>_<token>_points.npy` (heads,
+    points, 3: x and y in input pixels, the weight, each head's summing to 1), drawn as its points, and its share on
+    points inside the box (`vggattn.tokens.point_shares`). Runs no model."""
     from PIL import ImageDraw
 
-    from ..tokens import box_shares
+    from ..tokens import box_shares, point_shares
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     W, H = found.input_wh
     base = np.asarray(image.convert("RGB").resize((W, H)), dtype=np.uint8)
-    blocks = list(found.rows)
+    blocks = found.blocks
     sheet = _Sheet(len(tokens), 1 + len(blocks))
     summary = {"shows": found.shows, "input_size": [W, H], "tokens": {}, "files": ["tokens.png", "tokens.json"]}
     for r, token in enumerate(tokens):
         i = found.index(token)
         name = found.names[i]
         pred = found.predictions.get(name)
-        means = found.map(name)
+        means, points = found.map(name), found.samples(name)
         entry = {"prediction": pred, "blocks": {}}
         picture = base.copy()
         if pred is not None:
@@ -302,6 +304,21 @@ def write_tokens(found, tokens: list[str], image, out_dir: str | Path, *, opacit
                                                                                   " (no object)") if pred else ""))
         for c, block in enumerate(blocks, start=1):
             safe = f"{block.replace('/', '_')}_{name.replace(' ', '-')}"
+            if block in points:  # deformable attention: its sampling points, not a map
+                xy, w, levels = points[block]
+                s = found.points[block]
+                heads = s.points.shape[1]
+                np.save(out / f"{safe}_points.npy", np.concatenate([xy, w[:, None] * heads], 1).reshape(
+                    heads, -1, 3).astype(np.float32))  # (heads, points, x y weight): each head's weights sum to 1
+                summary["files"].append(f"{safe}_points.npy")
+                layer = {"points": int(len(w)), "heads": heads, "levels": [list(g) for g in s.level_grids]}
+                if pred is not None:
+                    layer.update({k: round(v, 4) for k, v in point_shares(xy, w, pred["box"], (W, H)).items()})
+                entry["blocks"][block] = layer
+                sheet.show(r, c, points_picture(picture, xy, w, levels, colormap))
+                sheet.title(r, c, f"{block}\n{name}: sampling points" + (f", {layer['in_box']:.0%} in its box"
+                                                                         if pred else ""))
+                continue
             np.save(out / f"{safe}.npy", means[block].astype(np.float32))
             heads = found.rows[block][:, i].reshape(-1, *found.key_grids[block]).float().numpy()
             np.save(out / f"{safe}_heads.npy", heads.astype(np.float32))

@@ -261,3 +261,24 @@ def page_constants() -> dict:
     return {"top_k": TOP_K, "mark_share": MARK_SHARE, "log_decades": LOG_DECADES, "full_at": FULL_AT, "digits": list(DIGITS),
             "mark_color": list(MARK_COLOR), "query_color": list(QUERY_COLOR), "outline_color": list(OUTLINE_COLOR),
             "palettes": {name: list(_palette(name)) for name in COLORMAPS}}
+
+
+def points_picture(image: np.ndarray, xy: np.ndarray, weights: np.ndarray, levels: np.ndarray,
+                   colormap: str = "inferno") -> np.ndarray:
+    """Deformable attention's sampling points on the picture (xy in its pixels): a disk per point, its area in
+    proportion to its weight (the heaviest's radius a 24th of the picture's side), its colour its level (the finest map darkest on the
+    colour map's scale, the coarsest brightest), outlined; the heaviest drawn last, on top. Not a map: the block
+    reads these points and nothing else."""
+    rgb = np.ascontiguousarray(image.copy())
+    h, w = rgb.shape[:2]
+    radius = max(3.0, min(h, w) / 24)
+    top = float(weights.max()) or 1.0
+    n = int(levels.max()) + 1 if len(levels) else 1
+    colours = palette(colormap)[np.linspace(80, 250, n).astype(int)] if n > 1 else palette(colormap)[[220]]
+    for i in np.argsort(weights):
+        r = radius * math.sqrt(float(weights[i]) / top)
+        if r < 0.75 or not (0 <= xy[i, 0] < w and 0 <= xy[i, 1] < h):
+            continue
+        _disk(rgb, float(xy[i, 0]), float(xy[i, 1]), r + 1, OUTLINE_COLOR)
+        _disk(rgb, float(xy[i, 0]), float(xy[i, 1]), r, tuple(int(c) for c in colours[int(levels[i])]))
+    return rgb
