@@ -251,4 +251,6 @@ def test_sams_two_way_mask_decoder_both_ways_is_its_own_attention():
     assert "mask_decoder.transformer.final_attn_token_to_image" in decoder
     for name, m in decoder.items():
         assert (m.key_grid if m.query_names else m.grid) == (8, 8)  # the image embedding's grid
+        assert (m.query_names or m.key_names)[:6] == ["IoU token"] + [f"mask token {i}" for i in range(4)] + \
+            ["prompt token 0"]  # the point (and the padding point SAM adds to a prompt with no box)
         torch.testing.assert_close(m.rows(), own[name].reshape(m.rows().shape), rtol=1e-4, atol=1e-6)

@@ -140,5 +140,25 @@ def capture(model: nn.Module, x: torch.Tensor, layers: list[str] | None = None) 
                 maps = adapter.maps(module, kept.input, call=kept.call)
         else:
             maps = adapter.maps(module, kept.input)
+        if name in cross:
+            _name_tokens(model, name, maps)
         out[name] = Maps(name, maps, block_gamma(module))
     return output, out
+
+
+def _name_tokens(model: nn.Module, block: str, maps: BlockMaps) -> None:
+    """SAM's mask decoder's tokens by what they are: its output tokens are its `iou_token` then its `mask_tokens`
+    (learned embeddings, in that order), then the prompt's tokens (points, boxes); read from the module around the
+    block that holds both embeddings."""
+    names = maps.query_names or maps.key_names
+    parts = block.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        holder = model.get_submodule(".".join(parts[:n])) if n else model
+        iou, masks = getattr(holder, "iou_token", None), getattr(holder, "mask_tokens", None)
+        if isinstance(iou, nn.Embedding) and isinstance(masks, nn.Embedding):
+            k = iou.num_embeddings + masks.num_embeddings
+            if len(names) >= k:
+                new = ["IoU token"] * iou.num_embeddings + [f"mask token {i}" for i in range(masks.num_embeddings)] + \
+                    [f"prompt token {i}" for i in range(len(names) - k)]
+                names[:] = new
+            return
