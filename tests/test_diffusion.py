@@ -145,13 +145,14 @@ def test_the_app_serves_a_pipeline_and_refuses_a_missing_folder(tmp_path):
 
 
 def test_the_word_study_over_a_prompt_file(pipeline_folder, tmp_path):
-    from vggattn import diffusion
+    from vggattn import diffusion, study
 
     (tmp_path / "prompts.txt").write_text("a red dog\na blue cat\n\na red cat on grass\n")
-    out = tmp_path / "words.json"
-    assert diffusion.main([str(pipeline_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
-                           "--steps", "1"]) == 0
-    got = json.loads(out.read_text())
+    out = tmp_path / "words"
+    assert study.main(["--diffusers", str(pipeline_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                       str(out), "--steps", "1"]) == 0
+    got = json.loads((out / "study.json").read_text())
+    assert "<td>red</td><td>2</td>" in (out / "report.html").read_text()
     assert got["prompts"] == 3 and got["words"]["red"]["prompts"] == 2 and got["words"]["grass"]["prompts"] == 1
     # one prompt: each place's row sums to 1 over its tokens, so its words' shares add up to 1 in every layer,
     # and a word's share is the mean over places and heads of its column
@@ -167,4 +168,6 @@ def test_the_word_study_over_a_prompt_file(pipeline_folder, tmp_path):
     for w in got["words"].values():
         mean, low, high = w["share"]
         assert low <= mean <= high
-    assert diffusion.main([str(pipeline_folder), "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    (tmp_path / "none.txt").write_text("\n")
+    assert study.main(["--diffusers", str(pipeline_folder), "--prompts", str(tmp_path / "none.txt"), "--out",
+                       str(out)]) == 2

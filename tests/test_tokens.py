@@ -199,15 +199,16 @@ def test_the_shipped_detector_finds_the_held_out_shapes_and_its_queries_look_at_
 def test_the_per_query_study_over_a_folder_of_the_shipped_detector(tmp_path):
     from pathlib import Path
 
-    from vggattn import tokens
+    from vggattn import study
 
     for i in range(6):
         img, _ = shapes.sample("val", 100 + i)
         img.save(tmp_path / f"{i}.png")
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-detector"
-    out = tmp_path / "queries.json"
-    assert tokens.main([str(tmp_path), "--hf", str(folder), "--out", str(out)]) == 0
-    got = json.loads(out.read_text())
+    out = tmp_path / "queries"
+    assert study.main(["--hf", str(folder), "--tokens", "--data", str(tmp_path), "--out", str(out)]) == 0
+    got = json.loads((out / "study.json").read_text())
+    assert "<td>query 0</td>" in (out / "report.html").read_text()
     assert got["images"] == 6 and len(got["queries"]) == 12 and len(got["layers"]) == 3
     finders = [q for q in got["queries"].values() if q["object_rate"] > 0]
     assert finders and all(set(q["classes"]) <= set(shapes.CLASSES) for q in finders)
@@ -216,4 +217,4 @@ def test_the_per_query_study_over_a_folder_of_the_shipped_detector(tmp_path):
         mean, low, high = q["in_box"][last]
         assert low <= mean <= high and mean > q["box_area"][0]  # more inside its box than an even spread gives
     assert all(q["in_box"][last] is None for q in got["queries"].values() if q["object_rate"] == 0)
-    assert tokens.main([str(tmp_path / "none"), "--hf", str(folder), "--out", str(out)]) == 2
+    assert study.main(["--hf", str(folder), "--tokens", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2

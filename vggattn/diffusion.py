@@ -6,7 +6,7 @@ denoising step, read by what the UNet computes (`vggattn.capture`), and a word's
     run = generate(pipe, "a red dog", steps=4, seed=0)       # Generation: the image, the tokens, every step's maps
     run.word_map("dog")                                      # (h, w) on the latent grid: DAAM's sum
     run.word_map("dog", step=2, layer="unet.mid_block...")   # one step, one layer
-    python -m vggattn.diffusion FOLDER --prompts prompts.txt --out words.json   # per word over prompts (`word_study`)
+    python -m vggattn.study --diffusers FOLDER --prompts prompts.txt --out w/   # per word over prompts (`word_study`)
 
 The loop is the Stable Diffusion pipeline's own (its text encoder, scheduler, classifier-free guidance and VAE), run
 here step by step so that every UNet call is captured; only the conditional half of each guided batch is kept (as
@@ -168,35 +168,3 @@ def word_study(pipe, prompts: list[str], *, steps: int = 4, seed: int = 0, guida
                           "per_layer": {layer: mean_ci(e[layer]) for layer in layers}}
                       for w, e in sorted(shares.items(), key=lambda kv: -np.mean(kv[1]["all"]))}}
 
-
-def main(argv=None) -> int:
-    """python -m vggattn.diffusion FOLDER --prompts prompts.txt --out words.json: `word_study` over the prompts."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m vggattn.diffusion",
-                                description="Per word over prompts: the share of a diffusion UNet's cross-attention "
-                                            "it receives, per layer")
-    p.add_argument("folder", help="a diffusion pipeline saved with save_pretrained")
-    p.add_argument("--prompts", required=True, help="a text file, one prompt a line")
-    p.add_argument("--out", required=True, help="the JSON file to write")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="the first prompt's seed (the next prompts': +1 each)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    args = p.parse_args(argv)
-    try:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{args.prompts} holds no prompt")
-        study = word_study(load_pipeline(args.folder), prompts, steps=args.steps, seed=args.seed,
-                           guidance=args.guidance)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}")
-        return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(study, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,7 +7,7 @@ encoder's grid in every decoder layer, beside the box and class each predicts), 
     found.map("query 3")                        # {block: (key rows, key cols) float32, the mean over heads}
     found.predictions["query 3"]                # {"class", "score", "box": [x0, y0, x1, y1] in input pixels, "object"}
     box_shares(found.map("query 3")[block], box, found.input_wh)   # its attention inside its box and on its border
-    python -m vggattn.tokens photos/ --hf DETECTOR --out queries.json   # per query over a folder (`query_study`)
+    python -m vggattn.study --hf DETECTOR --tokens --data photos/ --out q/   # per query over a folder (`query_study`)
 
 The model runs once (`vggattn.capture`); a transformers DETR-family output (logits and pred_boxes) gives each query
 its prediction: DETR's softmax with its last class "no object", or Conditional DETR's per-class sigmoid (no
@@ -268,38 +268,3 @@ def query_study(model: nn.Module, meta: dict, images, *, seed: int = 0, resample
                for name, e in per.items()}
     return {"images": count, "layers": layers, "score_threshold": SCORE_THRESHOLD, "queries": queries}
 
-
-def main(argv=None) -> int:
-    """python -m vggattn.tokens IMAGES_OR_FOLDERS --hf DETECTOR --out study.json: `query_study` over the images."""
-    import argparse
-    import json
-    import logging
-
-    from .models.byo import add_model_arguments, load_from_args
-    from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
-
-    p = argparse.ArgumentParser(prog="python -m vggattn.tokens",
-                                description="Per object query of a detector over images: how often it finds an "
-                                            "object, and how much of its attention falls inside its box per layer")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--out", required=True, help="the JSON file to write")
-    add_checkpoint_argument(p)
-    add_model_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        model, meta = load_from_args(args)
-        images = collect_images(args.inputs)
-        if not images:
-            raise ValueError("no images found")
-        study = query_study(model, meta, images)
-    except (CheckpointError, OSError, ValueError) as e:
-        logging.getLogger("vggattn.tokens").error("error: %s", e)
-        return BAD_INPUT
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(study, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

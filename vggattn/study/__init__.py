@@ -5,6 +5,8 @@
     python -m vggattn.study --data .../val --out study/ --limit 300   # an evenly spaced subset
     python -m vggattn.study --model vggattn.models.zoo:nonlocal_resnet \
         --checkpoint checkpoints/nonlocal-resnet-imagenette-128.safetensors --data .../val --out study/
+    python -m vggattn.study --hf checkpoints/shapes-detector --tokens --data photos/ --out q/   # a detector's queries
+    python -m vggattn.study --diffusers PIPELINE --prompts prompts.txt --out w/                 # a prompt's words
 
 One engine for every model: its attention blocks are found and read through `vggattn.attention.adapters`. Writes
 `study.json` (the contract below), `report.html` (self-contained: figures embedded) and the figures as PNG.
@@ -841,7 +843,8 @@ def load_study(checkpoint: str | Path) -> dict | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vggattn.study", description=__doc__.splitlines()[0])
     add_checkpoint_argument(p, "checkpoint to study")
-    p.add_argument("--data", required=True, help="ImageFolder split (one folder per class, by wnid or class name)")
+    p.add_argument("--data", help="ImageFolder split (one folder per class, by wnid or class name); with --tokens, "
+                   "any folder of images")
     p.add_argument("--out", required=True, help="output folder (study.json, report.html, PNG figures)")
     p.add_argument("--limit", type=int, default=0, help="study an evenly spaced subset of N images (0 = all)")
     p.add_argument("--sanity-images", type=int, default=256, help="images for the randomisation check (0 = skip)")
@@ -857,8 +860,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(off, mean, uniform); all: all blocks at once only (a transformer's many blocks); none: skip")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
                    "records in OUT/records and study only the images they miss")
+    p.add_argument("--tokens", action="store_true", help="a detector (--hf): per object query over the images in "
+                   "--data, how often it finds an object and its attention's share inside its box per layer")
+    p.add_argument("--diffusers", metavar="FOLDER", help="a diffusion pipeline (save_pretrained): per word over "
+                   "--prompts, its share of the image's attention per layer")
+    p.add_argument("--prompts", metavar="FILE", help="with --diffusers: a text file, one prompt a line")
+    p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps a prompt")
     add_model_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.diffusers and not args.prompts:
+        p.error("--diffusers needs --prompts")
+    if not args.diffusers and not args.data:
+        p.error("give --data (or --diffusers with --prompts)")
+    return args
 
 
 def load(args) -> tuple[torch.nn.Module, dict]:
@@ -884,6 +898,8 @@ def main(argv=None) -> int:
         log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
+    if args.tokens or args.diffusers:
+        return tokens_study(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: each rank studies its share, rank 0 merges
         return main_distributed(args, rank, world)
@@ -894,6 +910,39 @@ def main(argv=None) -> int:
         log.error("error: %s", e)
         return BAD_INPUT
     return finish(study, args, meta)
+
+
+def tokens_study(args) -> int:
+    """--tokens (a detector's queries over --data's images) or --diffusers with --prompts (a pipeline's words):
+    study.json and report.html in --out."""
+    from ..data import collect_images
+    from .report import write_tokens_study
+
+    try:
+        if args.diffusers:
+            from ..diffusion import load_pipeline, word_study
+
+            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"no prompts in {args.prompts}")
+            study = word_study(load_pipeline(args.diffusers), prompts, steps=args.steps, seed=args.seed,
+                               resamples=args.bootstrap)
+        else:
+            from ..tokens import query_study
+
+            model, meta = load_from_args(args)
+            images = collect_images([args.data])
+            if args.limit:
+                images = images[:: max(1, len(images) // args.limit)][:args.limit]
+            if not images:
+                raise ValueError(f"no images in {args.data}")
+            study = query_study(model, meta, images, seed=args.seed, resamples=args.bootstrap)
+    except (CheckpointError, OSError, ValueError, ImportError) as e:
+        log.error("error: %s", e)
+        return BAD_INPUT
+    paths = write_tokens_study(study, args.out)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    return 0
 
 
 def finish(study: dict, args, meta: dict) -> int:

@@ -351,3 +351,43 @@ def write_study(study: dict, out: str | Path) -> list[Path]:
     return paths + [out / "study.json", out / "report.html"]
 
 
+
+
+def _ci(v) -> str:
+    return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def tokens_report_html(study: dict) -> str:
+    """The page of a study of tokens that are no place on the image: a detector's queries (`vggattn.tokens.
+    query_study`) or a prompt's words (`vggattn.diffusion.word_study`), a table each."""
+    layers = study["layers"]
+    if "queries" in study:
+        title = (f"Object queries over {study['images']} images: how often each predicts an object (score >= "
+                 f"{study['score_threshold']}), and the share of its attention inside its own box per layer (mean, "
+                 "bootstrap 95% interval over the images where it predicts one) beside the box's share of the image")
+        head = ["query", "objects", "classes"] + [f"in box: {n}" for n in layers] + ["box's share of the image"]
+        rows = [[q, f"{e['object_rate']:.0%}", ", ".join(f"{c} {k}" for c, k in sorted(e["classes"].items(),
+                                                                                       key=lambda kv: -kv[1]))]
+                + [_ci(e["in_box"].get(n)) for n in layers] + [_ci(e["box_area"])] for q, e in study["queries"].items()]
+    else:
+        title = (f"Words over {study['prompts']} prompts ({study['steps']} denoising steps each): the share of the "
+                 "latent places' attention each receives (a place's row sums to 1 over the prompt's tokens; mean over "
+                 "places, heads and steps), per layer and over all, bootstrap 95% intervals over the prompts with it")
+        head = ["word", "prompts", "all layers"] + list(layers)
+        rows = [[w, e["prompts"], _ci(e["share"])] + [_ci(e["per_layer"][n]) for n in layers]
+                for w, e in study["words"].items()]
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vggattn study: tokens</title><style>"
+            "body{font-family:sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            f"padding:4px 8px;font-size:13px}}</style></head><body><h1>vggattn study</h1><p>{html.escape(title)}</p>"
+            f"<table><thead><tr>{header}</tr></thead><tbody>{cells}</tbody></table></body></html>")
+
+
+def write_tokens_study(study: dict, out: str | Path) -> list[Path]:
+    """study.json and report.html of a tokens study into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    (out / "report.html").write_text(tokens_report_html(study), encoding="utf-8")
+    return [out / "study.json", out / "report.html"]
