@@ -20,7 +20,6 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ import torch.nn as nn
 
 from .attention.deformable import Sampled, sampling_points
 from .capture import capture
-from .data import collect_images, preprocess
+from .data import preprocess
 
 SCORE_THRESHOLD = 0.5  # a query predicting under this is "no object"
 BAND = 1.0  # the border band: cells whose centre lies within this many cells of the box's edge, inside or out
