@@ -4,7 +4,7 @@ layer, and each query's weight at a clicked place.
     python scripts/detector_screenshot.py [--model checkpoints/shapes-detector] [--out docs/screenshot-detector.png]
 
 The app served in this process on the model as `--hf FOLDER` loads it, assets/shapes/val-3.jpg uploaded in Chromium
-at 1440x900, the Tokens tab opened, the query that predicts the triangle chosen and the triangle clicked.
+at 1440x900, the Tokens tab opened, the query that predicts the triangle chosen and the pointer on the triangle.
 """
 
 import argparse
@@ -57,24 +57,19 @@ def main(argv=None) -> int:
         page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=120_000)
         img = page.locator("#input-image img").first
         box = img.bounding_box()
-        w, h = open_image(args.image).size
-        fit = page.evaluate("(e) => [e.naturalWidth, e.naturalHeight, getComputedStyle(e).objectFit]",
-                            img.element_handle())
-        scale = min(box["width"] / fit[0], box["height"] / fit[1])
-        scale = min(scale, 1.0) if fit[2] == "scale-down" else scale  # the picture as drawn inside its box
-        left = box["x"] + (box["width"] - fit[0] * scale) / 2
-        top = box["y"] + (box["height"] - fit[1] * scale) / 2
-        page.mouse.click(left + (tx0 + tx1) / 2 / w * fit[0] * scale, top + (ty0 + ty1) / 2 / h * fit[1] * scale)
-        page.wait_for_function("document.querySelector('#status').innerText.includes('Pinned')", timeout=60_000)
         page.get_by_role("tab", name="Tokens").click()
-        page.wait_for_selector("#tokens-bars .token-bar", timeout=60_000)
-        page.locator("#tokens-choice label", has_text=f"{query} ·").click()
-        page.wait_for_timeout(2500)
+        frame = page.frame_locator("#tokens-frame")
+        frame.locator(".tile.chosen").wait_for(timeout=60_000)
+        frame.locator(f'.tile[data-name="{query}"]').click()
+        w, h = found.input_wh
+        canvas = frame.locator("canvas").last
+        box = canvas.bounding_box()  # the triangle pointed at in the last layer's picture
+        page.mouse.move(box["x"] + (tx0 + tx1) / 2 / w * box["width"], box["y"] + (ty0 + ty1) / 2 / h * box["height"])
+        page.wait_for_timeout(500)
         top = page.locator("#tokens-note").bounding_box()
-        bottom = page.locator("#tokens-bars").bounding_box()
         scroll = page.evaluate("window.scrollY")
         page.screenshot(path=args.out, full_page=True, clip={"x": 0, "y": top["y"] + scroll - 8, "width": 1440,
-                                                              "height": bottom["y"] + bottom["height"] - top["y"] + 16})
+                                                              "height": 880})
         browser.close()
     print(f"{args.out}: {query} ({found.predictions[query]['class']} {found.predictions[query]['score']:.2f})")
     return 0

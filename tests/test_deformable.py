@@ -116,8 +116,10 @@ def test_a_deformable_detectors_queries_are_their_points_in_explain_and_the_stud
     assert study["images"] == 2 and study["layers"] == found.blocks
 
 
-def test_the_apps_tokens_tab_draws_rt_detrs_queries_as_their_points(tmp_path):
-    import gradio as gr
+def test_the_apps_tokens_page_draws_rt_detrs_queries_as_their_points(tmp_path, browser):
+    import html as _html
+
+    from test_tokens import check_page
 
     from vggattn import app
     from vggattn.app import tokens
@@ -127,24 +129,16 @@ def test_the_apps_tokens_tab_draws_rt_detrs_queries_as_their_points(tmp_path):
     rt_detr().save_pretrained(tmp_path / "det")
     model, meta = load_hf(str(tmp_path / "det"))
     img, _ = shapes.sample("val", 1)
-    img.resize((300, 200)).save(tmp_path / "wide.png")
+    img.save(tmp_path / "shapes.png")
     demo = app.build_demo(model, meta)  # its encoder's attention over positions in the panels, the decoder's here
     about = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "about")
     assert "2 layers of tokens" in about.value
-    state, _, choice, note = tokens.on_upload(model, meta, str(tmp_path / "wide.png"))
-    assert [v for _, v in choice["choices"]] == [f"query {i}" for i in range(5)] and "sampling points" in note
-    pictures = tokens.on_token(state, "query 1")
-    assert len(pictures) == 2 and "sampling points" in pictures[0]["label"]
-    found = state["found"]
-    base = state["base"]
-    assert (pictures[1]["value"] != base).any()  # the points are drawn
-    # a click on the heaviest point of query 1 in the last layer: that query's weight there is the largest
-    block = "model.decoder.layers.1.encoder_attn"
-    xy, w, _ = found.samples("query 1")[block]
-    x, y = xy[np.argmax(w)]
+    framed, note = tokens.on_upload(model, meta, str(tmp_path / "shapes.png"))
+    page = _html.unescape(framed.split('srcdoc="')[1].rsplit('"></iframe>', 1)[0])
+    assert "sampling points" in page
+    (tmp_path / "tokens.html").write_text(page)
+    found = tokens.token_maps(model, meta, img)
+    xy, w, _ = found.samples("query 1")["model.decoder.layers.1.encoder_attn"]
     W, H = found.input_wh
-    bars = tokens.on_click(state, gr.SelectData(None, {"index": [int(x / W * 300), int(y / H * 200)], "value": None}))
-    at = tokens.weights_at(found, (int(x / W * 300), int(y / H * 200)), (300, 200))[block]
-    assert at[1] > 0
-    section = bars.split(f"<b>{block}</b>")[1]
-    assert section.split('token-name">')[1].startswith(f"query {int(np.argmax(at))}")
+    heaviest = (float(xy[np.argmax(w), 0]) / W, float(xy[np.argmax(w), 1]) / H)  # a place where query 1 has weight
+    check_page(browser, tmp_path / "tokens.html", found, "query 1", places=((0.5, 0.5), heaviest))

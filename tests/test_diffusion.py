@@ -115,6 +115,36 @@ def test_explain_writes_a_words_maps_for_a_pipeline(pipeline_folder, tmp_path):
                          "1", "--out", str(tmp_path / "bad")]) == 2
 
 
+def test_explain_writes_the_words_live_page_and_an_a_b_of_two_prompts(pipeline_folder, tmp_path, browser):
+    from test_tokens import check_page
+
+    from vggattn import explain
+    from vggattn.diffusion import generate, load_pipeline
+
+    out = tmp_path / "out"
+    assert explain.main(["--diffusers", str(pipeline_folder), "--prompt", "a red dog", "--word", "dog", "--steps", "2",
+                         "--html", "--compare-prompt", "a blue dog", "--out", str(out)]) == 0
+    run = generate(load_pipeline(pipeline_folder), "a red dog", steps=2, seed=0)
+    found = run.token_maps()
+    assert found.names == ["<|startoftext|>", "a", "red", "dog", "<|endoftext|>"]
+    # a word's map is its column: the weight each place gives it, per head, summed over the steps
+    layer = run.layers[0]
+    np.testing.assert_allclose(found.map("dog")[layer], run.layer_map("dog", layer) / found.rows[layer].shape[0],
+                               rtol=1e-4)
+    check_page(browser, out / "words.html", found, "dog")
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((out / "words-compare.html").as_uri())
+    page.wait_for_function("window.vggattnTokens && window.vggattnTokens.ready", timeout=30_000)
+    captions = page.locator("figcaption").all_inner_texts()
+    assert captions[:3] == ["a red dog", "a blue dog", "B minus A (each map as shares of its total)"]
+    page.locator('.tile[data-name="red"]').click()  # a word only A has
+    assert "the token is on one side only" in page.locator("figcaption").nth(2).inner_text()
+    assert not errors
+    page.close()
+
+
 def test_the_words_page_generates_and_shows_a_words_maps(pipeline_folder):
     import gradio as gr
 

@@ -35,13 +35,17 @@ def test_a_notebook_shows_the_widget_and_its_page(tmp_path):
     church = repr(str(HERE / "assets" / "church.jpg"))
     path = notebook(tmp_path / "view.ipynb", [CELL, "print('first = [60, 150];' in w.html)",
                                               f"ab = vggattn.show(None, {church}, compare='reinit')\n"
-                                              "print('B − A' in ab.html, 'side-b' in ab.html)"])
+                                              "print('B − A' in ab.html, 'side-b' in ab.html)",
+                                              f"t = vggattn.show('hf:{HERE / 'checkpoints' / 'shapes-detector'}', "
+                                              f"{str(HERE / 'assets' / 'shapes' / 'val-3.jpg')!r}, tokens=True)\n"
+                                              "print('tokens-data' in t.html, '\"label\": \"query 0' in t.html)"])
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = nb.cells[0].outputs
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), outputs
     assert nb.cells[1].outputs[0]["text"].strip() == "True"
     assert nb.cells[2].outputs[0]["text"].strip() == "True True"
+    assert nb.cells[3].outputs[-1]["text"].strip().splitlines()[-1] == "True True"  # the detector's tokens page
 
 
 def free_port() -> int:

@@ -75,6 +75,14 @@ def test_explain_writes_each_querys_maps_equal_to_its_cross_attention(tmp_path):
         heads = np.load(out / "shapes" / f"{block}_query-3_heads.npy")
         np.testing.assert_allclose(heads.reshape(4, -1), a[0, :, 3].numpy(), rtol=1e-4, atol=1e-6)
     assert (out / "shapes" / "tokens.png").stat().st_size > 0
+    # the live page, and an A/B against another checkpoint (B: other weights)
+    torch.manual_seed(1)
+    T.ConditionalDetrForObjectDetection(c).save_pretrained(tmp_path / "det-b")
+    assert explain.main([str(tmp_path / "shapes.jpg"), "--hf", str(tmp_path / "det"), "--token", "query 3", "--html",
+                         "--compare", f"hf:{tmp_path / 'det-b'}", "--out", str(tmp_path / "ab"), "--no-ablation"]) == 0
+    page = (tmp_path / "ab" / "shapes" / "tokens-compare.html").read_text()
+    assert '"first": "query 3"' in page and page.count('"label": "query 0') == 2  # both sides' tokens
+    assert (tmp_path / "ab" / "shapes" / "tokens.html").is_file()
     # a token the model has not: reported, the image skipped, exit code 2
     assert explain.main([str(tmp_path / "shapes.jpg"), "--hf", str(tmp_path / "det"), "--token", "query 9",
                          "--out", str(tmp_path / "bad"), "--no-ablation"]) == 2
@@ -137,8 +145,10 @@ def test_the_frozen_norms_normalise_and_a_run_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3 and "ap50" in lines[-1]
 
 
-def test_the_apps_tokens_tab_shows_each_querys_maps_and_the_weights_at_a_click(tmp_path):
-    import gradio as gr
+def test_the_apps_tokens_tab_sends_the_tokens_page_and_the_page_draws_what_python_reads(tmp_path, browser):
+    """The tab's upload sends the page (in a frame); in Chromium, choosing a tile draws the query's map and box, and
+    the weights at a place the page shows are `TokenMaps.weights_at`'s, for every layer."""
+    import html as _html
 
     from vggattn import app
     from vggattn.app import tokens
@@ -151,31 +161,60 @@ def test_the_apps_tokens_tab_shows_each_querys_maps_and_the_weights_at_a_click(t
     T.ConditionalDetrForObjectDetection(c).save_pretrained(tmp_path / "det")
     model, meta = load_hf(str(tmp_path / "det"))
     img, _ = shapes.sample("val", 1)
-    img.resize((300, 200)).save(tmp_path / "wide.png")  # not the model's size: clicks are in the upload's pixels
+    img.resize((300, 200)).save(tmp_path / "wide.png")
     demo = app.build_demo(model, meta)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"tokens-choice", "tokens-boxes", "tokens-map-0", "tokens-map-1", "tokens-bars"} <= ids
+    assert {"tokens-note", "tokens-page"} <= ids
     about = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "about")
     assert "2 layers of tokens" in about.value and "Tokens** tab" in about.value  # a visitor is told where they are
-    state, boxes, choice, note = tokens.on_upload(model, meta, str(tmp_path / "wide.png"))
-    assert [v for _, v in choice["choices"]] == [f"query {i}" for i in range(4)] and "4 tokens" in note
-    assert boxes.shape == (shapes.SIZE, shapes.SIZE, 3) and state["image_wh"] == (300, 200)
-    pictures = tokens.on_token(state, "query 2")
-    assert len(pictures) == 2 and all(p["value"].shape == (shapes.SIZE, shapes.SIZE, 3) for p in pictures)
-    assert "inside its box" in pictures[0]["label"]
-    # the place clicked: its cell's column of every layer, largest first
-    bars = tokens.on_click(state, gr.SelectData(None, {"index": [299, 0], "value": None}))
-    found = state["found"]
-    block = "model.decoder.layers.1.encoder_attn"
-    column = found.rows[block][:, :, found.key_grids[block][1] - 1].mean(0)  # top right cell
-    best = int(column.argmax())
-    section = bars.split(f"<b>{block}</b>")[1]
-    assert section.split('token-name">')[1].startswith(f"query {best}")
-    assert section.split('token-weight">')[1].startswith(f"{float(column[best]):.4f}")
+    framed, note = tokens.on_upload(model, meta, str(tmp_path / "wide.png"))
+    assert framed.startswith('<iframe id="tokens-frame"') and "4 tokens attend to the image in 2 layers" in note
+    page = _html.unescape(framed.split('srcdoc="')[1].rsplit('"></iframe>', 1)[0])
+    (tmp_path / "tokens.html").write_text(page)
+    found = tokens.token_maps(model, meta, open_image_(tmp_path / "wide.png"))
+    check_page(browser, tmp_path / "tokens.html", found, "query 2")
     # a file that is no image: said in the tab, nothing raised
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    state, _, choice, note = tokens.on_upload(model, meta, str(tmp_path / "bad.png"))
-    assert state is None and "could not be read" in note
+    framed, note = tokens.on_upload(model, meta, str(tmp_path / "bad.png"))
+    assert framed == "" and "could not be read" in note
+
+
+def open_image_(path):
+    from vggattn.data import open_image
+
+    return open_image(path)
+
+
+def check_page(browser, path, found, token: str, places=((0.1, 0.1), (0.55, 0.4), (0.97, 0.9))) -> None:
+    """The tokens page at `path`: no script error; `token` chosen draws on every layer's picture; at each place the
+    bars of every layer are the tokens with the largest `found.weights_at` there, with their weights."""
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_function("window.vggattnTokens && window.vggattnTokens.ready", timeout=30_000)
+    other = next(n for n in found.names if n != token)
+    page.evaluate(f"window.vggattnTokens.choose({other!r})")
+    before = page.evaluate("[...document.querySelectorAll('canvas')].map((c) => c.toDataURL())")
+    page.locator(f'.tile[data-name="{token}"]').click()
+    assert page.evaluate("document.querySelector('.tile.chosen').dataset.name") == token
+    after = page.evaluate("[...document.querySelectorAll('canvas')].map((c) => c.toDataURL())")
+    assert len(after) == len(found.blocks) and all(a != b for a, b in zip(after, before))  # every layer redrawn
+    W, H = found.input_wh
+    for fx, fy in places:
+        page.evaluate(f"window.vggattnTokens.at({fx}, {fy})")
+        want = found.weights_at((fx * W, fy * H))
+        layers = page.locator("#tokens-bars .token-layer")
+        assert layers.count() == len(found.blocks)
+        for k, block in enumerate(found.blocks):
+            shown = layers.nth(k).locator(".token-weight").all_inner_texts()
+            names = layers.nth(k).locator(".token-name").all_inner_texts()
+            top = np.sort(want[block])[::-1][:len(shown)]
+            np.testing.assert_allclose([float(v) for v in shown], top, atol=1.5e-4)
+            best = found.names[int(np.argmax(want[block]))]
+            assert names[0].split(" · ")[0] == best or float(shown[0]) == float(shown[1])
+    assert not errors
+    page.close()
 
 
 def test_the_shipped_detector_finds_the_held_out_shapes_and_its_queries_look_at_them():

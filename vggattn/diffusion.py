@@ -84,6 +84,24 @@ class Generation:
             total += F.interpolate(m, size=self.latent_grid, mode="bilinear", align_corners=False)[0, 0].numpy()
         return total
 
+    def token_maps(self):
+        """This generation as a `vggattn.tokens.TokenMaps`: the prompt's tokens up to its end token (the padding after
+        it left out) named by their text ("dog"; a repeated one "a (2)"), each token's column in every layer (the
+        weight the layer's places give it, per head, summed over the steps) as its map."""
+        from .tokens import TokenMaps
+
+        end = next((i for i, t in enumerate(self.tokens) if t == "<|endoftext|>"), len(self.tokens) - 1)
+        names, seen = [], {}
+        for t in self.tokens[:end + 1]:
+            word = t.replace("</w>", "")
+            seen[word] = seen.get(word, 0) + 1
+            names.append(word if seen[word] == 1 else f"{word} ({seen[word]})")
+        rows = {layer: sum(s[layer][:, :, :end + 1] for s in self.steps).transpose(1, 2).float()  # (heads, T, N)
+                for layer in self.layers}
+        return TokenMaps(names, rows, dict(self.grids), self.image.size,
+                         shows=f"each word's column: the weight each place of a layer gives it, summed over the "
+                               f"{len(self.steps)} steps (the padding after the end token left out)")
+
 
 def load_pipeline(folder: str | Path):
     """A diffusers pipeline from a local folder (nothing is fetched)."""

@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model); or another model: a checkpoint file, timm:NAME or hf:NAME_OR_FOLDER")
     p.add_argument("--html", action="store_true",
                    help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
-                        "opens in any browser with no server and no network")
+                        "opens in any browser with no server and no network (with --token: tokens.html; with "
+                        "--diffusers: words.html, the tokens as tiles)")
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help='a token that is not a place on the image, e.g. a detector\'s "query 3" (repeatable): its map '
                         "in every cross-attention layer as .npy, tokens.png and tokens.json (its predicted box and "
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps")
     p.add_argument("--seed", type=int, default=0, help="with --diffusers: the latents' seed")
     p.add_argument("--guidance", type=float, default=7.5, help="with --diffusers: classifier-free guidance scale")
+    p.add_argument("--compare-prompt", metavar="PROMPT", help="with --diffusers: also generate from this prompt (same "
+                   "seed) and write words-compare.html: each word's maps under both prompts and their difference")
     p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
     p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
     add_model_arguments(p)
@@ -157,11 +160,54 @@ def explain_words(args) -> int:
         pipe = load_pipeline(args.diffusers)
         run = generate(pipe, args.prompt, steps=args.steps, seed=args.seed, guidance=args.guidance)
         write_words(run, args.word, args.out, opacity=args.opacity, colormap=args.colormap)
+        if args.html or args.compare_prompt:
+            from .view.tokens_page import tokens_html
+
+            found = run.token_maps()
+            first = found.names[found.index(args.word[0])] if args.word[0] in found.names else None
+            about = f"{args.diffusers}: {args.steps} steps, seed {args.seed}, guidance {args.guidance:g}"
+            if args.html:
+                (Path(args.out) / "words.html").write_text(tokens_html(
+                    found, run.image, title=args.prompt, about=about, colormap=args.colormap, opacity=args.opacity,
+                    first=first), encoding="utf-8")
+            if args.compare_prompt:
+                run_b = generate(pipe, args.compare_prompt, steps=args.steps, seed=args.seed, guidance=args.guidance)
+                (Path(args.out) / "words-compare.html").write_text(tokens_html(
+                    found, run.image, title=f"{args.prompt} | {args.compare_prompt}", about=about,
+                    other=(run_b.token_maps(), run_b.image), labels=(args.prompt, args.compare_prompt),
+                    colormap=args.colormap, opacity=args.opacity, first=first), encoding="utf-8")
     except (OSError, ValueError, ImportError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
     log.info("wrote the maps of %s to %s", ", ".join(args.word), args.out)
     return 0
+
+
+def explain_tokens(model, meta, image, image_path: Path, target: Path, args, other: dict | None) -> None:
+    """--token: the tokens' maps (`write_tokens`); with --html, tokens.html (`vggattn.view.tokens_page`); with
+    --compare naming another model or image, tokens-compare.html (A/B: per layer A, B, and B minus A)."""
+    from .tokens import token_maps
+    from .view.export import write_tokens
+    from .view.tokens_page import tokens_html
+
+    found = token_maps(model, meta, image)
+    write_tokens(found, args.token, image, target, opacity=args.opacity, colormap=args.colormap)
+    first = found.names[found.index(args.token[0])]
+    about = about_model(meta, args.checkpoint)
+    if args.html:
+        (target / "tokens.html").write_text(tokens_html(found, image, title=image_path.name, about=about,
+                                                        colormap=args.colormap, opacity=args.opacity, first=first),
+                                            encoding="utf-8")
+    if other is not None and ("model" in other or "image" in other):
+        image_b = open_image(other["image"]) if "image" in other else image
+        found_b = token_maps(other.get("model", model), other.get("meta", meta), image_b)
+        page = tokens_html(found, image, title=image_path.name, about=f"A: {about}; B: {other['label']}",
+                           other=(found_b, image_b), labels=("A", "B"), colormap=args.colormap,
+                           opacity=args.opacity, first=first)
+        (target / "tokens-compare.html").write_text(page, encoding="utf-8")
+    elif other is not None:
+        log.info("%s: --compare %s is not offered for tokens (another model or image is)", image_path.name,
+                 args.compare)
 
 
 def main(argv=None) -> int:
@@ -196,11 +242,9 @@ def main(argv=None) -> int:
             if bad:
                 raise ValueError(f"point(s) {bad} outside the {w}x{h} image")
             if args.token:
-                from .tokens import token_maps
-                from .view.export import write_tokens
-
-                write_tokens(token_maps(model, meta, image), args.token, image, target, opacity=args.opacity,
-                             colormap=args.colormap)
+                if args.compare and other is None:
+                    other = compare_side(args, model, meta)
+                explain_tokens(model, meta, image, image_path, target, args, other)
             try:
                 result = analyze(model, meta, image, args.layers)
             except NoAttention:

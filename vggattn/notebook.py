@@ -67,11 +67,12 @@ def _model(spec):
 
 
 def show(model=None, image=None, *, point: tuple[float, float] | None = None, compare=None,
-         layers: list[str] | None = None, title: str | None = None) -> "LiveView":
+         layers: list[str] | None = None, title: str | None = None, tokens: bool = False) -> "LiveView":
     """The live view of `image` (a path or a PIL image) through `model` as a widget (display it, or leave it last in
     a cell). point: pinned when it shows (default: the centre). compare: an A/B page instead, against "reinit", "off",
     "mean", "uniform", another image (a path or PIL image), or another model ((model, meta), a checkpoint path,
-    "timm:NAME")."""
+    "timm:NAME"). tokens: the tokens page instead (a detector's queries as tiles: `vggattn.view.tokens_page`), A/B
+    against another model or image with compare."""
     if anywidget is None:
         raise ImportError(f'vggattn.show needs anywidget: pip install "vggattn[notebook]" ({_MISSING})')
     from PIL import Image
@@ -86,6 +87,8 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
     net, meta = _model(model)
     picture = image if isinstance(image, Image.Image) else open_image(image)
     name = title or (Path(image).name if not isinstance(image, Image.Image) else "image")
+    if tokens:
+        return _tokens_view(net, meta, picture, name, compare)
     result = analyze(net, meta, picture, layers)
     layers_a = pages(result)
     if compare is None:
@@ -108,3 +111,27 @@ def show(model=None, image=None, *, point: tuple[float, float] | None = None, co
         result_b, label = analyze(net_b, meta_b, picture), about_model(meta_b)
     b = Side(label, result_b, pages(result_b))
     return LiveView(html=compare_html(a, b, title=name, pin=point), height=1600)
+
+
+def _tokens_view(net, meta, picture, name: str, compare) -> "LiveView":
+    """`show(..., tokens=True)`: the tokens page, or its A/B against another model or image."""
+    from PIL import Image
+
+    from .data import open_image
+    from .tokens import token_maps
+    from .view.live import about_model
+    from .view.tokens_page import tokens_html
+
+    found = token_maps(net, meta, picture)
+    if compare is None:
+        return LiveView(html=tokens_html(found, picture, title=name, about=about_model(meta)))
+    if isinstance(compare, Image.Image) or (isinstance(compare, (str, Path)) and Path(compare).is_file()
+                                            and Path(compare).suffix.lower() not in (".safetensors", ".pth", ".pt")):
+        other = compare if isinstance(compare, Image.Image) else open_image(compare)
+        found_b, label = token_maps(net, meta, other), "B"
+    else:
+        net_b, meta_b = _model(compare)
+        other, label = picture, about_model(meta_b)
+        found_b = token_maps(net_b, meta_b, picture)
+    return LiveView(html=tokens_html(found, picture, title=name, about=f"A: {about_model(meta)}; B: {label}",
+                                     other=(found_b, other)), height=1400)
