@@ -142,3 +142,33 @@ def test_the_apps_tokens_page_draws_rt_detrs_queries_as_their_points(tmp_path, b
     W, H = found.input_wh
     heaviest = (float(xy[np.argmax(w), 0]) / W, float(xy[np.argmax(w), 1]) / H)  # a place where query 1 has weight
     check_page(browser, tmp_path / "tokens.html", found, "query 1", places=((0.5, 0.5), heaviest))
+
+
+def test_the_app_serves_a_model_whose_only_attention_is_deformable(tmp_path, browser):
+    """Deformable DETR has no attention over positions: `python app.py --hf FOLDER` serves the tokens page alone, and
+    an upload in Chromium shows its queries' points."""
+    import threading
+
+    from server import free_port
+
+    from vggattn import app
+    from vggattn.training import shapes
+
+    deformable_detr().save_pretrained(tmp_path / "det")
+    shapes.sample("val", 2)[0].save(tmp_path / "shapes.png")
+    port = free_port()
+    threading.Thread(target=app.main, args=(["--hf", str(tmp_path / "det"), "--port", str(port)],),
+                     daemon=True).start()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    for _ in range(120):
+        try:
+            page.goto(f"http://127.0.0.1:{port}/")
+            break
+        except Exception:  # noqa: BLE001 (not serving yet)
+            page.wait_for_timeout(500)
+    assert "no attention over the image's positions" in page.locator("#about").inner_text()
+    page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "shapes.png"))
+    frame = page.frame_locator("#tokens-frame")
+    frame.locator(".tile.chosen").wait_for(timeout=60_000)
+    assert frame.locator(".tile").count() == 5 and "sampling points" in frame.locator("#tokens-note").inner_text()
+    page.close()

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..attention.adapters import MODES, TracedAdapter
+from ..attention.adapters import MODES, NoAttention, TracedAdapter
 from ..analysis import (COMPARE_KINDS, Analysis, ablate, analysed_b, analyze, block_gamma, blocks_of, switched_off,
                         with_gradcam)
 from ..models.byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
@@ -68,7 +68,7 @@ from .ui import fix_threads, sharing_cores
 from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 from ..view.hover import pages
-from .tokens import cross_blocks, tokens_tab
+from .tokens import build_tokens_demo, cross_blocks, tokens_tab
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
 log = logging.getLogger("vggattn.app")
@@ -895,8 +895,11 @@ def main(argv=None) -> int:
     log.info("loaded %s on %s (%d PyTorch threads a forward)", meta.get("source", args.checkpoint or "the shipped checkpoint"),
              next(model.parameters()).device, torch.get_num_threads())
     weights = str(args.checkpoint) if args.checkpoint else None if wants_own_model(args) else str(DEFAULT_CHECKPOINT)
-    demo = build_demo(model, meta, load_study(weights) if weights else None, weights, hover_dtype=args.hover_dtype,
-                      session_ttl=args.session_ttl, layers=args.layers)
+    try:
+        demo = build_demo(model, meta, load_study(weights) if weights else None, weights, hover_dtype=args.hover_dtype,
+                          session_ttl=args.session_ttl, layers=args.layers)
+    except NoAttention:  # its only attention is deformable (load_from_args let it through for its tokens)
+        demo = build_tokens_demo(model, meta)
     serve(demo, args.host, args.port, args.share, concurrency=args.concurrency)
     return 0
 

@@ -68,3 +68,18 @@ def tokens_tab(model: nn.Module, meta: dict, image: gr.Image, layers: list[str],
         page = gr.HTML(elem_id="tokens-page")
     image.change(lambda path, c, o: on_upload(model, meta, path, c, o), [image, colormap, opacity], [page, note],
                  api_name="tokens")
+
+
+def build_tokens_demo(model: nn.Module, meta: dict) -> gr.Blocks:
+    """The page for a model whose only attention runs from tokens to the image (Deformable DETR: no attention over
+    positions to draw in panels): an upload, and the tokens page."""
+    with gr.Blocks(title="vggattn · tokens") as demo:
+        gr.Markdown(f"## vggattn · where each object query looks\n`{meta.get('source', '')}` has no attention over the "
+                    "image's positions to show in panels; its queries' attention is below. Upload an image.",
+                    elem_id="about")
+        with gr.Row():
+            image = gr.Image(type="filepath", label="Image", elem_id="input-image", height=320)
+            note = gr.Markdown(elem_id="tokens-note")
+        page = gr.HTML(elem_id="tokens-page")
+        image.change(lambda path: on_upload(model, meta, path), image, [page, note], api_name="tokens")
+    return demo
