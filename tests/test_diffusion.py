@@ -145,6 +145,20 @@ def test_explain_writes_the_words_live_page_and_an_a_b_of_two_prompts(pipeline_f
     page.close()
 
 
+def test_a_word_the_tokenizer_split_is_one_word_its_pieces_summed(pipeline_folder):
+    from vggattn.app.words import words_of
+    from vggattn.diffusion import generate, load_pipeline
+
+    run = generate(load_pipeline(pipeline_folder), "a reddog cats", steps=1, seed=0)
+    assert run.tokens[1:8] == ["a</w>", "re", "d", "dog</w>", "ca", "t", "s</w>"]
+    assert run.words() == [("a", [1]), ("reddog", [2, 3, 4]), ("cats", [5, 6, 7])]
+    assert words_of(run) == ["a", "reddog", "cats"] and run.token_indices("cats") == [5, 6, 7]
+    found = run.token_maps()
+    assert found.names == ["<|startoftext|>", "a", "reddog", "cats", "<|endoftext|>"]
+    layer = run.layers[0]
+    np.testing.assert_allclose(found.rows[layer][:, 2], run.steps[0][layer][:, :, 2:5].sum(-1), rtol=1e-5)
+
+
 def test_the_words_page_generates_and_shows_a_words_maps(pipeline_folder):
     import gradio as gr
 

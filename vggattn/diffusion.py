@@ -56,10 +56,31 @@ class Generation:
     def layers(self) -> list[str]:
         return list(self.grids)
 
+    def words(self, special: bool = False) -> list[tuple[str, list[int]]]:
+        """The prompt's words in order, each with the positions of its tokenizer pieces (CLIP's BPE ends a word's last
+        piece with "</w>": "gir" "affe</w>" is the word "giraffe"); special: also the start token and the end token
+        (the padding after it left out)."""
+        out, pieces = [], []
+        for i, t in enumerate(self.tokens):
+            if t.startswith("<|"):
+                if special:
+                    out.append((t, [i]))
+                if t == "<|endoftext|>":
+                    break
+                continue
+            pieces.append(i)
+            if t.endswith("</w>"):
+                out.append(("".join(self.tokens[j] for j in pieces).replace("</w>", ""), pieces))
+                pieces = []
+        return out
+
     def token_indices(self, word: str) -> list[int]:
         """The positions of the word's tokens in the prompt (its first occurrence); a token name is taken as is."""
         if word in self.tokens:
             return [self.tokens.index(word)]
+        for w, idx in self.words():
+            if w == word:
+                return idx
         want = self.word_ids(word)
         for i in range(len(self.ids) - len(want) + 1):
             if self.ids[i:i + len(want)] == want:
@@ -85,19 +106,21 @@ class Generation:
         return total
 
     def token_maps(self):
-        """This generation as a `vggattn.tokens.TokenMaps`: the prompt's tokens up to its end token (the padding after
-        it left out) named by their text ("dog"; a repeated one "a (2)"), each token's column in every layer (the
-        weight the layer's places give it, per head, summed over the steps) as its map."""
+        """This generation as a `vggattn.tokens.TokenMaps`: the start token, the prompt's words (`words`: a word split
+        in pieces is one, its pieces' columns summed; a repeated one "a (2)") and the end token (the padding after it
+        left out), each one's column in every layer (the weight the layer's places give it, per head, summed over the
+        steps) as its map."""
         from .tokens import TokenMaps
 
-        end = next((i for i, t in enumerate(self.tokens) if t == "<|endoftext|>"), len(self.tokens) - 1)
-        names, seen = [], {}
-        for t in self.tokens[:end + 1]:
-            word = t.replace("</w>", "")
+        names, seen, groups = [], {}, []
+        for word, idx in self.words(special=True):
             seen[word] = seen.get(word, 0) + 1
             names.append(word if seen[word] == 1 else f"{word} ({seen[word]})")
-        rows = {layer: sum(s[layer][:, :, :end + 1] for s in self.steps).transpose(1, 2).float()  # (heads, T, N)
-                for layer in self.layers}
+            groups.append(idx)
+        rows = {}
+        for layer in self.layers:
+            total = sum(s[layer] for s in self.steps)  # (heads, N, T)
+            rows[layer] = torch.stack([total[:, :, idx].sum(-1) for idx in groups], 1).float()  # (heads, T, N)
         return TokenMaps(names, rows, dict(self.grids), self.image.size,
                          shows=f"each word's column: the weight each place of a layer gives it, summed over the "
                                f"{len(self.steps)} steps (the padding after the end token left out)")
@@ -166,9 +189,12 @@ def word_study(pipe, prompts: list[str], *, steps: int = 4, seed: int = 0, guida
         run = generate(pipe, prompt, steps=steps, seed=seed + i, guidance=guidance)
         layers = run.layers
         per_token = {layer: sum(s[layer].mean((0, 1)) for s in run.steps) / len(run.steps) for layer in layers}  # (T,)
-        names = [t.replace("</w>", "") for t in run.tokens]
-        for word in dict.fromkeys(names):
-            idx = [j for j, n in enumerate(names) if n == word]
+        groups: dict[str, list[int]] = {}
+        for word, idx in run.words(special=True):
+            groups.setdefault(word, []).extend(idx)
+        end = groups.get("<|endoftext|>", [len(run.tokens)])[0]
+        groups["<|endoftext|>"] = list(range(end, len(run.tokens)))  # the end token and the padding after it
+        for word, idx in groups.items():
             entry = shares.setdefault(word, {layer: [] for layer in layers} | {"all": []})
             values = [float(per_token[layer][idx].sum()) for layer in layers]
             for layer, v in zip(layers, values):

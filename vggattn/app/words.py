@@ -29,15 +29,9 @@ def display_copy(image):
 
 
 def words_of(run: Generation) -> list[str]:
-    """The prompt's words as the tokenizer split them (its start, end and padding tokens left out)."""
-    out = []
-    for t in run.tokens:
-        if t.startswith("<|") or not t.strip():
-            continue
-        word = t.replace("</w>", "")
-        if word not in out:
-            out.append(word)
-    return out
+    """The prompt's words, each once (a word the tokenizer split is one: `Generation.words`; its start, end and padding
+    tokens left out)."""
+    return list(dict.fromkeys(w for w, _ in run.words()))
 
 
 def on_generate(pipe, prompt: str, seed, steps, guidance) -> tuple:
