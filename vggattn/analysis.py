@@ -88,6 +88,23 @@ class BlockResult:
     # entering it (T,), as Darcet et al. measure them (`residual_stream`)
     page_norms: np.ndarray | None = None  # the same norms in the page's order: the grid's cells, then the prefix tokens
     rollout: np.ndarray | None = None  # (T, T) attention rollout up to this block (`attention_rollout`), page order
+    source: tuple | None = None  # (the block, its input, its call) as the forward ran it (`keys_contributions`)
+    _contributions: tuple | None = None
+
+    def keys_contributions(self) -> tuple[torch.Tensor | None, str]:
+        """((heads, M + P, C) float32 what each key brings through each head, or None; why not, in words):
+        `vggattn.attention.effect.contributions`, read once."""
+        if self._contributions is None:
+            from .attention.effect import NotOffered, contributions
+
+            try:
+                if self.source is None:
+                    raise NotOffered("the block's input was not kept")
+                module, x, call = self.source
+                self._contributions = (contributions(self.adapter, module, x, self.maps, call), "")
+            except NotOffered as e:
+                self._contributions = (None, str(e))
+        return self._contributions
 
     @property
     def family(self) -> str:
@@ -262,7 +279,8 @@ def analyze(model: nn.Module, meta: dict, image: Image.Image, layers: list[str] 
                     == len(norms):
                 page_norms = norms[torch.cat([lay.iq[0], lay.prefix_queries[0]]).numpy()]
         result.blocks.append(BlockResult(name, adapter, maps, image.size, block_gamma(module),
-                                         contribution_map(kept.input, kept.output), kept.row_sums, norms, page_norms))
+                                         contribution_map(kept.input, kept.output), kept.row_sums, norms, page_norms,
+                                         source=(module, kept.input, kept.call)))
     for block, rolled in zip(result.blocks, attention_rollout(result.blocks) or []):
         block.rollout = rolled
     return result

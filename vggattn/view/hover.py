@@ -151,6 +151,8 @@ class PageLayer:
     prefix_rows: np.ndarray | None = None  # tokens, "rows": (heads, P, M + P) the prefix tokens' own rows
     norms: np.ndarray | None = None  # tokens: (N + P,) the residual stream's norms entering the block (grid, prefix)
     rollout: np.ndarray | None = None  # tokens: (N + P, M + P) attention rollout up to this block (Abnar and Zuidema)
+    u: np.ndarray | None = None  # (heads, M + P, C) what each key brings through each head (`vggattn.attention.effect`)
+    u_note: str = ""  # why `u` is not sent, in words
     # tokens, "qk": q holds N + P rows (the grid's, then the prefix tokens') and k M + P keys, in that order
 
     @property
@@ -285,6 +287,10 @@ class PageLayer:
                 out.update(rollout=_b64(self.rollout, "float16"), has_rollout=True)
             if self.kind == "rows":
                 out.update(prefix_w=_b64(self.prefix, dtype), prefix_rows=_b64(self.prefix_rows, dtype))
+        if self.u is not None:
+            out.update(u=_b64(self.u, dtype), uc=int(self.u.shape[-1]))
+        elif self.u_note:
+            out["u_note"] = self.u_note
         if self.kind == "qk":
             out.update(dim=int(self.q.shape[-1]), q=_b64(self.q, dtype), k=_b64(self.k, dtype))
             if self.logz is not None:
@@ -377,12 +383,33 @@ def block_page(block, kind: str | None = None) -> PageLayer:
     return layer
 
 
+U_BUDGET = 16 << 20  # bytes: the keys' contributions (value-weighted and effect views) go to the page up to this in all
+
+
 def pages(result) -> list[PageLayer]:
-    """Every block of an analysis (`vggattn.analysis.Analysis`) as the page gets it."""
-    return [block_page(b) for b in result.blocks]
+    """Every block of an analysis (`vggattn.analysis.Analysis`) as the page gets it, with what each key brings
+    (`BlockResult.keys_contributions`) while those stay within U_BUDGET bytes in all."""
+    layers = [block_page(b) for b in result.blocks]
+    spent = 0
+    for layer, block in zip(layers, result.blocks):
+        source = getattr(block, "source", None)
+        if source is None:
+            continue
+        x = source[1]  # the block's input: its width is about the output's (what U holds per key and head)
+        width = x.shape[-1] if x.dim() == 3 else x.shape[1]
+        keys = block.maps.key_grid[0] * block.maps.key_grid[1] + len(block.maps.prefix_names or [])
+        if spent + block.maps.heads * keys * width * 4 > U_BUDGET:  # not read at all
+            layer.u_note = f"its keys' contributions would pass the page's {U_BUDGET >> 20} MB for them"
+            continue
+        u, why = block.keys_contributions()
+        if u is not None:
+            spent += u.numel() * 4
+            layer.u = u.float().cpu().numpy()
+        layer.u_note = why
+    return layers
 
 
-ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms", "rollout")
+ARRAYS = ("q", "k", "logz", "rows", "values", "cells", "prefix_w", "prefix_rows", "norms", "rollout", "u")
 PAYLOAD_BUDGET = 8 << 20  # bytes of JSON an upload sends at most: layers past it are sent when the page shows them
 
 

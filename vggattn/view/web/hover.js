@@ -21,6 +21,9 @@ let view = "row";         // "row": where the position looks; "column": who look
 // rollout up to each block (rollout) or the norms of the tokens entering it (norms) instead of a row; heads: each
 // panel as a grid of one small map per head (DINO's figures), each on its own scale
 const switches = {rollout: false, norms: false, heads: false};
+// what a row shows: "weights" (the attention), "value" (sum_h a_j ||u_j||: what each key brings, Kobayashi et al.)
+// or "effect" (how far the block's output moves when each key is removed and the rest renormalised)
+let measure = "weights";
 let pinned = null;        // [x, y] of the last click, in original-image pixels
 let pinnedAt = 0;         // when (performance.now()) it was pinned
 let token = null;         // the prefix token (class, register) whose own row is pinned, by name (its tile was clicked)
@@ -79,6 +82,7 @@ function decodeLayer(l, dtype, buffer = null) {  // buffer: a fetched layer's by
     norms: arr("norms", "float32"), highNorm: l.high_norm, rollout: arr("rollout", "float16"),  // tokens: (N + P,) grid cells, then the prefix
     window: l.window || 0, values: kind === "window" ? arr("values") : null,
     cells: kind === "window" ? arr("cells", "int32") : null,
+    u: arr("u"), uc: l.uc || 0, uNote: l.u_note || "",  // (heads, M + P, C): what each key brings through each head
   };
 }
 
@@ -153,6 +157,12 @@ function load(raw) {
   if (label) label.style.display = payload.layers.some(L => L.heads > 1) ? "" : "none";
   const rolloutLabel = element.querySelector("label.vggattn-rollout-label");
   if (rolloutLabel) rolloutLabel.style.display = raw.layers.some(l => l.has_rollout) ? "" : "none";
+  const measureLabel = element.querySelector("label.vggattn-measure-label");
+  if (measureLabel) {
+    measureLabel.style.display = payload.layers.some(L => L.u) ? "" : "none";
+    const none = payload.layers.filter(L => !L.u && L.uNote).map(L => `${L.name}: ${L.uNote}`);
+    measureLabel.title = none.length ? `Not offered for ${none.join("; ")}` : "";
+  }
   const normsLabel = element.querySelector("label.vggattn-norms-label");
   if (normsLabel) normsLabel.style.display = payload.layers.some(L => L.norms || (L.deferred && L.P)) ? "" : "none";
   const tiles = payload.layers.some(L => L.P) ? " The tiles are the prefix tokens (class, registers): click one for its own row." : "";
@@ -331,6 +341,44 @@ function row(li, i, head) {  // (M,) over the key grid
   const L = payload.layers[li];
   if (L.P) return fullRow(li, i, head).subarray(0, L.m);
   return mean(heads(L, head), L.m, (h, into) => headRow(L, h, i, into));
+}
+
+// vggattn.attention.effect: per key j of query i's rows a^h (over the grid, then the prefix tokens), from u^h_j:
+// "value" sum_h |a^h_j| ||u^h_j||; "effect" ||sum_h c^h_j (u^h_j - o^h)||, o^h = sum_k a^h_k u^h_k, c = a / (1 - a)
+// ("mean" rows: (M a u_j - o) / (M - 1)). The heads shown: the chosen one, or all of them (summed, not averaged)
+function measured(li, i, how = measure, head = controls.head) {
+  const L = payload.layers[li], t = L.m + L.P, C = L.uc, out = new Float64Array(t);
+  if (!L.u) return null;
+  const hs = heads(L, head), rows = hs.map((h) => L.P ? headFullRow(L, h, i) : headRow(L, h, i).slice());
+  if (how === "value") {
+    hs.forEach((h, r) => {
+      for (let j = 0; j < t; j++) {
+        let s = 0;
+        for (let c = 0, o = (h * t + j) * C; c < C; c++) s += L.u[o + c] * L.u[o + c];
+        out[j] += Math.abs(rows[r][j]) * Math.sqrt(s);
+      }
+    });
+    return out;
+  }
+  const o = hs.map((h, r) => {
+    const v = new Float64Array(C);
+    for (let j = 0; j < t; j++) { const a = rows[r][j]; if (a) for (let c = 0, b = (h * t + j) * C; c < C; c++) v[c] += a * L.u[b + c]; }
+    return v;
+  });
+  const d = new Float64Array(C), mean = L.normalise === "mean";
+  for (let j = 0; j < t; j++) {
+    d.fill(0);
+    hs.forEach((h, r) => {
+      const a = rows[r][j], b = (h * t + j) * C;
+      if (mean) { for (let c = 0; c < C; c++) d[c] += (t * a * L.u[b + c] - o[r][c]) / (t - 1); return; }
+      const k = a / (1 - a);
+      for (let c = 0; c < C; c++) d[c] += k * (L.u[b + c] - o[r][c]);
+    });
+    let s = 0;
+    for (let c = 0; c < C; c++) s += d[c] * d[c];
+    out[j] = Math.sqrt(s);
+  }
+  return out;
 }
 
 function fullRow(li, i, head) {  // (M + P,): a transformer's row on the grid, then on its prefix tokens
@@ -542,7 +590,8 @@ function picture(li, x, y, how = view, size = null, keep = null) {
   const rolled = switches.rollout && L.rollout;  // attention rollout's row instead of the block's own
   if (own >= 0 || rolled) how = "row";
   const q = own >= 0 ? own : queryIndex(x, y, how === "row" ? L.grid : L.keyGrid), valueGrid = how === "row" ? L.keyGrid : L.grid;
-  const full = rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null;
+  const what = how === "row" && !rolled && measure !== "weights" && L.u ? measured(li, q) : null;
+  const full = what || (rolled ? rolloutRow(L, q) : L.P && how === "row" ? fullRow(li, q) : null);
   const values = full ? full.subarray(0, L.m) : how === "row" ? row(li, q) : column(li, q);
   const lv = levels(values, controls.scale, how === "column" ? 1 / L.m : 0);
   const im = overlay(lv, valueGrid, w, h, base, keep === null ? null : reused(keep, w, h)), s = markSizes(w, h);
@@ -844,7 +893,10 @@ function draw(x, y, since, log = latencies, all = true) {  // all false (a point
             `give its weights on the prefix tokens). Click its tile again, or a pixel, to leave it.`);
   } else {
     const queries = payload.layers.map(L => `${L.name}: ${queryIndex(x, y, L.grid)}`).join(", ");
-    const what = view === "row" ? "where it looks" : "who looks at it (column, scaled to its maximum, at least 1/N)";
+    const what = view !== "row" ? "who looks at it (column, scaled to its maximum, at least 1/N)" :
+      measure === "value" ? "what each key brings (sum over heads of weight x the size of its value through the output projection)" :
+      measure === "effect" ? "how far the block's output there moves when each key is removed (the rest renormalised)" :
+      "where it looks";
     const who = current && current[0] === x && current[1] === y ? "Under the pointer" : "Pinned";
     setLine(`${who}: pixel (${x}, ${y}) → query index per layer: ${queries} · ${what}`);
   }
@@ -932,6 +984,8 @@ function bindSwitch() {
     const box = element.querySelector(`input.vggattn-${name}`);
     if (box) { box.checked = switches[name]; box.onchange = () => setSwitch(name, box.checked); }
   }
+  const select = element.querySelector("select.vggattn-measure");
+  if (select) { select.value = measure; select.onchange = () => setMeasure(select.value); }
   const box = element.querySelector("input.vggattn-column");
   if (!box) return;
   box.checked = view === "column";
@@ -944,6 +998,13 @@ function setView(v) {
   if (box) box.checked = view === "column";
   redraw();
   syncLink();
+}
+
+function setMeasure(how) {
+  measure = ["value", "effect"].includes(how) ? how : "weights";
+  const select = element.querySelector("select.vggattn-measure");
+  if (select) select.value = measure;
+  redraw();
 }
 
 function setSwitch(name, on) {
@@ -982,7 +1043,8 @@ Object.assign(api, {
   // the click being sent pinned a point drawn here (so the server need not draw it): the pin is this click's
   drawsPins: () => !!(payload && payload.base && pinned && performance.now() - pinnedAt < 5000),
   draw: (x, y) => { const t = performance.now(); current = [x, y]; draw(x, y, t); }, pin: (x, y) => pin(x, y, performance.now()),
-  leave, setView, setSwitch, setControls, listeners, latencies, works, frames, pins, fetched,
+  measured: (li, i, how, head) => { const v = measured(li, i, how, head); return v && Array.from(v); },
+  leave, setView, setSwitch, setMeasure, setControls, listeners, latencies, works, frames, pins, fetched,
   loaded: () => (payload ? payload.layers.filter(L => !L.deferred).length : 0),
   state: () => ({view, switches: {...switches}, pinned, current, token, controls: {...controls},
                  bytes: payload ? payload.bytes : 0, sent: payload ? payload.sent : 0, layers: payload ? payload.layers.length : 0,
