@@ -411,3 +411,60 @@ def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = N
         raise ValueError(f"B must be one of {list(COMPARE_KINDS)}, another image or another model; got {kind!r}")
     with Intervention(model, {n: kind for n, *_ in blocks_of(model, meta, layers)}):
         return analyze(model, meta, image, layers)
+
+
+ACROSS_KINDS = ("rollout", "flow", "relevance")
+
+
+def across_layers(model: nn.Module, result: Analysis, target: int | None = None,
+                  kinds: tuple[str, ...] = ACROSS_KINDS) -> dict:
+    """Where a transformer's class token gets its output from, across all its layers, on the key grid: attention
+    rollout (its row of the rollout after the last block), attention flow (Abnar and Zuidema 2020, max-flow from
+    it) and relevance for class `target` (default: the top class; Chefer et al. 2021); each as {"map": (gh, gw)
+    float64, "prefix": {name: weight}, "seconds"}, with "target", "class" and "token". A model whose blocks do not all
+    attend over the same tokens with a class token among them (a CNN: grids change between blocks, convolutions sit
+    between them) gets {"not_offered": why}."""
+    import time
+
+    from .attention.across import attention_flow, relevance
+    from .attention.adapters import is_class_token
+
+    mats = [full_rows(b.maps) for b in result.blocks]
+    names = result.blocks[0].maps.prefix_names if result.blocks else None
+    if not result.blocks or any(m is None for m in mats) or len({m.shape for m in mats}) != 1 or \
+            not any(isinstance(b.adapter, TracedAdapter) for b in result.blocks) or \
+            not names or not any(map(is_class_token, names)):
+        return {"not_offered": "rollout, flow and relevance need every block to attend over the same tokens, a class "
+                               "token among them (a vision transformer); here the grids change between blocks or "
+                               "convolutions sit between them"}
+    m = result.blocks[0].maps.key_grid
+    cls = m[0] * m[1] + next(i for i, n in enumerate(names) if is_class_token(n))
+    probs = result.probs
+    target = int(probs.argmax()) if target is None and probs is not None else target
+    out = {"token": names[cls - m[0] * m[1]], "target": target,
+           "class": (result.class_names[target] if result.class_names and target is not None else target)}
+
+    def shaped(row: np.ndarray, t0: float) -> dict:
+        n = m[0] * m[1]
+        return {"map": row[:n].reshape(m), "prefix": {p: float(row[n + i]) for i, p in enumerate(names)},
+                "seconds": time.perf_counter() - t0}
+    if "rollout" in kinds:
+        t0 = time.perf_counter()
+        total = None
+        for a in mats:
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[0], dtype=a.dtype)
+            a = a / a.sum(-1, keepdim=True)
+            total = a if total is None else a @ total
+        out["rollout"] = shaped(total[cls].numpy(), t0)
+    if "flow" in kinds:
+        t0 = time.perf_counter()
+        out["flow"] = shaped(attention_flow(mats, cls), t0)
+    if "relevance" in kinds and target is not None:
+        t0 = time.perf_counter()
+        blocks = [(b.name, b.source[0], b.adapter) for b in result.blocks]
+        device = next(model.parameters()).device
+        r = relevance(image_model(model, result.input[:1].to(device)), result.input.to(device), blocks, target)
+        row = r[cls].numpy().copy()
+        row[cls] = 0.0  # its own identity term: R starts as I
+        out["relevance"] = shaped(row, t0)
+    return out

@@ -68,6 +68,7 @@ from .ui import fix_threads, sharing_cores
 from .ui import launch as serve
 from .ui import HERE, WEB  # noqa: F401  (app.HERE, app.WEB: used by scripts)
 from ..view.hover import pages
+from .across import across_tab
 from .tokens import build_tokens_demo, cross_blocks, tokens_tab
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when a Blocks is made, not at import
@@ -739,6 +740,7 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                             "is, beside where positions *look*.")
                 cam = gr.Image(label="Grad-CAM of the top class at the last conv layer", interactive=False, format="jpeg",
                                elem_id="gradcam", height=420)
+            across_tab(model, meta, state, opacity, colormap)
             with gr.Tab("Export") as export_tab:
                 export_button = gr.Button("Export the current view", elem_id="export-button")
                 with gr.Row():
