@@ -96,3 +96,19 @@ def test_the_apps_across_layers_tab():
     cnn, cmeta = vggattn.load_checkpoint(device="cpu")
     cnn_state = app.on_upload(demo.ui, cnn, cmeta, str(here / "assets" / "church.jpg"))[demo.ui.state]
     assert on_across(cnn, cnn_state, -1)[0].startswith("Not offered for this model")
+
+
+def test_explain_writes_the_across_layers_maps(tmp_path):
+    import json
+    from pathlib import Path
+
+    from vggattn import explain
+
+    here = Path(__file__).resolve().parents[1]
+    assert explain.main([str(here / "assets" / "church.jpg"), "--model", "vggattn.models.zoo:vit_imagenette",
+                         "--checkpoint", str(here / "checkpoints" / "vit-imagenette-96.safetensors"), "--across",
+                         "--no-ablation", "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "church" / "across.json").read_text())
+    assert got["token"] == "cls_token" and set(got["kinds"]) == {"rollout", "flow", "relevance"}
+    assert np.load(tmp_path / "church" / "across_flow.npy").shape == (12, 12)
+    assert (tmp_path / "church" / "across.png").stat().st_size > 0

@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
                         "opens in any browser with no server and no network (with --token: tokens.html; with "
                         "--diffusers: words.html, the tokens as tiles)")
+    p.add_argument("--across", action="store_true",
+                   help="a transformer: also write where its class token's output comes from over all layers: "
+                        "attention rollout, flow and relevance for the top class (across.png, across.json, .npy)")
     p.add_argument("--token", action="append", default=[], metavar="NAME",
                    help='a token that is not a place on the image, e.g. a detector\'s "query 3" (repeatable): its map '
                         "in every cross-attention layer as .npy, tokens.png and tokens.json (its predicted box and "
@@ -252,6 +255,12 @@ def main(argv=None) -> int:
                     raise
                 log.info("%s: only the tokens written (the model has no attention over positions to draw)", image_path)
                 continue
+            if args.across:
+                from .analysis import across_layers
+                from .view.export import write_across
+
+                write_across(across_layers(model, result), result, target, opacity=args.opacity,
+                             colormap=args.colormap)
             write_result(result, points, target, None if args.no_ablation else switched_off(model, result),
                          source=str(image_path),
                          opacity=args.opacity, colormap=args.colormap, live=args.html, about=about_model(meta, args.checkpoint))

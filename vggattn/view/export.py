@@ -370,3 +370,28 @@ def write_words(run, words: list[str], out_dir: str | Path, *, opacity: float = 
     text = json.dumps(summary, indent=2)
     atomic_write(out / "words.json", lambda tmp: Path(tmp).write_text(text))
     return summary
+
+
+def write_across(got: dict, result: Analysis, out_dir: str | Path, *, opacity: float = 0.8,
+                 colormap: str = "inferno") -> dict:
+    """`vggattn.analysis.across_layers`'s maps as `across_<kind>.npy` (key grid), `across.png` (the image, then each
+    map over it) and `across.json` (the token, the class, each kind's prefix values and time). Runs no model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if "not_offered" in got:
+        summary = {"not_offered": got["not_offered"]}
+    else:
+        kinds = [k for k in ("rollout", "flow", "relevance") if k in got]
+        sheet = _Sheet(1, 1 + len(kinds))
+        sheet.show(0, 0, result.display)
+        sheet.title(0, 0, f"{got['token']}'s sources\nrelevance for {got['class']}")
+        summary = {"token": got["token"], "target": got["target"], "class": got["class"], "kinds": {}}
+        for c, kind in enumerate(kinds, start=1):
+            np.save(out / f"across_{kind}.npy", got[kind]["map"].astype(np.float32))
+            sheet.show(0, c, map_picture(result, got[kind]["map"].clip(min=0), opacity, colormap))
+            sheet.title(0, c, f"{kind}\nmax {got[kind]['map'].max():.3g}")
+            summary["kinds"][kind] = {"prefix": got[kind]["prefix"], "seconds": round(got[kind]["seconds"], 4)}
+        sheet.image.save(out / "across.png")
+    text = json.dumps(summary, indent=2)
+    atomic_write(out / "across.json", lambda tmp: Path(tmp).write_text(text))
+    return summary
