@@ -46,7 +46,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, clicks: int = 50):
+def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, clicks: int = 50, measure: str = "weights",
+                     works: list | None = None):
     """Per pointer move: ms to the panels drawn, and to the next frame; per click: ms from pointerdown to the
     pinned panels drawn by the page (the server's readouts follow; the click needs no answer to show)."""
     photo = photo or PHOTO
@@ -59,6 +60,7 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
         page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
         page.locator("#input-image input[type=file]").set_input_files(str(photo))
         page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=120_000)
+        page.evaluate("(m) => window.vggattnHover.setMeasure(m)", measure)
         img = page.locator("#input-image img").first
         img.wait_for(state="visible")
         img.scroll_into_view_if_needed()
@@ -90,8 +92,10 @@ def moves_in_browser(model, meta, moves: int, browser, photo: Path = None, click
             except Exception:
                 print("status:", page.locator("#status").inner_text(), "pinned:", pinned, flush=True)
                 raise
-        drawn, framed, pins = page.evaluate("[window.vggattnHover.latencies, window.vggattnHover.frames, "
-                                            "window.vggattnHover.pins]")
+        drawn, framed, pins, own = page.evaluate("[window.vggattnHover.latencies, window.vggattnHover.frames, "
+                                                 "window.vggattnHover.pins, window.vggattnHover.works]")
+        if works is not None:
+            works.extend(own[5:])
         page.close()
         return drawn[5:], framed[5:], pins
     finally:
@@ -126,7 +130,11 @@ def main():
     p.add_argument("--moves", type=int, default=200)
     p.add_argument("--clicks", type=int, default=50)
     p.add_argument("--images", type=int, default=20, help="val photos for the float16 error (shipped model)")
+    p.add_argument("--measures", default="", help="only the shipped model on the church photo, once per view of the "
+                   "rows (weights,value,effect): the page's own work per move, p50 and p95")
     args = p.parse_args()
+    if args.measures:
+        return measures(args)
     from playwright.sync_api import sync_playwright
 
     shipped, meta = vggattn.load_checkpoint(device="cpu")
@@ -160,6 +168,25 @@ def main():
            ["model, photo", "grids (N = side², C')", "move: drawn p50 ms (target 16 / 33)", "move: drawn p95 ms",
             "move: next frame p50 ms", "move: next frame p95 ms", "click: drawn p50 ms (target 50)",
             "click: drawn p95 ms", "payload float32", "payload float16"], rows, notes)
+
+
+def measures(args) -> None:
+    """--measures: the shipped model, the church photo, each view of the rows in turn (a fresh page each)."""
+    from playwright.sync_api import sync_playwright
+
+    shipped, meta = vggattn.load_checkpoint(device="cpu")
+    rows = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        for how in args.measures.split(","):
+            own: list = []
+            drawn, framed, _ = moves_in_browser(shipped, meta, args.moves, browser, PHOTO, 0, how, own)
+            rows.append([how, round(percentile(own, 50), 2), round(percentile(own, 95), 2),
+                         round(percentile(drawn, 50), 2), round(percentile(framed, 50), 2)])
+        browser.close()
+    report(f"The shipped checkpoint's hover per view of the rows, Chromium 1440x900, {args.moves} moves",
+           ["view", "page's own work p50 ms (target 16)", "p95 ms", "event to drawn p50 ms", "next frame p50 ms"],
+           rows, [])
 
 
 if __name__ == "__main__":

@@ -136,7 +136,10 @@ def value_weighted(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def effect(rows: torch.Tensor, u: torch.Tensor, normalise: str = "softmax") -> torch.Tensor:
     """(M + P,) ||sum_h a^h_j / (1 - a^h_j) (u^h_j - o^h)||: how far the output moves when key j is removed from every
-    head's softmax and each renormalised (a key holding a whole row, a = 1, has no rest to renormalise: inf).
+    head's softmax and each renormalised (a key holding a whole row, every other weight 0, has no rest to
+    renormalise: 0 is given). A key
+    with over half a row's weight is computed as a_j ||u_j - (the others' weighted mean)||, the same number without
+    the cancellation of 1 - a_j and u_j - o near a = 1.
     normalise "mean" (the dot-product non-local form, rows f / M): the mean over the other M - 1 keys instead,
     ||sum_h (M a^h_j u^h_j - o^h) / (M - 1)||."""
     a, u = rows.double(), u.double()
@@ -144,5 +147,11 @@ def effect(rows: torch.Tensor, u: torch.Tensor, normalise: str = "softmax") -> t
     if normalise == "mean":
         m = a.shape[-1]
         return ((m * a[..., None] * u - o[:, None]) / (m - 1)).sum(0).norm(dim=-1)
-    c = a / (1 - a)
-    return torch.einsum("hm,hmc->mc", c, u - o[:, None]).norm(dim=-1)
+    moved = (a / (1 - a))[..., None] * (u - o[:, None])  # (heads, M, C)
+    for h in range(a.shape[0]):  # a key holding most of a row: 1 - a and u - o from the other keys, not by subtracting
+        j = int(a[h].argmax())
+        if a[h, j] > 0.5:
+            rest = torch.cat([a[h, :j], a[h, j + 1:]])
+            others = torch.cat([u[h, :j], u[h, j + 1:]])
+            moved[h, j] = a[h, j] * (u[h, j] - rest @ others / rest.sum()) if rest.sum() > 0 else 0.0
+    return moved.sum(0).norm(dim=-1)

@@ -366,11 +366,32 @@ function measured(li, i, how = measure, head = controls.head) {
     return v;
   });
   const d = new Float64Array(C), mean = L.normalise === "mean";
+  if (hs.length === 1 && !mean) {  // one head: |c_j| sqrt(||u_j||^2 - 2 u_j . o + ||o||^2), one pass over U
+    const h = hs[0], a = rows[0], v = o[0];
+    if (!L.uNorm2) L.uNorm2 = [];
+    if (!L.uNorm2[h]) {
+      const n2 = new Float64Array(t);
+      for (let j = 0; j < t; j++) { let s = 0; for (let c = 0, b = (h * t + j) * C; c < C; c++) s += L.u[b + c] * L.u[b + c]; n2[j] = s; }
+      L.uNorm2[h] = n2;
+    }
+    let oo = 0;
+    for (let c = 0; c < C; c++) oo += v[c] * v[c];
+    for (let j = 0; j < t; j++) {
+      let uo = 0;
+      for (let c = 0, b = (h * t + j) * C; c < C; c++) uo += L.u[b + c] * v[c];
+      out[j] = Math.abs(a[j] / (1 - a[j])) * Math.sqrt(Math.max(0, L.uNorm2[h][j] - 2 * uo + oo));
+    }
+    const top = dominant(a);
+    if (top >= 0) { const m = heldMost(L, h, a, top, t, C); let s = 0; for (let c = 0; c < C; c++) s += m[c] * m[c]; out[top] = Math.sqrt(s); }
+    return out;
+  }
+  const tops = rows.map(dominant), most = hs.map((h, r) => tops[r] >= 0 ? heldMost(L, h, rows[r], tops[r], t, C) : null);
   for (let j = 0; j < t; j++) {
     d.fill(0);
     hs.forEach((h, r) => {
       const a = rows[r][j], b = (h * t + j) * C;
       if (mean) { for (let c = 0; c < C; c++) d[c] += (t * a * L.u[b + c] - o[r][c]) / (t - 1); return; }
+      if (j === tops[r]) { for (let c = 0; c < C; c++) d[c] += most[r][c]; return; }
       const k = a / (1 - a);
       for (let c = 0; c < C; c++) d[c] += k * (L.u[b + c] - o[r][c]);
     });
@@ -379,6 +400,26 @@ function measured(li, i, how = measure, head = controls.head) {
     out[j] = Math.sqrt(s);
   }
   return out;
+}
+
+function dominant(a) {  // the key holding over half of the row, or -1
+  let top = 0;
+  for (let j = 1; j < a.length; j++) if (a[j] > a[top]) top = j;
+  return a[top] > 0.5 ? top : -1;
+}
+
+// a_j (u_j - the others' weighted mean): key j's move, from the other keys (no 1 - a_j, no u_j - o near a = 1)
+function heldMost(L, h, a, j, t, C) {
+  const rest = new Float64Array(C);
+  let s = 0;
+  for (let k = 0; k < t; k++) {
+    if (k === j || !a[k]) continue;
+    s += a[k];
+    for (let c = 0, b = (h * t + k) * C; c < C; c++) rest[c] += a[k] * L.u[b + c];
+  }
+  if (!s) return rest.fill(0);  // no other key holds any weight: nothing to renormalise (as effect.py gives)
+  for (let c = 0, b = (h * t + j) * C; c < C; c++) rest[c] = a[j] * (L.u[b + c] - rest[c] / s);
+  return rest;
 }
 
 function fullRow(li, i, head) {  // (M + P,): a transformer's row on the grid, then on its prefix tokens
