@@ -649,7 +649,7 @@ function picture(li, x, y, how = view, size = null, keep = null) {
       glyph(im, (rank + 1) % 10, gx, gy, size, K.mark_color, false);
     });
   }
-  const prefix = full ? full.subarray(L.m) : null;
+  const prefix = full && L.P ? full.subarray(L.m) : null;
   if (own >= 0) return {im, q, values, how, prefix};
   if (!map) frame(im, cellRect(q, how === "row" ? L.grid : L.keyGrid, w, h), Math.max(1, s.dot >> 1), K.query_color);
   const [iw, ih] = payload.size, cx = (x + 0.5) * w / iw, cy = (y + 0.5) * h / ih;
@@ -789,8 +789,10 @@ function drawLegend(legend, L, values, how, prefix) {
   const few = held < K.top_k ? ` · ${held} cell${held === 1 ? "" : "s"} ≥${100 * K.mark_share}% of max` : "";  // numbered
   let share = 0;
   if (prefix) for (const v of prefix) share += v;
-  const pre = prefix ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
+  const pre = prefix && !shows ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
+  const shows = how === "row" && L.u && !(switches.rollout && L.rollout) && measure !== "weights";
   const own = (switches.rollout && L.rollout ? "rollout (Abnar & Zuidema): " : "") +
+    (shows ? (measure === "value" ? "value-weighted: " : "effect of removing: ") : "") +
     (tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "");
   const span = legend.querySelector("span"), text = `${lo} … ${own}${what}${pre}${few}${who}${kind}${sink}`;
   if (span.textContent !== text) span.textContent = text;
