@@ -787,10 +787,10 @@ function drawLegend(legend, L, values, how, prefix) {
   const kind = L.kind === "map" ? " · one map per image" : L.normalise === "mean" ? " · f/M, not a softmax" : "";
   const held = controls.mark && how === "row" ? markedIndices(values, K.top_k).length : K.top_k;
   const few = held < K.top_k ? ` · ${held} cell${held === 1 ? "" : "s"} ≥${100 * K.mark_share}% of max` : "";  // numbered
+  const shows = how === "row" && L.u && !(switches.rollout && L.rollout) && measure !== "weights";
   let share = 0;
   if (prefix) for (const v of prefix) share += v;
   const pre = prefix && !shows ? ` · ${(100 * share).toFixed(0)}% on the ${L.P} prefix token${L.P === 1 ? "" : "s"}` : "";
-  const shows = how === "row" && L.u && !(switches.rollout && L.rollout) && measure !== "weights";
   const own = (switches.rollout && L.rollout ? "rollout (Abnar & Zuidema): " : "") +
     (shows ? (measure === "value" ? "value-weighted: " : "effect of removing: ") : "") +
     (tokenIndex(L) >= 0 ? `${shortName(token)}'s own row: ` : "");
