@@ -55,7 +55,7 @@ from ..view.compare import Side, compare_html
 from ..view.live import about_model
 from ..view.render import COLORMAPS, SCALES, UPSAMPLING
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
-from ..view.hover import PageLayer, layer_binary, page_payload
+from ..view.hover import PageLayer, contributions_binary, layer_binary, page_payload
 from ..data import query_index
 from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
@@ -104,7 +104,7 @@ def deferred_payload(result: Analysis, pages: list[PageLayer], dtype: str) -> di
     """The upload's payload within `vggattn.view.hover.PAYLOAD_BUDGET`; the layers left out are kept for
     `layer_answer`."""
     key = secrets.token_urlsafe(16)
-    payload = page_payload(result, pages, dtype, hover_module.PAYLOAD_BUDGET, fetch=f"{LAYER_ROUTE}/{key}/")
+    payload = page_payload(result, pages, dtype, hover_module.PAYLOAD_BUDGET, fetch=f"{LAYER_ROUTE}/{key}/")  # and U
     if "fetch" in payload:
         with _deferred_lock:
             DEFERRED[key] = (pages, dtype)
@@ -125,6 +125,18 @@ def layer_answer(key: str, index: int):
     from fastapi.responses import Response
 
     return Response(layer_binary(held[0][index], held[1]), media_type="application/octet-stream")
+
+
+def contributions_answer(key: str, index: int):
+    """One layer's keys' contributions (the value-weighted and effect views), fetched when the page's view asks
+    (`vggattn.view.hover.contributions_binary`), or a JSON 404 that says why."""
+    from fastapi.responses import JSONResponse, Response
+
+    with _deferred_lock:
+        held = DEFERRED.get(key)
+    if held is None or not 0 <= index < len(held[0]) or held[0][index].u is None:
+        return JSONResponse({"error": "this image's layers are no longer kept here: upload it again"}, status_code=404)
+    return Response(contributions_binary(held[0][index], held[1]), media_type="application/octet-stream")
 
 
 @dataclass
@@ -779,7 +791,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 export_html=export_html, image=image,
                 controls=[opacity, colormap, mode, mark, scale, head])
         demo.ui = ui  # for tests: handlers are called with it, no server needed
-        demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]  # added by launch()
+        demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/u/{{index}}", contributions_answer),  # added by launch()
+                               (f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]
         demo.vggattn_css = CSS
 
         # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one

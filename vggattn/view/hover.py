@@ -100,6 +100,15 @@ def layer_binary(layer: "PageLayer", dtype: str = "float32") -> bytes:
     return b"".join(parts)
 
 
+def contributions_binary(layer: "PageLayer", dtype: str = "float32") -> bytes:
+    """A layer's keys' contributions (`PageLayer.u`) as the page fetches them when its view asks (`layer_binary`'s
+    format, with "u" and "uc" only)."""
+    part = PageLayer(layer.name, layer.family, layer.meaning, layer.grid, layer.key_grid, layer.heads, "u",
+                     layer.normalise, layer.scale)
+    part.u = layer.u
+    return layer_binary(part, dtype)
+
+
 def payload_bytes(payload: dict) -> int:
     """Size of the payload as JSON, in bytes (what one upload sends the page)."""
     return len(json.dumps(payload).encode())
@@ -298,7 +307,7 @@ class PageLayer:
         elif self.kind == "window":
             out.update(window=int(self.values_.shape[-1]), values=_b64(self.values_, dtype),
                        cells=_b64(self.cells_, CELLS))
-        else:
+        elif self.rows_ is not None:
             out["rows"] = _b64(self.rows_, dtype)
         return out
 
@@ -429,12 +438,14 @@ def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget
     used = len(out["image"]) + 200
     for i, layer in enumerate(layers):
         whole = layer._payload(dtype)  # its arrays encoded only if they are sent now
+        if fetch is not None and "u" in whole:  # what each key brings: fetched when the page's view asks for it
+            whole = {k: v for k, v in whole.items() if k not in ("u", "uc")} | {"has_u": True}
         size = _json_size(whole)
         if fetch is not None and used + size > budget:  # past the budget: fetched when its panel shows
             whole = {k: v for k, v in whole.items() if k not in ARRAYS} | {"deferred": True}
             size = len(json.dumps(whole))
         used += size
         out["layers"].append(_encoded(whole))
-    if fetch is not None and any(layer.get("deferred") for layer in out["layers"]):
+    if fetch is not None and any(layer.get("deferred") or layer.get("has_u") for layer in out["layers"]):
         out["fetch"] = fetch
     return out

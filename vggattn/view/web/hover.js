@@ -83,6 +83,7 @@ function decodeLayer(l, dtype, buffer = null) {  // buffer: a fetched layer's by
     window: l.window || 0, values: kind === "window" ? arr("values") : null,
     cells: kind === "window" ? arr("cells", "int32") : null,
     u: arr("u"), uc: l.uc || 0, uNote: l.u_note || "",  // (heads, M + P, C): what each key brings through each head
+    hasU: !!l.has_u || !!l.u,  // the server holds it: fetched when the view asks (`requestU`)
   };
 }
 
@@ -106,6 +107,23 @@ function requestLayer(i) {  // a deferred layer's arrays, from the server, once
     else if (payload.layers[i].P) { const parts = partsFor(i); if (parts) drawTiles(parts.tiles, payload.layers[i], null, null); }
     fetched.push(performance.now() - t0);
   }).catch(() => { L.loading = false; });
+}
+
+function requestU(i) {  // a layer's keys' contributions, from the server, once (the value-weighted and effect views)
+  const L = payload && payload.layers[i];
+  if (!L || L.u || !L.hasU || L.uLoading || !payload.fetch) return;
+  L.uLoading = true;
+  const mine = generation, dtype = payload.dtype;
+  fetch(payload.fetch + "u/" + i).then(r => (r.ok ? r.arrayBuffer() : r.json())).then(got => {
+    if (mine !== generation || !payload) return;
+    if (!(got instanceof ArrayBuffer)) { L.uLoading = false; setLine(got.error); return; }
+    const head = layerBinary(got);
+    L.u = decodeArray(head.u, dtype, got);
+    L.uc = head.uc;
+    payload.bytes += got.byteLength;
+    const at = shown();
+    if (at) drawPanel(i, at[0], at[1]);
+  }).catch(() => { L.uLoading = false; });
 }
 
 function load(raw) {
@@ -159,8 +177,9 @@ function load(raw) {
   if (rolloutLabel) rolloutLabel.style.display = raw.layers.some(l => l.has_rollout) ? "" : "none";
   const measureLabel = element.querySelector("label.vggattn-measure-label");
   if (measureLabel) {
-    measureLabel.style.display = payload.layers.some(L => L.u) ? "" : "none";
-    const none = payload.layers.filter(L => !L.u && L.uNote).map(L => `${L.name}: ${L.uNote}`);
+    measureLabel.style.display = payload.layers.some(L => L.hasU) ? "" : "none";
+    if (measure !== "weights") payload.layers.forEach((L, i) => requestU(i));
+    const none = payload.layers.filter(L => !L.hasU && L.uNote).map(L => `${L.name}: ${L.uNote}`);
     measureLabel.title = none.length ? `Not offered for ${none.join("; ")}` : "";
   }
   const normsLabel = element.querySelector("label.vggattn-norms-label");
@@ -1045,6 +1064,7 @@ function setView(v) {
 
 function setMeasure(how) {
   measure = ["value", "effect"].includes(how) ? how : "weights";
+  if (measure !== "weights" && payload) payload.layers.forEach((L, i) => requestU(i));
   const select = element.querySelector("select.vggattn-measure");
   if (select) select.value = measure;
   redraw();
