@@ -866,6 +866,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--prompts, its share of the image's attention per layer")
     p.add_argument("--prompts", metavar="FILE", help="with --diffusers: a text file, one prompt a line")
     p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps a prompt")
+    p.add_argument("--maps", metavar="KINDS", help="a vision transformer: score these kinds of map against what the "
+                   "model does (weights,value,effect,rollout,flow,relevance: vggattn.study.maps) over --data")
     add_model_arguments(p)
     args = p.parse_args(argv)
     if args.diffusers and not args.prompts:
@@ -898,7 +900,7 @@ def main(argv=None) -> int:
         log.error("error: --ship writes the study beside a local checkpoint; %s is not a file or folder here "
                   "(for a Hub id, add study.json to its repo instead)", args.checkpoint)
         return BAD_INPUT
-    if args.tokens or args.diffusers:
+    if args.tokens or args.diffusers or args.maps:
         return tokens_study(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: each rank studies its share, rank 0 merges
@@ -919,7 +921,21 @@ def tokens_study(args) -> int:
     from .report import write_tokens_study
 
     try:
-        if args.diffusers:
+        if args.maps:
+            from .maps import KINDS, maps_study
+
+            kinds = tuple(k.strip() for k in args.maps.split(",") if k.strip())
+            bad = [k for k in kinds if k not in KINDS]
+            if bad:
+                raise ValueError(f"--maps: unknown kind(s) {bad}; the kinds are {', '.join(KINDS)}")
+            model, meta = load_from_args(args)
+            images = collect_images([args.data])
+            if args.limit:
+                images = images[:: max(1, len(images) // args.limit)][:args.limit]
+            if not images:
+                raise ValueError(f"no images in {args.data}")
+            study = {"maps": maps_study(model, meta, images, kinds, n_boot=args.bootstrap, seed=args.seed)}
+        elif args.diffusers:
             from ..diffusion import load_pipeline, word_study
 
             prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]

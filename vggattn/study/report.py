@@ -384,10 +384,43 @@ def tokens_report_html(study: dict) -> str:
             f"<table><thead><tr>{header}</tr></thead><tbody>{cells}</tbody></table></body></html>")
 
 
+def maps_tables(study: dict) -> tuple[list[list], list[list]]:
+    """(the scores table, the orderings table) of a map study (`vggattn.study.maps.maps_study`)."""
+    def ci(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+    scores = [["map", "positive perturbation AUC (lower better)", "negative perturbation AUC (higher better)",
+               "insertion AUC (higher better)", "Spearman with blank-out (higher better)", "seconds an image"]]
+    for kind, s in study["scores"].items():
+        scores.append([kind, ci(s["pos"]), ci(s["neg"]), ci(s["ins"]), ci(s["spearman"]),
+                       f"{study['seconds_per_image'][kind]:.3f}"])
+    orderings = [["the papers' ordering", "difference here [95% CI]", "here"]]
+    for o in study["orderings"]:
+        orderings.append([o["claim"], f"{o['difference'][0]:+.3f} [{o['difference'][1]:+.3f}, {o['difference'][2]:+.3f}]",
+                          o["verdict"]])
+    return scores, orderings
+
+
+def maps_report_html(study: dict) -> str:
+    scores, orderings = maps_tables(study)
+
+    def table(rows):
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vggattn study: maps</title><style>"
+            "body{font-family:sans-serif;margin:24px}table{border-collapse:collapse;margin:12px 0}td,th{border:1px "
+            "solid #ccc;padding:4px 8px;font-size:13px}</style></head><body><h1>Which map to believe</h1>"
+            f"<p>{study['images']} images; the top class's probability as patches are deleted or inserted in each "
+            f"map's order ({study['steps']} steps), and each map's Spearman correlation with each patch's own "
+            "importance; means with bootstrap 95% intervals over the images.</p>"
+            f"{table(scores)}{table(orderings)}</body></html>")
+
+
 def write_tokens_study(study: dict, out: str | Path) -> list[Path]:
-    """study.json and report.html of a tokens study into `out`."""
+    """study.json and report.html of a tokens study (or a map study) into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1))
-    (out / "report.html").write_text(tokens_report_html(study), encoding="utf-8")
+    (out / "report.html").write_text(maps_report_html(study["maps"]) if "maps" in study else
+                                     tokens_report_html(study), encoding="utf-8")
     return [out / "study.json", out / "report.html"]
