@@ -41,9 +41,14 @@ def contributions(adapter: Adapter, module: nn.Module, x: torch.Tensor, maps, ca
     if isinstance(adapter, CrossAdapter):
         raise NotOffered("cross-attention: not offered yet")
     with torch.no_grad():
-        if isinstance(adapter, TracedAdapter):
-            return _traced(adapter, module, x[:1], call)
-        return _adapted(adapter, module, x[:1])
+        try:
+            if isinstance(adapter, TracedAdapter):
+                return _traced(adapter, module, x[:1], call)
+            return _adapted(adapter, module, x[:1])
+        except NotOffered:
+            raise
+        except Exception as e:  # noqa: BLE001 (a block whose output map cannot be probed: said, the page goes on)
+            raise NotOffered(f"its output map could not be read ({type(e).__name__}: {e})") from e
 
 
 def _adapted(adapter: Adapter, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
