@@ -236,3 +236,26 @@ def test_the_apps_page_fetches_what_each_key_brings_when_asked(browser, tmp_path
         page.close()
     finally:
         demo.close()
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_every_querys_effect_at_once_equals_one_query_at_a_time(heads):
+    from timm.layers.bottleneck_attn import BottleneckAttn
+
+    from vggattn.attention.effect import effect_all
+
+    block = randomised(GlobalAttention(16) if heads == 1 else
+                       BottleneckAttn(16, feat_size=(6, 6), num_heads=2)).eval()
+    x = x_for(16, 6, 6)
+    adapter = adapters.adapter_for(block)
+    maps = adapter.maps(block, x)
+    u = contributions(adapter, block, x, maps)
+    rows = maps.rows(dtype=torch.float64)[0]
+    peaked = rows.clone()
+    peaked[:, 3] = 0
+    peaked[:, 3, 7] = 1 - 1e-13  # a key holding nearly the whole row: no cancellation
+    peaked[:, 3, 8] = 1e-13
+    for r in (rows, peaked):
+        got = effect_all(r, u)
+        want = torch.stack([effect(r[:, q], u) for q in range(r.shape[1])])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)

@@ -177,3 +177,21 @@ def test_the_fast_path_from_attended_values_equals_the_blocks_own_forward(family
     assert fast.keys() == dense.keys() and len(fast) > 1
     for key in fast:  # float32 rounding of two sums that differ in order: 1e-5 of attention's addition at most
         np.testing.assert_allclose(fast[key], dense[key], rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+def test_the_other_maps_keys_are_deleted_by_their_own_order():
+    """A "value" map that ranks the keys as the weights' reverse deletes what "bottom" deletes; without other maps,
+    "value" and "effect" fall back to the weights' "top"."""
+    torch.manual_seed(0)
+    rows = torch.softmax(torch.randn(1, 6, 6) * 3, -1)
+    values = torch.randn(1, 6, 4)
+    forward = lambda attended: attended.reshape(len(attended), 6, 4).permute(0, 2, 1).reshape(len(attended), 4, 2, 3)  # noqa: E731
+    grad = torch.randn(1, 4, 2, 3)
+    kinds = {"value": -rows[0], "effect": rows[0]}
+    got = faithfulness.image_faithfulness(forward, rows, rows, grad, (2, 3), (2, 3), ks=(1, 4), values=values,
+                                          kinds=kinds)
+    for k in (1, 4):
+        assert got[f"del:value:{k}"] == pytest.approx(got[f"del:bottom:{k}"])
+        assert got[f"del:effect:{k}"] == pytest.approx(got[f"del:top:{k}"])
+    plain = faithfulness.image_faithfulness(forward, rows, rows, grad, (2, 3), (2, 3), ks=(1,), values=values)
+    assert plain["del:value:1"] == plain["del:effect:1"] == plain["del:top:1"]

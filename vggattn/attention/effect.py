@@ -160,3 +160,41 @@ def effect(rows: torch.Tensor, u: torch.Tensor, normalise: str = "softmax") -> t
             others = torch.cat([u[h, :j], u[h, j + 1:]])
             moved[h, j] = a[h, j] * (u[h, j] - rest @ others / rest.sum()) if rest.sum() > 0 else 0.0
     return moved.sum(0).norm(dim=-1)
+
+
+def effect_all(rows: torch.Tensor, u: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """(N, M) `effect` of every query's row (rows (heads, N, M) softmax rows over the grid's keys, u (heads, M, C)).
+    One head: |c| sqrt(||u_j||^2 - 2 u_j . o_q + ||o_q||^2) from matrix products, the key holding over half a row
+    from the others' weighted mean (as `effect`); several heads: directly, queries a chunk at a time."""
+    a, u = rows.double(), u.double()
+    heads, n, m = a.shape
+    o = a @ u  # (heads, N, C)
+    if heads > 1:
+        out = []
+        step = max(1, chunk // max(1, m * u.shape[-1]))
+        for s in range(0, n, step):
+            part = a[:, s:s + step]
+            c = part / (1 - part)
+            moved = c[..., None] * (u[:, None] - o[:, s:s + step, None])  # (heads, q, M, C)
+            dom = part > 0.5
+            if dom.any():
+                h, q, j = dom.nonzero(as_tuple=True)
+                rest = part.clone()
+                rest[h, q, j] = 0
+                means = torch.einsum("hqm,hmc->hqc", rest, u) / rest.sum(-1, keepdim=True).clamp_min(1e-300)
+                moved[h, q, j] = part[h, q, j, None] * (u[h, j] - means[h, q])
+            out.append(moved.sum(0).norm(dim=-1))
+        return torch.cat(out)
+    a0, u0, o0 = a[0], u[0], o[0]
+    sq = ((u0 * u0).sum(-1)[None] - 2 * o0 @ u0.T + (o0 * o0).sum(-1, keepdim=True)).clamp_min(0)  # (N, M)
+    out = (a0 / (1 - a0)).abs() * sq.sqrt()
+    top, at = a0.max(-1)
+    q = (top > 0.5).nonzero(as_tuple=True)[0]
+    if len(q):
+        rest = a0[q].clone()
+        rest[torch.arange(len(q)), at[q]] = 0
+        s = rest.sum(-1, keepdim=True)
+        means = (rest @ u0) / s.clamp_min(1e-300)
+        exact = top[q] * (u0[at[q]] - means).norm(dim=-1)
+        out[q, at[q]] = torch.where(s[:, 0] > 0, exact, torch.zeros_like(exact))
+    return out

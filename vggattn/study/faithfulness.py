@@ -18,8 +18,10 @@ output depends only on its own row (every non-local family here). Measured per q
 Where the output is not on the query grid, or one map serves every position (GCNet), the whole output is one
 position. Selections: "top" (q's own k largest weights), against "random" k keys (what uniform rows would pick),
 "bottom" (q's k smallest), "mean_row" (the image's query-averaged row's top k: the same keys for every query) and
-"reinit_qk" (the top k of q's row after re-initialising what makes the logits). A faithful map: "top" far above the
-rest, and above "mean_row" where the rows differ between queries.
+"reinit_qk" (the top k of q's row after re-initialising what makes the logits), and the top k of q's other maps
+(`vggattn.attention.effect`): "value" (what each key brings, Kobayashi et al.) and "effect" (how far q's output moves
+when each key alone is removed), where the block's keys' contributions can be read (else they are the weights'
+"top"). A faithful map: "top" far above the rest, and above "mean_row" where the rows differ between queries.
 
 Sink anatomy: at the image's sink (the most attended key), what its value adds when it takes a query's whole
 attention against the mean over keys (each query given the key of its own cell; where the output is per position),
@@ -40,7 +42,7 @@ from ..attention.trace import watch
 from .bootstrap import paired_bootstrap_ci
 
 KS = (1, 4, 16)  # deleted keys
-SELECTIONS = ("top", "random", "bottom", "mean_row", "reinit_qk")
+SELECTIONS = ("top", "random", "bottom", "mean_row", "reinit_qk", "value", "effect")
 NOP_BELOW, BROADCAST_FROM = 0.1, 0.5
 VARIANTS = 2  # replaced rows run through the block at once (each (heads, N, M): 64 MB for a 64 x 64 grid)
 
@@ -116,7 +118,7 @@ def attended_variants(rows: torch.Tensor, values: torch.Tensor, sink: int, chose
 @torch.no_grad()
 def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, reinit_rows: torch.Tensor,
                        grad: torch.Tensor, grid: tuple[int, int], key_grid: tuple[int, int], *, seed: int = 0,
-                       ks=KS, values: torch.Tensor | None = None) -> dict[str, float]:
+                       ks=KS, values: torch.Tensor | None = None, kinds: dict | None = None) -> dict[str, float]:
     """One image and block: forward(rows (V, heads, N, M)) -> the block's outputs (V, ...) with those rows; rows
     (heads, N, M) its own (N = 1: one map for every position); reinit_rows the same after re-initialising what makes
     the logits; grad (1, ...) the gradient of the image's top-1 logit at the block's output. With `values` (heads, M,
@@ -134,6 +136,10 @@ def image_faithfulness(forward: Callable[[torch.Tensor], torch.Tensor], rows: to
               "bottom": head_mean.topk(kmax, 1, largest=False).indices,
               "mean_row": mean_row.topk(kmax).indices.expand(n, -1),
               "reinit_qk": reinit_rows.mean(0).topk(kmax, 1).indices}
+    for kind, picked in (kinds or {}).items():  # other maps of the same rows: their own top k
+        chosen[kind] = picked.topk(kmax, 1).indices.to(rows.device)
+    for kind in ("value", "effect"):
+        chosen.setdefault(kind, chosen["top"])
     per_query = n == grid[0] * grid[1]
     cells = own_cells(grid, key_grid).to(rows.device)
     if values is not None:
@@ -217,10 +223,26 @@ def record(model: torch.nn.Module, blocks: list, x: torch.Tensor, random_blocks:
                                                     rows[None].expand(len(replaced), *rows.shape)))
 
             measured = image_faithfulness(forward, rows, reinit.image(j).rows()[0].float(), grad[j:j + 1], maps.grid,
-                                          maps.key_grid, seed=seed + position, values=values)
+                                          maps.key_grid, seed=seed + position, values=values,
+                                          kinds=other_maps(adapter, module, xj, maps.image(j), rows))
             for key, value in measured.items():
                 out.setdefault(f"{name}:{key}", []).append(value)
     return {key: np.asarray(value) for key, value in out.items()}
+
+
+def other_maps(adapter, module, x: torch.Tensor, maps, rows: torch.Tensor) -> dict | None:
+    """{"value", "effect": (N, M)} of every query's row (`vggattn.attention.effect`), or None where the block's keys'
+    contributions cannot be read (or its rows have prefix keys: those of the grid only are deleted here)."""
+    from ..attention.effect import NotOffered, contributions, effect_all
+
+    if maps.prefix is not None or rows.shape[1] == 1:
+        return None
+    try:
+        u = contributions(adapter, module, x, maps)
+    except NotOffered:
+        return None
+    return {"value": torch.einsum("hnm,hm->nm", rows.abs().double(), u.double().norm(dim=-1)).float(),
+            "effect": effect_all(rows, u).float()}
 
 
 def _ci(values: np.ndarray, n_boot: int, seed: int) -> list[float]:
@@ -239,7 +261,11 @@ def summarise(rec: dict[str, np.ndarray], layers: list[str], n_boot: int, seed: 
                            "the output is not on the query grid or one map serves every position: the whole output)",
                "selections": "top: the query's own k largest weights; random: k random keys (uniform rows' choice); "
                              "bottom: its k smallest; mean_row: the image's mean row's top k; reinit_qk: the top k "
-                             "after re-initialising the parameters that make the logits",
+                             "after re-initialising the parameters that make the logits; value: the top k of what each "
+                             "key brings (sum over heads of |weight| x the norm of its value through the output map, "
+                             "Kobayashi et al.); effect: the top k by how far the query's output moves when the key "
+                             "alone is removed and the rest renormalised (both: the weights' top k where the block's "
+                             "keys' contributions cannot be read)",
                "sink": f"nop: the sink term is < {NOP_BELOW} of what attention adds; broadcast: >= {BROADCAST_FROM}; "
                        "value norm: what the sink's value adds when it takes a query's whole attention, against the "
                        "mean over keys",
