@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -100,10 +100,11 @@ _deferred_lock = threading.Lock()
 LAYER_ROUTE = "vggattn/layer"  # GET vggattn/layer/<key>/<index> -> that layer's payload (JSON)
 
 
-def deferred_payload(result: Analysis, pages: list[PageLayer], dtype: str) -> dict:
-    """The upload's payload within `vggattn.view.hover.PAYLOAD_BUDGET`; the layers left out are kept for
-    `layer_answer`."""
-    key = secrets.token_urlsafe(16)
+def deferred_payload(result: Analysis, pages: list[PageLayer], dtype: str, key: str | None = None) -> dict:
+    """The upload's payload within `vggattn.view.hover.PAYLOAD_BUDGET`; the layers left out, and what each layer's
+    keys bring, are kept for `layer_answer` and `contributions_answer` under `key` (a new one by default: an
+    analysis answered again keeps its own)."""
+    key = key or secrets.token_urlsafe(16)
     payload = page_payload(result, pages, dtype, hover_module.PAYLOAD_BUDGET, fetch=f"{LAYER_ROUTE}/{key}/")  # and U
     if "fetch" in payload:
         with _deferred_lock:
@@ -149,6 +150,7 @@ class Session:
     stale: bool = False  # a newer upload of this session is being analysed (`on_upload`)
     linked: dict | None = None  # made by a link (`on_link`): its page payload, sent again when the image's change
     # event echoes it (the page drops its maps at every upload's start), which is not an upload
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # its layers' address for the page's fetches
 
     @property
     def size(self) -> tuple[int, int]:
@@ -295,7 +297,7 @@ def session_outputs(ui: UI, model: nn.Module, meta: dict, session: Session, hove
     note = unsure_note(result, meta)
     gammas = result.gammas()
     return blank(ui) | map_updates(ui, session, opacity, colormap, mode, tab, model) | {
-        ui.state: session, ui.hover: deferred_payload(result, pages, hover_dtype) | link_fields(session.path),
+        ui.state: session, ui.hover: deferred_payload(result, pages, hover_dtype, session.key) | link_fields(session.path),
         ui.status: f"**{note}** {status}" if note else status, **prediction_outputs(ui, result),
         ui.gammas_md: gamma_markdown(result),
         ui.gammas_plot: pd.DataFrame({"block": list(gammas), "gamma": list(gammas.values())}) if gammas else None,
