@@ -389,7 +389,7 @@ def maps_tables(study: dict) -> tuple[list[list], list[list]]:
     def ci(v):
         return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
     scores = [["map", "positive perturbation AUC (lower better)", "negative perturbation AUC (higher better)",
-               "insertion AUC (higher better)", "Spearman with blank-out (higher better)", "seconds an image"]]
+               "insertion AUC (higher better)", "Spearman with blank-out (higher better)", "seconds to make the map"]]
     for kind, s in study["scores"].items():
         scores.append([kind, ci(s["pos"]), ci(s["neg"]), ci(s["ins"]), ci(s["spearman"]),
                        f"{study['seconds_per_image'][kind]:.3f}"])
