@@ -2,6 +2,7 @@
 seeds, and a test of whether the arms' difference survives it.
 
     python scripts/ab_seeds.py ~/runs/ab > checkpoints/vit-registers-seeds.md
+    python scripts/ab_seeds.py --shipped        # the two shipped arms on the whole val split, image by image
 
 Reads RUNS/<arch>-s<seed>/best.safetensors (scripts/train_zoo.py's runs: the same recipe as the shipped arms, every
 seed of both arms in one precision), evaluates each on all of ../shared's val split in float32 (each image's
@@ -44,10 +45,25 @@ def correct(checkpoint: Path, arch: str, data: Path) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", type=Path)
+    p.add_argument("runs", type=Path, nargs="?")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette2-224" / "val")
+    p.add_argument("--shipped", action="store_true", help="the shipped arms (checkpoints/vit-*imagenette-96): "
+                   "top-1 of each on the whole split, the paired bootstrap CI of the difference and McNemar's exact "
+                   "test on the images they disagree on")
     args = p.parse_args(argv)
-    from scipy.stats import ttest_ind
+    from scipy.stats import binomtest, ttest_ind
+
+    if args.shipped:
+        a = correct(ROOT / "checkpoints" / "vit-imagenette-96.safetensors", ARMS[0], args.data).astype(float)
+        b = correct(ROOT / "checkpoints" / "vit-reg4-imagenette-96.safetensors", ARMS[1], args.data).astype(float)
+        d = b - a
+        boot = d[np.random.default_rng(0).integers(0, len(d), (2000, len(d)))].mean(1)
+        only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+        print(f"{len(a)} images: without registers {a.mean():.2%}, with 4 registers {b.mean():.2%}, difference "
+              f"{d.mean() * 100:+.2f} pts [{np.percentile(boot, 2.5) * 100:+.2f}, {np.percentile(boot, 97.5) * 100:+.2f}]"
+              f" (paired bootstrap over images); right only without registers {only_a}, only with {only_b}: "
+              f"McNemar's exact p = {binomtest(only_b, only_a + only_b, 0.5).pvalue:.3f}")
+        return 0
 
     found: dict[str, dict[int, np.ndarray]] = {a: {} for a in ARMS}
     for run in sorted(args.runs.expanduser().glob("*-s*")):
