@@ -93,14 +93,27 @@ def test_a_per_image_map_is_not_offered():
         contributions(adapter, block, x, adapter.maps(block, x))
 
 
-def test_a_vision_transformers_attention_read_by_what_it_computes():
-    """timm's ViT block (class token, 2 heads): the traced attention's own forward with the query's event row
-    changed, the class token's key included."""
+def vit(library: str):
+    torch.manual_seed(0)
+    if library == "timm":
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=32,
+                                 num_classes=3, pretrained=False).eval()
+    T = pytest.importorskip("transformers")
+    from vggattn.models.output import ImageOutput
+
+    c = T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=3)
+    return ImageOutput(T.ViTForImageClassification(c).eval())
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_a_vision_transformers_attention_read_by_what_it_computes(library):
+    """A ViT block (class token, 2 heads) of timm and of transformers (its attention module holds the output
+    projection): the traced attention's own forward with the query's event row changed, the class token's key
+    included."""
     from vggattn.analysis import analyze
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=32,
-                              num_classes=3, pretrained=False).eval()
+    model = vit(library)
     from PIL import Image
     import numpy as np
 
