@@ -28,37 +28,28 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     import vggattn
-    from vggattn import app
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from server import free_port  # noqa: E402
+    from server import uploaded  # noqa: E402
 
     model, meta = vggattn.load_checkpoint(device="cpu")
-    demo = app.build_demo(model, meta)
-    port = free_port()
-    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
     shots = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
-        page.locator("#input-image input[type=file]").set_input_files(args.image)
-        page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=120_000)
-        page.evaluate("([x, y]) => window.vggattnHover.pin(x, y)", [args.x, args.y])
-        page.mouse.move(1430, 890)  # off the picture: the pinned point shows
-        for how in ("weights", "value", "effect"):
-            page.locator("select.vggattn-measure").select_option(how)
-            page.wait_for_timeout(400)
-            top = page.locator("#panel-0").bounding_box()
-            line = page.locator(".vggattn-hover-line").bounding_box()
-            y0 = min(top["y"], line["y"]) - 6
-            path = Path(args.out).with_name(f"_{how}.png")
-            page.screenshot(path=str(path), clip={"x": 0, "y": y0, "width": 1440,
-                                                   "height": top["y"] + top["height"] - y0 + 6})
-            shots.append(path)
+        with uploaded(browser, model, meta, args.image) as page:
+            page.evaluate("([x, y]) => window.vggattnHover.pin(x, y)", [args.x, args.y])
+            page.mouse.move(1430, 890)  # off the picture: the pinned point shows
+            for how in ("weights", "value", "effect"):
+                page.locator("select.vggattn-measure").select_option(how)
+                page.wait_for_timeout(400)
+                top = page.locator("#panel-0").bounding_box()
+                line = page.locator(".vggattn-hover-line").bounding_box()
+                y0 = min(top["y"], line["y"]) - 6
+                path = Path(args.out).with_name(f"_{how}.png")
+                page.screenshot(path=str(path), clip={"x": 0, "y": y0, "width": 1440,
+                                                       "height": top["y"] + top["height"] - y0 + 6})
+                shots.append(path)
         browser.close()
-    demo.close()
     images = [Image.open(s) for s in shots]
     sheet = Image.new("RGB", (1440, sum(i.height for i in images)), "white")
     y = 0

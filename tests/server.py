@@ -33,3 +33,22 @@ def running_app(real: bool = False):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@contextmanager
+def uploaded(browser, model, meta, image, width: int = 1440, height: int = 900):
+    """The app for (model, meta) served here, a page at width x height with `image` uploaded and the page's hover
+    ready: yields the page (closed, and the server stopped, after)."""
+    demo = app.build_demo(model, meta)
+    port = free_port()
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(image))
+        page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=120_000)
+        yield page
+    finally:
+        page.close()
+        demo.close()

@@ -217,23 +217,14 @@ def test_the_apps_page_fetches_what_each_key_brings_when_asked(browser, tmp_path
 
     import numpy as np
     from PIL import Image
-    from server import free_port
+    from server import uploaded
 
     import vggattn
-    from vggattn import app
     from vggattn.analysis import analyze
 
     here = Path(__file__).resolve().parents[1]
     model, meta = vggattn.load_checkpoint(device="cpu")
-    demo = app.build_demo(model, meta)
-    port = free_port()
-    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
-        page.locator("#input-image input[type=file]").set_input_files(str(here / "assets" / "church.jpg"))
-        page.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=120_000)
+    with uploaded(browser, model, meta, here / "assets" / "church.jpg") as page:
         sent = page.evaluate("window.vggattnHover.state().sent")
         assert sent < 2_000_000  # the weights' payload only
         assert page.evaluate("window.vggattnHover.measured(0, 5, 'effect')") is None  # not fetched yet
@@ -246,9 +237,6 @@ def test_the_apps_page_fetches_what_each_key_brings_when_asked(browser, tmp_path
             want = effect(full_rows(block.maps, 5), u).numpy()
             got = page.evaluate(f"window.vggattnHover.measured({li}, 5, 'effect')")
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * float(want.max()))
-        page.close()
-    finally:
-        demo.close()
 
 
 @pytest.mark.parametrize("heads", [1, 2])

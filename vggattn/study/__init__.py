@@ -914,10 +914,21 @@ def main(argv=None) -> int:
     return finish(study, args, meta)
 
 
+def _images(args) -> list:
+    """The image files under --data (any folder), an evenly spaced --limit of them."""
+    from ..data import collect_images
+
+    images = collect_images([args.data])
+    if args.limit:
+        images = images[:: max(1, len(images) // args.limit)][:args.limit]
+    if not images:
+        raise ValueError(f"no images in {args.data}")
+    return images
+
+
 def tokens_study(args) -> int:
     """--tokens (a detector's queries over --data's images) or --diffusers with --prompts (a pipeline's words):
     study.json and report.html in --out."""
-    from ..data import collect_images
     from .report import write_tokens_study
 
     try:
@@ -929,12 +940,7 @@ def tokens_study(args) -> int:
             if bad:
                 raise ValueError(f"--maps: unknown kind(s) {bad}; the kinds are {', '.join(KINDS)}")
             model, meta = load_from_args(args)
-            images = collect_images([args.data])
-            if args.limit:
-                images = images[:: max(1, len(images) // args.limit)][:args.limit]
-            if not images:
-                raise ValueError(f"no images in {args.data}")
-            study = {"maps": maps_study(model, meta, images, kinds, n_boot=args.bootstrap, seed=args.seed)}
+            study = {"maps": maps_study(model, meta, _images(args), kinds, n_boot=args.bootstrap, seed=args.seed)}
         elif args.diffusers:
             from ..diffusion import load_pipeline, word_study
 
@@ -947,12 +953,7 @@ def tokens_study(args) -> int:
             from ..tokens import query_study
 
             model, meta = load_from_args(args)
-            images = collect_images([args.data])
-            if args.limit:
-                images = images[:: max(1, len(images) // args.limit)][:args.limit]
-            if not images:
-                raise ValueError(f"no images in {args.data}")
-            study = query_study(model, meta, images, seed=args.seed, resamples=args.bootstrap)
+            study = query_study(model, meta, _images(args), seed=args.seed, resamples=args.bootstrap)
     except (CheckpointError, OSError, ValueError, ImportError) as e:
         log.error("error: %s", e)
         return BAD_INPUT
