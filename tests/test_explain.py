@@ -52,6 +52,19 @@ def test_two_images_write_what_is_promised(tiny_checkpoint, tmp_path):
         assert np.load(d / "features.14_contribution.npy").shape == (16, 16)
         assert np.load(d / "features.30_mean_attention.npy").shape == (4, 4)
         assert np.load(d / "gradcam.npy").shape == (4, 4)
+        # the page's other two views at each point: what each key brings and the effect of removing it
+        value, moved = np.load(d / "features.22_value.npy"), np.load(d / "features.22_effect.npy")
+        assert value.shape == moved.shape == (2, 8, 8) and (value >= 0).all() and (moved >= 0).all()
+        if name == "church":
+            from vggattn.attention.effect import effect, full_rows
+            from vggattn.analysis import analyze
+            from vggattn.models.checkpoint import load_checkpoint
+
+            model, meta = load_checkpoint(tiny_checkpoint, device="cpu")
+            block = analyze(model, meta, Image.open(d.parent.parent / "in" / "church.jpg")).blocks[1]
+            want = effect(full_rows(block.maps, block.query_index((150, 100))), block.keys_contributions()[0])
+            assert want.max() > 0  # (gamma 0.5: the block's keys do change its output)
+            np.testing.assert_allclose(moved[1].ravel(), want.numpy(), rtol=1e-4, atol=1e-9)
         with Image.open(d / "figure.png") as fig:
             assert fig.format == "PNG" and fig.width > 800
 

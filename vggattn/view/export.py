@@ -222,7 +222,9 @@ def figure(result: Analysis, points: list[tuple[float, float]], path: Path, opac
 def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: str | Path, off: dict | None = None, *,
                  source: str | None = None, opacity: float = 0.8, colormap: str = "inferno", mode: str = "smooth",
                  live: bool = False, about: str = "") -> dict:
-    """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict. off: the ablation's
+    """Write figure.png, the maps as .npy and result.json into out_dir; return the JSON dict. Per block and point: its
+    row (`_attention.npy`), and where the block's keys' contributions can be read, what each key brings and the
+    effect of removing it (`_value.npy`, `_effect.npy`: `vggattn.attention.effect`). off: the ablation's
     probabilities (`vggattn.analysis.switched_off`, which also adds the Grad-CAM; None: neither). live: also
     view.html, the live view in one file that opens offline (`vggattn.view.live`, the first point pinned; about:
     its line on the model). Runs no model."""
@@ -244,6 +246,16 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
         save(f"{safe}_mean_attention.npy", mean_map)
         if block.contribution is not None:
             save(f"{safe}_contribution.npy", block.contribution)
+        u, _ = block.keys_contributions() if points and not block.maps.per_image else (None, "")
+        if u is not None:  # what each key brings, and the effect of removing it, at each point (the page's views)
+            from ..attention.effect import effect, full_rows, value_weighted
+
+            m = block.maps.key_grid[0] * block.maps.key_grid[1]
+            rows = [full_rows(block.maps, block.query_index(xy)) for xy in points]
+            save(f"{safe}_value.npy", np.stack([value_weighted(a, u)[:m].numpy().reshape(block.maps.key_grid)
+                                                for a in rows]))
+            save(f"{safe}_effect.npy", np.stack([effect(a, u, block.maps.normalise)[:m].numpy().reshape(
+                block.maps.key_grid) for a in rows]))
         if block.maps.prefix_rows is not None:  # tokens: each prefix token's row on the key grid, mean of heads
             m = block.maps.key_grid[0] * block.maps.key_grid[1]
             rows = block.maps.prefix_rows[0, :, :, :m].double().mean(0).cpu().numpy()
