@@ -22,7 +22,7 @@ import torch
 from ..analysis import ALL_OFF, Analysis
 from ..models.checkpoint import atomic_write
 from ..attention.readouts import HIGH_NORM, row_readouts
-from .hover import pages
+from .hover import U_BUDGET, contributions_bytes, pages
 from .render import attention_picture, map_levels, mark_query, overlay, points_picture, upsample
 
 
@@ -246,7 +246,9 @@ def write_result(result: Analysis, points: list[tuple[float, float]], out_dir: s
         save(f"{safe}_mean_attention.npy", mean_map)
         if block.contribution is not None:
             save(f"{safe}_contribution.npy", block.contribution)
-        u, _ = block.keys_contributions() if points and not block.maps.per_image else (None, "")
+        size = contributions_bytes(block)
+        u, _ = block.keys_contributions() if points and not block.maps.per_image and size is not None \
+            and size <= U_BUDGET else (None, "")
         if u is not None:  # what each key brings, and the effect of removing it, at each point (the page's views)
             from ..attention.effect import effect, full_rows, value_weighted
 

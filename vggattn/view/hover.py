@@ -395,19 +395,28 @@ def block_page(block, kind: str | None = None) -> PageLayer:
 U_BUDGET = 16 << 20  # bytes: the keys' contributions (value-weighted and effect views) go to the page up to this in all
 
 
+def contributions_bytes(block) -> int | None:
+    """About the bytes of a block's keys' contributions (heads x keys x the block's width, float32), before reading
+    them; None where the block's input was not kept."""
+    source = getattr(block, "source", None)
+    if source is None:
+        return None
+    x = source[1]  # the block's input: its width is about the output's (what U holds per key and head)
+    width = x.shape[-1] if x.dim() == 3 else x.shape[1]
+    keys = block.maps.key_grid[0] * block.maps.key_grid[1] + len(block.maps.prefix_names or [])
+    return block.maps.heads * keys * width * 4
+
+
 def pages(result) -> list[PageLayer]:
     """Every block of an analysis (`vggattn.analysis.Analysis`) as the page gets it, with what each key brings
     (`BlockResult.keys_contributions`) while those stay within U_BUDGET bytes in all."""
     layers = [block_page(b) for b in result.blocks]
     spent = 0
     for layer, block in zip(layers, result.blocks):
-        source = getattr(block, "source", None)
-        if source is None:
+        size = contributions_bytes(block)
+        if size is None:
             continue
-        x = source[1]  # the block's input: its width is about the output's (what U holds per key and head)
-        width = x.shape[-1] if x.dim() == 3 else x.shape[1]
-        keys = block.maps.key_grid[0] * block.maps.key_grid[1] + len(block.maps.prefix_names or [])
-        if spent + block.maps.heads * keys * width * 4 > U_BUDGET:  # not read at all
+        if spent + size > U_BUDGET:  # not read at all
             layer.u_note = f"its keys' contributions would pass the page's {U_BUDGET >> 20} MB for them"
             continue
         u, why = block.keys_contributions()
