@@ -32,8 +32,11 @@ def attention_flow(mats: list[torch.Tensor], source: int) -> np.ndarray:
     """(T,) Abnar and Zuidema's attention flow from token `source` after the last block to every input token: the
     maximum flow through the layered graph whose edge from token i at layer l + 1 to token j at layer l has the
     capacity `residual_mixed(A_l)[i, j]` (mats: each block's head-mean (T, T) attention, first block first)."""
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import maximum_flow
+    try:
+        from scipy.sparse import csr_array
+        from scipy.sparse.csgraph import maximum_flow
+    except ImportError as e:
+        raise ImportError(f"attention flow needs scipy: pip install scipy ({e})") from e
 
     t, layers = mats[0].shape[0], len(mats)
     rows, cols, caps = [], [], []
