@@ -112,3 +112,24 @@ def test_explain_writes_the_across_layers_maps(tmp_path):
     assert got["token"] == "cls_token" and set(got["kinds"]) == {"rollout", "flow", "relevance"}
     assert np.load(tmp_path / "church" / "across_flow.npy").shape == (12, 12)
     assert (tmp_path / "church" / "across.png").stat().st_size > 0
+
+
+def test_flow_is_not_attempted_past_its_token_limit(monkeypatch):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vggattn import analysis
+    from vggattn.analysis import analyze, across_layers
+    from vggattn.app.across import on_across
+    from vggattn.models.byo import load_model
+
+    here = Path(__file__).resolve().parents[1]
+    vit, meta = load_model("vggattn.models.zoo:vit_imagenette", here / "checkpoints" / "vit-imagenette-96.safetensors")
+    result = analyze(vit, meta, Image.open(here / "assets" / "church.jpg"))
+    monkeypatch.setattr(analysis, "FLOW_MAX_TOKENS", 100)  # the small ViT has 145 tokens
+    got = across_layers(vit, result)
+    assert "flow" not in got and "145" in got["flow_not_offered"] and "relevance" in got
+    state = type("Session", (), {"result": result})()
+    note, rollout, flow, relevance = on_across(vit, state, -1)
+    assert flow["value"] is None and "up to 100 tokens" in flow["label"] and rollout["value"] is not None

@@ -414,6 +414,7 @@ def analysed_b(model, meta: dict, image, kind: str, layers: list[str] | None = N
 
 
 ACROSS_KINDS = ("rollout", "flow", "relevance")
+FLOW_MAX_TOKENS = 300  # attention flow: one max-flow per token over (layers + 1) x T nodes (0.6 s at 145 tokens)
 
 
 def across_layers(model: nn.Module, result: Analysis, target: int | None = None,
@@ -456,7 +457,10 @@ def across_layers(model: nn.Module, result: Analysis, target: int | None = None,
             a = a / a.sum(-1, keepdim=True)
             total = a if total is None else a @ total
         out["rollout"] = shaped(total[cls].numpy(), t0)
-    if "flow" in kinds:
+    if "flow" in kinds and mats[0].shape[0] > FLOW_MAX_TOKENS:
+        out["flow_not_offered"] = (f"attention flow is a max-flow per token over the layer graph: offered up to "
+                                   f"{FLOW_MAX_TOKENS} tokens, this model has {mats[0].shape[0]}")
+    elif "flow" in kinds:
         t0 = time.perf_counter()
         out["flow"] = shaped(attention_flow(mats, cls), t0)
     if "relevance" in kinds and target is not None:

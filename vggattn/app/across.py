@@ -30,6 +30,9 @@ def on_across(model: nn.Module, state, target, opacity: float = 0.8, colormap: s
     out = [f"The **{got['token']}** token's sources over all layers; relevance for **{got['class']}**. Each map on its "
            "own scale (brightest: its largest); the prefix tokens' own values under each."]
     for kind in ACROSS_KINDS:
+        if kind not in got:  # flow past its token limit
+            out.append(gr.update(value=None, label=f"{TITLES[kind]} · {got.get(f'{kind}_not_offered', 'not offered')}"))
+            continue
         entry = got[kind]
         prefix = ", ".join(f"{n} {v:.3f}" for n, v in entry["prefix"].items())
         out.append(gr.update(value=map_picture(state.result, entry["map"].clip(min=0), opacity, colormap),

@@ -399,7 +399,8 @@ def write_across(got: dict, result: Analysis, out_dir: str | Path, *, opacity: f
         sheet = _Sheet(1, 1 + len(kinds))
         sheet.show(0, 0, result.display)
         sheet.title(0, 0, f"{got['token']}'s sources\nrelevance for {got['class']}")
-        summary = {"token": got["token"], "target": got["target"], "class": got["class"], "kinds": {}}
+        summary = {"token": got["token"], "target": got["target"], "class": got["class"], "kinds": {},
+                   **({"flow_not_offered": got["flow_not_offered"]} if "flow_not_offered" in got else {})}
         for c, kind in enumerate(kinds, start=1):
             np.save(out / f"across_{kind}.npy", got[kind]["map"].astype(np.float32))
             sheet.show(0, c, map_picture(result, got[kind]["map"].clip(min=0), opacity, colormap))
