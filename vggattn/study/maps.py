@@ -75,6 +75,8 @@ def class_token_maps(model, result, kinds) -> tuple[dict[str, np.ndarray], dict[
         if "not_offered" in got:
             raise ValueError(got["not_offered"])
         for k in across:
+            if k not in got:
+                raise ValueError(f"{k}: {got.get(f'{k}_not_offered', 'not offered')} (leave it out of --maps)")
             maps[k], seconds[k] = got[k]["map"], got[k]["seconds"]
     return maps, seconds, shares
 
