@@ -55,7 +55,7 @@ from ..view.compare import Side, compare_html
 from ..view.live import about_model
 from ..view.render import COLORMAPS, SCALES, UPSAMPLING
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
-from ..view.hover import PageLayer, contributions_binary, layer_binary, page_payload
+from ..view.hover import PageLayer, contributions_binary, layer_binary, page_payload, read_u
 from ..data import query_index
 from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
@@ -135,9 +135,13 @@ def contributions_answer(key: str, index: int):
 
     with _deferred_lock:
         held = DEFERRED.get(key)
-    if held is None or not 0 <= index < len(held[0]) or held[0][index].u is None:
+    if held is None or not 0 <= index < len(held[0]):
         return JSONResponse({"error": "this image's layers are no longer kept here: upload it again"}, status_code=404)
-    return Response(contributions_binary(held[0][index], held[1]), media_type="application/octet-stream")
+    layer = held[0][index]
+    if read_u(layer) is None:
+        return JSONResponse({"error": f"{layer.name}: what each key brings is not offered ({layer.u_note})"},
+                            status_code=404)
+    return Response(contributions_binary(layer, held[1]), media_type="application/octet-stream")
 
 
 @dataclass
@@ -280,7 +284,7 @@ def on_image(ui: UI, model: nn.Module, meta: dict, path, hover_dtype: str = "flo
     try:
         with sharing_cores():
             result = analyze(model, meta, load_upload(path), layers)
-        session = Session(result, pages(result), path=str(path))
+        session = Session(result, pages(result, lazy=True), path=str(path))
         return session_outputs(ui, model, meta, session, hover_dtype, tab, opacity, colormap, mode)
     finally:
         release_memory()
@@ -599,7 +603,7 @@ def api_attention_at(model, meta, layers, path, x, y, opacity=CONTROLS["opacity"
     w, h = result.size
     if x is None or y is None or not (0 <= x < w and 0 <= y < h):
         raise gr.Error(f"The point ({x}, {y}) is outside the {w}×{h} image.")
-    state = Session(result, pages(result))
+    state = Session(result, pages(result, lazy=True))
     pictures, _, _ = render_point(state, (float(x), float(y)), opacity, colormap, mode, True, CONTROLS["scale"], None)
     info = [{"layer": b.name, "family": b.family, "grid": list(b.maps.grid), "key_grid": list(b.maps.key_grid),
              "gamma": b.gamma, "query_index": b.query_index((float(x), float(y)))} for b in result.blocks]

@@ -105,7 +105,7 @@ def contributions_binary(layer: "PageLayer", dtype: str = "float32") -> bytes:
     format, with "u" and "uc" only)."""
     part = PageLayer(layer.name, layer.family, layer.meaning, layer.grid, layer.key_grid, layer.heads, "u",
                      layer.normalise, layer.scale)
-    part.u = layer.u
+    part.u = read_u(layer)
     return layer_binary(part, dtype)
 
 
@@ -162,6 +162,7 @@ class PageLayer:
     rollout: np.ndarray | None = None  # tokens: (N + P, M + P) attention rollout up to this block (Abnar and Zuidema)
     u: np.ndarray | None = None  # (heads, M + P, C) what each key brings through each head (`vggattn.attention.effect`)
     u_note: str = ""  # why `u` is not sent, in words
+    u_read: object = None  # lazy pages (the app): reads `u` when the page first asks (`read_u`); None: not offered
     # tokens, "qk": q holds N + P rows (the grid's, then the prefix tokens') and k M + P keys, in that order
 
     @property
@@ -407,9 +408,18 @@ def contributions_bytes(block) -> int | None:
     return block.maps.heads * keys * width * 4
 
 
-def pages(result) -> list[PageLayer]:
+def read_u(layer: PageLayer) -> np.ndarray | None:
+    """A lazy layer's keys' contributions, read once (None, with `u_note` saying why, where not offered)."""
+    if layer.u is None and layer.u_read is not None:
+        layer.u, layer.u_note = layer.u_read()
+        layer.u_read = None
+    return layer.u
+
+
+def pages(result, lazy: bool = False) -> list[PageLayer]:
     """Every block of an analysis (`vggattn.analysis.Analysis`) as the page gets it, with what each key brings
-    (`BlockResult.keys_contributions`) while those stay within U_BUDGET bytes in all."""
+    (`BlockResult.keys_contributions`) while those stay within U_BUDGET bytes in all. lazy (the app, which sends
+    them only when the page asks): nothing read here, each layer's `read_u` reads its own on the first request."""
     layers = [block_page(b) for b in result.blocks]
     spent = 0
     for layer, block in zip(layers, result.blocks):
@@ -418,6 +428,13 @@ def pages(result) -> list[PageLayer]:
             continue
         if spent + size > U_BUDGET:  # not read at all
             layer.u_note = f"its keys' contributions would pass the page's {U_BUDGET >> 20} MB for them"
+            continue
+        if lazy:
+            def later(block=block):
+                u, why = block.keys_contributions()
+                return (None if u is None else u.float().cpu().numpy()), why
+            layer.u_read = later
+            spent += size
             continue
         u, why = block.keys_contributions()
         if u is not None:
@@ -447,8 +464,8 @@ def page_payload(result, layers: list[PageLayer], dtype: str = "float32", budget
     used = len(out["image"]) + 200
     for i, layer in enumerate(layers):
         whole = layer._payload(dtype)  # its arrays encoded only if they are sent now
-        if fetch is not None and "u" in whole:  # what each key brings: fetched when the page's view asks for it
-            whole = {k: v for k, v in whole.items() if k not in ("u", "uc")} | {"has_u": True}
+        if fetch is not None and ("u" in whole or layer.u_read is not None):  # what each key brings: fetched
+            whole = {k: v for k, v in whole.items() if k not in ("u", "uc")} | {"has_u": True}  # when the view asks
         size = _json_size(whole)
         if fetch is not None and used + size > budget:  # past the budget: fetched when its panel shows
             whole = {k: v for k, v in whole.items() if k not in ARRAYS} | {"deferred": True}
