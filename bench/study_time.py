@@ -28,8 +28,8 @@ import torch
 from common import ROOT, report
 
 from vggattn import study
-from vggattn.models.byo import add_model_arguments, blocks_of, load_from_args
-from vggattn.models.checkpoint import add_checkpoint_argument
+from vggattn.cli import add_checkpoint_argument, add_model_arguments
+from vggattn.models.byo import blocks_of, load_from_args
 from vggattn.attention.trace import watch
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette2-224" / "val"

@@ -53,3 +53,36 @@ def test_every_cli_builds_its_parser_in_parse_args_and_argparse_errors_are_2(nam
     with pytest.raises(SystemExit) as e:
         module.parse_args(["--no-such-flag"])
     assert e.value.code == 2
+
+
+COMMANDS = ["app", "explain", "study", "train", "evaluate", "plots"]  # vggattn.launcher's, one a console script
+
+
+@pytest.mark.parametrize("how", ["import", "help", "bad flag"])
+def test_import_and_help_load_no_torch(how):
+    """`import vggattn` and every command's --help (and a bad flag) load neither torch nor Gradio: a fresh
+    interpreter, then sys.modules. (The times are measured in bench/README.md; this says why they are short.)"""
+    import subprocess
+    import sys
+
+    run = {"import": "import vggattn",
+           "help": "from vggattn import launcher\nfor c in %r:\n try: getattr(launcher, c)(['--help'])\n"
+                   " except SystemExit as e: assert e.code == 0, c" % COMMANDS,
+           "bad flag": "from vggattn import launcher\nfor c in %r:\n try: getattr(launcher, c)(['--no-such-flag'])\n"
+                       " except SystemExit as e: assert e.code == 2, c" % COMMANDS}[how]
+    out = subprocess.run([sys.executable, "-c", run + "\nimport sys\nprint(sorted({m.split('.')[0] for m in "
+                          "sys.modules} & {'torch', 'gradio', 'numpy', 'matplotlib', 'timm', 'transformers'}))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]
+
+
+@pytest.mark.parametrize("module", ["explain", "training.train", "training.evaluate", "training.plots"])
+def test_python_dash_m_answers_help_before_its_imports(module):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", f"vggattn.{module}", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: vggattn-"), out.stderr[-500:]
+    assert "| torch\n" not in out.stderr  # -X importtime lists every module imported, on stderr

@@ -75,23 +75,28 @@ def test_console_scripts_answer_help(venv, script):
 
 def test_app_script_without_the_app_extra_says_how_in_one_line(venv, tmp_path):
     """vggattn-app where Gradio is not installed (a stand-in package that fails to import, as a missing one
-    does): one line naming the extra, exit 2, no traceback."""
+    does): one line naming the extra, exit 2, no traceback; its --help answers all the same."""
     _, env, _, tmp = venv
     stub = tmp_path / "hide" / "gradio"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'gradio'\", name='gradio')\n")
-    out = run(env / "bin" / "vggattn-app", "--help", cwd=tmp, pythonpath=tmp_path / "hide")
+    out = run(env / "bin" / "vggattn-app", "--port", "0", cwd=tmp, pythonpath=tmp_path / "hide")
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert out.stderr.strip().count("\n") == 0 and 'pip install "vggattn[app]"' in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    helped = run(env / "bin" / "vggattn-app", "--help", cwd=tmp, pythonpath=tmp_path / "hide")  # flags need no Gradio
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: vggattn-app"), helped.stderr
 
 
 def test_the_readmes_speak_to_users_not_of_issue_numbers():
-    """README.md, the card and bench/README.md say what things are; the tracker's numbering is not theirs."""
+    """README.md, docs/*.md, the card and bench/README.md say what things are; the tracker's numbering is not
+    theirs."""
     import re
 
     root = Path(__file__).resolve().parent.parent
-    for doc in ("README.md", "checkpoints/README.md", "bench/README.md"):
+    docs = sorted(str(p.relative_to(root)) for p in (root / "docs").glob("*.md"))
+    assert docs, "docs/*.md: no pages"
+    for doc in ("README.md", *docs, "checkpoints/README.md", "bench/README.md"):
         text = (root / doc).read_text(encoding="utf-8")
         found = re.findall(r"(?i)\b(?:issue|task)s?\s*#?\d+|\bthe issue\b|\bissue's\b", text)
         assert not found, (doc, found[:5])

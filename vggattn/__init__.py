@@ -1,12 +1,34 @@
 """vggattn: see what the self-attention inside a CNN looks at (the article's attention-VGG16, and any model
-whose blocks compute attention)."""
+whose blocks compute attention).
 
-from .analysis import Analysis, analyze
-from .capture import capture
-from .models.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from .data import ImageLoadError, cell_box, open_image, preprocess, query_index
-from .models.vgg import (GlobalAttention, ModelConfig, VGG16WithAttention, attention_layer_names, fold_batchnorm,
-                    from_torchvision, gammas, vgg16_with_attention)
+`import vggattn` loads nothing heavy: each name below is imported from its module on first use (torch comes with
+the first of them), so a command's `--help` and a process that needs one module pay for that module alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {  # name -> the module that defines it
+    "Analysis": "analysis", "analyze": "analysis", "capture": "capture",
+    "DEFAULT_CHECKPOINT": "models.checkpoint", "CheckpointError": "models.checkpoint",
+    "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
+    **dict.fromkeys(["ImageLoadError", "cell_box", "open_image", "preprocess", "query_index"], "data"),
+    **dict.fromkeys(["GlobalAttention", "ModelConfig", "VGG16WithAttention", "attention_layer_names", "fold_batchnorm",
+                     "from_torchvision", "gammas", "vgg16_with_attention"], "models.vgg"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'vggattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_WHERE})
 
 
 def launch(model, *, transform=None, class_names=None, **kw):
@@ -23,9 +45,4 @@ def show(model=None, image=None, **kw):
     return widget(model, image, **kw)
 
 
-__all__ = [
-    "DEFAULT_CHECKPOINT", "CheckpointError", "load_checkpoint", "save_checkpoint",
-    "ImageLoadError", "cell_box", "open_image", "preprocess", "query_index", "GlobalAttention", "ModelConfig",
-    "VGG16WithAttention", "attention_layer_names", "fold_batchnorm", "from_torchvision", "gammas",
-    "vgg16_with_attention", "Analysis", "analyze", "capture", "launch", "show",
-]
+__all__ = [*_WHERE, "launch", "show"]

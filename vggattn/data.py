@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .cli import IMAGE_SUFFIXES
+
 # Deliberate limits: a 8000 x 6000 photo (48 MP) is fine; anything declaring more is refused
 # before it is decoded (Pillow's own bomb check, as an error instead of a warning).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ORIENTATION = 0x0112  # the EXIF tag
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")  # what a folder scan picks up
 
 
 class ImageLoadError(ValueError):

@@ -28,31 +28,27 @@ A folder is run as a batch with a progress bar; an image that cannot be read is 
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the flags first, so --help needs none of the imports below
+    from vggattn.cli import explain_args
+
+    explain_args()
+
 import logging
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .analysis import analyze, switched_off
+from .cli import explain_args
 from .attention.adapters import NoAttention
-from .models.byo import add_model_arguments, load_from_args, load_named
-from .models.checkpoint import BAD_INPUT, CheckpointError, add_checkpoint_argument
+from .models.byo import load_from_args, load_named
+from .models.checkpoint import BAD_INPUT, CheckpointError
 from .data import IMAGE_SUFFIXES, ImageLoadError, collect_images, open_image
 from .view.export import write_result
 from .view.hover import pages
 from .view.live import about_model
-from .view.render import COLORMAPS
 
 log = logging.getLogger("vggattn.explain")
-
-
-def parse_point(text: str) -> tuple[float, float]:
-    try:
-        x, y = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--point takes X,Y (e.g. 120,80), got {text!r}") from None
-    return x, y
 
 
 def unique_dirs(images: list[Path], out: Path) -> list[Path]:
@@ -65,46 +61,7 @@ def unique_dirs(images: list[Path], out: Path) -> list[Path]:
     return dirs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.explain", description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="images, or folders of images")
-    add_checkpoint_argument(p)
-    p.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y",
-                   help="a pixel of the original image (repeatable; default: the centre)")
-    p.add_argument("--relative", action="store_true", help="points are fractions of width and height (0..1)")
-    p.add_argument("--out", required=True, help="output folder (one subfolder per image)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-ablation", action="store_true", help="skip the per-layer ablation forwards")
-    p.add_argument("--compare", metavar="B",
-                   help="also write compare.html (A/B under one pointer, and B minus A per layer) and compare.json, "
-                        "against B: another image file; reinit (every block's Q and K re-initialised); off, mean or "
-                        "uniform (every block's attention intervened on); layers:NAME,NAME (two layers of this "
-                        "model); or another model: a checkpoint file, timm:NAME or hf:NAME_OR_FOLDER")
-    p.add_argument("--html", action="store_true",
-                   help="also write view.html: the live view in one file (follows the pointer, pins clicks) that "
-                        "opens in any browser with no server and no network (with --token: tokens.html; with "
-                        "--diffusers: words.html, the tokens as tiles)")
-    p.add_argument("--across", action="store_true",
-                   help="a transformer: also write where its class token's output comes from over all layers: "
-                        "attention rollout, flow and relevance for the top class (across.png, across.json, .npy)")
-    p.add_argument("--token", action="append", default=[], metavar="NAME",
-                   help='a token that is not a place on the image, e.g. a detector\'s "query 3" (repeatable): its map '
-                        "in every cross-attention layer as .npy, tokens.png and tokens.json (its predicted box and "
-                        "class, and its weight inside that box)")
-    p.add_argument("--diffusers", metavar="FOLDER",
-                   help="a diffusion pipeline saved with save_pretrained (no image inputs): generate from --prompt "
-                        "and write each --word's cross-attention maps (per layer, per step, and DAAM's sum)")
-    p.add_argument("--prompt", help="with --diffusers: the prompt")
-    p.add_argument("--word", action="append", default=[], help="with --diffusers: a word of the prompt (repeatable)")
-    p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps")
-    p.add_argument("--seed", type=int, default=0, help="with --diffusers: the latents' seed")
-    p.add_argument("--guidance", type=float, default=7.5, help="with --diffusers: classifier-free guidance scale")
-    p.add_argument("--compare-prompt", metavar="PROMPT", help="with --diffusers: also generate from this prompt (same "
-                   "seed) and write words-compare.html: each word's maps under both prompts and their difference")
-    p.add_argument("--colormap", default=COLORMAPS[0], choices=COLORMAPS, help="colormap of the overlays")
-    p.add_argument("--opacity", type=float, default=0.8, help="opacity of the most attended cells' tint")
-    add_model_arguments(p)
-    return p.parse_args(argv)
+parse_args = explain_args
 
 
 def compare_side(args, model, meta) -> dict:

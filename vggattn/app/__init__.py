@@ -23,7 +23,6 @@ dataset study) read the same analysis; a model with cross-attention (a detector'
 
 from __future__ import annotations
 
-import argparse
 import functools
 import html
 import logging
@@ -47,15 +46,16 @@ import torch.nn as nn
 from ..attention.adapters import MODES, NoAttention, TracedAdapter
 from ..analysis import (COMPARE_KINDS, Analysis, ablate, analysed_b, analyze, block_gamma, blocks_of, switched_off,
                         with_gradcam)
-from ..models.byo import add_model_arguments, in_hand, load_from_args, model_meta, wants_own_model
+from ..models.byo import in_hand, load_from_args, model_meta, wants_own_model
 from ..models.checkpoint import (BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError,
-                         add_checkpoint_argument, load_checkpoint)
+                         load_checkpoint)
 from ..view.export import map_picture, write_result
 from ..view.compare import Side, compare_html
 from ..view.live import about_model
 from ..view.render import COLORMAPS, SCALES, UPSAMPLING
 from ..view import hover as hover_module  # PAYLOAD_BUDGET, read at each upload
 from ..view.hover import PageLayer, contributions_binary, layer_binary, page_payload, read_u
+from ..cli import app_args
 from ..data import query_index
 from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
@@ -732,7 +732,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                 seen = gr.Image(label=f"What the model sees ({meta['input_size']}×{meta['input_size']})",
                                 interactive=False, format="jpeg", height=200, visible="transform" not in meta)
         readouts = gr.Markdown(elem_id="readouts")
-        with gr.Tabs():
+        # the views' tab buttons wrap onto more rows where they do not fit (a phone), none hidden in a "..." menu
+        with gr.Tabs(overflow_behavior="wrap", elem_id="views"):
             with gr.Tab("Effective contribution") as contribution_tab:
                 gr.Markdown(CONTRIBUTION_HINT)
                 with gr.Row():
@@ -799,7 +800,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/u/{{index}}", contributions_answer),  # added by launch()
                                (f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]
-        demo.vggattn_css = CSS
+        from .ui import PHONE_CSS  # the views' tables at a phone's width
+        demo.vggattn_css = CSS + PHONE_CSS
 
         # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one
         # request: the page drops its copy of the old maps at once (UPLOAD_JS), the server marks the old analysis
@@ -866,31 +868,7 @@ def launch(model: nn.Module, *, transform=None, class_names=None, input_size: in
     return serve(build_demo(model, meta, layers=layers), host, port, share, **kw)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="vggattn: click a pixel, see its attention in every block.")
-    add_checkpoint_argument(p, "checkpoint to show (also shipped: checkpoints/vgg16att-imagenette-w025-128"
-                               ".safetensors, 85.7%%, 128 px, 1/19 of the FLOPs)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
-    # Hosts such as Hugging Face Spaces say where to listen through Gradio's variables (or PORT)
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1 = this machine only)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
-                   help="port to serve on (default: $GRADIO_SERVER_PORT, else $PORT, else 7860)")
-    p.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
-    p.add_argument("--session-ttl", type=int, default=3600,
-                   help="seconds a session's analysis is kept after it was made (default: an hour)")
-    p.add_argument("--hover-dtype", default="float32", choices=["float32", "float16"],
-                   help="how Q and K travel to the page for the maps under the pointer (float16: half the bytes, "
-                        "rows differ by the error in bench/README.md)")
-    p.add_argument("--concurrency", type=int, default=2, help="events of one kind that run at once (default 2)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="PyTorch threads per forward (default: the cores divided among the events running at the "
-                        "time, at least 1: a lone upload gets every core, concurrent ones do not oversubscribe them)")
-    p.add_argument("--diffusers", metavar="FOLDER",
-                   help="a diffusion pipeline saved with save_pretrained: a page that generates from a prompt and "
-                        "shows where each word is attended to, by layer and step (instead of an image model)")
-    add_model_arguments(p)
-    return p.parse_args(argv)
+parse_args = app_args
 
 
 def main(argv=None) -> int:

@@ -261,25 +261,6 @@ def load_named(spec: str, device: str = "cpu") -> tuple[nn.Module, dict]:
     return load_from_args(args)
 
 
-def add_model_arguments(parser) -> None:
-    """The flags that bring a model of your own, the same in every CLI that takes one."""
-    own = parser.add_argument_group("your own model (instead of an attention-VGG16 checkpoint)")
-    own.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a factory returning the model; --checkpoint "
-                     "is then its weights (.pth state_dict or .safetensors), or give none for random weights")
-    own.add_argument("--timm", metavar="NAME", help="a timm model (pretrained where timm's hub is reachable)")
-    own.add_argument("--hf", metavar="NAME_OR_FOLDER", help="a transformers vision model: a folder saved with "
-                     "save_pretrained, or a Hub id (a classifier, a backbone such as Dinov2Model, a detector's "
-                     "encoder, or the vision tower of a CLIPModel or SiglipModel)")
-    own.add_argument("--classes", help="class names file, one a line (timm's ImageNet models have theirs)")
-    own.add_argument("--input-size", type=int, help="square input size for --model or --timm (default: the checkpoint's or timm's, "
-                     "else 224)")
-    own.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: the checkpoint's, "
-                     f"else ImageNet's {IMAGENET_MEAN})")
-    own.add_argument("--std", type=float, nargs=3, help=f"input normalisation std (default: ImageNet's {IMAGENET_STD})")
-    own.add_argument("--layers", nargs="+", metavar="NAME", help="the attention blocks by module name "
-                     "(default: every attention block found, by its class or by what it computes)")
-
-
 def named_model(checkpoint) -> str | None:
     """The factory a .safetensors checkpoint's meta names ("model": "package.module:factory"), or None."""
     path = Path(checkpoint) if checkpoint else None

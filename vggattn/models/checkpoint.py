@@ -23,26 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..cli import BAD_INPUT, CHECKPOINTS, DEFAULT_CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, SMALL_CHECKPOINT  # noqa: F401
 from .vgg import ModelConfig, VGG16WithAttention
 
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINTS / "vgg16att-imagenette-w05-256.safetensors"  # 90.0% val top-1, 64x64 first grid
-SMALL_CHECKPOINT = CHECKPOINTS / "vgg16att-imagenette-w025-128.safetensors"  # 85.7%, 10.6 MB, 0.84 vs 15.9 GFLOPs
 META_KEY = "vggattn"
 FORMAT_VERSION = 1
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-BAD_INPUT = 2  # every CLI's exit code for a bad flag, file or checkpoint (argparse's own, too)
-
-
-def add_checkpoint_argument(parser, what: str = "checkpoint") -> None:
-    """The same --checkpoint flag for every CLI: a file, a folder or a Hub id, the shipped checkpoint by default."""
-    parser.add_argument("--checkpoint", help=f"{what}: a .safetensors or the article's .pth, a folder holding "
-                        "model.safetensors, or a Hugging Face Hub id (default: the shipped "
-                        f"{DEFAULT_CHECKPOINT.name}); with --model, that model's weights (none: random); a "
-                        ".safetensors whose meta names a vggattn model builds that model")
 
 
 class CheckpointError(ValueError):

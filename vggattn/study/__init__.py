@@ -38,7 +38,6 @@ full-width study runs in bounded memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -59,8 +58,9 @@ from ..analysis import _ancestors, block_gamma
 from ..attention.adapters import (BlockMaps, Intervention, SlowPath, TracedAdapter, cat_outputs, token_modes, output_tensor, randomised_copy, reinit_qk,
                                   replaced_forward, tokens)
 from .bootstrap import paired_bootstrap_ci
-from ..models.byo import add_model_arguments, blocks_of, load_from_args, wants_own_model
-from ..models.checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError, add_checkpoint_argument
+from ..cli import SCOPES, study_args
+from ..models.byo import blocks_of, load_from_args, wants_own_model
+from ..models.checkpoint import BAD_INPUT, DEFAULT_CHECKPOINT, CheckpointError
 from ..data import eval_transform, load_rgb
 from ..attention.readouts import HIGH_NORM, SINK_DOMINATED, cell_centers
 from .report import MODES, headline, write_study
@@ -360,8 +360,6 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 
 
 # -- the study -------------------------------------------------------------------------------------
-
-SCOPES = ("each", "all", "none")  # --interventions: each block and all at once, all at once only, none
 
 
 def run_modes(names: list[str], tokens: list[str] = (), scope: str = "each") -> dict[str, dict[str, str]]:
@@ -840,41 +838,7 @@ def load_study(checkpoint: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.study", description=__doc__.splitlines()[0])
-    add_checkpoint_argument(p, "checkpoint to study")
-    p.add_argument("--data", help="ImageFolder split (one folder per class, by wnid or class name); with --tokens, "
-                   "any folder of images")
-    p.add_argument("--out", required=True, help="output folder (study.json, report.html, PNG figures)")
-    p.add_argument("--limit", type=int, default=0, help="study an evenly spaced subset of N images (0 = all)")
-    p.add_argument("--sanity-images", type=int, default=256, help="images for the randomisation check (0 = skip)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomised weights")
-    p.add_argument("--ship", action="store_true", help="also copy study.json to <checkpoint stem>.study.json beside it")
-    p.add_argument("--faithfulness-images", type=int, default=64, help="images for the deletion and sink "
-                   "measures (vggattn.study.faithfulness; 0 = skip)")
-    p.add_argument("--interventions", choices=SCOPES, default="each", help="each: every block alone and all at once "
-                   "(off, mean, uniform); all: all blocks at once only (a transformer's many blocks); none: skip")
-    p.add_argument("--resume", action="store_true", help="continue a study that was stopped: keep the per-image "
-                   "records in OUT/records and study only the images they miss")
-    p.add_argument("--tokens", action="store_true", help="a detector (--hf): per object query over the images in "
-                   "--data, how often it finds an object and its attention's share inside its box per layer")
-    p.add_argument("--diffusers", metavar="FOLDER", help="a diffusion pipeline (save_pretrained): per word over "
-                   "--prompts, its share of the image's attention per layer")
-    p.add_argument("--prompts", metavar="FILE", help="with --diffusers: a text file, one prompt a line")
-    p.add_argument("--steps", type=int, default=4, help="with --diffusers: denoising steps a prompt")
-    p.add_argument("--maps", metavar="KINDS", help="a vision transformer: score these kinds of map against what the "
-                   "model does (weights,value,effect,rollout,flow,relevance: vggattn.study.maps) over --data")
-    add_model_arguments(p)
-    args = p.parse_args(argv)
-    if args.diffusers and not args.prompts:
-        p.error("--diffusers needs --prompts")
-    if not args.diffusers and not args.data:
-        p.error("give --data (or --diffusers with --prompts)")
-    return args
+parse_args = study_args
 
 
 def load(args) -> tuple[torch.nn.Module, dict]:

@@ -11,6 +11,11 @@ input size and of the article's full VGG16WithAttention vs torchvision's VGG16 a
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the flags first, so --help needs none of the imports below
+    from vggattn.cli import evaluate_args
+
+    evaluate_args()
+
 import argparse
 import json
 import logging
@@ -25,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..attention.adapters import replaced_forward
-from ..models.checkpoint import BAD_INPUT, add_checkpoint_argument, CheckpointError, load_checkpoint
+from ..models.checkpoint import BAD_INPUT, CheckpointError, load_checkpoint
+from ..cli import evaluate_args
 from ..data import eval_transform, load_rgb, per_class_subset
 from ..models.vgg import GlobalAttention, VGG16WithAttention
 
@@ -161,17 +167,7 @@ def article_flops_comparison(size: int = 224) -> dict:
             "attention_vgg16_params": count_params(ours), "vgg16_params": count_params(plain)}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.training.evaluate", description=__doc__.splitlines()[0])
-    add_checkpoint_argument(p, "checkpoint to evaluate")
-    p.add_argument("--data", help="ImageFolder root of the split to evaluate (e.g. .../imagenette2-224/val)")
-    p.add_argument("--out", help="directory for metrics.json and confusion.png")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--limit-per-class", type=int, default=0, help="at most this many images per class (0 = all)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--flops-only", action="store_true", help="only print the FLOPs comparison")
-    return p.parse_args(argv)
+parse_args = evaluate_args
 
 
 def main(argv=None) -> int:

@@ -9,11 +9,16 @@ From checkpoints, the epoch is the one their meta records (training.epochs), els
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the flags first, so --help needs none of the imports below
+    from vggattn.cli import plots_args
+
+    plots_args()
+
 import json
 import logging
 from pathlib import Path
 
+from ..cli import plots_args
 from ..models.checkpoint import BAD_INPUT, CheckpointError
 from ..models.vgg import ARTICLE_ATTENTION_NAMES
 
@@ -86,12 +91,7 @@ def plot_gamma_history(history: list[dict], path: str | Path, title: str = "γ p
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.training.plots", description="Plot each layer's gamma against epoch.")
-    p.add_argument("sources", nargs="+", help="log.jsonl of python -m vggattn.training.train, its run folder, or checkpoints")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--title", default="γ per attention layer", help="figure title")
-    return p.parse_args(argv)
+parse_args = plots_args
 
 
 def main(argv=None) -> int:

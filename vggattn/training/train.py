@@ -12,6 +12,11 @@ writes. `--resume` continues after the last saved epoch with optimizer and sched
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the flags first, so --help needs none of the imports below
+    from vggattn.cli import train_args
+
+    train_args()
+
 import argparse
 import contextlib
 import json
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 from ..models.checkpoint import (BAD_INPUT, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, atomic_write, load_checkpoint, resolve_device,
                          save_checkpoint)
+from ..cli import train_args
 from ..data import eval_transform, load_rgb, per_class_subset, train_transform
 from ..models.vgg import (ARTICLE_ATTENTION_NAMES, ModelConfig, VGG16WithAttention, fold_batchnorm, from_torchvision, gammas,
                     unfold_batchnorm)
@@ -53,46 +59,7 @@ def shareable_recipe(args) -> dict:
     return {k: (Path(v).name if k in paths and v else v) for k, v in vars(args).items() if k != "resume"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vggattn.training.train", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
-    p.add_argument("--out", required=True, help="run directory (last.pt, best.safetensors, log.jsonl)")
-    p.add_argument("--names", help="class names file: lines 'folder name' or a markdown table '| folder | name |'")
-    p.add_argument("--width", type=float, default=0.25, help="channel multiplier (1.0 = the article)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden classifier size (4096 = the article)")
-    p.add_argument("--dropout", type=float, default=0.3, help="classifier dropout")
-    p.add_argument("--input-size", type=int, default=128, help="square input size of the model (val and inference)")
-    p.add_argument("--train-size", type=int, default=0, help="random-resized-crop size for training (0 = input size; smaller is faster, FixRes-style)")
-    p.add_argument("--no-attention", action="store_true", help="same network without the three attention blocks (A/B baseline)")
-    p.add_argument("--global-attention", action="store_true",
-                   help="every attention row replaced by the image's query-averaged row (GCNet's query-independent block)")
-    p.add_argument("--no-batch-norm", action="store_true", help="train without BatchNorm (the article's plain network)")
-    p.add_argument("--init", default="random", metavar="random|imagenet|PATH",
-                   help="imagenet: torchvision VGG16 weights (needs the network); PATH: warm start from a vggattn "
-                        "checkpoint of the same width/hidden (e.g. a shipped one; BatchNorm is re-inserted as the identity)")
-    p.add_argument("--epochs", type=int, default=30, help="number of epochs")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size per process")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--schedule", choices=["onecycle", "cosine"], default="onecycle", help="learning-rate schedule (per step)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine warm-up epochs")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: fp16 AMP on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. "
-                        "channels_last always")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--limit-per-class", type=int, default=0, help="use at most this many images per class and split (0 = all)")
-    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
-                   help="after the last epoch, re-estimate BatchNorm statistics on N training images seen as at "
-                        "inference (whole image at --input-size); kept if val top-1 improves. Fixes the train/test "
-                        "resolution gap of --train-size < --input-size (FixRes)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with nothing left to train, "
-                                                          "only the final steps run, e.g. --recalibrate-bn)")
-    return p.parse_args(argv)
+parse_args = train_args
 
 
 def read_class_names(path: str | None, folders: list[str]) -> list[str]:

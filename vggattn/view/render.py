@@ -23,7 +23,8 @@ import math
 import matplotlib
 import numpy as np
 
-COLORMAPS = ("inferno", "viridis", "magma", "turbo", "jet", "hot")  # perceptually uniform first
+from ..cli import COLORMAPS
+
 UPSAMPLING = ("smooth", "blocky")
 SCALES = ("linear", "log")
 VIEWS = ("row", "column")  # row: where a position looks; column: who looks at it
