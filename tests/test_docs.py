@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ FENCE = re.compile(r"^\s*```\s*([\w+-]*)\s*$")
 MARK = re.compile(r"^\s*<!--\s*not run\s*:?(.*?)-->\s*$", re.IGNORECASE)
 LINKED = ("checkpoints", "assets")  # what the blocks read, linked into their folder
 TIMEOUT_S = 120
+WORKERS = 2
 README_MAX_LINES = 150
 
 
@@ -71,25 +73,44 @@ def shell_code(block: Block) -> str:
     return "\n".join(line[2:] for line in block.code.splitlines() if line.startswith("$ ")) + "\n"
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_code_block_runs(block: Block, tmp_path: Path):
-    """Each python and shell block runs to exit code 0 (or is marked not run, with its reason)."""
-    if block.mark is not None:
-        reason = MARK.match(block.mark).group(1).strip()
-        assert reason, f"{block.id}: a not-run mark without a reason"
-        pytest.skip(f"{block.id}: not run: {reason}")
+def run(block: Block, folder: Path) -> subprocess.CompletedProcess | None:
+    """The block run in `folder` (None when it runs past TIMEOUT_S)."""
     for name in LINKED:
-        (tmp_path / name).symlink_to(ROOT / name, target_is_directory=True)
+        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
-               MPLBACKEND="Agg", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+               MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if block.lang in PYTHON:
         command = [sys.executable, "-c", block.code]
     else:
         command = ["bash", "-e", "-c", shell_code(block)]
     try:
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s")
+        return None
+
+
+@pytest.fixture(scope="module")
+def started(request, tmp_path_factory):
+    """The runnable blocks this session selected, started WORKERS at a time in test order when the first is
+    tested (each block is mostly a fresh interpreter's imports and one forward, on one thread)."""
+    chosen = [item.callspec.params["block"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_code_block_runs"
+              and item.callspec.params["block"].mark is None]
+    pool = ThreadPoolExecutor(WORKERS)
+    yield {b.id: pool.submit(run, b, tmp_path_factory.mktemp("block")) for b in chosen}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+def test_code_block_runs(block: Block, started):
+    """Each python and shell block runs to exit code 0 (or is marked not run, with its reason)."""
+    if block.mark is not None:
+        reason = MARK.match(block.mark).group(1).strip()
+        assert reason, f"{block.id}: a not-run mark without a reason"
+        pytest.skip(f"{block.id}: not run: {reason}")
+    done = started[block.id].result()
+    assert done is not None, f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s"
     assert done.returncode == 0, (
         f"{block.id} (line {block.line}) exited with {done.returncode}\n--- code\n{block.code}"
         f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
