@@ -529,6 +529,118 @@ def test_layout_image_and_panels(page, width, height):
         assert all(abs(b["x"] - boxes[0]["x"]) < 2 for b in boxes) and [b["y"] for b in boxes] == sorted(b["y"] for b in boxes)
 
 
+PHONE = {"width": 390, "height": 844}
+# What each view shows once its tab is tapped, and what it runs there (Ablation, Export and Compare have a button)
+VIEW_CONTENT = {"Effective contribution": "#contribution-0", "Query dependence": "#dependence", "Ablation": "#ablate",
+                "Grad-CAM": "#gradcam", "Across layers": "#across-note", "Export": "#export-button",
+                "Compare": "#compare-button", "Blocks": "#blocks", "Dataset": "#study", "Tokens": "#tokens-note"}
+# What keeps a view from being read whole at the page's width, as sentences: the page wider than the screen, a
+# "..." menu of tabs, a tab button hidden, cut or past an edge, not one view shown, anything of the view shown past
+# an edge (in a table that scrolls sideways is fine) or its text cut, a picture's label under its buttons, a panel's
+# colour scale cut or out of its panel
+PHONE_PROBLEMS = """() => {
+  const out = [], W = innerWidth, name = e => `${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''} "${(e.innerText || '').trim().slice(0, 40)}"`;
+  const shown = e => { const r = e.getBoundingClientRect(), s = getComputedStyle(e);
+    return r.width > 1 && r.height > 1 && s.visibility !== 'hidden' && s.display !== 'none'; };
+  const scrolled = e => { for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) {
+    const o = getComputedStyle(a).overflowX;
+    if ((o === 'auto' || o === 'scroll') && (a.tagName === 'TABLE' || a.closest('[data-testid=dataframe], .table-wrap')))
+      return true; } return false; };
+  const meet = (a, b) => a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+  const cut = e => { const s = getComputedStyle(e);
+    return (['hidden', 'clip'].includes(s.overflowX) || s.textOverflow === 'ellipsis') && e.scrollWidth > e.clientWidth + 1
+      && [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()); };
+  const past = (e, left, right) => { const r = e.getBoundingClientRect(); return r.left < left - 1 || r.right > right + 1; };
+  if (document.documentElement.scrollWidth > W) out.push(`the page is ${document.documentElement.scrollWidth} px wide`);
+  document.querySelectorAll('.overflow-menu, .overflow-dropdown').forEach(m => { if (shown(m)) out.push('a menu of tabs shows'); });
+  document.querySelectorAll('[role=tab]').forEach(t => {
+    if (!shown(t)) out.push(`tab ${name(t)} hidden`);
+    else if (past(t, 0, W)) out.push(`tab ${name(t)} past the edge`);
+    if (t.scrollWidth > t.clientWidth + 1) out.push(`tab ${name(t)} cut`); });
+  const views = [...document.querySelectorAll('#views [role=tabpanel]')].filter(shown);
+  if (views.length !== 1) out.push(`${views.length} views shown`);
+  for (const v of views) for (const e of [v, ...v.querySelectorAll('*')]) {
+    if (!shown(e)) continue;
+    if (past(e, 0, W) && !scrolled(e)) out.push(`${name(e)} past the edge`);
+    if (cut(e)) out.push(`${name(e)} cut (${e.scrollWidth} > ${e.clientWidth} px)`);
+    if (e.matches('label[data-testid=block-label]')) for (const b of e.parentElement.querySelectorAll('.icon-button-wrapper'))
+      if (shown(b) && meet(e.getBoundingClientRect(), b.getBoundingClientRect())) out.push(`${name(e)} under its buttons`); }
+  for (const e of document.querySelectorAll('#hover *')) if (shown(e) && past(e, 0, W)) out.push(`${name(e)} past the edge`);
+  document.querySelectorAll('.vggattn-legend').forEach(l => {
+    if (!shown(l)) return;
+    const box = l.closest('[id^=panel-]').getBoundingClientRect(), r = l.getBoundingClientRect(), s = l.querySelector('span');
+    if (past(l, Math.max(0, box.left), Math.min(W, box.right)) || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+      out.push(`${name(l)} out of its panel`);
+    if (l.scrollWidth > l.clientWidth + 1 || l.scrollHeight > l.clientHeight + 1 || s.scrollWidth > s.clientWidth + 1)
+      out.push(`${name(l)} cut`); });
+  return out; }"""
+
+
+def open_view(view, name: str, act: bool = True) -> None:
+    """Tap the view's tab (Playwright's tap: on screen and nothing over it, or it fails), see it selected and its
+    content shown; act: run what it runs (a block ablated, an export, the A/B comparison) and wait for the answer."""
+    tab = view.get_by_role("tab", name=name, exact=True)
+    tab.tap()
+    view.wait_for_function("(t) => [...document.querySelectorAll('[role=tab]')].some(b => b.innerText.trim() === t "
+                           "&& b.getAttribute('aria-selected') === 'true')", arg=name, timeout=10_000)
+    if name in VIEW_CONTENT:
+        view.locator(VIEW_CONTENT[name]).first.wait_for(state="visible", timeout=30_000)
+    if act and name == "Ablation":
+        view.locator("#layers-off input[type=checkbox]").first.tap()
+        view.locator("#ablate").tap()
+        view.wait_for_function("document.querySelector('#ablation-verdict').innerText.includes('Top-1')", timeout=30_000)
+    elif act and name == "Export":
+        view.locator("#export-button").tap()
+        view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)
+    elif act and name == "Compare":
+        view.locator("#compare-button").tap()
+        view.wait_for_function("(() => { const f = document.querySelector('#compare-view iframe');"
+                               " return f && f.contentWindow.vggattnCompare && f.contentWindow.vggattnCompare.ready; })()",
+                               timeout=60_000)
+    settled(view)
+
+
+def phone_page(browser, url: str, image=app.HERE / "assets" / "church.jpg"):
+    """A page at 390x844 that takes taps, the app at url open, `image` uploaded and its centre tapped (pinned)."""
+    view = browser.new_page(viewport=PHONE, has_touch=True)
+    view.goto(url)
+    view.wait_for_selector("#input-image input[type=file]", state="attached", timeout=60_000)
+    view.locator("#input-image input[type=file]").set_input_files(str(image))
+    view.wait_for_function("window.vggattnHover && window.vggattnHover.ready()", timeout=60_000)
+    img = view.locator("#input-image img").first
+    box = img.evaluate("e => [e.clientWidth, e.clientHeight]")
+    img.tap(position={"x": box[0] / 2, "y": box[1] / 2})
+    view.wait_for_function("document.querySelector('#status').innerText.includes('Pinned: pixel')", timeout=30_000)
+    settled(view)
+    return view
+
+
+def every_view_at_phone_width(view, expected: set) -> list:
+    """Tap every view's tab in turn at the page's (a phone's) width: each one selected and shown whole, no problem
+    of PHONE_PROBLEMS before or after -> the views' names (at least `expected`)."""
+    names = [n.strip() for n in view.get_by_role("tab").all_inner_texts() if n.strip()]
+    assert expected <= set(names), (expected, names)
+    problems = view.evaluate(PHONE_PROBLEMS)
+    assert view.locator(".vggattn-legend").first.is_visible() and not problems, problems  # the pinned point's legends
+    for name in names:
+        open_view(view, name)
+        problems = view.evaluate(PHONE_PROBLEMS)
+        assert not problems, (name, problems)
+    assert "Error" not in view.locator("body").inner_text()
+    return names
+
+
+def test_every_view_at_a_phones_width(page):
+    """At 390x844, with touch: every tab's button is on screen (none behind a "..." menu) and a tap opens its view,
+    shown whole inside the screen's width after it ran (ablation, export, A/B); the panels' colour scales are read
+    whole. Screenshots of every view: scripts/phone_screenshots.py (docs/phone/)."""
+    view = phone_page(page.context.browser, app_url(page))
+    try:
+        every_view_at_phone_width(view, set(VIEW_CONTENT) - {"Tokens"})
+    finally:
+        view.close()
+
+
 def upload_kinds(folder: Path) -> dict:
     """Photos of many sizes and kinds, written to `folder`: name -> (path, (width, height))."""
     import numpy as np

@@ -1,7 +1,7 @@
 """A vision transformer with registers in the app, in Chromium: timm's DINOv2 with 4 registers (small, random weights:
 nothing is fetched). The page's rows of a patch and of each prefix token equal the server's, over the grid and the
 prefix tiles together; a click pins a patch, a register's tile pins that register's own row in every layer; layers
-past the payload's budget come when their panels show; the head grid draws one map per head. Screenshots (1440x900, 390x844) go to artifacts/."""
+past the payload's budget come when their panels show; the head grid draws one map per head; at 390x844 every view opens whole. Screenshots (1440x900, 390x844) go to artifacts/."""
 
 import os
 
@@ -122,6 +122,20 @@ def test_click_a_patch_and_a_register_tile(browser, served):
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_every_view_of_a_transformers_app_at_a_phones_width(browser, served):
+    """test_browser.py's phone test on the transformer's app (its colour scales are longer: the prefix tokens' share,
+    the heads): at 390x844 every tab is on screen and a tap opens its view whole; every colour scale is read whole."""
+    from test_browser import VIEW_CONTENT, every_view_at_phone_width, phone_page
+
+    url, _ = served
+    view = phone_page(browser, url)
+    try:
+        assert "prefix token" in view.locator("#panel-0 .vggattn-legend").inner_text()
+        every_view_at_phone_width(view, set(VIEW_CONTENT) - {"Tokens"})
+    finally:
+        view.close()
 
 
 def test_layers_past_the_budget_come_when_shown(browser, served, monkeypatch):

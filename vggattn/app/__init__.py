@@ -800,8 +800,8 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/u/{{index}}", contributions_answer),  # added by launch()
                                (f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]
-        from .ui import PHONE_CSS  # the views' tables at a phone's width
-        demo.vggattn_css = CSS + PHONE_CSS
+        from .ui import VIEWS_CSS  # the views' tab bar, and their tables at a phone's width
+        demo.vggattn_css = CSS + VIEWS_CSS
 
         # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one
         # request: the page drops its copy of the old maps at once (UPLOAD_JS), the server marks the old analysis

@@ -21,6 +21,19 @@ from ..study.report import figures as study_figures, missing_study_markdown, sum
 
 HERE = Path(__file__).resolve().parents[2]  # the checkout (assets/); an installed package has no examples
 EXAMPLES = sorted(str(p) for p in (HERE / "assets").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+# The views' tabs (gr.Tabs(overflow_behavior="wrap"): their buttons wrap onto more rows where they do not fit, none in
+# a "..." menu) in the place Gradio's menu kind gives them: a row 4 px above its box, 8 px less below it. At a phone's
+# width (a media query: the desktop's layout is untouched) the views' tables break their lines between words, not
+# inside them ("large/st"), and scroll sideways in their box where they are still wider than the screen; a command
+# line wraps; a file's size and link stay in its box; a picture's label leaves room for its buttons (wraps, not under)
+PHONE_WIDTH = 640  # px
+VIEWS_CSS = ("#views > .tab-wrapper { margin-top: -4px; padding-bottom: 4px; }"
+             f" @media (max-width: {PHONE_WIDTH}px) {{"
+             " #views .md table { display: block; overflow-x: auto; word-break: normal; overflow-wrap: normal; padding: 0; }"
+             " #views .md th, #views .md td { padding: 6px; font-size: var(--text-sm); }"
+             " #views .md pre, #views .md pre code { white-space: pre-wrap; overflow-wrap: anywhere; }"
+             " .file-preview .download { min-width: 0; width: auto; }"
+             " label[data-testid='block-label'].float { max-width: calc(100% - 84px); } }")
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 # The controls reach the page's script without a request
 CONTROLS_JS = ("(opacity, colormap, mode, mark, scale) => { if (window.vggattnHover) "

@@ -697,7 +697,8 @@ function partsFor(i) {  // the canvas laid over panel i's picture, and its colou
     Object.assign(legend.style, {position: "absolute", left: "6px", bottom: "3px", zIndex: "2", display: "none",
       gap: "6px", alignItems: "center", maxWidth: "calc(100% - 12px)", font: "11px/1.3 sans-serif", color: "#fff",
       background: "rgba(0, 0, 0, 0.65)", padding: "2px 6px", borderRadius: "3px", pointerEvents: "none",
-      contain: "layout paint", whiteSpace: "nowrap", overflow: "hidden"});  // its text changes per move: no page reflow
+      contain: "layout paint", whiteSpace: "normal", overflowWrap: "anywhere"});  // its text changes per move: no page
+    // reflow; wider than the panel (a phone's, a transformer's long line) it wraps onto more lines, never cut
     legend.querySelector("canvas").style.flex = "none";
     panel.appendChild(legend);
   }
