@@ -5,10 +5,10 @@
 The app served in this process on the shipped checkpoint (its Dataset tab: the shipped study), assets/church.jpg
 uploaded in Chromium at 390x844 with touch and its centre tapped (pinned). Then the picture and the panels with their
 colour scales (hover.png), and every tab tapped in turn, what it runs run (a block ablated, the export, the A/B
-comparison: tests/test_browser.py's `open_view`), the screen shot from the tab buttons down (<view>.png; the A/B
-view itself: compare-ab.png). With the
-shipped ViT (checkpoints/vit-imagenette-96.safetensors) too: its panels (long colour scales: the prefix token) and
-its Across layers tab (vit-hover.png, vit-across-layers.png). Each PNG in 256 colours (under 150 KB).
+comparison: tests/test_browser.py's `open_view`), the screen shot from the tab buttons down (<view>.png; the A/B view
+itself: compare-ab.png). With the shipped ViT (checkpoints/vit-imagenette-96.safetensors) too: its panels (longer
+colour scales: the prefix token, the heads) and its Across layers tab (vit-hover.png, vit-across-layers.png). Each PNG
+in 256 colours (under 150 KB).
 """
 
 import argparse
