@@ -111,6 +111,17 @@ def cli(ckpt, data, out, *extra, batch=2):
             *extra]
 
 
+def one_thread_study(argv: list[str]) -> None:
+    """vggattn.study in this process on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1): the reference
+    a distributed study must equal (no second interpreter to start)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert study.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kill_after_two_batches(study_args: list[str], out: Path) -> None:
     """Run vggattn.study with these arguments (and --out) until two batches are recorded, then SIGKILL it; check that
     just those two records are there and no study.json."""
@@ -156,8 +167,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path):
     _, _, ckpt, data = tiny_checkpoint(tmp_path, per_class=4)
     (data / "c" / "3.png").unlink()  # 11 images: an odd count, so DistributedSampler pads
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}  # both runs: one thread each
-    subprocess.run(cli(ckpt, data, tmp_path / "one", "--faithfulness-images", "3", batch=1), env=env, check=True,
-                   capture_output=True, timeout=300)
+    one_thread_study(cli(ckpt, data, tmp_path / "one", "--faithfulness-images", "3", batch=1)[3:])
     one = json.loads((tmp_path / "one" / "study.json").read_text())
     run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "vggattn.study",
                           *cli(ckpt, data, tmp_path / "two", "--faithfulness-images", "3", batch=1)[3:]], env=env, capture_output=True, text=True, timeout=300)
@@ -209,10 +219,10 @@ def test_torchrun_two_cpu_processes_study_any_model_as_one(tmp_path):
     args = brought_model_study(tmp_path, images=11, batch=1)  # 11 images: DistributedSampler pads one
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).parent)}  # byo_models, in every rank
-    for out, launcher in (("one", [sys.executable]), ("two", [str(torchrun), "--standalone", "--nproc_per_node=2"])):
-        run = subprocess.run([*launcher, "-m", "vggattn.study", *args, "--out", str(tmp_path / out)], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    one_thread_study([*args, "--out", str(tmp_path / "one")])
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "vggattn.study", *args, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     one, two = (json.loads((tmp_path / o / "study.json").read_text()) for o in ("one", "two"))
     assert two["world_size"] == 2 and two["images"] == 11
     assert {p.name.split("-")[1] for p in (tmp_path / "two" / "records").glob("part-*.npz")} == {"r0", "r1"}

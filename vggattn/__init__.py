@@ -8,6 +8,8 @@ the first of them), so a command's `--help` and a process that needs one module 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _WHERE = {  # name -> the module that defines it
     "Analysis": "analysis", "analyze": "analysis", "capture": "capture",
@@ -25,6 +27,18 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     globals()[name] = value  # found once
     return value
+
+
+class _Package(types.ModuleType):
+    """`vggattn.capture` stays the function once its module (vggattn/capture.py) is imported too: importing a submodule
+    binds it on its package, which would hide the function of the same name."""
+
+    def __setattr__(self, name, value):
+        if not (name == "capture" and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():

@@ -103,6 +103,9 @@ COMPARE_CSS = """
 .diffs { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 12px; }
 .diff { width: 320px; font-size: 12px; } .diff canvas { width: 320px; display: block; border: 1px solid #ccc; }
 .diff .scale { display: flex; align-items: center; gap: 6px; margin: 3px 0; }
+@media (max-width: 640px) {  /* a phone: A above B, each the screen's width (both still follow the pointer) */
+  .sides { flex-direction: column; } .side { flex: none; width: 100%; } .diff, .diff canvas { width: 100%; }
+}
 """
 
 COMPARE_JS = r"""
