@@ -588,7 +588,8 @@ def open_view(view, name: str, act: bool = True) -> None:
     if act and name == "Ablation":
         view.locator("#layers-off input[type=checkbox]").first.tap()
         view.locator("#ablate").tap()
-        view.wait_for_function("document.querySelector('#ablation-verdict').innerText.includes('Top-1')", timeout=30_000)
+        view.wait_for_function("/Top-1|Score/.test(document.querySelector('#ablation-verdict').innerText)",
+                               timeout=30_000)  # a classifier's top-1, or a model's score (a detector's)
     elif act and name == "Export":
         view.locator("#export-button").tap()
         view.wait_for_function("document.querySelector('#export').innerText.includes('.zip')", timeout=60_000)

@@ -177,6 +177,30 @@ def test_the_apps_tokens_tab_sends_the_tokens_page_and_the_page_draws_what_pytho
     (tmp_path / "bad.png").write_bytes(b"not an image")
     framed, note = tokens.on_upload(model, meta, str(tmp_path / "bad.png"))
     assert framed == "" and "could not be read" in note
+    tokens_tab_at_phone_width(browser, demo, tmp_path / "wide.png")
+
+
+def tokens_tab_at_phone_width(browser, demo, image) -> None:
+    """The detector's app at 390x844 (tests/test_browser.py's phone checks): every tab on screen and whole, the
+    Tokens tab included; inside its frame, the tokens page no wider than the screen, its tiles and pictures drawn."""
+    from server import free_port
+    from test_browser import every_view_at_phone_width, open_view, phone_page
+    from vggattn import app
+
+    port = free_port()
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+    view = phone_page(browser, f"http://127.0.0.1:{port}/", image)
+    try:
+        assert "Tokens" in every_view_at_phone_width(view, {"Tokens"})
+        open_view(view, "Tokens")
+        frame = view.frame_locator("#tokens-frame")
+        frame.locator(".tile").first.wait_for(state="visible", timeout=30_000)
+        wide = view.locator("#tokens-frame").evaluate(
+            "f => [f.contentDocument.documentElement.scrollWidth, f.clientWidth, f.getBoundingClientRect().right]")
+        assert wide[0] <= wide[1] + 1 and wide[2] <= 390 + 1, wide  # the page fits its frame, the frame the screen
+    finally:
+        view.close()
+        demo.close()
 
 
 def open_image_(path):

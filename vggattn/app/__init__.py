@@ -753,7 +753,7 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
                                    elem_id="intervention")
                     ablate_button = gr.Button("Run", elem_id="ablate")
                 ablation_verdict = gr.Markdown(elem_id="ablation-verdict")
-                ablation = gr.Dataframe(interactive=False, elem_id="ablation")
+                ablation = gr.Dataframe(interactive=False, wrap=True, elem_id="ablation")  # long block names wrap, not cut
             with gr.Tab("Grad-CAM") as gradcam_tab:
                 gr.Markdown("Grad-CAM of the top class at the model's last conv layer: where the *class evidence* "
                             "is, beside where positions *look*.")

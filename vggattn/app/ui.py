@@ -33,6 +33,7 @@ VIEWS_CSS = ("#views > .tab-wrapper { margin-top: -4px; padding-bottom: 4px; }"
              " #views .md th, #views .md td { padding: 6px; font-size: var(--text-sm); }"
              " #views .md pre, #views .md pre code { white-space: pre-wrap; overflow-wrap: anywhere; }"
              " .file-preview .download { min-width: 0; width: auto; }"
+             " .file-preview .filename .stem { white-space: normal; overflow-wrap: anywhere; }"
              " label[data-testid='block-label'].float { max-width: calc(100% - 84px); } }")
 STATE_SESSIONS = 500  # sessions whose analysis is kept (least recently used beyond this are dropped)
 # The controls reach the page's script without a request
