@@ -7,7 +7,8 @@ uploaded in Chromium at 390x844 with touch and its centre tapped (pinned). Then 
 colour scales (hover.png), and every tab tapped in turn, what it runs run (a block ablated, the export, the A/B
 comparison: tests/test_browser.py's `open_view`), the screen shot from the tab buttons down (<view>.png; the A/B view
 itself: compare-ab.png). With the shipped ViT (checkpoints/vit-imagenette-96.safetensors) too: its panels (longer
-colour scales: the prefix token, the heads) and its Across layers tab (vit-hover.png, vit-across-layers.png). Each PNG
+colour scales: the prefix token, the heads) and its Across layers tab (vit-hover.png, vit-across-layers.png); the shipped detector's Tokens tab
+(detector-hover.png, detector-tokens.png). Each PNG
 in 256 colours (under 150 KB).
 """
 
@@ -47,11 +48,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def app_views(browser, url: str, out: Path, prefix: str = "", views=None) -> None:
+def app_views(browser, url: str, out: Path, prefix: str = "", views=None, image=ROOT / "assets" / "church.jpg") -> None:
     """The app at url at 390x844: its panels, then each view (all, or those named in `views`)."""
     from test_browser import open_view, phone_page
 
-    view = phone_page(browser, url)
+    view = phone_page(browser, url, image)
     try:
         shoot(view, out / f"{prefix}hover.png", view.locator("#input-image"))
         names = [n.strip() for n in view.get_by_role("tab").all_inner_texts() if n.strip()]
@@ -63,6 +64,9 @@ def app_views(browser, url: str, out: Path, prefix: str = "", views=None) -> Non
                 view.wait_for_function("!document.querySelector('#across-note').innerText.includes('Upload')",
                                        timeout=60_000)
             shoot(view, out / f"{prefix}{slug(name)}.png", view.locator("#views"))
+            if name == "Tokens":  # the page in its frame: the tiles drawn
+                view.frame_locator("#tokens-frame").locator(".tile").first.wait_for(state="visible", timeout=60_000)
+                view.wait_for_timeout(500)
             if name == "Compare":  # the A/B view it made, under its form
                 shoot(view, out / f"{prefix}compare-ab.png", view.locator("#compare-view"))
     finally:
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     from conftest import CHROMIUM, FLAGS
     from server import free_port, running_app
     from vggattn import app
-    from vggattn.models.byo import load_model
+    from vggattn.models.byo import load_hf, load_model
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -99,6 +103,15 @@ def main(argv=None) -> int:
             app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
             try:
                 app_views(browser, f"http://127.0.0.1:{port}/", out, "vit-", views={"Across layers"})
+            finally:
+                demo.close()
+            model, meta = load_hf(str(ROOT / "checkpoints" / "shapes-detector"))  # the shipped detector
+            demo = app.build_demo(model, meta)
+            port = free_port()
+            app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+            try:
+                app_views(browser, f"http://127.0.0.1:{port}/", out, "detector-", views={"Tokens"},
+                          image=ROOT / "assets" / "shapes" / "val-3.jpg")
             finally:
                 demo.close()
         browser.close()

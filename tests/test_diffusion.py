@@ -215,3 +215,31 @@ def test_the_word_study_over_a_prompt_file(pipeline_folder, tmp_path):
     (tmp_path / "none.txt").write_text("\n")
     assert study.main(["--diffusers", str(pipeline_folder), "--prompts", str(tmp_path / "none.txt"), "--out",
                        str(out)]) == 2
+
+
+def test_the_words_page_at_a_phones_width(pipeline_folder, browser):
+    """The pipeline's page at 390x844 with touch: the prompt typed and Generate tapped, the picture, the word's map and
+    each layer's shown whole on screen (tests/test_browser.py's phone checks find nothing cut or past an edge)."""
+    from server import free_port
+    from test_browser import PHONE, PHONE_PROBLEMS, settled
+    from vggattn import app
+    from vggattn.app import words
+    from vggattn.diffusion import load_pipeline
+
+    demo = words.build_words_demo(load_pipeline(pipeline_folder), str(pipeline_folder))
+    port = free_port()
+    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
+    view = browser.new_page(viewport=PHONE, has_touch=True)
+    try:
+        view.goto(f"http://127.0.0.1:{port}/")
+        view.locator("#prompt textarea").fill("a red dog")
+        view.locator("#generate").tap()
+        view.locator("#word-map img").wait_for(state="visible", timeout=60_000)
+        view.locator("#word-layer-0 img").wait_for(state="visible", timeout=30_000)
+        settled(view)
+        problems = [p for p in view.evaluate(PHONE_PROBLEMS) if p != "0 views shown"]  # one page, no tabs
+        assert not problems, problems
+        assert "Error" not in view.locator("body").inner_text()
+    finally:
+        view.close()
+        demo.close()
