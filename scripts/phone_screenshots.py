@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     import vggattn
     from conftest import CHROMIUM, FLAGS
-    from server import free_port, running_app
+    from server import running_app, serving
     from vggattn import app
     from vggattn.models.byo import load_hf, load_model
 
@@ -96,24 +96,12 @@ def main(argv=None) -> int:
             assert vggattn.DEFAULT_CHECKPOINT.is_file(), "the shipped checkpoint is missing"
             app_views(browser, url, out)
         if not args.no_vit:
-            model, meta = load_model("vggattn.models.zoo:vit_imagenette",
-                                     ROOT / "checkpoints" / "vit-imagenette-96.safetensors")
-            demo = app.build_demo(model, meta)
-            port = free_port()
-            app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-            try:
-                app_views(browser, f"http://127.0.0.1:{port}/", out, "vit-", views={"Across layers"})
-            finally:
-                demo.close()
-            model, meta = load_hf(str(ROOT / "checkpoints" / "shapes-detector"))  # the shipped detector
-            demo = app.build_demo(model, meta)
-            port = free_port()
-            app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-            try:
-                app_views(browser, f"http://127.0.0.1:{port}/", out, "detector-", views={"Tokens"},
-                          image=ROOT / "assets" / "shapes" / "val-3.jpg")
-            finally:
-                demo.close()
+            vit = load_model("vggattn.models.zoo:vit_imagenette", ROOT / "checkpoints" / "vit-imagenette-96.safetensors")
+            with serving(app.build_demo(*vit)) as url:
+                app_views(browser, url, out, "vit-", views={"Across layers"})
+            detector = load_hf(str(ROOT / "checkpoints" / "shapes-detector"))  # the shipped detector
+            with serving(app.build_demo(*detector)) as url:
+                app_views(browser, url, out, "detector-", views={"Tokens"}, image=ROOT / "assets" / "shapes" / "val-3.jpg")
         browser.close()
     return 0
 

@@ -220,18 +220,14 @@ def test_the_word_study_over_a_prompt_file(pipeline_folder, tmp_path):
 def test_the_words_page_at_a_phones_width(pipeline_folder, browser):
     """The pipeline's page at 390x844 with touch: the prompt typed and Generate tapped, the picture, the word's map and
     each layer's shown whole on screen (tests/test_browser.py's phone checks find nothing cut or past an edge)."""
-    from server import free_port
+    from server import serving
     from test_browser import PHONE, PHONE_PROBLEMS, settled
-    from vggattn import app
     from vggattn.app import words
     from vggattn.diffusion import load_pipeline
 
-    demo = words.build_words_demo(load_pipeline(pipeline_folder), str(pipeline_folder))
-    port = free_port()
-    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-    view = browser.new_page(viewport=PHONE, has_touch=True)
-    try:
-        view.goto(f"http://127.0.0.1:{port}/")
+    with serving(words.build_words_demo(load_pipeline(pipeline_folder), str(pipeline_folder))) as url:
+        view = browser.new_page(viewport=PHONE, has_touch=True)
+        view.goto(url)
         view.locator("#prompt textarea").fill("a red dog")
         view.locator("#generate").tap()
         view.locator("#word-map img").wait_for(state="visible", timeout=60_000)
@@ -240,6 +236,4 @@ def test_the_words_page_at_a_phones_width(pipeline_folder, browser):
         problems = [p for p in view.evaluate(PHONE_PROBLEMS) if p != "0 views shown"]  # one page, no tabs
         assert not problems, problems
         assert "Error" not in view.locator("body").inner_text()
-    finally:
         view.close()
-        demo.close()

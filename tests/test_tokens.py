@@ -183,24 +183,20 @@ def test_the_apps_tokens_tab_sends_the_tokens_page_and_the_page_draws_what_pytho
 def tokens_tab_at_phone_width(browser, demo, image) -> None:
     """The detector's app at 390x844 (tests/test_browser.py's phone checks): every tab on screen and whole, the
     Tokens tab included; inside its frame, the tokens page no wider than the screen, its tiles and pictures drawn."""
-    from server import free_port
+    from server import serving
     from test_browser import every_view_at_phone_width, open_view, phone_page
-    from vggattn import app
 
-    port = free_port()
-    app.serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-    view = phone_page(browser, f"http://127.0.0.1:{port}/", image)
-    try:
-        assert "Tokens" in every_view_at_phone_width(view, {"Tokens"})
-        open_view(view, "Tokens")
-        frame = view.frame_locator("#tokens-frame")
-        frame.locator(".tile").first.wait_for(state="visible", timeout=30_000)
-        wide = view.locator("#tokens-frame").evaluate(
-            "f => [f.contentDocument.documentElement.scrollWidth, f.clientWidth, f.getBoundingClientRect().right]")
-        assert wide[0] <= wide[1] + 1 and wide[2] <= 390 + 1, wide  # the page fits its frame, the frame the screen
-    finally:
-        view.close()
-        demo.close()
+    with serving(demo) as url:
+        view = phone_page(browser, url, image)
+        try:
+            assert "Tokens" in every_view_at_phone_width(view, {"Tokens"})
+            open_view(view, "Tokens")
+            view.frame_locator("#tokens-frame").locator(".tile").first.wait_for(state="visible", timeout=30_000)
+            wide = view.locator("#tokens-frame").evaluate(
+                "f => [f.contentDocument.documentElement.scrollWidth, f.clientWidth, f.getBoundingClientRect().right]")
+            assert wide[0] <= wide[1] + 1 and wide[2] <= 390 + 1, wide  # the page fits its frame, the frame the screen
+        finally:
+            view.close()
 
 
 def open_image_(path):
