@@ -61,7 +61,7 @@ from ..attention.readouts import mean_distance
 from ..view.render import TOP_K, top_indices
 from ..study import load_study
 from ..view.text import contribution_markdown, dependence_markdown, gamma_markdown, model_notes, sink_note, unsure_note
-from .ui import (CONTROLS, EXAMPLES, PIN_JS, UPLOAD_JS, STATE_SESSIONS, UploadedImage, clamped_point, click_problem,
+from .ui import (CONTROLS, EXAMPLES, PIN_JS, UPLOAD_JS, STATE_SESSIONS, VIEWS_CSS, UploadedImage, clamped_point, click_problem,
                  hover_view, load_upload, pinned_point, refused_point, release_memory, study_view, unchanged,
                  view_controls)
 from .ui import fix_threads, sharing_cores
@@ -800,7 +800,6 @@ def build_demo(model: nn.Module, meta: dict, study: dict | None = None, checkpoi
         demo.ui = ui  # for tests: handlers are called with it, no server needed
         demo.vggattn_routes = [(f"/{LAYER_ROUTE}/{{key}}/u/{{index}}", contributions_answer),  # added by launch()
                                (f"/{LAYER_ROUTE}/{{key}}/{{index}}", layer_answer)]
-        from .ui import VIEWS_CSS  # the views' tab bar, and their tables at a phone's width
         demo.vggattn_css = CSS + VIEWS_CSS
 
         # Each event's outputs are the keys its handler returns (blank, point_outputs, ...). An upload is one
